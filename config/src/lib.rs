@@ -1,0 +1,49 @@
+//! Switchyard's configuration: what the YAML file may say, and whether it is right.
+//!
+//! - [`yaml`]: parses YAML into a tree of [`yaml::Node`]s that remember their line and
+//!   column, so every error can point at the place to fix.
+//! - [`decode`]: the walk over that tree; it collects *every* problem (unknown key, wrong
+//!   type, bad value) with its YAML path instead of stopping at the first.
+//! - [`model`]: the typed configuration ([`Config`], [`Model`], [`Variant`]), one `///`
+//!   doc per field; these docs are the source of the README's config reference.
+//! - [`duration`]: `250ms`, `1s`, `10m`, `1h30m` parsing and printing.
+//! - [`error`]: [`ConfigError`] (one problem, with path and position) and [`ConfigErrors`].
+//!
+//! This crate does no I/O: callers read the file and hand over the text, which keeps it
+//! testable and lets `validate`, `serve` and (later) hot reload share one code path.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod decode;
+pub mod duration;
+pub mod error;
+pub mod model;
+pub mod yaml;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use model::{Config, Model, UpstreamProtocol, UpstreamUrl, Variant};
+
+/// Parses and validates a configuration from YAML text.
+///
+/// Returns every problem found, each with its YAML path and position, or the
+/// validated configuration.
+pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
+    let root = yaml::parse(text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut cx = decode::Cx::default();
+    let config = model::decode_config(&mut cx, &root);
+    match (config, cx.into_errors()) {
+        (Some(config), errors) if errors.is_empty() => Ok(config),
+        (_, mut errors) => {
+            if errors.is_empty() {
+                // A decoder returned None without saying why: a bug, but never an `Ok`.
+                errors.push(ConfigError::at(
+                    &root,
+                    "",
+                    "configuration could not be read",
+                ));
+            }
+            errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(errors))
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The typed configuration. Every field's `///` doc is what the README's config
+//! reference says about it; keep them in step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::decode::{self, child, Cx, Fields};
+use crate::yaml::Node;
+
+/// Default data-plane address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default request body limit: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// Address of the data plane (prediction endpoints). Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (metrics, health, state). Default `127.0.0.1:9901`.
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted, in bytes, unless a model sets its own.
+    /// Larger bodies get 413. Default 16 MiB (16777216).
+    pub max_body_bytes: u64,
+    /// Time allowed to open a TCP connection to an upstream, unless a variant sets its
+    /// own. Failing to connect in time answers 502. Default `1s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request upstream to receiving its response headers,
+    /// unless a model or variant sets its own. Exceeding it answers 504. Default `30s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub request_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the
+    /// process exits anyway. Default `30s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub drain_timeout: Duration,
+    /// Most client connections served at once on the data plane; further connections
+    /// wait in the kernel's accept queue. Default 10000.
+    pub max_connections: usize,
+    /// Threads serving requests. Default: one per CPU core.
+    pub worker_threads: Option<usize>,
+    /// Seed for the variant draws: the same seed gives the same sequence of choices, for
+    /// reproducible experiments and tests. Default: random at start.
+    pub seed: Option<u64>,
+    /// The models clients can call, by the name they use in URLs.
+    pub models: BTreeMap<String, Model>,
+}
+
+/// One model as clients see it, split across its variants.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Model {
+    /// The variants that can answer, each with its weight.
+    pub variants: Vec<Variant>,
+    /// Name of a request header (e.g. `x-user-id`) whose value pins a client to a
+    /// variant: the same value gets the same variant while the weights are unchanged,
+    /// and when they change only a proportional share of values moves. Requests without
+    /// the header are split at random.
+    pub sticky_header: Option<String>,
+    /// Overrides the top-level `max_body_bytes` for this model.
+    pub max_body_bytes: Option<u64>,
+    /// Overrides the top-level `request_timeout` for this model's variants.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub request_timeout: Option<Duration>,
+}
+
+/// One variant: a backend that can answer for the model, and its share of traffic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Variant {
+    /// Short name, unique within the model (`a`, `b`, `canary`); reported in the
+    /// `x-switchyard-variant` response header and in metric labels.
+    pub name: String,
+    /// Base URL of the model server, `http://host:port[/prefix]`; the client's path is
+    /// appended to it.
+    pub upstream: UpstreamUrl,
+    /// Model name on that server, substituted for the client's model name in the path.
+    /// Default: the client's model name.
+    pub upstream_model: Option<String>,
+    /// `http1` (default) or `h2c` (HTTP/2 without TLS, prior knowledge).
+    pub protocol: UpstreamProtocol,
+    /// Relative share of traffic, ≥ 0. Only ratios matter: 97/2/1 and 0.97/0.02/0.01
+    /// are the same split. The weights of a model must have a positive sum.
+    pub weight: f64,
+    /// Cost in currency units per 1000 predictions, used by the bandit's profit
+    /// objective. Default 0.
+    pub cost_per_1k: f64,
+    /// Overrides `connect_timeout` for this variant.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub connect_timeout: Option<Duration>,
+    /// Overrides the model's and the top-level `request_timeout` for this variant.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub request_timeout: Option<Duration>,
+}
+
+impl Config {
+    /// The body limit that applies to `model`.
+    pub fn body_limit(&self, model: &Model) -> u64 {
+        model.max_body_bytes.unwrap_or(self.max_body_bytes)
+    }
+}
+
+/// How to speak to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2 over cleartext, prior knowledge.
+    H2c,
+}
+
+/// A validated `http://host:port[/prefix]` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `host:port` (port defaults to 80).
+    pub authority: String,
+    /// Path prefix without a trailing slash; empty for none.
+    pub prefix: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl UpstreamUrl {
+    /// Parses `http://host[:port][/prefix]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!(
+                "`{text}`: TLS to upstreams is not supported; a sidecar talks to its model servers over \
+                 plain `http://` on the pod network"
+            ));
+        } else {
+            return Err(format!("`{text}` is not an `http://host:port` URL"));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!(
+                "`{text}`: an upstream URL takes no query or fragment"
+            ));
+        }
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("`{text}` has no usable host"));
+        }
+        let authority = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+                if host.is_empty() {
+                    return Err(format!("`{text}` has no host"));
+                }
+                if port.parse::<u16>().map_or(true, |p| p == 0) {
+                    return Err(format!("`{text}` has a bad port `{port}`"));
+                }
+                authority.to_string()
+            }
+            _ => format!("{authority}:80"),
+        };
+        if authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("`{text}` has a bad host"));
+        }
+        Ok(UpstreamUrl {
+            authority,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+/// Names that appear in URLs, headers and metric labels: `[A-Za-z0-9._-]`, 1–128 chars.
+fn check_name(cx: &mut Cx, node: &Node, path: &str, what: &str, name: &str) -> bool {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        cx.error(
+            node,
+            path,
+            format!("{what} `{name}` must be 1 to 128 letters, digits, `.`, `_` or `-`"),
+        );
+    }
+    ok
+}
+
+fn name(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    let s = decode::string(cx, node, path)?;
+    check_name(cx, node, path, "name", &s).then_some(s)
+}
+
+fn positive_u64(cx: &mut Cx, node: &Node, path: &str) -> Option<u64> {
+    match decode::u64(cx, node, path)? {
+        0 => {
+            cx.error(node, path, "must be greater than zero");
+            None
+        }
+        n => Some(n),
+    }
+}
+
+fn positive_usize(cx: &mut Cx, node: &Node, path: &str) -> Option<usize> {
+    positive_u64(cx, node, path).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+fn non_negative(cx: &mut Cx, node: &Node, path: &str) -> Option<f64> {
+    let v = decode::f64(cx, node, path)?;
+    if v < 0.0 {
+        cx.error(node, path, format!("must be ≥ 0, found {v}"));
+        return None;
+    }
+    Some(v)
+}
+
+fn default_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|_| unreachable!("default address constant parses"))
+}
+
+/// Decodes and validates the document root.
+pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
+    let f = Fields::new(
+        cx,
+        root,
+        "",
+        &[
+            "listen",
+            "admin_listen",
+            "max_body_bytes",
+            "connect_timeout",
+            "request_timeout",
+            "drain_timeout",
+            "max_connections",
+            "worker_threads",
+            "seed",
+            "models",
+        ],
+    )?;
+    let listen = f.optional(cx, "listen", decode::socket_addr);
+    let admin_listen = f.optional(cx, "admin_listen", decode::socket_addr);
+    let max_body_bytes = f.optional(cx, "max_body_bytes", positive_u64);
+    let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
+    let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    let drain_timeout = f.optional(cx, "drain_timeout", decode::duration);
+    let max_connections = f.optional(cx, "max_connections", positive_usize);
+    let worker_threads = f.optional(cx, "worker_threads", positive_usize);
+    let seed = f.optional(cx, "seed", decode::u64);
+    let models = f.required(cx, "models", decode_models);
+
+    let listen = listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN));
+    let admin_listen = admin_listen.unwrap_or_else(|| default_addr(DEFAULT_ADMIN_LISTEN));
+    if listen == admin_listen && listen.port() != 0 {
+        let node = f.get("admin_listen").unwrap_or(root);
+        cx.error(
+            node,
+            "admin_listen",
+            format!("`{admin_listen}` is also `listen`; the admin listener needs its own port"),
+        );
+    }
+    Some(Config {
+        listen,
+        admin_listen,
+        max_body_bytes: max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(1)),
+        request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
+        drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
+        max_connections: max_connections.unwrap_or(10_000),
+        worker_threads,
+        seed,
+        models: models?,
+    })
+}
+
+fn decode_models(cx: &mut Cx, node: &Node, path: &str) -> Option<BTreeMap<String, Model>> {
+    let entries = decode::entries(cx, node, path)?;
+    if entries.is_empty() {
+        cx.error(node, path, "at least one model is needed");
+        return None;
+    }
+    let mut models = BTreeMap::new();
+    let mut ok = true;
+    for (model_name, key, value) in entries {
+        let model_path = child(path, model_name);
+        ok &= check_name(cx, key, &model_path, "model name", model_name);
+        match decode_model(cx, value, &model_path) {
+            Some(m) => {
+                models.insert(model_name.to_string(), m);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(models)
+}
+
+fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &[
+            "variants",
+            "sticky_header",
+            "max_body_bytes",
+            "request_timeout",
+        ],
+    )?;
+    let sticky_header = f.optional(cx, "sticky_header", |cx, n, p| {
+        let s = decode::string(cx, n, p)?.to_ascii_lowercase();
+        let token = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            cx.error(n, p, format!("`{s}` is not a valid HTTP header name"));
+            return None;
+        }
+        Some(s)
+    });
+    let max_body_bytes = f.optional(cx, "max_body_bytes", positive_u64);
+    let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    let variants = f.required(cx, "variants", decode_variants)?;
+    Some(Model {
+        variants,
+        sticky_header,
+        max_body_bytes,
+        request_timeout,
+    })
+}
+
+fn decode_variants(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Variant>> {
+    let items = decode::seq(cx, node, path)?;
+    if items.is_empty() {
+        cx.error(node, path, "at least one variant is needed");
+        return None;
+    }
+    let mut variants = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        match decode_variant(cx, item, &item_path) {
+            Some(v) => {
+                if variants.iter().any(|o: &Variant| o.name == v.name) {
+                    cx.error(
+                        item,
+                        &child(&item_path, "name"),
+                        format!("variant name `{}` is used twice in this model", v.name),
+                    );
+                    ok = false;
+                }
+                variants.push(v);
+            }
+            None => ok = false,
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let sum: f64 = variants.iter().map(|v| v.weight).sum();
+    if sum <= 0.0 {
+        cx.error(
+            node,
+            path,
+            "the weights of a model must have a positive sum; give at least one variant a weight above 0",
+        );
+        return None;
+    }
+    Some(variants)
+}
+
+fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &[
+            "name",
+            "upstream",
+            "upstream_model",
+            "protocol",
+            "weight",
+            "cost_per_1k",
+            "connect_timeout",
+            "request_timeout",
+        ],
+    )?;
+    let name = f.required(cx, "name", name);
+    let upstream = f.required(cx, "upstream", |cx, n, p| {
+        let text = decode::string(cx, n, p)?;
+        UpstreamUrl::parse(&text)
+            .map_err(|msg| cx.error(n, p, msg))
+            .ok()
+    });
+    let upstream_model = f.optional(cx, "upstream_model", name_field);
+    let protocol = f.optional(cx, "protocol", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("http1", UpstreamProtocol::Http1),
+                ("h2c", UpstreamProtocol::H2c),
+            ],
+        )
+    });
+    let weight = f.required(cx, "weight", non_negative);
+    let cost_per_1k = f.optional(cx, "cost_per_1k", non_negative);
+    let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
+    let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    Some(Variant {
+        name: name?,
+        upstream: upstream?,
+        upstream_model,
+        protocol: protocol.unwrap_or(UpstreamProtocol::Http1),
+        weight: weight?,
+        cost_per_1k: cost_per_1k.unwrap_or(0.0),
+        connect_timeout,
+        request_timeout,
+    })
+}
+
+fn name_field(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    name(cx, node, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        let u = UpstreamUrl::parse("http://127.0.0.1:9001").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.prefix.as_str()),
+            ("127.0.0.1:9001", "")
+        );
+        let u = UpstreamUrl::parse("http://models.local/serving/").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.prefix.as_str()),
+            ("models.local:80", "/serving")
+        );
+        let u = UpstreamUrl::parse("http://[::1]:8500").unwrap();
+        assert_eq!(u.authority, "[::1]:8500");
+        assert!(UpstreamUrl::parse("https://x:1")
+            .unwrap_err()
+            .contains("TLS"));
+        assert!(UpstreamUrl::parse("127.0.0.1:9001").is_err());
+        assert!(UpstreamUrl::parse("http://x:0").is_err());
+        assert!(UpstreamUrl::parse("http://x:99999").is_err());
+        assert!(UpstreamUrl::parse("http://x:1/?a=b").is_err());
+    }
+}

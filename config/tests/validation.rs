@@ -1,0 +1,155 @@
+//! What users see when their file is wrong: every error, with its path and line.
+
+use switchyard_config::{from_yaml_str, UpstreamProtocol};
+
+const GOOD: &str = r#"
+listen: 127.0.0.1:8080          # data plane (prediction endpoints)
+admin_listen: 127.0.0.1:9901    # admin: metrics, health, state
+models:
+  mnist:                        # model name clients use
+    variants:
+      - name: a
+        upstream: http://127.0.0.1:9001   # base URL of a model server
+        weight: 97
+        cost_per_1k: 0.40                 # currency units per 1000 predictions (optional)
+      - name: b
+        upstream: http://127.0.0.1:9002
+        upstream_model: mnist_v2          # model name on that server (default: the client's)
+        weight: 2
+      - name: c
+        upstream: http://127.0.0.1:9003
+        weight: 1
+"#;
+
+#[test]
+fn the_issue_example_is_accepted_with_defaults() {
+    let c = from_yaml_str(GOOD).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    let m = &c.models["mnist"];
+    assert_eq!(m.variants.len(), 3);
+    assert_eq!(m.variants[1].upstream_model.as_deref(), Some("mnist_v2"));
+    assert_eq!(m.variants[0].cost_per_1k, 0.40);
+    assert_eq!(m.variants[2].cost_per_1k, 0.0);
+    assert_eq!(m.variants[0].protocol, UpstreamProtocol::Http1);
+    assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
+}
+
+#[test]
+fn every_error_is_reported_with_path_and_line() {
+    let bad = r#"
+listen: nowhere
+request_timeout: 5
+models:
+  mnist:
+    sticky_header: "bad header"
+    variants:
+      - name: a
+        upstream: https://127.0.0.1:9001
+        weight: -1
+        wieght: 3
+      - name: a
+        upstream: http://127.0.0.1:9002
+        weight: "2"
+      - upstream: http://127.0.0.1:9003
+        weight: 1
+  "bad/name":
+    variants: []
+"#;
+    let errors = from_yaml_str(bad).unwrap_err().0;
+    let found: Vec<(String, usize)> = errors.iter().map(|e| (e.path.clone(), e.line)).collect();
+    let expect = [
+        ("listen", 2),
+        ("request_timeout", 3),
+        ("models.mnist.sticky_header", 6),
+        ("models.mnist.variants[0].upstream", 9),
+        ("models.mnist.variants[0].weight", 10),
+        ("models.mnist.variants[0].wieght", 11),
+        ("models.mnist.variants[1].weight", 14),
+        ("models.mnist.variants[2]", 15),
+        ("models.bad/name", 17),
+        ("models.bad/name.variants", 18),
+    ];
+    for (path, line) in expect {
+        assert!(
+            found.iter().any(|(p, l)| p == path && *l == line),
+            "missing error at {path} line {line}; got:\n{}",
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // The duplicate name is only detectable once both variants decode; variant [1]
+    // has a bad weight, so it is not reported this round. Nothing else is invented.
+    assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    let missing = errors
+        .iter()
+        .find(|e| e.path == "models.mnist.variants[2]")
+        .unwrap();
+    assert!(missing.message.contains("missing required key `name`"));
+}
+
+#[test]
+fn weights_need_a_positive_sum_and_names_must_be_unique() {
+    let text = r#"
+models:
+  m:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:1", weight: 0}
+      - {name: a, upstream: "http://127.0.0.1:2", weight: 0}
+"#;
+    let errors = from_yaml_str(text).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].message.contains("used twice"), "{}", errors[0]);
+    let text = text.replace(
+        "name: a, upstream: \"http://127.0.0.1:2\"",
+        "name: b, upstream: \"http://127.0.0.1:2\"",
+    );
+    let errors = from_yaml_str(&text).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].message.contains("positive sum"), "{}", errors[0]);
+    assert_eq!(errors[0].path, "models.m.variants");
+}
+
+#[test]
+fn weights_are_floats_and_ratios_only() {
+    let text = r#"
+models:
+  m:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:1", weight: 0.5}
+      - {name: b, upstream: "http://127.0.0.1:2", weight: 1e-3}
+"#;
+    let c = from_yaml_str(text).unwrap();
+    assert_eq!(c.models["m"].variants[1].weight, 0.001);
+}
+
+#[test]
+fn empty_and_non_mapping_documents_are_refused() {
+    let e = from_yaml_str("").unwrap_err().0;
+    assert!(e[0].message.contains("mapping"), "{e:?}");
+    let e = from_yaml_str("models: {}\n").unwrap_err().0;
+    assert!(e[0].message.contains("at least one model"), "{e:?}");
+    let e = from_yaml_str("models: [\n").unwrap_err().0;
+    assert!(e[0].message.contains("YAML syntax error"), "{e:?}");
+}
+
+#[test]
+fn same_listen_and_admin_address_is_an_error() {
+    let text = GOOD.replace("9901", "8080");
+    let e = from_yaml_str(&text).unwrap_err().0;
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].path, "admin_listen");
+    assert_eq!(e[0].line, 3);
+}
+
+#[test]
+fn rendered_errors_are_one_line_each_with_the_file_name() {
+    let e = from_yaml_str("listen: x\nmodels: {}\n").unwrap_err();
+    let text = e.render("conf.yaml");
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].starts_with("conf.yaml:1:"), "{text}");
+    assert!(lines[1].starts_with("conf.yaml:2:"), "{text}");
+}

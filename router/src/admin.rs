@@ -1,0 +1,99 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
+//!
+//! Kept on its own port so scrapes and probes never queue behind prediction traffic, and
+//! so it can be bound to a different interface than the data plane.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus::{Encoder, Registry, TextEncoder};
+
+use crate::proxy::Router;
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The registry every component registered on.
+    pub registry: Registry,
+    /// The data plane, for readiness.
+    pub router: Arc<Router>,
+    /// The effective configuration as JSON, rendered once at start.
+    pub config_json: Bytes,
+}
+
+/// The admin endpoints as a tower service.
+#[derive(Clone, Debug)]
+pub struct AdminService(pub Arc<AdminState>);
+
+impl tower_service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        ready(Ok(self.answer(req.method(), req.uri().path())))
+    }
+}
+
+impl AdminService {
+    fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        if method != Method::GET && method != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "application/json",
+                r#"{"error":"the admin endpoints take GET"}"#.into(),
+            );
+        }
+        match path {
+            "/metrics" => {
+                let mut buf = Vec::with_capacity(16 * 1024);
+                let encoder = TextEncoder::new();
+                match encoder.encode(&self.0.registry.gather(), &mut buf) {
+                    Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4", buf.into()),
+                    Err(e) => reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "application/json",
+                        serde_json::json!({ "error": e.to_string() }).to_string().into(),
+                    ),
+                }
+            }
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => {
+                if self.0.router.is_draining() {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+                } else {
+                    reply(StatusCode::OK, "text/plain", "ready\n".into())
+                }
+            }
+            "/admin/config" => reply(StatusCode::OK, "application/json", self.0.config_json.clone()),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                serde_json::json!({
+                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz or /admin/config")
+                })
+                .to_string()
+                .into(),
+            ),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}

@@ -1,0 +1,172 @@
+//! The router's error type, and the one place where errors become HTTP answers.
+//!
+//! Every error knows its status and whether it happened before anything reached an
+//! upstream ([`RouterError::retry_safe`]): the retry and fallback phases will only ever
+//! resend a request when that is true.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::{Method, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::body::ProxyBody;
+
+/// Which kind of upstream failure, for the `switchyard_upstream_errors_total` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect refused, unreachable or timed out.
+    Connect,
+    /// No response headers within the request timeout.
+    Timeout,
+    /// The connection was reset or closed before a full response head arrived.
+    Reset,
+    /// The upstream broke the HTTP protocol.
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    /// All kinds, in metric-handle order.
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// Everything that can go wrong on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// No endpoint at this path.
+    #[error("no route for `{0}`; prediction endpoints are /v1/models/{{model}}:predict and /v2/models/{{model}}/infer")]
+    NoRoute(String),
+    /// A prediction path that does not parse.
+    #[error("{0}")]
+    BadPath(String),
+    /// The path exists but not with this method.
+    #[error("method {method} is not allowed here; use {allowed}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: Method,
+        /// The method the endpoint takes.
+        allowed: Method,
+    },
+    /// The model is not configured.
+    #[error("model `{0}` is not served here")]
+    UnknownModel(String),
+    /// The request body is over the model's limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The client's request body could not be read (it hung up or broke framing).
+    #[error("request body could not be read: {0}")]
+    ClientBody(String),
+    /// The upstream failed.
+    #[error("upstream of variant `{variant}` failed ({}): {detail}", kind.as_str())]
+    Upstream {
+        /// The variant whose upstream failed.
+        variant: String,
+        /// What failed.
+        kind: UpstreamErrorKind,
+        /// The underlying error, for the message.
+        detail: String,
+    },
+    /// The server is shutting down.
+    #[error("shutting down")]
+    Draining,
+}
+
+impl RouterError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RouterError::NoRoute(_) | RouterError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            RouterError::BadPath(_) | RouterError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::Upstream {
+                kind: UpstreamErrorKind::Timeout,
+                ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            RouterError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// True when nothing of the request reached an upstream, so sending it to another
+    /// variant cannot apply it twice.
+    pub fn retry_safe(&self) -> bool {
+        match self {
+            RouterError::Upstream { kind, .. } => *kind == UpstreamErrorKind::Connect,
+            _ => true,
+        }
+    }
+
+    /// The metric label for errors rejected before a variant is chosen.
+    pub fn reject_reason(&self) -> &'static str {
+        match self {
+            RouterError::NoRoute(_) => "no_route",
+            RouterError::BadPath(_) => "bad_path",
+            RouterError::MethodNotAllowed { .. } => "method_not_allowed",
+            RouterError::UnknownModel(_) => "unknown_model",
+            RouterError::BodyTooLarge { .. } => "body_too_large",
+            RouterError::ClientBody(_) => "client_body",
+            RouterError::Upstream { .. } => "upstream",
+            RouterError::Draining => "draining",
+        }
+    }
+}
+
+/// The one function that turns an error into an HTTP answer: the `{"error": "..."}` body
+/// both TF Serving and the V2 protocol use, with the error's status.
+pub fn error_response(err: &RouterError) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": err.to_string() }).to_string();
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = err.status();
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let RouterError::MethodNotAllowed { allowed, .. } = err {
+        let allow = if *allowed == Method::GET {
+            "GET, HEAD"
+        } else {
+            "POST"
+        };
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        let upstream = |kind| RouterError::Upstream {
+            variant: "a".into(),
+            kind,
+            detail: String::new(),
+        };
+        assert_eq!(RouterError::UnknownModel("x".into()).status(), 404);
+        assert_eq!(RouterError::BadPath("x".into()).status(), 400);
+        assert_eq!(RouterError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(upstream(UpstreamErrorKind::Connect).status(), 502);
+        assert_eq!(upstream(UpstreamErrorKind::Reset).status(), 502);
+        assert_eq!(upstream(UpstreamErrorKind::Timeout).status(), 504);
+        assert!(upstream(UpstreamErrorKind::Connect).retry_safe());
+        assert!(!upstream(UpstreamErrorKind::Timeout).retry_safe());
+    }
+}

@@ -1,0 +1,35 @@
+//! Switchyard's data plane: HTTP in, a variant chosen, HTTP out.
+//!
+//! The life of a request, module by module:
+//! - [`server`]: accepts connections (HTTP/1.1 and h2c), limits them, drains on shutdown.
+//! - [`proxy`]: the [`Router`] and its tower service; the request phases in order
+//!   (route → admit → choose → forward → respond → record).
+//! - [`path`]: parses TF Serving and V2 paths into an [`path::Endpoint`].
+//! - [`table`]: the immutable route table built from the config (models → variants →
+//!   backends), swapped whole.
+//! - [`selector`]: weighted and sticky variant choice over an atomically replaceable
+//!   weight table; the seam the bandit will drive.
+//! - [`upstream`]: pooled clients to remote model servers; failure classification.
+//! - [`body`]: the streamed, size-limited request body and the response body type.
+//! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
+//! - [`metrics`]: Prometheus families registered on a registry passed in.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
+//! - [`ids`]: unguessable request ids.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod body;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod selector;
+pub mod server;
+pub mod table;
+pub mod upstream;
+
+pub use error::RouterError;
+pub use metrics::Metrics;
+pub use proxy::Router;

@@ -1,0 +1,161 @@
+//! Prometheus metrics of the data plane, registered on a registry passed down from
+//! `main` (no globals). Labels are bounded: `model` and `variant` come from the config,
+//! never from a request; rejections before a model is known carry only a `reason`.
+//!
+//! Per-variant handles are resolved once when the route table is built, so the hot path
+//! touches atomics only (no label lookup, no lock).
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry,
+};
+
+use crate::error::UpstreamErrorKind;
+
+/// Latency buckets in seconds: 100 µs to 30 s, for proxies in front of fast and slow
+/// models alike.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The data plane's metric families.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    weight: GaugeVec,
+    rejected: IntCounterVec,
+    /// Client connections open now.
+    pub connections_open: IntGauge,
+    /// Client connections accepted since start.
+    pub connections_total: IntCounter,
+    /// Requests being handled now (until their response head is sent).
+    pub in_flight: IntGauge,
+}
+
+/// Handles for one (model, variant) pair.
+#[derive(Clone, Debug)]
+pub struct VariantMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+    errors: [IntCounter; 4],
+    /// The variant's current share of traffic (a fraction; a model's sum to 1).
+    pub weight: Gauge,
+}
+
+impl VariantMetrics {
+    /// Counts one answer with `status` that took `seconds` to its response head.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        let i = UpstreamErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_default();
+        self.errors[i].inc();
+    }
+}
+
+impl Metrics {
+    /// Creates the families and registers them on `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_requests_total",
+                "Requests answered per model and variant, by status class (1xx..5xx).",
+            ),
+            &["model", "variant", "class"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from receiving a request to sending its response head, per model and variant.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "variant"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_upstream_errors_total",
+                "Upstream failures per model and variant, by kind (connect, timeout, reset, protocol).",
+            ),
+            &["model", "variant", "kind"],
+        )?;
+        let weight = GaugeVec::new(
+            Opts::new(
+                "switchyard_variant_weight",
+                "Current share of a model's traffic sent to each variant (a fraction; a model's weights sum to 1).",
+            ),
+            &["model", "variant"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "switchyard_rejected_requests_total",
+                "Requests refused before a variant was chosen, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let connections_open = IntGauge::new(
+            "switchyard_connections_open",
+            "Client connections open on the data plane.",
+        )?;
+        let connections_total = IntCounter::new(
+            "switchyard_connections_total",
+            "Client connections accepted on the data plane since start.",
+        )?;
+        let in_flight = IntGauge::new(
+            "switchyard_requests_in_flight",
+            "Requests being handled now, until their response head is sent.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(weight.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_total.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            requests,
+            duration,
+            upstream_errors,
+            weight,
+            rejected,
+            connections_open,
+            connections_total,
+            in_flight,
+        })
+    }
+
+    /// Resolves the handles of one (model, variant) pair.
+    pub fn variant(&self, model: &str, variant: &str) -> VariantMetrics {
+        let class = |c: &str| self.requests.with_label_values(&[model, variant, c]);
+        VariantMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self.duration.with_label_values(&[model, variant]),
+            errors: UpstreamErrorKind::ALL.map(|k| {
+                self.upstream_errors
+                    .with_label_values(&[model, variant, k.as_str()])
+            }),
+            weight: self.weight.with_label_values(&[model, variant]),
+        }
+    }
+
+    /// Counts a request refused before a variant was chosen.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+}

@@ -1,0 +1,307 @@
+//! Phase 1, *route*: what a request path asks for, in both protocols we speak.
+//!
+//! TensorFlow Serving REST:
+//! `/v1/models/{m}[/versions/{v}|/labels/{l}]:{predict|classify|regress}` (POST),
+//! `/v1/models/{m}[/versions/{v}|/labels/{l}][/metadata]` (GET).
+//!
+//! KServe / Triton V2: `/v2/models/{m}[/versions/{v}]/infer` (POST),
+//! `/v2/models/{m}[/versions/{v}][/ready]` (GET), `/v2/health/{live|ready}` and `/v2` (GET).
+
+use std::ops::Range;
+
+use http::Method;
+
+use crate::error::RouterError;
+
+/// Which protocol a request speaks; decides the shape of locally made answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// TensorFlow Serving REST (`/v1/...`).
+    TfServing,
+    /// KServe / Triton V2 (`/v2/...`).
+    V2,
+}
+
+/// What the request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A request about one model, forwarded to one of its variants.
+    Model(ModelRequest),
+    /// `GET /v2/health/live`: answered by Switchyard itself.
+    ServerLive,
+    /// `GET /v2/health/ready`: answered by Switchyard itself.
+    ServerReady,
+    /// `GET /v2`: server metadata, answered by Switchyard itself.
+    ServerMetadata,
+}
+
+/// A request addressed to one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRequest {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// What is asked of the model.
+    pub verb: Verb,
+    /// Byte range of the model name in the path, so forwarding can substitute the
+    /// upstream's name without re-parsing.
+    pub model: Range<usize>,
+}
+
+/// What is asked of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `:predict` / `/infer`.
+    Predict,
+    /// TF Serving `:classify`.
+    Classify,
+    /// TF Serving `:regress`.
+    Regress,
+    /// Model status or metadata (GET).
+    Metadata,
+    /// V2 model readiness (GET).
+    Ready,
+}
+
+impl Verb {
+    /// True for the verbs that produce a prediction (and, later, a bandit decision).
+    pub fn is_prediction(self) -> bool {
+        matches!(self, Verb::Predict | Verb::Classify | Verb::Regress)
+    }
+
+    fn method(self) -> Method {
+        if self.is_prediction() {
+            Method::POST
+        } else {
+            Method::GET
+        }
+    }
+}
+
+/// Parses `path` and checks `method` against it.
+pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
+    let (endpoint, allowed) = if let Some(rest) = path.strip_prefix("/v1/models/") {
+        let (req, m) = parse_tf(path, rest)?;
+        (Endpoint::Model(req), m)
+    } else if let Some(rest) = path.strip_prefix("/v2/models/") {
+        let (req, m) = parse_v2(path, rest)?;
+        (Endpoint::Model(req), m)
+    } else {
+        match path {
+            "/v2/health/live" => (Endpoint::ServerLive, Method::GET),
+            "/v2/health/ready" => (Endpoint::ServerReady, Method::GET),
+            "/v2" | "/v2/" => (Endpoint::ServerMetadata, Method::GET),
+            _ if path.starts_with("/v1/") || path.starts_with("/v2/") => {
+                return Err(RouterError::BadPath(format!(
+                    "`{path}` is not a prediction endpoint; use /v1/models/{{model}}:predict or /v2/models/{{model}}/infer"
+                )))
+            }
+            _ => return Err(RouterError::NoRoute(path.to_string())),
+        }
+    };
+    if *method != allowed && !(allowed == Method::GET && *method == Method::HEAD) {
+        return Err(RouterError::MethodNotAllowed {
+            method: method.clone(),
+            allowed,
+        });
+    }
+    Ok(endpoint)
+}
+
+fn bad(path: &str, why: &str) -> RouterError {
+    RouterError::BadPath(format!("malformed path `{path}`: {why}"))
+}
+
+fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterError> {
+    let start = path.len() - rest.len();
+    // The verb is glued to the last segment: `/v1/models/m/versions/3:predict`.
+    let (rest, verb) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains('/') => {
+            let verb = match &rest[i + 1..] {
+                "predict" => Verb::Predict,
+                "classify" => Verb::Classify,
+                "regress" => Verb::Regress,
+                other => {
+                    return Err(bad(
+                        path,
+                        &format!("unknown method `:{other}`; use :predict, :classify or :regress"),
+                    ))
+                }
+            };
+            (&rest[..i], Some(verb))
+        }
+        _ => (rest, None),
+    };
+    let mut segments = rest.split('/');
+    let model = segments.next().unwrap_or_default();
+    if model.is_empty() {
+        return Err(bad(path, "the model name is empty"));
+    }
+    let tail: Vec<&str> = segments.collect();
+    let metadata = match tail.as_slice() {
+        [] => false,
+        ["metadata"] => true,
+        ["versions", v] | ["versions", v, "metadata"] => {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(path, &format!("version `{v}` is not a number")));
+            }
+            tail.len() == 3
+        }
+        ["labels", l] | ["labels", l, "metadata"] => {
+            if l.is_empty() {
+                return Err(bad(path, "the label is empty"));
+            }
+            tail.len() == 3
+        }
+        _ => {
+            return Err(bad(
+                path,
+                "expected /versions/{v} or /labels/{l} after the model",
+            ))
+        }
+    };
+    let verb = match (verb, metadata) {
+        (Some(_), true) => return Err(bad(path, "`/metadata` takes no `:method`")),
+        (Some(v), false) => v,
+        (None, _) => Verb::Metadata,
+    };
+    let req = ModelRequest {
+        protocol: Protocol::TfServing,
+        verb,
+        model: start..start + model.len(),
+    };
+    Ok((req, verb.method()))
+}
+
+fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterError> {
+    let start = path.len() - rest.len();
+    let segments: Vec<&str> = rest.split('/').collect();
+    let model = segments[0];
+    if model.is_empty() {
+        return Err(bad(path, "the model name is empty"));
+    }
+    let tail = &segments[1..];
+    let (tail, versioned) = match tail {
+        ["versions", v, more @ ..] => {
+            if v.is_empty() {
+                return Err(bad(path, "the version is empty"));
+            }
+            (more, true)
+        }
+        _ => (tail, false),
+    };
+    let _ = versioned;
+    let verb = match tail {
+        [] => Verb::Metadata,
+        ["ready"] => Verb::Ready,
+        ["infer"] => Verb::Predict,
+        _ => {
+            return Err(bad(
+                path,
+                "expected /infer, /ready or nothing after the model",
+            ))
+        }
+    };
+    let req = ModelRequest {
+        protocol: Protocol::V2,
+        verb,
+        model: start..start + model.len(),
+    };
+    Ok((req, verb.method()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(path: &str, method: Method) -> (Verb, Protocol, &str) {
+        match parse(&method, path).unwrap() {
+            Endpoint::Model(r) => (r.verb, r.protocol, &path[r.model]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tf_serving_paths() {
+        use Verb::*;
+        assert_eq!(
+            model("/v1/models/mnist:predict", Method::POST),
+            (Predict, Protocol::TfServing, "mnist")
+        );
+        assert_eq!(
+            model("/v1/models/m/versions/12:classify", Method::POST).0,
+            Classify
+        );
+        assert_eq!(
+            model("/v1/models/m/labels/stable:regress", Method::POST).0,
+            Regress
+        );
+        assert_eq!(
+            model("/v1/models/m.v2", Method::GET),
+            (Metadata, Protocol::TfServing, "m.v2")
+        );
+        assert_eq!(
+            model("/v1/models/m/versions/3/metadata", Method::GET).0,
+            Metadata
+        );
+        assert_eq!(model("/v1/models/m/labels/x", Method::GET).0, Metadata);
+    }
+
+    #[test]
+    fn v2_paths() {
+        use Verb::*;
+        assert_eq!(
+            model("/v2/models/mnist/infer", Method::POST),
+            (Predict, Protocol::V2, "mnist")
+        );
+        assert_eq!(
+            model("/v2/models/mnist/versions/2/infer", Method::POST).0,
+            Predict
+        );
+        assert_eq!(model("/v2/models/mnist", Method::GET).0, Metadata);
+        assert_eq!(
+            model("/v2/models/mnist/versions/1/ready", Method::GET).0,
+            Ready
+        );
+        assert_eq!(
+            parse(&Method::GET, "/v2/health/live").unwrap(),
+            Endpoint::ServerLive
+        );
+        assert_eq!(
+            parse(&Method::HEAD, "/v2/health/ready").unwrap(),
+            Endpoint::ServerReady
+        );
+    }
+
+    #[test]
+    fn malformed_paths_and_methods() {
+        let bad_paths = [
+            "/v1/models/:predict",
+            "/v1/models/m:explode",
+            "/v1/models/m/versions/x:predict",
+            "/v1/models/m/versions/:predict",
+            "/v1/models/m/other/1:predict",
+            "/v1/models/m/metadata:predict",
+            "/v2/models//infer",
+            "/v2/models/m/infer/more",
+            "/v2/elsewhere",
+        ];
+        for p in bad_paths {
+            assert!(
+                matches!(parse(&Method::POST, p), Err(RouterError::BadPath(_))),
+                "{p}"
+            );
+        }
+        assert!(matches!(
+            parse(&Method::GET, "/favicon.ico"),
+            Err(RouterError::NoRoute(_))
+        ));
+        assert!(matches!(
+            parse(&Method::GET, "/v1/models/m:predict"),
+            Err(RouterError::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            parse(&Method::POST, "/v2/models/m/ready"),
+            Err(RouterError::MethodNotAllowed { .. })
+        ));
+    }
+}

@@ -1,0 +1,396 @@
+//! The request path, phase by phase (pingora's habit of naming them):
+//!
+//! 1. **route**: parse the path ([`crate::path`]); answer health and server metadata here.
+//! 2. **admit**: known model? body within its limit (by `content-length` now, by counting
+//!    while streaming otherwise)?
+//! 3. **choose**: the model's [`Selector`](crate::selector::Selector) picks a variant,
+//!    sticky by header when configured. (Later: record the decision for feedback.)
+//! 4. (later: **mirror** to shadows.)
+//! 5. **forward**: rewrite the model name, strip hop-by-hop headers, stream the body.
+//!    (Later: breaker gate, budgeted retry, fallback to the local runtime.)
+//! 6. **respond**: the upstream's answer untouched but for `x-switchyard-variant`,
+//!    `x-request-id` and `server-timing`.
+//! 7. **record**: status class and latency per (model, variant); upstream errors by kind.
+//!
+//! Errors become responses in exactly one place, [`error_response`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use switchyard_config::{Config, UpstreamProtocol};
+
+use crate::body::{LimitedBody, ProxyBody};
+use crate::error::{error_response, RouterError};
+use crate::ids;
+use crate::metrics::Metrics;
+use crate::path::{self, Endpoint, ModelRequest};
+use crate::table::{Backend, BuildError, ModelRoute, RouteTable, VariantRoute};
+
+/// `x-request-id`: kept from the client or generated.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-switchyard-variant`: which variant answered.
+pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that must not be forwarded.
+static HOP_BY_HOP: [HeaderName; 6] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The data plane's shared state: the current route table and the metrics.
+#[derive(Debug)]
+pub struct Router {
+    table: ArcSwap<RouteTable>,
+    metrics: Metrics,
+    draining: AtomicBool,
+}
+
+impl Router {
+    /// Builds the router for `config`. `seed` defaults to `config.seed`, else random.
+    /// Must run inside a Tokio runtime.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Arc<Self>, BuildError> {
+        let seed = config.seed.unwrap_or_else(random_seed);
+        let table = RouteTable::build(config, &metrics, seed)?;
+        Ok(Arc::new(Router {
+            table: ArcSwap::from_pointee(table),
+            metrics,
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// The current route table.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Marks the router as draining: readiness turns false so load balancers stop
+    /// sending, while requests still arriving on open connections are served.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// True once draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The tower service for one client connection from `peer`.
+    pub fn service(self: &Arc<Self>, peer: Option<IpAddr>) -> ProxyService {
+        ProxyService {
+            router: self.clone(),
+            peer,
+        }
+    }
+
+    /// Handles one request end to end; never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<IpAddr>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let _in_flight = InFlight::new(&self.metrics);
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if ids::acceptable(v) => v.clone(),
+            _ => ids::new_request_id(),
+        };
+        let mut resp = match self.route(req, &request_id, peer, started).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                self.metrics.rejected(err.reject_reason());
+                error_response(&err)
+            }
+        };
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        resp
+    }
+
+    /// Phases *route* and *admit*, then hands over to [`Router::forward`].
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        peer: Option<IpAddr>,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let endpoint = path::parse(req.method(), req.uri().path())?;
+        let model_req = match endpoint {
+            Endpoint::Model(m) => m,
+            Endpoint::ServerLive => return Ok(json(StatusCode::OK, r#"{"live":true}"#)),
+            Endpoint::ServerReady => {
+                return Ok(if self.is_draining() {
+                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
+                } else {
+                    json(StatusCode::OK, r#"{"ready":true}"#)
+                })
+            }
+            Endpoint::ServerMetadata => {
+                let body = serde_json::json!({
+                    "name": "switchyard",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "extensions": [],
+                });
+                return Ok(json(StatusCode::OK, &body.to_string()));
+            }
+        };
+        let table = self.table.load_full();
+        let name = &req.uri().path()[model_req.model.clone()];
+        let model = table
+            .model(name)
+            .ok_or_else(|| RouterError::UnknownModel(name.to_string()))?;
+        if let Some(len) = content_length(req.headers()) {
+            if len > model.body_limit {
+                return Err(RouterError::BodyTooLarge {
+                    limit: model.body_limit,
+                });
+            }
+        }
+        Ok(self
+            .forward(model, &model_req, req, request_id, peer, started)
+            .await)
+    }
+
+    /// Phases *choose*, *forward*, *respond* and *record*. Once a variant is chosen every
+    /// outcome, error or not, is counted against it and carries its name.
+    async fn forward(
+        &self,
+        model: &ModelRoute,
+        model_req: &ModelRequest,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        peer: Option<IpAddr>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let pick = match &model.sticky_header {
+            Some(h) => match req.headers().get(h) {
+                Some(key) => model.selector.pick_sticky(key.as_bytes()),
+                None => model.selector.pick(),
+            },
+            None => model.selector.pick(),
+        };
+        let variant = &model.variants[pick.index];
+        let routed = Instant::now();
+        let result = match &variant.backend {
+            Backend::Remote(upstream) => {
+                match upstream_request(
+                    variant,
+                    upstream,
+                    model_req,
+                    model.body_limit,
+                    req,
+                    request_id,
+                    peer,
+                ) {
+                    Ok(up_req) => upstream
+                        .send(up_req)
+                        .await
+                        .map_err(|e| e.into_router_error(&variant.name)),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let answered = Instant::now();
+        let mut resp = match result {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = Version::HTTP_11;
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(err) => {
+                if let RouterError::Upstream { kind, .. } = &err {
+                    variant.metrics.upstream_error(*kind);
+                    tracing::debug!(model = %model.name, variant = %variant.name, error = %err, "Upstream request failed.");
+                }
+                error_response(&err)
+            }
+        };
+        variant
+            .metrics
+            .record(resp.status().as_u16(), (answered - started).as_secs_f64());
+        let headers = resp.headers_mut();
+        headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
+        headers.insert(
+            SERVER_TIMING.clone(),
+            server_timing(started, routed, answered),
+        );
+        resp
+    }
+}
+
+/// Builds the upstream request: rewritten URI, cleaned headers, limited body.
+fn upstream_request(
+    variant: &VariantRoute,
+    upstream: &crate::upstream::Upstream,
+    model_req: &ModelRequest,
+    body_limit: u64,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    peer: Option<IpAddr>,
+) -> Result<Request<LimitedBody>, RouterError> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream.uri(
+        parts.uri.path(),
+        model_req.model.clone(),
+        &variant.upstream_model,
+        parts.uri.query(),
+    )?;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    match upstream.protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            headers.insert(header::HOST, upstream.host_header.clone());
+        }
+        UpstreamProtocol::H2c => {
+            parts.version = Version::HTTP_2;
+            headers.remove(header::HOST);
+        }
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(ip) = peer {
+        append_forwarded_for(headers, ip);
+    }
+    Ok(Request::from_parts(
+        parts,
+        LimitedBody::new(body, body_limit),
+    ))
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.remove(header::CONNECTION) {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // `te: trailers` is end-to-end in practice (gRPC needs it); other values are not.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds).
+fn server_timing(started: Instant, routed: Instant, answered: Instant) -> HeaderValue {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let text = format!(
+        "routing;dur={:.3}, upstream;dur={:.3}, total;dur={:.3}",
+        ms(routed - started),
+        ms(answered - routed),
+        ms(answered - started)
+    );
+    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("total"))
+}
+
+fn json(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
+        body.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// Keeps `switchyard_requests_in_flight` right even when a client hangs up and the
+/// request future is dropped half-way.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.in_flight.inc();
+        InFlight(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// The data plane as a tower service, one per client connection.
+#[derive(Clone, Debug)]
+pub struct ProxyService {
+    router: Arc<Router>,
+    peer: Option<IpAddr>,
+}
+
+impl tower_service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let router = self.router.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(router.handle(req, peer).await) })
+    }
+}

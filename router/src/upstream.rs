@@ -1,0 +1,190 @@
+//! Phase 6, *forward*, for remote variants: a pooled keep-alive client per variant, the
+//! rewritten URI, and the classification of failures.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use switchyard_config::{UpstreamProtocol, UpstreamUrl};
+
+use crate::body::{BodyTooLarge, ClientBodyError, LimitedBody};
+use crate::error::{RouterError, UpstreamErrorKind};
+
+/// How long an idle pooled connection to an upstream is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A remote model server and the client that talks to it.
+#[derive(Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, LimitedBody>,
+    authority: Authority,
+    /// `host:port`, sent as `Host` to HTTP/1.1 upstreams.
+    pub host_header: HeaderValue,
+    prefix: String,
+    /// HTTP/1.1 or h2c.
+    pub protocol: UpstreamProtocol,
+    /// Time allowed for the response head.
+    pub request_timeout: Duration,
+}
+
+/// Why an upstream exchange failed, before it becomes a [`RouterError`].
+#[derive(Debug)]
+pub enum SendError {
+    /// The upstream failed.
+    Upstream(UpstreamErrorKind, String),
+    /// The client sent more than the body limit.
+    BodyTooLarge(u64),
+    /// The client's body broke.
+    ClientBody(String),
+}
+
+impl SendError {
+    /// The router error for `variant`.
+    pub fn into_router_error(self, variant: &str) -> RouterError {
+        match self {
+            SendError::Upstream(kind, detail) => RouterError::Upstream {
+                variant: variant.to_string(),
+                kind,
+                detail,
+            },
+            SendError::BodyTooLarge(limit) => RouterError::BodyTooLarge { limit },
+            SendError::ClientBody(detail) => RouterError::ClientBody(detail),
+        }
+    }
+}
+
+impl Upstream {
+    /// A client for `url`. Must be called within a Tokio runtime.
+    pub fn new(
+        url: &UpstreamUrl,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, String> {
+        let authority: Authority = url
+            .authority
+            .parse()
+            .map_err(|e| format!("bad upstream authority `{}`: {e}", url.authority))?;
+        let host_header = HeaderValue::from_str(&url.authority)
+            .map_err(|e| format!("bad upstream authority `{}`: {e}", url.authority))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        // Predictions are small request/response pairs: Nagle would only add latency.
+        connector.set_nodelay(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        if protocol == UpstreamProtocol::H2c {
+            builder.http2_only(true);
+        }
+        Ok(Upstream {
+            client: builder.build(connector),
+            authority,
+            host_header,
+            prefix: url.prefix.clone(),
+            protocol,
+            request_timeout,
+        })
+    }
+
+    /// The upstream URI for a client `path` whose model name occupies `model`, with
+    /// `upstream_model` substituted and `query` kept.
+    pub fn uri(
+        &self,
+        path: &str,
+        model: std::ops::Range<usize>,
+        upstream_model: &str,
+        query: Option<&str>,
+    ) -> Result<Uri, RouterError> {
+        let mut pq = String::with_capacity(
+            self.prefix.len()
+                + path.len()
+                + upstream_model.len()
+                + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&self.prefix);
+        pq.push_str(&path[..model.start]);
+        pq.push_str(upstream_model);
+        pq.push_str(&path[model.end..]);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(pq)
+            .map_err(|e| RouterError::BadPath(format!("cannot forward path `{path}`: {e}")))?;
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| RouterError::BadPath(format!("cannot forward path `{path}`: {e}")))
+    }
+
+    /// Sends `req` and waits for the response head within the request timeout.
+    pub async fn send(&self, req: Request<LimitedBody>) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Err(_) => Err(SendError::Upstream(
+                UpstreamErrorKind::Timeout,
+                format!("no response within {:?}", self.request_timeout),
+            )),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+}
+
+/// Sorts a client error into the failure kinds operators act on differently.
+fn classify(err: &hyper_util::client::legacy::Error) -> SendError {
+    let detail = error_chain(err);
+    // The client's own body failures travel inside the client error: find them first.
+    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    while let Some(e) = source {
+        if let Some(b) = e.downcast_ref::<BodyTooLarge>() {
+            return SendError::BodyTooLarge(b.limit);
+        }
+        if e.downcast_ref::<ClientBodyError>().is_some() {
+            return SendError::ClientBody(detail);
+        }
+        source = e.source();
+    }
+    // A connect timeout is a connect failure (502, safe to retry elsewhere), not the
+    // request timeout (504): nothing reached the upstream.
+    if err.is_connect() {
+        return SendError::Upstream(UpstreamErrorKind::Connect, detail);
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            let kind = if h.is_parse() || h.is_parse_status() || h.is_user() {
+                UpstreamErrorKind::Protocol
+            } else {
+                UpstreamErrorKind::Reset
+            };
+            return SendError::Upstream(kind, detail);
+        }
+        if e.downcast_ref::<std::io::Error>().is_some() {
+            return SendError::Upstream(UpstreamErrorKind::Reset, detail);
+        }
+        source = e.source();
+    }
+    SendError::Upstream(UpstreamErrorKind::Reset, detail)
+}
+
+/// `a: b: c` from an error and its sources, for messages.
+fn error_chain(err: &dyn StdError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
+}

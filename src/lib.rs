@@ -1,0 +1,170 @@
+//! The `switchyard` binary's glue: it reads the config, builds the crates' parts on one
+//! Prometheus registry, binds nothing itself (callers bind, so tests use port 0), and
+//! wires the data plane and the admin listener to one shutdown signal.
+//!
+//! - [`load_config`] / [`DEFAULT_CONFIG`]: the config file, or the built-in one.
+//! - [`start`]: runs the data plane and admin listeners; returns a [`Running`] handle.
+//! - `main.rs`: the command line (`serve`, `validate`) and signal handling.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use prometheus::Registry;
+use switchyard_config::{Config, ConfigErrors};
+use switchyard_router::admin::{AdminService, AdminState};
+use switchyard_router::server::{self, Drained, ServeOptions};
+use switchyard_router::{Metrics, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use switchyard_config as config;
+pub use switchyard_router as router;
+
+/// Exit code for a bad configuration (sysexits' EX_USAGE).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// The configuration `serve` uses without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../examples/default.yaml");
+
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file could not be read.
+    Read(String),
+    /// The file was read but is wrong, in these ways.
+    Invalid(ConfigErrors),
+}
+
+impl LoadError {
+    /// One line per problem, prefixed with `source`.
+    pub fn render(&self, source: &str) -> String {
+        match self {
+            LoadError::Read(e) => format!("{source}: {e}\n"),
+            LoadError::Invalid(errors) => errors.render(source),
+        }
+    }
+}
+
+/// Reads and validates the file at `path`.
+pub fn load_config(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LoadError::Read(format!("cannot read the file: {e}")))?;
+    switchyard_config::from_yaml_str(&text).map_err(LoadError::Invalid)
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running Switchyard: its addresses, its router, and the way to stop it.
+pub struct Running {
+    /// Where the data plane listens.
+    pub data_addr: SocketAddr,
+    /// Where the admin listener listens.
+    pub admin_addr: SocketAddr,
+    router: Arc<Router>,
+    shutdown: watch::Sender<bool>,
+    data: JoinHandle<Drained>,
+    admin: JoinHandle<Drained>,
+}
+
+impl Running {
+    /// The data plane (to read the route table or move weights).
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Starts the drain: readiness turns false, the listeners stop accepting, and open
+    /// connections finish their in-flight requests.
+    pub fn shutdown(&self) {
+        self.router.start_draining();
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until both listeners have drained; returns how the data plane's drain ended.
+    pub async fn wait(self) -> Drained {
+        let data = self.data.await.unwrap_or(Drained::TimedOut);
+        let _ = self.admin.await;
+        data
+    }
+}
+
+/// Starts the data plane on `data` and the admin endpoints on `admin`.
+pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Running, StartError> {
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry).map_err(|e| StartError(format!("metrics: {e}")))?;
+    let router = Router::new(&config, metrics.clone()).map_err(|e| StartError(e.to_string()))?;
+    let data_addr = data.local_addr().map_err(|e| StartError(e.to_string()))?;
+    let admin_addr = admin.local_addr().map_err(|e| StartError(e.to_string()))?;
+
+    // The effective config: with port 0 resolved, so what /admin/config says is true.
+    let mut effective = config.clone();
+    effective.listen = data_addr;
+    effective.admin_listen = admin_addr;
+    let config_json = serde_json_bytes(&effective)?;
+
+    let (shutdown, signal) = watch::channel(false);
+    let wait_for = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let proxy = router.clone();
+    let data_opts = ServeOptions {
+        max_connections: config.max_connections,
+        drain_timeout: config.drain_timeout,
+        connection_metrics: Some((
+            metrics.connections_open.clone(),
+            metrics.connections_total.clone(),
+        )),
+    };
+    let data = tokio::spawn(server::serve(
+        data,
+        move |peer| proxy.service(Some(peer.ip())),
+        wait_for(signal.clone()),
+        data_opts,
+    ));
+
+    let admin_service = AdminService(Arc::new(AdminState {
+        registry,
+        router: router.clone(),
+        config_json,
+    }));
+    let admin_opts = ServeOptions {
+        max_connections: 256,
+        drain_timeout: config.drain_timeout,
+        connection_metrics: None,
+    };
+    let admin = tokio::spawn(server::serve(
+        admin,
+        move |_| admin_service.clone(),
+        wait_for(signal),
+        admin_opts,
+    ));
+
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        router,
+        shutdown,
+        data,
+        admin,
+    })
+}
+
+fn serde_json_bytes(config: &Config) -> Result<bytes::Bytes, StartError> {
+    serde_json::to_vec_pretty(config)
+        .map(bytes::Bytes::from)
+        .map_err(|e| StartError(format!("cannot render the config: {e}")))
+}

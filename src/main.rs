@@ -1,0 +1,196 @@
+//! `switchyard`: the command line. Parsing arguments, logging, the runtime and signals
+//! live here; everything else is in the library crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::{load_config, start, EXIT_BAD_CONFIG};
+use switchyard_config::Config;
+use switchyard_router::server::Drained;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// A sidecar that routes prediction requests across weighted model variants.
+#[derive(Parser)]
+#[command(name = "switchyard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the prediction endpoints and the admin listener until SIGTERM or SIGINT.
+    Serve {
+        /// YAML configuration file. Without it, the built-in configuration
+        /// (examples/default.yaml) is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file: prints every error with its line and YAML path and
+    /// exits 64, or exits 0 when the file is good. Starts nothing.
+    Validate {
+        /// The YAML file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { file } => validate(file),
+        Command::Serve { config } => serve(config),
+    }
+}
+
+fn validate(file: PathBuf) -> ExitCode {
+    let source = file.display().to_string();
+    match load_config(&file) {
+        Ok(config) => {
+            let variants: usize = config.models.values().map(|m| m.variants.len()).sum();
+            println!(
+                "{source}: ok ({} model{}, {variants} variant{})",
+                config.models.len(),
+                plural(config.models.len()),
+                plural(variants)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{}", e.render(&source));
+            ExitCode::from(EXIT_BAD_CONFIG as u8)
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let config = match &path {
+        Some(path) => match load_config(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprint!("{}", e.render(&path.display().to_string()));
+                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            }
+        },
+        None => {
+            match switchyard_config::from_yaml_str(switchyard::DEFAULT_CONFIG) {
+                Ok(c) => {
+                    tracing::info!("No --config given: using the built-in configuration (examples/default.yaml).");
+                    c
+                }
+                Err(e) => {
+                    eprint!("{}", e.render("<built-in config>"));
+                    return ExitCode::from(EXIT_BAD_CONFIG as u8);
+                }
+            }
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let data = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "switchyard: cannot listen on {} (listen): {e}",
+                config.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match TcpListener::bind(config.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "switchyard: cannot listen on {} (admin_listen): {e}",
+                config.admin_listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let example_model = config.models.keys().next().cloned().unwrap_or_default();
+    let running = match start(config, data, admin) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One machine-readable line on stdout (tests and scripts read the ports from it),
+    // then a request to paste.
+    println!(
+        "switchyard listening data={} admin={}",
+        running.data_addr, running.admin_addr
+    );
+    println!(
+        "try: curl -s -X POST http://{}/v1/models/{example_model}:predict -d '{{\"instances\": [[1.0, 2.0]]}}' -i",
+        running.data_addr
+    );
+    tracing::info!(data = %running.data_addr, admin = %running.admin_addr, "Switchyard is serving.");
+
+    shutdown_signal().await;
+    tracing::info!("Shutdown signal received; draining in-flight requests.");
+    running.shutdown();
+    match running.wait().await {
+        Drained::Clean => {
+            tracing::info!("Drained; exiting.");
+            ExitCode::SUCCESS
+        }
+        Drained::TimedOut => {
+            tracing::warn!("Drain timeout passed with requests still in flight; exiting anyway.");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot watch SIGTERM; only SIGINT will stop the server.");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
