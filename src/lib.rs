@@ -120,6 +120,9 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    // The admin listener outlives the data plane's drain, so probes see `/readyz` turn
+    // 503 (rather than a refused connection) while in-flight requests finish.
+    let (data_done, admin_signal) = watch::channel(false);
     let proxy = router.clone();
     let data_opts = ServeOptions {
         max_connections: config.max_connections,
@@ -129,12 +132,17 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
             metrics.connections_total.clone(),
         )),
     };
-    let data = tokio::spawn(server::serve(
-        data,
-        move |peer| proxy.service(Some(peer.ip())),
-        wait_for(signal.clone()),
-        data_opts,
-    ));
+    let data = tokio::spawn(async move {
+        let drained = server::serve(
+            data,
+            move |peer| proxy.service(Some(peer.ip())),
+            wait_for(signal),
+            data_opts,
+        )
+        .await;
+        let _ = data_done.send(true);
+        drained
+    });
 
     let admin_service = AdminService(Arc::new(AdminState {
         registry,
@@ -143,13 +151,13 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     }));
     let admin_opts = ServeOptions {
         max_connections: 256,
-        drain_timeout: config.drain_timeout,
+        drain_timeout: std::time::Duration::from_secs(1),
         connection_metrics: None,
     };
     let admin = tokio::spawn(server::serve(
         admin,
         move |_| admin_service.clone(),
-        wait_for(signal),
+        wait_for(admin_signal),
         admin_opts,
     ));
 

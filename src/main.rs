@@ -1,6 +1,7 @@
 //! `switchyard`: the command line. Parsing arguments, logging, the runtime and signals
 //! live here; everything else is in the library crates.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -146,15 +147,21 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     // One machine-readable line on stdout (tests and scripts read the ports from it),
-    // then a request to paste.
-    println!(
+    // then a request to paste. Written without `println!`: if whoever reads stdout goes
+    // away, a failed write must not take the server down with a panic.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "switchyard listening data={} admin={}",
         running.data_addr, running.admin_addr
     );
-    println!(
+    let _ = writeln!(
+        out,
         "try: curl -s -X POST http://{}/v1/models/{example_model}:predict -d '{{\"instances\": [[1.0, 2.0]]}}' -i",
         running.data_addr
     );
+    let _ = out.flush();
+    drop(out);
     tracing::info!(data = %running.data_addr, admin = %running.admin_addr, "Switchyard is serving.");
 
     shutdown_signal().await;

@@ -129,11 +129,10 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             Some(node) => f(cx, node, &child(&self.path, key)),
             None => {
-                cx.error(
-                    self.node,
-                    &self.path,
-                    format!("missing required key `{key}`"),
-                );
+                // Point at the mapping's first key: yaml-rust2 marks a block mapping's
+                // start after its first key, which is not where a reader looks.
+                let at = self.entries.first().map_or(self.node, |(k, _)| k);
+                cx.error(at, &self.path, format!("missing required key `{key}`"));
                 None
             }
         }

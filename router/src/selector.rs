@@ -56,7 +56,7 @@ impl WeightTable {
             return Err(WeightError::Invalid(w));
         }
         let sum: f64 = weights.iter().sum();
-        if !(sum > 0.0) || !sum.is_finite() {
+        if sum <= 0.0 || !sum.is_finite() {
             return Err(WeightError::ZeroSum);
         }
         let weights: Box<[f64]> = weights.iter().map(|w| w / sum).collect();

@@ -1,0 +1,96 @@
+//! The command line: `validate` and `serve` on good and bad files; every example parses.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn switchyard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const BAD: &str = "listen: nowhere\nmodels:\n  m:\n    variants:\n      - name: a\n        upstrem: http://127.0.0.1:1\n        weight: -2\n";
+
+#[test]
+fn validate_accepts_good_files_with_exit_0() {
+    let out = switchyard()
+        .args(["validate", "examples/canary.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 model, 3 variants)"));
+}
+
+#[test]
+fn validate_lists_every_error_with_line_and_path_and_exits_64() {
+    let file = temp_file("bad.yaml", BAD);
+    let out = switchyard().arg("validate").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let f = file.display();
+    for expected in [
+        format!("{f}:1:9: listen:"),
+        format!("{f}:5:9: models.m.variants[0]: missing required key `upstream`"),
+        format!("{f}:6:9: models.m.variants[0].upstrem: unknown key `upstrem`; did you mean `upstream`?"),
+        format!("{f}:7:17: models.m.variants[0].weight: must be ≥ 0"),
+    ] {
+        assert!(err.contains(&expected), "missing {expected:?} in:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 4, "{err}");
+}
+
+#[test]
+fn validate_and_serve_refuse_missing_files_and_bad_files_with_64() {
+    let out = switchyard()
+        .args(["validate", "/nonexistent/switchyard.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the file"));
+
+    let file = temp_file("bad-serve.yaml", BAD);
+    let out = switchyard()
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key `upstrem`"));
+}
+
+#[test]
+fn every_example_config_parses() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("examples").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if let Err(e) = switchyard::config::from_yaml_str(&text) {
+                panic!(
+                    "{} is invalid:\n{}",
+                    path.display(),
+                    e.render(&path.display().to_string())
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} examples found");
+    // The built-in config is one of them, and it is what `serve` uses by default.
+    assert_eq!(
+        switchyard::DEFAULT_CONFIG,
+        std::fs::read_to_string("examples/default.yaml").unwrap()
+    );
+}

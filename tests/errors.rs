@@ -1,0 +1,200 @@
+//! Every error the request path can give, as the client sees it, and proof that the
+//! server keeps serving afterwards.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+async fn app_with(yaml_models: &str) -> switchyard::Running {
+    start(&format!(
+        "max_body_bytes: 1024\nrequest_timeout: 300ms\nmodels:\n{yaml_models}"
+    ))
+    .await
+}
+
+fn error_of(r: &Reply) -> String {
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(
+        r.header("x-request-id").is_some(),
+        "errors carry the request id too"
+    );
+    r.json()["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {:?}", r.body))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mistakes_get_clear_json_errors() {
+    let up = Upstream::echo("a").await;
+    let app = app_with(&format!(
+        "  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+
+    let r = predict(&c, &format!("{base}/v1/models/nope:predict")).await;
+    assert_eq!(r.status, 404);
+    assert!(error_of(&r).contains("`nope`"));
+
+    let r = predict(&c, &format!("{base}/v2/models/nope/infer")).await;
+    assert_eq!(r.status, 404);
+
+    let r = send(&c, "GET", &format!("{base}/somewhere"), &[], "").await;
+    assert_eq!(r.status, 404);
+    assert!(error_of(&r).contains("no route"));
+
+    for path in [
+        "/v1/models/m:explode",
+        "/v1/models/m/versions/x:predict",
+        "/v2/models/m/infer/extra",
+        "/v1/models/:predict",
+    ] {
+        let r = predict(&c, &format!("{base}{path}")).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(error_of(&r).contains("malformed path"), "{path}");
+    }
+
+    let r = send(&c, "GET", &format!("{base}/v1/models/m:predict"), &[], "").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+    error_of(&r);
+    let r = send(&c, "DELETE", &format!("{base}/v2/models/m"), &[], "").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+
+    // Over the limit by content-length: refused before any upstream sees it.
+    let big = "x".repeat(1025);
+    let r = send(
+        &c,
+        "POST",
+        &format!("{base}/v1/models/m:predict"),
+        &[],
+        &big,
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert!(error_of(&r).contains("1024"));
+    // At the limit: fine.
+    let r = send(
+        &c,
+        "POST",
+        &format!("{base}/v1/models/m:predict"),
+        &[],
+        &"y".repeat(1024),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    assert_eq!(up.hits(), 1, "only the good request reached the upstream");
+    assert_eq!(
+        predict(&c, &format!("{base}/v1/models/m:predict"))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_over_the_limit_are_cut_off_with_413() {
+    let up = Upstream::echo("a").await;
+    let app = app_with(&format!(
+        "  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let chunk = "z".repeat(700);
+    let request = format!(
+        "POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{len:x}\r\n{chunk}\r\n{len:x}\r\n{chunk}\r\n0\r\n\r\n",
+        len = chunk.len()
+    );
+    let answer = raw(app.data_addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("larger than the limit of 1024 bytes"),
+        "{answer}"
+    );
+
+    // A chunked body within the limit streams through.
+    let request = "POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let answer = raw(app.data_addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""body":"hello""#), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_map_to_502_and_504_and_are_counted() {
+    let slow = Upstream::start("slow", Duration::from_secs(3)).await;
+    let refused = refused_addr().await;
+    let reset = resetting_upstream().await;
+    let app = app_with(&format!(
+        "  refused:\n    variants: [{{name: r, upstream: \"http://{refused}\", weight: 1}}]\n\
+         \x20 reset:\n    variants: [{{name: x, upstream: \"http://{reset}\", weight: 1}}]\n\
+         \x20 slow:\n    variants: [{{name: s, upstream: \"{}\", weight: 1}}]\n",
+        slow.url()
+    ))
+    .await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+
+    let r = predict(&c, &format!("{base}/v1/models/refused:predict")).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        r.header("x-switchyard-variant"),
+        Some("r"),
+        "the failing variant is named"
+    );
+    assert!(error_of(&r).contains("(connect)"));
+
+    let r = predict(&c, &format!("{base}/v1/models/reset:predict")).await;
+    assert_eq!(r.status, 502);
+    assert!(error_of(&r).contains("(reset)"), "{:?}", r.body);
+
+    let r = predict(&c, &format!("{base}/v1/models/slow:predict")).await;
+    assert_eq!(r.status, 504);
+    assert!(error_of(&r).contains("(timeout)"));
+
+    let m = metrics(app.admin_addr).await;
+    for (model, variant, kind) in [
+        ("refused", "r", "connect"),
+        ("reset", "x", "reset"),
+        ("slow", "s", "timeout"),
+    ] {
+        let series = format!(
+            r#"switchyard_upstream_errors_total{{kind="{kind}",model="{model}",variant="{variant}"}}"#
+        );
+        assert_eq!(sample(&m, &series), Some(1.0), "{series}");
+        let series = format!(
+            r#"switchyard_requests_total{{class="5xx",model="{model}",variant="{variant}"}}"#
+        );
+        assert_eq!(sample(&m, &series), Some(1.0), "{series}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_wire_does_not_stop_the_server() {
+    let up = Upstream::echo("a").await;
+    let app = app_with(&format!(
+        "  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    for junk in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"POST /v1/models/m:predict HTTP/1.1\r\ncontent-length: nope\r\n\r\n",
+        b"\x00\x01\x02\x03\xff\xfe",
+        b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nshort",
+    ] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), raw(app.data_addr, junk)).await;
+    }
+    let r = predict(
+        &client(),
+        &format!("http://{}/v1/models/m:predict", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

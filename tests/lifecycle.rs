@@ -1,0 +1,200 @@
+//! Drain on shutdown (in-process and through a real SIGTERM), and the admin listener.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+use switchyard::router::server::Drained;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_requests_then_stops_accepting() {
+    let slow = Upstream::start("slow", Duration::from_millis(400)).await;
+    let app = start(&format!(
+        "drain_timeout: 10s\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        slow.url()
+    ))
+    .await;
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    let (data, admin) = (app.data_addr, app.admin_addr);
+    let in_flight: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { predict(&client(), &url).await })
+        })
+        .collect();
+    slow.wait_for_hits(5).await;
+    app.shutdown();
+
+    // While draining, readiness says so on both surfaces.
+    let r = send(&client(), "GET", &format!("http://{admin}/readyz"), &[], "").await;
+    assert_eq!(r.status, 503);
+
+    let drained = app.wait().await;
+    for t in in_flight {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "an accepted request must be answered");
+        assert_eq!(r.json()["upstream"], "slow");
+    }
+    assert_eq!(drained, Drained::Clean);
+    assert!(
+        tokio::net::TcpStream::connect(data).await.is_err(),
+        "no new connections after drain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let slow = Upstream::start("slow", Duration::from_millis(500)).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+            slow.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read the first line, then close our end of stdout on purpose: a sidecar whose log
+    // reader goes away must keep serving (it once panicked on the next write).
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let data = first
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("data="))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+
+    let url = format!("http://{data}/v1/models/m:predict");
+    let request = tokio::spawn(async move { predict(&client(), &url).await });
+    slow.wait_for_hits(1).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let r = request.await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request completes after SIGTERM"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_metrics_health_and_config() {
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        r#"
+models:
+  m:
+    variants:
+      - {{name: a, upstream: "{}", weight: 3, cost_per_1k: 0.4}}
+      - {{name: b, upstream: "{}", upstream_model: m2, weight: 0}}
+"#,
+        up.url(),
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let n = 37;
+    for _ in 0..n {
+        assert_eq!(
+            predict(&c, &format!("http://{}/v1/models/m:predict", app.data_addr))
+                .await
+                .status,
+            200
+        );
+    }
+    predict(
+        &c,
+        &format!("http://{}/v1/models/unknown:predict", app.data_addr),
+    )
+    .await;
+
+    let m = metrics(app.admin_addr).await;
+    let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no sample {s} in\n{m}"));
+    assert_eq!(
+        get(r#"switchyard_requests_total{class="2xx",model="m",variant="a"}"#),
+        n as f64
+    );
+    assert_eq!(
+        get(r#"switchyard_requests_total{class="2xx",model="m",variant="b"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"switchyard_request_duration_seconds_count{model="m",variant="a"}"#),
+        n as f64
+    );
+    assert_eq!(
+        get(r#"switchyard_request_duration_seconds_bucket{model="m",variant="a",le="+Inf"}"#),
+        n as f64
+    );
+    assert_eq!(
+        get(r#"switchyard_variant_weight{model="m",variant="a"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"switchyard_variant_weight{model="m",variant="b"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"switchyard_rejected_requests_total{reason="unknown_model"}"#),
+        1.0
+    );
+    assert!(
+        !m.contains("unknown\""),
+        "request-supplied names never become labels"
+    );
+
+    let base = format!("http://{}", app.admin_addr);
+    assert_eq!(
+        send(&c, "GET", &format!("{base}/healthz"), &[], "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&c, "GET", &format!("{base}/readyz"), &[], "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&c, "GET", &format!("{base}/nope"), &[], "")
+            .await
+            .status,
+        404
+    );
+    let cfg = send(&c, "GET", &format!("{base}/admin/config"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        cfg["listen"],
+        app.data_addr.to_string(),
+        "the effective (bound) address"
+    );
+    assert_eq!(cfg["models"]["m"]["variants"][0]["upstream"], up.url());
+    assert_eq!(cfg["models"]["m"]["variants"][0]["cost_per_1k"], 0.4);
+    assert_eq!(cfg["models"]["m"]["variants"][1]["upstream_model"], "m2");
+    assert_eq!(cfg["request_timeout"], "30s");
+}

@@ -1,0 +1,291 @@
+//! Shared helpers for the end-to-end tests: fake model servers on `127.0.0.1:0`, a
+//! client, and Switchyard itself started in-process.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a fake upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+/// A fake model server: answers every request with a JSON echo of what it received.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    /// Echoes at once.
+    pub async fn echo(name: &str) -> Upstream {
+        Upstream::start(name, Duration::ZERO).await
+    }
+
+    /// Echoes after `delay`.
+    pub async fn start(name: &str, delay: Duration) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (s, h, n) = (seen.clone(), hits.clone(), name.to_string());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (s, h, n) = (s.clone(), h.clone(), n.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (s, h, n) = (s.clone(), h.clone(), n.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            let hdr = |k: &str| {
+                                parts
+                                    .headers
+                                    .get(k)
+                                    .map(|v| v.to_str().unwrap_or("?").to_string())
+                            };
+                            let reply = json!({
+                                "upstream": n,
+                                "method": parts.method.as_str(),
+                                "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                                "host": hdr("host"),
+                                "x_request_id": hdr("x-request-id"),
+                                "x_forwarded_for": hdr("x-forwarded-for"),
+                                "version": format!("{:?}", parts.version),
+                                "body": String::from_utf8_lossy(&body),
+                            });
+                            s.lock().unwrap().push(Seen {
+                                path: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default(),
+                                headers: parts.headers,
+                                body,
+                                version: parts.version,
+                            });
+                            let mut resp = Response::new(Full::new(Bytes::from(reply.to_string())));
+                            resp.headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("x-upstream-header", "kept".parse().unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name: name.to_string(),
+            seen,
+            hits,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until this upstream has received `n` requests.
+    pub async fn wait_for_hits(&self, n: usize) {
+        for _ in 0..500 {
+            if self.hits() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("upstream {} never saw {n} requests", self.name);
+    }
+}
+
+/// An address where nothing listens (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// A server that reads the request and closes the connection without answering.
+pub async fn resetting_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+/// Starts Switchyard in-process on free ports with the given YAML config (its `listen`
+/// and `admin_listen` are ignored).
+pub async fn start(yaml: &str) -> switchyard::Running {
+    let config = switchyard::config::from_yaml_str(yaml)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    switchyard::start(config, data, admin).unwrap()
+}
+
+/// An HTTP/1.1 client with a keep-alive pool.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An HTTP/2 (h2c, prior knowledge) client.
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// A complete answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends one request and reads the whole answer.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    let status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// POSTs a small prediction request.
+pub async fn predict(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Reply {
+    send(client, "POST", url, &[], r#"{"instances": [[1.0, 2.0]]}"#).await
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes or answers.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads `/metrics` from the admin listener.
+pub async fn metrics(admin: SocketAddr) -> String {
+    let r = send(
+        &client(),
+        "GET",
+        &format!("http://{admin}/metrics"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+/// The value of one sample line in Prometheus text, e.g.
+/// `switchyard_requests_total{class="2xx",model="m",variant="a"}`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+/// Binomial tolerance used by the split tests: 5 standard deviations. A correct sampler
+/// fails this with probability below 1e-6 for a random seed; with the fixed seed the
+/// test is deterministic.
+pub fn within_5_sigma(count: usize, n: usize, p: f64) -> bool {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (count as f64 - mean).abs() <= 5.0 * sd.max(1.0)
+}
