@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Proxy benchmark: Switchyard against nginx and HAProxy as a hop in front of a model
+# server, in one run, interleaved and repeated.
+#
+#   bench/proxy.sh                 # 3 rounds, 5 s per measurement
+#   ROUNDS=5 SECONDS_EACH=10 RATE=3000 bench/proxy.sh
+#
+# Origin: nginx returning a fixed TF Serving prediction on three ports (one per
+# variant). Targets: direct to the origin; nginx reverse proxy (upstream keepalive);
+# HAProxy (http-reuse always); Switchyard with a 97/2/1 split. The two peers are given
+# the same 97/2/1 weighted split over the same three ports, and every proxy gets one
+# worker thread pinned to CPU 1, while the origin and the load generators share CPU 0.
+#
+# Measured per target: throughput at 32 connections (wrk, closed loop); latency
+# percentiles at a fixed request rate (oha, with coordinated-omission correction); CPU
+# seconds the proxy used per 10k requests; and its resident memory after the run.
+# Needs: nginx, haproxy, wrk (Debian) and oha (cargo install oha). Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+SECONDS_EACH=${SECONDS_EACH:-5}
+RATE=${RATE:-2000}
+CONNS=${CONNS:-32}
+OHA=${OHA:-$(command -v oha || echo /tmp/oha/bin/oha)}
+for tool in nginx haproxy wrk "$OHA"; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light haproxy wrk; cargo install oha" >&2; exit 1; }
+done
+
+cargo build --release --quiet
+BIN=$PWD/target/release/switchyard
+OUT=$PWD/bench/out
+WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
+mkdir -p "$OUT" "$WORK/logs"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+O1=19101 O2=19102 O3=19103       # origin, one port per variant
+P_NGINX=19201 P_HAPROXY=19202 P_SY=19203 P_SY_ADMIN=19204
+PREDICTION='{"predictions": [[0.01, 0.02, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]]}'
+PATH_TF=/v1/models/mnist:predict
+BODY='{"instances": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'
+echo "$BODY" > "$WORK/body.json"
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+
+# --- origin -------------------------------------------------------------------------
+mkdir -p "$WORK/origin"
+cat > "$WORK/origin/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/origin/nginx.pid;
+error_log $WORK/logs/origin.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/origin;
+  server {
+    listen 127.0.0.1:$O1; listen 127.0.0.1:$O2; listen 127.0.0.1:$O3;
+    location / { default_type application/json; return 200 '$PREDICTION'; }
+  }
+}
+CONF
+taskset -c 0 nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off; user root;' &
+PIDS+=($!); ORIGIN_PID=$!
+
+# --- nginx as the proxy -------------------------------------------------------------
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/logs/nginx.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/nginx;
+  proxy_temp_path $WORK/nginx;
+  upstream variants {
+    server 127.0.0.1:$O1 weight=97;
+    server 127.0.0.1:$O2 weight=2;
+    server 127.0.0.1:$O3 weight=1;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://variants;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;' &
+PIDS+=($!); NGINX_PID=$!
+
+# --- HAProxy ------------------------------------------------------------------------
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend variants
+backend variants
+  balance random
+  server a 127.0.0.1:$O1 weight 97
+  server b 127.0.0.1:$O2 weight 2
+  server c 127.0.0.1:$O3 weight 1
+CONF
+taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/logs/haproxy.log" 2>&1 &
+PIDS+=($!); HAPROXY_PID=$!
+
+# --- Switchyard ---------------------------------------------------------------------
+cat > "$WORK/switchyard.yaml" <<CONF
+listen: 127.0.0.1:$P_SY
+admin_listen: 127.0.0.1:$P_SY_ADMIN
+worker_threads: 1
+models:
+  mnist:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:$O1", weight: 97}
+      - {name: b, upstream: "http://127.0.0.1:$O2", weight: 2}
+      - {name: c, upstream: "http://127.0.0.1:$O3", weight: 1}
+CONF
+SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
+PIDS+=($!); SY_PID=$!
+
+sleep 1
+for port in $O1 $P_NGINX $P_HAPROXY $P_SY; do
+  curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port$PATH_TF" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
+done
+
+# CPU ticks (user+system) of a process and its children threads; nginx's master has one
+# worker child, whose ticks we add.
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+rss_kib() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/VmRSS/ {print $2}' "/proc/$p/status")))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+declare -A PID_OF=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [switchyard]=$SY_PID)
+declare -A PORT_OF=([direct]=$O1 [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [switchyard]=$P_SY)
+TARGETS=(direct nginx haproxy switchyard)
+RESULTS=$WORK/results.tsv
+: > "$RESULTS"
+
+for round in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    url="http://127.0.0.1:${PORT_OF[$t]}$PATH_TF"
+    before=$(ticks "${PID_OF[$t]}")
+    rps=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "$url" | awk '/Requests\/sec/ {print $2}')
+    after=$(ticks "${PID_OF[$t]}")
+    reqs=$(awk -v r="$rps" -v s="$SECONDS_EACH" 'BEGIN {print r * s}')
+    cpu10k=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz / n * 10000}')
+    json=$(taskset -c 0 "$OHA" -z "${SECONDS_EACH}s" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json \
+      -m POST -H 'content-type: application/json' -D "$WORK/body.json" "$url")
+    read -r p50 p90 p99 p999 ok <<<"$(python3 -c '
+import json, sys
+d = json.loads(sys.argv[1]); p = d["latencyPercentiles"]
+ms = lambda k: "%.3f" % (p[k] * 1e3)
+print(ms("p50"), ms("p90"), ms("p99"), ms("p99.9"), "%.4f" % d["summary"]["successRate"])' "$json")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$cpu10k" "$p50" "$p90" "$p99" "$p999" "$ok" >> "$RESULTS"
+    echo "round $round  $t: ${rps} req/s, ${cpu10k} CPU-s/10k, p50 ${p50} ms, p99 ${p99} ms (rate $RATE/s, success $ok)" >&2
+  done
+done
+
+STAMP=$(date -u +%Y-%m-%dT%H:%MZ)
+REPORT=$OUT/proxy-$STAMP.md
+python3 - "$RESULTS" "$RATE" "$CONNS" "$ROUNDS" "$SECONDS_EACH" \
+  "$(rss_kib "$NGINX_PID")" "$(rss_kib "$HAPROXY_PID")" "$(rss_kib "$SY_PID")" > "$REPORT" <<'PY'
+import sys, statistics as st
+path, rate, conns, rounds, secs, rss_nginx, rss_haproxy, rss_sy = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(path)]
+targets = ["direct", "nginx", "haproxy", "switchyard"]
+med = lambda t, i: st.median(float(r[i]) for r in rows if r[1] == t)
+rss = {"direct": None, "nginx": rss_nginx, "haproxy": rss_haproxy, "switchyard": rss_sy}
+direct_p50 = med("direct", 4)
+print(f"Medians of {rounds} interleaved rounds, {secs} s per measurement. Throughput: wrk, 1 thread, {conns} connections.")
+print(f"Latency: oha at a fixed {rate} req/s, {conns} connections, coordinated-omission corrected.\n")
+print("| target | req/s at 32 conns | × nginx | CPU s per 10k req | p50 ms | added p50 ms | p90 ms | p99 ms | p99.9 ms | RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for t in targets:
+    r = rss[t]
+    print(f"| {t} | {med(t,2):,.0f} | {med(t,2)/med('nginx',2):.2f} | {med(t,3):.3f} | {med(t,4):.3f} | "
+          f"{med(t,4)-direct_p50:+.3f} | {med(t,5):.3f} | {med(t,6):.3f} | {med(t,7):.3f} | "
+          f"{'-' if r is None else f'{int(r)/1024:.1f}'} |")
+print("\nPer round (req/s): " + "; ".join(
+    f"{t}: " + ", ".join(f"{float(r[2]):,.0f}" for r in rows if r[1] == t) for t in targets))
+PY
+cat "$REPORT"
+echo "report written to $REPORT" >&2
