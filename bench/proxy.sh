@@ -16,6 +16,7 @@
 # seconds the proxy used per 10k requests; and its resident memory after the run.
 # Needs: nginx, haproxy, wrk (Debian) and oha (cargo install oha). Loopback only.
 set -euo pipefail
+ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
@@ -103,7 +104,7 @@ PIDS+=($!); NGINX_PID=$!
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 1s

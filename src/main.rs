@@ -102,11 +102,18 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             }
         }
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker thread: a current-thread runtime does the same work without the
+    // work-stealing scheduler's cross-thread bookkeeping (measured in bench/proxy.sh).
+    let mut runtime = match config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(n) = config.worker_threads {
-        runtime.worker_threads(n);
-    }
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {

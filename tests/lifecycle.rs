@@ -54,7 +54,8 @@ async fn sigterm_drains_and_exits_zero() {
     std::fs::write(
         &config,
         format!(
-            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+            // worker_threads: 1 runs the current-thread runtime, the benchmarked setup.
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nworker_threads: 1\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
             slow.url()
         ),
     )

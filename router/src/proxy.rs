@@ -99,6 +99,8 @@ impl Router {
 
     /// The tower service for one client connection from `peer`.
     pub fn service(self: &Arc<Self>, peer: Option<IpAddr>) -> ProxyService {
+        // Rendered once per connection, not once per request.
+        let peer = peer.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok());
         ProxyService {
             router: self.clone(),
             peer,
@@ -109,7 +111,7 @@ impl Router {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: Option<IpAddr>,
+        peer: Option<&HeaderValue>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
@@ -133,7 +135,7 @@ impl Router {
         &self,
         req: Request<Incoming>,
         request_id: &HeaderValue,
-        peer: Option<IpAddr>,
+        peer: Option<&HeaderValue>,
         started: Instant,
     ) -> Result<Response<ProxyBody>, RouterError> {
         let endpoint = path::parse(req.method(), req.uri().path())?;
@@ -181,7 +183,7 @@ impl Router {
         model_req: &ModelRequest,
         req: Request<Incoming>,
         request_id: &HeaderValue,
-        peer: Option<IpAddr>,
+        peer: Option<&HeaderValue>,
         started: Instant,
     ) -> Response<ProxyBody> {
         let pick = match &model.sticky_header {
@@ -249,7 +251,7 @@ fn upstream_request(
     body_limit: u64,
     req: Request<Incoming>,
     request_id: &HeaderValue,
-    peer: Option<IpAddr>,
+    peer: Option<&HeaderValue>,
 ) -> Result<Request<LimitedBody>, RouterError> {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream.uri(
@@ -280,18 +282,30 @@ fn upstream_request(
     ))
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => {
+            let value = format!("{prior}, {}", ip.to_str().unwrap_or_default());
+            if let Ok(v) = HeaderValue::try_from(value) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+        }
     }
 }
 
 /// Removes hop-by-hop headers, including those the `connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over a handful of headers is cheaper than a
+    // hash lookup per hop-by-hop name.
+    let any = headers
+        .keys()
+        .any(|name| name == header::CONNECTION || name == header::TE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     if let Some(conn) = headers.remove(header::CONNECTION) {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',') {
@@ -323,16 +337,49 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds).
+/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds, µs precision).
+/// Written digit by digit into a stack buffer: float formatting showed up in profiles.
 fn server_timing(started: Instant, routed: Instant, answered: Instant) -> HeaderValue {
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    let text = format!(
-        "routing;dur={:.3}, upstream;dur={:.3}, total;dur={:.3}",
-        ms(routed - started),
-        ms(answered - routed),
-        ms(answered - started)
-    );
-    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("total"))
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    let parts = [
+        ("routing;dur=", routed - started),
+        (", upstream;dur=", answered - routed),
+        (", total;dur=", answered - started),
+    ];
+    for (label, d) in parts {
+        buf[len..len + label.len()].copy_from_slice(label.as_bytes());
+        len += label.len();
+        len += write_millis(
+            &mut buf[len..],
+            d.as_micros().min(u128::from(u64::MAX)) as u64,
+        );
+    }
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("total"))
+}
+
+/// Writes `micros` as milliseconds with three decimals; returns the bytes written.
+fn write_millis(out: &mut [u8], micros: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = micros / 1000;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let int = &digits[i..];
+    out[..int.len()].copy_from_slice(int);
+    let frac = micros % 1000;
+    let at = int.len();
+    out[at] = b'.';
+    out[at + 1] = b'0' + (frac / 100) as u8;
+    out[at + 2] = b'0' + (frac / 10 % 10) as u8;
+    out[at + 3] = b'0' + (frac % 10) as u8;
+    at + 4
 }
 
 fn json(status: StatusCode, body: &str) -> Response<ProxyBody> {
@@ -376,7 +423,8 @@ impl Drop for InFlight<'_> {
 #[derive(Clone, Debug)]
 pub struct ProxyService {
     router: Arc<Router>,
-    peer: Option<IpAddr>,
+    /// The client's address as an `x-forwarded-for` value.
+    peer: Option<HeaderValue>,
 }
 
 impl tower_service::Service<Request<Incoming>> for ProxyService {
@@ -390,7 +438,42 @@ impl tower_service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let router = self.router.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(router.handle(req, peer).await) })
+        let peer = self.peer.clone();
+        Box::pin(async move { Ok(router.handle(req, peer.as_ref()).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_are_written_with_three_decimals() {
+        let mut buf = [0u8; 32];
+        for (micros, text) in [
+            (0, "0.000"),
+            (7, "0.007"),
+            (1_204, "1.204"),
+            (30_000_123, "30000.123"),
+        ] {
+            let n = write_millis(&mut buf, micros);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_end_to_end_ones_stay() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "te: trailers is kept");
     }
 }
