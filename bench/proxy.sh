@@ -177,13 +177,16 @@ for round in $(seq 1 "$ROUNDS"); do
     cpu10k=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz / n * 10000}')
     json=$(taskset -c 0 "$OHA" -z "${SECONDS_EACH}s" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json \
       -m POST -H 'content-type: application/json' -D "$WORK/body.json" "$url")
+    # Unloaded latency: one connection, one request at a time (wrk's own percentiles).
+    c1=$(taskset -c 0 wrk -t1 -c1 -d"${SECONDS_EACH}s" --latency -s "$WORK/post.lua" "$url" \
+      | awk '$1 == "50%" { v = $2; if (v ~ /us$/) { sub(/us$/, "", v); v /= 1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v) } else if (v ~ /s$/) { sub(/s$/, "", v); v *= 1000 }; printf "%.3f", v }')
     read -r p50 p90 p99 p999 ok <<<"$(python3 -c '
 import json, sys
 d = json.loads(sys.argv[1]); p = d["latencyPercentiles"]
 ms = lambda k: "%.3f" % (p[k] * 1e3)
 print(ms("p50"), ms("p90"), ms("p99"), ms("p99.9"), "%.4f" % d["summary"]["successRate"])' "$json")"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$cpu10k" "$p50" "$p90" "$p99" "$p999" "$ok" >> "$RESULTS"
-    echo "round $round  $t: ${rps} req/s, ${cpu10k} CPU-s/10k, p50 ${p50} ms, p99 ${p99} ms (rate $RATE/s, success $ok)" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$cpu10k" "$p50" "$p90" "$p99" "$p999" "$ok" "$c1" >> "$RESULTS"
+    echo "round $round  $t: ${rps} req/s, ${cpu10k} CPU-s/10k, p50 ${p50} ms, p99 ${p99} ms (rate $RATE/s, success $ok), p50 at 1 conn ${c1} ms" >&2
   done
 done
 
@@ -198,14 +201,17 @@ targets = ["direct", "nginx", "haproxy", "switchyard"]
 med = lambda t, i: st.median(float(r[i]) for r in rows if r[1] == t)
 rss = {"direct": None, "nginx": rss_nginx, "haproxy": rss_haproxy, "switchyard": rss_sy}
 direct_p50 = med("direct", 4)
+direct_c1 = med("direct", 9)
 print(f"Medians of {rounds} interleaved rounds, {secs} s per measurement. Throughput: wrk, 1 thread, {conns} connections.")
-print(f"Latency: oha at a fixed {rate} req/s, {conns} connections, coordinated-omission corrected.\n")
-print("| target | req/s at 32 conns | × nginx | CPU s per 10k req | p50 ms | added p50 ms | p90 ms | p99 ms | p99.9 ms | RSS MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print(f"Latency: oha at a fixed {rate} req/s, {conns} connections, coordinated-omission corrected;")
+print("and wrk with 1 connection (one request at a time, unloaded).\n")
+print("| target | req/s at 32 conns | × nginx | CPU s per 10k req | p50 ms | added p50 ms | p90 ms | p99 ms | p99.9 ms | p50 ms at 1 conn | added p50 at 1 conn | RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for t in targets:
     r = rss[t]
     print(f"| {t} | {med(t,2):,.0f} | {med(t,2)/med('nginx',2):.2f} | {med(t,3):.3f} | {med(t,4):.3f} | "
           f"{med(t,4)-direct_p50:+.3f} | {med(t,5):.3f} | {med(t,6):.3f} | {med(t,7):.3f} | "
+          f"{med(t,9):.3f} | {med(t,9)-direct_c1:+.3f} | "
           f"{'-' if r is None else f'{int(r)/1024:.1f}'} |")
 print("\nPer round (req/s): " + "; ".join(
     f"{t}: " + ", ".join(f"{float(r[2]):,.0f}" for r in rows if r[1] == t) for t in targets))
