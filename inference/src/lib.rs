@@ -1,6 +1,23 @@
-//! In-process ONNX inference (tract on CPU, wgpu on GPU) with dynamic batching (issue #3).
+//! In-process inference for Switchyard: the sidecar's own model runtime.
 //!
-//! Not built yet: reserved so the workspace shows the architecture. The router's
-//! `table::Backend` enum is where a local runtime will sit beside remote upstreams.
+//! - [`signature`]: what a model takes and gives (names, shapes with a symbolic batch
+//!   dimension, types).
+//! - [`tract`]: the CPU runtime (tract): one optimised plan per model, shared by threads.
+//! - [`batcher`]: dynamic batching with TF Serving's knobs (`max_batch_size`,
+//!   `batch_timeout_micros`, `num_batch_threads`, `max_enqueued_batches`) on dedicated
+//!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
+//! - [`builtin`]: the bundled digit classifiers, compiled into the binary.
+//! - [`error`]: [`InferenceError`].
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+pub mod batcher;
+pub mod builtin;
+pub mod error;
+pub mod signature;
+pub mod tract;
+
+pub use batcher::{Batcher, BatchingOptions, LocalMetrics};
+pub use error::InferenceError;
+pub use signature::{Dim, Signature, TensorSpec};
+pub use tract::TractModel;

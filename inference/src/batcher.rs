@@ -1,0 +1,374 @@
+//! Dynamic batching with TensorFlow Serving's semantics.
+//!
+//! Requests queue up; a batch thread takes the oldest request and waits until either
+//! `max_batch_size` rows are queued or `batch_timeout_micros` have passed since that
+//! request arrived, then runs everything it took as one batch and hands each request its
+//! rows of the output. `num_batch_threads` threads run batches in parallel. When the rows
+//! waiting exceed `max_enqueued_batches` full batches, new requests are refused at once
+//! (HTTP 503) and counted, so a slow model sheds load instead of growing a queue.
+//!
+//! The batch threads are plain OS threads: inference never runs on the async workers.
+//! The async side only enqueues and awaits a oneshot reply. Dropping the [`Batcher`]
+//! closes the queue; threads finish every request already accepted, then exit.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+use tokio::sync::oneshot;
+
+use crate::error::InferenceError;
+use crate::tract::{Session, TractModel};
+
+/// TF Serving's batching knobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchingOptions {
+    /// Most rows in one batch. A single request with more rows runs as its own batch.
+    pub max_batch_size: usize,
+    /// How long a batch waits for more requests after its first one arrived.
+    pub batch_timeout: Duration,
+    /// Threads running batches in parallel.
+    pub num_batch_threads: usize,
+    /// Full batches allowed to wait; beyond that, requests are refused.
+    pub max_enqueued_batches: usize,
+}
+
+/// Metric families of local models, labelled by model name (bounded: from the config).
+#[derive(Debug, Clone)]
+pub struct LocalMetricFamilies {
+    queue: HistogramVec,
+    compute: HistogramVec,
+    batch: HistogramVec,
+    shed: IntCounterVec,
+}
+
+/// One model's metric handles.
+#[derive(Debug, Clone)]
+pub struct LocalMetrics {
+    queue: Histogram,
+    compute: Histogram,
+    batch: Histogram,
+    shed: IntCounter,
+}
+
+impl LocalMetricFamilies {
+    /// Registers the families on `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let secs = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(vec![
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                    0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]),
+                &["model"],
+            )
+        };
+        let queue = secs(
+            "switchyard_local_queue_seconds",
+            "Time a request waited in a local model's batch queue.",
+        )?;
+        let compute = secs(
+            "switchyard_local_compute_seconds",
+            "Time a local model took to run one batch.",
+        )?;
+        let batch = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_local_batch_size",
+                "Rows per batch run by a local model.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+            &["model"],
+        )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "switchyard_local_shed_total",
+                "Requests refused with 503 because a local model's queue was full.",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(queue.clone()))?;
+        registry.register(Box::new(compute.clone()))?;
+        registry.register(Box::new(batch.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        Ok(LocalMetricFamilies {
+            queue,
+            compute,
+            batch,
+            shed,
+        })
+    }
+
+    /// The handles of `model`.
+    pub fn model(&self, model: &str) -> LocalMetrics {
+        LocalMetrics {
+            queue: self.queue.with_label_values(&[model]),
+            compute: self.compute.with_label_values(&[model]),
+            batch: self.batch.with_label_values(&[model]),
+            shed: self.shed.with_label_values(&[model]),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<f32>, InferenceError>>;
+
+struct Job {
+    input: Vec<f32>,
+    rows: usize,
+    enqueued: Instant,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    rows: usize,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    options: BatchingOptions,
+    model: Arc<TractModel>,
+    metrics: LocalMetrics,
+}
+
+impl Shared {
+    // A poisoned lock means a batch thread panicked mid-update; the queue itself is
+    // still consistent (every update is a few field writes), so keep serving.
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A model behind a batch queue and its threads.
+pub struct Batcher {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts `options.num_batch_threads` threads serving `model`.
+    pub fn start(
+        name: &str,
+        model: Arc<TractModel>,
+        options: BatchingOptions,
+        metrics: LocalMetrics,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            options: options.clone(),
+            model,
+            metrics,
+        });
+        let mut threads = Vec::with_capacity(options.num_batch_threads);
+        for i in 0..options.num_batch_threads.max(1) {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("batch-{name}-{i}"))
+                    .spawn(move || batch_loop(&shared))?,
+            );
+        }
+        Ok(Batcher { shared, threads })
+    }
+
+    /// The model served.
+    pub fn model(&self) -> &TractModel {
+        &self.shared.model
+    }
+
+    /// Queues `rows` rows (laid out contiguously in `input`) and waits for their output
+    /// rows. Refuses at once with [`InferenceError::Overloaded`] when the queue is full.
+    pub async fn infer(&self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
+        self.enqueue(input, rows)?.await
+    }
+
+    /// Rows waiting in the queue now.
+    pub fn queued_rows(&self) -> usize {
+        self.shared.lock().rows
+    }
+
+    /// Queues a request and returns its pending answer, which does not borrow the
+    /// batcher. Refuses at once when the queue is full.
+    pub fn enqueue(&self, input: Vec<f32>, rows: usize) -> Result<Pending, InferenceError> {
+        self.submit(input, rows).map(Pending)
+    }
+
+    fn submit(
+        &self,
+        input: Vec<f32>,
+        rows: usize,
+    ) -> Result<oneshot::Receiver<Result<Vec<f32>, InferenceError>>, InferenceError> {
+        let opts = &self.shared.options;
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut q = self.shared.lock();
+            if q.closed {
+                return Err(InferenceError::Closed);
+            }
+            let capacity = opts.max_enqueued_batches * opts.max_batch_size;
+            // An empty queue always takes a request, however large, so no request is
+            // refused for its size alone.
+            if q.rows > 0 && q.rows + rows > capacity {
+                drop(q);
+                self.shared.metrics.shed.inc();
+                let queued = capacity.div_ceil(opts.max_batch_size.max(1));
+                return Err(InferenceError::Overloaded { queued });
+            }
+            q.rows += rows;
+            q.jobs.push_back(Job {
+                input,
+                rows,
+                enqueued: Instant::now(),
+                reply,
+            });
+        }
+        // Every batch thread re-checks: one may be waiting for this batch to fill up.
+        self.shared.ready.notify_all();
+        Ok(rx)
+    }
+}
+
+/// A queued request's answer.
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<Result<Vec<f32>, InferenceError>>);
+
+impl std::future::Future for Pending {
+    type Output = Result<Vec<f32>, InferenceError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(InferenceError::Closed)))
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn batch_loop(shared: &Shared) {
+    let opts = &shared.options;
+    let mut session = match shared.model.session() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "A batch thread cannot create a run state; it will answer with errors.");
+            None
+        }
+    };
+    loop {
+        let mut q = shared.lock();
+        // Wait for a first request.
+        while q.jobs.is_empty() {
+            if q.closed {
+                return;
+            }
+            q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        // Wait for the batch to fill, or for the first request's timeout.
+        let Some(first) = q.jobs.front().map(|j| j.enqueued) else {
+            continue;
+        };
+        let deadline = first + opts.batch_timeout;
+        while q.rows < opts.max_batch_size && !q.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            q = shared
+                .ready
+                .wait_timeout(q, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            if q.jobs.front().map(|j| j.enqueued) != Some(first) {
+                break; // another thread took that batch
+            }
+        }
+        let mut batch = Vec::new();
+        let mut rows = 0;
+        while let Some(job) = q.jobs.front() {
+            if !batch.is_empty() && rows + job.rows > opts.max_batch_size {
+                break;
+            }
+            rows += job.rows;
+            if let Some(job) = q.jobs.pop_front() {
+                batch.push(job);
+            }
+        }
+        q.rows -= rows;
+        drop(q);
+        if !batch.is_empty() {
+            run_batch(shared, session.as_mut(), batch, rows);
+        }
+    }
+}
+
+fn run_batch(shared: &Shared, session: Option<&mut Session>, batch: Vec<Job>, rows: usize) {
+    let started = Instant::now();
+    for job in &batch {
+        shared
+            .metrics
+            .queue
+            .observe((started - job.enqueued).as_secs_f64());
+    }
+    shared.metrics.batch.observe(rows as f64);
+    let input = if batch.len() == 1 {
+        batch[0].input.clone()
+    } else {
+        let mut all = Vec::with_capacity(batch.iter().map(|j| j.input.len()).sum());
+        for job in &batch {
+            all.extend_from_slice(&job.input);
+        }
+        all
+    };
+    let result = match session {
+        Some(s) => s.run(input, rows),
+        None => shared.model.run(input, rows),
+    };
+    shared
+        .metrics
+        .compute
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(output) => {
+            let per_row = if rows == 0 { 0 } else { output.len() / rows };
+            let mut at = 0;
+            for job in batch {
+                let n = job.rows * per_row;
+                let _ = job.reply.send(Ok(output[at..at + n].to_vec()));
+                at += n;
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for job in batch {
+                let _ = job.reply.send(Err(InferenceError::Run(msg.clone())));
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The CPU runtime: tract, one optimised plan per model with a symbolic batch dimension,
+//! shared by every batch thread; each thread keeps its own [`Session`] (run state) so a
+//! batch costs no plan set-up.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::error::InferenceError;
+use crate::signature::{Dim, Signature, TensorSpec};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A model compiled by tract.
+pub struct TractModel {
+    name: String,
+    plan: Plan,
+    signature: Signature,
+}
+
+impl std::fmt::Debug for TractModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractModel")
+            .field("name", &self.name)
+            .field("signature", &self.signature)
+            .finish()
+    }
+}
+
+impl TractModel {
+    /// Loads and optimises an ONNX model from bytes. `name` is for messages.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self, InferenceError> {
+        let load = |detail: String| InferenceError::Load {
+            model: name.to_string(),
+            detail,
+        };
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| load(format!("{e:#}")))?;
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| load(format!("{e:#}")))?;
+        let signature = signature_of(name, &typed)?;
+        let plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| load(format!("{e:#}")))?;
+        Ok(TractModel {
+            name: name.to_string(),
+            plan,
+            signature,
+        })
+    }
+
+    /// The model's signature.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// Runs `rows` rows laid out contiguously in `input` with a fresh run state; returns
+    /// the output rows, also contiguous. Blocking and CPU-bound: never call it from an
+    /// async worker. Batch threads hold a [`Session`] instead, to reuse their state.
+    pub fn run(&self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
+        self.session()?.run(input, rows)
+    }
+
+    /// A run state for one thread: scratch buffers kept from batch to batch.
+    pub fn session(&self) -> Result<Session, InferenceError> {
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let row_shape = self.signature.input.shape[1..]
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Batch => 1,
+            })
+            .collect();
+        Ok(Session { state, row_shape })
+    }
+}
+
+/// One thread's run state over a shared plan.
+pub struct Session {
+    state: TypedSimpleState,
+    row_shape: Vec<usize>,
+}
+
+impl Session {
+    /// Runs `rows` contiguous rows; returns the contiguous output rows.
+    pub fn run(&mut self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
+        let mut shape = Vec::with_capacity(self.row_shape.len() + 1);
+        shape.push(rows);
+        shape.extend_from_slice(&self.row_shape);
+        let tensor = Tensor::from_shape(&shape, &input)
+            .map_err(|e| InferenceError::BadInput(format!("{e:#}")))?;
+        let outputs = self
+            .state
+            .run(tvec!(tensor.into()))
+            .map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let out = outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| InferenceError::Run("the model produced no output".into()))?;
+        let view = out
+            .to_plain_array_view::<f32>()
+            .map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        Ok(view.iter().copied().collect())
+    }
+}
+
+fn signature_of(name: &str, model: &TypedModel) -> Result<Signature, InferenceError> {
+    let unsupported = |detail: String| InferenceError::Unsupported {
+        model: name.to_string(),
+        detail,
+    };
+    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+        return Err(unsupported(format!(
+            "it has {} inputs and {} outputs; one FP32 input and one FP32 output are served",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let spec = |outlet: OutletId, name: String| -> Result<TensorSpec, InferenceError> {
+        let fact = model
+            .outlet_fact(outlet)
+            .map_err(|e| unsupported(format!("{e:#}")))?;
+        if fact.datum_type != f32::datum_type() {
+            return Err(unsupported(format!(
+                "tensor `{name}` is {:?}; only FP32 is served",
+                fact.datum_type
+            )));
+        }
+        let mut shape = Vec::new();
+        for (i, d) in fact.shape.iter().enumerate() {
+            match (i, d.to_i64()) {
+                (0, Err(_)) => shape.push(Dim::Batch),
+                (0, Ok(_)) => {
+                    return Err(unsupported(format!(
+                        "tensor `{name}` has a fixed first dimension; a symbolic batch dimension is needed"
+                    )))
+                }
+                (_, Ok(n)) if n > 0 => shape.push(Dim::Fixed(n as usize)),
+                _ => {
+                    return Err(unsupported(format!(
+                        "tensor `{name}` has a symbolic dimension other than the batch"
+                    )))
+                }
+            }
+        }
+        if shape.is_empty() {
+            return Err(unsupported(format!("tensor `{name}` is a scalar")));
+        }
+        Ok(TensorSpec {
+            name,
+            shape,
+            datatype: "FP32",
+        })
+    };
+    let input = model.inputs[0];
+    let output = model.outputs[0];
+    let input_name = model.node(input.node).name.clone();
+    let output_name = model
+        .outlet_label(output)
+        .map(str::to_string)
+        .unwrap_or_else(|| model.node(output.node).name.clone());
+    Ok(Signature {
+        input: spec(input, input_name)?,
+        output: spec(output, output_name)?,
+    })
+}

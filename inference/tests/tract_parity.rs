@@ -1,0 +1,255 @@
+//! The CPU runtime against onnxruntime's outputs on the bundled test vectors, and the
+//! batcher's semantics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use serde_json::Value;
+use switchyard_inference::batcher::LocalMetricFamilies;
+use switchyard_inference::{builtin, Batcher, BatchingOptions, Dim, InferenceError, TractModel};
+
+fn vectors() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/digits_test_vectors.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn manifest() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/digits_models.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+/// Runs every test vector through `model` in batches of `batch` rows; checks each output
+/// against onnxruntime's within 1e-4 and the accuracy against the training script's.
+fn check(name: &str, bytes: &[u8], batch: usize) {
+    let v = vectors();
+    let inputs = rows(&v["inputs"]);
+    let expected = rows(&v[name]);
+    let labels: Vec<usize> = v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_u64().unwrap() as usize)
+        .collect();
+    let model = TractModel::from_bytes(name, bytes).unwrap();
+    let mut worst = 0f32;
+    let mut correct = 0;
+    for (chunk_in, (chunk_out, chunk_labels)) in inputs
+        .chunks(batch)
+        .zip(expected.chunks(batch).zip(labels.chunks(batch)))
+    {
+        let flat: Vec<f32> = chunk_in.concat();
+        let out = model.run(flat, chunk_in.len()).unwrap();
+        assert_eq!(out.len(), chunk_in.len() * 10);
+        for (i, want) in chunk_out.iter().enumerate() {
+            let got = &out[i * 10..(i + 1) * 10];
+            for (g, w) in got.iter().zip(want) {
+                worst = worst.max((g - w).abs());
+            }
+            correct += usize::from(argmax(got) == chunk_labels[i]);
+        }
+    }
+    assert!(worst <= 1e-4, "{name}: max |tract - onnxruntime| = {worst}");
+    let accuracy = correct as f64 / labels.len() as f64;
+    let reported = manifest()["models"][name]["test_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (accuracy - reported).abs() < 1e-9,
+        "{name}: accuracy {accuracy} vs script's {reported}"
+    );
+    assert!(labels.len() >= 300);
+}
+
+#[test]
+fn mlp_matches_onnxruntime_batch_1_and_64() {
+    check("mlp", builtin::DIGITS_MLP, 1);
+    check("mlp", builtin::DIGITS_MLP, 64);
+}
+
+#[test]
+fn cnn_matches_onnxruntime_batch_1_and_64() {
+    check("cnn", builtin::DIGITS_CNN, 1);
+    check("cnn", builtin::DIGITS_CNN, 64);
+}
+
+#[test]
+fn signature_is_read_from_the_model() {
+    let m = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let s = m.signature();
+    assert_eq!(s.input.name, "pixels");
+    assert_eq!(s.input.shape, vec![Dim::Batch, Dim::Fixed(64)]);
+    assert_eq!(s.output.name, "probabilities");
+    assert_eq!(s.output.shape, vec![Dim::Batch, Dim::Fixed(10)]);
+    assert_eq!(s.input.datatype, "FP32");
+}
+
+#[test]
+fn garbage_is_a_load_error_not_a_panic() {
+    let err = TractModel::from_bytes("junk", b"not an onnx file").unwrap_err();
+    assert!(matches!(err, InferenceError::Load { .. }), "{err}");
+}
+
+fn batcher(options: BatchingOptions) -> (Batcher, Registry) {
+    let registry = Registry::new();
+    let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
+    let model = Arc::new(TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap());
+    (
+        Batcher::start("mlp", model, options, metrics).unwrap(),
+        registry,
+    )
+}
+
+fn sample(registry: &Registry, family: &str, field: &str) -> f64 {
+    let f = registry
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == family)
+        .unwrap();
+    let h = f.get_metric()[0].get_histogram();
+    match field {
+        "count" => h.get_sample_count() as f64,
+        _ => h.get_sample_sum(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_batched_and_each_gets_its_own_rows() {
+    // A long timeout: the batch runs because it is full, not because time passed.
+    let (b, registry) = batcher(BatchingOptions {
+        max_batch_size: 8,
+        batch_timeout: Duration::from_secs(60),
+        num_batch_threads: 1,
+        max_enqueued_batches: 4,
+    });
+    let b = Arc::new(b);
+    let inputs = rows(&vectors()["inputs"]);
+    let direct = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let mut tasks = Vec::new();
+    for (i, n) in [(0usize, 3usize), (3, 1), (4, 4)] {
+        let (b, input) = (b.clone(), inputs[i..i + n].concat());
+        tasks.push(tokio::spawn(async move { b.infer(input, n).await }));
+    }
+    let mut at = 0;
+    for t in tasks {
+        let got = t.await.unwrap().unwrap();
+        let n = got.len() / 10;
+        let want = direct.run(inputs[at..at + n].concat(), n).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+        at += n;
+    }
+    assert_eq!(
+        sample(&registry, "switchyard_local_batch_size", "count"),
+        1.0,
+        "one batch"
+    );
+    assert_eq!(
+        sample(&registry, "switchyard_local_batch_size", "sum"),
+        8.0,
+        "of 8 rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_runs_when_the_timeout_passes() {
+    let (b, _r) = batcher(BatchingOptions {
+        max_batch_size: 64,
+        batch_timeout: Duration::from_millis(2),
+        num_batch_threads: 2,
+        max_enqueued_batches: 4,
+    });
+    let out = b.infer(vec![0.0; 64], 1).await.unwrap();
+    assert_eq!(out.len(), 10);
+    // A request larger than a whole batch still runs, alone.
+    let out = b.infer(vec![1.0; 64 * 100], 100).await.unwrap();
+    assert_eq!(out.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_sheds_with_overloaded_and_counts_it() {
+    // Capacity: one batch of 8 rows. A 5-row request waits for company (long timeout);
+    // 4 more rows would exceed the capacity and are refused; 3 rows fill the batch.
+    let (b, registry) = batcher(BatchingOptions {
+        max_batch_size: 8,
+        batch_timeout: Duration::from_secs(60),
+        num_batch_threads: 1,
+        max_enqueued_batches: 1,
+    });
+    let b = Arc::new(b);
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.infer(vec![0.0; 64 * 5], 5).await })
+    };
+    wait_until_queued(&b, 5).await;
+    let refused = b.infer(vec![0.0; 64 * 4], 4).await;
+    assert!(
+        matches!(refused, Err(InferenceError::Overloaded { .. })),
+        "{refused:?}"
+    );
+    let fits = b.infer(vec![0.0; 64 * 3], 3).await.unwrap();
+    assert_eq!(fits.len(), 30);
+    assert_eq!(waiting.await.unwrap().unwrap().len(), 50);
+    let shed = registry
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == "switchyard_local_shed_total")
+        .unwrap();
+    assert_eq!(shed.get_metric()[0].get_counter().get_value(), 1.0);
+}
+
+async fn wait_until_queued(b: &Batcher, rows: usize) {
+    for _ in 0..1000 {
+        if b.queued_rows() == rows {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("{rows} rows never queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_batcher_answers_everything_already_queued() {
+    // The batch would wait 60 s for company; closing the queue runs it at once.
+    let (b, _r) = batcher(BatchingOptions {
+        max_batch_size: 64,
+        batch_timeout: Duration::from_secs(60),
+        num_batch_threads: 1,
+        max_enqueued_batches: 4,
+    });
+    let pending = b.enqueue(vec![0.0; 64 * 2], 2).unwrap();
+    wait_until_queued(&b, 2).await;
+    tokio::task::spawn_blocking(move || drop(b)).await.unwrap();
+    assert_eq!(pending.await.unwrap().len(), 20);
+}
