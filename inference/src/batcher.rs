@@ -356,7 +356,7 @@ fn run_batch(shared: &Shared, session: Option<&mut Session>, batch: Vec<Job>, ro
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(output) => {
-            let per_row = if rows == 0 { 0 } else { output.len() / rows };
+            let per_row = output.len().checked_div(rows).unwrap_or(0);
             let mut at = 0;
             for job in batch {
                 let n = job.rows * per_row;

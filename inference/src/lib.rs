@@ -7,7 +7,7 @@
 //!   `batch_timeout_micros`, `num_batch_threads`, `max_enqueued_batches`) on dedicated
 //!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
 //! - [`builtin`]: the bundled digit classifiers, compiled into the binary.
-//! - [`error`]: [`InferenceError`].
+//! - [`error`]: the crate's error type, [`InferenceError`].
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
