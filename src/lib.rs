@@ -49,20 +49,58 @@ impl LoadError {
     }
 }
 
-/// Reads and validates the file at `path`.
+/// Reads and validates the file at `path`, including that every local model file it
+/// names can be read.
 pub fn load_config(path: &Path) -> Result<Config, LoadError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LoadError::Read(format!("cannot read the file: {e}")))?;
-    switchyard_config::from_yaml_str(&text).map_err(LoadError::Invalid)
+    let config = switchyard_config::from_yaml_str(&text).map_err(LoadError::Invalid)?;
+    check_model_files(&config).map_err(LoadError::Invalid)?;
+    Ok(config)
+}
+
+/// Every local model file must exist and be readable; built-ins always are.
+pub fn check_model_files(config: &Config) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for (name, model) in &config.models {
+        for (i, v) in model.variants.iter().enumerate() {
+            let Some(local) = &v.local else { continue };
+            if local.model.starts_with("builtin:") {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(&local.model) {
+                errors.push(switchyard_config::ConfigError {
+                    path: format!("models.{name}.variants[{i}].local.model"),
+                    line: local.model_at.0,
+                    column: local.model_at.1,
+                    message: format!("cannot read model file `{}`: {e}", local.model),
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 /// Why the server could not start.
 #[derive(Debug)]
-pub struct StartError(pub String);
+pub enum StartError {
+    /// The config names something that cannot be used (a model that does not load):
+    /// a configuration error, rendered `line:column: path: message`.
+    Config(switchyard_router::table::BuildError),
+    /// Anything else.
+    Other(String),
+}
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Other(e) => f.write_str(e),
+        }
     }
 }
 
@@ -104,10 +142,15 @@ impl Running {
 /// Starts the data plane on `data` and the admin endpoints on `admin`.
 pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Running, StartError> {
     let registry = Registry::new();
-    let metrics = Metrics::new(&registry).map_err(|e| StartError(format!("metrics: {e}")))?;
-    let router = Router::new(&config, metrics.clone()).map_err(|e| StartError(e.to_string()))?;
-    let data_addr = data.local_addr().map_err(|e| StartError(e.to_string()))?;
-    let admin_addr = admin.local_addr().map_err(|e| StartError(e.to_string()))?;
+    let metrics =
+        Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
+    let router = Router::new(&config, metrics.clone()).map_err(StartError::Config)?;
+    let data_addr = data
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
 
     // The effective config: with port 0 resolved, so what /admin/config says is true.
     let mut effective = config.clone();
@@ -174,5 +217,5 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
 fn serde_json_bytes(config: &Config) -> Result<bytes::Bytes, StartError> {
     serde_json::to_vec_pretty(config)
         .map(bytes::Bytes::from)
-        .map_err(|e| StartError(format!("cannot render the config: {e}")))
+        .map_err(|e| StartError::Other(format!("cannot render the config: {e}")))
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard::{load_config, start, EXIT_BAD_CONFIG};
+use switchyard::{load_config, start, StartError, EXIT_BAD_CONFIG};
+
+/// The first image of scikit-learn's digits (a 0), as the pasteable example request.
+const EXAMPLE_DIGIT: &str = "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]";
 use switchyard_config::Config;
 use switchyard_router::server::Drained;
 use tokio::net::TcpListener;
@@ -35,6 +38,78 @@ enum Command {
         /// The YAML file to check.
         file: PathBuf,
     },
+    /// Serve one ONNX model in-process over TF Serving REST and KServe V2: a standalone
+    /// model server (the upstream in tests, benchmarks and the demo).
+    ModelServer(ModelServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelServerArgs {
+    /// ONNX file, or `builtin:digits_mlp` / `builtin:digits_cnn`.
+    #[arg(long)]
+    model: String,
+    /// Address of the prediction endpoints.
+    #[arg(long, default_value = "127.0.0.1:8501")]
+    listen: String,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    admin_listen: String,
+    /// The model's name in URLs.
+    #[arg(long, default_value = "digits")]
+    name: String,
+    /// Most rows per batch.
+    #[arg(long, default_value_t = 64)]
+    max_batch_size: u64,
+    /// How long a batch waits for more requests after its first, in microseconds.
+    #[arg(long, default_value_t = 0)]
+    batch_timeout_micros: u64,
+    /// Threads running batches (default: one per core).
+    #[arg(long)]
+    num_batch_threads: Option<u64>,
+    /// Full batches allowed to wait before requests get 503.
+    #[arg(long, default_value_t = 100)]
+    max_enqueued_batches: u64,
+    /// Extra latency added to every answer, e.g. `5ms` (experiments).
+    #[arg(long)]
+    delay: Option<String>,
+    /// Share of predictions answered with 500 (experiments), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Threads serving HTTP (default: one per core).
+    #[arg(long)]
+    worker_threads: Option<u64>,
+}
+
+impl ModelServerArgs {
+    /// The equivalent config file, so flags are validated (and explained) like YAML.
+    fn to_yaml(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let mut y = format!(
+            "listen: {}\nadmin_listen: {}\n",
+            q(&self.listen),
+            q(&self.admin_listen)
+        );
+        if let Some(n) = self.worker_threads {
+            y.push_str(&format!("worker_threads: {n}\n"));
+        }
+        y.push_str(&format!(
+            "models:\n  {}:\n    variants:\n      - name: local\n        weight: 1\n        local:\n          model: {}\n          failure_rate: {}\n",
+            q(&self.name),
+            q(&self.model),
+            self.failure_rate
+        ));
+        if let Some(d) = &self.delay {
+            y.push_str(&format!("          delay: {}\n", q(d)));
+        }
+        y.push_str(&format!(
+            "          batching:\n            max_batch_size: {}\n            batch_timeout_micros: {}\n            max_enqueued_batches: {}\n",
+            self.max_batch_size, self.batch_timeout_micros, self.max_enqueued_batches
+        ));
+        if let Some(n) = self.num_batch_threads {
+            y.push_str(&format!("            num_batch_threads: {n}\n"));
+        }
+        y
+    }
 }
 
 fn main() -> ExitCode {
@@ -49,6 +124,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => validate(file),
         Command::Serve { config } => serve(config),
+        Command::ModelServer(args) => model_server(&args),
     }
 }
 
@@ -80,7 +156,26 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
+fn model_server(args: &ModelServerArgs) -> ExitCode {
+    let source = "model-server";
+    let config = match switchyard_config::from_yaml_str(&args.to_yaml()).and_then(|c| {
+        switchyard::check_model_files(&c)?;
+        Ok(c)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{}", e.render(source));
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    run_with_runtime(config, source.to_string())
+}
+
 fn serve(path: Option<PathBuf>) -> ExitCode {
+    let source = path.as_ref().map_or_else(
+        || "<built-in config>".to_string(),
+        |p| p.display().to_string(),
+    );
     let config = match &path {
         Some(path) => match load_config(path) {
             Ok(c) => c,
@@ -102,6 +197,10 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             }
         }
     };
+    run_with_runtime(config, source)
+}
+
+fn run_with_runtime(config: Config, source: String) -> ExitCode {
     // One worker thread: a current-thread runtime does the same work without the
     // work-stealing scheduler's cross-thread bookkeeping (measured in bench/proxy.sh).
     let mut runtime = match config.worker_threads {
@@ -121,10 +220,10 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, source))
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, source: String) -> ExitCode {
     let data = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -148,6 +247,10 @@ async fn run(config: Config) -> ExitCode {
     let example_model = config.models.keys().next().cloned().unwrap_or_default();
     let running = match start(config, data, admin) {
         Ok(r) => r,
+        Err(StartError::Config(e)) => {
+            eprintln!("{source}:{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
         Err(e) => {
             eprintln!("switchyard: {e}");
             return ExitCode::FAILURE;
@@ -164,7 +267,7 @@ async fn run(config: Config) -> ExitCode {
     );
     let _ = writeln!(
         out,
-        "try: curl -s -X POST http://{}/v1/models/{example_model}:predict -d '{{\"instances\": [[1.0, 2.0]]}}' -i",
+        "try: curl -s -X POST http://{}/v1/models/{example_model}:predict -d '{{\"instances\": [{EXAMPLE_DIGIT}]}}'",
         running.data_addr
     );
     let _ = out.flush();

@@ -41,7 +41,7 @@ fn validate_lists_every_error_with_line_and_path_and_exits_64() {
     let f = file.display();
     for expected in [
         format!("{f}:1:9: listen:"),
-        format!("{f}:5:9: models.m.variants[0]: missing required key `upstream`"),
+        format!("{f}:5:9: models.m.variants[0]: give the variant either `upstream` (a model server's URL) or `local` (a model run in-process)"),
         format!("{f}:6:9: models.m.variants[0].upstrem: unknown key `upstrem`; did you mean `upstream`?"),
         format!("{f}:7:17: models.m.variants[0].weight: must be ≥ 0"),
     ] {

@@ -94,6 +94,13 @@ impl<'a> Fields<'a> {
         self.node
     }
 
+    /// Where to point an error about the mapping as a whole: its first key. yaml-rust2
+    /// marks a block mapping's start after its first key, which is not where a reader
+    /// looks.
+    pub fn anchor(&self) -> &'a Node {
+        self.entries.first().map_or(self.node, |(k, _)| k)
+    }
+
     /// The mapping's path.
     pub fn path(&self) -> &str {
         &self.path
@@ -129,10 +136,11 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             Some(node) => f(cx, node, &child(&self.path, key)),
             None => {
-                // Point at the mapping's first key: yaml-rust2 marks a block mapping's
-                // start after its first key, which is not where a reader looks.
-                let at = self.entries.first().map_or(self.node, |(k, _)| k);
-                cx.error(at, &self.path, format!("missing required key `{key}`"));
+                cx.error(
+                    self.anchor(),
+                    &self.path,
+                    format!("missing required key `{key}`"),
+                );
                 None
             }
         }

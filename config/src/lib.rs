@@ -21,7 +21,9 @@ pub mod model;
 pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use model::{Config, Model, UpstreamProtocol, UpstreamUrl, Variant};
+pub use model::{
+    Batching, Config, Local, LocalRuntime, Model, UpstreamProtocol, UpstreamUrl, Variant,
+};
 
 /// Parses and validates a configuration from YAML text.
 ///

@@ -70,6 +70,8 @@ pub struct Model {
 }
 
 /// One variant: a backend that can answer for the model, and its share of traffic.
+/// Exactly one of `upstream` (a remote model server) and `local` (the in-process
+/// runtime) is given.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Variant {
     /// Short name, unique within the model (`a`, `b`, `canary`); reported in the
@@ -77,7 +79,11 @@ pub struct Variant {
     pub name: String,
     /// Base URL of the model server, `http://host:port[/prefix]`; the client's path is
     /// appended to it.
-    pub upstream: UpstreamUrl,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamUrl>,
+    /// The model served in-process instead of by a remote server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<Local>,
     /// Model name on that server, substituted for the client's model name in the path.
     /// Default: the client's model name.
     pub upstream_model: Option<String>,
@@ -95,6 +101,61 @@ pub struct Variant {
     /// Overrides the model's and the top-level `request_timeout` for this variant.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub request_timeout: Option<Duration>,
+}
+
+/// A model served in-process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Local {
+    /// Path of an ONNX file (relative to the working directory), or `builtin:digits_mlp`
+    /// / `builtin:digits_cnn` for the bundled models compiled into the binary.
+    pub model: String,
+    /// `tract` (CPU).
+    pub runtime: LocalRuntime,
+    /// Dynamic batching, with TensorFlow Serving's knobs.
+    pub batching: Batching,
+    /// Extra latency added to every answer, for experiments. Default none.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub delay: Option<Duration>,
+    /// Share of predictions answered with a 500 error instead, for experiments (0–1).
+    /// Default 0.
+    pub failure_rate: f64,
+    /// Where `model` was written, so a missing file can be reported like any other
+    /// config error.
+    #[serde(skip)]
+    pub model_at: (usize, usize),
+}
+
+/// Which in-process runtime runs a local model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalRuntime {
+    /// tract, on the CPU.
+    Tract,
+}
+
+/// TensorFlow Serving's batching parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Batching {
+    /// Most rows in one batch. Default 64.
+    pub max_batch_size: usize,
+    /// How long a batch waits for more requests after its first one, in microseconds.
+    /// Default 0: run at once with whatever is queued (batches still form under load).
+    pub batch_timeout_micros: u64,
+    /// Threads running batches in parallel. Default: one per CPU core.
+    pub num_batch_threads: Option<usize>,
+    /// Full batches allowed to wait before requests are refused with 503. Default 100.
+    pub max_enqueued_batches: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_batch_size: 64,
+            batch_timeout_micros: 0,
+            num_batch_threads: None,
+            max_enqueued_batches: 100,
+        }
+    }
 }
 
 impl Config {
@@ -392,6 +453,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         &[
             "name",
             "upstream",
+            "local",
             "upstream_model",
             "protocol",
             "weight",
@@ -401,12 +463,50 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         ],
     )?;
     let name = f.required(cx, "name", name);
-    let upstream = f.required(cx, "upstream", |cx, n, p| {
+    let upstream = f.optional(cx, "upstream", |cx, n, p| {
         let text = decode::string(cx, n, p)?;
         UpstreamUrl::parse(&text)
             .map_err(|msg| cx.error(n, p, msg))
             .ok()
     });
+    let local = f.optional(cx, "local", decode_local);
+    let mut backend_ok = true;
+    match (f.get("upstream"), f.get("local")) {
+        (None, None) => {
+            cx.error(
+                f.anchor(),
+                path,
+                "give the variant either `upstream` (a model server's URL) or `local` (a model run in-process)",
+            );
+            backend_ok = false;
+        }
+        (Some(_), Some(l)) => {
+            cx.error(
+                l,
+                &child(path, "local"),
+                "a variant has either `upstream` or `local`, not both",
+            );
+            backend_ok = false;
+        }
+        (None, Some(_)) => {
+            for key in [
+                "upstream_model",
+                "protocol",
+                "connect_timeout",
+                "request_timeout",
+            ] {
+                if let Some(n) = f.get(key) {
+                    cx.error(
+                        n,
+                        &child(path, key),
+                        format!("`{key}` applies to `upstream` variants only; this one is `local`"),
+                    );
+                    backend_ok = false;
+                }
+            }
+        }
+        (Some(_), None) => {}
+    }
     let upstream_model = f.optional(cx, "upstream_model", name_field);
     let protocol = f.optional(cx, "protocol", |cx, n, p| {
         decode::one_of(
@@ -423,15 +523,101 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
     let cost_per_1k = f.optional(cx, "cost_per_1k", non_negative);
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    if !backend_ok || (upstream.is_none() && local.is_none()) {
+        return None;
+    }
     Some(Variant {
         name: name?,
-        upstream: upstream?,
+        upstream,
+        local,
         upstream_model,
         protocol: protocol.unwrap_or(UpstreamProtocol::Http1),
         weight: weight?,
         cost_per_1k: cost_per_1k.unwrap_or(0.0),
         connect_timeout,
         request_timeout,
+    })
+}
+
+fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &["model", "runtime", "batching", "delay", "failure_rate"],
+    )?;
+    let model_node = f.get("model");
+    let model = f.required(cx, "model", |cx, n, p| {
+        let m = decode::string(cx, n, p)?;
+        if let Some(b) = m.strip_prefix("builtin:") {
+            if !BUILTIN_MODELS.contains(&b) {
+                cx.error(
+                    n,
+                    p,
+                    format!(
+                        "no built-in model `{b}`; the built-ins are {}",
+                        BUILTIN_MODELS
+                            .iter()
+                            .map(|m| format!("`builtin:{m}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(m)
+    });
+    let runtime = f.optional(cx, "runtime", |cx, n, p| {
+        decode::one_of(cx, n, p, &[("tract", LocalRuntime::Tract)])
+    });
+    let batching = f.optional(cx, "batching", decode_batching);
+    let delay = f.optional(cx, "delay", decode::duration);
+    let failure_rate = f.optional(cx, "failure_rate", |cx, n, p| {
+        let v = decode::f64(cx, n, p)?;
+        if !(0.0..=1.0).contains(&v) {
+            cx.error(n, p, format!("must be between 0 and 1, found {v}"));
+            return None;
+        }
+        Some(v)
+    });
+    Some(Local {
+        model: model?,
+        runtime: runtime.unwrap_or(LocalRuntime::Tract),
+        batching: batching.unwrap_or_default(),
+        delay,
+        failure_rate: failure_rate.unwrap_or(0.0),
+        model_at: model_node.map_or((node.line, node.column), |n| (n.line, n.column)),
+    })
+}
+
+/// The models compiled into the binary, usable as `builtin:NAME`.
+pub const BUILTIN_MODELS: &[&str] = &["digits_mlp", "digits_cnn"];
+
+fn decode_batching(cx: &mut Cx, node: &Node, path: &str) -> Option<Batching> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &[
+            "max_batch_size",
+            "batch_timeout_micros",
+            "num_batch_threads",
+            "max_enqueued_batches",
+        ],
+    )?;
+    let d = Batching::default();
+    Some(Batching {
+        max_batch_size: f
+            .optional(cx, "max_batch_size", positive_usize)
+            .unwrap_or(d.max_batch_size),
+        batch_timeout_micros: f
+            .optional(cx, "batch_timeout_micros", decode::u64)
+            .unwrap_or(d.batch_timeout_micros),
+        num_batch_threads: f.optional(cx, "num_batch_threads", positive_usize),
+        max_enqueued_batches: f
+            .optional(cx, "max_enqueued_batches", positive_usize)
+            .unwrap_or(d.max_enqueued_batches),
     })
 }
 

@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use tokio::sync::oneshot;
 
@@ -44,6 +45,7 @@ pub struct LocalMetricFamilies {
     compute: HistogramVec,
     batch: HistogramVec,
     shed: IntCounterVec,
+    queued: IntGaugeVec,
 }
 
 /// One model's metric handles.
@@ -53,6 +55,7 @@ pub struct LocalMetrics {
     compute: Histogram,
     batch: Histogram,
     shed: IntCounter,
+    queued: IntGauge,
 }
 
 impl LocalMetricFamilies {
@@ -92,6 +95,14 @@ impl LocalMetricFamilies {
             ),
             &["model"],
         )?;
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_local_queued_rows",
+                "Rows waiting in a local model's batch queue now.",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(queued.clone()))?;
         registry.register(Box::new(queue.clone()))?;
         registry.register(Box::new(compute.clone()))?;
         registry.register(Box::new(batch.clone()))?;
@@ -101,6 +112,7 @@ impl LocalMetricFamilies {
             compute,
             batch,
             shed,
+            queued,
         })
     }
 
@@ -111,6 +123,7 @@ impl LocalMetricFamilies {
             compute: self.compute.with_label_values(&[model]),
             batch: self.batch.with_label_values(&[model]),
             shed: self.shed.with_label_values(&[model]),
+            queued: self.queued.with_label_values(&[model]),
         }
     }
 }
@@ -232,6 +245,7 @@ impl Batcher {
                 return Err(InferenceError::Overloaded { queued });
             }
             q.rows += rows;
+            self.shared.metrics.queued.set(q.rows as i64);
             q.jobs.push_back(Job {
                 input,
                 rows,
@@ -321,6 +335,7 @@ fn batch_loop(shared: &Shared) {
             }
         }
         q.rows -= rows;
+        shared.metrics.queued.set(q.rows as i64);
         drop(q);
         if !batch.is_empty() {
             run_batch(shared, session.as_mut(), batch, rows);

@@ -83,6 +83,15 @@ pub enum RouterError {
         /// The underlying error, for the message.
         detail: String,
     },
+    /// The request's tensors do not fit the model (local variants).
+    #[error("{0}")]
+    BadInput(String),
+    /// A local model's queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A local model failed.
+    #[error("{0}")]
+    Inference(String),
     /// The server is shutting down.
     #[error("shutting down")]
     Draining,
@@ -93,7 +102,11 @@ impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
             RouterError::NoRoute(_) | RouterError::UnknownModel(_) => StatusCode::NOT_FOUND,
-            RouterError::BadPath(_) | RouterError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            RouterError::BadPath(_) | RouterError::ClientBody(_) | RouterError::BadInput(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            RouterError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::Upstream {
@@ -124,6 +137,9 @@ impl RouterError {
             RouterError::BodyTooLarge { .. } => "body_too_large",
             RouterError::ClientBody(_) => "client_body",
             RouterError::Upstream { .. } => "upstream",
+            RouterError::BadInput(_) => "bad_input",
+            RouterError::Overloaded(_) => "overloaded",
+            RouterError::Inference(_) => "inference",
             RouterError::Draining => "draining",
         }
     }

@@ -10,6 +10,7 @@
 //! - [`selector`]: weighted and sticky variant choice over an atomically replaceable
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
+//! - [`local`]: variants answered in-process (the protocol codec over a batched model).
 //! - [`body`]: the streamed, size-limited request body and the response body type.
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod body;
 pub mod error;
 pub mod ids;
+pub mod local;
 pub mod metrics;
 pub mod path;
 pub mod proxy;

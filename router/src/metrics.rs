@@ -33,6 +33,8 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// Requests being handled now (until their response head is sent).
     pub in_flight: IntGauge,
+    /// Queue, compute, batch-size and shed metrics of local models.
+    pub local: switchyard_inference::batcher::LocalMetricFamilies,
 }
 
 /// Handles for one (model, variant) pair.
@@ -122,7 +124,9 @@ impl Metrics {
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        let local = switchyard_inference::batcher::LocalMetricFamilies::new(registry)?;
         Ok(Metrics {
+            local,
             requests,
             duration,
             upstream_errors,

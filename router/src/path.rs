@@ -56,7 +56,9 @@ pub enum Verb {
     Classify,
     /// TF Serving `:regress`.
     Regress,
-    /// Model status or metadata (GET).
+    /// TF Serving model status (GET `/v1/models/{m}[/versions/{v}]`).
+    Status,
+    /// Model metadata (GET TF `.../metadata`, V2 `/v2/models/{m}`).
     Metadata,
     /// V2 model readiness (GET).
     Ready,
@@ -162,7 +164,8 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     let verb = match (verb, metadata) {
         (Some(_), true) => return Err(bad(path, "`/metadata` takes no `:method`")),
         (Some(v), false) => v,
-        (None, _) => Verb::Metadata,
+        (None, true) => Verb::Metadata,
+        (None, false) => Verb::Status,
     };
     let req = ModelRequest {
         protocol: Protocol::TfServing,
@@ -237,13 +240,13 @@ mod tests {
         );
         assert_eq!(
             model("/v1/models/m.v2", Method::GET),
-            (Metadata, Protocol::TfServing, "m.v2")
+            (Status, Protocol::TfServing, "m.v2")
         );
         assert_eq!(
             model("/v1/models/m/versions/3/metadata", Method::GET).0,
             Metadata
         );
-        assert_eq!(model("/v1/models/m/labels/x", Method::GET).0, Metadata);
+        assert_eq!(model("/v1/models/m/labels/x", Method::GET).0, Status);
     }
 
     #[test]

@@ -209,19 +209,31 @@ impl Router {
                     Ok(up_req) => upstream
                         .send(up_req)
                         .await
-                        .map_err(|e| e.into_router_error(&variant.name)),
+                        .map_err(|e| e.into_router_error(&variant.name))
+                        .map(|resp| {
+                            let (mut parts, body) = resp.into_parts();
+                            strip_hop_by_hop(&mut parts.headers);
+                            parts.version = Version::HTTP_11;
+                            Response::from_parts(parts, Either::Left(body))
+                        }),
                     Err(e) => Err(e),
                 }
+            }
+            Backend::Local(local) => {
+                local
+                    .handle(
+                        &model.name,
+                        model_req.protocol,
+                        model_req.verb,
+                        req.into_body(),
+                        model.body_limit,
+                    )
+                    .await
             }
         };
         let answered = Instant::now();
         let mut resp = match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.version = Version::HTTP_11;
-                Response::from_parts(parts, Either::Left(body))
-            }
+            Ok(resp) => resp,
             Err(err) => {
                 if let RouterError::Upstream { kind, .. } = &err {
                     variant.metrics.upstream_error(*kind);

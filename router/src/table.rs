@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 use switchyard_config::Config;
 
+use crate::local::LocalBackend;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::selector::{stable_hash, Selector, WeightError, WeightTable};
 use crate::upstream::Upstream;
@@ -48,22 +49,30 @@ pub struct VariantRoute {
     pub metrics: VariantMetrics,
 }
 
-/// What answers for a variant. Remote model servers today; the in-process runtime
-/// (issue #3) will be a second case here, chosen by the same selector.
+/// What answers for a variant: a remote model server, or a model run in-process. Both
+/// are chosen by the same selector, so the bandit can weigh them against each other.
+// One per variant, built once per config: the padding is a few hundred bytes in total,
+// while boxing `Upstream` would add a pointer chase to every forwarded request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Backend {
     /// A model server reached over HTTP.
     Remote(Upstream),
+    /// A model run in-process behind a batch queue.
+    Local(LocalBackend),
 }
 
-/// Why a table could not be built from a (validated) config.
+/// Why a table could not be built from a (validated) config: a model file that cannot
+/// be loaded, say. Carries the YAML path and position so it reads like a config error.
 #[derive(Debug, thiserror::Error)]
-#[error("model `{model}`, variant `{variant}`: {message}")]
+#[error("{line}:{column}: {path}: {message}")]
 pub struct BuildError {
-    /// The model.
-    pub model: String,
-    /// The variant.
-    pub variant: String,
+    /// YAML path of the offending value.
+    pub path: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
     /// What went wrong.
     pub message: String,
 }
@@ -74,39 +83,50 @@ impl RouteTable {
     pub fn build(config: &Config, metrics: &Metrics, seed: u64) -> Result<Self, BuildError> {
         let mut models = HashMap::with_capacity(config.models.len());
         for (name, model) in &config.models {
-            let err = |variant: &str, message: String| BuildError {
-                model: name.clone(),
-                variant: variant.to_string(),
+            let err = |message: String| BuildError {
+                path: format!("models.{name}"),
+                line: 0,
+                column: 0,
                 message,
             };
             let mut variants = Vec::with_capacity(model.variants.len());
-            for v in &model.variants {
-                let upstream = Upstream::new(
-                    &v.upstream,
-                    v.protocol,
-                    v.connect_timeout.unwrap_or(config.connect_timeout),
-                    v.request_timeout
-                        .or(model.request_timeout)
-                        .unwrap_or(config.request_timeout),
-                )
-                .map_err(|m| err(&v.name, m))?;
+            for (i, v) in model.variants.iter().enumerate() {
+                let backend = match (&v.upstream, &v.local) {
+                    (Some(url), _) => Backend::Remote(
+                        Upstream::new(
+                            url,
+                            v.protocol,
+                            v.connect_timeout.unwrap_or(config.connect_timeout),
+                            v.request_timeout
+                                .or(model.request_timeout)
+                                .unwrap_or(config.request_timeout),
+                        )
+                        .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
+                    ),
+                    (None, Some(local)) => Backend::Local(load_local(
+                        name,
+                        &format!("models.{name}.variants[{i}].local.model"),
+                        local,
+                        metrics,
+                    )?),
+                    (None, None) => {
+                        return Err(err(format!("variant `{}` has no backend", v.name)))
+                    }
+                };
                 variants.push(VariantRoute {
                     name: v.name.clone(),
-                    name_header: HeaderValue::from_str(&v.name)
-                        .map_err(|e| err(&v.name, e.to_string()))?,
+                    name_header: HeaderValue::from_str(&v.name).map_err(|e| err(e.to_string()))?,
                     upstream_model: v.upstream_model.clone().unwrap_or_else(|| name.clone()),
-                    backend: Backend::Remote(upstream),
+                    backend,
                     metrics: metrics.variant(name, &v.name),
                 });
             }
             let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
-            let table = WeightTable::new(&weights).map_err(|e| err("*", e.to_string()))?;
+            let table = WeightTable::new(&weights).map_err(|e| err(e.to_string()))?;
             let names: Vec<&str> = model.variants.iter().map(|v| v.name.as_str()).collect();
             let selector = Selector::new(&names, table, seed ^ stable_hash(name.as_bytes()));
             let sticky_header = match &model.sticky_header {
-                Some(h) => {
-                    Some(HeaderName::try_from(h.as_str()).map_err(|e| err("*", e.to_string()))?)
-                }
+                Some(h) => Some(HeaderName::try_from(h.as_str()).map_err(|e| err(e.to_string()))?),
                 None => None,
             };
             let route = ModelRoute {
@@ -148,4 +168,52 @@ impl ModelRoute {
             v.metrics.weight.set(*w);
         }
     }
+}
+
+/// Loads a local model (file or built-in) and starts its batch threads.
+fn load_local(
+    model: &str,
+    path: &str,
+    local: &switchyard_config::Local,
+    metrics: &Metrics,
+) -> Result<LocalBackend, BuildError> {
+    let err = |message: String| BuildError {
+        path: path.to_string(),
+        line: local.model_at.0,
+        column: local.model_at.1,
+        message,
+    };
+    let bytes: std::borrow::Cow<'static, [u8]> = match local.model.strip_prefix("builtin:") {
+        Some(b) => switchyard_inference::builtin::get(b)
+            .ok_or_else(|| err(format!("no built-in model `{b}`")))?
+            .into(),
+        None => std::fs::read(&local.model)
+            .map_err(|e| err(format!("cannot read model file `{}`: {e}", local.model)))?
+            .into(),
+    };
+    let tract = switchyard_inference::TractModel::from_bytes(&local.model, &bytes)
+        .map_err(|e| err(e.to_string()))?;
+    let b = &local.batching;
+    let threads = b.num_batch_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let options = switchyard_inference::BatchingOptions {
+        max_batch_size: b.max_batch_size,
+        batch_timeout: std::time::Duration::from_micros(b.batch_timeout_micros),
+        num_batch_threads: threads,
+        max_enqueued_batches: b.max_enqueued_batches,
+    };
+    let batcher = switchyard_inference::Batcher::start(
+        model,
+        Arc::new(tract),
+        options,
+        metrics.local.model(model),
+    )
+    .map_err(|e| err(format!("cannot start batch threads: {e}")))?;
+    tracing::info!(%model, file = %local.model, threads, "Local model loaded (tract).");
+    Ok(LocalBackend {
+        batcher,
+        delay: local.delay,
+        failure_rate: local.failure_rate,
+    })
 }

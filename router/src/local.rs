@@ -1,0 +1,389 @@
+//! Phase 6, *forward*, for local variants: the request is answered in-process by a
+//! model behind a batch queue (`switchyard_inference`). This module is the protocol
+//! codec: TF Serving and V2 JSON in, tensors validated against the model's signature,
+//! JSON out; plus model status, metadata and readiness answered from the signature.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use switchyard_inference::{Batcher, InferenceError, Signature};
+
+use crate::body::ProxyBody;
+use crate::error::RouterError;
+use crate::path::{Protocol, Verb};
+
+/// The version we report for local models (they have one version: the file loaded).
+const VERSION: &str = "1";
+
+/// A model served in-process.
+#[derive(Debug)]
+pub struct LocalBackend {
+    /// The model behind its batch queue.
+    pub batcher: Batcher,
+    /// Extra latency before answering (experiments).
+    pub delay: Option<Duration>,
+    /// Share of predictions answered with 500 (experiments).
+    pub failure_rate: f64,
+}
+
+impl LocalBackend {
+    /// Answers one request for `model` (the client's name for it).
+    pub async fn handle(
+        &self,
+        model: &str,
+        protocol: Protocol,
+        verb: Verb,
+        body: Incoming,
+        body_limit: u64,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let sig = self.batcher.model().signature();
+        let answer: Bytes = match (protocol, verb) {
+            (_, Verb::Ready) => json!({ "name": model, "ready": true }).to_string().into(),
+            (Protocol::TfServing, Verb::Status) => json!({
+                "model_version_status": [{
+                    "version": VERSION,
+                    "state": "AVAILABLE",
+                    "status": { "error_code": "OK", "error_message": "" }
+                }]
+            })
+            .to_string()
+            .into(),
+            (Protocol::TfServing, Verb::Metadata) => tf_metadata(model, sig).to_string().into(),
+            (Protocol::V2, Verb::Metadata | Verb::Status) => {
+                v2_metadata(model, sig).to_string().into()
+            }
+            (_, Verb::Classify | Verb::Regress) => {
+                return Err(RouterError::BadInput(format!(
+                    "model `{model}` is served in-process and answers :predict only"
+                )))
+            }
+            (_, Verb::Predict) => {
+                let bytes = read_body(body, body_limit).await?;
+                if self.failure_rate > 0.0 && fail_now(self.failure_rate) {
+                    return Err(RouterError::Inference(
+                        "injected failure (local.failure_rate)".into(),
+                    ));
+                }
+                let request: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    RouterError::BadInput(format!("the request body is not valid JSON: {e}"))
+                })?;
+                let (input, rows, shape) = match protocol {
+                    Protocol::TfServing => tf_input(model, sig, &request)?,
+                    Protocol::V2 => v2_input(model, sig, &request)?,
+                };
+                let output = self.batcher.infer(input, rows).await.map_err(|e| match e {
+                    InferenceError::BadInput(m) => RouterError::BadInput(m),
+                    InferenceError::Overloaded { .. } | InferenceError::Closed => {
+                        RouterError::Overloaded(e.to_string())
+                    }
+                    other => RouterError::Inference(other.to_string()),
+                })?;
+                match protocol {
+                    Protocol::TfServing => tf_output(&output, rows, shape),
+                    Protocol::V2 => v2_output(model, sig, &output, rows, &request),
+                }
+            }
+        };
+        if let Some(d) = self.delay {
+            tokio::time::sleep(d).await;
+        }
+        Ok(json_response(answer))
+    }
+}
+
+async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, RouterError> {
+    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(RouterError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(RouterError::ClientBody(e.to_string())),
+    }
+}
+
+fn fail_now(rate: f64) -> bool {
+    let id = crate::ids::new_request_id();
+    let hash = crate::selector::stable_hash(id.as_bytes());
+    ((hash >> 11) as f64 / (1u64 << 53) as f64) < rate
+}
+
+/// Which TF Serving request format was used: it decides the answer's key.
+#[derive(Clone, Copy)]
+enum TfFormat {
+    Row,
+    Columnar,
+}
+
+fn tf_input(
+    model: &str,
+    sig: &Signature,
+    req: &Value,
+) -> Result<(Vec<f32>, usize, TfFormat), RouterError> {
+    let obj = req.as_object().ok_or_else(|| {
+        RouterError::BadInput(
+            "the request must be a JSON object with `instances` or `inputs`".into(),
+        )
+    })?;
+    let input_name = &sig.input.name;
+    let (value, format, what) = match (obj.get("instances"), obj.get("inputs")) {
+        (Some(_), Some(_)) => {
+            return Err(RouterError::BadInput(
+                "give either `instances` (row format) or `inputs` (columnar format), not both"
+                    .into(),
+            ))
+        }
+        (Some(v), None) => (v, TfFormat::Row, "instances"),
+        (None, Some(v)) => (v, TfFormat::Columnar, "inputs"),
+        (None, None) => {
+            return Err(RouterError::BadInput(
+                "the request has neither `instances` nor `inputs`".into(),
+            ))
+        }
+    };
+    // Named inputs: `{"pixels": [...]}` per instance (row) or for the whole batch (columnar).
+    let unwrap_named = |v: &'_ Value, at: &str| -> Result<Value, RouterError> {
+        match v {
+            Value::Object(m) => {
+                if let Some(k) = m.keys().find(|k| *k != input_name) {
+                    return Err(RouterError::BadInput(format!(
+                        "{at} names input `{k}`; model `{model}` takes one input, `{input_name}`"
+                    )));
+                }
+                m.get(input_name).cloned().ok_or_else(|| {
+                    RouterError::BadInput(format!("{at} lacks input `{input_name}`"))
+                })
+            }
+            other => Ok(other.clone()),
+        }
+    };
+    let rows: Vec<Value> = match format {
+        TfFormat::Row => {
+            let list = value.as_array().ok_or_else(|| {
+                RouterError::BadInput("`instances` must be a list, one entry per example".into())
+            })?;
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| unwrap_named(r, &format!("instances[{i}]")))
+                .collect::<Result<_, _>>()?
+        }
+        TfFormat::Columnar => match unwrap_named(value, "inputs")? {
+            Value::Array(list) => list,
+            _ => {
+                return Err(RouterError::BadInput(
+                    "`inputs` must be a list of examples (a tensor with a batch dimension)".into(),
+                ))
+            }
+        },
+    };
+    if rows.is_empty() {
+        return Err(RouterError::BadInput(format!("`{what}` is empty")));
+    }
+    let row_len = sig.input.row_len();
+    let mut data = Vec::with_capacity(rows.len() * row_len);
+    for (i, row) in rows.iter().enumerate() {
+        let before = data.len();
+        flatten_numbers(row, &mut data)
+            .map_err(|m| RouterError::BadInput(format!("{what}[{i}]: {m}")))?;
+        let got = data.len() - before;
+        if got != row_len {
+            return Err(RouterError::BadInput(format!(
+                "{what}[{i}] has {got} values; model `{model}` takes {row_len} per example (input `{input_name}`, shape {:?})",
+                sig.input.shape_i64()
+            )));
+        }
+    }
+    Ok((data, rows.len(), format))
+}
+
+/// Appends every number in a (possibly nested) JSON array to `out`.
+fn flatten_numbers(v: &Value, out: &mut Vec<f32>) -> Result<(), String> {
+    match v {
+        Value::Number(n) => {
+            let x = n
+                .as_f64()
+                .ok_or_else(|| format!("`{n}` is not a number we can read"))?;
+            out.push(x as f32);
+            Ok(())
+        }
+        Value::Array(items) => items.iter().try_for_each(|i| flatten_numbers(i, out)),
+        other => Err(format!("expected numbers, found {}", kind(other))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Output rows serialised straight from the `f32` slices, so numbers print in f32's
+/// shortest round-trip form (`0.9999951`, not the f64 widening `0.9999951124191284`).
+#[derive(serde::Serialize)]
+struct TfAnswer<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predictions: Option<Vec<&'a [f32]>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<Vec<&'a [f32]>>,
+}
+
+fn tf_output(output: &[f32], rows: usize, format: TfFormat) -> Bytes {
+    let per = output.len().checked_div(rows).unwrap_or(0).max(1);
+    let rows: Vec<&[f32]> = output.chunks(per).collect();
+    let answer = match format {
+        TfFormat::Row => TfAnswer {
+            predictions: Some(rows),
+            outputs: None,
+        },
+        TfFormat::Columnar => TfAnswer {
+            predictions: None,
+            outputs: Some(rows),
+        },
+    };
+    Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+fn v2_input(
+    model: &str,
+    sig: &Signature,
+    req: &Value,
+) -> Result<(Vec<f32>, usize, TfFormat), RouterError> {
+    let bad = |m: String| RouterError::BadInput(m);
+    let inputs = req
+        .get("inputs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("the request needs `inputs`, a list of tensors".into()))?;
+    let want = &sig.input.name;
+    if inputs.len() != 1 {
+        return Err(bad(format!(
+            "model `{model}` takes exactly one input tensor, `{want}`; got {}",
+            inputs.len()
+        )));
+    }
+    let t = &inputs[0];
+    let name = t.get("name").and_then(Value::as_str).unwrap_or("");
+    if name != want {
+        return Err(bad(format!(
+            "unknown input `{name}`; model `{model}` takes `{want}`"
+        )));
+    }
+    let datatype = t.get("datatype").and_then(Value::as_str).unwrap_or("");
+    const NUMERIC: &[&str] = &[
+        "FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+        "UINT64",
+    ];
+    if !NUMERIC.contains(&datatype) {
+        return Err(bad(format!(
+            "input `{want}` has datatype `{datatype}`; model `{model}` takes FP32 (numeric datatypes are converted)"
+        )));
+    }
+    let shape: Vec<i64> = t
+        .get("shape")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().map(|d| d.as_i64().unwrap_or(-2)).collect())
+        .ok_or_else(|| bad(format!("input `{want}` needs a `shape`")))?;
+    let expected = sig.input.shape_i64();
+    let fits = shape.len() == expected.len()
+        && shape[0] >= 1
+        && shape[1..].iter().zip(&expected[1..]).all(|(a, b)| a == b);
+    if !fits {
+        return Err(bad(format!(
+            "input `{want}` has shape {shape:?}; model `{model}` takes {expected:?} (-1: any batch size ≥ 1)"
+        )));
+    }
+    let rows = shape[0] as usize;
+    let mut data = Vec::with_capacity(rows * sig.input.row_len());
+    flatten_numbers(t.get("data").unwrap_or(&Value::Null), &mut data)
+        .map_err(|m| bad(format!("input `{want}` data: {m}")))?;
+    if data.len() != rows * sig.input.row_len() {
+        return Err(bad(format!(
+            "input `{want}` has {} values; shape {shape:?} needs {}",
+            data.len(),
+            rows * sig.input.row_len()
+        )));
+    }
+    Ok((data, rows, TfFormat::Columnar))
+}
+
+#[derive(serde::Serialize)]
+struct V2Answer<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+    outputs: [V2Tensor<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct V2Tensor<'a> {
+    name: &'a str,
+    datatype: &'a str,
+    shape: Vec<i64>,
+    data: &'a [f32],
+}
+
+fn v2_output(model: &str, sig: &Signature, output: &[f32], rows: usize, req: &Value) -> Bytes {
+    let mut shape = sig.output.shape_i64();
+    shape[0] = rows as i64;
+    let answer = V2Answer {
+        model_name: model,
+        model_version: VERSION,
+        id: req.get("id"),
+        outputs: [V2Tensor {
+            name: &sig.output.name,
+            datatype: sig.output.datatype,
+            shape,
+            data: output,
+        }],
+    };
+    Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+fn v2_metadata(model: &str, sig: &Signature) -> Value {
+    let t = |s: &switchyard_inference::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape_i64() });
+    json!({
+        "name": model,
+        "versions": [VERSION],
+        "platform": "onnx_tract",
+        "inputs": [t(&sig.input)],
+        "outputs": [t(&sig.output)],
+    })
+}
+
+fn tf_metadata(model: &str, sig: &Signature) -> Value {
+    let t = |s: &switchyard_inference::TensorSpec| {
+        json!({
+            "dtype": "DT_FLOAT",
+            "tensor_shape": { "dim": s.shape_i64().iter().map(|d| json!({ "size": d.to_string() })).collect::<Vec<_>>() },
+            "name": s.name,
+        })
+    };
+    json!({
+        "model_spec": { "name": model, "signature_name": "", "version": VERSION },
+        "metadata": { "signature_def": { "signature_def": { "serving_default": {
+            "inputs": { sig.input.name.clone(): t(&sig.input) },
+            "outputs": { sig.output.name.clone(): t(&sig.output) },
+            "method_name": "tensorflow/serving/predict",
+        }}}}
+    })
+}
+
+fn json_response(body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(body)));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

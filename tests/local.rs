@@ -1,0 +1,439 @@
+//! Local variants over real sockets: the bundled models answer TF Serving and V2
+//! requests in-process, match onnxruntime, validate shapes, and shed load with 503.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+fn vectors() -> Value {
+    serde_json::from_str(&std::fs::read_to_string("models/digits_test_vectors.json").unwrap())
+        .unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<f32>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
+            other => panic!("not a number: {other}"),
+        }
+    }
+    walk(v, &mut out);
+    out
+}
+
+fn close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "max diff {worst}");
+}
+
+async fn app(model: &str, batching: &str) -> switchyard::Running {
+    start(&format!(
+        "models:\n  digits:\n    variants:\n      - name: cpu\n        weight: 1\n        local:\n          model: {model}\n          batching: {batching}\n"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_models_match_onnxruntime_through_both_protocols() {
+    let v = vectors();
+    let inputs = v["inputs"].as_array().unwrap();
+    for (model, key) in [("builtin:digits_mlp", "mlp"), ("builtin:digits_cnn", "cnn")] {
+        let app = app(model, "{max_batch_size: 16}").await;
+        let c = client();
+        let base = format!("http://{}", app.data_addr);
+        let want = v[key].as_array().unwrap();
+        // TF Serving row format, 16 examples at once.
+        let body = json!({ "instances": inputs[..16] }).to_string();
+        let r = send(
+            &c,
+            "POST",
+            &format!("{base}/v1/models/digits:predict"),
+            &[],
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-switchyard-variant"), Some("cpu"));
+        close(
+            &floats(&r.json()["predictions"]),
+            &floats(&Value::Array(want[..16].to_vec())),
+        );
+        // TF columnar format with a named input.
+        let body = json!({ "inputs": { "pixels": inputs[16..20] } }).to_string();
+        let r = send(
+            &c,
+            "POST",
+            &format!("{base}/v1/models/digits:predict"),
+            &[],
+            &body,
+        )
+        .await;
+        close(
+            &floats(&r.json()["outputs"]),
+            &floats(&Value::Array(want[16..20].to_vec())),
+        );
+        // Row format with named inputs per instance.
+        let body = json!({ "instances": [{ "pixels": inputs[20] }] }).to_string();
+        let r = send(
+            &c,
+            "POST",
+            &format!("{base}/v1/models/digits:predict"),
+            &[],
+            &body,
+        )
+        .await;
+        close(&floats(&r.json()["predictions"]), &floats(&want[20]));
+        // V2, flat data, echoing the request id.
+        let flat: Vec<f32> = inputs[21..24].iter().flat_map(floats).collect();
+        let body = json!({ "id": "abc", "inputs": [{ "name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": flat }] }).to_string();
+        let r = send(
+            &c,
+            "POST",
+            &format!("{base}/v2/models/digits/infer"),
+            &[],
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let out = &r.json()["outputs"][0];
+        assert_eq!(out["name"], "probabilities");
+        assert_eq!(out["shape"], json!([3, 10]));
+        assert_eq!(r.json()["id"], "abc");
+        close(
+            &floats(&out["data"]),
+            &floats(&Value::Array(want[21..24].to_vec())),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_status_and_readiness_come_from_the_signature() {
+    let app = app("builtin:digits_mlp", "{}").await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+    let m = send(&c, "GET", &format!("{base}/v2/models/digits"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        m["inputs"][0],
+        json!({ "name": "pixels", "datatype": "FP32", "shape": [-1, 64] })
+    );
+    assert_eq!(
+        m["outputs"][0],
+        json!({ "name": "probabilities", "datatype": "FP32", "shape": [-1, 10] })
+    );
+    let r = send(
+        &c,
+        "GET",
+        &format!("{base}/v2/models/digits/ready"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!((r.status, r.json()["ready"].clone()), (200, json!(true)));
+    let s = send(&c, "GET", &format!("{base}/v1/models/digits"), &[], "")
+        .await
+        .json();
+    assert_eq!(s["model_version_status"][0]["state"], "AVAILABLE");
+    let md = send(
+        &c,
+        "GET",
+        &format!("{base}/v1/models/digits/metadata"),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    let sig = &md["metadata"]["signature_def"]["signature_def"]["serving_default"];
+    assert_eq!(
+        sig["inputs"]["pixels"]["tensor_shape"]["dim"][1]["size"],
+        "64"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tensors_get_400s_that_name_the_problem() {
+    let app = app("builtin:digits_mlp", "{}").await;
+    let c = client();
+    let tf = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let v2 = format!("http://{}/v2/models/digits/infer", app.data_addr);
+    let row = vec![1.0f32; 64];
+    let cases: Vec<(&str, String, &str)> = vec![
+        (&tf, "{not json".into(), "not valid JSON"),
+        (&tf, json!({ "instances": [row, [1, 2, 3]] }).to_string(), "instances[1] has 3 values"),
+        (&tf, json!({ "instances": [] }).to_string(), "is empty"),
+        (&tf, json!({ "instances": [vec!["a"; 64]] }).to_string(), "expected numbers, found a string"),
+        (&tf, json!({ "nothing": 1 }).to_string(), "neither `instances` nor `inputs`"),
+        (&tf, json!({ "instances": [{ "image": row }] }).to_string(), "names input `image`"),
+        (&v2, json!({ "inputs": [{ "name": "x", "shape": [1, 64], "datatype": "FP32", "data": row }] }).to_string(), "unknown input `x`"),
+        (&v2, json!({ "inputs": [{ "name": "pixels", "shape": [1, 32], "datatype": "FP32", "data": row }] }).to_string(), "has shape [1, 32]"),
+        (&v2, json!({ "inputs": [{ "name": "pixels", "shape": [2, 64], "datatype": "FP32", "data": row }] }).to_string(), "has 64 values; shape [2, 64] needs 128"),
+        (&v2, json!({ "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "BYTES", "data": row }] }).to_string(), "datatype `BYTES`"),
+    ];
+    for (url, body, expected) in cases {
+        let r = send(&c, "POST", url, &[], &body).await;
+        assert_eq!(r.status, 400, "{body}");
+        let msg = r.json()["error"].as_str().unwrap().to_string();
+        assert!(msg.contains(expected), "{body}\n  -> {msg}");
+    }
+    let r = send(
+        &c,
+        "POST",
+        &format!("http://{}/v1/models/digits:classify", app.data_addr),
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains(":predict only"));
+    // Still serving.
+    let r = send(
+        &c,
+        "POST",
+        &tf,
+        &[],
+        &json!({ "instances": [row] }).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_and_is_counted() {
+    // One batch of 8 rows may wait; a 5-row request waits a minute for company.
+    let app = app(
+        "builtin:digits_mlp",
+        "{max_batch_size: 8, batch_timeout_micros: 60000000, num_batch_threads: 1, max_enqueued_batches: 1}",
+    )
+    .await;
+    let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let rows = |n: usize| json!({ "instances": vec![vec![0.0f32; 64]; n] }).to_string();
+    let waiting = {
+        let (url, body) = (url.clone(), rows(5));
+        tokio::spawn(async move { send(&client(), "POST", &url, &[], &body).await })
+    };
+    let queued = r#"switchyard_local_queued_rows{model="digits"}"#;
+    for _ in 0..500 {
+        if sample(&metrics(app.admin_addr).await, queued) == Some(5.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = send(&client(), "POST", &url, &[], &rows(4)).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
+    // Three rows fill the batch: both waiting requests are answered.
+    let r = send(&client(), "POST", &url, &[], &rows(3)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        waiting.await.unwrap().json()["predictions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    let m = metrics(app.admin_addr).await;
+    assert_eq!(
+        sample(&m, r#"switchyard_local_shed_total{model="digits"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, r#"switchyard_local_batch_size_count{model="digits"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, r#"switchyard_local_batch_size_sum{model="digits"}"#),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"switchyard_requests_total{class="5xx",model="digits",variant="cpu"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_variant_and_a_remote_one_share_a_split() {
+    let remote = Upstream::echo("remote").await;
+    let app = start(&format!(
+        r#"
+seed: 7
+models:
+  digits:
+    variants:
+      - {{name: remote, upstream: "{}", weight: 1}}
+      - {{name: cpu, local: {{model: "builtin:digits_mlp"}}, weight: 1}}
+"#,
+        remote.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let body = json!({ "instances": [vec![0.0f32; 64]] }).to_string();
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..200 {
+        let r = send(&c, "POST", &url, &[], &body).await;
+        assert_eq!(r.status, 200);
+        let v = r.header("x-switchyard-variant").unwrap().to_string();
+        if v == "cpu" {
+            assert_eq!(r.json()["predictions"][0].as_array().unwrap().len(), 10);
+        } else {
+            assert_eq!(r.json()["upstream"], "remote");
+        }
+        *seen.entry(v).or_insert(0) += 1;
+    }
+    assert!(within_5_sigma(seen["cpu"], 200, 0.5), "{seen:?}");
+    assert_eq!(remote.hits(), seen["remote"]);
+}
+
+#[test]
+fn a_missing_model_file_is_a_config_error_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("switchyard-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(&cfg, "models:\n  d:\n    variants:\n      - name: x\n        weight: 1\n        local:\n          model: /nonexistent/model.onnx\n").unwrap();
+    for cmd in [vec!["validate"], vec!["serve", "--config"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&cmd)
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(":7:18: models.d.variants[0].local.model: cannot read model file"),
+            "{err}"
+        );
+    }
+    // A file that exists but is not a model fails when serve loads it, the same way.
+    let junk = dir.join("junk.onnx");
+    std::fs::write(&junk, b"definitely not onnx").unwrap();
+    std::fs::write(&cfg, format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  d:\n    variants:\n      - name: x\n        weight: 1\n        local:\n          model: {}\n", junk.display())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("models.d.variants[0].local.model: cannot load model"));
+}
+
+/// Starts `switchyard model-server` with `args`; returns the child and its data address.
+fn model_server(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("model-server")
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("data="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_server_serves_a_file_and_injects_failures_on_request() {
+    let body = json!({ "instances": [vec![0.0f32; 64]] }).to_string();
+    let (mut ok, addr) = model_server(&[
+        "--model",
+        "models/digits_cnn.onnx",
+        "--name",
+        "cnn",
+        "--delay",
+        "1ms",
+    ]);
+    let r = send(
+        &client(),
+        "POST",
+        &format!("http://{addr}/v1/models/cnn:predict"),
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["predictions"][0].as_array().unwrap().len(), 10);
+    ok.kill().unwrap();
+    let _ = ok.wait();
+
+    let (mut failing, addr) =
+        model_server(&["--model", "builtin:digits_mlp", "--failure-rate", "1"]);
+    let r = send(
+        &client(),
+        "POST",
+        &format!("http://{addr}/v1/models/digits:predict"),
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 500);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("injected failure"));
+    // Metadata is not a prediction: it still answers.
+    let r = send(
+        &client(),
+        "GET",
+        &format!("http://{addr}/v2/models/digits"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    failing.kill().unwrap();
+    let _ = failing.wait();
+}
+
+#[test]
+fn model_server_flags_are_validated_like_config() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "model-server",
+            "--model",
+            "builtin:nope",
+            "--failure-rate",
+            "2",
+            "--delay",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "no built-in model `nope`",
+        "must be between 0 and 1",
+        "has no unit",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in {err}");
+    }
+}
