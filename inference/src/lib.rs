@@ -2,7 +2,10 @@
 //!
 //! - [`signature`]: what a model takes and gives (names, shapes with a symbolic batch
 //!   dimension, types).
-//! - [`tract`]: the CPU runtime (tract): one optimised plan per model, shared by threads.
+//! - [`tract`]: the CPU runtime: tract loads every model (one optimised plan, shared by
+//!   threads) and runs what the fused kernels cannot.
+//! - [`fused`]: fused CPU kernels (im2col convolution, matrix products, pooling,
+//!   softmax) for graphs made only of the operators they cover.
 //! - [`batcher`]: dynamic batching with TF Serving's knobs (`max_batch_size`,
 //!   `batch_timeout_micros`, `num_batch_threads`, `max_enqueued_batches`) on dedicated
 //!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
@@ -14,10 +17,11 @@
 pub mod batcher;
 pub mod builtin;
 pub mod error;
+pub mod fused;
 pub mod signature;
 pub mod tract;
 
 pub use batcher::{Batcher, BatchingOptions, LocalMetrics};
 pub use error::InferenceError;
 pub use signature::{Dim, Signature, TensorSpec};
-pub use tract::TractModel;
+pub use tract::{Kernels, TractModel};

@@ -1,20 +1,34 @@
-//! The CPU runtime: tract, one optimised plan per model with a symbolic batch dimension,
-//! shared by every batch thread; each thread keeps its own [`Session`] (run state) so a
-//! batch costs no plan set-up.
+//! The CPU runtime. tract loads and checks every model and builds one optimised plan
+//! with a symbolic batch dimension, shared by every batch thread. When the whole graph
+//! is made of operators the [`crate::fused`] kernels cover, those run instead (they are
+//! several times faster on convolutions); otherwise tract's plan runs, and one log line
+//! says which operator kept it there. Each thread keeps its own [`Session`] (scratch
+//! state), so a batch costs no set-up.
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
 use crate::error::InferenceError;
+use crate::fused::{FusedPlan, FusedState};
 use crate::signature::{Dim, Signature, TensorSpec};
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// A model compiled by tract.
+/// Which kernels run a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused kernels when the graph allows, else tract's plan (the default).
+    Auto,
+    /// tract's plan only (for comparison and parity tests).
+    TractOnly,
+}
+
+/// A model loaded by tract, run by the fused kernels or tract's plan.
 pub struct TractModel {
     name: String,
     plan: Plan,
+    fused: Option<FusedPlan>,
     signature: Signature,
 }
 
@@ -30,6 +44,20 @@ impl std::fmt::Debug for TractModel {
 impl TractModel {
     /// Loads and optimises an ONNX model from bytes. `name` is for messages.
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self, InferenceError> {
+        Self::from_bytes_with(name, bytes, Kernels::Auto)
+    }
+
+    /// True when the fused kernels run this model.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// As [`TractModel::from_bytes`], choosing the kernels.
+    pub fn from_bytes_with(
+        name: &str,
+        bytes: &[u8],
+        kernels: Kernels,
+    ) -> Result<Self, InferenceError> {
         let load = |detail: String| InferenceError::Load {
             model: name.to_string(),
             detail,
@@ -46,9 +74,23 @@ impl TractModel {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| load(format!("{e:#}")))?;
+        let fused = match kernels {
+            Kernels::TractOnly => None,
+            Kernels::Auto => match FusedPlan::from_onnx(bytes) {
+                Ok(f) => {
+                    tracing::info!(model = %name, "Model runs on the fused CPU kernels.");
+                    Some(f)
+                }
+                Err(why) => {
+                    tracing::info!(model = %name, reason = %why.0, "Model runs on tract's plan: outside the fused kernel set.");
+                    None
+                }
+            },
+        };
         Ok(TractModel {
             name: name.to_string(),
             plan,
+            fused,
             signature,
         })
     }
@@ -67,6 +109,12 @@ impl TractModel {
 
     /// A run state for one thread: scratch buffers kept from batch to batch.
     pub fn session(&self) -> Result<Session, InferenceError> {
+        if let Some(fused) = &self.fused {
+            return Ok(Session {
+                kind: SessionKind::Fused(fused.clone(), FusedState::default()),
+                row_shape: Vec::new(),
+            });
+        }
         let state = self
             .plan
             .spawn()
@@ -78,26 +126,37 @@ impl TractModel {
                 Dim::Batch => 1,
             })
             .collect();
-        Ok(Session { state, row_shape })
+        Ok(Session {
+            kind: SessionKind::Tract(Box::new(state)),
+            row_shape,
+        })
     }
+}
+
+enum SessionKind {
+    Tract(Box<TypedSimpleState>),
+    Fused(FusedPlan, FusedState),
 }
 
 /// One thread's run state over a shared plan.
 pub struct Session {
-    state: TypedSimpleState,
+    kind: SessionKind,
     row_shape: Vec<usize>,
 }
 
 impl Session {
     /// Runs `rows` contiguous rows; returns the contiguous output rows.
     pub fn run(&mut self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
+        let state = match &mut self.kind {
+            SessionKind::Fused(plan, state) => return Ok(plan.run(state, input, rows)),
+            SessionKind::Tract(state) => state,
+        };
         let mut shape = Vec::with_capacity(self.row_shape.len() + 1);
         shape.push(rows);
         shape.extend_from_slice(&self.row_shape);
         let tensor = Tensor::from_shape(&shape, &input)
             .map_err(|e| InferenceError::BadInput(format!("{e:#}")))?;
-        let outputs = self
-            .state
+        let outputs = state
             .run(tvec!(tensor.into()))
             .map_err(|e| InferenceError::Run(format!("{e:#}")))?;
         let out = outputs

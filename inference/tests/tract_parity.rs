@@ -7,7 +7,9 @@ use std::time::Duration;
 use prometheus::Registry;
 use serde_json::Value;
 use switchyard_inference::batcher::LocalMetricFamilies;
-use switchyard_inference::{builtin, Batcher, BatchingOptions, Dim, InferenceError, TractModel};
+use switchyard_inference::{
+    builtin, Batcher, BatchingOptions, Dim, InferenceError, Kernels, TractModel,
+};
 
 fn vectors() -> Value {
     let text = std::fs::read_to_string(concat!(
@@ -51,7 +53,7 @@ fn argmax(row: &[f32]) -> usize {
 
 /// Runs every test vector through `model` in batches of `batch` rows; checks each output
 /// against onnxruntime's within 1e-4 and the accuracy against the training script's.
-fn check(name: &str, bytes: &[u8], batch: usize) {
+fn check(name: &str, bytes: &[u8], batch: usize, kernels: Kernels) {
     let v = vectors();
     let inputs = rows(&v["inputs"]);
     let expected = rows(&v[name]);
@@ -61,7 +63,12 @@ fn check(name: &str, bytes: &[u8], batch: usize) {
         .iter()
         .map(|l| l.as_u64().unwrap() as usize)
         .collect();
-    let model = TractModel::from_bytes(name, bytes).unwrap();
+    let model = TractModel::from_bytes_with(name, bytes, kernels).unwrap();
+    assert_eq!(
+        model.is_fused(),
+        kernels == Kernels::Auto,
+        "{name}: which kernels run"
+    );
     let mut worst = 0f32;
     let mut correct = 0;
     for (chunk_in, (chunk_out, chunk_labels)) in inputs
@@ -93,14 +100,85 @@ fn check(name: &str, bytes: &[u8], batch: usize) {
 
 #[test]
 fn mlp_matches_onnxruntime_batch_1_and_64() {
-    check("mlp", builtin::DIGITS_MLP, 1);
-    check("mlp", builtin::DIGITS_MLP, 64);
+    for kernels in [Kernels::Auto, Kernels::TractOnly] {
+        check("mlp", builtin::DIGITS_MLP, 1, kernels);
+        check("mlp", builtin::DIGITS_MLP, 64, kernels);
+    }
 }
 
 #[test]
 fn cnn_matches_onnxruntime_batch_1_and_64() {
-    check("cnn", builtin::DIGITS_CNN, 1);
-    check("cnn", builtin::DIGITS_CNN, 64);
+    for kernels in [Kernels::Auto, Kernels::TractOnly] {
+        check("cnn", builtin::DIGITS_CNN, 1, kernels);
+        check("cnn", builtin::DIGITS_CNN, 64, kernels);
+    }
+}
+
+/// A one-node ONNX graph `y = Sigmoid(x)`, x: [N, 4], built with tract's protobuf types.
+fn sigmoid_model() -> Vec<u8> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let tensor = |name: &str| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(pb::TensorShapeProto {
+                    dim: vec![
+                        pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+                                "N".into(),
+                            )),
+                            ..Default::default()
+                        },
+                        pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(4)),
+                            ..Default::default()
+                        },
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "sigmoid".into(),
+            node: vec![pb::NodeProto {
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                op_type: "Sigmoid".into(),
+                ..Default::default()
+            }],
+            input: vec![tensor("x")],
+            output: vec![tensor("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
+#[test]
+fn an_operator_outside_the_fused_set_runs_on_tract() {
+    let model = TractModel::from_bytes("sigmoid", &sigmoid_model()).unwrap();
+    assert!(!model.is_fused());
+    let out = model.run(vec![0.0, 1.0, -1.0, 40.0], 1).unwrap();
+    let want = [
+        0.5,
+        1.0 / (1.0 + (-1f32).exp()),
+        1.0 / (1.0 + 1f32.exp()),
+        1.0,
+    ];
+    for (g, w) in out.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{out:?}");
+    }
 }
 
 #[test]

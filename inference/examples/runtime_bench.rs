@@ -1,0 +1,74 @@
+//! Times one model on tract, one thread, at a given batch size, the way
+//! `scripts/bench_onnxruntime.py` times onnxruntime: warm up, then run batches of the
+//! bundled test inputs for a fixed time and report the median time per batch.
+//!
+//! cargo run --release -p switchyard-inference --example runtime_bench -- MODEL.onnx BATCH [SECONDS] [auto|tract]
+//!
+//! `auto` (default) runs the fused kernels when the graph allows; `tract` forces tract's plan.
+
+use std::time::{Duration, Instant};
+
+use switchyard_inference::{Kernels, TractModel};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: runtime_bench MODEL.onnx BATCH [SECONDS]");
+        std::process::exit(2);
+    }
+    let path = &args[1];
+    let batch: usize = args[2].parse().expect("BATCH is a number");
+    let seconds: f64 = args
+        .get(3)
+        .map_or(2.0, |s| s.parse().expect("SECONDS is a number"));
+    let kernels = match args.get(4).map(String::as_str) {
+        None | Some("auto") => Kernels::Auto,
+        Some("tract") => Kernels::TractOnly,
+        Some(other) => panic!("unknown kernels `{other}`: auto or tract"),
+    };
+    let bytes = std::fs::read(path).expect("model file");
+    let model = TractModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
+    let runtime = if model.is_fused() { "fused" } else { "tract" };
+    let row = model.signature().input.row_len();
+    let vectors: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/digits_test_vectors.json"
+        ))
+        .expect("test vectors"),
+    )
+    .expect("json");
+    let inputs: Vec<f32> = vectors["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .cycle()
+        .take(batch)
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    assert_eq!(inputs.len(), batch * row);
+    let mut session = model.session().expect("session");
+    for _ in 0..200 {
+        session.run(inputs.clone(), batch).expect("run");
+    }
+    let mut times = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < end {
+        let input = inputs.clone();
+        let t = Instant::now();
+        let out = session.run(input, batch).expect("run");
+        times.push(t.elapsed().as_secs_f64());
+        std::hint::black_box(out);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2] * 1e6;
+    println!(
+        "{{\"runtime\": \"{runtime}\", \"model\": \"{path}\", \"batch\": {batch}, \"runs\": {}, \"median_us\": {median:.2}}}",
+        times.len()
+    );
+}

@@ -1,0 +1,802 @@
+//! Fused CPU kernels for the small graphs we bundle, where tract's generic plan falls
+//! behind (its convolution is 5–8× slower than onnxruntime's on the digits CNN; see
+//! BENCHMARKS.md). tract stays the front end and the fallback: the ONNX graph is read
+//! through tract's protobuf types, and a graph with any operator outside the set below
+//! is run by tract's plan instead, with one log line naming the operator.
+//!
+//! The set: `Conv` (2-D, group 1, no dilation), `MaxPool` (2-D, no padding), `Gemm`,
+//! `MatMul` by a constant, `Relu`, `Softmax` (last axis), `Flatten`, `Reshape`, and
+//! `Mul`/`Div`/`Add`/`Sub` by a constant scalar.
+//!
+//! Layout: image tensors are kept channels-last (NHWC) so a convolution is one im2col
+//! and one matrix product over the whole batch (`[N·H·W, k·k·C] × [k·k·C, M]`), with the
+//! bias and a following `Relu` applied in the same pass. Matrix products go through
+//! ndarray's `general_mat_mul` (matrixmultiply's sgemm with runtime AVX/FMA detection).
+//! `Flatten` and `Reshape` convert between NHWC and ONNX's NCHW order where it matters.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
+use tract_onnx::prelude::tract_ndarray::{ArrayView2, ArrayViewMut2};
+use tract_onnx::prelude::Framework;
+
+/// Why a graph cannot run on the fused kernels (it then runs on tract).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+/// The per-row shape of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `len` numbers per row, in ONNX (row-major NCHW) order.
+    Flat(usize),
+    /// An image per row, stored channels-last.
+    Nhwc { c: usize, h: usize, w: usize },
+}
+
+impl Layout {
+    fn len(self) -> usize {
+        match self {
+            Layout::Flat(n) => n,
+            Layout::Nhwc { c, h, w } => c * h * w,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Affine {
+        src: usize,
+        dst: usize,
+        mul: f32,
+        add: f32,
+    },
+    ToNhwc {
+        src: usize,
+        dst: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+    ToFlat {
+        src: usize,
+        dst: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+    Conv(Box<Conv>),
+    MaxPool {
+        src: usize,
+        dst: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        s: usize,
+        oh: usize,
+        ow: usize,
+    },
+    Gemm {
+        src: usize,
+        dst: usize,
+        k: usize,
+        m: usize,
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        relu: bool,
+    },
+    Relu {
+        src: usize,
+        dst: usize,
+    },
+    Softmax {
+        src: usize,
+        dst: usize,
+        n: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Conv {
+    src: usize,
+    dst: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    oh: usize,
+    ow: usize,
+    /// `[kh·kw·C, M]`, row index `(ky·kw + kx)·C + c`.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    relu: bool,
+}
+
+/// A compiled graph: steps over numbered buffers.
+#[derive(Debug, Clone)]
+pub struct FusedPlan {
+    steps: Vec<Step>,
+    buffers: usize,
+    input_len: usize,
+    output: usize,
+    output_len: usize,
+}
+
+/// Scratch space kept by one thread from batch to batch.
+#[derive(Debug, Default)]
+pub struct FusedState {
+    buffers: Vec<Vec<f32>>,
+    cols: Vec<f32>,
+}
+
+/// A constant from the graph: its dims, and its data as floats or as integers.
+type Const = (Vec<i64>, Vec<f32>, Vec<i64>);
+
+struct Builder<'a> {
+    consts: HashMap<&'a str, Const>,
+    values: HashMap<String, (usize, Layout)>,
+    steps: Vec<Step>,
+    next: usize,
+}
+
+impl<'a> Builder<'a> {
+    fn value(&self, name: &str, op: &str) -> Result<(usize, Layout), Unsupported> {
+        self.values.get(name).copied().ok_or_else(|| {
+            Unsupported(format!(
+                "`{op}` reads `{name}`, which is neither computed nor supported here"
+            ))
+        })
+    }
+
+    fn konst(&self, name: &str, op: &str) -> Result<&Const, Unsupported> {
+        self.consts
+            .get(name)
+            .ok_or_else(|| Unsupported(format!("`{op}` needs `{name}` to be a constant")))
+    }
+
+    fn fresh(&mut self) -> usize {
+        self.next += 1;
+        self.next - 1
+    }
+}
+
+fn attr<'n>(node: &'n pb::NodeProto, name: &str) -> Option<&'n pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn attr_ints(node: &pb::NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+
+fn attr_int(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).map_or(default, |a| a.i)
+}
+
+fn attr_float(node: &pb::NodeProto, name: &str, default: f32) -> f32 {
+    attr(node, name).map_or(default, |a| a.f)
+}
+
+fn tensor_data(t: &pb::TensorProto) -> Result<(Vec<f32>, Vec<i64>), Unsupported> {
+    const FLOAT: i32 = 1;
+    const INT64: i32 = 7;
+    // Denormal constants make every multiply that touches them take a slow microcode
+    // path on x86; flushing them to zero changes no result by more than 1.2e-38.
+    let flush = |x: f32| if x.is_subnormal() { 0.0 } else { x };
+    match t.data_type {
+        FLOAT if !t.raw_data.is_empty() => Ok((
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| flush(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            Vec::new(),
+        )),
+        FLOAT => Ok((
+            t.float_data.iter().copied().map(flush).collect(),
+            Vec::new(),
+        )),
+        INT64 if !t.raw_data.is_empty() => Ok((
+            Vec::new(),
+            t.raw_data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect(),
+        )),
+        INT64 => Ok((Vec::new(), t.int64_data.clone())),
+        other => Err(Unsupported(format!(
+            "constant `{}` has element type {other}",
+            t.name
+        ))),
+    }
+}
+
+fn usize_of(v: i64, what: &str) -> Result<usize, Unsupported> {
+    usize::try_from(v).map_err(|_| Unsupported(format!("{what} {v} is not supported")))
+}
+
+impl FusedPlan {
+    /// Compiles `bytes` (an ONNX model with one input `[N, F]` and one output) onto the
+    /// fused kernels, or says which operator or attribute keeps it on tract.
+    pub fn from_onnx(bytes: &[u8]) -> Result<Self, Unsupported> {
+        let proto = tract_onnx::onnx()
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(|e| Unsupported(format!("{e:#}")))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| Unsupported("no graph".into()))?;
+        let mut b = Builder {
+            consts: HashMap::new(),
+            values: HashMap::new(),
+            steps: Vec::new(),
+            next: 0,
+        };
+        for t in &graph.initializer {
+            let (f, i) = tensor_data(t)?;
+            b.consts.insert(t.name.as_str(), (t.dims.clone(), f, i));
+        }
+        let inputs: Vec<_> = graph
+            .input
+            .iter()
+            .filter(|i| !b.consts.contains_key(i.name.as_str()))
+            .collect();
+        if inputs.len() != 1 || graph.output.len() != 1 {
+            return Err(Unsupported("one input and one output are needed".into()));
+        }
+        let dims = input_dims(inputs[0])?;
+        if dims.len() != 2 {
+            return Err(Unsupported(format!(
+                "input rank {} (only [N, F] is fused)",
+                dims.len()
+            )));
+        }
+        let input_len = dims[1];
+        let id = b.fresh();
+        b.values
+            .insert(inputs[0].name.clone(), (id, Layout::Flat(input_len)));
+
+        let nodes = &graph.node;
+        for (i, node) in nodes.iter().enumerate() {
+            if !node.domain.is_empty() && node.domain != "ai.onnx" {
+                return Err(Unsupported(format!("operator domain `{}`", node.domain)));
+            }
+            let op = node.op_type.as_str();
+            let out_name = node.output.first().cloned().unwrap_or_default();
+            // A Relu that is the only reader of this node's output is fused into it.
+            let fuse_relu = matches!(op, "Conv" | "Gemm" | "MatMul")
+                && nodes.get(i + 1).is_some_and(|n| {
+                    n.op_type == "Relu"
+                        && n.input.first() == Some(&out_name)
+                        && nodes.iter().filter(|m| m.input.contains(&out_name)).count() == 1
+                        && !graph.output.iter().any(|o| o.name == out_name)
+                });
+            let produced = match op {
+                "Mul" | "Div" | "Add" | "Sub" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let k = b.konst(&node.input[1], op)?;
+                    if k.1.len() != 1 {
+                        return Err(Unsupported(format!("`{op}` by a non-scalar constant")));
+                    }
+                    let x = k.1[0];
+                    let (mul, add) = match op {
+                        "Mul" => (x, 0.0),
+                        "Div" => (1.0 / x, 0.0),
+                        "Add" => (1.0, x),
+                        _ => (1.0, -x),
+                    };
+                    let dst = b.fresh();
+                    b.steps.push(Step::Affine { src, dst, mul, add });
+                    (dst, layout)
+                }
+                "Reshape" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let shape = &b.konst(&node.input[1], op)?.2;
+                    let total = layout.len();
+                    match shape.as_slice() {
+                        [_, rest @ ..] if rest.len() == 3 => {
+                            let c = usize_of(rest[0], "reshape dim")?;
+                            let h = usize_of(rest[1], "reshape dim")?;
+                            let w = usize_of(rest[2], "reshape dim")?;
+                            if c * h * w != total {
+                                return Err(Unsupported(
+                                    "Reshape that changes the row size".into(),
+                                ));
+                            }
+                            let dst = b.fresh();
+                            match layout {
+                                Layout::Flat(_) => b.steps.push(Step::ToNhwc { src, dst, c, h, w }),
+                                Layout::Nhwc { .. } => {
+                                    return Err(Unsupported(
+                                        "Reshape of an image to an image".into(),
+                                    ))
+                                }
+                            }
+                            (dst, Layout::Nhwc { c, h, w })
+                        }
+                        [_, f] if usize_of(*f, "reshape dim").ok() == Some(total) || *f == -1 => {
+                            flatten(&mut b, src, layout)
+                        }
+                        other => return Err(Unsupported(format!("Reshape to {other:?}"))),
+                    }
+                }
+                "Flatten" => {
+                    if attr_int(node, "axis", 1) != 1 {
+                        return Err(Unsupported("Flatten with axis other than 1".into()));
+                    }
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    flatten(&mut b, src, layout)
+                }
+                "Conv" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let Layout::Nhwc { c, h, w } = layout else {
+                        return Err(Unsupported("Conv on a non-image".into()));
+                    };
+                    let (wd, wf, _) = b.konst(&node.input[1], op)?.clone();
+                    let [m, wc, kh, kw] = <[i64; 4]>::try_from(wd.as_slice())
+                        .map_err(|_| Unsupported("Conv weights of rank ≠ 4".into()))?;
+                    let (m, wc, kh, kw) = (
+                        usize_of(m, "M")?,
+                        usize_of(wc, "C")?,
+                        usize_of(kh, "kh")?,
+                        usize_of(kw, "kw")?,
+                    );
+                    if wc != c || attr_int(node, "group", 1) != 1 {
+                        return Err(Unsupported("grouped Conv".into()));
+                    }
+                    if attr_ints(node, "dilations").is_some_and(|d| d.iter().any(|x| *x != 1)) {
+                        return Err(Unsupported("dilated Conv".into()));
+                    }
+                    if attr(node, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
+                        return Err(Unsupported("Conv auto_pad".into()));
+                    }
+                    let strides = attr_ints(node, "strides").unwrap_or(vec![1, 1]);
+                    if strides.len() != 2 || strides[0] != strides[1] {
+                        return Err(Unsupported("Conv with unequal strides".into()));
+                    }
+                    let stride = usize_of(strides[0], "stride")?;
+                    let pads = attr_ints(node, "pads").unwrap_or(vec![0, 0, 0, 0]);
+                    let [pt, pl, pb_, pr] = <[i64; 4]>::try_from(pads.as_slice())
+                        .map_err(|_| Unsupported("Conv pads".into()))?;
+                    let (pt, pl, pb_, pr) = (
+                        usize_of(pt, "pad")?,
+                        usize_of(pl, "pad")?,
+                        usize_of(pb_, "pad")?,
+                        usize_of(pr, "pad")?,
+                    );
+                    if stride == 0 || h + pt + pb_ < kh || w + pl + pr < kw {
+                        return Err(Unsupported("Conv geometry".into()));
+                    }
+                    let oh = (h + pt + pb_ - kh) / stride + 1;
+                    let ow = (w + pl + pr - kw) / stride + 1;
+                    let mut weights = vec![0f32; kh * kw * c * m];
+                    for mm in 0..m {
+                        for cc in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    weights[((ky * kw + kx) * c + cc) * m + mm] =
+                                        wf[((mm * c + cc) * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                    let bias = match node.input.get(2) {
+                        Some(name) if !name.is_empty() => b.konst(name, op)?.1.clone(),
+                        _ => vec![0.0; m],
+                    };
+                    if bias.len() != m {
+                        return Err(Unsupported("Conv bias shape".into()));
+                    }
+                    let dst = b.fresh();
+                    b.steps.push(Step::Conv(Box::new(Conv {
+                        src,
+                        dst,
+                        c,
+                        h,
+                        w,
+                        m,
+                        kh,
+                        kw,
+                        stride,
+                        pad_top: pt,
+                        pad_left: pl,
+                        oh,
+                        ow,
+                        weights,
+                        bias,
+                        relu: fuse_relu,
+                    })));
+                    (dst, Layout::Nhwc { c: m, h: oh, w: ow })
+                }
+                "MaxPool" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let Layout::Nhwc { c, h, w } = layout else {
+                        return Err(Unsupported("MaxPool on a non-image".into()));
+                    };
+                    let k = attr_ints(node, "kernel_shape").unwrap_or_default();
+                    let s = attr_ints(node, "strides").unwrap_or(vec![1, 1]);
+                    let pads = attr_ints(node, "pads").unwrap_or_default();
+                    if k.len() != 2
+                        || k[0] != k[1]
+                        || s.len() != 2
+                        || s[0] != s[1]
+                        || pads.iter().any(|p| *p != 0)
+                        || attr_int(node, "ceil_mode", 0) != 0
+                        || attr_ints(node, "dilations").is_some_and(|d| d.iter().any(|x| *x != 1))
+                        || node.output.len() > 1
+                    {
+                        return Err(Unsupported(
+                            "MaxPool other than square, unpadded, one output".into(),
+                        ));
+                    }
+                    let (k, s) = (usize_of(k[0], "kernel")?, usize_of(s[0], "stride")?);
+                    if s == 0 || k > h || k > w {
+                        return Err(Unsupported("MaxPool geometry".into()));
+                    }
+                    let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
+                    let dst = b.fresh();
+                    b.steps.push(Step::MaxPool {
+                        src,
+                        dst,
+                        c,
+                        h,
+                        w,
+                        k,
+                        s,
+                        oh,
+                        ow,
+                    });
+                    (dst, Layout::Nhwc { c, h: oh, w: ow })
+                }
+                "Gemm" | "MatMul" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let Layout::Flat(k) = layout else {
+                        return Err(Unsupported(format!("`{op}` on an image")));
+                    };
+                    if op == "Gemm" && attr_int(node, "transA", 0) != 0 {
+                        return Err(Unsupported("Gemm with transA".into()));
+                    }
+                    let (wd, wf, _) = b.konst(&node.input[1], op)?.clone();
+                    let trans_b = op == "Gemm" && attr_int(node, "transB", 0) != 0;
+                    let [r, cdim] = <[i64; 2]>::try_from(wd.as_slice())
+                        .map_err(|_| Unsupported(format!("`{op}` weights of rank ≠ 2")))?;
+                    let (r, cdim) = (usize_of(r, "dim")?, usize_of(cdim, "dim")?);
+                    let (wk, m) = if trans_b { (cdim, r) } else { (r, cdim) };
+                    if wk != k {
+                        return Err(Unsupported(format!("`{op}` inner dimensions {k} and {wk}")));
+                    }
+                    let alpha = if op == "Gemm" {
+                        attr_float(node, "alpha", 1.0)
+                    } else {
+                        1.0
+                    };
+                    let beta = if op == "Gemm" {
+                        attr_float(node, "beta", 1.0)
+                    } else {
+                        1.0
+                    };
+                    let mut weights = vec![0f32; k * m];
+                    for kk in 0..k {
+                        for mm in 0..m {
+                            let v = if trans_b {
+                                wf[mm * k + kk]
+                            } else {
+                                wf[kk * m + mm]
+                            };
+                            weights[kk * m + mm] = alpha * v;
+                        }
+                    }
+                    let bias = match node.input.get(2) {
+                        Some(name) if !name.is_empty() && op == "Gemm" => {
+                            let (bd, bf, _) = b.konst(name, op)?;
+                            let ok =
+                                bf.len() == m && (bd.len() == 1 || (bd.len() == 2 && bd[0] == 1));
+                            if bf.len() == 1 {
+                                vec![beta * bf[0]; m]
+                            } else if ok {
+                                bf.iter().map(|x| beta * x).collect()
+                            } else {
+                                return Err(Unsupported(
+                                    "Gemm bias other than [M] or scalar".into(),
+                                ));
+                            }
+                        }
+                        _ => Vec::new(),
+                    };
+                    let dst = b.fresh();
+                    b.steps.push(Step::Gemm {
+                        src,
+                        dst,
+                        k,
+                        m,
+                        weights,
+                        bias,
+                        relu: fuse_relu,
+                    });
+                    (dst, Layout::Flat(m))
+                }
+                "Relu" => {
+                    // Already applied by the producing Conv/Gemm when fused.
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let fused = i > 0
+                        && matches!(b.steps.last(), Some(Step::Conv(c)) if c.relu && c.dst == src)
+                        || matches!(b.steps.last(), Some(Step::Gemm { relu: true, dst, .. }) if *dst == src);
+                    if fused {
+                        (src, layout)
+                    } else {
+                        let dst = b.fresh();
+                        b.steps.push(Step::Relu { src, dst });
+                        (dst, layout)
+                    }
+                }
+                "Softmax" => {
+                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let Layout::Flat(n) = layout else {
+                        return Err(Unsupported("Softmax on an image".into()));
+                    };
+                    let axis = attr_int(node, "axis", -1);
+                    if axis != 1 && axis != -1 {
+                        return Err(Unsupported("Softmax over the batch axis".into()));
+                    }
+                    let dst = b.fresh();
+                    b.steps.push(Step::Softmax { src, dst, n });
+                    (dst, layout)
+                }
+                other => return Err(Unsupported(format!("operator `{other}`"))),
+            };
+            b.values.insert(out_name, produced);
+        }
+        let (output, layout) = b.value(&graph.output[0].name, "output")?;
+        let Layout::Flat(output_len) = layout else {
+            return Err(Unsupported("an image-shaped output".into()));
+        };
+        Ok(FusedPlan {
+            steps: b.steps,
+            buffers: b.next,
+            input_len,
+            output,
+            output_len,
+        })
+    }
+
+    /// Runs `rows` rows; `input` holds `rows × F` numbers.
+    pub fn run(&self, state: &mut FusedState, input: Vec<f32>, rows: usize) -> Vec<f32> {
+        debug_assert_eq!(input.len(), rows * self.input_len);
+        state.buffers.resize_with(self.buffers, Vec::new);
+        state.buffers[0] = input;
+        for step in &self.steps {
+            run_step(step, state, rows);
+        }
+        let out = std::mem::take(&mut state.buffers[self.output]);
+        debug_assert_eq!(out.len(), rows * self.output_len);
+        out
+    }
+}
+
+fn input_dims(input: &pb::ValueInfoProto) -> Result<Vec<usize>, Unsupported> {
+    use pb::tensor_shape_proto::dimension::Value as D;
+    use pb::type_proto::Value as T;
+    let Some(T::TensorType(t)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Err(Unsupported("input is not a tensor".into()));
+    };
+    let shape = t
+        .shape
+        .as_ref()
+        .ok_or_else(|| Unsupported("input has no shape".into()))?;
+    shape
+        .dim
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match (&d.value, i) {
+            (Some(D::DimValue(v)), _) => usize_of(*v, "input dim"),
+            (_, 0) => Ok(0),
+            _ => Err(Unsupported(
+                "a symbolic dimension other than the batch".into(),
+            )),
+        })
+        .collect()
+}
+
+fn flatten(b: &mut Builder<'_>, src: usize, layout: Layout) -> (usize, Layout) {
+    match layout {
+        Layout::Flat(_) => (src, layout),
+        Layout::Nhwc { c, h, w } => {
+            let dst = b.fresh();
+            b.steps.push(Step::ToFlat { src, dst, c, h, w });
+            (dst, Layout::Flat(c * h * w))
+        }
+    }
+}
+
+/// Takes buffer `dst` out of the state, sized `len`. Its contents are stale: every step
+/// overwrites all of it (zeroing it first showed up as 8% of a batch in profiles).
+fn output_buffer(state: &mut FusedState, dst: usize, len: usize) -> Vec<f32> {
+    let mut out = std::mem::take(&mut state.buffers[dst]);
+    out.resize(len, 0.0);
+    out.truncate(len);
+    out
+}
+
+fn matmul(a: &[f32], rows: usize, k: usize, b: &[f32], m: usize, c: &mut [f32]) {
+    // Shapes are checked when the plan is built; these views cannot fail.
+    let (Ok(a), Ok(b), Ok(mut c)) = (
+        ArrayView2::from_shape((rows, k), a),
+        ArrayView2::from_shape((k, m), b),
+        ArrayViewMut2::from_shape((rows, m), c),
+    ) else {
+        return;
+    };
+    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+}
+
+fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
+    match step {
+        Step::Affine { src, dst, mul, add } => {
+            let mut out = output_buffer(state, *dst, state.buffers[*src].len());
+            for (o, x) in out.iter_mut().zip(&state.buffers[*src]) {
+                *o = x * mul + add;
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::ToNhwc { src, dst, c, h, w } => {
+            let (c, h, w) = (*c, *h, *w);
+            let mut out = output_buffer(state, *dst, rows * c * h * w);
+            let inp = &state.buffers[*src];
+            for n in 0..rows {
+                let base = n * c * h * w;
+                for cc in 0..c {
+                    for p in 0..h * w {
+                        out[base + p * c + cc] = inp[base + cc * h * w + p];
+                    }
+                }
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::ToFlat { src, dst, c, h, w } => {
+            let (c, h, w) = (*c, *h, *w);
+            let mut out = output_buffer(state, *dst, rows * c * h * w);
+            let inp = &state.buffers[*src];
+            for n in 0..rows {
+                let base = n * c * h * w;
+                for p in 0..h * w {
+                    for cc in 0..c {
+                        out[base + cc * h * w + p] = inp[base + p * c + cc];
+                    }
+                }
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::Conv(cv) => {
+            let k = cv.kh * cv.kw * cv.c;
+            let positions = rows * cv.oh * cv.ow;
+            let mut cols = std::mem::take(&mut state.cols);
+            cols.resize(positions * k, 0.0);
+            cols.truncate(positions * k);
+            let inp = &state.buffers[cv.src];
+            let (c, h, w) = (cv.c, cv.h, cv.w);
+            // Every element of `cols` is written (zeros where the window hangs over the
+            // padding), and channels are copied with a plain loop: the runs are 1 to a
+            // few dozen floats, too short for memcpy calls to pay.
+            for n in 0..rows {
+                for oy in 0..cv.oh {
+                    for ox in 0..cv.ow {
+                        let row = ((n * cv.oh + oy) * cv.ow + ox) * k;
+                        for ky in 0..cv.kh {
+                            let iy = (oy * cv.stride + ky) as isize - cv.pad_top as isize;
+                            for kx in 0..cv.kw {
+                                let ix = (ox * cv.stride + kx) as isize - cv.pad_left as isize;
+                                let to = &mut cols[row + (ky * cv.kw + kx) * c..][..c];
+                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                                    to.fill(0.0);
+                                } else {
+                                    let from = ((n * h + iy as usize) * w + ix as usize) * c;
+                                    for (t, f) in to.iter_mut().zip(&inp[from..from + c]) {
+                                        *t = *f;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut out = output_buffer(state, cv.dst, positions * cv.m);
+            matmul(&cols, positions, k, &cv.weights, cv.m, &mut out);
+            for px in out.chunks_exact_mut(cv.m) {
+                for (v, b) in px.iter_mut().zip(&cv.bias) {
+                    *v += b;
+                    if cv.relu && *v < 0.0 {
+                        *v = 0.0;
+                    }
+                }
+            }
+            state.cols = cols;
+            state.buffers[cv.dst] = out;
+        }
+        Step::MaxPool {
+            src,
+            dst,
+            c,
+            h,
+            w,
+            k,
+            s,
+            oh,
+            ow,
+        } => {
+            let (c, h, w, k, s, oh, ow) = (*c, *h, *w, *k, *s, *oh, *ow);
+            let mut out = output_buffer(state, *dst, rows * oh * ow * c);
+            let inp = &state.buffers[*src];
+            for n in 0..rows {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let o = ((n * oh + oy) * ow + ox) * c;
+                        out[o..o + c].fill(f32::NEG_INFINITY);
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let i = ((n * h + oy * s + ky) * w + ox * s + kx) * c;
+                                for cc in 0..c {
+                                    out[o + cc] = out[o + cc].max(inp[i + cc]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::Gemm {
+            src,
+            dst,
+            k,
+            m,
+            weights,
+            bias,
+            relu,
+        } => {
+            let mut out = output_buffer(state, *dst, rows * m);
+            matmul(&state.buffers[*src], rows, *k, weights, *m, &mut out);
+            if !bias.is_empty() || *relu {
+                for r in out.chunks_exact_mut(*m) {
+                    if !bias.is_empty() {
+                        for (v, b) in r.iter_mut().zip(bias) {
+                            *v += b;
+                        }
+                    }
+                    if *relu {
+                        for v in r.iter_mut() {
+                            *v = v.max(0.0);
+                        }
+                    }
+                }
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::Relu { src, dst } => {
+            let mut out = output_buffer(state, *dst, state.buffers[*src].len());
+            for (o, x) in out.iter_mut().zip(&state.buffers[*src]) {
+                *o = x.max(0.0);
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::Softmax { src, dst, n } => {
+            let mut out = output_buffer(state, *dst, state.buffers[*src].len());
+            out.copy_from_slice(&state.buffers[*src]);
+            for r in out.chunks_exact_mut(*n) {
+                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in r.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                for v in r.iter_mut() {
+                    *v /= sum;
+                }
+            }
+            state.buffers[*dst] = out;
+        }
+    }
+}
