@@ -2,8 +2,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -60,24 +59,13 @@ async fn sigterm_drains_and_exits_zero() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Read the first line, then close our end of stdout on purpose: a sidecar whose log
-    // reader goes away must keep serving (it once panicked on the next write).
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let data = first
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("data="))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_string();
+    // spawn_switchyard closes our end of stdout after the first line: the server must
+    // keep serving without a log reader.
+    let (mut child, data) = spawn_switchyard([
+        std::ffi::OsStr::new("serve"),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
 
     let url = format!("http://{data}/v1/models/m:predict");
     let request = tokio::spawn(async move { predict(&client(), &url).await });

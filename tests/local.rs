@@ -337,27 +337,17 @@ fn a_missing_model_file_is_a_config_error_with_its_line() {
         .contains("models.d.variants[0].local.model: cannot load model"));
 }
 
-/// Starts `switchyard model-server` with `args`; returns the child and its data address.
+/// Starts `switchyard model-server` with `args` on free ports.
 fn model_server(args: &[&str]) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("model-server")
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("data="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    (child, addr)
+    let mut all = vec![
+        "model-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    all.extend_from_slice(args);
+    spawn_switchyard(all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,3 +289,31 @@ pub fn within_5_sigma(count: usize, n: usize, p: f64) -> bool {
     let sd = (n as f64 * p * (1.0 - p)).sqrt();
     (count as f64 - mean).abs() <= 5.0 * sd.max(1.0)
 }
+
+/// Starts the `switchyard` binary with `args` and reads its first stdout line
+/// (`switchyard listening data=ADDR admin=ADDR`); returns the child and the data address.
+/// Our end of stdout is then closed on purpose: a sidecar whose log reader goes away must
+/// keep serving (it once panicked on its next write).
+pub fn spawn_switchyard<I, S>(args: I) -> (std::process::Child, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let data = first
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("data="))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    (child, data)
+}
