@@ -154,7 +154,8 @@ fn scalar_key(node: &Node) -> Option<&str> {
     }
 }
 
-/// The allowed key within edit distance 2 of `name`, if any.
+/// The allowed key within edit distance 2 of `name`, else one that `name` abbreviates
+/// or extends (`max_batch` → `max_batch_size`), if any.
 fn closest<'k>(name: &str, allowed: &[&'k str]) -> Option<&'k str> {
     allowed
         .iter()
@@ -162,6 +163,12 @@ fn closest<'k>(name: &str, allowed: &[&'k str]) -> Option<&'k str> {
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k)
+        .or_else(|| {
+            allowed
+                .iter()
+                .find(|k| name.len() >= 3 && (k.starts_with(name) || name.starts_with(**k)))
+                .copied()
+        })
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

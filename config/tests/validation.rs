@@ -153,3 +153,82 @@ fn rendered_errors_are_one_line_each_with_the_file_name() {
     assert!(lines[0].starts_with("conf.yaml:1:"), "{text}");
     assert!(lines[1].starts_with("conf.yaml:2:"), "{text}");
 }
+
+#[test]
+fn local_variants_are_checked_like_everything_else() {
+    let text = r#"
+models:
+  m:
+    variants:
+      - name: both
+        upstream: http://127.0.0.1:1
+        local: {model: "builtin:digits_mlp"}
+        weight: 1
+      - name: neither
+        weight: 1
+      - name: misplaced
+        local: {model: "builtin:digits_mlp"}
+        protocol: h2c
+        weight: 1
+      - name: bad
+        local:
+          model: "builtin:nope"
+          runtime: onnxruntime
+          failure_rate: 1.5
+          batching: {max_batch_size: 0, max_batch: 3}
+        weight: 1
+"#;
+    let errors = from_yaml_str(text).unwrap_err().0;
+    let has = |path: &str, words: &str| {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == path && e.message.contains(words)),
+            "no `{words}` at {path} in:\n{}",
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+    has("models.m.variants[0].local", "not both");
+    has("models.m.variants[1]", "either `upstream`");
+    has(
+        "models.m.variants[2].protocol",
+        "applies to `upstream` variants only",
+    );
+    has(
+        "models.m.variants[3].local.model",
+        "no built-in model `nope`",
+    );
+    has("models.m.variants[3].local.runtime", "not one of `tract`");
+    has("models.m.variants[3].local.failure_rate", "between 0 and 1");
+    has(
+        "models.m.variants[3].local.batching.max_batch_size",
+        "greater than zero",
+    );
+    has(
+        "models.m.variants[3].local.batching.max_batch",
+        "did you mean `max_batch_size`",
+    );
+    assert_eq!(errors.len(), 8, "{errors:#?}");
+}
+
+#[test]
+fn local_defaults_follow_tf_serving_where_it_has_them() {
+    let c = from_yaml_str(
+        "models:\n  m:\n    variants:\n      - {name: a, local: {model: x.onnx}, weight: 1}\n",
+    )
+    .unwrap();
+    let local = c.models["m"].variants[0].local.as_ref().unwrap();
+    assert_eq!(local.batching.max_batch_size, 64);
+    assert_eq!(local.batching.batch_timeout_micros, 0);
+    assert_eq!(local.batching.num_batch_threads, None);
+    assert_eq!(local.failure_rate, 0.0);
+    assert_eq!(
+        local.model_at,
+        (4, 34),
+        "where `model` was written, for later errors"
+    );
+}
