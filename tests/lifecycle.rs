@@ -187,3 +187,44 @@ models:
     assert_eq!(cfg["models"]["m"]["variants"][1]["upstream_model"], "m2");
     assert_eq!(cfg["request_timeout"], "30s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_gives_up_after_drain_timeout() {
+    let hanging = Upstream::start("hanging", Duration::from_secs(30)).await;
+    let app = start(&format!(
+        "drain_timeout: 300ms\nrequest_timeout: 60s\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        hanging.url()
+    ))
+    .await;
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    let stuck = tokio::spawn(async move { predict(&client(), &url).await });
+    hanging.wait_for_hits(1).await;
+    app.shutdown();
+    // The upstream would answer in 30 s; the drain stops waiting after 300 ms.
+    let drained = tokio::time::timeout(Duration::from_secs(10), app.wait())
+        .await
+        .expect("wait() is bounded by drain_timeout");
+    assert_eq!(drained, Drained::TimedOut);
+    stuck.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_reused() {
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        "models:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    for _ in 0..100 {
+        assert_eq!(predict(&c, &url).await.status, 200);
+    }
+    assert_eq!(up.hits(), 100);
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one keep-alive connection for sequential requests"
+    );
+}

@@ -427,3 +427,22 @@ fn model_server_flags_are_validated_like_config() {
         assert!(err.contains(expected), "missing {expected:?} in {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_config_serves_digits_with_the_bundled_mlp() {
+    // What `switchyard serve` runs without --config (on free ports here).
+    let app = start(switchyard::DEFAULT_CONFIG).await;
+    let v = vectors();
+    let body = json!({ "instances": v["inputs"].as_array().unwrap()[..5] }).to_string();
+    let r = send(
+        &client(),
+        "POST",
+        &format!("http://{}/v1/models/digits:predict", app.data_addr),
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let want = Value::Array(v["mlp"].as_array().unwrap()[..5].to_vec());
+    close(&floats(&r.json()["predictions"]), &floats(&want));
+}

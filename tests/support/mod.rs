@@ -35,6 +35,8 @@ pub struct Upstream {
     pub name: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -49,12 +51,19 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let hits = Arc::new(AtomicUsize::new(0));
-        let (s, h, n) = (seen.clone(), hits.clone(), name.to_string());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (s, h, n, conns) = (
+            seen.clone(),
+            hits.clone(),
+            name.to_string(),
+            connections.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                conns.fetch_add(1, Ordering::SeqCst);
                 let (s, h, n) = (s.clone(), h.clone(), n.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -115,6 +124,7 @@ impl Upstream {
             name: name.to_string(),
             seen,
             hits,
+            connections,
         }
     }
 
