@@ -70,8 +70,9 @@ async fn sigterm_drains_and_exits_zero() {
     let url = format!("http://{data}/v1/models/m:predict");
     let request = tokio::spawn(async move { predict(&client(), &url).await });
     slow.wait_for_hits(1).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's builtin `kill`: /bin/kill (procps) may be absent on a minimal machine.
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(killed.success());
