@@ -1,8 +1,27 @@
-//! Thompson-sampling bandits that move a model's traffic weights (issue #4).
+//! Thompson-sampling bandits that move a model's traffic weights: pure math, no I/O, no
+//! async, so every decision can be replayed from a seed.
 //!
-//! Not built yet: this crate is reserved so the workspace shows the architecture and the
-//! dependency direction (pure math, no tokio, no I/O). The router already exposes the
-//! seam it will drive: `switchyard_router::selector::Selector::set_weights`, which swaps a
-//! model's weight table atomically, and the probability of every pick.
+//! - [`posterior`]: what we believe about one variant's reward. Beta–Bernoulli for 0/1
+//!   outcomes; Normal–Inverse-Gamma (unknown mean and variance) for real-valued rewards.
+//!   Both support exponential forgetting ([`Posterior::decay`]) for a world that drifts.
+//! - [`objective`]: turns a feedback event into a reward: `conversion` (0/1), `revenue`,
+//!   or `profit` (revenue minus the variant's cost per prediction).
+//! - [`policy`]: the probability that each variant is best (Monte Carlo over posterior
+//!   draws), per-request Thompson picks, and the guardrails (exploration floor, largest
+//!   step per update, warm-up, pin, freeze) applied before weights are published.
+//! - [`error`]: the crate's error type, [`BanditError`].
+//!
+//! Not here (issue #4's remaining parts): the decision log, `POST /v1/feedback`, the task
+//! that publishes weights to the router, persistence, metrics and `switchyard simulate`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+pub mod error;
+pub mod objective;
+pub mod policy;
+pub mod posterior;
+
+pub use error::BanditError;
+pub use objective::{Feedback, Objective};
+pub use policy::{apply_guardrails, p_best, thompson_pick, Guardrails, Override};
+pub use posterior::Posterior;
