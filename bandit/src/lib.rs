@@ -9,18 +9,26 @@
 //! - [`policy`]: the probability that each variant is best (Monte Carlo over posterior
 //!   draws), per-request Thompson picks, and the guardrails (exploration floor, largest
 //!   step per update, warm-up, pin, freeze) applied before weights are published.
+//! - [`engine`]: [`Bandit`], one model's arms: rewards in, guarded weights out.
+//! - [`simulate`]: seeded worlds (conversion, revenue, profit; delayed and missing
+//!   feedback; a best arm that changes) and baselines (fixed split, ε-greedy, Seldon's
+//!   truncated Thompson) to measure regret without a network.
 //! - [`error`]: the crate's error type, [`BanditError`].
 //!
-//! Not here (issue #4's remaining parts): the decision log, `POST /v1/feedback`, the task
-//! that publishes weights to the router, persistence, metrics and `switchyard simulate`.
+//! Not here yet (issue #4's remaining parts): the decision log, `POST /v1/feedback`, the
+//! task that publishes weights to the router, persistence, metrics, and the
+//! `switchyard simulate` command around [`simulate::run`].
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod engine;
 pub mod error;
 pub mod objective;
 pub mod policy;
 pub mod posterior;
+pub mod simulate;
 
+pub use engine::{Bandit, BanditConfig};
 pub use error::BanditError;
 pub use objective::{Feedback, Objective};
 pub use policy::{apply_guardrails, p_best, thompson_pick, Guardrails, Override};

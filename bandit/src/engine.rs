@@ -1,0 +1,109 @@
+//! A model's bandit: one posterior per variant, rewards in, traffic weights out.
+
+use rand::Rng;
+
+use crate::objective::Objective;
+use crate::policy::{apply_guardrails, p_best, thompson_pick, Guardrails, Override};
+use crate::posterior::Posterior;
+
+/// How a bandit learns and moves weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BanditConfig {
+    /// What it maximises.
+    pub objective: Objective,
+    /// Limits on each weight update.
+    pub guardrails: Guardrails,
+    /// Posterior draws per P(best) estimate.
+    pub draws: usize,
+    /// Forget old evidence with this half-life, in observations of an arm; `None` keeps
+    /// everything (a stationary world).
+    pub half_life: Option<f64>,
+}
+
+/// The state of one model's bandit.
+#[derive(Debug, Clone)]
+pub struct Bandit {
+    config: BanditConfig,
+    arms: Vec<Posterior>,
+    rewards: Vec<u64>,
+    weights: Vec<f64>,
+    over: Override,
+}
+
+impl Bandit {
+    /// A bandit over `initial_weights.len()` arms, starting from the configured weights
+    /// (normalised here).
+    pub fn new(config: BanditConfig, initial_weights: &[f64]) -> Self {
+        let sum: f64 = initial_weights.iter().sum();
+        let weights = initial_weights
+            .iter()
+            .map(|w| {
+                if sum > 0.0 {
+                    w / sum
+                } else {
+                    1.0 / initial_weights.len() as f64
+                }
+            })
+            .collect();
+        Bandit {
+            arms: initial_weights
+                .iter()
+                .map(|_| config.objective.prior())
+                .collect(),
+            rewards: vec![0; initial_weights.len()],
+            config,
+            weights,
+            over: Override::None,
+        }
+    }
+
+    /// Learns one reward for `arm`.
+    pub fn observe(&mut self, arm: usize, reward: f64) {
+        let Some(post) = self.arms.get_mut(arm) else {
+            return;
+        };
+        if let Some(h) = self.config.half_life {
+            post.decay(0.5f64.powf(1.0 / h.max(1.0)));
+        }
+        post.observe(reward);
+        self.rewards[arm] += 1;
+    }
+
+    /// Recomputes the weights: P(best) per arm, then the guardrails. Returns them.
+    pub fn update<R: Rng + ?Sized>(&mut self, rng: &mut R) -> &[f64] {
+        let target = p_best(&self.arms, self.config.draws, rng);
+        self.weights = apply_guardrails(
+            &self.weights,
+            &target,
+            &self.rewards,
+            &self.config.guardrails,
+            self.over,
+        );
+        &self.weights
+    }
+
+    /// Per-request Thompson sampling instead of published weights.
+    pub fn pick<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
+        thompson_pick(&self.arms, rng)
+    }
+
+    /// The current weights (sum to 1).
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+
+    /// The posteriors, in arm order.
+    pub fn arms(&self) -> &[Posterior] {
+        &self.arms
+    }
+
+    /// Rewards received per arm.
+    pub fn rewards(&self) -> &[u64] {
+        &self.rewards
+    }
+
+    /// Sets an operator override (freeze, pin) for the next updates.
+    pub fn set_override(&mut self, over: Override) {
+        self.over = over;
+    }
+}
