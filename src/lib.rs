@@ -4,7 +4,8 @@
 //!
 //! - [`load_config`] / [`DEFAULT_CONFIG`]: the config file, or the built-in one.
 //! - [`start`]: runs the data plane and admin listeners; returns a [`Running`] handle.
-//! - `main.rs`: the command line (`serve`, `validate`) and signal handling.
+//! - [`bandits`]: the bandit tasks, wired between the router's feedback and selectors.
+//! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -20,6 +21,8 @@ use switchyard_router::{Metrics, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+pub mod bandits;
 
 pub use switchyard_config as config;
 pub use switchyard_router as router;
@@ -116,6 +119,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     data: JoinHandle<Drained>,
     admin: JoinHandle<Drained>,
+    bandit_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -135,6 +139,9 @@ impl Running {
     pub async fn wait(self) -> Drained {
         let data = self.data.await.unwrap_or(Drained::TimedOut);
         let _ = self.admin.await;
+        for t in &self.bandit_tasks {
+            t.abort();
+        }
         data
     }
 }
@@ -144,7 +151,18 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let registry = Registry::new();
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
-    let router = Router::new(&config, metrics.clone()).map_err(StartError::Config)?;
+    let (sink, receivers) = bandits::sink(&config);
+    let router = Router::with_feedback(
+        &config,
+        metrics.clone(),
+        sink.clone()
+            .map(|s| s as Arc<dyn switchyard_router::feedback::FeedbackSink>),
+    )
+    .map_err(StartError::Config)?;
+    let bandit_tasks = match sink {
+        Some(sink) => bandits::spawn(&config, router.clone(), sink, receivers),
+        None => Vec::new(),
+    };
     let data_addr = data
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
@@ -211,6 +229,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         shutdown,
         data,
         admin,
+        bandit_tasks,
     })
 }
 

@@ -22,7 +22,8 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    Batching, Config, Local, LocalRuntime, Model, UpstreamProtocol, UpstreamUrl, Variant,
+    BanditObjective, BanditSpec, Batching, Config, Local, LocalRuntime, MissingFeedback, Model,
+    UpstreamProtocol, UpstreamUrl, Variant,
 };
 
 /// Parses and validates a configuration from YAML text.

@@ -67,6 +67,58 @@ pub struct Model {
     /// Overrides the top-level `request_timeout` for this model's variants.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub request_timeout: Option<Duration>,
+    /// Let a Thompson-sampling bandit move this model's weights, learning from the
+    /// feedback the application posts to `/v1/feedback`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandit: Option<BanditSpec>,
+}
+
+/// A model's bandit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BanditSpec {
+    /// `conversion` (0/1 outcomes), `revenue` (revenue per prediction) or `profit`
+    /// (revenue minus the variant's `cost_per_1k` / 1000).
+    pub objective: BanditObjective,
+    /// How often weights are recomputed and published. Default `1s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub update_interval: Duration,
+    /// Exploration floor: every variant keeps at least this share. Default 0.01.
+    pub min_weight: f64,
+    /// Largest change of one weight per update. Default 0.2.
+    pub max_step: f64,
+    /// The configured weights hold until every variant has this many rewards. Default 100.
+    pub warmup: u64,
+    /// How long a prediction waits for its feedback. Default `10m`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub feedback_ttl: Duration,
+    /// What a prediction without feedback counts as at `feedback_ttl`: `ignore`
+    /// (nothing) or `zero` (no conversion, zero revenue). Default `ignore`.
+    pub missing_feedback: MissingFeedback,
+    /// Forget old evidence with this half-life, in rewards per variant, so the bandit
+    /// follows a world that drifts. Default: never forget.
+    pub half_life: Option<f64>,
+}
+
+/// What the bandit maximises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BanditObjective {
+    /// Probability of a 0/1 outcome.
+    Conversion,
+    /// Revenue per prediction.
+    Revenue,
+    /// Revenue per prediction minus cost per prediction.
+    Profit,
+}
+
+/// How a prediction without feedback counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingFeedback {
+    /// Not at all.
+    Ignore,
+    /// As no conversion / zero revenue.
+    Zero,
 }
 
 /// One variant: a backend that can answer for the model, and its share of traffic.
@@ -381,6 +433,7 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
             "sticky_header",
             "max_body_bytes",
             "request_timeout",
+            "bandit",
         ],
     )?;
     let sticky_header = f.optional(cx, "sticky_header", |cx, n, p| {
@@ -396,12 +449,107 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
     });
     let max_body_bytes = f.optional(cx, "max_body_bytes", positive_u64);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    let bandit = f.optional(cx, "bandit", decode_bandit);
     let variants = f.required(cx, "variants", decode_variants)?;
+    if let (Some(b), Some(node)) = (&bandit, f.get("bandit")) {
+        if b.min_weight * variants.len() as f64 > 1.0 {
+            cx.error(
+                node,
+                &child(path, "bandit.min_weight"),
+                format!(
+                    "{} variants cannot each keep {}; the floor times the number of variants must be at most 1",
+                    variants.len(),
+                    b.min_weight
+                ),
+            );
+        }
+    }
     Some(Model {
         variants,
         sticky_header,
         max_body_bytes,
         request_timeout,
+        bandit,
+    })
+}
+
+fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &[
+            "objective",
+            "update_interval",
+            "min_weight",
+            "max_step",
+            "warmup",
+            "feedback_ttl",
+            "missing_feedback",
+            "half_life",
+        ],
+    )?;
+    let objective = f.required(cx, "objective", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("conversion", BanditObjective::Conversion),
+                ("revenue", BanditObjective::Revenue),
+                ("profit", BanditObjective::Profit),
+            ],
+        )
+    });
+    let fraction = |lo_open: bool| {
+        move |cx: &mut Cx, n: &Node, p: &str| {
+            let v = decode::f64(cx, n, p)?;
+            let ok = if lo_open {
+                v > 0.0 && v <= 1.0
+            } else {
+                (0.0..1.0).contains(&v)
+            };
+            if !ok {
+                let range = if lo_open { "in (0, 1]" } else { "in [0, 1)" };
+                cx.error(n, p, format!("must be {range}, found {v}"));
+                return None;
+            }
+            Some(v)
+        }
+    };
+    let update_interval = f.optional(cx, "update_interval", decode::duration);
+    let min_weight = f.optional(cx, "min_weight", fraction(false));
+    let max_step = f.optional(cx, "max_step", fraction(true));
+    let warmup = f.optional(cx, "warmup", decode::u64);
+    let feedback_ttl = f.optional(cx, "feedback_ttl", decode::duration);
+    let missing_feedback = f.optional(cx, "missing_feedback", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("ignore", MissingFeedback::Ignore),
+                ("zero", MissingFeedback::Zero),
+            ],
+        )
+    });
+    let half_life = f.optional(cx, "half_life", |cx, n, p| {
+        let v = decode::f64(cx, n, p)?;
+        if v < 1.0 {
+            cx.error(n, p, format!("must be at least 1 (reward), found {v}"));
+            return None;
+        }
+        Some(v)
+    });
+    Some(BanditSpec {
+        objective: objective?,
+        update_interval: update_interval.unwrap_or(Duration::from_secs(1)),
+        min_weight: min_weight.unwrap_or(0.01),
+        max_step: max_step.unwrap_or(0.2),
+        warmup: warmup.unwrap_or(100),
+        feedback_ttl: feedback_ttl.unwrap_or(Duration::from_secs(600)),
+        missing_feedback: missing_feedback.unwrap_or(MissingFeedback::Ignore),
+        half_life,
     })
 }
 

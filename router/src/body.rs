@@ -81,3 +81,19 @@ impl Body for LimitedBody {
         self.inner.size_hint()
     }
 }
+
+/// Reads a whole body of at most `limit` bytes (for the endpoints that parse JSON:
+/// local models and feedback; forwarded bodies are streamed instead).
+pub async fn collect_limited(body: Incoming, limit: u64) -> Result<Bytes, crate::RouterError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(crate::RouterError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(crate::RouterError::ClientBody(e.to_string())),
+    }
+}

@@ -16,12 +16,15 @@
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
 //! - [`ids`]: unguessable request ids.
+//! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
+//!   [`feedback::FeedbackSink`] the binary provides (the bandit).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
 pub mod body;
 pub mod error;
+pub mod feedback;
 pub mod ids;
 pub mod local;
 pub mod metrics;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use switchyard_inference::{Batcher, InferenceError, Signature};
@@ -63,7 +63,7 @@ impl LocalBackend {
                 )))
             }
             (_, Verb::Predict) => {
-                let bytes = read_body(body, body_limit).await?;
+                let bytes = crate::body::collect_limited(body, body_limit).await?;
                 if self.failure_rate > 0.0 && fail_now(self.failure_rate) {
                     return Err(RouterError::Inference(
                         "injected failure (local.failure_rate)".into(),
@@ -93,19 +93,6 @@ impl LocalBackend {
             tokio::time::sleep(d).await;
         }
         Ok(json_response(answer))
-    }
-}
-
-async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, RouterError> {
-    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(RouterError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(RouterError::ClientBody(e.to_string())),
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// Requests being handled now (until their response head is sent).
     pub in_flight: IntGauge,
+    /// Predictions that could not be recorded for feedback (decision log full).
+    pub decisions_dropped: IntCounter,
     /// Queue, compute, batch-size and shed metrics of local models.
     pub local: switchyard_inference::batcher::LocalMetricFamilies,
 }
@@ -125,7 +127,13 @@ impl Metrics {
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         let local = switchyard_inference::batcher::LocalMetricFamilies::new(registry)?;
+        let decisions_dropped = IntCounter::new(
+            "switchyard_decisions_dropped_total",
+            "Predictions not recorded for feedback because the decision log was full.",
+        )?;
+        registry.register(Box::new(decisions_dropped.clone()))?;
         Ok(Metrics {
+            decisions_dropped,
             local,
             requests,
             duration,

@@ -33,6 +33,8 @@ pub enum Endpoint {
     ServerReady,
     /// `GET /v2`: server metadata, answered by Switchyard itself.
     ServerMetadata,
+    /// `POST /v1/feedback`: the application's verdict on earlier predictions.
+    Feedback,
 }
 
 /// A request addressed to one model.
@@ -92,6 +94,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
             "/v2/health/live" => (Endpoint::ServerLive, Method::GET),
             "/v2/health/ready" => (Endpoint::ServerReady, Method::GET),
             "/v2" | "/v2/" => (Endpoint::ServerMetadata, Method::GET),
+            "/v1/feedback" => (Endpoint::Feedback, Method::POST),
             _ if path.starts_with("/v1/") || path.starts_with("/v2/") => {
                 return Err(RouterError::BadPath(format!(
                     "`{path}` is not a prediction endpoint; use /v1/models/{{model}}:predict or /v2/models/{{model}}/infer"

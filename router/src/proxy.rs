@@ -33,6 +33,7 @@ use switchyard_config::{Config, UpstreamProtocol};
 
 use crate::body::{LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
+use crate::feedback::{self, Decision, DecisionLog, FeedbackSink};
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::path::{self, Endpoint, ModelRequest};
@@ -55,25 +56,48 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Most decisions kept for feedback at once, over all models.
+pub const DECISION_LOG_CAPACITY: usize = 1_000_000;
+
 /// The data plane's shared state: the current route table and the metrics.
 #[derive(Debug)]
 pub struct Router {
     table: ArcSwap<RouteTable>,
     metrics: Metrics,
     draining: AtomicBool,
+    decisions: DecisionLog,
+    sink: Option<Arc<dyn FeedbackSink>>,
+    feedback_limit: u64,
 }
 
 impl Router {
     /// Builds the router for `config`. `seed` defaults to `config.seed`, else random.
     /// Must run inside a Tokio runtime.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Arc<Self>, BuildError> {
+        Self::with_feedback(config, metrics, None)
+    }
+
+    /// As [`Router::new`], with a sink for `POST /v1/feedback` (the binary's bandits).
+    pub fn with_feedback(
+        config: &Config,
+        metrics: Metrics,
+        sink: Option<Arc<dyn FeedbackSink>>,
+    ) -> Result<Arc<Self>, BuildError> {
         let seed = config.seed.unwrap_or_else(random_seed);
         let table = RouteTable::build(config, &metrics, seed)?;
         Ok(Arc::new(Router {
             table: ArcSwap::from_pointee(table),
             metrics,
             draining: AtomicBool::new(false),
+            decisions: DecisionLog::new(DECISION_LOG_CAPACITY),
+            sink,
+            feedback_limit: config.max_body_bytes,
         }))
+    }
+
+    /// The decisions waiting for feedback (the bandit tasks expire them).
+    pub fn decisions(&self) -> &DecisionLog {
+        &self.decisions
     }
 
     /// The current route table.
@@ -149,6 +173,20 @@ impl Router {
                     json(StatusCode::OK, r#"{"ready":true}"#)
                 })
             }
+            Endpoint::Feedback => {
+                let Some(sink) = &self.sink else {
+                    return Err(RouterError::UnknownModel(
+                        "(feedback is taken only for models with a `bandit`)".into(),
+                    ));
+                };
+                let body =
+                    crate::body::collect_limited(req.into_body(), self.feedback_limit).await?;
+                let (status, answer) = feedback::handle(&self.decisions, sink.as_ref(), &body)?;
+                let mut resp = json(StatusCode::OK, "");
+                *resp.body_mut() = Either::Right(Full::new(answer));
+                *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                return Ok(resp);
+            }
             Endpoint::ServerMetadata => {
                 let body = serde_json::json!({
                     "name": "switchyard",
@@ -194,6 +232,25 @@ impl Router {
             None => model.selector.pick(),
         };
         let variant = &model.variants[pick.index];
+        if let Some(ttl) = model.feedback_ttl {
+            if model_req.verb.is_prediction() {
+                let now = Instant::now();
+                let recorded = self.decisions.record(
+                    request_id.as_bytes(),
+                    Decision {
+                        model: model.name_arc.clone(),
+                        variant: pick.index,
+                        probability: pick.probability,
+                        at: now,
+                        expires: now + ttl,
+                        rewarded: false,
+                    },
+                );
+                if !recorded {
+                    self.metrics.decisions_dropped.inc();
+                }
+            }
+        }
         let routed = Instant::now();
         let result = match &variant.backend {
             Backend::Remote(upstream) => {

@@ -32,6 +32,11 @@ pub struct ModelRoute {
     pub sticky_header: Option<HeaderName>,
     /// Largest request body, in bytes.
     pub body_limit: u64,
+    /// `Some(feedback_ttl)` when a bandit learns from this model's predictions: its
+    /// decisions are recorded for feedback.
+    pub feedback_ttl: Option<std::time::Duration>,
+    /// The name, shared by every decision recorded for this model.
+    pub name_arc: Arc<str>,
 }
 
 /// One variant of a model.
@@ -135,6 +140,8 @@ impl RouteTable {
                 selector,
                 sticky_header,
                 body_limit: config.body_limit(model),
+                feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
+                name_arc: Arc::from(name.as_str()),
             };
             route.publish_weight_gauges();
             models.insert(name.clone(), Arc::new(route));

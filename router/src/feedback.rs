@@ -1,0 +1,354 @@
+//! Decisions and their feedback: the router remembers which variant answered each
+//! prediction of a model that has a bandit, and `POST /v1/feedback` joins the
+//! application's later verdict to that decision.
+//!
+//! The log is sharded by request id so inserts on the hot path never contend on one
+//! lock, bounded (a full shard refuses new entries and counts them), and entries expire
+//! at their model's `feedback_ttl`. What a reward *means* is not the router's business:
+//! a [`FeedbackSink`] (the binary wires the bandit there) validates and takes it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::error::RouterError;
+use crate::selector::stable_hash;
+
+const SHARDS: usize = 32;
+
+/// One feedback item's values, as posted. Exactly one is set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FeedbackValues {
+    /// `"revenue": 1.25`.
+    pub revenue: Option<f64>,
+    /// `"converted": true`.
+    pub converted: Option<bool>,
+    /// `"reward": x`.
+    pub reward: Option<f64>,
+}
+
+/// Takes feedback for a (model, variant): checks the value against the model's
+/// objective and hands the reward on. Called under a shard lock: must not block.
+pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
+    /// `Err(message)` when the objective cannot take this value (answered 400).
+    fn accept(&self, model: &str, variant: usize, values: &FeedbackValues) -> Result<(), String>;
+}
+
+/// What the router recorded when it chose a variant.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The model (client-facing name).
+    pub model: Arc<str>,
+    /// Index of the chosen variant.
+    pub variant: usize,
+    /// The probability with which it was chosen (for inverse-propensity estimates).
+    pub probability: f64,
+    /// When.
+    pub at: Instant,
+    /// When feedback stops being accepted.
+    pub expires: Instant,
+    /// Whether feedback has been taken (a second one is a duplicate).
+    pub rewarded: bool,
+}
+
+/// The bounded, sharded decision log.
+#[derive(Debug)]
+pub struct DecisionLog {
+    shards: Vec<Mutex<HashMap<Box<[u8]>, Decision>>>,
+    per_shard: usize,
+}
+
+/// Why a feedback item was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedbackError {
+    /// Unknown or expired request id (404).
+    Unknown,
+    /// Feedback already taken for this id (409).
+    Duplicate,
+    /// A value that cannot be used (400).
+    Invalid(String),
+}
+
+impl FeedbackError {
+    fn status(&self) -> u16 {
+        match self {
+            FeedbackError::Unknown => 404,
+            FeedbackError::Duplicate => 409,
+            FeedbackError::Invalid(_) => 400,
+        }
+    }
+
+    fn message(&self, id: &str) -> String {
+        match self {
+            FeedbackError::Unknown => {
+                format!("no prediction `{id}` is waiting for feedback (unknown or expired)")
+            }
+            FeedbackError::Duplicate => {
+                format!("feedback for `{id}` was already taken; the first one counts")
+            }
+            FeedbackError::Invalid(m) => m.clone(),
+        }
+    }
+}
+
+impl DecisionLog {
+    /// A log holding at most `capacity` decisions.
+    pub fn new(capacity: usize) -> Self {
+        DecisionLog {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, id: &[u8]) -> MutexGuard<'_, HashMap<Box<[u8]>, Decision>> {
+        let i = (stable_hash(id) % SHARDS as u64) as usize;
+        // A poisoned shard only means a panic mid-insert elsewhere; the map is intact.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a decision; false when the shard is full (the prediction then cannot get
+    /// feedback, and the caller counts it).
+    pub fn record(&self, id: &[u8], decision: Decision) -> bool {
+        let mut shard = self.shard(id);
+        if shard.len() >= self.per_shard && !shard.contains_key(id) {
+            return false;
+        }
+        shard.insert(id.into(), decision);
+        true
+    }
+
+    /// Joins feedback to its decision: runs `accept` (the sink) and marks the decision
+    /// rewarded only if it succeeds, all under the shard lock, so two concurrent
+    /// feedbacks for one id cannot both count.
+    pub fn claim(
+        &self,
+        id: &[u8],
+        now: Instant,
+        accept: impl FnOnce(&Decision) -> Result<(), String>,
+    ) -> Result<(), FeedbackError> {
+        let mut shard = self.shard(id);
+        let Some(d) = shard.get_mut(id) else {
+            return Err(FeedbackError::Unknown);
+        };
+        if d.expires <= now {
+            return Err(FeedbackError::Unknown);
+        }
+        if d.rewarded {
+            return Err(FeedbackError::Duplicate);
+        }
+        accept(d).map_err(FeedbackError::Invalid)?;
+        d.rewarded = true;
+        Ok(())
+    }
+
+    /// Removes every decision past its expiry; returns those that never got feedback.
+    pub fn expire(&self, now: Instant) -> Vec<Decision> {
+        let mut missing = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, d| {
+                if d.expires > now {
+                    return true;
+                }
+                if !d.rewarded {
+                    missing.push(d.clone());
+                }
+                false
+            });
+        }
+        missing
+    }
+
+    /// Decisions held now.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// True when no decision is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Parses one feedback item: `{"request_id": "...", "revenue"|"converted"|"reward": v}`.
+fn parse_item(item: &Value) -> Result<(String, FeedbackValues), (Option<String>, String)> {
+    let obj = item
+        .as_object()
+        .ok_or((None, "a feedback item must be a JSON object".to_string()))?;
+    let id = obj
+        .get("request_id")
+        .and_then(Value::as_str)
+        .ok_or((None, "`request_id` (a string) is required".to_string()))?
+        .to_string();
+    let bad = |m: String| (Some(id.clone()), m);
+    let mut values = FeedbackValues::default();
+    let mut set = 0;
+    for (k, v) in obj {
+        match k.as_str() {
+            "request_id" => {}
+            "revenue" | "reward" => {
+                let x = v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| bad(format!("`{k}` must be a finite number")))?;
+                if k == "revenue" {
+                    values.revenue = Some(x);
+                } else {
+                    values.reward = Some(x);
+                }
+                set += 1;
+            }
+            "converted" => {
+                values.converted = Some(
+                    v.as_bool()
+                        .ok_or_else(|| bad("`converted` must be true or false".into()))?,
+                );
+                set += 1;
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown field `{other}`; use `revenue`, `converted` or `reward`"
+                )))
+            }
+        }
+    }
+    if set != 1 {
+        return Err(bad(
+            "give exactly one of `revenue`, `converted` or `reward`".into(),
+        ));
+    }
+    Ok((id, values))
+}
+
+/// Handles a `POST /v1/feedback` body. One item answers with its own status; the batch
+/// form `{"feedback": [...]}` answers 200 with a status per item.
+pub fn handle(
+    log: &DecisionLog,
+    sink: &dyn FeedbackSink,
+    body: &[u8],
+) -> Result<(u16, Bytes), RouterError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| RouterError::BadInput(format!("the feedback body is not valid JSON: {e}")))?;
+    let one = |item: &Value| -> (u16, Value) {
+        match parse_item(item) {
+            Err((id, msg)) => (
+                400,
+                json!({ "request_id": id, "status": 400, "error": msg }),
+            ),
+            Ok((id, values)) => {
+                let outcome = log.claim(id.as_bytes(), Instant::now(), |d| {
+                    sink.accept(&d.model, d.variant, &values)
+                });
+                match outcome {
+                    Ok(()) => (200, json!({ "request_id": id, "status": 200 })),
+                    Err(e) => (
+                        e.status(),
+                        json!({ "request_id": id, "status": e.status(), "error": e.message(&id) }),
+                    ),
+                }
+            }
+        }
+    };
+    match v.get("feedback") {
+        Some(Value::Array(items)) => {
+            let results: Vec<Value> = items.iter().map(|i| one(i).1).collect();
+            Ok((200, Bytes::from(json!({ "results": results }).to_string())))
+        }
+        Some(_) => Err(RouterError::BadInput(
+            "`feedback` must be a list of items".into(),
+        )),
+        None => {
+            let (status, answer) = one(&v);
+            Ok((status, Bytes::from(answer.to_string())))
+        }
+    }
+}
+
+/// How long decisions of a model live: its `feedback_ttl`.
+pub fn expiry(at: Instant, ttl: Duration) -> Instant {
+    at + ttl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Accept;
+    impl FeedbackSink for Accept {
+        fn accept(&self, _: &str, _: usize, v: &FeedbackValues) -> Result<(), String> {
+            if v.reward.is_some_and(|r| r > 1.0) {
+                Err("reward above 1".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn decision(expires_in: Duration) -> Decision {
+        let now = Instant::now();
+        Decision {
+            model: "m".into(),
+            variant: 1,
+            probability: 0.5,
+            at: now,
+            expires: now + expires_in,
+            rewarded: false,
+        }
+    }
+
+    #[test]
+    fn first_feedback_wins_and_invalid_values_do_not_consume_the_decision() {
+        let log = DecisionLog::new(100);
+        assert!(log.record(b"r1", decision(Duration::from_secs(60))));
+        let post = |body: &str| handle(&log, &Accept, body.as_bytes()).unwrap().0;
+        assert_eq!(post(r#"{"request_id": "r1", "reward": 5}"#), 400);
+        assert_eq!(post(r#"{"request_id": "r1", "reward": 1}"#), 200);
+        assert_eq!(post(r#"{"request_id": "r1", "reward": 0}"#), 409);
+        assert_eq!(post(r#"{"request_id": "nope", "reward": 0}"#), 404);
+        assert_eq!(post(r#"{"request_id": "r1"}"#), 400);
+        assert_eq!(
+            post(r#"{"request_id": "r1", "revenue": 1, "reward": 1}"#),
+            400
+        );
+        assert_eq!(post(r#"{"request_id": "r1", "converted": "yes"}"#), 400);
+    }
+
+    #[test]
+    fn expired_decisions_are_unknown_and_reported_missing_once() {
+        let log = DecisionLog::new(100);
+        log.record(b"old", decision(Duration::ZERO));
+        log.record(b"fresh", decision(Duration::from_secs(60)));
+        log.record(b"done", decision(Duration::ZERO));
+        let later = Instant::now() + Duration::from_millis(1);
+        assert_eq!(
+            log.claim(b"old", later, |_| Ok(())),
+            Err(FeedbackError::Unknown)
+        );
+        let missing = log.expire(later);
+        assert_eq!(missing.len(), 2, "old and done never got feedback");
+        assert_eq!(log.len(), 1);
+        assert!(log.expire(later).is_empty());
+    }
+
+    #[test]
+    fn the_log_is_bounded() {
+        let log = DecisionLog::new(SHARDS);
+        let kept = (0..10 * SHARDS)
+            .filter(|i| {
+                log.record(
+                    format!("id{i}").as_bytes(),
+                    decision(Duration::from_secs(60)),
+                )
+            })
+            .count();
+        assert_eq!(kept, log.len());
+        assert!(kept <= SHARDS, "{kept}");
+    }
+}
