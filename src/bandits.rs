@@ -4,27 +4,55 @@
 //! - [`BanditSink`] is the router's [`FeedbackSink`]: it turns a feedback item into a
 //!   reward with the model's objective and the variant's cost (refusing values the
 //!   objective cannot take) and queues it for the model's task.
-//! - One task per model drains its rewards, and every `update_interval` recomputes the
-//!   weights (P(best) within the guardrails) and publishes them to the model's selector.
-//! - One sweeper expires decisions at their `feedback_ttl`; under
-//!   `missing_feedback: zero` each one counts as no conversion / zero revenue.
+//! - One task per model drains its events, and every `update_interval` recomputes the
+//!   weights (P(best) within the guardrails), publishes them to the model's selector and
+//!   refreshes the model's snapshot (metrics, `/admin/state`, the state file).
+//! - One housekeeping task expires decisions at their `feedback_ttl` (under
+//!   `missing_feedback: zero` each counts as no conversion / zero revenue) and writes the
+//!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use prometheus::{
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use serde_json::{json, Value};
 use switchyard_bandit::policy::Guardrails;
-use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective};
+use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
 use switchyard_config::{BanditObjective, Config, MissingFeedback};
-use switchyard_router::feedback::{FeedbackSink, FeedbackValues};
+use switchyard_router::feedback::{Decision, FeedbackSink, FeedbackValues};
 use switchyard_router::Router;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Posterior draws per P(best) estimate: enough for weights to within ~1.5 points.
+/// Posterior draws per P(best) estimate: weights to within about 1.5 points.
 const DRAWS: usize = 2000;
+/// How often the state file is written while running.
+const PERSIST_EVERY: Duration = Duration::from_secs(10);
+
+/// What a model's task learns from.
+#[derive(Debug)]
+enum Event {
+    /// Feedback taken for a decision.
+    Feedback {
+        variant: usize,
+        reward: f64,
+        revenue: f64,
+        cost: f64,
+        delay: f64,
+    },
+    /// A decision expired without feedback.
+    Missing {
+        variant: usize,
+        reward: Option<f64>,
+        cost: f64,
+    },
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -32,7 +60,7 @@ struct Entry {
     /// Cost per prediction of each variant (`cost_per_1k` / 1000).
     costs: Vec<f64>,
     missing: MissingFeedback,
-    rewards: mpsc::UnboundedSender<(usize, f64)>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// The router's feedback sink: validates and queues rewards per model.
@@ -42,25 +70,57 @@ pub struct BanditSink {
 }
 
 impl FeedbackSink for BanditSink {
-    fn accept(&self, model: &str, variant: usize, v: &FeedbackValues) -> Result<(), String> {
+    fn accept(&self, d: &Decision, v: &FeedbackValues) -> Result<(), String> {
         let e = self
             .models
-            .get(model)
-            .ok_or_else(|| format!("model `{model}` has no bandit"))?;
+            .get(&*d.model)
+            .ok_or_else(|| format!("model `{}` has no bandit", d.model))?;
         let fb = Feedback {
             revenue: v.revenue,
             converted: v.converted,
             reward: v.reward,
         };
-        let cost = e.costs.get(variant).copied().unwrap_or(0.0);
+        let cost = e.costs.get(d.variant).copied().unwrap_or(0.0);
         let reward = e
             .objective
             .reward(&fb, cost)
             .map_err(|err| err.to_string())?;
-        e.rewards
-            .send((variant, reward))
+        let revenue = v
+            .revenue
+            .or(v.reward)
+            .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
+        e.events
+            .send(Event::Feedback {
+                variant: d.variant,
+                reward,
+                revenue,
+                cost,
+                delay: d.at.elapsed().as_secs_f64(),
+            })
             .map_err(|_| "the model's bandit has stopped".to_string())
     }
+}
+
+/// One model's bandit as last published.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    objective: Objective,
+    variants: Vec<String>,
+    weights: Vec<f64>,
+    arms: Vec<Posterior>,
+    rewards: Vec<u64>,
+    revenue: Vec<f64>,
+    cost: Vec<f64>,
+    expired: Vec<u64>,
+}
+
+/// The bandits of a running Switchyard.
+#[derive(Debug)]
+pub struct Bandits {
+    sink: Arc<BanditSink>,
+    snapshots: Arc<Mutex<BTreeMap<String, Snapshot>>>,
+    state_file: Option<PathBuf>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 fn objective(o: BanditObjective) -> Objective {
@@ -71,14 +131,23 @@ fn objective(o: BanditObjective) -> Objective {
     }
 }
 
-/// Each model's queue of (variant, reward), drained by its task.
-pub type Receivers = HashMap<String, mpsc::UnboundedReceiver<(usize, f64)>>;
+fn objective_name(o: Objective) -> &'static str {
+    match o {
+        Objective::Conversion => "conversion",
+        Objective::Revenue => "revenue",
+        Objective::Profit => "profit",
+    }
+}
 
-/// The sink for `config`'s bandits (None if no model has one), and the receivers their
+/// Each model's queue of events, handed from [`sink`] to [`Bandits::spawn`].
+#[derive(Debug)]
+pub struct Receivers(HashMap<String, mpsc::UnboundedReceiver<Event>>);
+
+/// The sink for `config`'s bandits (None if no model has one), and the queues their
 /// tasks will drain.
 pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
     let mut models = HashMap::new();
-    let mut receivers = HashMap::new();
+    let mut receivers = Receivers(HashMap::new());
     for (name, model) in &config.models {
         let Some(b) = &model.bandit else { continue };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -92,10 +161,10 @@ pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
                     .map(|v| v.cost_per_1k / 1000.0)
                     .collect(),
                 missing: b.missing_feedback,
-                rewards: tx,
+                events: tx,
             },
         );
-        receivers.insert(name.clone(), rx);
+        receivers.0.insert(name.clone(), rx);
     }
     if models.is_empty() {
         (None, receivers)
@@ -104,70 +173,367 @@ pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
     }
 }
 
-/// Starts one task per model with a bandit, and the decision sweeper.
-pub fn spawn(
-    config: &Config,
-    router: Arc<Router>,
-    sink: Arc<BanditSink>,
-    mut receivers: Receivers,
-) -> Vec<JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    let seed = config.seed.unwrap_or(0x5EED);
-    for (name, model) in &config.models {
-        let (Some(b), Some(mut rx)) = (&model.bandit, receivers.remove(name)) else {
-            continue;
+/// Per-variant bandit metrics.
+#[derive(Clone)]
+struct Metrics {
+    mean: GaugeVec,
+    low: GaugeVec,
+    high: GaugeVec,
+    rewards: IntCounterVec,
+    revenue: CounterVec,
+    cost: CounterVec,
+    expired: IntCounterVec,
+    delay: HistogramVec,
+}
+
+impl Metrics {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let mv = ["model", "variant"];
+        let gauge = |n: &str, h: &str| GaugeVec::new(Opts::new(n, h), &mv);
+        let m = Metrics {
+            mean: gauge("switchyard_bandit_posterior_mean", "Posterior mean of each variant's expected reward.")?,
+            low: gauge("switchyard_bandit_credible_low", "Lower end of the ~95% credible interval of each variant's expected reward.")?,
+            high: gauge("switchyard_bandit_credible_high", "Upper end of the ~95% credible interval of each variant's expected reward.")?,
+            rewards: IntCounterVec::new(Opts::new("switchyard_bandit_rewards_total", "Rewards learned per variant (feedback, and expired decisions under missing_feedback: zero)."), &mv)?,
+            revenue: CounterVec::new(Opts::new("switchyard_bandit_revenue_total", "Revenue (or 0/1 conversions, or rewards) reported per variant."), &mv)?,
+            cost: CounterVec::new(Opts::new("switchyard_bandit_cost_total", "Cost of the predictions whose outcome is known (feedback or expiry), per variant."), &mv)?,
+            expired: IntCounterVec::new(Opts::new("switchyard_decisions_expired_total", "Predictions whose feedback never came within feedback_ttl."), &mv)?,
+            delay: HistogramVec::new(
+                HistogramOpts::new("switchyard_feedback_delay_seconds", "Time from a prediction to its feedback.")
+                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+                &["model"],
+            )?,
         };
-        let cfg = BanditConfig {
-            objective: objective(b.objective),
-            guardrails: Guardrails {
-                min_weight: b.min_weight,
-                max_step: b.max_step,
-                warmup: b.warmup,
-            },
-            draws: DRAWS,
-            half_life: b.half_life,
-        };
-        let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
-        let mut bandit = Bandit::new(cfg, &weights);
-        let mut rng =
-            StdRng::seed_from_u64(seed ^ switchyard_router::selector::stable_hash(name.as_bytes()));
-        let (router, name, every) = (router.clone(), name.clone(), b.update_interval);
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                while let Ok((variant, reward)) = rx.try_recv() {
-                    bandit.observe(variant, reward);
-                }
-                let weights = bandit.update(&mut rng).to_vec();
-                if let Some(route) = router.table().model(&name) {
-                    if let Err(e) = route.set_weights(&weights) {
-                        tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
-                    }
-                }
-            }
-        }));
+        r.register(Box::new(m.mean.clone()))?;
+        r.register(Box::new(m.low.clone()))?;
+        r.register(Box::new(m.high.clone()))?;
+        r.register(Box::new(m.rewards.clone()))?;
+        r.register(Box::new(m.revenue.clone()))?;
+        r.register(Box::new(m.cost.clone()))?;
+        r.register(Box::new(m.expired.clone()))?;
+        r.register(Box::new(m.delay.clone()))?;
+        Ok(m)
     }
-    // Expire decisions once a second; feed the missing ones back where configured.
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            for d in router
-                .decisions()
-                .expire(tokio::time::Instant::now().into_std())
-            {
-                if let Some(e) = sink.models.get(&*d.model) {
-                    if e.missing == MissingFeedback::Zero {
-                        let cost = e.costs.get(d.variant).copied().unwrap_or(0.0);
-                        let _ = e
-                            .rewards
-                            .send((d.variant, e.objective.missing_reward(cost)));
+}
+
+fn posterior_json(p: &Posterior) -> Value {
+    match *p {
+        Posterior::Beta {
+            alpha0,
+            beta0,
+            successes,
+            failures,
+        } => {
+            json!({ "kind": "beta", "alpha0": alpha0, "beta0": beta0, "successes": successes, "failures": failures })
+        }
+        Posterior::Gaussian {
+            mu0,
+            kappa0,
+            alpha0,
+            beta0,
+            n,
+            sum,
+            sum_sq,
+        } => json!({
+            "kind": "gaussian", "mu0": mu0, "kappa0": kappa0, "alpha0": alpha0, "beta0": beta0,
+            "n": n, "sum": sum, "sum_sq": sum_sq
+        }),
+    }
+}
+
+fn posterior_from(v: &Value) -> Option<Posterior> {
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
+    match v.get("kind")?.as_str()? {
+        "beta" => Some(Posterior::Beta {
+            alpha0: f("alpha0")?,
+            beta0: f("beta0")?,
+            successes: f("successes")?,
+            failures: f("failures")?,
+        }),
+        "gaussian" => Some(Posterior::Gaussian {
+            mu0: f("mu0")?,
+            kappa0: f("kappa0")?,
+            alpha0: f("alpha0")?,
+            beta0: f("beta0")?,
+            n: f("n")?,
+            sum: f("sum")?,
+            sum_sq: f("sum_sq")?,
+        }),
+        _ => None,
+    }
+}
+
+fn render(snapshots: &BTreeMap<String, Snapshot>) -> Value {
+    let models: serde_json::Map<String, Value> = snapshots
+        .iter()
+        .map(|(name, s)| {
+            let variants: serde_json::Map<String, Value> = s
+                .variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let (lo, hi) = s.arms[i].credible_interval();
+                    (
+                        v.clone(),
+                        json!({
+                            "weight": s.weights[i],
+                            "posterior_mean": s.arms[i].mean(),
+                            "credible_interval": [lo, hi],
+                            "rewards": s.rewards[i],
+                            "revenue_total": s.revenue[i],
+                            "cost_total": s.cost[i],
+                            "expired_without_feedback": s.expired[i],
+                            "posterior": posterior_json(&s.arms[i]),
+                        }),
+                    )
+                })
+                .collect();
+            (
+                name.clone(),
+                json!({ "objective": objective_name(s.objective), "variants": variants }),
+            )
+        })
+        .collect();
+    json!({ "version": 1, "models": models })
+}
+
+impl Bandits {
+    /// Starts a task per model with a bandit and the housekeeping task; restores the
+    /// state file if `config.state_file` names one that exists.
+    pub fn spawn(
+        config: &Config,
+        router: Arc<Router>,
+        sink: Arc<BanditSink>,
+        mut receivers: Receivers,
+        registry: &Registry,
+    ) -> Result<Self, String> {
+        let metrics = Metrics::new(registry).map_err(|e| format!("bandit metrics: {e}"))?;
+        let state_file = config.state_file.as_ref().map(PathBuf::from);
+        let saved: Value = match &state_file {
+            Some(p) => match std::fs::read(p) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                    tracing::warn!(file = %p.display(), error = %e, "State file unreadable; starting the bandits fresh.");
+                    Value::Null
+                }),
+                Err(_) => Value::Null,
+            },
+            None => Value::Null,
+        };
+        let snapshots = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut tasks = Vec::new();
+        let seed = config.seed.unwrap_or(0x5EED);
+        for (name, model) in &config.models {
+            let (Some(b), Some(mut rx)) = (&model.bandit, receivers.0.remove(name)) else {
+                continue;
+            };
+            let obj = objective(b.objective);
+            let cfg = BanditConfig {
+                objective: obj,
+                guardrails: Guardrails {
+                    min_weight: b.min_weight,
+                    max_step: b.max_step,
+                    warmup: b.warmup,
+                },
+                draws: DRAWS,
+                half_life: b.half_life,
+            };
+            let names: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
+            let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
+            let mut bandit = Bandit::new(cfg, &weights);
+            let n = names.len();
+            let mut snap = Snapshot {
+                objective: obj,
+                variants: names.clone(),
+                weights: bandit.weights().to_vec(),
+                arms: bandit.arms().to_vec(),
+                rewards: vec![0; n],
+                revenue: vec![0.0; n],
+                cost: vec![0.0; n],
+                expired: vec![0; n],
+            };
+            // Restore what the file knows of variants that still exist, under the same
+            // objective; restore the weights only if every variant is known.
+            let old = &saved["models"][name.as_str()];
+            if old["objective"].as_str() == Some(objective_name(obj)) {
+                let mut saved_weights = Vec::with_capacity(n);
+                for (i, v) in names.iter().enumerate() {
+                    let o = &old["variants"][v.as_str()];
+                    if let Some(p) = posterior_from(&o["posterior"]) {
+                        let rewards = o["rewards"].as_u64().unwrap_or(0);
+                        bandit.restore_arm(i, p, rewards);
+                        snap.rewards[i] = rewards;
+                        snap.revenue[i] = o["revenue_total"].as_f64().unwrap_or(0.0);
+                        snap.cost[i] = o["cost_total"].as_f64().unwrap_or(0.0);
+                        snap.expired[i] = o["expired_without_feedback"].as_u64().unwrap_or(0);
+                    }
+                    if let Some(w) = o["weight"].as_f64() {
+                        saved_weights.push(w);
                     }
                 }
+                if saved_weights.len() == n {
+                    bandit.restore_weights(&saved_weights);
+                }
+                tracing::info!(model = %name, "Bandit state restored.");
             }
+            snap.weights = bandit.weights().to_vec();
+            snap.arms = bandit.arms().to_vec();
+            if let Some(route) = router.table().model(name) {
+                let _ = route.set_weights(&snap.weights);
+            }
+            snapshots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), snap.clone());
+            let mut rng = StdRng::seed_from_u64(
+                seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
+            );
+            let (router, name, every, snapshots, m) = (
+                router.clone(),
+                name.clone(),
+                b.update_interval,
+                snapshots.clone(),
+                metrics.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    while let Ok(event) = rx.try_recv() {
+                        match event {
+                            Event::Feedback {
+                                variant,
+                                reward,
+                                revenue,
+                                cost,
+                                delay,
+                            } => {
+                                bandit.observe(variant, reward);
+                                let v = &snap.variants[variant];
+                                snap.rewards[variant] += 1;
+                                snap.revenue[variant] += revenue;
+                                snap.cost[variant] += cost;
+                                m.rewards.with_label_values(&[&name, v]).inc();
+                                m.revenue
+                                    .with_label_values(&[&name, v])
+                                    .inc_by(revenue.max(0.0));
+                                m.cost.with_label_values(&[&name, v]).inc_by(cost.max(0.0));
+                                m.delay.with_label_values(&[&name]).observe(delay);
+                            }
+                            Event::Missing {
+                                variant,
+                                reward,
+                                cost,
+                            } => {
+                                let v = &snap.variants[variant];
+                                snap.expired[variant] += 1;
+                                snap.cost[variant] += cost;
+                                m.expired.with_label_values(&[&name, v]).inc();
+                                m.cost.with_label_values(&[&name, v]).inc_by(cost.max(0.0));
+                                if let Some(r) = reward {
+                                    bandit.observe(variant, r);
+                                    snap.rewards[variant] += 1;
+                                    m.rewards.with_label_values(&[&name, v]).inc();
+                                }
+                            }
+                        }
+                    }
+                    let weights = bandit.update(&mut rng).to_vec();
+                    if let Some(route) = router.table().model(&name) {
+                        if let Err(e) = route.set_weights(&weights) {
+                            tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
+                        }
+                    }
+                    snap.weights = weights;
+                    snap.arms = bandit.arms().to_vec();
+                    for (i, v) in snap.variants.iter().enumerate() {
+                        let (lo, hi) = snap.arms[i].credible_interval();
+                        m.mean
+                            .with_label_values(&[&name, v])
+                            .set(snap.arms[i].mean());
+                        m.low.with_label_values(&[&name, v]).set(lo);
+                        m.high.with_label_values(&[&name, v]).set(hi);
+                    }
+                    snapshots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), snap.clone());
+                }
+            }));
         }
-    }));
-    tasks
+        let bandits = Bandits {
+            sink,
+            snapshots,
+            state_file,
+            tasks: Vec::new(),
+        };
+        let housekeeping = {
+            let (sink, snapshots, file) = (
+                bandits.sink.clone(),
+                bandits.snapshots.clone(),
+                bandits.state_file.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut last_write = Instant::now();
+                loop {
+                    tick.tick().await;
+                    for d in router.decisions().expire(Instant::now()) {
+                        if let Some(e) = sink.models.get(&*d.model) {
+                            let cost = e.costs.get(d.variant).copied().unwrap_or(0.0);
+                            let reward = (e.missing == MissingFeedback::Zero)
+                                .then(|| e.objective.missing_reward(cost));
+                            let _ = e.events.send(Event::Missing {
+                                variant: d.variant,
+                                reward,
+                                cost,
+                            });
+                        }
+                    }
+                    if file.is_some() && last_write.elapsed() >= PERSIST_EVERY {
+                        write_state(file.as_ref(), &snapshots);
+                        last_write = Instant::now();
+                    }
+                }
+            })
+        };
+        tasks.push(housekeeping);
+        Ok(Bandits { tasks, ..bandits })
+    }
+
+    /// `/admin/state`: each model's objective and, per variant, its weight, posterior
+    /// mean and credible interval, rewards, revenue and cost totals.
+    pub fn state(&self) -> Value {
+        render(&self.snapshots.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A renderer for the admin listener.
+    pub fn state_fn(self: &Arc<Self>) -> switchyard_router::admin::StateFn {
+        let me = self.clone();
+        Arc::new(move || me.state())
+    }
+
+    /// Writes the state file now (at shutdown).
+    pub fn persist(&self) {
+        write_state(self.state_file.as_ref(), &self.snapshots);
+    }
+
+    /// Stops the tasks.
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Writes the snapshots atomically: to `FILE.tmp`, then renamed over `FILE`, so a crash
+/// mid-write never leaves a torn file.
+fn write_state(file: Option<&PathBuf>, snapshots: &Mutex<BTreeMap<String, Snapshot>>) {
+    let Some(file) = file else { return };
+    let body = render(&snapshots.lock().unwrap_or_else(|p| p.into_inner())).to_string();
+    let tmp = file.with_extension("tmp");
+    let result = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = result {
+        tracing::error!(file = %file.display(), error = %e, "Cannot write the bandit state file; statistics will not survive a restart.");
+    }
 }

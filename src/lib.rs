@@ -119,10 +119,17 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     data: JoinHandle<Drained>,
     admin: JoinHandle<Drained>,
-    bandit_tasks: Vec<JoinHandle<()>>,
+    bandits: Option<Arc<bandits::Bandits>>,
 }
 
 impl Running {
+    /// The bandits' state, as `/admin/state` shows it (`{"models": {}}` without any).
+    pub fn bandit_state(&self) -> serde_json::Value {
+        self.bandits
+            .as_ref()
+            .map_or_else(|| serde_json::json!({ "models": {} }), |b| b.state())
+    }
+
     /// The data plane (to read the route table or move weights).
     pub fn router(&self) -> &Arc<Router> {
         &self.router
@@ -139,8 +146,9 @@ impl Running {
     pub async fn wait(self) -> Drained {
         let data = self.data.await.unwrap_or(Drained::TimedOut);
         let _ = self.admin.await;
-        for t in &self.bandit_tasks {
-            t.abort();
+        if let Some(b) = &self.bandits {
+            b.stop();
+            b.persist();
         }
         data
     }
@@ -159,9 +167,12 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
             .map(|s| s as Arc<dyn switchyard_router::feedback::FeedbackSink>),
     )
     .map_err(StartError::Config)?;
-    let bandit_tasks = match sink {
-        Some(sink) => bandits::spawn(&config, router.clone(), sink, receivers),
-        None => Vec::new(),
+    let bandits = match sink {
+        Some(sink) => Some(Arc::new(
+            bandits::Bandits::spawn(&config, router.clone(), sink, receivers, &registry)
+                .map_err(StartError::Other)?,
+        )),
+        None => None,
     };
     let data_addr = data
         .local_addr()
@@ -209,6 +220,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         registry,
         router: router.clone(),
         config_json,
+        state: bandits.as_ref().map(bandits::Bandits::state_fn),
     }));
     let admin_opts = ServeOptions {
         max_connections: 256,
@@ -229,7 +241,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         shutdown,
         data,
         admin,
-        bandit_tasks,
+        bandits,
     })
 }
 

@@ -201,3 +201,186 @@ async fn feedback_after_the_ttl_is_refused() {
     .await;
     assert_eq!(r.status, 404);
 }
+
+/// Sends `rounds` × 20 predictions with feedback (b converts, a does not); returns how
+/// many feedbacks went to each variant.
+async fn teach(app: &switchyard::Running, rounds: usize) -> (u64, u64) {
+    let c = client();
+    let (mut na, mut nb) = (0, 0);
+    for _ in 0..rounds {
+        for _ in 0..20 {
+            let r = predict(
+                &c,
+                &format!("http://{}/v1/models/rec:predict", app.data_addr),
+            )
+            .await;
+            let on_b = r.header("x-switchyard-variant") == Some("b");
+            let body =
+                json!({ "request_id": r.header("x-request-id").unwrap(), "converted": on_b });
+            let fb = send(
+                &c,
+                "POST",
+                &format!("http://{}/v1/feedback", app.data_addr),
+                &[],
+                &body.to_string(),
+            )
+            .await;
+            assert_eq!(fb.status, 200);
+            if on_b {
+                nb += 1
+            } else {
+                na += 1
+            }
+        }
+    }
+    (na, nb)
+}
+
+/// Waits (bounded) until /admin/state counts `total` rewards for model `rec`.
+async fn wait_for_rewards(app: &switchyard::Running, total: u64) -> Value {
+    for _ in 0..200 {
+        let s = send(
+            &client(),
+            "GET",
+            &format!("http://{}/admin/state", app.admin_addr),
+            &[],
+            "",
+        )
+        .await
+        .json();
+        let v = &s["models"]["rec"]["variants"];
+        if v["a"]["rewards"].as_u64().unwrap_or(0) + v["b"]["rewards"].as_u64().unwrap_or(0)
+            >= total
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("rewards never reached {total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_state_and_metrics_show_what_the_bandit_learned() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = app(
+        &a,
+        &b,
+        "{objective: conversion, update_interval: 20ms, warmup: 1000}",
+    )
+    .await;
+    let (na, nb) = teach(&app, 5).await;
+    let s = wait_for_rewards(&app, na + nb).await;
+    let v = &s["models"]["rec"]["variants"];
+    assert_eq!(s["models"]["rec"]["objective"], "conversion");
+    assert_eq!(
+        (v["a"]["rewards"].as_u64(), v["b"]["rewards"].as_u64()),
+        (Some(na), Some(nb))
+    );
+    assert_eq!(
+        v["b"]["revenue_total"].as_f64(),
+        Some(nb as f64),
+        "one conversion per b prediction"
+    );
+    // Beta(1 + nb, 1) and Beta(1, 1 + na): means known in closed form.
+    let mean = |x: &Value| x["posterior_mean"].as_f64().unwrap();
+    assert!((mean(&v["b"]) - (1.0 + nb as f64) / (2.0 + nb as f64)).abs() < 1e-9);
+    assert!((mean(&v["a"]) - 1.0 / (2.0 + na as f64)).abs() < 1e-9);
+    let ci = v["b"]["credible_interval"].as_array().unwrap();
+    assert!(ci[0].as_f64().unwrap() < mean(&v["b"]) && mean(&v["b"]) <= ci[1].as_f64().unwrap());
+    // Warm-up of 1000 rewards is not reached: the configured 50/50 holds.
+    assert_eq!(v["a"]["weight"].as_f64(), Some(0.5));
+
+    let m = metrics(app.admin_addr).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"switchyard_bandit_rewards_total{model="rec",variant="b"}"#
+        ),
+        Some(nb as f64)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"switchyard_feedback_delay_seconds_count{model="rec"}"#
+        ),
+        Some((na + nb) as f64)
+    );
+    assert!(
+        sample(
+            &m,
+            r#"switchyard_bandit_posterior_mean{model="rec",variant="b"}"#
+        )
+        .unwrap()
+            > 0.9
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandit_state_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("switchyard-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state.json");
+    let _ = std::fs::remove_file(&file);
+    let (a, b, c) = (
+        Upstream::echo("a").await,
+        Upstream::echo("b").await,
+        Upstream::echo("c").await,
+    );
+    let bandit = "{objective: conversion, update_interval: 20ms, warmup: 5, min_weight: 0.05, max_step: 0.5}";
+    let config = |extra: &str| {
+        format!(
+            "seed: 5\nstate_file: \"{}\"\nmodels:\n  rec:\n    bandit: {bandit}\n    variants:\n      - {{name: a, upstream: \"{}\", weight: 1}}\n      - {{name: b, upstream: \"{}\", weight: 1}}\n{extra}",
+            file.display(),
+            a.url(),
+            b.url()
+        )
+    };
+
+    let first = start(&config("")).await;
+    let (na, nb) = teach(&first, 5).await;
+    let before = wait_for_rewards(&first, na + nb).await;
+    // Let one more update publish weights that include every reward, then stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = first
+        .bandit_state()
+        .get("models")
+        .cloned()
+        .unwrap_or(before);
+    first.shutdown();
+    first.wait().await;
+    assert!(file.exists(), "the state file is written at shutdown");
+
+    let second = start(&config("")).await;
+    let after = second.bandit_state();
+    let (b0, b1) = (
+        &before["rec"]["variants"]["b"],
+        &after["models"]["rec"]["variants"]["b"],
+    );
+    assert_eq!(b1["rewards"], b0["rewards"]);
+    assert_eq!(b1["posterior"], b0["posterior"]);
+    // Weights are re-normalised when restored: equal to the last float bit or so.
+    assert!((b1["weight"].as_f64().unwrap() - b0["weight"].as_f64().unwrap()).abs() < 1e-12);
+    let m = metrics(second.admin_addr).await;
+    let wb = sample(&m, r#"switchyard_variant_weight{model="rec",variant="b"}"#).unwrap();
+    assert!(
+        (wb - b0["weight"].as_f64().unwrap()).abs() < 1e-12,
+        "restored weights are published at start"
+    );
+    second.shutdown();
+    second.wait().await;
+
+    // A variant added: known variants keep their statistics; weights start from config.
+    let third = start(&config(&format!(
+        "      - {{name: c, upstream: \"{}\", weight: 1}}\n",
+        c.url()
+    )))
+    .await;
+    let s = third.bandit_state();
+    let v = &s["models"]["rec"]["variants"];
+    assert_eq!(v["b"]["rewards"], b0["rewards"]);
+    assert_eq!(v["c"]["rewards"], 0);
+    assert!((v["c"]["weight"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12);
+    third.shutdown();
+    third.wait().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -102,6 +102,26 @@ impl Bandit {
         &self.rewards
     }
 
+    /// Restores an arm's posterior and reward count (from a state file).
+    pub fn restore_arm(&mut self, arm: usize, posterior: Posterior, rewards: u64) {
+        if let (Some(p), Some(r)) = (self.arms.get_mut(arm), self.rewards.get_mut(arm)) {
+            *p = posterior;
+            *r = rewards;
+        }
+    }
+
+    /// Replaces the current weights (from a state file); ignored unless they are one
+    /// finite, non-negative number per arm with a positive sum.
+    pub fn restore_weights(&mut self, weights: &[f64]) {
+        let sum: f64 = weights.iter().sum();
+        if weights.len() == self.weights.len()
+            && sum > 0.0
+            && weights.iter().all(|w| w.is_finite() && *w >= 0.0)
+        {
+            self.weights = weights.iter().map(|w| w / sum).collect();
+        }
+    }
+
     /// Sets an operator override (freeze, pin) for the next updates.
     pub fn set_override(&mut self, over: Override) {
         self.over = over;

@@ -48,6 +48,9 @@ pub struct Config {
     /// Seed for the variant draws: the same seed gives the same sequence of choices, for
     /// reproducible experiments and tests. Default: random at start.
     pub seed: Option<u64>,
+    /// Where bandit statistics are kept across restarts: written atomically every 10
+    /// seconds and at shutdown, read at start. Default: not kept.
+    pub state_file: Option<String>,
     /// The models clients can call, by the name they use in URLs.
     pub models: BTreeMap<String, Model>,
 }
@@ -364,6 +367,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "max_connections",
             "worker_threads",
             "seed",
+            "state_file",
             "models",
         ],
     )?;
@@ -376,6 +380,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let max_connections = f.optional(cx, "max_connections", positive_usize);
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
     let seed = f.optional(cx, "seed", decode::u64);
+    let state_file = f.optional(cx, "state_file", decode::string);
     let models = f.required(cx, "models", decode_models);
 
     let listen = listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN));
@@ -398,6 +403,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         max_connections: max_connections.unwrap_or(10_000),
         worker_threads,
         seed,
+        state_file,
         models: models?,
     })
 }

@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/config`,
+//! `/admin/state`.
 //!
 //! Kept on its own port so scrapes and probes never queue behind prediction traffic, and
 //! so it can be bound to a different interface than the data plane.
@@ -18,7 +19,6 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use crate::proxy::Router;
 
 /// What the admin endpoints read.
-#[derive(Debug)]
 pub struct AdminState {
     /// The registry every component registered on.
     pub registry: Registry,
@@ -26,7 +26,21 @@ pub struct AdminState {
     pub router: Arc<Router>,
     /// The effective configuration as JSON, rendered once at start.
     pub config_json: Bytes,
+    /// Renders `/admin/state` (the bandits' posteriors and weights), if any.
+    pub state: Option<StateFn>,
 }
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("router", &self.router)
+            .field("state", &self.state.is_some())
+            .finish()
+    }
+}
+
+/// Renders the JSON of `/admin/state`.
+pub type StateFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// The admin endpoints as a tower service.
 #[derive(Clone, Debug)]
@@ -77,11 +91,19 @@ impl AdminService {
                 }
             }
             "/admin/config" => reply(StatusCode::OK, "application/json", self.0.config_json.clone()),
+            "/admin/state" => {
+                let state = self
+                    .0
+                    .state
+                    .as_ref()
+                    .map_or_else(|| serde_json::json!({ "models": {} }), |f| f());
+                reply(StatusCode::OK, "application/json", state.to_string().into())
+            }
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "application/json",
                 serde_json::json!({
-                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz or /admin/config")
+                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz, /admin/config or /admin/state")
                 })
                 .to_string()
                 .into(),

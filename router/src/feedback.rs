@@ -33,8 +33,9 @@ pub struct FeedbackValues {
 /// Takes feedback for a (model, variant): checks the value against the model's
 /// objective and hands the reward on. Called under a shard lock: must not block.
 pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
-    /// `Err(message)` when the objective cannot take this value (answered 400).
-    fn accept(&self, model: &str, variant: usize, values: &FeedbackValues) -> Result<(), String>;
+    /// Takes feedback for `decision`; `Err(message)` when the objective cannot take
+    /// this value (answered 400, and the decision stays open).
+    fn accept(&self, decision: &Decision, values: &FeedbackValues) -> Result<(), String>;
 }
 
 /// What the router recorded when it chose a variant.
@@ -242,9 +243,7 @@ pub fn handle(
                 json!({ "request_id": id, "status": 400, "error": msg }),
             ),
             Ok((id, values)) => {
-                let outcome = log.claim(id.as_bytes(), Instant::now(), |d| {
-                    sink.accept(&d.model, d.variant, &values)
-                });
+                let outcome = log.claim(id.as_bytes(), Instant::now(), |d| sink.accept(d, &values));
                 match outcome {
                     Ok(()) => (200, json!({ "request_id": id, "status": 200 })),
                     Err(e) => (
@@ -282,7 +281,7 @@ mod tests {
     #[derive(Debug)]
     struct Accept;
     impl FeedbackSink for Accept {
-        fn accept(&self, _: &str, _: usize, v: &FeedbackValues) -> Result<(), String> {
+        fn accept(&self, _: &Decision, v: &FeedbackValues) -> Result<(), String> {
             if v.reward.is_some_and(|r| r > 1.0) {
                 Err("reward above 1".into())
             } else {
