@@ -5,6 +5,7 @@
 //! - [`load_config`] / [`DEFAULT_CONFIG`]: the config file, or the built-in one.
 //! - [`start`]: runs the data plane and admin listeners; returns a [`Running`] handle.
 //! - [`bandits`]: the bandit tasks, wired between the router's feedback and selectors.
+//! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod bandits;
+pub mod simulate;
 
 pub use switchyard_config as config;
 pub use switchyard_router as router;

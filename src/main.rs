@@ -41,6 +41,25 @@ enum Command {
     /// Serve one ONNX model in-process over TF Serving REST and KServe V2: a standalone
     /// model server (the upstream in tests, benchmarks and the demo).
     ModelServer(ModelServerArgs),
+    /// Run the bandit against seeded simulated worlds (no network) and compare it with
+    /// a fixed split, ε-greedy and Seldon-style truncated Thompson sampling.
+    Simulate {
+        /// Decisions per run.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Seed of the first run.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Runs per scenario and strategy (seeds `seed`, `seed + 1`, …), averaged.
+        #[arg(long, default_value_t = 5)]
+        seeds: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write an SVG plot of the bandit's weights over time to this file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -125,6 +144,13 @@ fn main() -> ExitCode {
         Command::Validate { file } => validate(file),
         Command::Serve { config } => serve(config),
         Command::ModelServer(args) => model_server(&args),
+        Command::Simulate {
+            requests,
+            seed,
+            seeds,
+            json,
+            svg,
+        } => simulate(requests.max(10), seed, seeds, json, svg),
     }
 }
 
@@ -146,6 +172,24 @@ fn validate(file: PathBuf) -> ExitCode {
             ExitCode::from(EXIT_BAD_CONFIG as u8)
         }
     }
+}
+
+fn simulate(requests: u64, seed: u64, seeds: u64, json: bool, svg: Option<PathBuf>) -> ExitCode {
+    let results = switchyard::simulate::simulate(requests, seed, seeds);
+    if let Some(path) = svg {
+        if let Err(e) = std::fs::write(&path, switchyard::simulate::svg(&results)) {
+            eprintln!("switchyard: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let text = if json {
+        switchyard::simulate::to_json(&results, requests, seed, seeds).to_string()
+    } else {
+        switchyard::simulate::table(&results, requests, seeds.max(1))
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    ExitCode::SUCCESS
 }
 
 fn plural(n: usize) -> &'static str {

@@ -94,3 +94,59 @@ fn every_example_config_parses() {
         std::fs::read_to_string("examples/default.yaml").unwrap()
     );
 }
+
+#[test]
+fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
+    let svg = temp_file("weights.svg", "");
+    let out = switchyard()
+        .args([
+            "simulate",
+            "--requests",
+            "3000",
+            "--seeds",
+            "2",
+            "--json",
+            "--svg",
+        ])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 3000);
+    let worlds = v["worlds"].as_array().unwrap();
+    assert_eq!(worlds.len(), 6);
+    for w in worlds {
+        let names: Vec<&str> = w["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["strategy"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bandit",
+                "thompson-per-request",
+                "fixed-split",
+                "epsilon-greedy(0.1)",
+                "seldon-truncated-thompson"
+            ]
+        );
+        // A fixed 1/3 split is on the best of three arms about a third of the time.
+        let fixed = w["results"][2]["share_on_best"].as_f64().unwrap();
+        assert!((fixed - 1.0 / 3.0).abs() < 0.05, "{fixed}");
+    }
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        6 * 3,
+        "one line per arm per world"
+    );
+}

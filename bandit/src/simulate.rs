@@ -292,3 +292,129 @@ fn sample(weights: &[f64], rng: &mut StdRng) -> usize {
     }
     weights.len().saturating_sub(1)
 }
+
+/// A named scenario: a world, the objective it is judged by, and the bandit's decay.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The world.
+    pub world: World,
+    /// What is maximised.
+    pub objective: Objective,
+    /// The bandit's half-life (for drifting worlds).
+    pub half_life: Option<f64>,
+}
+
+/// The standard scenarios of `switchyard simulate` and `bench/bandit.sh`, scaled to a
+/// run of `requests` (switches happen half-way, delays are 2% of the run).
+pub fn standard(requests: u64) -> Vec<Scenario> {
+    let conv = |p| ArmSpec::Bernoulli {
+        p,
+        value: 20.0,
+        cost: 0.0,
+    };
+    let normal = |mean| ArmSpec::Normal {
+        mean,
+        sd: 2.0,
+        cost: 0.0,
+    };
+    let conversion = World {
+        name: "conversion 5.0/5.5/6.0%, 20 per conversion".into(),
+        arms: vec![conv(0.050), conv(0.055), conv(0.060)],
+        switch: None,
+        max_delay: 0,
+        missing: 0.0,
+    };
+    vec![
+        Scenario {
+            world: conversion.clone(),
+            objective: Objective::Conversion,
+            half_life: None,
+        },
+        Scenario {
+            world: World {
+                name: "revenue: gaussian means 1.0/1.1/1.2, sd 2".into(),
+                arms: vec![normal(1.0), normal(1.1), normal(1.2)],
+                ..conversion.clone()
+            },
+            objective: Objective::Revenue,
+            half_life: None,
+        },
+        Scenario {
+            world: World {
+                name: "profit: revenue 1.30/1.10/1.00, cost 0.40/0.05/0.10".into(),
+                arms: vec![
+                    ArmSpec::Normal {
+                        mean: 1.30,
+                        sd: 1.0,
+                        cost: 0.40,
+                    },
+                    ArmSpec::Normal {
+                        mean: 1.10,
+                        sd: 1.0,
+                        cost: 0.05,
+                    },
+                    ArmSpec::Normal {
+                        mean: 1.00,
+                        sd: 1.0,
+                        cost: 0.10,
+                    },
+                ],
+                ..conversion.clone()
+            },
+            objective: Objective::Profit,
+            half_life: None,
+        },
+        Scenario {
+            world: World {
+                name: "conversion, feedback delayed up to 2% of the run".into(),
+                max_delay: (requests / 50).max(1),
+                ..conversion.clone()
+            },
+            objective: Objective::Conversion,
+            half_life: None,
+        },
+        Scenario {
+            world: World {
+                name: "conversion, 30% of feedback missing".into(),
+                missing: 0.3,
+                ..conversion.clone()
+            },
+            objective: Objective::Conversion,
+            half_life: None,
+        },
+        Scenario {
+            world: World {
+                name: "conversion, best arm changes half-way".into(),
+                arms: vec![conv(0.060), conv(0.050), conv(0.050)],
+                switch: Some((requests / 2, vec![conv(0.050), conv(0.050), conv(0.060)])),
+                ..conversion
+            },
+            objective: Objective::Conversion,
+            half_life: Some(2000.0),
+        },
+    ]
+}
+
+/// The strategies compared in each scenario, ours first.
+pub fn strategies(objective: Objective, half_life: Option<f64>) -> Vec<Strategy> {
+    let config = BanditConfig {
+        objective,
+        guardrails: crate::policy::Guardrails {
+            min_weight: 0.01,
+            max_step: 0.2,
+            warmup: 100,
+        },
+        draws: 1000,
+        half_life,
+    };
+    vec![
+        Strategy::Bandit {
+            config: config.clone(),
+            update_every: 1000,
+        },
+        Strategy::Thompson(config),
+        Strategy::Fixed,
+        Strategy::EpsilonGreedy(0.1),
+        Strategy::SeldonThompson,
+    ]
+}
