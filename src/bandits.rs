@@ -22,7 +22,7 @@ use prometheus::{
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
-use switchyard_bandit::policy::Guardrails;
+use switchyard_bandit::policy::{Guardrails, Override};
 use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
 use switchyard_config::{BanditObjective, Config, MissingFeedback};
 use switchyard_router::feedback::{Decision, FeedbackSink, FeedbackValues};
@@ -112,13 +112,18 @@ struct Snapshot {
     revenue: Vec<f64>,
     cost: Vec<f64>,
     expired: Vec<u64>,
+    over: Override,
 }
+
+/// Operators' overrides per model, read by the model's task at each update.
+type Overrides = Arc<Mutex<HashMap<String, Override>>>;
 
 /// The bandits of a running Switchyard.
 #[derive(Debug)]
 pub struct Bandits {
     sink: Arc<BanditSink>,
     snapshots: Arc<Mutex<BTreeMap<String, Snapshot>>>,
+    overrides: Overrides,
     state_file: Option<PathBuf>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -263,6 +268,26 @@ fn posterior_from(v: &Value) -> Option<Posterior> {
     }
 }
 
+fn override_json(o: Override, variants: &[String]) -> Value {
+    match o {
+        Override::None => json!("none"),
+        Override::Freeze => json!("freeze"),
+        Override::Pin(i) => json!({ "pin": variants.get(i) }),
+    }
+}
+
+fn override_from(v: &Value, variants: &[String]) -> Override {
+    match v {
+        Value::String(s) if s == "freeze" => Override::Freeze,
+        Value::Object(o) => o
+            .get("pin")
+            .and_then(Value::as_str)
+            .and_then(|name| variants.iter().position(|v| v == name))
+            .map_or(Override::None, Override::Pin),
+        _ => Override::None,
+    }
+}
+
 fn render(snapshots: &BTreeMap<String, Snapshot>) -> Value {
     let models: serde_json::Map<String, Value> = snapshots
         .iter()
@@ -290,7 +315,11 @@ fn render(snapshots: &BTreeMap<String, Snapshot>) -> Value {
                 .collect();
             (
                 name.clone(),
-                json!({ "objective": objective_name(s.objective), "variants": variants }),
+                json!({
+                    "objective": objective_name(s.objective),
+                    "override": override_json(s.over, &s.variants),
+                    "variants": variants,
+                }),
             )
         })
         .collect();
@@ -320,6 +349,7 @@ impl Bandits {
             None => Value::Null,
         };
         let snapshots = Arc::new(Mutex::new(BTreeMap::new()));
+        let overrides: Overrides = Arc::new(Mutex::new(HashMap::new()));
         let mut tasks = Vec::new();
         let seed = config.seed.unwrap_or(0x5EED);
         for (name, model) in &config.models {
@@ -350,6 +380,7 @@ impl Bandits {
                 revenue: vec![0.0; n],
                 cost: vec![0.0; n],
                 expired: vec![0; n],
+                over: Override::None,
             };
             // Restore what the file knows of variants that still exist, under the same
             // objective; restore the weights only if every variant is known.
@@ -373,6 +404,12 @@ impl Bandits {
                 if saved_weights.len() == n {
                     bandit.restore_weights(&saved_weights);
                 }
+                snap.over = override_from(&old["override"], &names);
+                bandit.set_override(snap.over);
+                overrides
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone(), snap.over);
                 tracing::info!(model = %name, "Bandit state restored.");
             }
             snap.weights = bandit.weights().to_vec();
@@ -387,12 +424,13 @@ impl Bandits {
             let mut rng = StdRng::seed_from_u64(
                 seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
             );
-            let (router, name, every, snapshots, m) = (
+            let (router, name, every, snapshots, m, overrides) = (
                 router.clone(),
                 name.clone(),
                 b.update_interval,
                 snapshots.clone(),
                 metrics.clone(),
+                overrides.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
@@ -438,6 +476,14 @@ impl Bandits {
                             }
                         }
                     }
+                    let over = overrides
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&name)
+                        .copied()
+                        .unwrap_or(Override::None);
+                    bandit.set_override(over);
+                    snap.over = over;
                     let weights = bandit.update(&mut rng).to_vec();
                     if let Some(route) = router.table().model(&name) {
                         if let Err(e) = route.set_weights(&weights) {
@@ -464,6 +510,7 @@ impl Bandits {
         let bandits = Bandits {
             sink,
             snapshots,
+            overrides,
             state_file,
             tasks: Vec::new(),
         };
@@ -511,6 +558,46 @@ impl Bandits {
     pub fn state_fn(self: &Arc<Self>) -> switchyard_router::admin::StateFn {
         let me = self.clone();
         Arc::new(move || me.state())
+    }
+
+    /// Sets an operator's override for `model`: `pin` (to `variant`), `freeze` or
+    /// `release`. It takes effect at the model's next update.
+    pub fn control(
+        &self,
+        model: &str,
+        action: &str,
+        variant: Option<&str>,
+    ) -> Result<Value, (u16, String)> {
+        let variants = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .map(|s| s.variants.clone())
+            .ok_or((404, format!("model `{model}` has no bandit")))?;
+        let over = match (action, variant) {
+            ("pin", Some(v)) => Override::Pin(
+                variants
+                    .iter()
+                    .position(|x| x == v)
+                    .ok_or((404, format!("model `{model}` has no variant `{v}`")))?,
+            ),
+            ("freeze", _) => Override::Freeze,
+            ("release", _) => Override::None,
+            _ => return Err((400, format!("unknown action `{action}`"))),
+        };
+        self.overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.to_string(), over);
+        tracing::info!(%model, %action, variant = variant.unwrap_or(""), "Bandit override set by an operator.");
+        Ok(json!({ "model": model, "override": override_json(over, &variants) }))
+    }
+
+    /// A controller for the admin listener.
+    pub fn control_fn(self: &Arc<Self>) -> switchyard_router::admin::ControlFn {
+        let me = self.clone();
+        Arc::new(move |model, action, variant| me.control(model, action, variant))
     }
 
     /// Writes the state file now (at shutdown).

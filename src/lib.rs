@@ -223,6 +223,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         router: router.clone(),
         config_json,
         state: bandits.as_ref().map(bandits::Bandits::state_fn),
+        control: bandits.as_ref().map(bandits::Bandits::control_fn),
     }));
     let admin_opts = ServeOptions {
         max_connections: 256,

@@ -384,3 +384,88 @@ async fn bandit_state_survives_a_restart() {
     third.wait().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_can_pin_freeze_and_release() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = app(&a, &b, "{objective: conversion, update_interval: 20ms, warmup: 5, min_weight: 0.05, max_step: 0.5}").await;
+    let c = client();
+    let admin = |path: &str| format!("http://{}/admin/bandit/{path}", app.admin_addr);
+    let weights = || async {
+        let m = metrics(app.admin_addr).await;
+        (weight(&m, "a"), weight(&m, "b"))
+    };
+    let settle = |want_a: f64| async move {
+        for _ in 0..200 {
+            let m = metrics(app.admin_addr).await;
+            if (weight(&m, "a") - want_a).abs() < 1e-9 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("weight of a never became {want_a}");
+    };
+
+    // Pinned to a, even while the feedback says b is better.
+    let r = send(&c, "POST", &admin("rec/pin/a"), &[], "").await;
+    assert_eq!(
+        (r.status, r.json()["override"]["pin"].clone()),
+        (200, json!("a"))
+    );
+    teach(&app, 3).await;
+    settle(1.0).await;
+    let s = app.bandit_state();
+    assert_eq!(s["models"]["rec"]["override"]["pin"], "a");
+
+    // Released: the bandit moves weight to b again.
+    assert_eq!(
+        send(&c, "POST", &admin("rec/release"), &[], "")
+            .await
+            .status,
+        200
+    );
+    teach(&app, 3).await;
+    for _ in 0..200 {
+        if weights().await.1 > 0.5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, wb) = weights().await;
+    assert!(wb > 0.5, "{wb}");
+
+    // Frozen: more feedback, same weights.
+    assert_eq!(
+        send(&c, "POST", &admin("rec/freeze"), &[], "").await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let frozen = weights().await;
+    teach(&app, 3).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(weights().await, frozen);
+
+    // Mistakes.
+    assert_eq!(
+        send(&c, "POST", &admin("rec/pin/zzz"), &[], "")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send(&c, "POST", &admin("plain/freeze"), &[], "")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send(&c, "POST", &admin("rec/explode"), &[], "")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send(&c, "GET", &admin("rec/freeze"), &[], "").await.status,
+        405
+    );
+}

@@ -28,7 +28,14 @@ pub struct AdminState {
     pub config_json: Bytes,
     /// Renders `/admin/state` (the bandits' posteriors and weights), if any.
     pub state: Option<StateFn>,
+    /// Applies `POST /admin/bandit/{model}/{pin/VARIANT|freeze|release}`, if any.
+    pub control: Option<ControlFn>,
 }
+
+/// Applies an operator's override to a model's bandit: `(model, action, variant)` with
+/// action `pin` (with a variant), `freeze` or `release`; `Err((status, message))`.
+pub type ControlFn =
+    Arc<dyn Fn(&str, &str, Option<&str>) -> Result<serde_json::Value, (u16, String)> + Send + Sync>;
 
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +69,9 @@ impl tower_service::Service<Request<Incoming>> for AdminService {
 
 impl AdminService {
     fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        if let Some(rest) = path.strip_prefix("/admin/bandit/") {
+            return self.control(method, rest);
+        }
         if method != Method::GET && method != Method::HEAD {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -107,6 +117,49 @@ impl AdminService {
                 })
                 .to_string()
                 .into(),
+            ),
+        }
+    }
+}
+
+impl AdminService {
+    /// `POST /admin/bandit/{model}/pin/{variant}`, `.../freeze`, `.../release`.
+    fn control(&self, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+        let error = |status: StatusCode, msg: String| {
+            reply(
+                status,
+                "application/json",
+                serde_json::json!({ "error": msg }).to_string().into(),
+            )
+        };
+        if method != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bandit controls take POST".into(),
+            );
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (model, action, variant) = match parts.as_slice() {
+            [m, "pin", v] => (*m, "pin", Some(*v)),
+            [m, a @ ("freeze" | "release")] => (*m, *a, None),
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "use /admin/bandit/{model}/pin/{variant}, /admin/bandit/{model}/freeze or /admin/bandit/{model}/release".into(),
+                )
+            }
+        };
+        let Some(control) = &self.0.control else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("model `{model}` has no bandit"),
+            );
+        };
+        match control(model, action, variant) {
+            Ok(v) => reply(StatusCode::OK, "application/json", v.to_string().into()),
+            Err((status, msg)) => error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                msg,
             ),
         }
     }
