@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use switchyard_bandit::policy::{Guardrails, Override};
 use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
-use switchyard_config::{BanditObjective, Config, MissingFeedback};
+use switchyard_config::{BanditObjective, Config, HalfLife, MissingFeedback, Prior};
 use switchyard_router::feedback::{Decision, FeedbackSink, FeedbackValues};
 use switchyard_router::Router;
 use tokio::sync::mpsc;
@@ -365,7 +365,26 @@ impl Bandits {
                     warmup: b.warmup,
                 },
                 draws: DRAWS,
-                half_life: b.half_life,
+                half_life: match b.half_life {
+                    Some(HalfLife::Rewards(n)) => Some(n),
+                    _ => None,
+                },
+                prior: b.prior.map(|p| match p {
+                    Prior::Beta { alpha, beta } => Posterior::beta(alpha, beta),
+                    Prior::Gaussian {
+                        mean,
+                        strength,
+                        shape,
+                        scale,
+                    } => Posterior::gaussian(mean, strength, shape, scale),
+                }),
+            };
+            // Wall-clock forgetting: each update discounts by the time since the last.
+            let time_decay = match b.half_life {
+                Some(HalfLife::Time(h)) => {
+                    Some(0.5f64.powf(b.update_interval.as_secs_f64() / h.as_secs_f64()))
+                }
+                _ => None,
             };
             let names: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
             let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
@@ -484,6 +503,9 @@ impl Bandits {
                         .unwrap_or(Override::None);
                     bandit.set_override(over);
                     snap.over = over;
+                    if let Some(f) = time_decay {
+                        bandit.decay_all(f);
+                    }
                     let weights = bandit.update(&mut rng).to_vec();
                     if let Some(route) = router.table().model(&name) {
                         if let Err(e) = route.set_weights(&weights) {

@@ -469,3 +469,28 @@ async fn operators_can_pin_freeze_and_release() {
         405
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priors_are_configurable_and_time_half_lives_forget() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    // A strong prior: a 30% conversion rate worth 100 observations.
+    let app = app(&a, &b, "{objective: conversion, update_interval: 20ms, warmup: 1000, prior: {alpha: 30, beta: 70}, half_life: 100ms}").await;
+    let s = app.bandit_state();
+    let mean = s["models"]["rec"]["variants"]["a"]["posterior_mean"]
+        .as_f64()
+        .unwrap();
+    assert!((mean - 0.3).abs() < 1e-12, "{mean}");
+    // Evidence fades with a 100 ms half-life: a second later, b's successes are a
+    // small fraction of the conversions it was told about.
+    let (_, nb) = teach(&app, 2).await;
+    let told = wait_for_rewards(&app, 40).await["models"]["rec"]["variants"]["b"]["rewards"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(told, nb);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = app.bandit_state();
+    let successes = s["models"]["rec"]["variants"]["b"]["posterior"]["successes"]
+        .as_f64()
+        .unwrap();
+    assert!(successes < 0.1 * nb as f64, "{successes} of {nb} remain");
+}

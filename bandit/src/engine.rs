@@ -16,8 +16,10 @@ pub struct BanditConfig {
     /// Posterior draws per P(best) estimate.
     pub draws: usize,
     /// Forget old evidence with this half-life, in observations of an arm; `None` keeps
-    /// everything (a stationary world).
+    /// everything (a stationary world). Time-based forgetting is [`Bandit::decay_all`].
     pub half_life: Option<f64>,
+    /// The prior of every arm; `None` uses the objective's default.
+    pub prior: Option<Posterior>,
 }
 
 /// The state of one model's bandit.
@@ -48,7 +50,12 @@ impl Bandit {
         Bandit {
             arms: initial_weights
                 .iter()
-                .map(|_| config.objective.prior())
+                .map(|_| {
+                    config
+                        .prior
+                        .clone()
+                        .unwrap_or_else(|| config.objective.prior())
+                })
                 .collect(),
             rewards: vec![0; initial_weights.len()],
             config,
@@ -67,6 +74,14 @@ impl Bandit {
         }
         post.observe(reward);
         self.rewards[arm] += 1;
+    }
+
+    /// Discounts every arm's evidence by `factor` in (0, 1]: for a half-life `h` in time,
+    /// call it with `0.5^(elapsed / h)` before each update.
+    pub fn decay_all(&mut self, factor: f64) {
+        for arm in &mut self.arms {
+            arm.decay(factor);
+        }
     }
 
     /// Recomputes the weights: P(best) per arm, then the guardrails. Returns them.

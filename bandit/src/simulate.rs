@@ -406,6 +406,7 @@ pub fn strategies(objective: Objective, half_life: Option<f64>) -> Vec<Strategy>
         },
         draws: 1000,
         half_life,
+        prior: None,
     };
     vec![
         Strategy::Bandit {

@@ -17,6 +17,7 @@ fn bandit(objective: Objective, half_life: Option<f64>) -> Strategy {
             },
             draws: 1000,
             half_life,
+            prior: None,
         },
         update_every: 1000,
     }

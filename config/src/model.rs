@@ -97,9 +97,52 @@ pub struct BanditSpec {
     /// What a prediction without feedback counts as at `feedback_ttl`: `ignore`
     /// (nothing) or `zero` (no conversion, zero revenue). Default `ignore`.
     pub missing_feedback: MissingFeedback,
-    /// Forget old evidence with this half-life, in rewards per variant, so the bandit
-    /// follows a world that drifts. Default: never forget.
-    pub half_life: Option<f64>,
+    /// Forget old evidence with this half-life, so the bandit follows a world that
+    /// drifts: a number of rewards per variant (`2000`) or a duration (`30m`). Default:
+    /// never forget.
+    pub half_life: Option<HalfLife>,
+    /// The prior belief about every variant before any reward. Default: uniform
+    /// (`{alpha: 1, beta: 1}`) for conversion; `{mean: 0, strength: 1, shape: 1,
+    /// scale: 1}` for revenue and profit.
+    pub prior: Option<Prior>,
+}
+
+/// A half-life, in rewards or in time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HalfLife {
+    /// Per variant: each new reward first discounts the old ones.
+    Rewards(f64),
+    /// Wall-clock: every update discounts all evidence by the time that passed.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    Time(Duration),
+}
+
+/// A bandit's prior.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prior {
+    /// Beta(α, β) on a conversion rate: `{alpha, beta}`, pseudo-conversions and
+    /// pseudo-misses.
+    Beta {
+        /// α > 0.
+        alpha: f64,
+        /// β > 0.
+        beta: f64,
+    },
+    /// Normal–Inverse-Gamma on revenue: `{mean, strength, shape, scale}`: the prior mean
+    /// worth `strength` observations, and an Inverse-Gamma(`shape`, `scale`) on the
+    /// variance.
+    Gaussian {
+        /// Prior mean.
+        mean: f64,
+        /// Pseudo-observations behind the mean (> 0).
+        strength: f64,
+        /// Inverse-Gamma shape (> 0).
+        shape: f64,
+        /// Inverse-Gamma scale (> 0).
+        scale: f64,
+    },
 }
 
 /// What the bandit maximises.
@@ -493,6 +536,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
             "feedback_ttl",
             "missing_feedback",
             "half_life",
+            "prior",
         ],
     )?;
     let objective = f.required(cx, "objective", |cx, n, p| {
@@ -540,13 +584,63 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         )
     });
     let half_life = f.optional(cx, "half_life", |cx, n, p| {
+        let text = decode::string(cx, n, p)?;
+        if let Ok(v) = text.parse::<f64>() {
+            if !(v >= 1.0 && v.is_finite()) {
+                cx.error(n, p, format!("must be at least 1 (reward), found {v}"));
+                return None;
+            }
+            return Some(HalfLife::Rewards(v));
+        }
+        decode::duration(cx, n, p).map(HalfLife::Time)
+    });
+    let positive = |cx: &mut Cx, n: &Node, p: &str| {
         let v = decode::f64(cx, n, p)?;
-        if v < 1.0 {
-            cx.error(n, p, format!("must be at least 1 (reward), found {v}"));
+        if v <= 0.0 {
+            cx.error(n, p, format!("must be greater than 0, found {v}"));
             return None;
         }
         Some(v)
+    };
+    let prior_node = f.get("prior");
+    let prior = f.optional(cx, "prior", |cx, n, p| {
+        let g = Fields::new(
+            cx,
+            n,
+            p,
+            &["alpha", "beta", "mean", "strength", "shape", "scale"],
+        )?;
+        if g.get("alpha").is_some() || g.get("beta").is_some() {
+            Some(Prior::Beta {
+                alpha: g.required(cx, "alpha", positive)?,
+                beta: g.required(cx, "beta", positive)?,
+            })
+        } else {
+            Some(Prior::Gaussian {
+                mean: g.optional(cx, "mean", decode::f64).unwrap_or(0.0),
+                strength: g.optional(cx, "strength", positive).unwrap_or(1.0),
+                shape: g.optional(cx, "shape", positive).unwrap_or(1.0),
+                scale: g.optional(cx, "scale", positive).unwrap_or(1.0),
+            })
+        }
     });
+    if let (Some(pr), Some(o), Some(n)) = (&prior, &objective, prior_node) {
+        let fits = matches!(
+            (pr, o),
+            (Prior::Beta { .. }, BanditObjective::Conversion)
+                | (
+                    Prior::Gaussian { .. },
+                    BanditObjective::Revenue | BanditObjective::Profit
+                )
+        );
+        if !fits {
+            cx.error(
+                n,
+                &child(path, "prior"),
+                "conversion takes a `{alpha, beta}` prior; revenue and profit take `{mean, strength, shape, scale}`",
+            );
+        }
+    }
     Some(BanditSpec {
         objective: objective?,
         update_interval: update_interval.unwrap_or(Duration::from_secs(1)),
@@ -556,6 +650,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         feedback_ttl: feedback_ttl.unwrap_or(Duration::from_secs(600)),
         missing_feedback: missing_feedback.unwrap_or(MissingFeedback::Ignore),
         half_life,
+        prior,
     })
 }
 

@@ -232,3 +232,56 @@ fn local_defaults_follow_tf_serving_where_it_has_them() {
         "where `model` was written, for later errors"
     );
 }
+
+#[test]
+fn bandit_priors_and_half_lives() {
+    let base = |bandit: &str| {
+        format!("models:\n  m:\n    bandit: {bandit}\n    variants:\n      - {{name: a, upstream: \"http://127.0.0.1:1\", weight: 1}}\n")
+    };
+    use switchyard_config::{HalfLife, Prior};
+    let c = from_yaml_str(&base(
+        "{objective: conversion, prior: {alpha: 3, beta: 97}, half_life: 500}",
+    ))
+    .unwrap();
+    let b = c.models["m"].bandit.as_ref().unwrap();
+    assert_eq!(
+        b.prior,
+        Some(Prior::Beta {
+            alpha: 3.0,
+            beta: 97.0
+        })
+    );
+    assert_eq!(b.half_life, Some(HalfLife::Rewards(500.0)));
+    let c = from_yaml_str(&base(
+        "{objective: revenue, prior: {mean: 1.5}, half_life: 30m}",
+    ))
+    .unwrap();
+    let b = c.models["m"].bandit.as_ref().unwrap();
+    assert_eq!(
+        b.prior,
+        Some(Prior::Gaussian {
+            mean: 1.5,
+            strength: 1.0,
+            shape: 1.0,
+            scale: 1.0
+        })
+    );
+    assert_eq!(
+        b.half_life,
+        Some(HalfLife::Time(std::time::Duration::from_secs(1800)))
+    );
+    let e = from_yaml_str(&base("{objective: revenue, prior: {alpha: 1, beta: 1}}"))
+        .unwrap_err()
+        .0;
+    assert!(e[0].message.contains("revenue and profit take"), "{e:?}");
+    let e = from_yaml_str(&base(
+        "{objective: conversion, prior: {alpha: 0, beta: 1}, half_life: 0.5}",
+    ))
+    .unwrap_err()
+    .0;
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e.iter().any(|x| x.path.ends_with("prior.alpha")));
+    assert!(e
+        .iter()
+        .any(|x| x.path.ends_with("half_life") && x.message.contains("at least 1")));
+}
