@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use prometheus::{
     CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
 };
@@ -24,8 +25,10 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use switchyard_bandit::policy::{Guardrails, Override};
 use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
-use switchyard_config::{BanditObjective, Config, HalfLife, MissingFeedback, Prior};
+use switchyard_config::{BanditMode, BanditObjective, Config, HalfLife, MissingFeedback, Prior};
 use switchyard_router::feedback::{Decision, FeedbackSink, FeedbackValues};
+use switchyard_router::selector::Pick;
+use switchyard_router::table::Picker;
 use switchyard_router::Router;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -117,6 +120,61 @@ struct Snapshot {
 
 /// Operators' overrides per model, read by the model's task at each update.
 type Overrides = Arc<Mutex<HashMap<String, Override>>>;
+
+/// What a per-request picker samples from, republished by the model's task.
+#[derive(Debug)]
+struct PickerState {
+    arms: Vec<Posterior>,
+    p_best: Vec<f64>,
+    /// False during warm-up and under an operator's override: the weight table decides.
+    steering: bool,
+}
+
+/// Pure Thompson sampling on every request (`mode: per_request`): one draw from each
+/// posterior, the highest wins; with probability n × `min_weight` a uniform pick instead,
+/// so every variant keeps its exploration floor.
+#[derive(Debug)]
+struct ThompsonPicker {
+    state: ArcSwap<PickerState>,
+    explore: f64,
+}
+
+thread_local! {
+    static PICK_RNG: std::cell::RefCell<StdRng> = std::cell::RefCell::new({
+        let mut seed = [0u8; 32];
+        // Any seed will do for choosing variants; the OS's is just the easiest.
+        let _ = getrandom::fill(&mut seed);
+        StdRng::from_seed(seed)
+    });
+}
+
+#[derive(Debug)]
+struct SharedPicker(Arc<ThompsonPicker>);
+
+impl Picker for SharedPicker {
+    fn pick(&self) -> Option<Pick> {
+        use rand::RngExt;
+        let st = self.0.state.load();
+        let n = st.arms.len();
+        if !st.steering || n == 0 {
+            return None;
+        }
+        let explore = self.0.explore;
+        PICK_RNG.with(|rng| {
+            let mut rng = rng.borrow_mut();
+            let index = if rng.random::<f64>() < explore {
+                (rng.random::<u64>() % n as u64) as usize
+            } else {
+                switchyard_bandit::thompson_pick(&st.arms, &mut *rng)
+            };
+            let p_best = st.p_best.get(index).copied().unwrap_or(0.0);
+            Some(Pick {
+                index,
+                probability: explore / n as f64 + (1.0 - explore) * p_best,
+            })
+        })
+    }
+}
 
 /// The bandits of a running Switchyard.
 #[derive(Debug)]
@@ -443,6 +501,22 @@ impl Bandits {
             let mut rng = StdRng::seed_from_u64(
                 seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
             );
+            let picker = (b.mode == BanditMode::PerRequest).then(|| {
+                let p = Arc::new(ThompsonPicker {
+                    state: ArcSwap::from_pointee(PickerState {
+                        arms: bandit.arms().to_vec(),
+                        p_best: bandit.p_best().to_vec(),
+                        steering: false,
+                    }),
+                    explore: (b.min_weight * n as f64).min(1.0),
+                });
+                if let Some(route) = router.table().model(name) {
+                    route
+                        .picker
+                        .store(Some(Arc::new(Box::new(SharedPicker(p.clone())))));
+                }
+                p
+            });
             let (router, name, every, snapshots, m, overrides) = (
                 router.clone(),
                 name.clone(),
@@ -511,6 +585,13 @@ impl Bandits {
                         if let Err(e) = route.set_weights(&weights) {
                             tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
                         }
+                    }
+                    if let Some(p) = &picker {
+                        p.state.store(Arc::new(PickerState {
+                            arms: bandit.arms().to_vec(),
+                            p_best: bandit.p_best().to_vec(),
+                            steering: bandit.steering(),
+                        }));
                     }
                     snap.weights = weights;
                     snap.arms = bandit.arms().to_vec();

@@ -494,3 +494,48 @@ async fn priors_are_configurable_and_time_half_lives_forget() {
         .unwrap();
     assert!(successes < 0.1 * nb as f64, "{successes} of {nb} remain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_thompson_sampling_follows_the_feedback() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = app(&a, &b, "{objective: conversion, mode: per_request, update_interval: 20ms, warmup: 20, min_weight: 0.02}").await;
+    let c = client();
+    let url = format!("http://{}/v1/models/rec:predict", app.data_addr);
+    // Teach until the posteriors are published with warm-up done (bounded).
+    for _ in 0..20 {
+        teach(&app, 2).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let s = app.bandit_state();
+        let v = &s["models"]["rec"]["variants"];
+        if v["a"]["rewards"].as_u64().unwrap_or(0) >= 20
+            && v["b"]["rewards"].as_u64().unwrap_or(0) >= 20
+        {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Posteriors: b ~ Beta(1 + nb, 1), a ~ Beta(1, 1 + na): b wins almost every draw,
+    // and 2% exploration sends about 1% to a.
+    let mut on_b = 0;
+    for _ in 0..300 {
+        on_b += usize::from(predict(&c, &url).await.header("x-switchyard-variant") == Some("b"));
+    }
+    assert!(on_b > 270, "{on_b} of 300 on b");
+    // A pin overrides the per-request draws.
+    let pin = send(
+        &c,
+        "POST",
+        &format!("http://{}/admin/bandit/rec/pin/a", app.admin_addr),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(pin.status, 200);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    for _ in 0..50 {
+        assert_eq!(
+            predict(&c, &url).await.header("x-switchyard-variant"),
+            Some("a")
+        );
+    }
+}

@@ -29,6 +29,7 @@ pub struct Bandit {
     arms: Vec<Posterior>,
     rewards: Vec<u64>,
     weights: Vec<f64>,
+    p_best: Vec<f64>,
     over: Override,
 }
 
@@ -37,7 +38,7 @@ impl Bandit {
     /// (normalised here).
     pub fn new(config: BanditConfig, initial_weights: &[f64]) -> Self {
         let sum: f64 = initial_weights.iter().sum();
-        let weights = initial_weights
+        let weights: Vec<f64> = initial_weights
             .iter()
             .map(|w| {
                 if sum > 0.0 {
@@ -59,6 +60,7 @@ impl Bandit {
                 .collect(),
             rewards: vec![0; initial_weights.len()],
             config,
+            p_best: weights.clone(),
             weights,
             over: Override::None,
         }
@@ -87,6 +89,7 @@ impl Bandit {
     /// Recomputes the weights: P(best) per arm, then the guardrails. Returns them.
     pub fn update<R: Rng + ?Sized>(&mut self, rng: &mut R) -> &[f64] {
         let target = p_best(&self.arms, self.config.draws, rng);
+        self.p_best.clone_from(&target);
         self.weights = apply_guardrails(
             &self.weights,
             &target,
@@ -100,6 +103,20 @@ impl Bandit {
     /// Per-request Thompson sampling instead of published weights.
     pub fn pick<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
         thompson_pick(&self.arms, rng)
+    }
+
+    /// Each arm's probability of being best, as of the last update.
+    pub fn p_best(&self) -> &[f64] {
+        &self.p_best
+    }
+
+    /// True when the guardrails let the bandit steer: warm-up done and no override.
+    pub fn steering(&self) -> bool {
+        self.over == Override::None
+            && self
+                .rewards
+                .iter()
+                .all(|r| *r >= self.config.guardrails.warmup)
     }
 
     /// The current weights (sum to 1).

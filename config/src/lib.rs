@@ -22,8 +22,8 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    BanditObjective, BanditSpec, Batching, Config, HalfLife, Local, LocalRuntime, MissingFeedback,
-    Model, Prior, UpstreamProtocol, UpstreamUrl, Variant,
+    BanditMode, BanditObjective, BanditSpec, Batching, Config, HalfLife, Local, LocalRuntime,
+    MissingFeedback, Model, Prior, UpstreamProtocol, UpstreamUrl, Variant,
 };
 
 /// Parses and validates a configuration from YAML text.

@@ -101,10 +101,24 @@ pub struct BanditSpec {
     /// drifts: a number of rewards per variant (`2000`) or a duration (`30m`). Default:
     /// never forget.
     pub half_life: Option<HalfLife>,
+    /// `weights` (default): publish weights every `update_interval` and split traffic by
+    /// them; `per_request`: draw from the posteriors on every request (pure Thompson
+    /// sampling), exploring uniformly with probability variants × `min_weight`.
+    pub mode: BanditMode,
     /// The prior belief about every variant before any reward. Default: uniform
     /// (`{alpha: 1, beta: 1}`) for conversion; `{mean: 0, strength: 1, shape: 1,
     /// scale: 1}` for revenue and profit.
     pub prior: Option<Prior>,
+}
+
+/// How a bandit steers traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BanditMode {
+    /// Published weights, recomputed every `update_interval`.
+    Weights,
+    /// A posterior draw per request.
+    PerRequest,
 }
 
 /// A half-life, in rewards or in time.
@@ -537,6 +551,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
             "missing_feedback",
             "half_life",
             "prior",
+            "mode",
         ],
     )?;
     let objective = f.required(cx, "objective", |cx, n, p| {
@@ -602,6 +617,17 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         }
         Some(v)
     };
+    let mode = f.optional(cx, "mode", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("weights", BanditMode::Weights),
+                ("per_request", BanditMode::PerRequest),
+            ],
+        )
+    });
     let prior_node = f.get("prior");
     let prior = f.optional(cx, "prior", |cx, n, p| {
         let g = Fields::new(
@@ -650,6 +676,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         feedback_ttl: feedback_ttl.unwrap_or(Duration::from_secs(600)),
         missing_feedback: missing_feedback.unwrap_or(MissingFeedback::Ignore),
         half_life,
+        mode: mode.unwrap_or(BanditMode::Weights),
         prior,
     })
 }

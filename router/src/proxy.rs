@@ -224,12 +224,19 @@ impl Router {
         peer: Option<&HeaderValue>,
         started: Instant,
     ) -> Response<ProxyBody> {
-        let pick = match &model.sticky_header {
-            Some(h) => match req.headers().get(h) {
-                Some(key) => model.selector.pick_sticky(key.as_bytes()),
-                None => model.selector.pick(),
+        // Sticky keys first (a user keeps their variant), then a per-request picker
+        // (a bandit in per_request mode), then the weight table.
+        let sticky = model
+            .sticky_header
+            .as_ref()
+            .and_then(|h| req.headers().get(h))
+            .map(|key| model.selector.pick_sticky(key.as_bytes()));
+        let pick = match sticky {
+            Some(p) => p,
+            None => match model.picker.load().as_ref().and_then(|p| p.pick()) {
+                Some(p) if p.index < model.variants.len() => p,
+                _ => model.selector.pick(),
             },
-            None => model.selector.pick(),
         };
         let variant = &model.variants[pick.index];
         if let Some(ttl) = model.feedback_ttl {

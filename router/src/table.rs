@@ -37,6 +37,16 @@ pub struct ModelRoute {
     pub feedback_ttl: Option<std::time::Duration>,
     /// The name, shared by every decision recorded for this model.
     pub name_arc: Arc<str>,
+    /// Chooses per request instead of the weight table when installed (a bandit in
+    /// `per_request` mode); returns `None` to defer to the weight table.
+    pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
+}
+
+/// A per-request chooser the binary can install on a model (Thompson sampling).
+pub trait Picker: Send + Sync + std::fmt::Debug {
+    /// The variant for this request and the probability it had, or `None` to use the
+    /// weight table (warm-up, pin, freeze).
+    fn pick(&self) -> Option<crate::selector::Pick>;
 }
 
 /// One variant of a model.
@@ -142,6 +152,7 @@ impl RouteTable {
                 body_limit: config.body_limit(model),
                 feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
                 name_arc: Arc::from(name.as_str()),
+                picker: arc_swap::ArcSwapOption::empty(),
             };
             route.publish_weight_gauges();
             models.insert(name.clone(), Arc::new(route));
