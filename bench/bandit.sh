@@ -3,9 +3,10 @@
 #   Part 1: regret at 100,000 decisions in each standard world, bandit vs baselines
 #           (`switchyard simulate --requests 100000 --seeds 5`, mean of 5 seeded runs).
 #   Part 2: the router's throughput with a bandit on (every prediction recorded for
-#           feedback, weights republished every second) vs the same 3-variant split
-#           without one: nginx origin on CPU 0 with wrk, Switchyard (worker_threads: 1)
-#           on CPU 1, wrk 32 connections, interleaved rounds. Target: <= 5% lower.
+#           feedback, weights republished every second), in both modes (published
+#           weights; a Thompson draw per request), vs the same 3-variant split without
+#           one: nginx origin on CPU 0 with wrk, Switchyard (worker_threads: 1) on CPU 1,
+#           wrk 32 connections, interleaved rounds. Target: <= 5% lower.
 # Needs: nginx, wrk (Debian). Loopback only.
 set -euo pipefail
 ulimit -n 65536 2>/dev/null || true
@@ -33,8 +34,9 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $WORK;
 CONF
 taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off; user root;' &
 PIDS+=($!)
-for mode in plain bandit; do
-  port=$([ $mode = plain ] && echo 19311 || echo 19321)
+port_of() { case $1 in plain) echo 19311 ;; bandit) echo 19321 ;; per_request) echo 19331 ;; esac; }
+for mode in plain bandit per_request; do
+  port=$(port_of $mode)
   {
     echo "listen: 127.0.0.1:$port"
     echo "admin_listen: 127.0.0.1:$((port + 1))"
@@ -42,6 +44,7 @@ for mode in plain bandit; do
     echo "models:"
     echo "  mnist:"
     [ $mode = bandit ] && echo "    bandit: {objective: conversion, update_interval: 1s, feedback_ttl: 2s}"
+    [ $mode = per_request ] && echo "    bandit: {objective: conversion, update_interval: 1s, feedback_ttl: 2s, mode: per_request, warmup: 0}"
     echo "    variants:"
     echo "      - {name: a, upstream: \"http://127.0.0.1:19301\", weight: 97}"
     echo "      - {name: b, upstream: \"http://127.0.0.1:19302\", weight: 2}"
@@ -54,16 +57,18 @@ sleep 1
 printf 'wrk.method = "POST"\nwrk.body = "{\\"instances\\": [[1, 2]]}"\n' > "$WORK/post.lua"
 echo
 echo "## Router throughput, bandit on vs fixed split (req/s, wrk 32 connections, ${SECONDS_EACH}s)"
-declare -A SUM=([plain]=0 [bandit]=0)
+declare -A SUM=([plain]=0 [bandit]=0 [per_request]=0)
 for round in $(seq 1 "$ROUNDS"); do
-  for mode in plain bandit; do
-    port=$([ $mode = plain ] && echo 19311 || echo 19321)
+  for mode in plain bandit per_request; do
+    port=$(port_of $mode)
     rps=$(taskset -c 0 wrk -t1 -c32 -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/models/mnist:predict" | awk '/Requests\/sec/ {print $2}')
     echo "round $round  $mode: $rps"
     SUM[$mode]=$(awk -v a="${SUM[$mode]}" -v b="$rps" 'BEGIN {print a + b}')
   done
 done
-awk -v p="${SUM[plain]}" -v b="${SUM[bandit]}" -v r="$ROUNDS" 'BEGIN {
-  printf "mean: fixed split %.0f req/s, bandit %.0f req/s, bandit / fixed = %.3f\n", p / r, b / r, b / p }'
-dropped=$(curl -s 127.0.0.1:19322/metrics | awk '/^switchyard_decisions_dropped_total/ {print $2}')
-echo "decisions dropped (log full): ${dropped:-0}"
+awk -v p="${SUM[plain]}" -v b="${SUM[bandit]}" -v t="${SUM[per_request]}" -v r="$ROUNDS" 'BEGIN {
+  printf "mean: fixed split %.0f req/s; bandit, weights %.0f req/s (%.3f of fixed); bandit, per_request %.0f req/s (%.3f of fixed)\n", p / r, b / r, b / p, t / r, t / p }'
+for port in 19322 19332; do
+  dropped=$(curl -s 127.0.0.1:$port/metrics | awk '/^switchyard_decisions_dropped_total/ {print $2}')
+  echo "decisions dropped (log full) on admin $port: ${dropped:-0}"
+done

@@ -29,6 +29,8 @@ pub struct Bandit {
     arms: Vec<Posterior>,
     rewards: Vec<u64>,
     weights: Vec<f64>,
+    /// The configured weights, normalised: what warm-up holds.
+    configured: Vec<f64>,
     p_best: Vec<f64>,
     over: Override,
 }
@@ -61,6 +63,7 @@ impl Bandit {
             rewards: vec![0; initial_weights.len()],
             config,
             p_best: weights.clone(),
+            configured: weights.clone(),
             weights,
             over: Override::None,
         }
@@ -90,6 +93,17 @@ impl Bandit {
     pub fn update<R: Rng + ?Sized>(&mut self, rng: &mut R) -> &[f64] {
         let target = p_best(&self.arms, self.config.draws, rng);
         self.p_best.clone_from(&target);
+        // Warm-up holds the *configured* weights, not whatever is current: after an
+        // operator releases a pin, a variant that got no traffic must get some again.
+        if self.over == Override::None
+            && self
+                .rewards
+                .iter()
+                .any(|r| *r < self.config.guardrails.warmup)
+        {
+            self.weights.clone_from(&self.configured);
+            return &self.weights;
+        }
         self.weights = apply_guardrails(
             &self.weights,
             &target,
@@ -157,5 +171,40 @@ impl Bandit {
     /// Sets an operator override (freeze, pin) for the next updates.
     pub fn set_override(&mut self, over: Override) {
         self.over = over;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn releasing_a_pin_during_warmup_restores_the_configured_weights() {
+        let config = BanditConfig {
+            objective: Objective::Conversion,
+            guardrails: Guardrails {
+                min_weight: 0.0,
+                max_step: 1.0,
+                warmup: 5,
+            },
+            draws: 100,
+            half_life: None,
+            prior: None,
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut b = Bandit::new(config, &[3.0, 1.0]);
+        b.set_override(Override::Pin(0));
+        assert_eq!(b.update(&mut rng), [1.0, 0.0]);
+        for _ in 0..10 {
+            b.observe(0, 0.0); // only the pinned arm learns
+        }
+        b.set_override(Override::None);
+        assert_eq!(
+            b.update(&mut rng),
+            [0.75, 0.25],
+            "arm 1 must get traffic to warm up"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! a [`FeedbackSink`] (the binary wires the bandit there) validates and takes it.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,10 +56,51 @@ pub struct Decision {
     pub rewarded: bool,
 }
 
+/// A request id as a map key: our own ids are 128 random bits written in hex, so they
+/// are parsed back; other ids (a client's) are hashed to 128 bits, where a collision is
+/// about as likely as guessing one of our ids. No allocation, no SipHash per prediction.
+fn key(id: &[u8]) -> u128 {
+    if id.len() == 32 {
+        if let Some(k) = std::str::from_utf8(id)
+            .ok()
+            .and_then(|s| u128::from_str_radix(s, 16).ok())
+        {
+            return k;
+        }
+    }
+    let hi = stable_hash(id);
+    let mut salted = Vec::with_capacity(id.len() + 1);
+    salted.extend_from_slice(id);
+    salted.push(0xA5);
+    (u128::from(hi) << 64) | u128::from(stable_hash(&salted))
+}
+
+/// Keys are already uniformly random: fold them instead of hashing again.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= (v as u64) ^ ((v >> 64) as u64);
+    }
+}
+
+type Shard = HashMap<u128, Decision, BuildHasherDefault<IdHasher>>;
+
 /// The bounded, sharded decision log.
 #[derive(Debug)]
 pub struct DecisionLog {
-    shards: Vec<Mutex<HashMap<Box<[u8]>, Decision>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
 }
 
@@ -99,13 +141,13 @@ impl DecisionLog {
     /// A log holding at most `capacity` decisions.
     pub fn new(capacity: usize) -> Self {
         DecisionLog {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
         }
     }
 
-    fn shard(&self, id: &[u8]) -> MutexGuard<'_, HashMap<Box<[u8]>, Decision>> {
-        let i = (stable_hash(id) % SHARDS as u64) as usize;
+    fn shard(&self, key: u128) -> MutexGuard<'_, Shard> {
+        let i = ((key >> 64) as u64 % SHARDS as u64) as usize;
         // A poisoned shard only means a panic mid-insert elsewhere; the map is intact.
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -113,11 +155,12 @@ impl DecisionLog {
     /// Records a decision; false when the shard is full (the prediction then cannot get
     /// feedback, and the caller counts it).
     pub fn record(&self, id: &[u8], decision: Decision) -> bool {
-        let mut shard = self.shard(id);
-        if shard.len() >= self.per_shard && !shard.contains_key(id) {
+        let k = key(id);
+        let mut shard = self.shard(k);
+        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
             return false;
         }
-        shard.insert(id.into(), decision);
+        shard.insert(k, decision);
         true
     }
 
@@ -130,8 +173,9 @@ impl DecisionLog {
         now: Instant,
         accept: impl FnOnce(&Decision) -> Result<(), String>,
     ) -> Result<(), FeedbackError> {
-        let mut shard = self.shard(id);
-        let Some(d) = shard.get_mut(id) else {
+        let k = key(id);
+        let mut shard = self.shard(k);
+        let Some(d) = shard.get_mut(&k) else {
             return Err(FeedbackError::Unknown);
         };
         if d.expires <= now {
@@ -334,6 +378,19 @@ mod tests {
         assert_eq!(missing.len(), 2, "old and done never got feedback");
         assert_eq!(log.len(), 1);
         assert!(log.expire(later).is_empty());
+    }
+
+    #[test]
+    fn our_ids_parse_and_other_ids_hash_apart() {
+        let ours = crate::ids::new_request_id();
+        assert_eq!(
+            key(ours.as_bytes()),
+            u128::from_str_radix(ours.to_str().unwrap(), 16).unwrap()
+        );
+        assert_ne!(key(b"client-1"), key(b"client-2"));
+        assert_eq!(key(b"client-1"), key(b"client-1"));
+        // 32 characters that are not hex are hashed, not rejected.
+        assert_ne!(key(&[b'z'; 32]), key(&[b'y'; 32]));
     }
 
     #[test]
