@@ -69,21 +69,29 @@ struct Entry {
 /// The router's feedback sink: validates and queues rewards per model.
 #[derive(Debug)]
 pub struct BanditSink {
-    models: HashMap<String, Entry>,
+    /// By model position in the config's sorted list (as decisions record it); `None`
+    /// for models without a bandit.
+    models: Vec<Option<Entry>>,
+}
+
+impl BanditSink {
+    fn entry(&self, model: u16) -> Option<&Entry> {
+        self.models.get(usize::from(model)).and_then(Option::as_ref)
+    }
 }
 
 impl FeedbackSink for BanditSink {
-    fn accept(&self, d: &Decision, v: &FeedbackValues) -> Result<(), String> {
+    fn accept(&self, d: &Decision, age: Duration, v: &FeedbackValues) -> Result<(), String> {
         let e = self
-            .models
-            .get(&*d.model)
-            .ok_or_else(|| format!("model `{}` has no bandit", d.model))?;
+            .entry(d.model)
+            .ok_or_else(|| "this prediction's model has no bandit".to_string())?;
+        let variant = usize::from(d.variant);
         let fb = Feedback {
             revenue: v.revenue,
             converted: v.converted,
             reward: v.reward,
         };
-        let cost = e.costs.get(d.variant).copied().unwrap_or(0.0);
+        let cost = e.costs.get(variant).copied().unwrap_or(0.0);
         let reward = e
             .objective
             .reward(&fb, cost)
@@ -94,11 +102,11 @@ impl FeedbackSink for BanditSink {
             .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
         e.events
             .send(Event::Feedback {
-                variant: d.variant,
+                variant,
                 reward,
                 revenue,
                 cost,
-                delay: d.at.elapsed().as_secs_f64(),
+                delay: age.as_secs_f64(),
             })
             .map_err(|_| "the model's bandit has stopped".to_string())
     }
@@ -209,27 +217,27 @@ pub struct Receivers(HashMap<String, mpsc::UnboundedReceiver<Event>>);
 /// The sink for `config`'s bandits (None if no model has one), and the queues their
 /// tasks will drain.
 pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
-    let mut models = HashMap::new();
+    let mut models = Vec::with_capacity(config.models.len());
     let mut receivers = Receivers(HashMap::new());
     for (name, model) in &config.models {
-        let Some(b) = &model.bandit else { continue };
+        let Some(b) = &model.bandit else {
+            models.push(None);
+            continue;
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        models.insert(
-            name.clone(),
-            Entry {
-                objective: objective(b.objective),
-                costs: model
-                    .variants
-                    .iter()
-                    .map(|v| v.cost_per_1k / 1000.0)
-                    .collect(),
-                missing: b.missing_feedback,
-                events: tx,
-            },
-        );
+        models.push(Some(Entry {
+            objective: objective(b.objective),
+            costs: model
+                .variants
+                .iter()
+                .map(|v| v.cost_per_1k / 1000.0)
+                .collect(),
+            missing: b.missing_feedback,
+            events: tx,
+        }));
         receivers.0.insert(name.clone(), rx);
     }
-    if models.is_empty() {
+    if models.iter().all(Option::is_none) {
         (None, receivers)
     } else {
         (Some(Arc::new(BanditSink { models })), receivers)
@@ -629,12 +637,13 @@ impl Bandits {
                 loop {
                     tick.tick().await;
                     for d in router.decisions().expire(Instant::now()) {
-                        if let Some(e) = sink.models.get(&*d.model) {
-                            let cost = e.costs.get(d.variant).copied().unwrap_or(0.0);
+                        if let Some(e) = sink.entry(d.model) {
+                            let variant = usize::from(d.variant);
+                            let cost = e.costs.get(variant).copied().unwrap_or(0.0);
                             let reward = (e.missing == MissingFeedback::Zero)
                                 .then(|| e.objective.missing_reward(cost));
                             let _ = e.events.send(Event::Missing {
-                                variant: d.variant,
+                                variant,
                                 reward,
                                 cost,
                             });

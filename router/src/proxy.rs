@@ -33,7 +33,7 @@ use switchyard_config::{Config, UpstreamProtocol};
 
 use crate::body::{LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
-use crate::feedback::{self, Decision, DecisionLog, FeedbackSink};
+use crate::feedback::{self, DecisionLog, FeedbackSink};
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::path::{self, Endpoint, ModelRequest};
@@ -241,17 +241,12 @@ impl Router {
         let variant = &model.variants[pick.index];
         if let Some(ttl) = model.feedback_ttl {
             if model_req.verb.is_prediction() {
-                let now = Instant::now();
                 let recorded = self.decisions.record(
                     request_id.as_bytes(),
-                    Decision {
-                        model: model.name_arc.clone(),
-                        variant: pick.index,
-                        probability: pick.probability,
-                        at: now,
-                        expires: now + ttl,
-                        rewarded: false,
-                    },
+                    model.index,
+                    u16::try_from(pick.index).unwrap_or(u16::MAX),
+                    pick.probability,
+                    ttl,
                 );
                 if !recorded {
                     self.metrics.decisions_dropped.inc();

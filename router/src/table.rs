@@ -35,8 +35,9 @@ pub struct ModelRoute {
     /// `Some(feedback_ttl)` when a bandit learns from this model's predictions: its
     /// decisions are recorded for feedback.
     pub feedback_ttl: Option<std::time::Duration>,
-    /// The name, shared by every decision recorded for this model.
-    pub name_arc: Arc<str>,
+    /// The model's position in the config's (sorted) list of models, as decisions and
+    /// the bandits refer to it.
+    pub index: u16,
     /// Chooses per request instead of the weight table when installed (a bandit in
     /// `per_request` mode); returns `None` to defer to the weight table.
     pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
@@ -151,7 +152,7 @@ impl RouteTable {
                 sticky_header,
                 body_limit: config.body_limit(model),
                 feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
-                name_arc: Arc::from(name.as_str()),
+                index: u16::try_from(models.len()).unwrap_or(u16::MAX),
                 picker: arc_swap::ArcSwapOption::empty(),
             };
             route.publish_weight_gauges();
