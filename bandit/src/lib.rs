@@ -15,9 +15,10 @@
 //!   truncated Thompson) to measure regret without a network.
 //! - [`error`]: the crate's error type, [`BanditError`].
 //!
-//! Not here yet (issue #4's remaining parts): the decision log, `POST /v1/feedback`, the
-//! task that publishes weights to the router, persistence, metrics, and the
-//! `switchyard simulate` command around [`simulate::run`].
+//! Elsewhere, because they do I/O: the decision log and `POST /v1/feedback` are in the
+//! router (`switchyard_router::feedback`); the tasks that publish weights, the metrics,
+//! `/admin/state`, the state file and the per-request picker are in the binary
+//! (`src/bandits.rs`); `switchyard simulate` wraps [`simulate::run`] (`src/simulate.rs`).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
