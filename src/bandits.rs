@@ -288,50 +288,12 @@ impl Metrics {
 }
 
 fn posterior_json(p: &Posterior) -> Value {
-    match *p {
-        Posterior::Beta {
-            alpha0,
-            beta0,
-            successes,
-            failures,
-        } => {
-            json!({ "kind": "beta", "alpha0": alpha0, "beta0": beta0, "successes": successes, "failures": failures })
-        }
-        Posterior::Gaussian {
-            mu0,
-            kappa0,
-            alpha0,
-            beta0,
-            n,
-            sum,
-            sum_sq,
-        } => json!({
-            "kind": "gaussian", "mu0": mu0, "kappa0": kappa0, "alpha0": alpha0, "beta0": beta0,
-            "n": n, "sum": sum, "sum_sq": sum_sq
-        }),
-    }
+    serde_json::to_value(p).unwrap_or(Value::Null)
 }
 
+/// A saved posterior, if it is one (non-finite numbers were saved as `null` and fail).
 fn posterior_from(v: &Value) -> Option<Posterior> {
-    let f = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
-    match v.get("kind")?.as_str()? {
-        "beta" => Some(Posterior::Beta {
-            alpha0: f("alpha0")?,
-            beta0: f("beta0")?,
-            successes: f("successes")?,
-            failures: f("failures")?,
-        }),
-        "gaussian" => Some(Posterior::Gaussian {
-            mu0: f("mu0")?,
-            kappa0: f("kappa0")?,
-            alpha0: f("alpha0")?,
-            beta0: f("beta0")?,
-            n: f("n")?,
-            sum: f("sum")?,
-            sum_sq: f("sum_sq")?,
-        }),
-        _ => None,
-    }
+    serde_json::from_value(v.clone()).ok()
 }
 
 fn override_json(o: Override, variants: &[String]) -> Value {

@@ -3,8 +3,10 @@
 use rand::Rng;
 use rand_distr::{Beta, Distribution, Gamma, Normal};
 
-/// What we believe about one variant's expected reward.
-#[derive(Debug, Clone, PartialEq)]
+/// What we believe about one variant's expected reward. Serialised (for state files)
+/// as `{"kind": "beta" | "gaussian", ...fields}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Posterior {
     /// Beta–Bernoulli: rewards are 0 or 1. `successes` and `failures` are effective
     /// counts (fractional after decay).

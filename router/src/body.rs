@@ -12,6 +12,17 @@ use hyper::body::Incoming;
 /// Every response body: an upstream's answer streamed through untouched, or one we made.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// A JSON answer made by Switchyard itself (health, local models, feedback, errors).
+pub fn json_response(status: http::StatusCode, body: Bytes) -> http::Response<ProxyBody> {
+    let mut resp = http::Response::new(Either::Right(Full::new(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 /// The error a [`LimitedBody`] yields when the client sends more than the limit. The
 /// proxy finds it in the upstream client's error chain and answers 413.
 #[derive(Debug, thiserror::Error)]

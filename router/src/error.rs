@@ -5,11 +5,10 @@
 //! resend a request when that is true.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW};
 use http::{Method, Response, StatusCode};
-use http_body_util::{Either, Full};
 
-use crate::body::ProxyBody;
+use crate::body::{json_response, ProxyBody};
 
 /// Which kind of upstream failure, for the `switchyard_upstream_errors_total` metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,10 +148,7 @@ impl RouterError {
 /// both TF Serving and the V2 protocol use, with the error's status.
 pub fn error_response(err: &RouterError) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": err.to_string() }).to_string();
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *resp.status_mut() = err.status();
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut resp = json_response(err.status(), Bytes::from(body));
     if let RouterError::MethodNotAllowed { allowed, .. } = err {
         let allow = if *allowed == Method::GET {
             "GET, HEAD"

@@ -172,11 +172,12 @@ impl DecisionLog {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a decision made now for `model`'s `variant` with `probability`, open for
-    /// feedback for `ttl`; false when the shard is full (the prediction then cannot get
+    /// Records a decision made at `at` for `model`'s `variant` with `probability`, open
+    /// for feedback for `ttl`; false when the shard is full (the prediction then cannot get
     /// feedback, and the caller counts it).
     pub fn record(
         &self,
+        at: Instant,
         id: &[u8],
         model: u16,
         variant: u16,
@@ -187,7 +188,7 @@ impl DecisionLog {
             model,
             variant,
             probability: probability as f32,
-            at_ms: self.millis(Instant::now()),
+            at_ms: self.millis(at),
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
             rewarded: false,
         };
@@ -371,7 +372,7 @@ mod tests {
     }
 
     fn record(log: &DecisionLog, id: &[u8], ttl: Duration) -> bool {
-        log.record(id, 0, 1, 0.5, ttl)
+        log.record(Instant::now(), id, 0, 1, 0.5, ttl)
     }
 
     #[test]

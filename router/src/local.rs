@@ -6,14 +6,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use switchyard_inference::{Batcher, InferenceError, Signature};
 
-use crate::body::ProxyBody;
+use crate::body::{json_response, ProxyBody};
 use crate::error::RouterError;
 use crate::path::{Protocol, Verb};
 
@@ -92,7 +90,7 @@ impl LocalBackend {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
-        Ok(json_response(answer))
+        Ok(json_response(StatusCode::OK, answer))
     }
 }
 
@@ -365,12 +363,4 @@ fn tf_metadata(model: &str, sig: &Signature) -> Value {
             "method_name": "tensorflow/serving/predict",
         }}}}
     })
-}
-
-fn json_response(body: Bytes) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(body)));
-    *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }

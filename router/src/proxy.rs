@@ -27,11 +27,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use switchyard_config::{Config, UpstreamProtocol};
 
-use crate::body::{LimitedBody, ProxyBody};
+use crate::body::{json_response, LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
 use crate::feedback::{self, DecisionLog, FeedbackSink};
 use crate::ids;
@@ -182,10 +182,8 @@ impl Router {
                 let body =
                     crate::body::collect_limited(req.into_body(), self.feedback_limit).await?;
                 let (status, answer) = feedback::handle(&self.decisions, sink.as_ref(), &body)?;
-                let mut resp = json(StatusCode::OK, "");
-                *resp.body_mut() = Either::Right(Full::new(answer));
-                *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                return Ok(resp);
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                return Ok(json_response(status, answer));
             }
             Endpoint::ServerMetadata => {
                 let body = serde_json::json!({
@@ -193,7 +191,7 @@ impl Router {
                     "version": env!("CARGO_PKG_VERSION"),
                     "extensions": [],
                 });
-                return Ok(json(StatusCode::OK, &body.to_string()));
+                return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
             }
         };
         let table = self.table.load_full();
@@ -239,9 +237,11 @@ impl Router {
             },
         };
         let variant = &model.variants[pick.index];
+        let routed = Instant::now();
         if let Some(ttl) = model.feedback_ttl {
             if model_req.verb.is_prediction() {
                 let recorded = self.decisions.record(
+                    routed,
                     request_id.as_bytes(),
                     model.index,
                     u16::try_from(pick.index).unwrap_or(u16::MAX),
@@ -253,7 +253,6 @@ impl Router {
                 }
             }
         }
-        let routed = Instant::now();
         let result = match &variant.backend {
             Backend::Remote(upstream) => {
                 match upstream_request(
@@ -453,16 +452,8 @@ fn write_millis(out: &mut [u8], micros: u64) -> usize {
     at + 4
 }
 
-fn json(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
-        body.as_bytes(),
-    ))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    json_response(status, Bytes::from_static(body.as_bytes()))
 }
 
 fn random_seed() -> u64 {
