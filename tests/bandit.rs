@@ -525,3 +525,114 @@ async fn per_request_thompson_sampling_follows_the_feedback() {
         );
     }
 }
+
+/// Predictions left without feedback count at `feedback_ttl` as the config says: under
+/// `zero` as failures the bandit learns from, under `ignore` only as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_feedback_counts_as_configured_at_the_ttl() {
+    for (mode, learned) in [("zero", 3), ("ignore", 0)] {
+        let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+        let app = app(
+            &a,
+            &b,
+            &format!("{{objective: conversion, feedback_ttl: 100ms, missing_feedback: {mode}, update_interval: 20ms, warmup: 1000}}"),
+        )
+        .await;
+        let c = client();
+        for _ in 0..3 {
+            predict(
+                &c,
+                &format!("http://{}/v1/models/rec:predict", app.data_addr),
+            )
+            .await;
+        }
+        // Decisions are swept once a second: wait (bounded) until all three expired.
+        let mut state = Value::Null;
+        for _ in 0..80 {
+            state = app.bandit_state();
+            let v = &state["models"]["rec"]["variants"];
+            let expired = v["a"]["expired_without_feedback"].as_u64().unwrap_or(0)
+                + v["b"]["expired_without_feedback"].as_u64().unwrap_or(0);
+            if expired == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let v = &state["models"]["rec"]["variants"];
+        let sum = |k: &str| v["a"][k].as_u64().unwrap() + v["b"][k].as_u64().unwrap();
+        assert_eq!(sum("expired_without_feedback"), 3, "{mode}: {state}");
+        assert_eq!(sum("rewards"), learned, "{mode}: {state}");
+        let failures = v["a"]["posterior"]["failures"].as_f64().unwrap()
+            + v["b"]["posterior"]["failures"].as_f64().unwrap();
+        assert_eq!(
+            failures, learned as f64,
+            "{mode}: zero counts as no conversion"
+        );
+    }
+}
+
+/// Each decision keeps the probability its variant was chosen with (for inverse-propensity
+/// estimates later): seen through a sink that captures what feedback joins to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_keep_the_probability_of_their_choice() {
+    use std::sync::{Arc, Mutex};
+    use switchyard::router::feedback::{Decision, FeedbackSink, FeedbackValues};
+    use switchyard::router::server::{serve, ServeOptions};
+
+    #[derive(Debug, Default)]
+    struct Capture(Mutex<Vec<(u16, f32)>>);
+    impl FeedbackSink for Capture {
+        fn accept(&self, d: &Decision, _: Duration, _: &FeedbackValues) -> Result<(), String> {
+            self.0.lock().unwrap().push((d.variant, d.probability));
+            Ok(())
+        }
+    }
+
+    let up = Upstream::echo("x").await;
+    let config = switchyard::config::from_yaml_str(&format!(
+        "models:\n  rec:\n    bandit: {{objective: conversion}}\n    variants:\n      - {{name: a, upstream: \"{0}\", weight: 1}}\n      - {{name: b, upstream: \"{0}\", weight: 3}}\n",
+        up.url()
+    ))
+    .unwrap();
+    let capture = Arc::new(Capture::default());
+    let metrics = switchyard::router::Metrics::new(&prometheus::Registry::new()).unwrap();
+    let router =
+        switchyard::router::Router::with_feedback(&config, metrics, Some(capture.clone())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = ServeOptions {
+        max_connections: 64,
+        drain_timeout: Duration::from_secs(1),
+        connection_metrics: None,
+    };
+    tokio::spawn(serve(
+        listener,
+        move |p| router.service(Some(p.ip())),
+        std::future::pending(),
+        opts,
+    ));
+
+    let c = client();
+    for _ in 0..40 {
+        let r = predict(&c, &format!("http://{addr}/v1/models/rec:predict")).await;
+        let body = json!({ "request_id": r.header("x-request-id").unwrap(), "converted": true });
+        assert_eq!(
+            send(
+                &c,
+                "POST",
+                &format!("http://{addr}/v1/feedback"),
+                &[],
+                &body.to_string()
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let seen = capture.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 40);
+    for (variant, p) in seen {
+        let want = if variant == 0 { 0.25 } else { 0.75 };
+        assert_eq!(p, want, "variant {variant}");
+    }
+}
