@@ -91,9 +91,6 @@ pub enum RouterError {
     /// A local model failed.
     #[error("{0}")]
     Inference(String),
-    /// The server is shutting down.
-    #[error("shutting down")]
-    Draining,
 }
 
 impl RouterError {
@@ -113,7 +110,6 @@ impl RouterError {
                 ..
             } => StatusCode::GATEWAY_TIMEOUT,
             RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            RouterError::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -139,7 +135,6 @@ impl RouterError {
             RouterError::BadInput(_) => "bad_input",
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Inference(_) => "inference",
-            RouterError::Draining => "draining",
         }
     }
 }
