@@ -23,7 +23,7 @@ pub mod yaml;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
     BanditMode, BanditObjective, BanditSpec, Batching, Config, HalfLife, Local, LocalRuntime,
-    MissingFeedback, Model, Prior, UpstreamProtocol, UpstreamUrl, Variant,
+    MissingFeedback, Model, Prior, Shadow, ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant,
 };
 
 /// Parses and validates a configuration from YAML text.

@@ -15,6 +15,8 @@ use crate::yaml::Node;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default admin address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Most shadows one model may have (the request path keeps them in a 64-bit mask).
+pub const MAX_SHADOWS: usize = 64;
 /// Default request body limit: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -74,6 +76,55 @@ pub struct Model {
     /// feedback the application posts to `/v1/feedback`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandit: Option<BanditSpec>,
+    /// Candidates that receive a mirrored share of this model's traffic. Their answers
+    /// are compared with the primary's and thrown away; the client never waits for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<Shadow>,
+}
+
+/// A shadow: a candidate model server that gets copies of live requests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Shadow {
+    /// Short name, unique among the model's variants and shadows; used in metric labels
+    /// and at `/admin/shadow/{model}`.
+    pub name: String,
+    /// Base URL of the candidate's model server, as for variants.
+    pub upstream: UpstreamUrl,
+    /// Model name on that server. Default: the client's model name.
+    pub upstream_model: Option<String>,
+    /// `http1` (default) or `h2c`.
+    pub protocol: UpstreamProtocol,
+    /// Share of the model's prediction requests to mirror, 0 to 1.
+    pub fraction: f64,
+    /// `random` (default): each request is drawn independently. `hash`: decided by a hash
+    /// of the request id, so the same requests go to every shadow and a replayed run
+    /// mirrors the same requests.
+    pub sampling: ShadowSampling,
+    /// Mirrors in flight at once to this shadow. Default 32.
+    pub max_concurrency: usize,
+    /// Mirrors waiting for a free slot; beyond this they are dropped and counted.
+    /// Default 256.
+    pub max_queue: usize,
+    /// How long a mirror may take. Default: the model's `request_timeout`.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub request_timeout: Option<Duration>,
+    /// How many of the latest disagreements `/admin/shadow/{model}` shows. Default 50.
+    pub keep_disagreements: usize,
+    /// A JSONL file every disagreement is appended to (request id, both answers, both
+    /// latencies). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disagreements_file: Option<String>,
+}
+
+/// How a shadow picks the requests it mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShadowSampling {
+    /// An independent draw per request and shadow.
+    Random,
+    /// A hash of the request id: deterministic, and nested across shadows (a shadow
+    /// with fraction 0.1 mirrors a subset of one with 0.2).
+    Hash,
 }
 
 /// A model's bandit.
@@ -309,6 +360,32 @@ impl Serialize for UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    /// The path and query to request from this upstream for a client's `path`, whose
+    /// model name occupies `model`, with `upstream_model` put in its place.
+    pub fn path_for(
+        &self,
+        path: &str,
+        model: std::ops::Range<usize>,
+        upstream_model: &str,
+        query: Option<&str>,
+    ) -> String {
+        let mut pq = String::with_capacity(
+            self.prefix.len()
+                + path.len()
+                + upstream_model.len()
+                + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&self.prefix);
+        pq.push_str(&path[..model.start]);
+        pq.push_str(upstream_model);
+        pq.push_str(&path[model.end..]);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        pq
+    }
+
     /// Parses `http://host[:port][/prefix]`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let rest = if let Some(rest) = text.strip_prefix("http://") {
@@ -497,6 +574,7 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
             "max_body_bytes",
             "request_timeout",
             "bandit",
+            "shadows",
         ],
     )?;
     let sticky_header = f.optional(cx, "sticky_header", |cx, n, p| {
@@ -513,7 +591,27 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
     let max_body_bytes = f.optional(cx, "max_body_bytes", positive_u64);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     let bandit = f.optional(cx, "bandit", decode_bandit);
+    let shadows = f.optional(cx, "shadows", decode_shadows);
     let variants = f.required(cx, "variants", decode_variants)?;
+    let shadows = match (shadows, f.get("shadows")) {
+        (Some(list), Some(node)) => {
+            for (i, s) in list.iter().enumerate() {
+                if variants.iter().any(|v| v.name == s.name) {
+                    cx.error(
+                        node,
+                        &format!("{}[{i}].name", child(path, "shadows")),
+                        format!(
+                            "`{}` is already a variant of this model; a shadow needs its own name",
+                            s.name
+                        ),
+                    );
+                }
+            }
+            list
+        }
+        (None, Some(_)) => return None,
+        _ => Vec::new(),
+    };
     if let (Some(b), Some(node)) = (&bandit, f.get("bandit")) {
         if b.min_weight * variants.len() as f64 > 1.0 {
             cx.error(
@@ -533,6 +631,7 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
         max_body_bytes,
         request_timeout,
         bandit,
+        shadows,
     })
 }
 
@@ -812,6 +911,127 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         cost_per_1k: cost_per_1k.unwrap_or(0.0),
         connect_timeout,
         request_timeout,
+    })
+}
+
+fn decode_shadows(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Shadow>> {
+    let items = decode::seq(cx, node, path)?;
+    if items.len() > MAX_SHADOWS {
+        cx.error(
+            node,
+            path,
+            format!(
+                "at most {MAX_SHADOWS} shadows per model, found {}",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut shadows: Vec<Shadow> = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        match decode_shadow(cx, item, &item_path) {
+            Some(s) => {
+                if shadows.iter().any(|o| o.name == s.name) {
+                    cx.error(
+                        item,
+                        &child(&item_path, "name"),
+                        format!("shadow name `{}` is used twice in this model", s.name),
+                    );
+                    ok = false;
+                }
+                shadows.push(s);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(shadows)
+}
+
+fn decode_shadow(cx: &mut Cx, node: &Node, path: &str) -> Option<Shadow> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &[
+            "name",
+            "upstream",
+            "upstream_model",
+            "protocol",
+            "fraction",
+            "sampling",
+            "max_concurrency",
+            "max_queue",
+            "request_timeout",
+            "keep_disagreements",
+            "disagreements_file",
+        ],
+    )?;
+    let name = f.required(cx, "name", name);
+    let upstream = f.required(cx, "upstream", |cx, n, p| {
+        let text = decode::string(cx, n, p)?;
+        UpstreamUrl::parse(&text)
+            .map_err(|msg| cx.error(n, p, msg))
+            .ok()
+    });
+    let upstream_model = f.optional(cx, "upstream_model", name_field);
+    let protocol = f.optional(cx, "protocol", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("http1", UpstreamProtocol::Http1),
+                ("h2c", UpstreamProtocol::H2c),
+            ],
+        )
+    });
+    let fraction = f.required(cx, "fraction", |cx, n, p| {
+        let v = decode::f64(cx, n, p)?;
+        if !(0.0..=1.0).contains(&v) {
+            cx.error(n, p, format!("must be between 0 and 1, found {v}"));
+            return None;
+        }
+        Some(v)
+    });
+    let sampling = f.optional(cx, "sampling", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[
+                ("random", ShadowSampling::Random),
+                ("hash", ShadowSampling::Hash),
+            ],
+        )
+    });
+    let max_concurrency = f.optional(cx, "max_concurrency", positive_usize);
+    let max_queue = f.optional(cx, "max_queue", positive_usize);
+    let request_timeout = f.optional(cx, "request_timeout", decode::duration);
+    let keep_disagreements = f.optional(cx, "keep_disagreements", |cx, n, p| {
+        decode::u64(cx, n, p).map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+    });
+    let disagreements_file = f.optional(cx, "disagreements_file", |cx, n, p| {
+        let s = decode::string(cx, n, p)?;
+        if s.is_empty() {
+            cx.error(n, p, "give a file path, or leave the key out");
+            return None;
+        }
+        Some(s)
+    });
+    Some(Shadow {
+        name: name?,
+        upstream: upstream?,
+        upstream_model,
+        protocol: protocol.unwrap_or(UpstreamProtocol::Http1),
+        fraction: fraction?,
+        sampling: sampling.unwrap_or(ShadowSampling::Random),
+        max_concurrency: max_concurrency.unwrap_or(32),
+        max_queue: max_queue.unwrap_or(256),
+        request_timeout,
+        keep_disagreements: keep_disagreements.unwrap_or(50),
+        disagreements_file,
     })
 }
 

@@ -285,3 +285,66 @@ fn bandit_priors_and_half_lives() {
         .iter()
         .any(|x| x.path.ends_with("half_life") && x.message.contains("at least 1")));
 }
+
+#[test]
+fn shadows_take_the_issue_keys_and_report_their_mistakes() {
+    let good = r#"
+models:
+  mnist:
+    variants: [{name: a, upstream: "http://127.0.0.1:9001", weight: 1}]
+    shadows:
+      - name: candidate
+        upstream: http://127.0.0.1:9004
+        upstream_model: mnist_next
+        fraction: 0.2
+        sampling: hash
+      - name: other
+        upstream: http://127.0.0.1:9005
+        fraction: 1
+"#;
+    let c = from_yaml_str(good).unwrap();
+    let s = &c.models["mnist"].shadows;
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].upstream_model.as_deref(), Some("mnist_next"));
+    assert_eq!(s[0].sampling, switchyard_config::ShadowSampling::Hash);
+    assert_eq!(s[1].sampling, switchyard_config::ShadowSampling::Random);
+    assert_eq!(s[1].fraction, 1.0);
+
+    let bad = r#"
+models:
+  mnist:
+    variants: [{name: a, upstream: "http://127.0.0.1:9001", weight: 1}]
+    shadows:
+      - name: a
+        upstream: http://127.0.0.1:9004
+        fraction: 0.2
+      - name: b
+        upstream: https://x:1
+        fraction: 1.5
+        sampling: sometimes
+        max_queue: 0
+      - name: c
+        upstream: http://127.0.0.1:9006
+        fraction: 0.1
+      - name: c
+        upstream: http://127.0.0.1:9007
+        fraction: 0.1
+"#;
+    let errors = from_yaml_str(bad).unwrap_err().0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "models.mnist.shadows[1].upstream",
+        "models.mnist.shadows[1].fraction",
+        "models.mnist.shadows[1].sampling",
+        "models.mnist.shadows[1].max_queue",
+        "models.mnist.shadows[3].name",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {paths:?}");
+    }
+    // A shadow may not take a variant's name: checked once the list is otherwise valid.
+    let clash = bad.split("      - name: b").next().unwrap();
+    let errors = from_yaml_str(clash).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].path, "models.mnist.shadows[0].name");
+    assert!(errors[0].message.contains("already a variant"));
+}

@@ -109,11 +109,12 @@ impl AdminService {
                     .map_or_else(|| serde_json::json!({ "models": {} }), |f| f());
                 reply(StatusCode::OK, "application/json", state.to_string().into())
             }
+            _ if path.starts_with("/admin/shadow/") => self.shadow(&path["/admin/shadow/".len()..]),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "application/json",
                 serde_json::json!({
-                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz, /admin/config or /admin/state")
+                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz, /admin/config, /admin/state or /admin/shadow/{{model}}")
                 })
                 .to_string()
                 .into(),
@@ -123,6 +124,27 @@ impl AdminService {
 }
 
 impl AdminService {
+    /// `GET /admin/shadow/{model}`: each shadow's counters, agreement and latest
+    /// disagreements.
+    fn shadow(&self, model: &str) -> Response<Full<Bytes>> {
+        let table = self.0.router.table();
+        let (status, body) = match table.model(model) {
+            None => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": format!("unknown model `{model}`") }),
+            ),
+            Some(route) => {
+                let mut report = route
+                    .shadows
+                    .as_ref()
+                    .map_or_else(|| serde_json::json!({ "shadows": [] }), |s| s.report());
+                report["model"] = model.into();
+                (StatusCode::OK, report)
+            }
+        };
+        reply(status, "application/json", body.to_string().into())
+    }
+
     /// `POST /admin/bandit/{model}/pin/{variant}`, `.../freeze`, `.../release`.
     fn control(&self, method: &Method, rest: &str) -> Response<Full<Bytes>> {
         let error = |status: StatusCode, msg: String| {

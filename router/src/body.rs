@@ -8,13 +8,94 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use switchyard_shadow::{RequestTap, ResponseTap};
 
-/// Every response body: an upstream's answer streamed through untouched, or one we made.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Every response body: an upstream's answer streamed through untouched, or one we made;
+/// with a tap that shows it to the shadow comparison when the request was mirrored.
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    tap: Option<Box<ResponseTap>>,
+}
+
+impl ProxyBody {
+    /// An upstream's answer.
+    pub fn upstream(body: Incoming) -> Self {
+        ProxyBody {
+            inner: Either::Left(body),
+            tap: None,
+        }
+    }
+
+    /// An answer made here.
+    pub fn full(body: Bytes) -> Self {
+        ProxyBody {
+            inner: Either::Right(Full::new(body)),
+            tap: None,
+        }
+    }
+
+    /// Shows the frames to `tap` as they pass.
+    pub fn set_tap(&mut self, tap: ResponseTap) {
+        self.tap = Some(Box::new(tap));
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Either::Left(b) => Pin::new(b).poll_frame(cx),
+            Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        };
+        if let Some(tap) = &mut this.tap {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        tap.data(data);
+                    }
+                    // hyper stops polling once the body says it has ended.
+                    if this.inner.is_end_stream() {
+                        tap.finish();
+                    }
+                }
+                Poll::Ready(None) => tap.finish(),
+                // An upstream answer that breaks off is not compared (the tap's drop).
+                Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // An empty answer may never be polled: it ended all the same.
+        if let Some(tap) = &mut self.tap {
+            if self.inner.is_end_stream() {
+                tap.finish();
+            }
+        }
+    }
+}
 
 /// A JSON answer made by Switchyard itself (health, local models, feedback, errors).
 pub fn json_response(status: http::StatusCode, body: Bytes) -> http::Response<ProxyBody> {
-    let mut resp = http::Response::new(Either::Right(Full::new(body)));
+    let mut resp = http::Response::new(ProxyBody::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -45,6 +126,7 @@ pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: u64,
+    tap: Option<Box<RequestTap>>,
 }
 
 impl LimitedBody {
@@ -54,6 +136,23 @@ impl LimitedBody {
             inner,
             remaining: limit,
             limit,
+            tap: None,
+        }
+    }
+
+    /// Shows the frames to a shadow mirror as they pass; it gets the whole body once
+    /// complete, or is told the body went over the limit.
+    pub fn set_tap(&mut self, tap: RequestTap) {
+        self.tap = Some(Box::new(tap));
+        if self.inner.is_end_stream() {
+            // An empty body is never polled.
+            self.finish_tap();
+        }
+    }
+
+    fn finish_tap(&mut self) {
+        if let Some(tap) = &mut self.tap {
+            tap.finish();
         }
     }
 }
@@ -72,12 +171,26 @@ impl Body for LimitedBody {
                     let len = data.len() as u64;
                     if len > self.remaining {
                         self.remaining = 0;
+                        if let Some(tap) = &mut self.tap {
+                            tap.too_large();
+                        }
                         let limit = self.limit;
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                     }
                     self.remaining -= len;
+                    if let Some(tap) = &mut self.tap {
+                        tap.data(data);
+                    }
+                }
+                // hyper stops polling once the body says it has ended.
+                if self.inner.is_end_stream() {
+                    self.finish_tap();
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.finish_tap();
+                Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             other => other.map(|o| o.map(|r| r.map_err(|e| e.into()))),
@@ -95,14 +208,18 @@ impl Body for LimitedBody {
 
 /// Reads a whole body of at most `limit` bytes (for the endpoints that parse JSON:
 /// local models and feedback; forwarded bodies are streamed instead).
-pub async fn collect_limited(body: Incoming, limit: u64) -> Result<Bytes, crate::RouterError> {
+pub async fn collect_limited<B>(body: B, limit: u64) -> Result<Bytes, crate::RouterError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
     {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        Err(e) if e.is::<http_body_util::LengthLimitError>() || e.is::<BodyTooLarge>() => {
             Err(crate::RouterError::BodyTooLarge { limit })
         }
         Err(e) => Err(crate::RouterError::ClientBody(e.to_string())),

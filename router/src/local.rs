@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use switchyard_inference::{Batcher, InferenceError, Signature};
 
@@ -36,7 +35,7 @@ impl LocalBackend {
         model: &str,
         protocol: Protocol,
         verb: Verb,
-        body: Incoming,
+        body: crate::body::LimitedBody,
         body_limit: u64,
     ) -> Result<Response<ProxyBody>, RouterError> {
         let sig = self.batcher.model().signature();

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub decisions_dropped: IntCounter,
     /// Queue, compute, batch-size and shed metrics of local models.
     pub local: switchyard_inference::batcher::LocalMetricFamilies,
+    /// Mirroring, comparison and drop metrics of shadows.
+    pub shadow: switchyard_shadow::ShadowMetricFamilies,
 }
 
 /// Handles for one (model, variant) pair.
@@ -127,6 +129,7 @@ impl Metrics {
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         let local = switchyard_inference::batcher::LocalMetricFamilies::new(registry)?;
+        let shadow = switchyard_shadow::ShadowMetricFamilies::new(registry)?;
         let decisions_dropped = IntCounter::new(
             "switchyard_decisions_dropped_total",
             "Predictions not recorded for feedback because the decision log was full.",
@@ -135,6 +138,7 @@ impl Metrics {
         Ok(Metrics {
             decisions_dropped,
             local,
+            shadow,
             requests,
             duration,
             upstream_errors,

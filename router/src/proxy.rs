@@ -5,7 +5,9 @@
 //!    while streaming otherwise)?
 //! 3. **choose**: the model's [`Selector`](crate::selector::Selector) picks a variant,
 //!    sticky by header when configured. (Later: record the decision for feedback.)
-//! 4. (later: **mirror** to shadows.)
+//! 4. **mirror**: for each shadow whose sampler takes the request, a tap on the body
+//!    hands the (shared) frames to the shadow's bounded queue once complete; another on
+//!    the answer passes it to the comparison. Neither ever makes the client wait.
 //! 5. **forward**: rewrite the model name, strip hop-by-hop headers, stream the body.
 //!    (Later: breaker gate, budgeted retry, fallback to the local runtime.)
 //! 6. **respond**: the upstream's answer untouched but for `x-switchyard-variant`,
@@ -27,7 +29,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use switchyard_config::{Config, UpstreamProtocol};
 
@@ -38,6 +39,7 @@ use crate::ids;
 use crate::metrics::Metrics;
 use crate::path::{self, Endpoint, ModelRequest};
 use crate::table::{Backend, BuildError, ModelRoute, RouteTable, VariantRoute};
+use switchyard_shadow::RequestHead;
 
 /// `x-request-id`: kept from the client or generated.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -201,6 +203,11 @@ impl Router {
             .ok_or_else(|| RouterError::UnknownModel(name.to_string()))?;
         if let Some(len) = content_length(req.headers()) {
             if len > model.body_limit {
+                if let Some(shadows) = &model.shadows {
+                    if model_req.verb.is_prediction() {
+                        shadows.refused_too_large(request_id.as_bytes());
+                    }
+                }
                 return Err(RouterError::BodyTooLarge {
                     limit: model.body_limit,
                 });
@@ -253,17 +260,35 @@ impl Router {
                 }
             }
         }
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut body = LimitedBody::new(body, model.body_limit);
+        let mut primary_answer = None;
+        if let Some(shadows) = &model.shadows {
+            let mask = if model_req.verb.is_prediction() {
+                shadows.select(request_id.as_bytes())
+            } else {
+                0
+            };
+            if mask != 0 {
+                let head = RequestHead {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_string(),
+                    model: model_req.model.clone(),
+                    query: parts.uri.query().map(str::to_string),
+                    headers: parts.headers.clone(),
+                    request_id: request_id.clone(),
+                    started,
+                };
+                let (tap, answer) = shadows.begin(mask, head);
+                body.set_tap(tap);
+                primary_answer = Some(answer);
+            }
+        }
         let result = match &variant.backend {
             Backend::Remote(upstream) => {
-                match upstream_request(
-                    variant,
-                    upstream,
-                    model_req,
-                    model.body_limit,
-                    req,
-                    request_id,
-                    peer,
-                ) {
+                match upstream_request(variant, upstream, model_req, parts, body, request_id, peer)
+                {
                     Ok(up_req) => upstream
                         .send(up_req)
                         .await
@@ -272,7 +297,7 @@ impl Router {
                             let (mut parts, body) = resp.into_parts();
                             strip_hop_by_hop(&mut parts.headers);
                             parts.version = Version::HTTP_11;
-                            Response::from_parts(parts, Either::Left(body))
+                            Response::from_parts(parts, ProxyBody::upstream(body))
                         }),
                     Err(e) => Err(e),
                 }
@@ -283,7 +308,7 @@ impl Router {
                         &model.name,
                         model_req.protocol,
                         model_req.verb,
-                        req.into_body(),
+                        body,
                         model.body_limit,
                     )
                     .await
@@ -303,6 +328,10 @@ impl Router {
         variant
             .metrics
             .record(resp.status().as_u16(), (answered - started).as_secs_f64());
+        if let Some(answer) = primary_answer {
+            let status = resp.status().as_u16();
+            resp.body_mut().set_tap(answer.tap(status));
+        }
         let headers = resp.headers_mut();
         headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
         headers.insert(
@@ -318,12 +347,11 @@ fn upstream_request(
     variant: &VariantRoute,
     upstream: &crate::upstream::Upstream,
     model_req: &ModelRequest,
-    body_limit: u64,
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: LimitedBody,
     request_id: &HeaderValue,
     peer: Option<&HeaderValue>,
 ) -> Result<Request<LimitedBody>, RouterError> {
-    let (mut parts, body) = req.into_parts();
     parts.uri = upstream.uri(
         parts.uri.path(),
         model_req.model.clone(),
@@ -331,7 +359,6 @@ fn upstream_request(
         parts.uri.query(),
     )?;
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
     match upstream.protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
@@ -346,10 +373,7 @@ fn upstream_request(
     if let Some(ip) = peer {
         append_forwarded_for(headers, ip);
     }
-    Ok(Request::from_parts(
-        parts,
-        LimitedBody::new(body, body_limit),
-    ))
+    Ok(Request::from_parts(parts, body))
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {

@@ -41,6 +41,8 @@ pub struct ModelRoute {
     /// Chooses per request instead of the weight table when installed (a bandit in
     /// `per_request` mode); returns `None` to defer to the weight table.
     pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
+    /// Candidates that get mirrored copies of this model's predictions.
+    pub shadows: Option<switchyard_shadow::ShadowSet>,
 }
 
 /// A per-request chooser the binary can install on a model (Thompson sampling).
@@ -145,6 +147,29 @@ impl RouteTable {
                 Some(h) => Some(HeaderName::try_from(h.as_str()).map_err(|e| err(e.to_string()))?),
                 None => None,
             };
+            let shadows = if model.shadows.is_empty() {
+                None
+            } else {
+                let defaults = switchyard_shadow::ShadowDefaults {
+                    connect_timeout: config.connect_timeout,
+                    request_timeout: model.request_timeout.unwrap_or(config.request_timeout),
+                    body_limit: config.body_limit(model),
+                    seed: seed ^ stable_hash(name.as_bytes()).rotate_left(17),
+                };
+                let set = switchyard_shadow::ShadowSet::new(
+                    name,
+                    &model.shadows,
+                    &defaults,
+                    &metrics.shadow,
+                )
+                .map_err(|e| BuildError {
+                    path: format!("models.{name}.shadows"),
+                    line: 0,
+                    column: 0,
+                    message: e.to_string(),
+                })?;
+                Some(set)
+            };
             let route = ModelRoute {
                 name: name.clone(),
                 variants: variants.into_boxed_slice(),
@@ -154,6 +179,7 @@ impl RouteTable {
                 feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
                 index: u16::try_from(models.len()).unwrap_or(u16::MAX),
                 picker: arc_swap::ArcSwapOption::empty(),
+                shadows,
             };
             route.publish_weight_gauges();
             models.insert(name.clone(), Arc::new(route));

@@ -25,7 +25,7 @@ pub struct Upstream {
     authority: Authority,
     /// `host:port`, sent as `Host` to HTTP/1.1 upstreams.
     pub host_header: HeaderValue,
-    prefix: String,
+    url: UpstreamUrl,
     /// HTTP/1.1 or h2c.
     pub protocol: UpstreamProtocol,
     /// Time allowed for the response head.
@@ -85,7 +85,7 @@ impl Upstream {
             client: builder.build(connector),
             authority,
             host_header,
-            prefix: url.prefix.clone(),
+            url: url.clone(),
             protocol,
             request_timeout,
         })
@@ -100,20 +100,7 @@ impl Upstream {
         upstream_model: &str,
         query: Option<&str>,
     ) -> Result<Uri, RouterError> {
-        let mut pq = String::with_capacity(
-            self.prefix.len()
-                + path.len()
-                + upstream_model.len()
-                + query.map_or(0, |q| q.len() + 1),
-        );
-        pq.push_str(&self.prefix);
-        pq.push_str(&path[..model.start]);
-        pq.push_str(upstream_model);
-        pq.push_str(&path[model.end..]);
-        if let Some(q) = query {
-            pq.push('?');
-            pq.push_str(q);
-        }
+        let pq = self.url.path_for(path, model, upstream_model, query);
         let pq = PathAndQuery::try_from(pq)
             .map_err(|e| RouterError::BadPath(format!("cannot forward path `{path}`: {e}")))?;
         Uri::builder()

@@ -327,3 +327,97 @@ where
         .to_string();
     (child, data)
 }
+
+/// A fake model server whose answer is `answer(path, request body)` → (status, body),
+/// after `delay`; it records the requests it saw.
+pub async fn model_server<F>(delay: Duration, answer: F) -> Upstream
+where
+    F: Fn(&str, &[u8]) -> (u16, String) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answer = Arc::new(answer);
+    let (s, h, conns) = (seen.clone(), hits.clone(), connections.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            conns.fetch_add(1, Ordering::SeqCst);
+            let (s, h, answer) = (s.clone(), h.clone(), answer.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (s, h, answer) = (s.clone(), h.clone(), answer.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let path = parts.uri.path().to_string();
+                        let (status, reply) = answer(&path, &body);
+                        s.lock().unwrap().push(Seen {
+                            path,
+                            headers: parts.headers,
+                            body,
+                            version: parts.version,
+                        });
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let mut resp = Response::new(Full::new(Bytes::from(reply)));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        name: "model".into(),
+        seen,
+        hits,
+        connections,
+    }
+}
+
+/// A server that accepts connections and reads from them but never answers.
+pub async fn hanging_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// GETs an admin path and parses the JSON answer.
+pub async fn admin_json(admin: SocketAddr, path: &str) -> Value {
+    let r = send(&client(), "GET", &format!("http://{admin}{path}"), &[], "").await;
+    assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+    r.json()
+}

@@ -1,0 +1,652 @@
+//! Mirroring: per shadow a bounded queue, a dispatcher holding at most `max_concurrency`
+//! mirrors in flight, and the pairing of each shadow answer with the primary's.
+//!
+//! The request path touches this through two taps and never waits on them:
+//! - a [`RequestTap`] sees the client's body frames as the primary streams them (each
+//!   `Bytes` is reference-counted, not copied) and, once the body is complete, offers
+//!   one job per chosen shadow to its queue with `try_send`: a full queue is a counted
+//!   drop, never a wait;
+//! - a [`ResponseTap`] sees the primary's answer frames on their way to the client and
+//!   hands them over at the end.
+//!
+//! Whichever of the primary and a shadow finishes second does the comparison; when that
+//! is the primary, the comparison runs on a spawned task, off the client's connection.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use switchyard_config::{Shadow as ShadowSpec, ShadowSampling, UpstreamProtocol};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::compare::{compare, Comparison, Verdict};
+use crate::metrics::{DropReason, ShadowErrorKind, ShadowMetricFamilies};
+use crate::sample::Sampler;
+use crate::stats::{open_log, Side, Stats};
+use crate::ShadowError;
+
+/// `x-switchyard-shadow: 1` marks a mirrored request.
+pub static X_SWITCHYARD_SHADOW: HeaderName = HeaderName::from_static("x-switchyard-shadow");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Settings a shadow inherits from its model and the top level.
+#[derive(Debug, Clone)]
+pub struct ShadowDefaults {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout when the shadow sets none.
+    pub request_timeout: Duration,
+    /// The model's body limit: larger requests are not mirrored, and larger answers
+    /// (from either side) are not compared.
+    pub body_limit: u64,
+    /// Seed for random sampling.
+    pub seed: u64,
+}
+
+/// A model's shadows.
+#[derive(Debug)]
+pub struct ShadowSet {
+    lanes: Arc<[Lane]>,
+    compare_limit: usize,
+}
+
+#[derive(Debug)]
+struct Lane {
+    state: Arc<ShadowState>,
+    sampler: Sampler,
+    queue: mpsc::Sender<Job>,
+}
+
+/// What a dispatcher and its mirrors need; holds no queue sender, so dropping the set
+/// ends the dispatchers.
+#[derive(Debug)]
+struct ShadowState {
+    spec: ShadowSpec,
+    authority: Authority,
+    host_header: HeaderValue,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+    compare_limit: usize,
+    permits: Arc<Semaphore>,
+    stats: Stats,
+}
+
+/// The request as the primary received it, shared by every mirror of it.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Method.
+    pub method: Method,
+    /// The client's path.
+    pub path: String,
+    /// Where the model name sits in `path`.
+    pub model: Range<usize>,
+    /// The query, if any.
+    pub query: Option<String>,
+    /// End-to-end headers (hop-by-hop ones already removed).
+    pub headers: HeaderMap,
+    /// The primary's `x-request-id`.
+    pub request_id: HeaderValue,
+    /// When the primary request arrived (its latency is measured from here).
+    pub started: Instant,
+}
+
+#[derive(Debug)]
+struct MirrorRequest {
+    head: RequestHead,
+    body: Vec<Bytes>,
+}
+
+#[derive(Debug)]
+struct Job {
+    request: Arc<MirrorRequest>,
+    exchange: Arc<Exchange>,
+}
+
+impl ShadowSet {
+    /// Builds the shadows of `model` and starts their dispatchers. Must run inside a
+    /// Tokio runtime.
+    pub fn new(
+        model: &str,
+        specs: &[ShadowSpec],
+        defaults: &ShadowDefaults,
+        families: &ShadowMetricFamilies,
+    ) -> Result<Self, ShadowError> {
+        let mut lanes = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let bad = |message: String| ShadowError::Upstream {
+                shadow: spec.name.clone(),
+                message,
+            };
+            let authority: Authority =
+                spec.upstream.authority.parse().map_err(|e| {
+                    bad(format!("bad authority `{}`: {e}", spec.upstream.authority))
+                })?;
+            let host_header = HeaderValue::from_str(&spec.upstream.authority)
+                .map_err(|e| bad(format!("bad authority `{}`: {e}", spec.upstream.authority)))?;
+            let log = match &spec.disagreements_file {
+                Some(path) => Some(open_log(path).map_err(|source| ShadowError::Log {
+                    shadow: spec.name.clone(),
+                    path: path.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(defaults.connect_timeout));
+            connector.set_nodelay(true);
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.pool_idle_timeout(Duration::from_secs(90));
+            // Enough idle connections to reuse for every mirror in flight.
+            builder.pool_max_idle_per_host(spec.max_concurrency);
+            if spec.protocol == UpstreamProtocol::H2c {
+                builder.http2_only(true);
+            }
+            let state = Arc::new(ShadowState {
+                authority,
+                host_header,
+                client: builder.build(connector),
+                timeout: spec.request_timeout.unwrap_or(defaults.request_timeout),
+                compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
+                permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+                stats: Stats::new(
+                    families.for_shadow(model, &spec.name),
+                    spec.keep_disagreements,
+                    log,
+                ),
+                spec: spec.clone(),
+            });
+            let (tx, rx) = mpsc::channel(spec.max_queue.max(1));
+            tokio::spawn(dispatch(rx, state.clone()));
+            let seed = defaults.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            lanes.push(Lane {
+                sampler: Sampler::new(spec.sampling, spec.fraction, seed),
+                state,
+                queue: tx,
+            });
+        }
+        Ok(ShadowSet {
+            lanes: lanes.into(),
+            compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// True when the model has no shadows.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// The shadows that mirror the request with this id, as a bit mask (0: none).
+    pub fn select(&self, request_id: &[u8]) -> u64 {
+        let mut mask = 0;
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if lane.sampler.take(request_id) {
+                mask |= 1 << i;
+            }
+        }
+        mask
+    }
+
+    /// Counts a request refused for its size against the shadows that would have had it.
+    pub fn refused_too_large(&self, request_id: &[u8]) {
+        let mask = self.select(request_id);
+        for lane in self.chosen(mask) {
+            lane.state.stats.dropped(DropReason::TooLarge);
+        }
+    }
+
+    fn chosen(&self, mask: u64) -> impl Iterator<Item = &Lane> {
+        self.lanes
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| mask & (1 << i) != 0)
+            .map(|(_, l)| l)
+    }
+
+    /// Starts mirroring one request to the shadows in `mask`: the request tap goes on
+    /// the client's body, the exchange later gives the response tap.
+    pub fn begin(&self, mask: u64, head: RequestHead) -> (RequestTap, PrimaryAnswer) {
+        let exchange = Arc::new(Exchange {
+            request_id: String::from_utf8_lossy(head.request_id.as_bytes()).into_owned(),
+            started: head.started,
+            compare_limit: self.compare_limit,
+            pair: Mutex::new(Pair {
+                primary: Slot::Pending,
+                waiting: Vec::new(),
+            }),
+        });
+        (
+            RequestTap {
+                lanes: self.lanes.clone(),
+                mask,
+                head: Some(head),
+                frames: Vec::new(),
+                exchange: exchange.clone(),
+            },
+            PrimaryAnswer { exchange },
+        )
+    }
+
+    /// Per shadow: settings, counters, agreement, means and the latest disagreements.
+    pub fn report(&self) -> Value {
+        let shadows: Vec<Value> = self
+            .lanes
+            .iter()
+            .map(|lane| {
+                let s = &lane.state;
+                let mut out = serde_json::Map::new();
+                out.insert("name".into(), s.spec.name.clone().into());
+                out.insert("upstream".into(), s.spec.upstream.to_string().into());
+                out.insert("upstream_model".into(), json!(s.spec.upstream_model));
+                out.insert("fraction".into(), s.spec.fraction.into());
+                out.insert(
+                    "sampling".into(),
+                    match s.spec.sampling {
+                        ShadowSampling::Random => "random",
+                        ShadowSampling::Hash => "hash",
+                    }
+                    .into(),
+                );
+                out.insert(
+                    "in_flight".into(),
+                    (s.spec.max_concurrency - s.permits.available_permits()).into(),
+                );
+                out.insert(
+                    "queued".into(),
+                    (lane.queue.max_capacity() - lane.queue.capacity()).into(),
+                );
+                out.append(&mut s.stats.report());
+                Value::Object(out)
+            })
+            .collect();
+        json!({ "shadows": shadows })
+    }
+}
+
+/// Takes jobs off the queue, at most `max_concurrency` in flight; while all slots are
+/// busy the queue fills and further mirrors are dropped at the `try_send`.
+async fn dispatch(mut rx: mpsc::Receiver<Job>, state: Arc<ShadowState>) {
+    while let Some(job) = rx.recv().await {
+        let Ok(permit) = state.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            state.run(job).await;
+            drop(permit);
+        });
+    }
+}
+
+impl ShadowState {
+    async fn run(self: &Arc<Self>, job: Job) {
+        let request = match self.request(&job.request) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(shadow = %self.spec.name, error = %e, "Cannot build the mirrored request.");
+                self.stats.error(ShadowErrorKind::Reset);
+                return;
+            }
+        };
+        let sent = Instant::now();
+        let limit = self.compare_limit;
+        let exchange = async {
+            let resp = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    ShadowErrorKind::Connect
+                } else {
+                    ShadowErrorKind::Reset
+                }
+            })?;
+            let status = resp.status().as_u16();
+            // An answer over the limit is drained but not kept: it is not compared.
+            let body = match Limited::new(resp.into_body(), limit).collect().await {
+                Ok(c) => Some(vec![c.to_bytes()]),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
+                Err(_) => return Err(ShadowErrorKind::Reset),
+            };
+            Ok((status, body))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => self.stats.error(ShadowErrorKind::Timeout),
+            Ok(Err(kind)) => self.stats.error(kind),
+            Ok(Ok((status, body))) => {
+                let latency = sent.elapsed();
+                self.stats.metrics.duration.observe(latency.as_secs_f64());
+                let answer = Answer {
+                    status,
+                    body,
+                    latency,
+                };
+                job.exchange.shadow_answered(self, answer);
+            }
+        }
+    }
+
+    fn request(&self, m: &MirrorRequest) -> Result<Request<Full<Bytes>>, http::Error> {
+        let head = &m.head;
+        let client_model = &head.path[head.model.clone()];
+        let upstream_model = self.spec.upstream_model.as_deref().unwrap_or(client_model);
+        let pq = self.spec.upstream.path_for(
+            &head.path,
+            head.model.clone(),
+            upstream_model,
+            head.query.as_deref(),
+        );
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()?;
+        let mut req = Request::builder()
+            .method(head.method.clone())
+            .uri(uri)
+            .body(Full::new(joined(&m.body).into_owned().into()))?;
+        let headers = req.headers_mut();
+        headers.clone_from(&head.headers);
+        match self.spec.protocol {
+            UpstreamProtocol::Http1 => {
+                headers.insert(http::header::HOST, self.host_header.clone());
+            }
+            UpstreamProtocol::H2c => {
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut().remove(http::header::HOST);
+            }
+        }
+        let headers = req.headers_mut();
+        headers.insert(X_SWITCHYARD_SHADOW.clone(), HeaderValue::from_static("1"));
+        headers.insert(X_REQUEST_ID.clone(), head.request_id.clone());
+        Ok(req)
+    }
+}
+
+/// Frames joined; borrowed when there is one.
+fn joined(frames: &[Bytes]) -> Cow<'_, [u8]> {
+    match frames {
+        [] => Cow::Borrowed(&[]),
+        [one] => Cow::Borrowed(one),
+        many => Cow::Owned(many.concat()),
+    }
+}
+
+/// One answer, primary or shadow. `body` is `None` when it was over the size limit.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: Option<Vec<Bytes>>,
+    latency: Duration,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Pending,
+    Done(Arc<Answer>),
+    /// The primary's answer never completed (the client went away).
+    Gone,
+}
+
+#[derive(Debug)]
+struct Pair {
+    primary: Slot,
+    waiting: Vec<(Arc<ShadowState>, Answer)>,
+}
+
+/// Pairs the primary's answer with each shadow's, by request.
+#[derive(Debug)]
+struct Exchange {
+    request_id: String,
+    started: Instant,
+    compare_limit: usize,
+    pair: Mutex<Pair>,
+}
+
+impl Exchange {
+    fn shadow_answered(&self, state: &Arc<ShadowState>, answer: Answer) {
+        let primary = {
+            let mut pair = self.pair.lock().unwrap_or_else(|e| e.into_inner());
+            match &pair.primary {
+                Slot::Pending => {
+                    pair.waiting.push((state.clone(), answer));
+                    return;
+                }
+                Slot::Gone => return,
+                Slot::Done(p) => p.clone(),
+            }
+        };
+        self.record(state, &primary, answer);
+    }
+
+    fn primary_answered(self: &Arc<Self>, answer: Option<Answer>) {
+        let waiting = {
+            let mut pair = self.pair.lock().unwrap_or_else(|e| e.into_inner());
+            match answer {
+                Some(a) => {
+                    let a = Arc::new(a);
+                    pair.primary = Slot::Done(a.clone());
+                    std::mem::take(&mut pair.waiting)
+                        .into_iter()
+                        .map(|(s, w)| (s, w, a.clone()))
+                        .collect::<Vec<_>>()
+                }
+                None => {
+                    pair.primary = Slot::Gone;
+                    pair.waiting.clear();
+                    return;
+                }
+            }
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let compare_all = move || {
+            for (state, answer, primary) in waiting {
+                this.record(&state, &primary, answer);
+            }
+        };
+        // Off the client's connection task when there is a runtime to spawn on.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move { compare_all() });
+            }
+            Err(_) => compare_all(),
+        }
+    }
+
+    fn record(&self, state: &ShadowState, primary: &Answer, shadow: Answer) {
+        let comparison = match (&primary.body, &shadow.body) {
+            (Some(p), Some(s)) => {
+                let (p, s) = (joined(p), joined(s));
+                if primary.status == shadow.status && p == s {
+                    // Identical bytes: nothing to parse.
+                    Comparison {
+                        verdict: Verdict::Agree,
+                        max_abs_diff: (200..300).contains(&primary.status).then_some(0.0),
+                        rows: 0,
+                        rows_agreeing: 0,
+                    }
+                } else {
+                    compare((primary.status, &p), (shadow.status, &s))
+                }
+            }
+            // An answer too large to keep: only the statuses can be compared.
+            _ if primary.status != shadow.status => Comparison {
+                verdict: Verdict::Status,
+                max_abs_diff: None,
+                rows: 0,
+                rows_agreeing: 0,
+            },
+            _ => return,
+        };
+        let side = |a: &Answer| Side {
+            status: a.status,
+            latency: a.latency,
+            body: a
+                .body
+                .as_deref()
+                .map(|b| Bytes::from(joined(b).into_owned()))
+                .unwrap_or_default(),
+        };
+        let (p, s) = if comparison.verdict == Verdict::Agree {
+            // Agreements are only counted: skip copying the bodies.
+            let light = |a: &Answer| Side {
+                status: a.status,
+                latency: a.latency,
+                body: Bytes::new(),
+            };
+            (light(primary), light(&shadow))
+        } else {
+            (side(primary), side(&shadow))
+        };
+        state.stats.compared(&self.request_id, comparison, p, s);
+    }
+}
+
+/// Sees the client's request body on its way to the primary and mirrors it when complete.
+#[derive(Debug)]
+pub struct RequestTap {
+    lanes: Arc<[Lane]>,
+    mask: u64,
+    head: Option<RequestHead>,
+    frames: Vec<Bytes>,
+    exchange: Arc<Exchange>,
+}
+
+impl RequestTap {
+    /// A data frame of the body (shared, not copied).
+    pub fn data(&mut self, frame: &Bytes) {
+        if self.head.is_some() && !frame.is_empty() {
+            self.frames.push(frame.clone());
+        }
+    }
+
+    /// The body is complete: offer a job to each chosen shadow's queue.
+    pub fn finish(&mut self) {
+        let Some(head) = self.head.take() else {
+            return;
+        };
+        let request = Arc::new(MirrorRequest {
+            head,
+            body: std::mem::take(&mut self.frames),
+        });
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if self.mask & (1 << i) == 0 {
+                continue;
+            }
+            let job = Job {
+                request: request.clone(),
+                exchange: self.exchange.clone(),
+            };
+            match lane.queue.try_send(job) {
+                Ok(()) => lane.state.stats.metrics.mirrored.inc(),
+                Err(_) => lane.state.stats.dropped(DropReason::QueueFull),
+            }
+        }
+    }
+
+    /// The body went over the model's limit: nothing is mirrored.
+    pub fn too_large(&mut self) {
+        self.abandon(DropReason::TooLarge);
+    }
+
+    fn abandon(&mut self, reason: DropReason) {
+        if self.head.take().is_none() {
+            return;
+        }
+        self.frames = Vec::new();
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if self.mask & (1 << i) != 0 {
+                lane.state.stats.dropped(reason);
+            }
+        }
+    }
+}
+
+impl Drop for RequestTap {
+    fn drop(&mut self) {
+        // Never finished: the body broke off, or was never read (the request failed
+        // before it was forwarded).
+        self.abandon(DropReason::BodyError);
+    }
+}
+
+/// Gives the tap for the primary's answer once its status is known.
+#[derive(Debug)]
+pub struct PrimaryAnswer {
+    exchange: Arc<Exchange>,
+}
+
+impl PrimaryAnswer {
+    /// The tap for an answer with `status`. Up to the model's body limit of it is kept
+    /// for comparing; a longer answer still streams to the client, uncompared.
+    pub fn tap(self, status: u16) -> ResponseTap {
+        let limit = self.exchange.compare_limit;
+        ResponseTap {
+            exchange: self.exchange,
+            status,
+            frames: Vec::new(),
+            len: 0,
+            limit,
+            overflow: false,
+            done: false,
+        }
+    }
+}
+
+/// Sees the primary's answer on its way to the client.
+#[derive(Debug)]
+pub struct ResponseTap {
+    exchange: Arc<Exchange>,
+    status: u16,
+    frames: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    overflow: bool,
+    done: bool,
+}
+
+impl ResponseTap {
+    /// A data frame of the answer (shared, not copied).
+    pub fn data(&mut self, frame: &Bytes) {
+        if self.overflow || frame.is_empty() {
+            return;
+        }
+        self.len += frame.len();
+        if self.len > self.limit {
+            self.overflow = true;
+            self.frames = Vec::new();
+        } else {
+            self.frames.push(frame.clone());
+        }
+    }
+
+    /// The answer is complete.
+    pub fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let answer = Answer {
+            status: self.status,
+            body: (!self.overflow).then(|| std::mem::take(&mut self.frames)),
+            latency: self.exchange.started.elapsed(),
+        };
+        self.exchange.primary_answered(Some(answer));
+    }
+}
+
+impl Drop for ResponseTap {
+    fn drop(&mut self) {
+        if !self.done {
+            self.exchange.primary_answered(None);
+        }
+    }
+}
