@@ -70,6 +70,9 @@ pub struct Router {
     decisions: DecisionLog,
     sink: Option<Arc<dyn FeedbackSink>>,
     feedback_limit: u64,
+    /// Runs mirrors and comparisons; declared last so it stops after the table (and
+    /// the shadow queues in it) is gone.
+    _shadow_runtime: Option<switchyard_shadow::ShadowRuntime>,
 }
 
 impl Router {
@@ -86,7 +89,19 @@ impl Router {
         sink: Option<Arc<dyn FeedbackSink>>,
     ) -> Result<Arc<Self>, BuildError> {
         let seed = config.seed.unwrap_or_else(random_seed);
-        let table = RouteTable::build(config, &metrics, seed)?;
+        let shadow_runtime = if config.models.values().any(|m| !m.shadows.is_empty()) {
+            Some(
+                switchyard_shadow::ShadowRuntime::new().map_err(|e| BuildError {
+                    path: "models".into(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot start the shadow thread: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
+        let table = RouteTable::build(config, &metrics, seed, shadow_runtime.as_ref())?;
         Ok(Arc::new(Router {
             table: ArcSwap::from_pointee(table),
             metrics,
@@ -94,6 +109,7 @@ impl Router {
             decisions: DecisionLog::new(DECISION_LOG_CAPACITY),
             sink,
             feedback_limit: config.max_body_bytes,
+            _shadow_runtime: shadow_runtime,
         }))
     }
 

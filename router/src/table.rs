@@ -98,7 +98,12 @@ pub struct BuildError {
 impl RouteTable {
     /// Builds the table. `seed` seeds the selectors (each model gets its own stream).
     /// Must run inside a Tokio runtime (clients spawn their pools there).
-    pub fn build(config: &Config, metrics: &Metrics, seed: u64) -> Result<Self, BuildError> {
+    pub fn build(
+        config: &Config,
+        metrics: &Metrics,
+        seed: u64,
+        shadow_runtime: Option<&switchyard_shadow::ShadowRuntime>,
+    ) -> Result<Self, BuildError> {
         let mut models = HashMap::with_capacity(config.models.len());
         for (name, model) in &config.models {
             let err = |message: String| BuildError {
@@ -147,28 +152,30 @@ impl RouteTable {
                 Some(h) => Some(HeaderName::try_from(h.as_str()).map_err(|e| err(e.to_string()))?),
                 None => None,
             };
-            let shadows = if model.shadows.is_empty() {
-                None
-            } else {
-                let defaults = switchyard_shadow::ShadowDefaults {
-                    connect_timeout: config.connect_timeout,
-                    request_timeout: model.request_timeout.unwrap_or(config.request_timeout),
-                    body_limit: config.body_limit(model),
-                    seed: seed ^ stable_hash(name.as_bytes()).rotate_left(17),
-                };
-                let set = switchyard_shadow::ShadowSet::new(
-                    name,
-                    &model.shadows,
-                    &defaults,
-                    &metrics.shadow,
-                )
-                .map_err(|e| BuildError {
-                    path: format!("models.{name}.shadows"),
-                    line: 0,
-                    column: 0,
-                    message: e.to_string(),
-                })?;
-                Some(set)
+            let shadows = match shadow_runtime {
+                Some(rt) if !model.shadows.is_empty() => {
+                    let defaults = switchyard_shadow::ShadowDefaults {
+                        runtime: rt.handle(),
+                        connect_timeout: config.connect_timeout,
+                        request_timeout: model.request_timeout.unwrap_or(config.request_timeout),
+                        body_limit: config.body_limit(model),
+                        seed: seed ^ stable_hash(name.as_bytes()).rotate_left(17),
+                    };
+                    let set = switchyard_shadow::ShadowSet::new(
+                        name,
+                        &model.shadows,
+                        &defaults,
+                        &metrics.shadow,
+                    )
+                    .map_err(|e| BuildError {
+                        path: format!("models.{name}.shadows"),
+                        line: 0,
+                        column: 0,
+                        message: e.to_string(),
+                    })?;
+                    Some(set)
+                }
+                _ => None,
             };
             let route = ModelRoute {
                 name: name.clone(),

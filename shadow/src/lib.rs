@@ -19,7 +19,9 @@ pub mod sample;
 mod stats;
 
 pub use metrics::ShadowMetricFamilies;
-pub use mirror::{PrimaryAnswer, RequestHead, RequestTap, ResponseTap, ShadowDefaults, ShadowSet};
+pub use mirror::{
+    PrimaryAnswer, RequestHead, RequestTap, ResponseTap, ShadowDefaults, ShadowRuntime, ShadowSet,
+};
 
 /// Why a model's shadows could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
-//! Mirroring: per shadow a bounded queue, a dispatcher holding at most `max_concurrency`
-//! mirrors in flight, and the pairing of each shadow answer with the primary's.
+//! Mirroring: per shadow a bounded queue, `max_concurrency` workers each with its own
+//! connection, and the pairing of each shadow answer with the primary's.
 //!
 //! The request path touches this through two taps and never waits on them:
 //! - a [`RequestTap`] sees the client's body frames as the primary streams them (each
@@ -10,10 +10,12 @@
 //!   hands them over at the end.
 //!
 //! Whichever of the primary and a shadow finishes second does the comparison; when that
-//! is the primary, the comparison runs on a spawned task, off the client's connection.
+//! is the primary, the comparison is spawned on the shadow thread ([`ShadowRuntime`]),
+//! where the workers and their connections also run.
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,12 +24,10 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use switchyard_config::{Shadow as ShadowSpec, ShadowSampling, UpstreamProtocol};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::compare::{compare, Comparison, Verdict};
 use crate::metrics::{DropReason, ShadowErrorKind, ShadowMetricFamilies};
@@ -39,9 +39,47 @@ use crate::ShadowError;
 pub static X_SWITCHYARD_SHADOW: HeaderName = HeaderName::from_static("x-switchyard-shadow");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The thread that runs every mirror, its client connections and the comparisons, so
+/// that shadow work never queues behind or ahead of a primary request on the data
+/// plane's workers. Shut down (without waiting) when dropped.
+#[derive(Debug)]
+pub struct ShadowRuntime(Option<tokio::runtime::Runtime>);
+
+impl ShadowRuntime {
+    /// Starts the thread.
+    pub fn new() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("switchyard-shadow")
+            .enable_all()
+            .build()?;
+        Ok(ShadowRuntime(Some(rt)))
+    }
+
+    /// Where to spawn shadow work.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the runtime is only taken out on drop"),
+        }
+    }
+}
+
+impl Drop for ShadowRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; this may run inside async code (the router is
+        // dropped at the end of `main`), where blocking is not allowed.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Settings a shadow inherits from its model and the top level.
 #[derive(Debug, Clone)]
 pub struct ShadowDefaults {
+    /// Where workers, mirrors and comparisons run.
+    pub runtime: tokio::runtime::Handle,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Request timeout when the shadow sets none.
@@ -58,6 +96,7 @@ pub struct ShadowDefaults {
 pub struct ShadowSet {
     lanes: Arc<[Lane]>,
     compare_limit: usize,
+    runtime: tokio::runtime::Handle,
 }
 
 #[derive(Debug)]
@@ -67,17 +106,17 @@ struct Lane {
     queue: mpsc::Sender<Job>,
 }
 
-/// What a dispatcher and its mirrors need; holds no queue sender, so dropping the set
-/// ends the dispatchers.
+/// What a shadow's workers share; holds no queue sender, so dropping the set ends the
+/// workers.
 #[derive(Debug)]
 struct ShadowState {
     spec: ShadowSpec,
     authority: Authority,
     host_header: HeaderValue,
-    client: Client<HttpConnector, Full<Bytes>>,
+    connect_timeout: Duration,
     timeout: Duration,
     compare_limit: usize,
-    permits: Arc<Semaphore>,
+    in_flight: AtomicUsize,
     stats: Stats,
 }
 
@@ -113,7 +152,7 @@ struct Job {
 }
 
 impl ShadowSet {
-    /// Builds the shadows of `model` and starts their dispatchers. Must run inside a
+    /// Builds the shadows of `model` and starts their workers. Must run inside a
     /// Tokio runtime.
     pub fn new(
         model: &str,
@@ -141,23 +180,13 @@ impl ShadowSet {
                 })?),
                 None => None,
             };
-            let mut connector = HttpConnector::new();
-            connector.set_connect_timeout(Some(defaults.connect_timeout));
-            connector.set_nodelay(true);
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder.pool_idle_timeout(Duration::from_secs(90));
-            // Enough idle connections to reuse for every mirror in flight.
-            builder.pool_max_idle_per_host(spec.max_concurrency);
-            if spec.protocol == UpstreamProtocol::H2c {
-                builder.http2_only(true);
-            }
             let state = Arc::new(ShadowState {
                 authority,
                 host_header,
-                client: builder.build(connector),
+                connect_timeout: defaults.connect_timeout,
                 timeout: spec.request_timeout.unwrap_or(defaults.request_timeout),
                 compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
-                permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+                in_flight: AtomicUsize::new(0),
                 stats: Stats::new(
                     families.for_shadow(model, &spec.name),
                     spec.keep_disagreements,
@@ -166,7 +195,10 @@ impl ShadowSet {
                 spec: spec.clone(),
             });
             let (tx, rx) = mpsc::channel(spec.max_queue.max(1));
-            tokio::spawn(dispatch(rx, state.clone()));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..spec.max_concurrency {
+                defaults.runtime.spawn(worker(state.clone(), rx.clone()));
+            }
             let seed = defaults.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             lanes.push(Lane {
                 sampler: Sampler::new(spec.sampling, spec.fraction, seed),
@@ -177,6 +209,7 @@ impl ShadowSet {
         Ok(ShadowSet {
             lanes: lanes.into(),
             compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
+            runtime: defaults.runtime.clone(),
         })
     }
 
@@ -219,6 +252,7 @@ impl ShadowSet {
             request_id: String::from_utf8_lossy(head.request_id.as_bytes()).into_owned(),
             started: head.started,
             compare_limit: self.compare_limit,
+            runtime: self.runtime.clone(),
             pair: Mutex::new(Pair {
                 primary: Slot::Pending,
                 waiting: Vec::new(),
@@ -258,7 +292,7 @@ impl ShadowSet {
                 );
                 out.insert(
                     "in_flight".into(),
-                    (s.spec.max_concurrency - s.permits.available_permits()).into(),
+                    s.in_flight.load(Ordering::Relaxed).into(),
                 );
                 out.insert(
                     "queued".into(),
@@ -272,23 +306,102 @@ impl ShadowSet {
     }
 }
 
-/// Takes jobs off the queue, at most `max_concurrency` in flight; while all slots are
-/// busy the queue fills and further mirrors are dropped at the `try_send`.
-async fn dispatch(mut rx: mpsc::Receiver<Job>, state: Arc<ShadowState>) {
-    while let Some(job) = rx.recv().await {
-        let Ok(permit) = state.permits.clone().acquire_owned().await else {
+/// One of a shadow's `max_concurrency` workers: takes the next job off the shared queue
+/// and runs it on its own connection, kept open between jobs. While every worker is
+/// busy the queue fills, and further mirrors are dropped at the `try_send`: a slow or
+/// dead shadow costs at most `max_concurrency` connections and `max_queue` bodies.
+async fn worker(state: Arc<ShadowState>, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
+    let mut conn = None;
+    loop {
+        // Holding the lock while waiting is the point: one idle worker waits on the
+        // queue, the others wait their turn on the lock.
+        let job = queue.lock().await.recv().await;
+        let Some(job) = job else {
             return;
         };
-        let state = state.clone();
-        tokio::spawn(async move {
-            state.run(job).await;
-            drop(permit);
-        });
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.run(job, &mut conn).await;
+        state.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+/// A worker's connection to its shadow.
+enum Conn {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
 impl ShadowState {
-    async fn run(self: &Arc<Self>, job: Job) {
+    async fn connect(&self) -> Result<Conn, ShadowErrorKind> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(self.spec.upstream.authority.as_str()),
+        )
+        .await
+        .map_err(|_| ShadowErrorKind::Connect)?
+        .map_err(|_| ShadowErrorKind::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        match self.spec.protocol {
+            UpstreamProtocol::Http1 => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(|_| ShadowErrorKind::Connect)?;
+                tokio::spawn(conn);
+                Ok(Conn::Http1(send))
+            }
+            UpstreamProtocol::H2c => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|_| ShadowErrorKind::Connect)?;
+                tokio::spawn(conn);
+                Ok(Conn::H2(send))
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        conn: &mut Option<Conn>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Option<Vec<Bytes>>), ShadowErrorKind> {
+        let reusable = match conn {
+            Some(Conn::Http1(s)) => s.ready().await.is_ok(),
+            Some(Conn::H2(s)) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            *conn = Some(self.connect().await?);
+        }
+        let sent = match conn {
+            Some(Conn::Http1(s)) => s.send_request(request).await,
+            Some(Conn::H2(s)) => s.send_request(request).await,
+            None => unreachable!("connected above"),
+        };
+        let resp = sent.map_err(|_| {
+            *conn = None;
+            ShadowErrorKind::Reset
+        })?;
+        let status = resp.status().as_u16();
+        // An answer over the limit is drained but not kept: it is not compared.
+        match Limited::new(resp.into_body(), self.compare_limit)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok((status, Some(vec![c.to_bytes()]))),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                // The rest of it is still on the connection.
+                *conn = None;
+                Ok((status, None))
+            }
+            Err(_) => {
+                *conn = None;
+                Err(ShadowErrorKind::Reset)
+            }
+        }
+    }
+
+    async fn run(self: &Arc<Self>, job: Job, conn: &mut Option<Conn>) {
         let request = match self.request(&job.request) {
             Ok(r) => r,
             Err(e) => {
@@ -298,26 +411,12 @@ impl ShadowState {
             }
         };
         let sent = Instant::now();
-        let limit = self.compare_limit;
-        let exchange = async {
-            let resp = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    ShadowErrorKind::Connect
-                } else {
-                    ShadowErrorKind::Reset
-                }
-            })?;
-            let status = resp.status().as_u16();
-            // An answer over the limit is drained but not kept: it is not compared.
-            let body = match Limited::new(resp.into_body(), limit).collect().await {
-                Ok(c) => Some(vec![c.to_bytes()]),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
-                Err(_) => return Err(ShadowErrorKind::Reset),
-            };
-            Ok((status, body))
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => self.stats.error(ShadowErrorKind::Timeout),
+        match tokio::time::timeout(self.timeout, self.send(conn, request)).await {
+            Err(_) => {
+                // The connection may still carry the late answer: start afresh.
+                *conn = None;
+                self.stats.error(ShadowErrorKind::Timeout);
+            }
             Ok(Err(kind)) => self.stats.error(kind),
             Ok(Ok((status, body))) => {
                 let latency = sent.elapsed();
@@ -342,15 +441,23 @@ impl ShadowState {
             upstream_model,
             head.query.as_deref(),
         );
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()?;
-        let mut req = Request::builder()
-            .method(head.method.clone())
-            .uri(uri)
-            .body(Full::new(joined(&m.body).into_owned().into()))?;
+        let body = match m.body.as_slice() {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        };
+        let mut req = Request::builder().method(head.method.clone());
+        req = match self.spec.protocol {
+            // HTTP/1.1 takes the origin form (path and query) on a connection of its own.
+            UpstreamProtocol::Http1 => req.uri(pq),
+            UpstreamProtocol::H2c => req.uri(
+                Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(self.authority.clone())
+                    .path_and_query(pq)
+                    .build()?,
+            ),
+        };
+        let mut req = req.body(Full::new(body))?;
         let headers = req.headers_mut();
         headers.clone_from(&head.headers);
         match self.spec.protocol {
@@ -406,6 +513,7 @@ struct Exchange {
     request_id: String,
     started: Instant,
     compare_limit: usize,
+    runtime: tokio::runtime::Handle,
     pair: Mutex<Pair>,
 }
 
@@ -453,13 +561,8 @@ impl Exchange {
                 this.record(&state, &primary, answer);
             }
         };
-        // Off the client's connection task when there is a runtime to spawn on.
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(async move { compare_all() });
-            }
-            Err(_) => compare_all(),
-        }
+        // On the shadow thread, off the client's connection.
+        self.runtime.spawn(async move { compare_all() });
     }
 
     fn record(&self, state: &ShadowState, primary: &Answer, shadow: Answer) {
