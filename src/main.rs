@@ -41,6 +41,11 @@ enum Command {
     /// Serve one ONNX model in-process over TF Serving REST and KServe V2: a standalone
     /// model server (the upstream in tests, benchmarks and the demo).
     ModelServer(ModelServerArgs),
+    /// Load-test a prediction endpoint: closed loop (--concurrency) or open loop (--rate,
+    /// coordinated-omission corrected), percentiles from an HDR histogram, a breakdown per
+    /// variant (x-switchyard-variant) with server-timing phases, optional simulated
+    /// revenue posted as feedback. Exits 64 on bad arguments, 69 when the target refuses.
+    Load(switchyard_load::LoadArgs),
     /// Run the bandit against seeded simulated worlds (no network) and compare it with
     /// a fixed split, ε-greedy and Seldon-style truncated Thompson sampling.
     Simulate {
@@ -131,6 +136,27 @@ impl ModelServerArgs {
     }
 }
 
+fn load(args: &switchyard_load::LoadArgs) -> ExitCode {
+    use std::io::Write;
+    match switchyard_load::run(args) {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.as_bytes());
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard load: {e}");
+            ExitCode::from(match e {
+                switchyard_load::LoadError::Usage(_) => EXIT_BAD_CONFIG as u8,
+                // EX_UNAVAILABLE and EX_OSERR, from sysexits.h.
+                switchyard_load::LoadError::Connect(_) => 69,
+                _ => 71,
+            })
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,6 +170,7 @@ fn main() -> ExitCode {
         Command::Validate { file } => validate(file),
         Command::Serve { config } => serve(config),
         Command::ModelServer(args) => model_server(&args),
+        Command::Load(args) => load(&args),
         Command::Simulate {
             requests,
             seed,
