@@ -221,8 +221,17 @@ impl Ctx {
         match t.intended {
             None => Instant::now(),
             Some(at) => {
-                if at > Instant::now() {
-                    tokio::time::sleep_until(at.into()).await;
+                // Tokio's timer ticks in milliseconds: sleep to within a tick of the
+                // intended time, then yield until it, so sends are not up to 1 ms late
+                // (which the corrected latency would count against the server).
+                let tick = Duration::from_millis(1);
+                if let Some(early) = at.checked_sub(tick) {
+                    if early > Instant::now() {
+                        tokio::time::sleep_until(early.into()).await;
+                    }
+                }
+                while Instant::now() < at {
+                    tokio::task::yield_now().await;
                 }
                 let lag = Instant::now().saturating_duration_since(at);
                 if lag > Duration::from_millis(1) {
