@@ -102,6 +102,9 @@ struct ModelServerArgs {
     /// Threads serving HTTP (default: one per core).
     #[arg(long)]
     worker_threads: Option<u64>,
+    /// `tract` (CPU) or `wgpu` (GPU when there is one; else the CPU, with a log line).
+    #[arg(long, default_value = "tract")]
+    runtime: String,
 }
 
 impl ModelServerArgs {
@@ -125,6 +128,7 @@ impl ModelServerArgs {
         if let Some(d) = &self.delay {
             y.push_str(&format!("          delay: {}\n", q(d)));
         }
+        y.push_str(&format!("          runtime: {}\n", q(&self.runtime)));
         y.push_str(&format!(
             "          batching:\n            max_batch_size: {}\n            batch_timeout_micros: {}\n            max_enqueued_batches: {}\n",
             self.max_batch_size, self.batch_timeout_micros, self.max_enqueued_batches

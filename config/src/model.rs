@@ -294,6 +294,9 @@ pub struct Local {
 pub enum LocalRuntime {
     /// tract, on the CPU.
     Tract,
+    /// wgpu compute kernels on a GPU (Vulkan), when the binary has the `gpu` feature and
+    /// the machine a GPU; otherwise the model runs on the CPU, with a log line saying why.
+    Wgpu,
 }
 
 /// TensorFlow Serving's batching parameters.
@@ -1065,7 +1068,12 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
         Some(m)
     });
     let runtime = f.optional(cx, "runtime", |cx, n, p| {
-        decode::one_of(cx, n, p, &[("tract", LocalRuntime::Tract)])
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[("tract", LocalRuntime::Tract), ("wgpu", LocalRuntime::Wgpu)],
+        )
     });
     let batching = f.optional(cx, "batching", decode_batching);
     let delay = f.optional(cx, "delay", decode::duration);

@@ -4,7 +4,9 @@
 //!
 //! cargo run --release -p switchyard-inference --example runtime_bench -- MODEL.onnx BATCH [SECONDS] [auto|tract]
 //!
-//! `auto` (default) runs the fused kernels when the graph allows; `tract` forces tract's plan.
+//! `auto` (default) runs the fused kernels when the graph allows; `tract` forces tract's plan;
+//! `gpu` runs the wgpu kernels on a hardware adapter (build with `--features gpu`; exits 3
+//! without one); `gpu-any` also accepts a software one (lavapipe), for rehearsals.
 
 use std::time::{Duration, Instant};
 
@@ -21,14 +23,36 @@ fn main() {
     let seconds: f64 = args
         .get(3)
         .map_or(2.0, |s| s.parse().expect("SECONDS is a number"));
-    let kernels = match args.get(4).map(String::as_str) {
-        None | Some("auto") => Kernels::Auto,
-        Some("tract") => Kernels::TractOnly,
-        Some(other) => panic!("unknown kernels `{other}`: auto or tract"),
+    let (kernels, gpu) = match args.get(4).map(String::as_str) {
+        None | Some("auto") => (Kernels::Auto, None),
+        Some("tract") => (Kernels::TractOnly, None),
+        Some("gpu") => (Kernels::Auto, Some(false)),
+        Some("gpu-any") => (Kernels::Auto, Some(true)),
+        Some(other) => panic!("unknown kernels `{other}`: auto, tract, gpu or gpu-any"),
     };
     let bytes = std::fs::read(path).expect("model file");
-    let model = TractModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
-    let runtime = if model.is_fused() { "fused" } else { "tract" };
+    #[allow(unused_mut)]
+    let mut model = TractModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
+    if let Some(allow_cpu_adapter) = gpu {
+        #[cfg(feature = "gpu")]
+        if !model.use_gpu(switchyard_inference::gpu::GpuOptions { allow_cpu_adapter }) {
+            eprintln!("no usable GPU adapter");
+            std::process::exit(3);
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            let _ = allow_cpu_adapter;
+            eprintln!("built without the `gpu` feature");
+            std::process::exit(3);
+        }
+    }
+    let runtime = if model.is_gpu() {
+        "wgpu"
+    } else if model.is_fused() {
+        "fused"
+    } else {
+        "tract"
+    };
     let row = model.signature().input.row_len();
     let vectors: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
@@ -53,7 +77,8 @@ fn main() {
         .collect();
     assert_eq!(inputs.len(), batch * row);
     let mut session = model.session().expect("session");
-    for _ in 0..200 {
+    // Fewer warm-up runs for the large batches a GPU is measured at.
+    for _ in 0..(200_000 / batch.max(1)).clamp(3, 200) {
         session.run(inputs.clone(), batch).expect("run");
     }
     let mut times = Vec::new();

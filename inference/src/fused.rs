@@ -44,7 +44,7 @@ impl Layout {
 }
 
 #[derive(Debug, Clone)]
-enum Step {
+pub(crate) enum Step {
     Affine {
         src: usize,
         dst: usize,
@@ -98,34 +98,34 @@ enum Step {
 }
 
 #[derive(Debug, Clone)]
-struct Conv {
-    src: usize,
-    dst: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    m: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad_top: usize,
-    pad_left: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct Conv {
+    pub(crate) src: usize,
+    pub(crate) dst: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) m: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad_top: usize,
+    pub(crate) pad_left: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
     /// `[kh·kw·C, M]`, row index `(ky·kw + kx)·C + c`.
-    weights: Vec<f32>,
-    bias: Vec<f32>,
-    relu: bool,
+    pub(crate) weights: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) relu: bool,
 }
 
 /// A compiled graph: steps over numbered buffers.
 #[derive(Debug, Clone)]
 pub struct FusedPlan {
-    steps: Vec<Step>,
-    buffers: usize,
-    input_len: usize,
-    output: usize,
-    output_len: usize,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) buffers: usize,
+    pub(crate) input_len: usize,
+    pub(crate) output: usize,
+    pub(crate) output_len: usize,
 }
 
 /// Scratch space kept by one thread from batch to batch.

@@ -6,6 +6,8 @@
 //!   threads) and runs what the fused kernels cannot.
 //! - [`fused`]: fused CPU kernels (im2col convolution, matrix products, pooling,
 //!   softmax) for graphs made only of the operators they cover.
+//! - `gpu` (feature `gpu`): the fused plan's steps as WGSL compute kernels on wgpu
+//!   (Vulkan), weights uploaded once, buffers reused; explicit adapter choice.
 //! - [`batcher`]: dynamic batching with TF Serving's knobs (`max_batch_size`,
 //!   `batch_timeout_micros`, `num_batch_threads`, `max_enqueued_batches`) on dedicated
 //!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
@@ -18,6 +20,8 @@ pub mod batcher;
 pub mod builtin;
 pub mod error;
 pub mod fused;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod signature;
 pub mod tract;
 

@@ -29,6 +29,8 @@ pub struct TractModel {
     name: String,
     plan: Plan,
     fused: Option<FusedPlan>,
+    #[cfg(feature = "gpu")]
+    gpu: Option<Arc<crate::gpu::GpuModel>>,
     signature: Signature,
 }
 
@@ -91,8 +93,46 @@ impl TractModel {
             name: name.to_string(),
             plan,
             fused,
+            #[cfg(feature = "gpu")]
+            gpu: None,
             signature,
         })
+    }
+
+    /// Moves the model onto the GPU (feature `gpu`) when its graph is within the fused
+    /// kernel set and an adapter is found; otherwise it stays on the CPU, with one log
+    /// line saying why. Returns whether it moved.
+    #[cfg(feature = "gpu")]
+    pub fn use_gpu(&mut self, options: crate::gpu::GpuOptions) -> bool {
+        let Some(plan) = &self.fused else {
+            tracing::warn!(model = %self.name, "runtime wgpu: the graph is outside the GPU kernel set (see the log line above); it runs on the CPU.");
+            return false;
+        };
+        match crate::gpu::GpuModel::new(plan, options) {
+            Ok(g) => {
+                tracing::info!(model = %self.name, adapter = %g.adapter(), "Model runs on the GPU.");
+                self.gpu = Some(Arc::new(g));
+                true
+            }
+            Err(why) => {
+                tracing::warn!(model = %self.name, reason = %why, "runtime wgpu: no usable GPU; the model runs on the CPU.");
+                false
+            }
+        }
+    }
+
+    /// The GPU adapter batches run on (`DeviceType `name` (driver)`), if any.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_adapter(&self) -> Option<&str> {
+        self.gpu.as_deref().map(crate::gpu::GpuModel::adapter)
+    }
+
+    /// True when batches run on the GPU.
+    pub fn is_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
     }
 
     /// The model's signature.
@@ -109,6 +149,13 @@ impl TractModel {
 
     /// A run state for one thread: scratch buffers kept from batch to batch.
     pub fn session(&self) -> Result<Session, InferenceError> {
+        #[cfg(feature = "gpu")]
+        if let Some(gpu) = &self.gpu {
+            return Ok(Session {
+                kind: SessionKind::Gpu(gpu.clone()),
+                row_shape: Vec::new(),
+            });
+        }
         if let Some(fused) = &self.fused {
             return Ok(Session {
                 kind: SessionKind::Fused(fused.clone(), FusedState::default()),
@@ -136,6 +183,8 @@ impl TractModel {
 enum SessionKind {
     Tract(Box<TypedSimpleState>),
     Fused(FusedPlan, FusedState),
+    #[cfg(feature = "gpu")]
+    Gpu(Arc<crate::gpu::GpuModel>),
 }
 
 /// One thread's run state over a shared plan.
@@ -149,6 +198,8 @@ impl Session {
     pub fn run(&mut self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
         let state = match &mut self.kind {
             SessionKind::Fused(plan, state) => return Ok(plan.run(state, input, rows)),
+            #[cfg(feature = "gpu")]
+            SessionKind::Gpu(gpu) => return gpu.run(&input, rows),
             SessionKind::Tract(state) => state,
         };
         let mut shape = Vec::with_capacity(self.row_shape.len() + 1);

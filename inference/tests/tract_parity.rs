@@ -4,98 +4,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use prometheus::Registry;
-use serde_json::Value;
 use switchyard_inference::batcher::LocalMetricFamilies;
 use switchyard_inference::{
     builtin, Batcher, BatchingOptions, Dim, InferenceError, Kernels, TractModel,
 };
 
-fn vectors() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/digits_test_vectors.json"
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn manifest() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/digits_models.json"
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0
-}
-
-/// Runs every test vector through `model` in batches of `batch` rows; checks each output
-/// against onnxruntime's within 1e-4 and the accuracy against the training script's.
+/// The CPU runtime with `kernels` against onnxruntime.
 fn check(name: &str, bytes: &[u8], batch: usize, kernels: Kernels) {
-    let v = vectors();
-    let inputs = rows(&v["inputs"]);
-    let expected = rows(&v[name]);
-    let labels: Vec<usize> = v["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_u64().unwrap() as usize)
-        .collect();
     let model = TractModel::from_bytes_with(name, bytes, kernels).unwrap();
     assert_eq!(
         model.is_fused(),
         kernels == Kernels::Auto,
         "{name}: which kernels run"
     );
-    let mut worst = 0f32;
-    let mut correct = 0;
-    for (chunk_in, (chunk_out, chunk_labels)) in inputs
-        .chunks(batch)
-        .zip(expected.chunks(batch).zip(labels.chunks(batch)))
-    {
-        let flat: Vec<f32> = chunk_in.concat();
-        let out = model.run(flat, chunk_in.len()).unwrap();
-        assert_eq!(out.len(), chunk_in.len() * 10);
-        for (i, want) in chunk_out.iter().enumerate() {
-            let got = &out[i * 10..(i + 1) * 10];
-            for (g, w) in got.iter().zip(want) {
-                worst = worst.max((g - w).abs());
-            }
-            correct += usize::from(argmax(got) == chunk_labels[i]);
-        }
-    }
-    assert!(worst <= 1e-4, "{name}: max |tract - onnxruntime| = {worst}");
-    let accuracy = correct as f64 / labels.len() as f64;
-    let reported = manifest()["models"][name]["test_accuracy"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        (accuracy - reported).abs() < 1e-9,
-        "{name}: accuracy {accuracy} vs script's {reported}"
-    );
-    assert!(labels.len() >= 300);
+    common::check_against_onnxruntime(name, batch, |input, rows| model.run(input, rows).unwrap());
 }
 
 #[test]
@@ -231,7 +156,7 @@ async fn requests_are_batched_and_each_gets_its_own_rows() {
         max_enqueued_batches: 4,
     });
     let b = Arc::new(b);
-    let inputs = rows(&vectors()["inputs"]);
+    let inputs = common::rows(&common::vectors()["inputs"]);
     let direct = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
     let mut tasks = Vec::new();
     for (i, n) in [(0usize, 3usize), (3, 1), (4, 4)] {

@@ -243,8 +243,18 @@ fn load_local(
             .map_err(|e| err(format!("cannot read model file `{}`: {e}", local.model)))?
             .into(),
     };
-    let tract = switchyard_inference::TractModel::from_bytes(&local.model, &bytes)
+    #[allow(unused_mut)]
+    let mut tract = switchyard_inference::TractModel::from_bytes(&local.model, &bytes)
         .map_err(|e| err(e.to_string()))?;
+    if local.runtime == switchyard_config::LocalRuntime::Wgpu {
+        // No GPU, or a graph outside the GPU kernels: the model still serves, on the
+        // CPU, and the log says why (a sidecar must not refuse to start over it).
+        #[cfg(feature = "gpu")]
+        tract.use_gpu(switchyard_inference::gpu::GpuOptions::default());
+        #[cfg(not(feature = "gpu"))]
+        tracing::warn!(%model, "runtime wgpu: this binary was built without the `gpu` feature; the model runs on the CPU.");
+    }
+    let runtime = if tract.is_gpu() { "wgpu" } else { "tract" };
     let b = &local.batching;
     let threads = b.num_batch_threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -262,7 +272,7 @@ fn load_local(
         metrics.local.model(model),
     )
     .map_err(|e| err(format!("cannot start batch threads: {e}")))?;
-    tracing::info!(%model, file = %local.model, threads, "Local model loaded (tract).");
+    tracing::info!(%model, file = %local.model, threads, runtime, "Local model loaded.");
     Ok(LocalBackend {
         batcher,
         delay: local.delay,

@@ -1,0 +1,59 @@
+//! The GPU runtime (feature `gpu`) against onnxruntime's outputs on the bundled test
+//! vectors. CI has no GPU: it runs these on Mesa's software Vulkan (lavapipe), which the
+//! test allows explicitly; serving never picks a CPU adapter on its own.
+#![cfg(feature = "gpu")]
+
+mod common;
+
+use switchyard_inference::gpu::GpuOptions;
+use switchyard_inference::{builtin, TractModel};
+
+fn on_gpu(name: &str, bytes: &[u8]) -> TractModel {
+    let mut model = TractModel::from_bytes(name, bytes).unwrap();
+    let moved = model.use_gpu(GpuOptions {
+        allow_cpu_adapter: true,
+    });
+    assert!(
+        moved,
+        "{name}: no Vulkan adapter at all; install Mesa's software Vulkan \
+         (apt-get install mesa-vulkan-drivers), as scripts/test does"
+    );
+    assert!(model.is_gpu());
+    model
+}
+
+#[test]
+fn mlp_on_the_gpu_matches_onnxruntime_batch_1_64_and_all() {
+    let model = on_gpu("mlp", builtin::DIGITS_MLP);
+    // 360 rows at once also exercises growing the buffers past their first capacity.
+    for batch in [1, 64, 360] {
+        common::check_against_onnxruntime("mlp", batch, |input, rows| {
+            model.run(input, rows).unwrap()
+        });
+    }
+}
+
+#[test]
+fn cnn_on_the_gpu_matches_onnxruntime_batch_1_64_and_all() {
+    let model = on_gpu("cnn", builtin::DIGITS_CNN);
+    for batch in [1, 64, 360] {
+        common::check_against_onnxruntime("cnn", batch, |input, rows| {
+            model.run(input, rows).unwrap()
+        });
+    }
+}
+
+#[test]
+fn a_software_adapter_is_not_a_gpu_unless_asked_for() {
+    // On a machine whose only Vulkan device is lavapipe (CI), serving stays on the CPU.
+    let mut model = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let has_hardware = model.use_gpu(GpuOptions::default());
+    if has_hardware {
+        // Some GPU was taken: it must not be a software one.
+        let adapter = model.gpu_adapter().unwrap();
+        assert!(!adapter.starts_with("Cpu"), "{adapter}");
+    } else {
+        assert!(!model.is_gpu());
+        assert_eq!(model.run(vec![0.0; 64], 1).unwrap().len(), 10);
+    }
+}
