@@ -54,14 +54,9 @@ fn main() {
         "tract"
     };
     let row = model.signature().input.row_len();
-    let vectors: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../models/digits_test_vectors.json"
-        ))
-        .expect("test vectors"),
-    )
-    .expect("json");
+    // Compiled in, so the binary runs anywhere (a GPU machine gets only the binary).
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("../../models/digits_test_vectors.json")).expect("json");
     let inputs: Vec<f32> = vectors["inputs"]
         .as_array()
         .unwrap()
