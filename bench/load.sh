@@ -11,33 +11,14 @@
 # its runtime on the one CPU it is given). Closed loop, POST with the same JSON body.
 # CPU: user + system seconds of the generator process (bash `time`).
 # Needs: nginx, wrk (Debian), oha (cargo install oha). Loopback only.
-set -euo pipefail
-ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}
 LEVELS=${LEVELS:-32 256 10000}
-OHA=${OHA:-$(command -v oha || echo /tmp/oha/bin/oha)}
-for tool in nginx wrk "$OHA"; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light wrk; cargo install oha" >&2; exit 1; }
-done
-cargo build --release --quiet
-BIN=$PWD/target/release/switchyard
-OUT=$PWD/bench/out
-WORK=$(mktemp -d /tmp/switchyard-load-bench.XXXXXX)
-mkdir -p "$OUT"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+source bench/common.sh
+need nginx wrk "$OHA"
 PORT=19501
 URL=http://127.0.0.1:$PORT/v1/models/mnist:predict
-BODY='{"instances": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'
-echo "$BODY" > "$WORK/body.json"
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-LUA
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1;
 worker_rlimit_nofile 65536;
@@ -47,7 +28,7 @@ events { worker_connections 30000; }
 http {
   access_log off; keepalive_requests 10000000; keepalive_timeout 120s; client_body_temp_path $WORK;
   server { listen 127.0.0.1:$PORT backlog=16384;
-    location / { default_type application/json; return 200 '{"predictions": [[0.01, 0.02, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]]}'; } }
+    location / { default_type application/json; return 200 '$PREDICTION'; } }
 }
 CONF
 taskset -c 0 nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off; user root;' &

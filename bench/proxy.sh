@@ -15,39 +15,17 @@
 # percentiles at a fixed request rate (oha, with coordinated-omission correction); CPU
 # seconds the proxy used per 10k requests; and its resident memory after the run.
 # Needs: nginx, haproxy, wrk (Debian) and oha (cargo install oha). Loopback only.
-set -euo pipefail
-ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
-
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}
 RATE=${RATE:-2000}
 CONNS=${CONNS:-32}
-OHA=${OHA:-$(command -v oha || echo /tmp/oha/bin/oha)}
-for tool in nginx haproxy wrk "$OHA"; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light haproxy wrk; cargo install oha" >&2; exit 1; }
-done
-
-cargo build --release --quiet
-BIN=$PWD/target/release/switchyard
-OUT=$PWD/bench/out
-WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
-mkdir -p "$OUT" "$WORK/logs"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+source bench/common.sh
+need nginx haproxy wrk "$OHA"
 
 O1=19101 O2=19102 O3=19103       # origin, one port per variant
 P_NGINX=19201 P_HAPROXY=19202 P_SY=19203 P_SY_ADMIN=19204
-PREDICTION='{"predictions": [[0.01, 0.02, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]]}'
 PATH_TF=/v1/models/mnist:predict
-BODY='{"instances": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'
-echo "$BODY" > "$WORK/body.json"
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-LUA
 
 # --- origin -------------------------------------------------------------------------
 mkdir -p "$WORK/origin"

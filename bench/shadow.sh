@@ -15,37 +15,16 @@
 # latency percentiles at a fixed rate (oha, coordinated-omission corrected) and CPU per
 # primary request at that rate. Target: p99 on <= 1.10x off; CPU per request <= 1.5x.
 # Needs: nginx, wrk (Debian) and oha (cargo install oha). Loopback only.
-set -euo pipefail
-ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
-
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}
 RATE=${RATE:-2000}
 CONNS=${CONNS:-32}
-OHA=${OHA:-$(command -v oha || echo /tmp/oha/bin/oha)}
-for tool in nginx wrk "$OHA"; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light wrk; cargo install oha" >&2; exit 1; }
-done
-cargo build --release --quiet
-BIN=$PWD/target/release/switchyard
-OUT=$PWD/bench/out
-WORK=$(mktemp -d /tmp/switchyard-shadow-bench.XXXXXX)
-mkdir -p "$OUT"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+source bench/common.sh
+need nginx wrk "$OHA"
 
 PRIMARY=19401 SHADOW=19402
-PREDICTION='{"predictions": [[0.01, 0.02, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]]}'
 CANDIDATE='{"predictions": [[0.02, 0.02, 0.85, 0.02, 0.01, 0.02, 0.02, 0.02, 0.01, 0.01]]}'
-BODY='{"instances": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'
-echo "$BODY" > "$WORK/body.json"
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-LUA
 cat > "$WORK/origin.conf" <<CONF
 worker_processes 1;
 pid $WORK/origin.pid;

@@ -841,12 +841,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         ],
     )?;
     let name = f.required(cx, "name", name);
-    let upstream = f.optional(cx, "upstream", |cx, n, p| {
-        let text = decode::string(cx, n, p)?;
-        UpstreamUrl::parse(&text)
-            .map_err(|msg| cx.error(n, p, msg))
-            .ok()
-    });
+    let upstream = f.optional(cx, "upstream", upstream_url);
     let local = f.optional(cx, "local", decode_local);
     let mut backend_ok = true;
     match (f.get("upstream"), f.get("local")) {
@@ -886,17 +881,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         (Some(_), None) => {}
     }
     let upstream_model = f.optional(cx, "upstream_model", name_field);
-    let protocol = f.optional(cx, "protocol", |cx, n, p| {
-        decode::one_of(
-            cx,
-            n,
-            p,
-            &[
-                ("http1", UpstreamProtocol::Http1),
-                ("h2c", UpstreamProtocol::H2c),
-            ],
-        )
-    });
+    let protocol = f.optional(cx, "protocol", upstream_protocol);
     let weight = f.required(cx, "weight", non_negative);
     let cost_per_1k = f.optional(cx, "cost_per_1k", non_negative);
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
@@ -915,6 +900,25 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         connect_timeout,
         request_timeout,
     })
+}
+
+fn upstream_url(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamUrl> {
+    let text = decode::string(cx, node, path)?;
+    UpstreamUrl::parse(&text)
+        .map_err(|msg| cx.error(node, path, msg))
+        .ok()
+}
+
+fn upstream_protocol(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamProtocol> {
+    decode::one_of(
+        cx,
+        node,
+        path,
+        &[
+            ("http1", UpstreamProtocol::Http1),
+            ("h2c", UpstreamProtocol::H2c),
+        ],
+    )
 }
 
 fn decode_shadows(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Shadow>> {
@@ -972,24 +976,9 @@ fn decode_shadow(cx: &mut Cx, node: &Node, path: &str) -> Option<Shadow> {
         ],
     )?;
     let name = f.required(cx, "name", name);
-    let upstream = f.required(cx, "upstream", |cx, n, p| {
-        let text = decode::string(cx, n, p)?;
-        UpstreamUrl::parse(&text)
-            .map_err(|msg| cx.error(n, p, msg))
-            .ok()
-    });
+    let upstream = f.required(cx, "upstream", upstream_url);
     let upstream_model = f.optional(cx, "upstream_model", name_field);
-    let protocol = f.optional(cx, "protocol", |cx, n, p| {
-        decode::one_of(
-            cx,
-            n,
-            p,
-            &[
-                ("http1", UpstreamProtocol::Http1),
-                ("h2c", UpstreamProtocol::H2c),
-            ],
-        )
-    });
+    let protocol = f.optional(cx, "protocol", upstream_protocol);
     let fraction = f.required(cx, "fraction", |cx, n, p| {
         let v = decode::f64(cx, n, p)?;
         if !(0.0..=1.0).contains(&v) {

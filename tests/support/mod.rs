@@ -47,85 +47,34 @@ impl Upstream {
 
     /// Echoes after `delay`.
     pub async fn start(name: &str, delay: Duration) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (s, h, n, conns) = (
-            seen.clone(),
-            hits.clone(),
-            name.to_string(),
-            connections.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                conns.fetch_add(1, Ordering::SeqCst);
-                let (s, h, n) = (s.clone(), h.clone(), n.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (s, h, n) = (s.clone(), h.clone(), n.clone());
-                        async move {
-                            h.fetch_add(1, Ordering::SeqCst);
-                            let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            let hdr = |k: &str| {
-                                parts
-                                    .headers
-                                    .get(k)
-                                    .map(|v| v.to_str().unwrap_or("?").to_string())
-                            };
-                            let reply = json!({
-                                "upstream": n,
-                                "method": parts.method.as_str(),
-                                "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
-                                "host": hdr("host"),
-                                "x_request_id": hdr("x-request-id"),
-                                "x_forwarded_for": hdr("x-forwarded-for"),
-                                "version": format!("{:?}", parts.version),
-                                "body": String::from_utf8_lossy(&body),
-                            });
-                            s.lock().unwrap().push(Seen {
-                                path: parts
-                                    .uri
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default(),
-                                headers: parts.headers,
-                                body,
-                                version: parts.version,
-                            });
-                            let mut resp = Response::new(Full::new(Bytes::from(reply.to_string())));
-                            resp.headers_mut()
-                                .insert("content-type", "application/json".parse().unwrap());
-                            resp.headers_mut()
-                                .insert("x-upstream-header", "kept".parse().unwrap());
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Upstream {
-            addr,
-            name: name.to_string(),
-            seen,
-            hits,
-            connections,
-        }
+        let n = name.to_string();
+        let mut u = serve(delay, move |parts, body| {
+            let hdr = |k: &str| {
+                parts
+                    .headers
+                    .get(k)
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+            };
+            let reply = json!({
+                "upstream": n,
+                "method": parts.method.as_str(),
+                "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                "host": hdr("host"),
+                "x_request_id": hdr("x-request-id"),
+                "x_forwarded_for": hdr("x-forwarded-for"),
+                "version": format!("{:?}", parts.version),
+                "body": String::from_utf8_lossy(body),
+            });
+            let mut resp = Response::new(Full::new(Bytes::from(reply.to_string())));
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            resp.headers_mut()
+                .insert("x-upstream-header", "kept".parse().unwrap());
+            resp
+        })
+        .await;
+        u.name = name.to_string();
+        u
     }
 
     pub fn url(&self) -> String {
@@ -334,6 +283,21 @@ pub async fn model_server<F>(delay: Duration, answer: F) -> Upstream
 where
     F: Fn(&str, &[u8]) -> (u16, String) + Send + Sync + 'static,
 {
+    serve(delay, move |parts, body| {
+        let (status, reply) = answer(parts.uri.path(), body);
+        let mut resp = Response::new(Full::new(Bytes::from(reply)));
+        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        resp
+    })
+    .await
+}
+
+/// A server on `127.0.0.1:0` answering `answer(request head, body)` after `delay`,
+/// counting connections and requests and keeping what it saw.
+async fn serve<F>(delay: Duration, answer: F) -> Upstream
+where
+    F: Fn(&http::request::Parts, &Bytes) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -352,6 +316,7 @@ where
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (s, h, answer) = (s.clone(), h.clone(), answer.clone());
                     async move {
+                        h.fetch_add(1, Ordering::SeqCst);
                         let (parts, body) = req.into_parts();
                         let body = body
                             .collect()
@@ -361,17 +326,17 @@ where
                         if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
                         }
-                        let path = parts.uri.path().to_string();
-                        let (status, reply) = answer(&path, &body);
+                        let resp = answer(&parts, &body);
                         s.lock().unwrap().push(Seen {
-                            path,
+                            path: parts
+                                .uri
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default(),
                             headers: parts.headers,
                             body,
                             version: parts.version,
                         });
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let mut resp = Response::new(Full::new(Bytes::from(reply)));
-                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                         Ok::<_, Infallible>(resp)
                     }
                 });
