@@ -61,17 +61,24 @@ for mode in off on; do
     || { echo "$mode is not answering" >&2; cat "$WORK"/*.log >&2; exit 1; }
 done
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Requests mirrored so far by the shadow of switchyard `$1`.
+mirrored() {
+  curl -s "127.0.0.1:$((PORT_OF[$1] + 1))/admin/shadow/mnist" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["shadows"][0]["mirrored"])'
+}
 HZ=$(getconf CLK_TCK)
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
   for mode in off on; do
     url="http://127.0.0.1:${PORT_OF[$mode]}/v1/models/mnist:predict"
+    m0=$(mirrored "$mode")
     before=$(ticks "${PID_OF[$mode]}")
     rps=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "$url" | awk '/Requests\/sec/ {print $2}')
     after=$(ticks "${PID_OF[$mode]}")
     cpu_max=$(awk -v t=$((after - before)) -v hz="$HZ" -v r="$rps" -v s="$SECONDS_EACH" 'BEGIN {printf "%.2f", t / hz / (r * s) * 1e6}')
     sleep 1   # let queued mirrors finish before the next measurement
+    m1=$(mirrored "$mode")
     before=$(ticks "${PID_OF[$mode]}")
     json=$(taskset -c 0 "$OHA" -z "${SECONDS_EACH}s" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json \
       -m POST -H 'content-type: application/json' -D "$WORK/body.json" "$url")
@@ -84,8 +91,12 @@ ms = lambda k: "%.3f" % (p[k] * 1e3)
 n = sum(d["statusCodeDistribution"].values())
 print(ms("p50"), ms("p99"), ms("p99.9"), "%.4f" % d["summary"]["successRate"], n)' "$json")"
     cpu_rate=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$rps" "$cpu_max" "$p50" "$p99" "$p999" "$cpu_rate" "$ok" >> "$RESULTS"
-    echo "round $round  shadow $mode: ${rps} req/s (${cpu_max} CPU-us/req); at $RATE/s: p50 ${p50} ms, p99 ${p99} ms, ${cpu_rate} CPU-us/req, success $ok" >&2
+    m2=$(mirrored "$mode")
+    # Share of the primary requests that were actually mirrored, in each phase.
+    share_max=$(awk -v m=$((m1 - m0)) -v r="$rps" -v s="$SECONDS_EACH" 'BEGIN {printf "%.3f", m / (r * s)}')
+    share_rate=$(awk -v m=$((m2 - m1)) -v n="$n" 'BEGIN {printf "%.3f", m / n}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$rps" "$cpu_max" "$p50" "$p99" "$p999" "$cpu_rate" "$ok" "$share_max" "$share_rate" >> "$RESULTS"
+    echo "round $round  shadow $mode: ${rps} req/s (${cpu_max} CPU-us/req, mirrored $share_max); at $RATE/s: p50 ${p50} ms, p99 ${p99} ms, ${cpu_rate} CPU-us/req, mirrored $share_rate, success $ok" >&2
   done
 done
 report=$(curl -s "127.0.0.1:$((PORT_OF[on] + 1))/admin/shadow/mnist")
@@ -98,10 +109,10 @@ rows = [l.rstrip("\n").split("\t") for l in open(path)]
 med = lambda t, i: st.median(float(r[i]) for r in rows if r[1] == t)
 print(f"Medians of {rounds} interleaved rounds, {secs} s each. Throughput: wrk, {conns} connections;")
 print(f"latency: oha at a fixed {rate} req/s, {conns} connections, coordinated-omission corrected.\n")
-print("| shadow | req/s at 32 conns | CPU µs/req there | p50 ms | p99 ms | p99.9 ms | CPU µs/req at fixed rate |")
-print("|---|---|---|---|---|---|---|")
+print("| shadow | req/s at 32 conns | CPU µs/req there | mirrored there | p50 ms | p99 ms | p99.9 ms | CPU µs/req at fixed rate | mirrored there |")
+print("|---|---|---|---|---|---|---|---|---|")
 for t in ["off", "on"]:
-    print(f"| {t} | {med(t,2):,.0f} | {med(t,3):.1f} | {med(t,4):.3f} | {med(t,5):.3f} | {med(t,6):.3f} | {med(t,7):.1f} |")
+    print(f"| {t} | {med(t,2):,.0f} | {med(t,3):.1f} | {med(t,9):.1%} | {med(t,4):.3f} | {med(t,5):.3f} | {med(t,6):.3f} | {med(t,7):.1f} | {med(t,10):.1%} |")
 print(f"\nRatios on/off: throughput {med('on',2)/med('off',2):.3f}, p99 {med('on',5)/med('off',5):.3f} "
       f"(target <= 1.10), CPU per primary request {med('on',7)/med('off',7):.3f} at fixed rate (target <= 1.5), "
       f"{med('on',3)/med('off',3):.3f} at 32 connections.")

@@ -7,7 +7,8 @@
 //! - [`bandits`]: the bandit tasks, wired between the router's feedback and selectors.
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
-#![forbid(unsafe_code)]
+// One audited call (the shadow thread's priority) needs `unsafe`; nothing else may.
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 use std::net::SocketAddr;
@@ -162,11 +163,14 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
     let (sink, receivers) = bandits::sink(&config);
-    let router = Router::with_feedback(
+    let router = Router::with_options(
         &config,
         metrics.clone(),
         sink.clone()
             .map(|s| s as Arc<dyn switchyard_router::feedback::FeedbackSink>),
+        switchyard_router::proxy::RouterOptions {
+            shadow_thread_start: Some(lowest_cpu_priority),
+        },
     )
     .map_err(StartError::Config)?;
     let bandits = match sink {
@@ -252,4 +256,19 @@ fn serde_json_bytes(config: &Config) -> Result<bytes::Bytes, StartError> {
     serde_json::to_vec_pretty(config)
         .map(bytes::Bytes::from)
         .map_err(|e| StartError::Other(format!("cannot render the config: {e}")))
+}
+
+/// Puts the calling thread at the lowest CPU priority (nice 19). The shadow thread runs
+/// there: when it shares a busy core with the data plane, the scheduler gives the core
+/// to primary requests, the shadow queues fill and further mirrors are dropped and
+/// counted, instead of mirrors taking CPU from the traffic that matters. With a core to
+/// spare, nothing changes.
+#[allow(unsafe_code)]
+fn lowest_cpu_priority() {
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours. On
+    // Linux, PRIO_PROCESS with id 0 means the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "Cannot lower the shadow thread's priority.");
+    }
 }

@@ -61,6 +61,13 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// Most decisions kept for feedback at once, over all models.
 pub const DECISION_LOG_CAPACITY: usize = 1_000_000;
 
+/// What the binary decides for the router's threads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterOptions {
+    /// Runs first on the shadow thread (the binary lowers its CPU priority there).
+    pub shadow_thread_start: Option<fn()>,
+}
+
 /// The data plane's shared state: the current route table and the metrics.
 #[derive(Debug)]
 pub struct Router {
@@ -88,15 +95,27 @@ impl Router {
         metrics: Metrics,
         sink: Option<Arc<dyn FeedbackSink>>,
     ) -> Result<Arc<Self>, BuildError> {
+        Self::with_options(config, metrics, sink, RouterOptions::default())
+    }
+
+    /// As [`Router::with_feedback`], with process-level options from the binary.
+    pub fn with_options(
+        config: &Config,
+        metrics: Metrics,
+        sink: Option<Arc<dyn FeedbackSink>>,
+        options: RouterOptions,
+    ) -> Result<Arc<Self>, BuildError> {
         let seed = config.seed.unwrap_or_else(random_seed);
         let shadow_runtime = if config.models.values().any(|m| !m.shadows.is_empty()) {
             Some(
-                switchyard_shadow::ShadowRuntime::new().map_err(|e| BuildError {
-                    path: "models".into(),
-                    line: 0,
-                    column: 0,
-                    message: format!("cannot start the shadow thread: {e}"),
-                })?,
+                switchyard_shadow::ShadowRuntime::new(options.shadow_thread_start).map_err(
+                    |e| BuildError {
+                        path: "models".into(),
+                        line: 0,
+                        column: 0,
+                        message: format!("cannot start the shadow thread: {e}"),
+                    },
+                )?,
             )
         } else {
             None

@@ -46,13 +46,18 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct ShadowRuntime(Option<tokio::runtime::Runtime>);
 
 impl ShadowRuntime {
-    /// Starts the thread.
-    pub fn new() -> std::io::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
+    /// Starts the thread; `on_start` runs on it first (the binary lowers its CPU
+    /// priority there, so that on a busy core mirrors yield to primary requests).
+    pub fn new(on_start: Option<fn()>) -> std::io::Result<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
             .worker_threads(1)
             .thread_name("switchyard-shadow")
-            .enable_all()
-            .build()?;
+            .enable_all();
+        if let Some(f) = on_start {
+            builder.on_thread_start(f);
+        }
+        let rt = builder.build()?;
         Ok(ShadowRuntime(Some(rt)))
     }
 
