@@ -8,6 +8,7 @@
 //! a [`FeedbackSink`] (the binary wires the bandit there) validates and takes it.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -108,7 +109,39 @@ impl Hasher for IdHasher {
     }
 }
 
-type Shard = HashMap<u128, Decision, BuildHasherDefault<IdHasher>>;
+type Map = HashMap<u128, Decision, BuildHasherDefault<IdHasher>>;
+
+/// Decisions are recorded in time order and expire in (nearly) time order, so each shard
+/// keeps them in generations of this many milliseconds: inserts go to the newest map,
+/// and a generation whose every decision has expired is cleared whole. A single map
+/// swept with `retain` filled with tombstones under that churn and kept rehashing in
+/// place, which cost more than the rest of a prediction's bookkeeping (BENCHMARKS.md).
+const GENERATION_MS: u64 = 250;
+
+#[derive(Debug, Default)]
+struct Generation {
+    start_ms: u64,
+    /// Earliest and latest expiry of the decisions in it.
+    min_expiry_ms: u64,
+    max_expiry_ms: u64,
+    map: Map,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    /// Oldest first.
+    gens: VecDeque<Generation>,
+    /// Cleared maps kept for reuse (their capacity is already grown).
+    spare: Vec<Map>,
+    len: usize,
+}
+
+impl Shard {
+    fn find(&mut self, k: &u128) -> Option<&mut Decision> {
+        // Newest first: a reused request id refers to its latest prediction.
+        self.gens.iter_mut().rev().find_map(|g| g.map.get_mut(k))
+    }
+}
 
 /// The bounded, sharded decision log.
 #[derive(Debug)]
@@ -194,10 +227,31 @@ impl DecisionLog {
         };
         let k = key(id);
         let mut shard = self.shard(k);
-        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
+        if shard.len >= self.per_shard && shard.find(&k).is_none() {
             return false;
         }
-        shard.insert(k, decision);
+        let expiry = decision.at_ms + u64::from(decision.ttl_ms);
+        let fresh = shard
+            .gens
+            .back()
+            .is_none_or(|g| decision.at_ms >= g.start_ms + GENERATION_MS);
+        if fresh {
+            let map = shard.spare.pop().unwrap_or_default();
+            shard.gens.push_back(Generation {
+                start_ms: decision.at_ms,
+                min_expiry_ms: expiry,
+                max_expiry_ms: expiry,
+                map,
+            });
+        }
+        let Some(g) = shard.gens.back_mut() else {
+            unreachable!("a generation was just ensured")
+        };
+        g.min_expiry_ms = g.min_expiry_ms.min(expiry);
+        g.max_expiry_ms = g.max_expiry_ms.max(expiry);
+        if g.map.insert(k, decision).is_none() {
+            shard.len += 1;
+        }
         true
     }
 
@@ -213,7 +267,7 @@ impl DecisionLog {
         let now_ms = self.millis(now);
         let k = key(id);
         let mut shard = self.shard(k);
-        let Some(d) = shard.get_mut(&k) else {
+        let Some(d) = shard.find(&k) else {
             return Err(FeedbackError::Unknown);
         };
         if d.expired(now_ms) {
@@ -228,30 +282,50 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// Removes every decision past its expiry; returns those that never got feedback.
+    /// Returns, once each, the decisions past their expiry that never got feedback, and
+    /// frees the generations whose decisions have all expired.
     pub fn expire(&self, now: Instant) -> Vec<Decision> {
         let now_ms = self.millis(now);
         let mut missing = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, d| {
-                if !d.expired(now_ms) {
-                    return true;
+            let shard = &mut *shard;
+            for g in shard.gens.iter_mut() {
+                if g.min_expiry_ms > now_ms {
+                    continue;
                 }
-                if !d.rewarded {
-                    missing.push(*d);
+                for d in g.map.values_mut() {
+                    if d.expired(now_ms) && !d.rewarded {
+                        missing.push(*d);
+                        // Settled: an expired decision is refused feedback before its
+                        // `rewarded` flag is looked at, so the flag can mark "reported".
+                        d.rewarded = true;
+                    }
                 }
-                false
-            });
+            }
+            while shard
+                .gens
+                .front()
+                .is_some_and(|g| g.max_expiry_ms <= now_ms)
+            {
+                let Some(mut g) = shard.gens.pop_front() else {
+                    break;
+                };
+                shard.len -= g.map.len();
+                g.map.clear();
+                if shard.spare.len() < 2 {
+                    shard.spare.push(g.map);
+                }
+            }
         }
         missing
     }
 
-    /// Decisions held now.
+    /// Decisions held now (expired ones included until their generation is freed).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len)
             .sum()
     }
 
@@ -414,8 +488,51 @@ mod tests {
         );
         let missing = log.expire(later);
         assert_eq!(missing.len(), 2, "old and done never got feedback");
-        assert_eq!(log.len(), 1);
         assert!(log.expire(later).is_empty());
+        assert_eq!(
+            log.claim(b"done", later, |_, _| Ok(())),
+            Err(FeedbackError::Unknown)
+        );
+        assert_eq!(log.claim(b"fresh", later, |_, _| Ok(())), Ok(()));
+        // Once every decision of a generation has expired, it is freed.
+        let much_later = Instant::now() + Duration::from_secs(61);
+        assert!(log.expire(much_later).is_empty(), "fresh got its feedback");
+        assert_eq!(log.len(), 0);
+    }
+
+    #[test]
+    fn decisions_spread_over_generations_expire_each_at_its_time() {
+        let log = DecisionLog::new(1000);
+        let base = Instant::now();
+        let ms = |n: u64| base + Duration::from_millis(n);
+        // Ten decisions 100 ms apart (four generations), each open for one second.
+        for i in 0..10u64 {
+            let id = format!("d{i}");
+            assert!(log.record(
+                ms(i * 100),
+                id.as_bytes(),
+                0,
+                1,
+                0.5,
+                Duration::from_secs(1)
+            ));
+        }
+        // At 1.45 s the first five (made at 0..400 ms) have expired.
+        let missing = log.expire(ms(1450));
+        assert_eq!(missing.len(), 5);
+        for i in 0..10u64 {
+            let got = log.claim(format!("d{i}").as_bytes(), ms(1450), |_, _| Ok(()));
+            let want = if i < 5 {
+                Err(FeedbackError::Unknown)
+            } else {
+                Ok(())
+            };
+            assert_eq!(got, want, "d{i}");
+        }
+        assert!(log.expire(ms(1450)).is_empty(), "each is reported once");
+        // Everything has expired by 3 s; the five claimed ones are not missing.
+        assert!(log.expire(ms(3000)).is_empty());
+        assert_eq!(log.len(), 0, "every generation is freed");
     }
 
     #[test]
