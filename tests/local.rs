@@ -428,12 +428,11 @@ fn model_server_flags_are_validated_like_config() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_built_in_config_serves_digits_with_the_bundled_mlp() {
-    // What `switchyard serve` runs without --config (on free ports here).
-    let app = start(switchyard::DEFAULT_CONFIG).await;
+/// Posts the first `n` test digits to `app`'s model `digits` (TF Serving rows) and
+/// checks the answer against onnxruntime's outputs for `key` (`mlp` or `cnn`).
+async fn predict_first_digits(app: &switchyard::Running, n: usize, key: &str) -> Reply {
     let v = vectors();
-    let body = json!({ "instances": v["inputs"].as_array().unwrap()[..5] }).to_string();
+    let body = json!({ "instances": v["inputs"].as_array().unwrap()[..n] }).to_string();
     let r = send(
         &client(),
         "POST",
@@ -443,32 +442,26 @@ async fn the_built_in_config_serves_digits_with_the_bundled_mlp() {
     )
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let want = Value::Array(v["mlp"].as_array().unwrap()[..5].to_vec());
+    let want = Value::Array(v[key].as_array().unwrap()[..n].to_vec());
     close(&floats(&r.json()["predictions"]), &floats(&want));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_config_serves_digits_with_the_bundled_mlp() {
+    // What `switchyard serve` runs without --config (on free ports here).
+    let app = start(switchyard::DEFAULT_CONFIG).await;
+    predict_first_digits(&app, 5, "mlp").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_wgpu_serves_the_same_answers_on_a_gpu_or_without_one() {
     // In CI the only Vulkan device is software (lavapipe), which serving does not take
     // for a GPU: the model falls back to the CPU with a log line, and answers the same.
-    let v = vectors();
     let app = start(
         "models:\n  digits:\n    variants:\n      - name: gpu\n        weight: 1\n        local:\n          model: builtin:digits_cnn\n          runtime: wgpu\n",
     )
     .await;
-    let body = json!({ "instances": v["inputs"].as_array().unwrap()[..8] }).to_string();
-    let r = send(
-        &client(),
-        "POST",
-        &format!("http://{}/v1/models/digits:predict", app.data_addr),
-        &[],
-        &body,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = predict_first_digits(&app, 8, "cnn").await;
     assert_eq!(r.header("x-switchyard-variant"), Some("gpu"));
-    close(
-        &floats(&r.json()["predictions"]),
-        &floats(&Value::Array(v["cnn"].as_array().unwrap()[..8].to_vec())),
-    );
 }
