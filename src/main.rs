@@ -44,7 +44,8 @@ enum Command {
     /// Load-test a prediction endpoint: closed loop (--concurrency) or open loop (--rate,
     /// coordinated-omission corrected), percentiles from an HDR histogram, a breakdown per
     /// variant (x-switchyard-variant) with server-timing phases, optional simulated
-    /// revenue posted as feedback. Exits 64 on bad arguments, 69 when the target refuses.
+    /// revenue posted as feedback. Exits 64 on bad arguments, 69 when the target refuses,
+    /// 71 when the file-descriptor limit is too low for the connections asked for.
     Load(switchyard_load::LoadArgs),
     /// Run the bandit against seeded simulated worlds (no network) and compare it with
     /// a fixed split, ε-greedy and Seldon-style truncated Thompson sampling.

@@ -301,3 +301,31 @@ async fn a_concurrency_sweep_is_one_table() {
     assert_eq!(r["sweep"].as_array().unwrap().len(), 2);
     assert_eq!(r["concurrency"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_the_fd_limit_allows_is_refused_with_what_to_do() {
+    let server = model_server(Duration::ZERO, |_, _| (200, ANSWER.into())).await;
+    let url = format!("{}/v1/models/m:predict", server.url());
+    let out = tokio::task::spawn_blocking(move || {
+        // `ulimit -n` lowers the hard limit too, so the generator cannot raise it back.
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 256 && exec {} load -c 2000 -n 10 {url}",
+                env!("CARGO_BIN_EXE_switchyard")
+            ))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(71), "{stderr}");
+    assert!(stderr.contains("file descriptors"), "{stderr}");
+    assert!(stderr.contains("--concurrency"), "{stderr}");
+    assert_eq!(
+        server.hits(),
+        0,
+        "nothing is sent when the run cannot be done"
+    );
+}

@@ -4,7 +4,8 @@
 //! 2. **admit**: known model? body within its limit (by `content-length` now, by counting
 //!    while streaming otherwise)?
 //! 3. **choose**: the model's [`Selector`](crate::selector::Selector) picks a variant,
-//!    sticky by header when configured. (Later: record the decision for feedback.)
+//!    sticky by header when configured, else a bandit's per-request pick; for models
+//!    with a bandit the choice is recorded for feedback.
 //! 4. **mirror**: for each shadow whose sampler takes the request, a tap on the body
 //!    hands the (shared) frames to the shadow's bounded queue once complete; another on
 //!    the answer passes it to the comparison. Neither ever makes the client wait.

@@ -218,11 +218,6 @@ impl ShadowSet {
         })
     }
 
-    /// True when the model has no shadows.
-    pub fn is_empty(&self) -> bool {
-        self.lanes.is_empty()
-    }
-
     /// The shadows that mirror the request with this id, as a bit mask (0: none).
     pub fn select(&self, request_id: &[u8]) -> u64 {
         let mut mask = 0;
