@@ -49,10 +49,15 @@ enum Event {
         cost: f64,
         delay: f64,
     },
-    /// A decision expired without feedback.
+    /// `count` decisions of one variant expired without feedback (counted per variant
+    /// at each expiry pass, not sent one by one: at tens of thousands of predictions a
+    /// second, an event each cost the router measurable throughput).
     Missing {
         variant: usize,
+        count: u64,
+        /// The reward each counts as (`missing_feedback: zero`), or none (`ignore`).
         reward: Option<f64>,
+        /// Cost of one prediction of the variant.
         cost: f64,
     },
 }
@@ -523,18 +528,24 @@ impl Bandits {
                             }
                             Event::Missing {
                                 variant,
+                                count,
                                 reward,
                                 cost,
                             } => {
                                 let v = &snap.variants[variant];
-                                snap.expired[variant] += 1;
-                                snap.cost[variant] += cost;
-                                m.expired.with_label_values(&[&name, v]).inc();
-                                m.cost.with_label_values(&[&name, v]).inc_by(cost.max(0.0));
+                                let total = cost * count as f64;
+                                snap.expired[variant] += count;
+                                snap.cost[variant] += total;
+                                m.expired.with_label_values(&[&name, v]).inc_by(count);
+                                m.cost.with_label_values(&[&name, v]).inc_by(total.max(0.0));
                                 if let Some(r) = reward {
-                                    bandit.observe(variant, r);
-                                    snap.rewards[variant] += 1;
-                                    m.rewards.with_label_values(&[&name, v]).inc();
+                                    // One observation each: decay by observations counts
+                                    // every one of them.
+                                    for _ in 0..count {
+                                        bandit.observe(variant, r);
+                                    }
+                                    snap.rewards[variant] += count;
+                                    m.rewards.with_label_values(&[&name, v]).inc_by(count);
                                 }
                             }
                         }
@@ -598,14 +609,19 @@ impl Bandits {
                 let mut last_write = Instant::now();
                 loop {
                     tick.tick().await;
+                    let mut counts: BTreeMap<(u16, u16), u64> = BTreeMap::new();
                     for d in router.decisions().expire(Instant::now()) {
-                        if let Some(e) = sink.entry(d.model) {
-                            let variant = usize::from(d.variant);
+                        *counts.entry((d.model, d.variant)).or_default() += 1;
+                    }
+                    for ((model, variant), count) in counts {
+                        if let Some(e) = sink.entry(model) {
+                            let variant = usize::from(variant);
                             let cost = e.costs.get(variant).copied().unwrap_or(0.0);
                             let reward = (e.missing == MissingFeedback::Zero)
                                 .then(|| e.objective.missing_reward(cost));
                             let _ = e.events.send(Event::Missing {
                                 variant,
+                                count,
                                 reward,
                                 cost,
                             });

@@ -7,9 +7,7 @@
 //! at their model's `feedback_ttl`. What a reward *means* is not the router's business:
 //! a [`FeedbackSink`] (the binary wires the bandit there) validates and takes it.
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -89,34 +87,27 @@ fn key(id: &[u8]) -> u128 {
     (u128::from(hi) << 64) | u128::from(stable_hash(&salted))
 }
 
-/// Keys are already uniformly random: fold them instead of hashing again.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 ^= (v as u64) ^ ((v >> 64) as u64);
-    }
+/// A decision under its request id's key.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: u128,
+    decision: Decision,
 }
 
-type Map = HashMap<u128, Decision, BuildHasherDefault<IdHasher>>;
-
 /// Decisions are recorded in time order and expire in (nearly) time order, so each shard
-/// keeps them in generations of this many milliseconds: inserts go to the newest map,
-/// and a generation whose every decision has expired is cleared whole. A single map
-/// swept with `retain` filled with tombstones under that churn and kept rehashing in
-/// place, which cost more than the rest of a prediction's bookkeeping (BENCHMARKS.md).
+/// keeps them in generations of this many milliseconds, each a plain vector: a
+/// prediction appends to the newest (sequential memory, no hashing), and a generation
+/// whose every decision has expired is cleared whole. The housekeeping sweep sorts
+/// generations by key once they are closed, so feedback finds its decision by binary
+/// search there and by a short scan of the open one. Hash maps cost the router more:
+/// one with `retain` filled with tombstones and kept rehashing, and one map per
+/// generation still paid a random cache miss per insert and regrew cleared maps
+/// (BENCHMARKS.md, bandit section).
 const GENERATION_MS: u64 = 250;
+
+/// Cleared vectors a shard keeps for reuse: expiry sweeps run about once a second and
+/// free about four generations at a time, all needed again within the next second.
+const SPARE_GENERATIONS: usize = 8;
 
 #[derive(Debug, Default)]
 struct Generation {
@@ -124,22 +115,38 @@ struct Generation {
     /// Earliest and latest expiry of the decisions in it.
     min_expiry_ms: u64,
     max_expiry_ms: u64,
-    map: Map,
+    /// In insertion order while open; by key (ties in insertion order) once `sorted`.
+    entries: Vec<Entry>,
+    sorted: bool,
+}
+
+impl Generation {
+    /// The latest decision recorded under `k` in this generation.
+    fn find(&mut self, k: u128) -> Option<&mut Decision> {
+        let i = if self.sorted {
+            // Stable sort: the last of equal keys is the latest.
+            let end = self.entries.partition_point(|e| e.key <= k);
+            (end > 0 && self.entries[end - 1].key == k).then(|| end - 1)?
+        } else {
+            self.entries.iter().rposition(|e| e.key == k)?
+        };
+        Some(&mut self.entries[i].decision)
+    }
 }
 
 #[derive(Debug, Default)]
 struct Shard {
-    /// Oldest first.
+    /// Oldest first; only the newest takes new decisions.
     gens: VecDeque<Generation>,
-    /// Cleared maps kept for reuse (their capacity is already grown).
-    spare: Vec<Map>,
+    /// Cleared vectors kept for reuse (their capacity is already grown).
+    spare: Vec<Vec<Entry>>,
     len: usize,
 }
 
 impl Shard {
-    fn find(&mut self, k: &u128) -> Option<&mut Decision> {
+    fn find(&mut self, k: u128) -> Option<&mut Decision> {
         // Newest first: a reused request id refers to its latest prediction.
-        self.gens.iter_mut().rev().find_map(|g| g.map.get_mut(k))
+        self.gens.iter_mut().rev().find_map(|g| g.find(k))
     }
 }
 
@@ -227,7 +234,7 @@ impl DecisionLog {
         };
         let k = key(id);
         let mut shard = self.shard(k);
-        if shard.len >= self.per_shard && shard.find(&k).is_none() {
+        if shard.len >= self.per_shard {
             return false;
         }
         let expiry = decision.at_ms + u64::from(decision.ttl_ms);
@@ -236,12 +243,13 @@ impl DecisionLog {
             .back()
             .is_none_or(|g| decision.at_ms >= g.start_ms + GENERATION_MS);
         if fresh {
-            let map = shard.spare.pop().unwrap_or_default();
+            let entries = shard.spare.pop().unwrap_or_default();
             shard.gens.push_back(Generation {
                 start_ms: decision.at_ms,
                 min_expiry_ms: expiry,
                 max_expiry_ms: expiry,
-                map,
+                entries,
+                sorted: false,
             });
         }
         let Some(g) = shard.gens.back_mut() else {
@@ -249,9 +257,8 @@ impl DecisionLog {
         };
         g.min_expiry_ms = g.min_expiry_ms.min(expiry);
         g.max_expiry_ms = g.max_expiry_ms.max(expiry);
-        if g.map.insert(k, decision).is_none() {
-            shard.len += 1;
-        }
+        g.entries.push(Entry { key: k, decision });
+        shard.len += 1;
         true
     }
 
@@ -267,7 +274,7 @@ impl DecisionLog {
         let now_ms = self.millis(now);
         let k = key(id);
         let mut shard = self.shard(k);
-        let Some(d) = shard.find(&k) else {
+        let Some(d) = shard.find(k) else {
             return Err(FeedbackError::Unknown);
         };
         if d.expired(now_ms) {
@@ -282,8 +289,9 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// Returns, once each, the decisions past their expiry that never got feedback, and
-    /// frees the generations whose decisions have all expired.
+    /// Returns, once each, the decisions past their expiry that never got feedback, frees
+    /// the generations whose decisions have all expired, and sorts the closed ones for
+    /// lookup. Run about once a second (less often makes feedback lookups scan longer).
     pub fn expire(&self, now: Instant) -> Vec<Decision> {
         let now_ms = self.millis(now);
         let mut missing = Vec::new();
@@ -294,7 +302,7 @@ impl DecisionLog {
                 if g.min_expiry_ms > now_ms {
                     continue;
                 }
-                for d in g.map.values_mut() {
+                for Entry { decision: d, .. } in g.entries.iter_mut() {
                     if d.expired(now_ms) && !d.rewarded {
                         missing.push(*d);
                         // Settled: an expired decision is refused feedback before its
@@ -311,11 +319,16 @@ impl DecisionLog {
                 let Some(mut g) = shard.gens.pop_front() else {
                     break;
                 };
-                shard.len -= g.map.len();
-                g.map.clear();
-                if shard.spare.len() < 2 {
-                    shard.spare.push(g.map);
+                shard.len -= g.entries.len();
+                g.entries.clear();
+                if shard.spare.len() < SPARE_GENERATIONS {
+                    shard.spare.push(g.entries);
                 }
+            }
+            let open = shard.gens.len().saturating_sub(1);
+            for g in shard.gens.iter_mut().take(open).filter(|g| !g.sorted) {
+                g.entries.sort_by_key(|e| e.key);
+                g.sorted = true;
             }
         }
         missing
@@ -533,6 +546,59 @@ mod tests {
         // Everything has expired by 3 s; the five claimed ones are not missing.
         assert!(log.expire(ms(3000)).is_empty());
         assert_eq!(log.len(), 0, "every generation is freed");
+    }
+
+    #[test]
+    fn feedback_finds_its_decision_in_open_and_sorted_generations() {
+        let log = DecisionLog::new(100_000);
+        let base = Instant::now();
+        let ms = |n: u64| base + Duration::from_millis(n);
+        // 2,000 decisions over two seconds (eight generations), the variant telling
+        // which is which; "again" is recorded twice, first as variant 7, then as 9.
+        for i in 0..2000u64 {
+            let id = format!("id-{i}");
+            let variant = (i % 5) as u16;
+            assert!(log.record(
+                ms(i),
+                id.as_bytes(),
+                0,
+                variant,
+                0.5,
+                Duration::from_secs(60)
+            ));
+            if i == 100 || i == 1500 {
+                let v = if i == 100 { 7 } else { 9 };
+                assert!(log.record(ms(i), b"again", 0, v, 0.5, Duration::from_secs(60)));
+            }
+        }
+        // Nothing has expired; the closed generations are sorted now.
+        assert!(log.expire(ms(2000)).is_empty());
+        let mut seen = Vec::new();
+        for i in (0..2000u64).rev() {
+            let id = format!("id-{i}");
+            log.claim(id.as_bytes(), ms(2000), |d, _| {
+                seen.push((i, d.variant));
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(seen.len(), 2000);
+        assert!(seen.iter().all(|(i, v)| u64::from(*v) == i % 5));
+        let mut again = None;
+        log.claim(b"again", ms(2000), |d, _| {
+            again = Some(d.variant);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            again,
+            Some(9),
+            "a reused id refers to its latest prediction"
+        );
+        assert_eq!(
+            log.claim(b"id-5", ms(2000), |_, _| Ok(())),
+            Err(FeedbackError::Duplicate)
+        );
     }
 
     #[test]
