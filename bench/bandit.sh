@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Bandit benchmark.
 #   Part 1: regret at 100,000 decisions in each standard world, bandit vs baselines
-#           (`switchyard simulate --requests 100000 --seeds 5`, mean of 5 seeded runs).
+#           (`switchyard simulate --requests 100000 --seeds 100`, mean of 100 seeded
+#           runs: single runs vary by a factor of ten, five seeds were not enough).
 #   Part 2: the router's throughput with a bandit on (every prediction recorded for
 #           feedback, weights republished every second), in both modes (published
 #           weights; a Thompson draw per request), vs the same 3-variant split without
 #           one: nginx origin on CPU 0 with wrk, Switchyard (worker_threads: 1) on CPU 1,
 #           wrk 32 connections, rounds in rotating order, median of per-round
 #           ratios. Target: <= 5% lower.
-# Env: ROUNDS (9), SECONDS_EACH (3), SKIP_REGRET=1 runs part 2 only.
+# Env: SEEDS (100), ROUNDS (9), SECONDS_EACH (3), SKIP_REGRET=1 runs part 2 only.
 # Needs: nginx, wrk (Debian). Loopback only.
 set -euo pipefail
 ulimit -n 65536 2>/dev/null || true
@@ -19,8 +20,8 @@ cargo build --release --quiet
 BIN=$PWD/target/release/switchyard
 
 if [ "${SKIP_REGRET:-0}" != 1 ]; then
-  echo "## Regret at 100,000 decisions (mean of 5 seeds)"
-  "$BIN" simulate --requests 100000 --seeds 5
+  echo "## Regret at 100,000 decisions (mean of ${SEEDS:-100} seeds)"
+  "$BIN" simulate --requests 100000 --seeds "${SEEDS:-100}"
 fi
 
 WORK=$(mktemp -d /tmp/switchyard-bandit-bench.XXXXXX)
