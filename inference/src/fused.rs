@@ -133,6 +133,8 @@ pub struct FusedPlan {
 pub struct FusedState {
     buffers: Vec<Vec<f32>>,
     cols: Vec<f32>,
+    /// Zero-padded input of a direct convolution.
+    padded: Vec<f32>,
 }
 
 /// A constant from the graph: its dims, and its data as floats or as integers.
@@ -633,6 +635,56 @@ fn matmul(a: &[f32], rows: usize, k: usize, b: &[f32], m: usize, c: &mut [f32]) 
     general_mat_mul(1.0, &a, &b, 0.0, &mut c);
 }
 
+/// Convolution as im2col plus one sgemm over the whole batch, with bias and the fused
+/// `Relu`: the portable path, and the one for shapes `direct` does not take.
+pub(crate) fn conv_im2col(
+    cv: &Conv,
+    inp: &[f32],
+    rows: usize,
+    cols: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let k = cv.kh * cv.kw * cv.c;
+    let positions = rows * cv.oh * cv.ow;
+    cols.resize(positions * k, 0.0);
+    cols.truncate(positions * k);
+    let (c, h, w) = (cv.c, cv.h, cv.w);
+    // Every element of `cols` is written (zeros where the window hangs over the
+    // padding), and channels are copied with a plain loop: the runs are 1 to a few
+    // dozen floats, too short for memcpy calls to pay.
+    for n in 0..rows {
+        for oy in 0..cv.oh {
+            for ox in 0..cv.ow {
+                let row = ((n * cv.oh + oy) * cv.ow + ox) * k;
+                for ky in 0..cv.kh {
+                    let iy = (oy * cv.stride + ky) as isize - cv.pad_top as isize;
+                    for kx in 0..cv.kw {
+                        let ix = (ox * cv.stride + kx) as isize - cv.pad_left as isize;
+                        let to = &mut cols[row + (ky * cv.kw + kx) * c..][..c];
+                        if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                            to.fill(0.0);
+                        } else {
+                            let from = ((n * h + iy as usize) * w + ix as usize) * c;
+                            for (t, f) in to.iter_mut().zip(&inp[from..from + c]) {
+                                *t = *f;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    matmul(cols, positions, k, &cv.weights, cv.m, out);
+    for px in out.chunks_exact_mut(cv.m) {
+        for (v, b) in px.iter_mut().zip(&cv.bias) {
+            *v += b;
+            if cv.relu && *v < 0.0 {
+                *v = 0.0;
+            }
+        }
+    }
+}
+
 fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
     match step {
         Step::Affine { src, dst, mul, add } => {
@@ -671,49 +723,13 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             state.buffers[*dst] = out;
         }
         Step::Conv(cv) => {
-            let k = cv.kh * cv.kw * cv.c;
-            let positions = rows * cv.oh * cv.ow;
-            let mut cols = std::mem::take(&mut state.cols);
-            cols.resize(positions * k, 0.0);
-            cols.truncate(positions * k);
+            let mut out = output_buffer(state, cv.dst, rows * cv.oh * cv.ow * cv.m);
             let inp = &state.buffers[cv.src];
-            let (c, h, w) = (cv.c, cv.h, cv.w);
-            // Every element of `cols` is written (zeros where the window hangs over the
-            // padding), and channels are copied with a plain loop: the runs are 1 to a
-            // few dozen floats, too short for memcpy calls to pay.
-            for n in 0..rows {
-                for oy in 0..cv.oh {
-                    for ox in 0..cv.ow {
-                        let row = ((n * cv.oh + oy) * cv.ow + ox) * k;
-                        for ky in 0..cv.kh {
-                            let iy = (oy * cv.stride + ky) as isize - cv.pad_top as isize;
-                            for kx in 0..cv.kw {
-                                let ix = (ox * cv.stride + kx) as isize - cv.pad_left as isize;
-                                let to = &mut cols[row + (ky * cv.kw + kx) * c..][..c];
-                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                                    to.fill(0.0);
-                                } else {
-                                    let from = ((n * h + iy as usize) * w + ix as usize) * c;
-                                    for (t, f) in to.iter_mut().zip(&inp[from..from + c]) {
-                                        *t = *f;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+            if crate::direct::available() && crate::direct::supports(cv) {
+                crate::direct::conv(cv, inp, rows, &mut state.padded, &mut out);
+            } else {
+                conv_im2col(cv, inp, rows, &mut state.cols, &mut out);
             }
-            let mut out = output_buffer(state, cv.dst, positions * cv.m);
-            matmul(&cols, positions, k, &cv.weights, cv.m, &mut out);
-            for px in out.chunks_exact_mut(cv.m) {
-                for (v, b) in px.iter_mut().zip(&cv.bias) {
-                    *v += b;
-                    if cv.relu && *v < 0.0 {
-                        *v = 0.0;
-                    }
-                }
-            }
-            state.cols = cols;
             state.buffers[cv.dst] = out;
         }
         Step::MaxPool {
@@ -729,23 +745,15 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
         } => {
             let (c, h, w, k, s, oh, ow) = (*c, *h, *w, *k, *s, *oh, *ow);
             let mut out = output_buffer(state, *dst, rows * oh * ow * c);
-            let inp = &state.buffers[*src];
-            for n in 0..rows {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let o = ((n * oh + oy) * ow + ox) * c;
-                        out[o..o + c].fill(f32::NEG_INFINITY);
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let i = ((n * h + oy * s + ky) * w + ox * s + kx) * c;
-                                for cc in 0..c {
-                                    out[o + cc] = out[o + cc].max(inp[i + cc]);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            crate::direct::maxpool(
+                &state.buffers[*src],
+                &mut out,
+                rows,
+                (c, h, w),
+                k,
+                s,
+                (oh, ow),
+            );
             state.buffers[*dst] = out;
         }
         Step::Gemm {

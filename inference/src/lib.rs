@@ -6,6 +6,8 @@
 //!   threads) and runs what the fused kernels cannot.
 //! - [`fused`]: fused CPU kernels (im2col convolution, matrix products, pooling,
 //!   softmax) for graphs made only of the operators they cover.
+//! - `direct`: direct convolution and max-pooling over channels-last images for
+//!   AVX2 + FMA CPUs (chosen at run time), used by `fused`.
 //! - `gpu` (feature `gpu`): the fused plan's steps as WGSL compute kernels on wgpu
 //!   (Vulkan), weights uploaded once, buffers reused; explicit adapter choice.
 //! - [`batcher`]: dynamic batching with TF Serving's knobs (`max_batch_size`,
@@ -13,11 +15,13 @@
 //!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
 //! - [`builtin`]: the bundled digit classifiers, compiled into the binary.
 //! - [`error`]: the crate's error type, [`InferenceError`].
-#![forbid(unsafe_code)]
+// `unsafe` appears only where `direct` calls its AVX2 kernels after checking the CPU.
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod batcher;
 pub mod builtin;
+mod direct;
 pub mod error;
 pub mod fused;
 #[cfg(feature = "gpu")]

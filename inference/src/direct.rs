@@ -1,0 +1,388 @@
+//! Direct convolution and max-pooling over channels-last images, compiled for AVX2 + FMA
+//! and chosen at run time when the CPU has them (it then replaces im2col + sgemm).
+//!
+//! Why: the bundled CNN's convolutions have few output channels (8 and 16) and short
+//! reductions (9 and 72), so im2col's copy (a 72-float row per output pixel), sgemm's
+//! packing and a scalar max-pool cost more than the arithmetic (BENCHMARKS.md, inference
+//! section). Here each output pixel's channels live in vector registers: for every
+//! (ky, kx, c) of the window, one input value is broadcast and multiplied into a row of
+//! weights, for a block of `P` neighbouring pixels at once so the weight row is loaded
+//! once per block. The input is first copied into a zero-padded scratch image, so the
+//! kernel has no border cases.
+//!
+//! The kernels use `std::arch` AVX2/FMA intrinsics in `#[target_feature]` functions,
+//! entered only after a run-time check, so the binary still runs on any x86-64 (and
+//! elsewhere), where the fused plan keeps im2col + sgemm. (Plain Rust over `[f32; 8]`
+//! arrays was tried first: LLVM kept the accumulators on the stack and emitted scalar
+//! FMAs, 1.7× slower than im2col + sgemm.)
+
+use crate::fused::Conv;
+
+/// Lanes per vector register (AVX2, f32).
+const L: usize = 8;
+
+/// Whether [`conv`] and [`maxpool`] will run here: an x86-64 CPU with AVX2 and FMA.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`conv`] takes this convolution (output channels a multiple of 8, up to 32).
+pub(crate) fn supports(cv: &Conv) -> bool {
+    cv.m % L == 0 && (1..=4).contains(&(cv.m / L))
+}
+
+/// The padded scratch image's height and width for `cv`.
+fn padded_dims(cv: &Conv) -> (usize, usize) {
+    let hp = ((cv.oh - 1) * cv.stride + cv.kh).max(cv.h + cv.pad_top);
+    let wp = ((cv.ow - 1) * cv.stride + cv.kw).max(cv.w + cv.pad_left);
+    (hp, wp)
+}
+
+/// Copies `rows` NHWC images into `padded` with the convolution's zero borders; every
+/// element is written once.
+fn pad(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>) {
+    let (c, h, w) = (cv.c, cv.h, cv.w);
+    let (hp, wp) = padded_dims(cv);
+    padded.clear();
+    padded.reserve(rows * hp * wp * c);
+    let (left, right) = (cv.pad_left * c, (wp - w - cv.pad_left) * c);
+    for n in 0..rows {
+        padded.resize(padded.len() + cv.pad_top * wp * c, 0.0);
+        for y in 0..h {
+            padded.resize(padded.len() + left, 0.0);
+            let from = (n * h + y) * w * c;
+            padded.extend_from_slice(&inp[from..from + w * c]);
+            padded.resize(padded.len() + right, 0.0);
+        }
+        padded.resize(padded.len() + (hp - h - cv.pad_top) * wp * c, 0.0);
+    }
+}
+
+/// Runs `cv` over `rows` images in `inp` (NHWC) into `out` (`rows·oh·ow·m`), with bias
+/// and the fused `Relu`. Only when [`available`] and [`supports`] say so.
+pub(crate) fn conv(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>, out: &mut [f32]) {
+    assert!(
+        available() && supports(cv),
+        "direct::conv without AVX2 or support"
+    );
+    pad(cv, inp, rows, padded);
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: a `#[target_feature]` function only requires that the CPU has the
+    // features, which `available()` has just checked.
+    unsafe {
+        avx2::conv(cv, padded, rows, out)
+    };
+}
+
+/// The kernels proper. Every function here is compiled for AVX2 + FMA and may only be
+/// reached through the checks above; among themselves they call each other safely.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+
+    use super::{padded_dims, L};
+    use crate::fused::Conv;
+
+    #[target_feature(enable = "avx2,fma")]
+    fn load(v: &[f32]) -> __m256 {
+        let v: &[f32; L] = v[..L].try_into().expect("eight lanes");
+        #[allow(unsafe_code)]
+        // SAFETY: `v` is eight initialised floats; the load has no alignment rule.
+        unsafe {
+            _mm256_loadu_ps(v.as_ptr())
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn store(v: &mut [f32], x: __m256) {
+        let v: &mut [f32; L] = (&mut v[..L]).try_into().expect("eight lanes");
+        #[allow(unsafe_code)]
+        // SAFETY: `v` is eight writable floats; the store has no alignment rule.
+        unsafe {
+            _mm256_storeu_ps(v.as_mut_ptr(), x)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn conv(cv: &Conv, padded: &[f32], rows: usize, out: &mut [f32]) {
+        match cv.m / L {
+            1 => blocked::<1, 6>(cv, padded, rows, out),
+            2 => blocked::<2, 4>(cv, padded, rows, out),
+            3 => blocked::<3, 3>(cv, padded, rows, out),
+            _ => blocked::<4, 2>(cv, padded, rows, out),
+        }
+    }
+
+    /// `MB` vectors of output channels per pixel, `P` pixels per block: `MB·P`
+    /// accumulators stay in registers (at most 12 of AVX2's 16).
+    #[target_feature(enable = "avx2,fma")]
+    fn blocked<const MB: usize, const P: usize>(
+        cv: &Conv,
+        padded: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        let (c, s, m) = (cv.c, cv.stride, cv.m);
+        let (hp, wp) = padded_dims(cv);
+        let zero = _mm256_setzero_ps();
+        let mut bias = [zero; MB];
+        for (i, b) in bias.iter_mut().enumerate() {
+            *b = load(&cv.bias[i * L..]);
+        }
+        // Weight rows in registers' shape: row (ky·kw + kx)·c + ci, M output channels.
+        let mut weights: Vec<[__m256; MB]> = Vec::with_capacity(cv.weights.len() / m);
+        for row in cv.weights.chunks_exact(m) {
+            let mut w = [zero; MB];
+            for (i, v) in w.iter_mut().enumerate() {
+                *v = load(&row[i * L..]);
+            }
+            weights.push(w);
+        }
+        let mut pixels = out.chunks_exact_mut(m);
+        for n in 0..rows {
+            for oy in 0..cv.oh {
+                let mut ox = 0;
+                while ox < cv.ow {
+                    let here = P.min(cv.ow - ox);
+                    let mut acc = [bias; P];
+                    for ky in 0..cv.kh {
+                        let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
+                        for kx in 0..cv.kw {
+                            let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
+                            let at = line + kx * c;
+                            // The block's window, bounds-checked once.
+                            let span = &padded[at..at + (here - 1) * s * c + c];
+                            for (ci, w) in wrow.iter().enumerate() {
+                                for (p, a) in acc.iter_mut().enumerate().take(here) {
+                                    let x = _mm256_set1_ps(span[p * s * c + ci]);
+                                    for (a, w) in a.iter_mut().zip(w) {
+                                        *a = _mm256_fmadd_ps(x, *w, *a);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for a in acc.iter().take(here) {
+                        let Some(px) = pixels.next() else { return };
+                        for (i, v) in a.iter().enumerate() {
+                            let v = if cv.relu { _mm256_max_ps(*v, zero) } else { *v };
+                            store(&mut px[i * L..], v);
+                        }
+                    }
+                    ox += here;
+                }
+            }
+        }
+    }
+
+    /// Max-pooling with channels a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn maxpool(
+        inp: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        (c, h, w): (usize, usize, usize),
+        k: usize,
+        s: usize,
+        (oh, ow): (usize, usize),
+    ) {
+        let mut pixels = out.chunks_exact_mut(c);
+        for n in 0..rows {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let Some(o) = pixels.next() else { return };
+                    for lane in (0..c).step_by(L) {
+                        let first = ((n * h + oy * s) * w + ox * s) * c + lane;
+                        let mut best = load(&inp[first..]);
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let i = ((n * h + oy * s + ky) * w + ox * s + kx) * c + lane;
+                                best = _mm256_max_ps(load(&inp[i..]), best);
+                            }
+                        }
+                        store(&mut o[lane..], best);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Max-pooling (`k`×`k` window, stride `s`, no padding) over `rows` NHWC images, on
+/// any CPU; with AVX2 and channels a multiple of 8, eight channels per instruction.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn maxpool(
+    inp: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    (c, h, w): (usize, usize, usize),
+    k: usize,
+    s: usize,
+    (oh, ow): (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if c % L == 0 && available() {
+        #[allow(unsafe_code)]
+        // SAFETY: as in `conv`: the features were checked at run time.
+        unsafe {
+            avx2::maxpool(inp, out, rows, (c, h, w), k, s, (oh, ow))
+        };
+        return;
+    }
+    maxpool_lanes(inp, out, rows, (c, h, w), k, s, (oh, ow));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn maxpool_lanes(
+    inp: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    (c, h, w): (usize, usize, usize),
+    k: usize,
+    s: usize,
+    (oh, ow): (usize, usize),
+) {
+    let mut pixels = out.chunks_exact_mut(c);
+    for n in 0..rows {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let Some(o) = pixels.next() else { return };
+                let first = ((n * h + oy * s) * w + ox * s) * c;
+                o.copy_from_slice(&inp[first..first + c]);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let i = ((n * h + oy * s + ky) * w + ox * s + kx) * c;
+                        // `>` rather than `f32::max` (whose NaN rule costs extra
+                        // instructions per lane): one vector max. A NaN input is
+                        // skipped either way, unless it is the window's first value.
+                        for (o, x) in o.iter_mut().zip(&inp[i..i + c]) {
+                            *o = if *x > *o { *x } else { *o };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fused::conv_im2col;
+
+    /// Deterministic numbers in [-1, 1) (xorshift), so failures reproduce.
+    fn numbers(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        c: usize,
+        h: usize,
+        w: usize,
+        m: usize,
+        k: usize,
+        stride: usize,
+        pad: (usize, usize, usize, usize),
+        relu: bool,
+    ) -> Conv {
+        let (pt, pl, pb, pr) = pad;
+        Conv {
+            src: 0,
+            dst: 1,
+            c,
+            h,
+            w,
+            m,
+            kh: k,
+            kw: k,
+            stride,
+            pad_top: pt,
+            pad_left: pl,
+            oh: (h + pt + pb - k) / stride + 1,
+            ow: (w + pl + pr - k) / stride + 1,
+            weights: numbers(k * k * c * m, 7 + m as u64),
+            bias: numbers(m, 11),
+            relu,
+        }
+    }
+
+    #[test]
+    fn direct_convolution_matches_im2col_and_sgemm() {
+        if !available() {
+            eprintln!("no AVX2 + FMA on this CPU: the direct kernels are not used here");
+            return;
+        }
+        // The bundled CNN's two shapes, then strides, uneven padding, widths that leave
+        // partial pixel blocks, and every supported channel count.
+        let cases = [
+            conv(1, 8, 8, 8, 3, 1, (1, 1, 1, 1), true),
+            conv(8, 8, 8, 16, 3, 1, (1, 1, 1, 1), true),
+            conv(3, 11, 7, 24, 3, 2, (0, 1, 2, 0), false),
+            conv(5, 9, 13, 32, 5, 1, (2, 2, 2, 2), true),
+            conv(2, 6, 5, 8, 1, 1, (0, 0, 0, 0), false),
+            conv(4, 7, 9, 16, 2, 3, (1, 0, 0, 1), true),
+        ];
+        for (i, cv) in cases.iter().enumerate() {
+            assert!(supports(cv));
+            let rows = 3;
+            let inp = numbers(rows * cv.h * cv.w * cv.c, 100 + i as u64);
+            let len = rows * cv.oh * cv.ow * cv.m;
+            let (mut ours, mut reference) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            super::conv(cv, &inp, rows, &mut Vec::new(), &mut ours);
+            conv_im2col(cv, &inp, rows, &mut Vec::new(), &mut reference);
+            for (j, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                // Same products, summed in another order: a few float roundings apart.
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "case {i}, element {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vector_max_pooling_matches_the_portable_loop() {
+        for (c, h, w, k, s) in [
+            (16, 8, 8, 2, 2),
+            (8, 7, 9, 3, 2),
+            (5, 6, 6, 2, 2),
+            (24, 5, 5, 2, 1),
+        ] {
+            let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
+            let rows = 2;
+            let inp = numbers(rows * h * w * c, (c * h) as u64);
+            let len = rows * oh * ow * c;
+            let (mut ours, mut reference) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            maxpool(&inp, &mut ours, rows, (c, h, w), k, s, (oh, ow));
+            maxpool_lanes(&inp, &mut reference, rows, (c, h, w), k, s, (oh, ow));
+            assert_eq!(ours, reference, "c {c}, {h}×{w}, k {k}, s {s}");
+            // And against the definition, for one output.
+            let want = (0..k)
+                .flat_map(|ky| (0..k).map(move |kx| (ky * w + kx) * c))
+                .map(|i| inp[i])
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(ours[0], want);
+        }
+    }
+}
