@@ -35,7 +35,7 @@ pub(crate) fn available() -> bool {
 
 /// Whether [`conv`] takes this convolution (output channels a multiple of 8, up to 32).
 pub(crate) fn supports(cv: &Conv) -> bool {
-    cv.m % L == 0 && (1..=4).contains(&(cv.m / L))
+    cv.m.is_multiple_of(L) && (1..=4).contains(&(cv.m / L))
 }
 
 /// The padded scratch image's height and width for `cv`.
@@ -82,13 +82,82 @@ pub(crate) fn conv(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>, o
     };
 }
 
+/// `weights` (`[k, m]`, row-major) with each row padded with zeros to a multiple of 8
+/// columns, the layout [`dense`] reads (built once, when the plan is).
+pub(crate) fn pad_columns(weights: &[f32], m: usize) -> Vec<f32> {
+    let mp = m.div_ceil(L) * L;
+    let mut out = Vec::with_capacity(weights.len() / m.max(1) * mp);
+    for row in weights.chunks_exact(m.max(1)) {
+        out.extend_from_slice(row);
+        out.resize(out.len() + mp - m, 0.0);
+    }
+    out
+}
+
+/// A dense layer, `out[rows, m] = x[rows, k] · W + bias`, then `Relu` if asked, reading
+/// `W` as [`pad_columns`] lays it out; no packing step (the weights of our layers stay
+/// in L1 between rows). Only when [`available`] says so.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    padded_weights: &[f32],
+    m: usize,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert!(available(), "direct::dense without AVX2");
+    assert_eq!(padded_weights.len(), k * m.div_ceil(L) * L);
+    assert!(x.len() >= rows * k && out.len() >= rows * m);
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: as in `conv`: the features were checked at run time.
+    unsafe {
+        avx2::dense(x, rows, k, padded_weights, m, bias, relu, out)
+    };
+}
+
+/// Softmax over each run of `n` numbers of `src`, written to `dst`: exponentials eight
+/// at a time with AVX2 (libm's `expf`, one at a time, was a tenth of the MLP's batch),
+/// else the portable loop.
+pub(crate) fn softmax(src: &[f32], dst: &mut [f32], n: usize) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        #[allow(unsafe_code)]
+        // SAFETY: as in `conv`: the features were checked at run time.
+        unsafe {
+            avx2::softmax(src, dst, n)
+        };
+        return;
+    }
+    softmax_portable(src, dst, n);
+}
+
+fn softmax_portable(src: &[f32], dst: &mut [f32], n: usize) {
+    for (r, out) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for (o, v) in out.iter_mut().zip(r) {
+            *o = (*v - max).exp();
+            sum += *o;
+        }
+        for o in out.iter_mut() {
+            *o /= sum;
+        }
+    }
+}
+
 /// The kernels proper. Every function here is compiled for AVX2 + FMA and may only be
 /// reached through the checks above; among themselves they call each other safely.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
+        __m256, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvttps_epi32,
+        _mm256_floor_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
     };
 
     use super::{padded_dims, L};
@@ -133,7 +202,7 @@ mod avx2 {
         rows: usize,
         out: &mut [f32],
     ) {
-        let (c, s, m) = (cv.c, cv.stride, cv.m);
+        let m = cv.m;
         let (hp, wp) = padded_dims(cv);
         let zero = _mm256_setzero_ps();
         let mut bias = [zero; MB];
@@ -149,39 +218,238 @@ mod avx2 {
             }
             weights.push(w);
         }
-        let mut pixels = out.chunks_exact_mut(m);
         for n in 0..rows {
             for oy in 0..cv.oh {
+                // Full blocks with P known at compile time (accumulators in registers),
+                // then the pixels left one by one.
                 let mut ox = 0;
-                while ox < cv.ow {
-                    let here = P.min(cv.ow - ox);
-                    let mut acc = [bias; P];
-                    for ky in 0..cv.kh {
-                        let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
-                        for kx in 0..cv.kw {
-                            let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
-                            let at = line + kx * c;
-                            // The block's window, bounds-checked once.
-                            let span = &padded[at..at + (here - 1) * s * c + c];
-                            for (ci, w) in wrow.iter().enumerate() {
-                                for (p, a) in acc.iter_mut().enumerate().take(here) {
-                                    let x = _mm256_set1_ps(span[p * s * c + ci]);
-                                    for (a, w) in a.iter_mut().zip(w) {
-                                        *a = _mm256_fmadd_ps(x, *w, *a);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    for a in acc.iter().take(here) {
-                        let Some(px) = pixels.next() else { return };
-                        for (i, v) in a.iter().enumerate() {
-                            let v = if cv.relu { _mm256_max_ps(*v, zero) } else { *v };
-                            store(&mut px[i * L..], v);
-                        }
-                    }
-                    ox += here;
+                while ox + P <= cv.ow {
+                    pixel_block::<MB, P>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                    ox += P;
                 }
+                while ox < cv.ow {
+                    pixel_block::<MB, 1>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                    ox += 1;
+                }
+            }
+        }
+    }
+
+    /// Output pixels `ox .. ox + P` of row `oy` of image `n`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn pixel_block<const MB: usize, const P: usize>(
+        cv: &Conv,
+        padded: &[f32],
+        (hp, wp): (usize, usize),
+        (n, oy, ox): (usize, usize, usize),
+        bias: &[__m256; MB],
+        weights: &[[__m256; MB]],
+        out: &mut [f32],
+    ) {
+        let (c, s, m) = (cv.c, cv.stride, cv.m);
+        let zero = _mm256_setzero_ps();
+        let mut acc = [*bias; P];
+        for ky in 0..cv.kh {
+            let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
+            for kx in 0..cv.kw {
+                let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
+                let at = line + kx * c;
+                // The block's window, bounds-checked once.
+                let span = &padded[at..at + (P - 1) * s * c + c];
+                for (ci, w) in wrow.iter().enumerate() {
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        let x = _mm256_set1_ps(span[p * s * c + ci]);
+                        for (a, w) in a.iter_mut().zip(w) {
+                            *a = _mm256_fmadd_ps(x, *w, *a);
+                        }
+                    }
+                }
+            }
+        }
+        let first = ((n * cv.oh + oy) * cv.ow + ox) * m;
+        for (p, a) in acc.iter().enumerate() {
+            let px = &mut out[first + p * m..first + (p + 1) * m];
+            for (i, v) in a.iter().enumerate() {
+                let v = if cv.relu { _mm256_max_ps(*v, zero) } else { *v };
+                store(&mut px[i * L..], v);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dense(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[f32],
+        m: usize,
+        bias: &[f32],
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        // Output columns in chunks of up to 32 (four registers), rows in blocks so that
+        // accumulators, a weight row and a broadcast fit AVX2's 16 registers (12
+        // accumulators spilled two of them to the stack).
+        let vectors = m.div_ceil(L);
+        let mut first = 0;
+        while first < vectors {
+            match vectors - first {
+                1 => dense_chunk::<1, 8>(x, rows, k, w, m, first, bias, relu, out),
+                2 => dense_chunk::<2, 5>(x, rows, k, w, m, first, bias, relu, out),
+                3 => dense_chunk::<3, 3>(x, rows, k, w, m, first, bias, relu, out),
+                _ => dense_chunk::<4, 2>(x, rows, k, w, m, first, bias, relu, out),
+            }
+            first += (vectors - first).min(4);
+        }
+    }
+
+    /// Columns `first·8 .. (first + MB)·8` (clipped to `m`) of every output row, `P` rows
+    /// at a time.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    fn dense_chunk<const MB: usize, const P: usize>(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[f32],
+        m: usize,
+        first: usize,
+        bias: &[f32],
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let zero = _mm256_setzero_ps();
+        let mut b = [zero; MB];
+        for (i, v) in b.iter_mut().enumerate() {
+            // The bias padded like the weights (an empty bias is zero).
+            let mut lanes = [0.0; L];
+            for (j, l) in lanes.iter_mut().enumerate() {
+                *l = bias.get((first + i) * L + j).copied().unwrap_or(0.0);
+            }
+            *v = load(&lanes);
+        }
+        let mut r = 0;
+        // Full blocks with P known at compile time keep the accumulators in registers
+        // (a run-time count spilled them to the stack); then the rows left, one by one.
+        while r + P <= rows {
+            dense_rows::<MB, P>(x, r, k, w, m, first, &b, relu, out);
+            r += P;
+        }
+        while r < rows {
+            dense_rows::<MB, 1>(x, r, k, w, m, first, &b, relu, out);
+            r += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn dense_rows<const MB: usize, const P: usize>(
+        x: &[f32],
+        r: usize,
+        k: usize,
+        w: &[f32],
+        m: usize,
+        first: usize,
+        b: &[__m256; MB],
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let mp = m.div_ceil(L) * L;
+        let zero = _mm256_setzero_ps();
+        let mut acc = [*b; P];
+        let xs = &x[r * k..(r + P) * k];
+        for kk in 0..k {
+            let row = &w[kk * mp + first * L..][..MB * L];
+            let mut wv = [zero; MB];
+            for (i, v) in wv.iter_mut().enumerate() {
+                *v = load(&row[i * L..]);
+            }
+            for (p, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_set1_ps(xs[p * k + kk]);
+                for (a, w) in a.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *w, *a);
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            let o = &mut out[(r + p) * m..(r + p + 1) * m];
+            for (i, v) in a.iter().enumerate() {
+                let v = if relu { _mm256_max_ps(*v, zero) } else { *v };
+                let col = (first + i) * L;
+                if col + L <= m {
+                    store(&mut o[col..], v);
+                } else {
+                    // The last, partial vector of a row (m not a multiple of 8).
+                    let mut lanes = [0.0; L];
+                    store(&mut lanes, v);
+                    o[col..].copy_from_slice(&lanes[..m - col]);
+                }
+            }
+        }
+    }
+
+    /// e^x for x ≤ 0 (softmax's inputs less their maximum), Cephes' `expf` scheme:
+    /// x = k·ln 2 + r, e^r by a degree-5 polynomial, 2^k into the exponent bits. About
+    /// 1 ulp; below −87.3 the result is 0 (the true value is under 1e-37).
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_nonpositive(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let k = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        // r = x − k·ln 2, with ln 2 split in two for precision.
+        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693_359_4), x);
+        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let e_r = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(k),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(e_r, _mm256_castsi256_ps(bits))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax(src: &[f32], dst: &mut [f32], n: usize) {
+        // Each number less its row's maximum, then the exponentials over the whole
+        // batch as one contiguous run (row by row, with short rows padded into a
+        // vector, the stores and reloads stalled and it was slower than libm).
+        for (r, out) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (o, v) in out.iter_mut().zip(r) {
+                *o = v - max;
+            }
+        }
+        let mut chunks = dst.chunks_exact_mut(L);
+        for c in &mut chunks {
+            let e = exp_nonpositive(load(c));
+            store(c, e);
+        }
+        for v in chunks.into_remainder() {
+            *v = v.exp();
+        }
+        for out in dst.chunks_exact_mut(n) {
+            let inv = 1.0 / out.iter().sum::<f32>();
+            for o in out.iter_mut() {
+                *o *= inv;
             }
         }
     }
@@ -233,7 +501,7 @@ pub(crate) fn maxpool(
     (oh, ow): (usize, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if c % L == 0 && available() {
+    if c.is_multiple_of(L) && available() {
         #[allow(unsafe_code)]
         // SAFETY: as in `conv`: the features were checked at run time.
         unsafe {
@@ -357,6 +625,77 @@ mod tests {
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "case {i}, element {j}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_layers_match_sgemm() {
+        if !available() {
+            eprintln!("no AVX2 + FMA on this CPU: the direct kernels are not used here");
+            return;
+        }
+        // Column counts that fill 1–4 registers, leave a partial one (10, 61) or take
+        // more than one chunk of four (40, 64, 72); row counts that leave partial
+        // blocks; with and without bias and Relu.
+        for (i, &(rows, k, m, bias, relu)) in [
+            (64, 64, 64, true, true),
+            (64, 64, 10, true, false),
+            (7, 3, 8, false, true),
+            (13, 256, 10, true, false),
+            (5, 17, 40, true, true),
+            (9, 33, 61, false, false),
+            (1, 64, 72, true, true),
+            (3, 5, 24, true, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = numbers(rows * k, 1 + i as u64);
+            let w = numbers(k * m, 50 + i as u64);
+            let b = if bias {
+                numbers(m, 90 + i as u64)
+            } else {
+                Vec::new()
+            };
+            let mut ours = vec![f32::NAN; rows * m];
+            dense(&x, rows, k, &pad_columns(&w, m), m, &b, relu, &mut ours);
+            for r in 0..rows {
+                for j in 0..m {
+                    let mut want = b.get(j).copied().unwrap_or(0.0);
+                    for kk in 0..k {
+                        want += x[r * k + kk] * w[kk * m + j];
+                    }
+                    if relu {
+                        want = want.max(0.0);
+                    }
+                    let got = ours[r * m + j];
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt(),
+                        "case {i}, row {r}, column {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vector_softmax_matches_libm() {
+        // Rows of 10 (the models'), 3 and 17 (partial vectors across row boundaries),
+        // with spreads from tiny to past the exponential's underflow.
+        for (n, scale) in [(10, 1.0), (10, 30.0), (3, 5.0), (17, 200.0), (8, 0.01)] {
+            let src: Vec<f32> = numbers(n * 7, n as u64).iter().map(|v| v * scale).collect();
+            let (mut ours, mut reference) = (vec![0.0; src.len()], vec![0.0; src.len()]);
+            softmax(&src, &mut ours, n);
+            softmax_portable(&src, &mut reference, n);
+            for (j, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "n {n}, scale {scale}, element {j}: {a} vs {b}"
+                );
+            }
+            for row in ours.chunks_exact(n) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
             }
         }
     }

@@ -83,6 +83,8 @@ pub(crate) enum Step {
         k: usize,
         m: usize,
         weights: Vec<f32>,
+        /// `weights` with rows padded to a multiple of 8 columns, for `direct::dense`.
+        padded: Vec<f32>,
         bias: Vec<f32>,
         relu: bool,
     },
@@ -515,6 +517,7 @@ impl FusedPlan {
                         dst,
                         k,
                         m,
+                        padded: crate::direct::pad_columns(&weights, m),
                         weights,
                         bias,
                         relu: fuse_relu,
@@ -556,8 +559,10 @@ impl FusedPlan {
         let Layout::Flat(output_len) = layout else {
             return Err(Unsupported("an image-shaped output".into()));
         };
+        let mut steps = b.steps;
+        fold_affine_into_gemm(&mut steps, output);
         Ok(FusedPlan {
-            steps: b.steps,
+            steps,
             buffers: b.next,
             input_len,
             output,
@@ -576,6 +581,74 @@ impl FusedPlan {
         let out = std::mem::take(&mut state.buffers[self.output]);
         debug_assert_eq!(out.len(), rows * self.output_len);
         out
+    }
+}
+
+/// The buffer a step reads (every step reads one).
+fn source(step: &Step) -> usize {
+    match step {
+        Step::Affine { src, .. }
+        | Step::ToNhwc { src, .. }
+        | Step::ToFlat { src, .. }
+        | Step::MaxPool { src, .. }
+        | Step::Gemm { src, .. }
+        | Step::Relu { src, .. }
+        | Step::Softmax { src, .. } => *src,
+        Step::Conv(cv) => cv.src,
+    }
+}
+
+/// Folds a scalar `x·mul + add` (the models' pixel scaling) into the `Gemm` that alone
+/// reads it: `(x·mul + add)·W + b = x·(mul·W) + (b + add·Σₖ W)`, one pass over the
+/// batch fewer.
+fn fold_affine_into_gemm(steps: &mut Vec<Step>, output: usize) {
+    let mut i = 0;
+    while i < steps.len() {
+        let Step::Affine { src, dst, mul, add } = steps[i] else {
+            i += 1;
+            continue;
+        };
+        let readers: Vec<usize> = (0..steps.len())
+            .filter(|j| source(&steps[*j]) == dst)
+            .collect();
+        let foldable =
+            dst != output && readers.len() == 1 && matches!(steps[readers[0]], Step::Gemm { .. });
+        if !foldable {
+            i += 1;
+            continue;
+        }
+        if let Step::Gemm {
+            src: gemm_src,
+            m,
+            weights,
+            padded,
+            bias,
+            ..
+        } = &mut steps[readers[0]]
+        {
+            let m = *m;
+            if bias.is_empty() {
+                *bias = vec![0.0; m];
+            }
+            for row in weights.chunks_exact(m) {
+                for (b, w) in bias.iter_mut().zip(row) {
+                    *b += add * w;
+                }
+            }
+            for w in weights.iter_mut() {
+                // Flushed like the loader's weights: scaling tiny weights (the MLP's
+                // never-lit pixels) can make denormals, which cost Intel CPUs a
+                // microcode assist per multiply (this fold made the MLP 25% slower
+                // before it flushed).
+                *w *= mul;
+                if w.is_subnormal() {
+                    *w = 0.0;
+                }
+            }
+            *padded = crate::direct::pad_columns(weights, m);
+            *gemm_src = src;
+        }
+        steps.remove(i);
     }
 }
 
@@ -762,10 +835,25 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             k,
             m,
             weights,
+            padded,
             bias,
             relu,
         } => {
             let mut out = output_buffer(state, *dst, rows * m);
+            if crate::direct::available() {
+                crate::direct::dense(
+                    &state.buffers[*src],
+                    rows,
+                    *k,
+                    padded,
+                    *m,
+                    bias,
+                    *relu,
+                    &mut out,
+                );
+                state.buffers[*dst] = out;
+                return;
+            }
             matmul(&state.buffers[*src], rows, *k, weights, *m, &mut out);
             if !bias.is_empty() || *relu {
                 for r in out.chunks_exact_mut(*m) {
@@ -792,18 +880,7 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
         }
         Step::Softmax { src, dst, n } => {
             let mut out = output_buffer(state, *dst, state.buffers[*src].len());
-            out.copy_from_slice(&state.buffers[*src]);
-            for r in out.chunks_exact_mut(*n) {
-                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for v in r.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                for v in r.iter_mut() {
-                    *v /= sum;
-                }
-            }
+            crate::direct::softmax(&state.buffers[*src], &mut out, *n);
             state.buffers[*dst] = out;
         }
     }

@@ -440,6 +440,7 @@ impl GpuModel {
                     weights,
                     bias,
                     relu,
+                    ..
                 } => {
                     dims[..3].copy_from_slice(&[u(*k), u(*m), u32::from(*relu)]);
                     (
