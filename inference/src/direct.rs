@@ -1,36 +1,66 @@
-//! Direct convolution and max-pooling over channels-last images, compiled for AVX2 + FMA
-//! and chosen at run time when the CPU has them (it then replaces im2col + sgemm).
+//! Direct convolution, dense layers, max-pooling and softmax over channels-last data,
+//! compiled for AVX2 + FMA and for AVX-512 and chosen at run time by what the CPU has
+//! (they then replace im2col + sgemm, matrixmultiply's packing, and libm's `expf`).
 //!
-//! Why: the bundled CNN's convolutions have few output channels (8 and 16) and short
-//! reductions (9 and 72), so im2col's copy (a 72-float row per output pixel), sgemm's
-//! packing and a scalar max-pool cost more than the arithmetic (BENCHMARKS.md, inference
-//! section). Here each output pixel's channels live in vector registers: for every
-//! (ky, kx, c) of the window, one input value is broadcast and multiplied into a row of
-//! weights, for a block of `P` neighbouring pixels at once so the weight row is loaded
-//! once per block. The input is first copied into a zero-padded scratch image, so the
-//! kernel has no border cases.
+//! Why: the bundled models are small: convolutions with 8 and 16 output channels and
+//! reductions of 9 and 72, dense layers of 64 and 10. There im2col's copy (a 72-float
+//! row per output pixel), sgemm's packing and scalar pooling cost more than the
+//! arithmetic (BENCHMARKS.md, inference section). Here each output pixel's (or row's)
+//! channels live in vector registers: for every (ky, kx, c) of the window (every input
+//! column of a dense layer), one input value is broadcast and multiplied into a row of
+//! weights, for a block of `P` neighbouring pixels (rows) at once so the weight row is
+//! loaded once per block. A convolution's input is first copied into a zero-padded
+//! scratch image, so the kernel has no border cases.
 //!
-//! The kernels use `std::arch` AVX2/FMA intrinsics in `#[target_feature]` functions,
-//! entered only after a run-time check, so the binary still runs on any x86-64 (and
-//! elsewhere), where the fused plan keeps im2col + sgemm. (Plain Rust over `[f32; 8]`
-//! arrays was tried first: LLVM kept the accumulators on the stack and emitted scalar
-//! FMAs, 1.7× slower than im2col + sgemm.)
+//! The kernels use `std::arch` intrinsics in `#[target_feature]` functions, written once
+//! (`kernels!`) for both instruction sets and entered only after a run-time check, so
+//! the binary still runs on any x86-64 (and elsewhere), where the fused plan keeps
+//! im2col + sgemm. (Plain Rust over `[f32; 8]` arrays was tried first: LLVM kept the
+//! accumulators on the stack and emitted scalar FMAs, 1.7× slower than im2col + sgemm.)
 
 use crate::fused::Conv;
 
-/// Lanes per vector register (AVX2, f32).
+/// Floats per AVX2 register: the unit of the layouts here.
 const L: usize = 8;
 
-/// Whether [`conv`] and [`maxpool`] will run here: an x86-64 CPU with AVX2 and FMA.
-pub(crate) fn available() -> bool {
+/// An instruction set the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// AVX2 + FMA: 8 lanes.
+    Avx2,
+    /// AVX-512F: 16 lanes (and AVX2 + FMA for what has no AVX-512 version).
+    Avx512,
+}
+
+/// The instruction sets this CPU has, best last (empty off x86-64 or without AVX2).
+pub(crate) fn levels() -> Vec<Level> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        use std::arch::is_x86_feature_detected as has;
+        let mut out = Vec::new();
+        if has!("avx2") && has!("fma") {
+            out.push(Level::Avx2);
+            if has!("avx512f") {
+                out.push(Level::Avx512);
+            }
+        }
+        out
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Vec::new()
     }
+}
+
+/// Whether the kernels run here at all: an x86-64 CPU with AVX2 and FMA.
+pub(crate) fn available() -> bool {
+    best().is_some()
+}
+
+/// The best level, detected once.
+fn best() -> Option<Level> {
+    static BEST: std::sync::OnceLock<Option<Level>> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| levels().last().copied())
 }
 
 /// Whether [`conv`] takes this convolution (output channels a multiple of 8, up to 32).
@@ -66,26 +96,48 @@ fn pad(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>) {
 }
 
 /// Runs `cv` over `rows` images in `inp` (NHWC) into `out` (`rows·oh·ow·m`), with bias
-/// and the fused `Relu`. Only when [`available`] and [`supports`] say so.
+/// and the fused `Relu`, with the best kernels here. Only when [`available`] and
+/// [`supports`] say so.
 pub(crate) fn conv(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>, out: &mut [f32]) {
-    assert!(
-        available() && supports(cv),
-        "direct::conv without AVX2 or support"
-    );
+    let level = best().expect("direct::conv without AVX2");
+    conv_at(level, cv, inp, rows, padded, out);
+}
+
+/// [`conv`] with the kernels of `level`, which must be one of [`levels`]. AVX-512 takes
+/// output channels in multiples of 16; others fall to AVX2.
+pub(crate) fn conv_at(
+    level: Level,
+    cv: &Conv,
+    inp: &[f32],
+    rows: usize,
+    padded: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    assert!(levels().contains(&level) && supports(cv));
+    assert!(inp.len() >= rows * cv.h * cv.w * cv.c && out.len() >= rows * cv.oh * cv.ow * cv.m);
     pad(cv, inp, rows, padded);
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     // SAFETY: a `#[target_feature]` function only requires that the CPU has the
-    // features, which `available()` has just checked.
+    // features, which `levels()` has just confirmed.
     unsafe {
-        avx2::conv(cv, padded, rows, out)
+        if level == Level::Avx512 && cv.m.is_multiple_of(avx512::V) {
+            avx512::conv(cv, padded, rows, out)
+        } else {
+            avx2::conv(cv, padded, rows, out)
+        }
     };
+}
+
+/// Row length of [`pad_columns`]' layout: a multiple of 16 (one AVX-512 register).
+pub(crate) fn padded_width(m: usize) -> usize {
+    m.div_ceil(16) * 16
 }
 
 /// `weights` (`[k, m]`, row-major) with each row padded with zeros to a multiple of 8
 /// columns, the layout [`dense`] reads (built once, when the plan is).
 pub(crate) fn pad_columns(weights: &[f32], m: usize) -> Vec<f32> {
-    let mp = m.div_ceil(L) * L;
+    let mp = padded_width(m);
     let mut out = Vec::with_capacity(weights.len() / m.max(1) * mp);
     for row in weights.chunks_exact(m.max(1)) {
         out.extend_from_slice(row);
@@ -95,8 +147,8 @@ pub(crate) fn pad_columns(weights: &[f32], m: usize) -> Vec<f32> {
 }
 
 /// A dense layer, `out[rows, m] = x[rows, k] · W + bias`, then `Relu` if asked, reading
-/// `W` as [`pad_columns`] lays it out; no packing step (the weights of our layers stay
-/// in L1 between rows). Only when [`available`] says so.
+/// `W` as [`pad_columns`] lays it out, with the best kernels here; no packing step (the
+/// weights of our layers stay in L1 between rows). Only when [`available`] says so.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dense(
     x: &[f32],
@@ -108,14 +160,34 @@ pub(crate) fn dense(
     relu: bool,
     out: &mut [f32],
 ) {
-    assert!(available(), "direct::dense without AVX2");
-    assert_eq!(padded_weights.len(), k * m.div_ceil(L) * L);
+    let level = best().expect("direct::dense without AVX2");
+    dense_at(level, x, rows, k, padded_weights, m, bias, relu, out);
+}
+
+/// [`dense`] with the kernels of `level`, which must be one of [`levels`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_at(
+    level: Level,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    padded_weights: &[f32],
+    m: usize,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert!(levels().contains(&level));
+    assert_eq!(padded_weights.len(), k * padded_width(m));
     assert!(x.len() >= rows * k && out.len() >= rows * m);
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
-    // SAFETY: as in `conv`: the features were checked at run time.
+    // SAFETY: as in `conv_at`: the features were confirmed at run time.
     unsafe {
-        avx2::dense(x, rows, k, padded_weights, m, bias, relu, out)
+        match level {
+            Level::Avx512 => avx512::dense(x, rows, k, padded_weights, m, bias, relu, out),
+            Level::Avx2 => avx2::dense(x, rows, k, padded_weights, m, bias, relu, out),
+        }
     };
 }
 
@@ -150,247 +222,280 @@ fn softmax_portable(src: &[f32], dst: &mut [f32], n: usize) {
     }
 }
 
-/// The kernels proper. Every function here is compiled for AVX2 + FMA and may only be
-/// reached through the checks above; among themselves they call each other safely.
+/// The convolution and dense kernels, written once and compiled per instruction set:
+/// `$feature` is enabled on every function, so each module may only be entered after a
+/// run-time check of it (see [`Level`]); inside, the functions call each other safely.
+/// The pixel/row block sizes (`conv_p`, `dense_p`, for 1–4 vectors of output channels)
+/// keep the accumulators, one weight row and a broadcast within the register file (16
+/// registers for AVX2, 32 for AVX-512): a block that does not fit spills to the stack.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m256, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvttps_epi32,
-        _mm256_floor_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps,
-        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
-    };
-
-    use super::{padded_dims, L};
-    use crate::fused::Conv;
-
-    #[target_feature(enable = "avx2,fma")]
-    fn load(v: &[f32]) -> __m256 {
-        let v: &[f32; L] = v[..L].try_into().expect("eight lanes");
-        #[allow(unsafe_code)]
-        // SAFETY: `v` is eight initialised floats; the load has no alignment rule.
-        unsafe {
-            _mm256_loadu_ps(v.as_ptr())
+macro_rules! kernels {
+    (
+        $(#[$doc:meta])*
+        mod $name:ident {
+            feature: $feature:literal,
+            vector: $vec:ident, lanes: $lanes:literal,
+            load: $loadu:ident, store: $storeu:ident, set1: $set1:ident,
+            fmadd: $fmadd:ident, max: $max:ident, zero: $zero:ident,
+            conv_p: [$c1:literal, $c2:literal, $c3:literal, $c4:literal],
+            dense_p: [$d1:literal, $d2:literal, $d3:literal, $d4:literal],
         }
-    }
+        $($extra:item)*
+    ) => {
+        $(#[$doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    fn store(v: &mut [f32], x: __m256) {
-        let v: &mut [f32; L] = (&mut v[..L]).try_into().expect("eight lanes");
-        #[allow(unsafe_code)]
-        // SAFETY: `v` is eight writable floats; the store has no alignment rule.
-        unsafe {
-            _mm256_storeu_ps(v.as_mut_ptr(), x)
-        }
-    }
+            use super::padded_dims;
+            use crate::fused::Conv;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn conv(cv: &Conv, padded: &[f32], rows: usize, out: &mut [f32]) {
-        match cv.m / L {
-            1 => blocked::<1, 6>(cv, padded, rows, out),
-            2 => blocked::<2, 4>(cv, padded, rows, out),
-            3 => blocked::<3, 3>(cv, padded, rows, out),
-            _ => blocked::<4, 2>(cv, padded, rows, out),
-        }
-    }
+            /// Floats per register.
+            pub(super) const V: usize = $lanes;
 
-    /// `MB` vectors of output channels per pixel, `P` pixels per block: `MB·P`
-    /// accumulators stay in registers (at most 12 of AVX2's 16).
-    #[target_feature(enable = "avx2,fma")]
-    fn blocked<const MB: usize, const P: usize>(
-        cv: &Conv,
-        padded: &[f32],
-        rows: usize,
-        out: &mut [f32],
-    ) {
-        let m = cv.m;
-        let (hp, wp) = padded_dims(cv);
-        let zero = _mm256_setzero_ps();
-        let mut bias = [zero; MB];
-        for (i, b) in bias.iter_mut().enumerate() {
-            *b = load(&cv.bias[i * L..]);
-        }
-        // Weight rows in registers' shape: row (ky·kw + kx)·c + ci, M output channels.
-        let mut weights: Vec<[__m256; MB]> = Vec::with_capacity(cv.weights.len() / m);
-        for row in cv.weights.chunks_exact(m) {
-            let mut w = [zero; MB];
-            for (i, v) in w.iter_mut().enumerate() {
-                *v = load(&row[i * L..]);
-            }
-            weights.push(w);
-        }
-        for n in 0..rows {
-            for oy in 0..cv.oh {
-                // Full blocks with P known at compile time (accumulators in registers),
-                // then the pixels left one by one.
-                let mut ox = 0;
-                while ox + P <= cv.ow {
-                    pixel_block::<MB, P>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
-                    ox += P;
-                }
-                while ox < cv.ow {
-                    pixel_block::<MB, 1>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
-                    ox += 1;
+            #[target_feature(enable = $feature)]
+            pub(super) fn load(v: &[f32]) -> $vec {
+                let v: &[f32; V] = v[..V].try_into().expect("a register's worth");
+                #[allow(unsafe_code)]
+                // SAFETY: `v` is V initialised floats; the load has no alignment rule.
+                unsafe {
+                    $loadu(v.as_ptr())
                 }
             }
-        }
-    }
 
-    /// Output pixels `ox .. ox + P` of row `oy` of image `n`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn pixel_block<const MB: usize, const P: usize>(
-        cv: &Conv,
-        padded: &[f32],
-        (hp, wp): (usize, usize),
-        (n, oy, ox): (usize, usize, usize),
-        bias: &[__m256; MB],
-        weights: &[[__m256; MB]],
-        out: &mut [f32],
-    ) {
-        let (c, s, m) = (cv.c, cv.stride, cv.m);
-        let zero = _mm256_setzero_ps();
-        let mut acc = [*bias; P];
-        for ky in 0..cv.kh {
-            let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
-            for kx in 0..cv.kw {
-                let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
-                let at = line + kx * c;
-                // The block's window, bounds-checked once.
-                let span = &padded[at..at + (P - 1) * s * c + c];
-                for (ci, w) in wrow.iter().enumerate() {
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        let x = _mm256_set1_ps(span[p * s * c + ci]);
-                        for (a, w) in a.iter_mut().zip(w) {
-                            *a = _mm256_fmadd_ps(x, *w, *a);
+            #[target_feature(enable = $feature)]
+            pub(super) fn store(v: &mut [f32], x: $vec) {
+                let v: &mut [f32; V] = (&mut v[..V]).try_into().expect("a register's worth");
+                #[allow(unsafe_code)]
+                // SAFETY: `v` is V writable floats; the store has no alignment rule.
+                unsafe {
+                    $storeu(v.as_mut_ptr(), x)
+                }
+            }
+
+            /// Needs `cv.m` a multiple of V, at most 4·V.
+            #[target_feature(enable = $feature)]
+            pub(super) fn conv(cv: &Conv, padded: &[f32], rows: usize, out: &mut [f32]) {
+                match cv.m / V {
+                    1 => blocked::<1, $c1>(cv, padded, rows, out),
+                    2 => blocked::<2, $c2>(cv, padded, rows, out),
+                    3 => blocked::<3, $c3>(cv, padded, rows, out),
+                    _ => blocked::<4, $c4>(cv, padded, rows, out),
+                }
+            }
+
+            /// `MB` vectors of output channels per pixel, `P` pixels per block.
+            #[target_feature(enable = $feature)]
+            fn blocked<const MB: usize, const P: usize>(
+                cv: &Conv,
+                padded: &[f32],
+                rows: usize,
+                out: &mut [f32],
+            ) {
+                let m = cv.m;
+                let (hp, wp) = padded_dims(cv);
+                let zero = $zero();
+                let mut bias = [zero; MB];
+                for (i, b) in bias.iter_mut().enumerate() {
+                    *b = load(&cv.bias[i * V..]);
+                }
+                // Weight rows in registers' shape: row (ky·kw + kx)·c + ci, M channels.
+                let mut weights: Vec<[$vec; MB]> = Vec::with_capacity(cv.weights.len() / m);
+                for row in cv.weights.chunks_exact(m) {
+                    let mut w = [zero; MB];
+                    for (i, v) in w.iter_mut().enumerate() {
+                        *v = load(&row[i * V..]);
+                    }
+                    weights.push(w);
+                }
+                for n in 0..rows {
+                    for oy in 0..cv.oh {
+                        // Full blocks with P known at compile time (accumulators in
+                        // registers), then the pixels left one by one.
+                        let mut ox = 0;
+                        while ox + P <= cv.ow {
+                            pixel_block::<MB, P>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                            ox += P;
+                        }
+                        while ox < cv.ow {
+                            pixel_block::<MB, 1>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                            ox += 1;
                         }
                     }
                 }
             }
-        }
-        let first = ((n * cv.oh + oy) * cv.ow + ox) * m;
-        for (p, a) in acc.iter().enumerate() {
-            let px = &mut out[first + p * m..first + (p + 1) * m];
-            for (i, v) in a.iter().enumerate() {
-                let v = if cv.relu { _mm256_max_ps(*v, zero) } else { *v };
-                store(&mut px[i * L..], v);
-            }
-        }
-    }
 
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dense(
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        w: &[f32],
-        m: usize,
-        bias: &[f32],
-        relu: bool,
-        out: &mut [f32],
-    ) {
-        // Output columns in chunks of up to 32 (four registers), rows in blocks so that
-        // accumulators, a weight row and a broadcast fit AVX2's 16 registers (12
-        // accumulators spilled two of them to the stack).
-        let vectors = m.div_ceil(L);
-        let mut first = 0;
-        while first < vectors {
-            match vectors - first {
-                1 => dense_chunk::<1, 8>(x, rows, k, w, m, first, bias, relu, out),
-                2 => dense_chunk::<2, 5>(x, rows, k, w, m, first, bias, relu, out),
-                3 => dense_chunk::<3, 3>(x, rows, k, w, m, first, bias, relu, out),
-                _ => dense_chunk::<4, 2>(x, rows, k, w, m, first, bias, relu, out),
-            }
-            first += (vectors - first).min(4);
-        }
-    }
-
-    /// Columns `first·8 .. (first + MB)·8` (clipped to `m`) of every output row, `P` rows
-    /// at a time.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    fn dense_chunk<const MB: usize, const P: usize>(
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        w: &[f32],
-        m: usize,
-        first: usize,
-        bias: &[f32],
-        relu: bool,
-        out: &mut [f32],
-    ) {
-        let zero = _mm256_setzero_ps();
-        let mut b = [zero; MB];
-        for (i, v) in b.iter_mut().enumerate() {
-            // The bias padded like the weights (an empty bias is zero).
-            let mut lanes = [0.0; L];
-            for (j, l) in lanes.iter_mut().enumerate() {
-                *l = bias.get((first + i) * L + j).copied().unwrap_or(0.0);
-            }
-            *v = load(&lanes);
-        }
-        let mut r = 0;
-        // Full blocks with P known at compile time keep the accumulators in registers
-        // (a run-time count spilled them to the stack); then the rows left, one by one.
-        while r + P <= rows {
-            dense_rows::<MB, P>(x, r, k, w, m, first, &b, relu, out);
-            r += P;
-        }
-        while r < rows {
-            dense_rows::<MB, 1>(x, r, k, w, m, first, &b, relu, out);
-            r += 1;
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn dense_rows<const MB: usize, const P: usize>(
-        x: &[f32],
-        r: usize,
-        k: usize,
-        w: &[f32],
-        m: usize,
-        first: usize,
-        b: &[__m256; MB],
-        relu: bool,
-        out: &mut [f32],
-    ) {
-        let mp = m.div_ceil(L) * L;
-        let zero = _mm256_setzero_ps();
-        let mut acc = [*b; P];
-        let xs = &x[r * k..(r + P) * k];
-        for kk in 0..k {
-            let row = &w[kk * mp + first * L..][..MB * L];
-            let mut wv = [zero; MB];
-            for (i, v) in wv.iter_mut().enumerate() {
-                *v = load(&row[i * L..]);
-            }
-            for (p, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_set1_ps(xs[p * k + kk]);
-                for (a, w) in a.iter_mut().zip(&wv) {
-                    *a = _mm256_fmadd_ps(xv, *w, *a);
+            /// Output pixels `ox .. ox + P` of row `oy` of image `n`.
+            #[target_feature(enable = $feature)]
+            #[inline]
+            fn pixel_block<const MB: usize, const P: usize>(
+                cv: &Conv,
+                padded: &[f32],
+                (hp, wp): (usize, usize),
+                (n, oy, ox): (usize, usize, usize),
+                bias: &[$vec; MB],
+                weights: &[[$vec; MB]],
+                out: &mut [f32],
+            ) {
+                let (c, s, m) = (cv.c, cv.stride, cv.m);
+                let zero = $zero();
+                let mut acc = [*bias; P];
+                for ky in 0..cv.kh {
+                    let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
+                    for kx in 0..cv.kw {
+                        let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
+                        let at = line + kx * c;
+                        // The block's window, bounds-checked once.
+                        let span = &padded[at..at + (P - 1) * s * c + c];
+                        for (ci, w) in wrow.iter().enumerate() {
+                            for (p, a) in acc.iter_mut().enumerate() {
+                                let x = $set1(span[p * s * c + ci]);
+                                for (a, w) in a.iter_mut().zip(w) {
+                                    *a = $fmadd(x, *w, *a);
+                                }
+                            }
+                        }
+                    }
+                }
+                let first = ((n * cv.oh + oy) * cv.ow + ox) * m;
+                for (p, a) in acc.iter().enumerate() {
+                    let px = &mut out[first + p * m..first + (p + 1) * m];
+                    for (i, v) in a.iter().enumerate() {
+                        let v = if cv.relu { $max(*v, zero) } else { *v };
+                        store(&mut px[i * V..], v);
+                    }
                 }
             }
-        }
-        for (p, a) in acc.iter().enumerate() {
-            let o = &mut out[(r + p) * m..(r + p + 1) * m];
-            for (i, v) in a.iter().enumerate() {
-                let v = if relu { _mm256_max_ps(*v, zero) } else { *v };
-                let col = (first + i) * L;
-                if col + L <= m {
-                    store(&mut o[col..], v);
-                } else {
-                    // The last, partial vector of a row (m not a multiple of 8).
-                    let mut lanes = [0.0; L];
-                    store(&mut lanes, v);
-                    o[col..].copy_from_slice(&lanes[..m - col]);
+
+            /// `w` laid out by `pad_columns` (rows of `padded_width(m)` floats).
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feature)]
+            pub(super) fn dense(
+                x: &[f32],
+                rows: usize,
+                k: usize,
+                w: &[f32],
+                m: usize,
+                bias: &[f32],
+                relu: bool,
+                out: &mut [f32],
+            ) {
+                // Output columns in chunks of up to four registers.
+                let vectors = m.div_ceil(V);
+                let mut first = 0;
+                while first < vectors {
+                    match vectors - first {
+                        1 => dense_chunk::<1, $d1>(x, rows, k, w, m, first, bias, relu, out),
+                        2 => dense_chunk::<2, $d2>(x, rows, k, w, m, first, bias, relu, out),
+                        3 => dense_chunk::<3, $d3>(x, rows, k, w, m, first, bias, relu, out),
+                        _ => dense_chunk::<4, $d4>(x, rows, k, w, m, first, bias, relu, out),
+                    }
+                    first += (vectors - first).min(4);
                 }
             }
-        }
-    }
 
+            /// Columns `first·V .. (first + MB)·V` (clipped to `m`) of every output row,
+            /// `P` rows at a time.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feature)]
+            fn dense_chunk<const MB: usize, const P: usize>(
+                x: &[f32],
+                rows: usize,
+                k: usize,
+                w: &[f32],
+                m: usize,
+                first: usize,
+                bias: &[f32],
+                relu: bool,
+                out: &mut [f32],
+            ) {
+                let zero = $zero();
+                let mut b = [zero; MB];
+                for (i, v) in b.iter_mut().enumerate() {
+                    // The bias padded like the weights (an empty bias is zero).
+                    let mut lanes = [0.0; V];
+                    for (j, l) in lanes.iter_mut().enumerate() {
+                        *l = bias.get((first + i) * V + j).copied().unwrap_or(0.0);
+                    }
+                    *v = load(&lanes);
+                }
+                // Full blocks of P rows (accumulators in registers), then one by one.
+                let mut r = 0;
+                while r + P <= rows {
+                    dense_rows::<MB, P>(x, r, k, w, m, first, &b, relu, out);
+                    r += P;
+                }
+                while r < rows {
+                    dense_rows::<MB, 1>(x, r, k, w, m, first, &b, relu, out);
+                    r += 1;
+                }
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feature)]
+            #[inline]
+            fn dense_rows<const MB: usize, const P: usize>(
+                x: &[f32],
+                r: usize,
+                k: usize,
+                w: &[f32],
+                m: usize,
+                first: usize,
+                b: &[$vec; MB],
+                relu: bool,
+                out: &mut [f32],
+            ) {
+                let mp = super::padded_width(m);
+                let zero = $zero();
+                let mut acc = [*b; P];
+                let xs = &x[r * k..(r + P) * k];
+                for kk in 0..k {
+                    let row = &w[kk * mp + first * V..][..MB * V];
+                    let mut wv = [zero; MB];
+                    for (i, v) in wv.iter_mut().enumerate() {
+                        *v = load(&row[i * V..]);
+                    }
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        let xv = $set1(xs[p * k + kk]);
+                        for (a, w) in a.iter_mut().zip(&wv) {
+                            *a = $fmadd(xv, *w, *a);
+                        }
+                    }
+                }
+                for (p, a) in acc.iter().enumerate() {
+                    let o = &mut out[(r + p) * m..(r + p + 1) * m];
+                    for (i, v) in a.iter().enumerate() {
+                        let v = if relu { $max(*v, zero) } else { *v };
+                        let col = (first + i) * V;
+                        if col + V <= m {
+                            store(&mut o[col..], v);
+                        } else {
+                            // The last, partial vector of a row (m not a multiple of V).
+                            let mut lanes = [0.0; V];
+                            store(&mut lanes, v);
+                            o[col..].copy_from_slice(&lanes[..m - col]);
+                        }
+                    }
+                }
+            }
+
+            $($extra)*
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+kernels! {
+    /// AVX2 + FMA: 8 floats per register, 16 registers. Also softmax's `exp` and
+    /// max-pooling, which are memory-bound enough that AVX-512 would not pay.
+    mod avx2 {
+        feature: "avx2,fma",
+        vector: __m256, lanes: 8,
+        load: _mm256_loadu_ps, store: _mm256_storeu_ps, set1: _mm256_set1_ps,
+        fmadd: _mm256_fmadd_ps, max: _mm256_max_ps, zero: _mm256_setzero_ps,
+        conv_p: [8, 4, 3, 2],
+        dense_p: [8, 5, 3, 2],
+    }
     /// e^x for x ≤ 0 (softmax's inputs less their maximum), Cephes' `expf` scheme:
     /// x = k·ln 2 + r, e^r by a degree-5 polynomial, 2^k into the exponent bits. About
     /// 1 ulp; below −87.3 the result is 0 (the true value is under 1e-37).
@@ -438,7 +543,7 @@ mod avx2 {
                 *o = v - max;
             }
         }
-        let mut chunks = dst.chunks_exact_mut(L);
+        let mut chunks = dst.chunks_exact_mut(V);
         for c in &mut chunks {
             let e = exp_nonpositive(load(c));
             store(c, e);
@@ -471,7 +576,7 @@ mod avx2 {
             for oy in 0..oh {
                 for ox in 0..ow {
                     let Some(o) = pixels.next() else { return };
-                    for lane in (0..c).step_by(L) {
+                    for lane in (0..c).step_by(V) {
                         let first = ((n * h + oy * s) * w + ox * s) * c + lane;
                         let mut best = load(&inp[first..]);
                         for ky in 0..k {
@@ -485,6 +590,19 @@ mod avx2 {
                 }
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+kernels! {
+    /// AVX-512F: 16 floats per register, 32 registers.
+    mod avx512 {
+        feature: "avx512f",
+        vector: __m512, lanes: 16,
+        load: _mm512_loadu_ps, store: _mm512_storeu_ps, set1: _mm512_set1_ps,
+        fmadd: _mm512_fmadd_ps, max: _mm512_max_ps, zero: _mm512_setzero_ps,
+        conv_p: [8, 8, 6, 4],
+        dense_p: [12, 10, 7, 5],
     }
 }
 
@@ -597,7 +715,7 @@ mod tests {
 
     #[test]
     fn direct_convolution_matches_im2col_and_sgemm() {
-        if !available() {
+        if levels().is_empty() {
             eprintln!("no AVX2 + FMA on this CPU: the direct kernels are not used here");
             return;
         }
@@ -611,27 +729,30 @@ mod tests {
             conv(2, 6, 5, 8, 1, 1, (0, 0, 0, 0), false),
             conv(4, 7, 9, 16, 2, 3, (1, 0, 0, 1), true),
         ];
-        for (i, cv) in cases.iter().enumerate() {
-            assert!(supports(cv));
-            let rows = 3;
-            let inp = numbers(rows * cv.h * cv.w * cv.c, 100 + i as u64);
-            let len = rows * cv.oh * cv.ow * cv.m;
-            let (mut ours, mut reference) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-            super::conv(cv, &inp, rows, &mut Vec::new(), &mut ours);
-            conv_im2col(cv, &inp, rows, &mut Vec::new(), &mut reference);
-            for (j, (a, b)) in ours.iter().zip(&reference).enumerate() {
-                // Same products, summed in another order: a few float roundings apart.
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "case {i}, element {j}: {a} vs {b}"
-                );
+        // Every instruction set this CPU has (AVX-512 takes the multiples of 16).
+        for level in levels() {
+            for (i, cv) in cases.iter().enumerate() {
+                assert!(supports(cv));
+                let rows = 3;
+                let inp = numbers(rows * cv.h * cv.w * cv.c, 100 + i as u64);
+                let len = rows * cv.oh * cv.ow * cv.m;
+                let (mut ours, mut reference) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                conv_at(level, cv, &inp, rows, &mut Vec::new(), &mut ours);
+                conv_im2col(cv, &inp, rows, &mut Vec::new(), &mut reference);
+                for (j, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                    // Same products, summed in another order: a few roundings apart.
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{level:?}, case {i}, element {j}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn dense_layers_match_sgemm() {
-        if !available() {
+        if levels().is_empty() {
             eprintln!("no AVX2 + FMA on this CPU: the direct kernels are not used here");
             return;
         }
@@ -658,22 +779,34 @@ mod tests {
             } else {
                 Vec::new()
             };
-            let mut ours = vec![f32::NAN; rows * m];
-            dense(&x, rows, k, &pad_columns(&w, m), m, &b, relu, &mut ours);
-            for r in 0..rows {
-                for j in 0..m {
-                    let mut want = b.get(j).copied().unwrap_or(0.0);
-                    for kk in 0..k {
-                        want += x[r * k + kk] * w[kk * m + j];
+            for level in levels() {
+                let mut ours = vec![f32::NAN; rows * m];
+                dense_at(
+                    level,
+                    &x,
+                    rows,
+                    k,
+                    &pad_columns(&w, m),
+                    m,
+                    &b,
+                    relu,
+                    &mut ours,
+                );
+                for r in 0..rows {
+                    for j in 0..m {
+                        let mut want = b.get(j).copied().unwrap_or(0.0);
+                        for kk in 0..k {
+                            want += x[r * k + kk] * w[kk * m + j];
+                        }
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let got = ours[r * m + j];
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt(),
+                            "{level:?}, case {i}, row {r}, column {j}: {got} vs {want}"
+                        );
                     }
-                    if relu {
-                        want = want.max(0.0);
-                    }
-                    let got = ours[r * m + j];
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt(),
-                        "case {i}, row {r}, column {j}: {got} vs {want}"
-                    );
                 }
             }
         }

@@ -6,8 +6,8 @@
 //!   threads) and runs what the fused kernels cannot.
 //! - [`fused`]: fused CPU kernels (im2col convolution, matrix products, pooling,
 //!   softmax) for graphs made only of the operators they cover.
-//! - `direct`: direct convolution and max-pooling over channels-last images for
-//!   AVX2 + FMA CPUs (chosen at run time), used by `fused`.
+//! - `direct`: AVX2 and AVX-512 kernels (direct convolution, dense layers, pooling,
+//!   softmax) chosen at run time, used by `fused`.
 //! - `gpu` (feature `gpu`): the fused plan's steps as WGSL compute kernels on wgpu
 //!   (Vulkan), weights uploaded once, buffers reused; explicit adapter choice.
 //! - [`batcher`]: dynamic batching with TF Serving's knobs (`max_batch_size`,
