@@ -95,15 +95,22 @@ struct Entry {
 }
 
 /// Decisions are recorded in time order and expire in (nearly) time order, so each shard
-/// keeps them in generations of this many milliseconds, each a plain vector: a
-/// prediction appends to the newest (sequential memory, no hashing), and a generation
-/// whose every decision has expired is cleared whole. The housekeeping sweep sorts
-/// generations by key once they are closed, so feedback finds its decision by binary
-/// search there and by a short scan of the open one. Hash maps cost the router more:
-/// one with `retain` filled with tombstones and kept rehashing, and one map per
-/// generation still paid a random cache miss per insert and regrew cleared maps
+/// keeps them in generations, each a plain vector: a prediction appends to the newest
+/// (sequential memory, no hashing), and a generation whose every decision has expired
+/// is cleared whole. The housekeeping sweep (about once a second) sorts every
+/// generation by key, the open one included, so feedback finds its decision by binary
+/// search plus a scan of what was appended since the last sweep. Hash maps cost the
+/// router more: one with `retain` filled with tombstones and kept rehashing, and one map
+/// per generation still paid a random cache miss per insert and regrew cleared maps
 /// (BENCHMARKS.md, bandit section).
+///
+/// A generation spans at least this many milliseconds...
 const GENERATION_MS: u64 = 250;
+
+/// ...and at least 1/`GENERATIONS_PER_TTL` of the feedback TTL of the decision that
+/// opens it, so a lookup (newest to oldest) searches a bounded number of generations
+/// whatever the TTL (with 250 ms generations a 10-minute TTL would make 2,400).
+const GENERATIONS_PER_TTL: u64 = 32;
 
 /// Cleared vectors a shard keeps for reuse: expiry sweeps run about once a second and
 /// free about four generations at a time, all needed again within the next second.
@@ -112,25 +119,39 @@ const SPARE_GENERATIONS: usize = 8;
 #[derive(Debug, Default)]
 struct Generation {
     start_ms: u64,
+    /// How long it takes new decisions.
+    span_ms: u64,
     /// Earliest and latest expiry of the decisions in it.
     min_expiry_ms: u64,
     max_expiry_ms: u64,
-    /// In insertion order while open; by key (ties in insertion order) once `sorted`.
+    /// `entries[..sorted]` is sorted by key (ties in insertion order); the rest was
+    /// appended since, in insertion order.
     entries: Vec<Entry>,
-    sorted: bool,
+    sorted: usize,
 }
 
 impl Generation {
     /// The latest decision recorded under `k` in this generation.
     fn find(&mut self, k: u128) -> Option<&mut Decision> {
-        let i = if self.sorted {
-            // Stable sort: the last of equal keys is the latest.
-            let end = self.entries.partition_point(|e| e.key <= k);
-            (end > 0 && self.entries[end - 1].key == k).then(|| end - 1)?
-        } else {
-            self.entries.iter().rposition(|e| e.key == k)?
+        let (prefix, tail) = self.entries.split_at(self.sorted);
+        let i = match tail.iter().rposition(|e| e.key == k) {
+            Some(i) => self.sorted + i,
+            None => {
+                // Stable sort: the last of equal keys is the latest.
+                let end = prefix.partition_point(|e| e.key <= k);
+                (end > 0 && prefix[end - 1].key == k).then(|| end - 1)?
+            }
         };
         Some(&mut self.entries[i].decision)
+    }
+
+    /// Sorts what was appended since the last time (the sort finds the sorted prefix
+    /// and merges, so this is close to linear).
+    fn sort(&mut self) {
+        if self.sorted < self.entries.len() {
+            self.entries.sort_by_key(|e| e.key);
+            self.sorted = self.entries.len();
+        }
     }
 }
 
@@ -241,15 +262,16 @@ impl DecisionLog {
         let fresh = shard
             .gens
             .back()
-            .is_none_or(|g| decision.at_ms >= g.start_ms + GENERATION_MS);
+            .is_none_or(|g| decision.at_ms >= g.start_ms + g.span_ms);
         if fresh {
             let entries = shard.spare.pop().unwrap_or_default();
             shard.gens.push_back(Generation {
                 start_ms: decision.at_ms,
+                span_ms: GENERATION_MS.max(u64::from(decision.ttl_ms) / GENERATIONS_PER_TTL),
                 min_expiry_ms: expiry,
                 max_expiry_ms: expiry,
                 entries,
-                sorted: false,
+                sorted: 0,
             });
         }
         let Some(g) = shard.gens.back_mut() else {
@@ -290,8 +312,9 @@ impl DecisionLog {
     }
 
     /// Returns, once each, the decisions past their expiry that never got feedback, frees
-    /// the generations whose decisions have all expired, and sorts the closed ones for
-    /// lookup. Run about once a second (less often makes feedback lookups scan longer).
+    /// the generations whose decisions have all expired, and sorts what was recorded
+    /// since the last call, for lookups. Run about once a second (less often makes
+    /// feedback lookups scan longer).
     pub fn expire(&self, now: Instant) -> Vec<Decision> {
         let now_ms = self.millis(now);
         let mut missing = Vec::new();
@@ -325,10 +348,8 @@ impl DecisionLog {
                     shard.spare.push(g.entries);
                 }
             }
-            let open = shard.gens.len().saturating_sub(1);
-            for g in shard.gens.iter_mut().take(open).filter(|g| !g.sorted) {
-                g.entries.sort_by_key(|e| e.key);
-                g.sorted = true;
+            for g in shard.gens.iter_mut() {
+                g.sort();
             }
         }
         missing
@@ -599,6 +620,68 @@ mod tests {
             log.claim(b"id-5", ms(2000), |_, _| Ok(())),
             Err(FeedbackError::Duplicate)
         );
+        // Recorded after the sweep: appended behind the open generation's sorted part.
+        for i in 0..300u64 {
+            let id = format!("late-{i}");
+            assert!(log.record(
+                ms(2000 + i),
+                id.as_bytes(),
+                0,
+                3,
+                0.5,
+                Duration::from_secs(60)
+            ));
+        }
+        assert!(log.record(ms(2300), b"again", 0, 11, 0.5, Duration::from_secs(60)));
+        for i in (0..300u64).step_by(7) {
+            let id = format!("late-{i}");
+            let found = log.claim(id.as_bytes(), ms(2400), |d, _| {
+                (d.variant == 3)
+                    .then_some(())
+                    .ok_or_else(|| "wrong decision".to_string())
+            });
+            assert_eq!(found, Ok(()), "{id}");
+        }
+        let mut again = None;
+        log.claim(b"again", ms(2400), |d, _| {
+            again = Some(d.variant);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(again, Some(11));
+        assert_eq!(
+            log.claim(b"never", ms(2400), |_, _| Ok(())),
+            Err(FeedbackError::Unknown)
+        );
+    }
+
+    #[test]
+    fn a_long_ttl_keeps_the_number_of_generations_bounded() {
+        // A 10-minute TTL (the example) and a decision every 100 ms for 10
+        // minutes: generations span at least TTL/32, so each shard holds at most 33.
+        let log = DecisionLog::new(100_000);
+        let base = Instant::now();
+        let ttl = Duration::from_secs(600);
+        for i in 0..6000u64 {
+            let at = base + Duration::from_millis(i * 100);
+            assert!(log.record(at, format!("d{i}").as_bytes(), 0, 1, 0.5, ttl));
+            if i % 10 == 0 {
+                assert!(log.expire(at).is_empty());
+            }
+        }
+        let most = log
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().gens.len())
+            .max()
+            .unwrap();
+        assert!(most <= 33, "{most} generations in one shard");
+        // The last decision's time: the first one expires 100 ms later.
+        let now = base + Duration::from_millis(599_900);
+        for i in (0..6000u64).step_by(13) {
+            let id = format!("d{i}");
+            assert_eq!(log.claim(id.as_bytes(), now, |_, _| Ok(())), Ok(()), "{id}");
+        }
     }
 
     #[test]
