@@ -3,12 +3,20 @@
 # Target (issue #3): at batch >= 1024, wgpu on an NVIDIA GPU >= 10x the CPU runtime on
 # the 2-core development machine.
 #
+# Also (issue #3's batching target, where batching is meant to pay: an accelerator with a
+# fixed cost per dispatch): `switchyard model-server --runtime wgpu` unbatched
+# (--max-batch-size 1) vs batched (64), one batch thread, 64 clients from `switchyard
+# load`, on the GPU machine.
+#
 #   bench/gpu.sh cpu        # here: the CPU runtime at batch 1024, 4096, 16384 (one thread)
-#   bench/gpu.sh prepare    # here: build the release binary, copy it and libvulkan.so.1
-#                           # into .device/gpu (git-ignored) for a GPU machine
-#   bench/gpu.sh device     # there (no cargo, no network): run the GPU measurement in
-#                           # one go; with ALLOW_SOFTWARE=1 it also accepts lavapipe, to
-#                           # rehearse the script on a machine without a GPU
+#   bench/gpu.sh prepare    # here: build the release binaries (runtime_bench and
+#                           # switchyard, stripped: the carry limit is 64 MiB), copy them,
+#                           # the models and libvulkan.so.1 into .device/gpu (git-ignored)
+#   bench/gpu.sh device     # there (no cargo, no network): run both GPU measurements in
+#                           # one go (about 2 minutes); with ALLOW_SOFTWARE=1 the runtime
+#                           # part also accepts lavapipe, to rehearse the script on a
+#                           # machine without a GPU (the model server then falls back to
+#                           # the CPU, and its results say runtime "tract")
 #
 # On the device tool: run(command="bench/gpu.sh device", carry=[".device/gpu"]).
 # Headless NVIDIA setup as in ../shared/GPU.md: the Vulkan loader shipped alongside,
@@ -28,9 +36,10 @@ case "${1:-}" in
     done ;;
   prepare)
     cargo build --release --quiet -p switchyard-inference --features gpu --example runtime_bench
+    cargo build --release --quiet
     mkdir -p "$DIR"
-    cp target/release/examples/runtime_bench "$DIR/"
-    strip "$DIR/runtime_bench"   # the carry limit is 64 MiB
+    cp target/release/examples/runtime_bench target/release/switchyard "$DIR/"
+    strip "$DIR/runtime_bench" "$DIR/switchyard"   # the carry limit is 64 MiB
     cp -L /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$DIR/"
     cp models/digits_mlp.onnx models/digits_cnn.onnx "$DIR/"
     ls -la "$DIR" ;;
@@ -45,6 +54,23 @@ case "${1:-}" in
     for m in mlp cnn; do
       for b in $BATCHES; do
         "$DIR/runtime_bench" "$DIR/digits_$m.onnx" "$b" "$SECONDS_EACH" "$mode" | tee -a "$OUTFILE"
+      done
+    done
+    # Batching over HTTP: the model server with the wgpu runtime, one batch thread.
+    port=18601
+    for m in mlp cnn; do
+      for mb in 1 64; do
+        log="${OUT:-$PWD}/model-server-$m-$mb.log"
+        "$DIR/switchyard" model-server --model "$DIR/digits_$m.onnx" --runtime wgpu \
+          --listen "127.0.0.1:$port" --max-batch-size "$mb" --num-batch-threads 1 > "$log" 2>&1 &
+        server=$!
+        for _ in $(seq 1 100); do grep -q 'Switchyard is serving' "$log" && break; sleep 0.1; done
+        runtime=$(grep -o 'runtime="[a-z]*"' "$log" | head -1 | cut -d'"' -f2)
+        rps=$("$DIR/switchyard" load "http://127.0.0.1:$port/v1/models/digits:predict" -c 64 \
+          -d "${HTTP_SECONDS:-10}s" --warmup 1s --json 2>/dev/null | tail -1 | grep -o '"throughput_rps":[0-9.]*' | cut -d: -f2)
+        echo "{\"bench\": \"batching\", \"model\": \"$m\", \"max_batch_size\": $mb, \"runtime\": \"${runtime:-unknown}\", \"clients\": 64, \"throughput_rps\": ${rps:-null}}" | tee -a "$OUTFILE"
+        kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true
+        port=$((port + 1))
       done
     done ;;
   *) sed -n 2,17p "$0"; exit 2 ;;
