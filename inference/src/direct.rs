@@ -146,47 +146,40 @@ pub(crate) fn pad_columns(weights: &[f32], m: usize) -> Vec<f32> {
     out
 }
 
-/// A dense layer, `out[rows, m] = x[rows, k] · W + bias`, then `Relu` if asked, reading
-/// `W` as [`pad_columns`] lays it out, with the best kernels here; no packing step (the
-/// weights of our layers stay in L1 between rows). Only when [`available`] says so.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dense(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    padded_weights: &[f32],
-    m: usize,
-    bias: &[f32],
-    relu: bool,
-    out: &mut [f32],
-) {
+/// A dense layer: `out[rows, m] = x[rows, k] · W + bias`, then `Relu` if asked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dense<'a> {
+    /// Inputs per row.
+    pub(crate) k: usize,
+    /// Outputs per row.
+    pub(crate) m: usize,
+    /// `W` as [`pad_columns`] lays it out (rows of [`padded_width`]`(m)` floats).
+    pub(crate) weights: &'a [f32],
+    /// `m` numbers, or none (zero).
+    pub(crate) bias: &'a [f32],
+    pub(crate) relu: bool,
+}
+
+/// Runs `layer` over `rows` rows of `x` into `out` with the best kernels here; no
+/// packing step (the weights of our layers stay in L1 between rows). Only when
+/// [`available`] says so.
+pub(crate) fn dense(layer: &Dense<'_>, x: &[f32], rows: usize, out: &mut [f32]) {
     let level = best().expect("direct::dense without AVX2");
-    dense_at(level, x, rows, k, padded_weights, m, bias, relu, out);
+    dense_at(level, layer, x, rows, out);
 }
 
 /// [`dense`] with the kernels of `level`, which must be one of [`levels`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dense_at(
-    level: Level,
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    padded_weights: &[f32],
-    m: usize,
-    bias: &[f32],
-    relu: bool,
-    out: &mut [f32],
-) {
+pub(crate) fn dense_at(level: Level, layer: &Dense<'_>, x: &[f32], rows: usize, out: &mut [f32]) {
     assert!(levels().contains(&level));
-    assert_eq!(padded_weights.len(), k * padded_width(m));
-    assert!(x.len() >= rows * k && out.len() >= rows * m);
+    assert_eq!(layer.weights.len(), layer.k * padded_width(layer.m));
+    assert!(x.len() >= rows * layer.k && out.len() >= rows * layer.m);
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     // SAFETY: as in `conv_at`: the features were confirmed at run time.
     unsafe {
         match level {
-            Level::Avx512 => avx512::dense(x, rows, k, padded_weights, m, bias, relu, out),
-            Level::Avx2 => avx2::dense(x, rows, k, padded_weights, m, bias, relu, out),
+            Level::Avx512 => avx512::dense(layer, x, rows, out),
+            Level::Avx2 => avx2::dense(layer, x, rows, out),
         }
     };
 }
@@ -247,7 +240,7 @@ macro_rules! kernels {
             #[allow(unused_imports)]
             use std::arch::x86_64::*;
 
-            use super::padded_dims;
+            use super::{padded_dims, Dense};
             use crate::fused::Conv;
 
             /// Floats per register.
@@ -367,28 +360,17 @@ macro_rules! kernels {
                 }
             }
 
-            /// `w` laid out by `pad_columns` (rows of `padded_width(m)` floats).
-            #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $feature)]
-            pub(super) fn dense(
-                x: &[f32],
-                rows: usize,
-                k: usize,
-                w: &[f32],
-                m: usize,
-                bias: &[f32],
-                relu: bool,
-                out: &mut [f32],
-            ) {
+            pub(super) fn dense(layer: &Dense<'_>, x: &[f32], rows: usize, out: &mut [f32]) {
                 // Output columns in chunks of up to four registers.
-                let vectors = m.div_ceil(V);
+                let vectors = layer.m.div_ceil(V);
                 let mut first = 0;
                 while first < vectors {
                     match vectors - first {
-                        1 => dense_chunk::<1, $d1>(x, rows, k, w, m, first, bias, relu, out),
-                        2 => dense_chunk::<2, $d2>(x, rows, k, w, m, first, bias, relu, out),
-                        3 => dense_chunk::<3, $d3>(x, rows, k, w, m, first, bias, relu, out),
-                        _ => dense_chunk::<4, $d4>(x, rows, k, w, m, first, bias, relu, out),
+                        1 => dense_chunk::<1, $d1>(layer, x, rows, first, out),
+                        2 => dense_chunk::<2, $d2>(layer, x, rows, first, out),
+                        3 => dense_chunk::<3, $d3>(layer, x, rows, first, out),
+                        _ => dense_chunk::<4, $d4>(layer, x, rows, first, out),
                     }
                     first += (vectors - first).min(4);
                 }
@@ -396,17 +378,12 @@ macro_rules! kernels {
 
             /// Columns `first·V .. (first + MB)·V` (clipped to `m`) of every output row,
             /// `P` rows at a time.
-            #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $feature)]
             fn dense_chunk<const MB: usize, const P: usize>(
+                layer: &Dense<'_>,
                 x: &[f32],
                 rows: usize,
-                k: usize,
-                w: &[f32],
-                m: usize,
                 first: usize,
-                bias: &[f32],
-                relu: bool,
                 out: &mut [f32],
             ) {
                 let zero = $zero();
@@ -415,36 +392,34 @@ macro_rules! kernels {
                     // The bias padded like the weights (an empty bias is zero).
                     let mut lanes = [0.0; V];
                     for (j, l) in lanes.iter_mut().enumerate() {
-                        *l = bias.get((first + i) * V + j).copied().unwrap_or(0.0);
+                        *l = layer.bias.get((first + i) * V + j).copied().unwrap_or(0.0);
                     }
                     *v = load(&lanes);
                 }
                 // Full blocks of P rows (accumulators in registers), then one by one.
                 let mut r = 0;
                 while r + P <= rows {
-                    dense_rows::<MB, P>(x, r, k, w, m, first, &b, relu, out);
+                    dense_rows::<MB, P>(layer, x, r, first, &b, out);
                     r += P;
                 }
                 while r < rows {
-                    dense_rows::<MB, 1>(x, r, k, w, m, first, &b, relu, out);
+                    dense_rows::<MB, 1>(layer, x, r, first, &b, out);
                     r += 1;
                 }
             }
 
-            #[allow(clippy::too_many_arguments)]
+            /// Rows `r .. r + P`, columns from `first·V`, starting from the bias `b`.
             #[target_feature(enable = $feature)]
             #[inline]
             fn dense_rows<const MB: usize, const P: usize>(
+                layer: &Dense<'_>,
                 x: &[f32],
                 r: usize,
-                k: usize,
-                w: &[f32],
-                m: usize,
                 first: usize,
                 b: &[$vec; MB],
-                relu: bool,
                 out: &mut [f32],
             ) {
+                let (k, m, w, relu) = (layer.k, layer.m, layer.weights, layer.relu);
                 let mp = super::padded_width(m);
                 let zero = $zero();
                 let mut acc = [*b; P];
@@ -561,16 +536,8 @@ kernels! {
 
     /// Max-pooling with channels a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn maxpool(
-        inp: &[f32],
-        out: &mut [f32],
-        rows: usize,
-        (c, h, w): (usize, usize, usize),
-        k: usize,
-        s: usize,
-        (oh, ow): (usize, usize),
-    ) {
+    pub(super) fn maxpool(pool: &super::Pool, inp: &[f32], rows: usize, out: &mut [f32]) {
+        let super::Pool { c, h, w, k, s, oh, ow } = *pool;
         let mut pixels = out.chunks_exact_mut(c);
         for n in 0..rows {
             for oy in 0..oh {
@@ -606,40 +573,44 @@ kernels! {
     }
 }
 
-/// Max-pooling (`k`×`k` window, stride `s`, no padding) over `rows` NHWC images, on
-/// any CPU; with AVX2 and channels a multiple of 8, eight channels per instruction.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn maxpool(
-    inp: &[f32],
-    out: &mut [f32],
-    rows: usize,
-    (c, h, w): (usize, usize, usize),
-    k: usize,
-    s: usize,
-    (oh, ow): (usize, usize),
-) {
+/// A max-pooling: `k`×`k` windows at stride `s`, no padding, over `c`×`h`×`w` NHWC
+/// images, giving `oh`×`ow`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pool {
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) s: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+}
+
+/// Runs `pool` over `rows` images on any CPU; with AVX2 and channels a multiple of 8,
+/// eight channels per instruction.
+pub(crate) fn maxpool(pool: &Pool, inp: &[f32], rows: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if c.is_multiple_of(L) && available() {
+    if pool.c.is_multiple_of(L) && available() {
         #[allow(unsafe_code)]
-        // SAFETY: as in `conv`: the features were checked at run time.
+        // SAFETY: as in `conv_at`: the features were checked at run time.
         unsafe {
-            avx2::maxpool(inp, out, rows, (c, h, w), k, s, (oh, ow))
+            avx2::maxpool(pool, inp, rows, out)
         };
         return;
     }
-    maxpool_lanes(inp, out, rows, (c, h, w), k, s, (oh, ow));
+    maxpool_lanes(pool, inp, rows, out);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn maxpool_lanes(
-    inp: &[f32],
-    out: &mut [f32],
-    rows: usize,
-    (c, h, w): (usize, usize, usize),
-    k: usize,
-    s: usize,
-    (oh, ow): (usize, usize),
-) {
+fn maxpool_lanes(pool: &Pool, inp: &[f32], rows: usize, out: &mut [f32]) {
+    let Pool {
+        c,
+        h,
+        w,
+        k,
+        s,
+        oh,
+        ow,
+    } = *pool;
     let mut pixels = out.chunks_exact_mut(c);
     for n in 0..rows {
         for oy in 0..oh {
@@ -781,17 +752,15 @@ mod tests {
             };
             for level in levels() {
                 let mut ours = vec![f32::NAN; rows * m];
-                dense_at(
-                    level,
-                    &x,
-                    rows,
+                let padded = pad_columns(&w, m);
+                let layer = Dense {
                     k,
-                    &pad_columns(&w, m),
                     m,
-                    &b,
+                    weights: &padded,
+                    bias: &b,
                     relu,
-                    &mut ours,
-                );
+                };
+                dense_at(level, &layer, &x, rows, &mut ours);
                 for r in 0..rows {
                     for j in 0..m {
                         let mut want = b.get(j).copied().unwrap_or(0.0);
@@ -846,8 +815,17 @@ mod tests {
             let inp = numbers(rows * h * w * c, (c * h) as u64);
             let len = rows * oh * ow * c;
             let (mut ours, mut reference) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-            maxpool(&inp, &mut ours, rows, (c, h, w), k, s, (oh, ow));
-            maxpool_lanes(&inp, &mut reference, rows, (c, h, w), k, s, (oh, ow));
+            let pool = Pool {
+                c,
+                h,
+                w,
+                k,
+                s,
+                oh,
+                ow,
+            };
+            maxpool(&pool, &inp, rows, &mut ours);
+            maxpool_lanes(&pool, &inp, rows, &mut reference);
             assert_eq!(ours, reference, "c {c}, {h}×{w}, k {k}, s {s}");
             // And against the definition, for one output.
             let want = (0..k)

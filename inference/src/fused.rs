@@ -83,7 +83,8 @@ pub(crate) enum Step {
         k: usize,
         m: usize,
         weights: Vec<f32>,
-        /// `weights` with rows padded to a multiple of 8 columns, for `direct::dense`.
+        /// `weights` with rows padded to `direct::padded_width(m)` columns, for
+        /// `direct::dense`.
         padded: Vec<f32>,
         bias: Vec<f32>,
         relu: bool,
@@ -816,17 +817,17 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             oh,
             ow,
         } => {
-            let (c, h, w, k, s, oh, ow) = (*c, *h, *w, *k, *s, *oh, *ow);
+            let pool = crate::direct::Pool {
+                c: *c,
+                h: *h,
+                w: *w,
+                k: *k,
+                s: *s,
+                oh: *oh,
+                ow: *ow,
+            };
             let mut out = output_buffer(state, *dst, rows * oh * ow * c);
-            crate::direct::maxpool(
-                &state.buffers[*src],
-                &mut out,
-                rows,
-                (c, h, w),
-                k,
-                s,
-                (oh, ow),
-            );
+            crate::direct::maxpool(&pool, &state.buffers[*src], rows, &mut out);
             state.buffers[*dst] = out;
         }
         Step::Gemm {
@@ -841,16 +842,14 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
         } => {
             let mut out = output_buffer(state, *dst, rows * m);
             if crate::direct::available() {
-                crate::direct::dense(
-                    &state.buffers[*src],
-                    rows,
-                    *k,
-                    padded,
-                    *m,
+                let layer = crate::direct::Dense {
+                    k: *k,
+                    m: *m,
+                    weights: padded,
                     bias,
-                    *relu,
-                    &mut out,
-                );
+                    relu: *relu,
+                };
+                crate::direct::dense(&layer, &state.buffers[*src], rows, &mut out);
                 state.buffers[*dst] = out;
                 return;
             }
