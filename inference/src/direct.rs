@@ -134,8 +134,8 @@ pub(crate) fn padded_width(m: usize) -> usize {
     m.div_ceil(16) * 16
 }
 
-/// `weights` (`[k, m]`, row-major) with each row padded with zeros to a multiple of 8
-/// columns, the layout [`dense`] reads (built once, when the plan is).
+/// `weights` (`[k, m]`, row-major) with each row padded with zeros to
+/// [`padded_width`] columns, the layout [`dense`] reads (built once, with the plan).
 pub(crate) fn pad_columns(weights: &[f32], m: usize) -> Vec<f32> {
     let mp = padded_width(m);
     let mut out = Vec::with_capacity(weights.len() / m.max(1) * mp);
@@ -192,7 +192,7 @@ pub(crate) fn softmax(src: &[f32], dst: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         #[allow(unsafe_code)]
-        // SAFETY: as in `conv`: the features were checked at run time.
+        // SAFETY: as in `conv_at`: the features were checked at run time.
         unsafe {
             avx2::softmax(src, dst, n)
         };
