@@ -112,8 +112,9 @@ const GENERATION_MS: u64 = 250;
 /// whatever the TTL (with 250 ms generations a 10-minute TTL would make 2,400).
 const GENERATIONS_PER_TTL: u64 = 32;
 
-/// Cleared vectors a shard keeps for reuse: expiry sweeps run about once a second and
-/// free about four generations at a time, all needed again within the next second.
+/// Cleared vectors a shard keeps for reuse (at most; and no more capacity in all than
+/// the shard may hold): expiry sweeps run about once a second and free about four
+/// generations at a time, all needed again within the next second.
 const SPARE_GENERATIONS: usize = 8;
 
 #[derive(Debug, Default)]
@@ -344,7 +345,12 @@ impl DecisionLog {
                 };
                 shard.len -= g.entries.len();
                 g.entries.clear();
-                if shard.spare.len() < SPARE_GENERATIONS {
+                // Spares hold no more than the shard's own bound in all, so the log's
+                // memory stays within twice its capacity after bursts of traffic.
+                let spare: usize = shard.spare.iter().map(Vec::capacity).sum();
+                if shard.spare.len() < SPARE_GENERATIONS
+                    && spare + g.entries.capacity() <= self.per_shard
+                {
                     shard.spare.push(g.entries);
                 }
             }
@@ -653,6 +659,34 @@ mod tests {
             log.claim(b"never", ms(2400), |_, _| Ok(())),
             Err(FeedbackError::Unknown)
         );
+    }
+
+    #[test]
+    fn spare_generations_stay_within_the_shard_bound() {
+        // 100 decisions per shard at most; bursts fill many generations, all then
+        // freed at once: what is kept for reuse stays within that bound.
+        let log = DecisionLog::new(SHARDS * 100);
+        let base = Instant::now();
+        for burst in 0..20u64 {
+            for i in 0..400u64 {
+                let at = base + Duration::from_millis(burst * 300);
+                log.record(
+                    at,
+                    format!("b{burst}-{i}").as_bytes(),
+                    0,
+                    1,
+                    0.5,
+                    Duration::from_millis(10),
+                );
+            }
+        }
+        log.expire(base + Duration::from_secs(60));
+        assert_eq!(log.len(), 0);
+        for shard in &log.shards {
+            let shard = shard.lock().unwrap();
+            let kept: usize = shard.spare.iter().map(Vec::capacity).sum();
+            assert!(kept <= log.per_shard, "{kept} spare slots");
+        }
     }
 
     #[test]
