@@ -334,18 +334,17 @@ macro_rules! kernels {
                 let zero = $zero();
                 let mut acc = [*bias; P];
                 for ky in 0..cv.kh {
+                    // For one kernel row, a pixel's window (kx, ci) is kw·c contiguous
+                    // numbers, and so are the weight rows: one loop over both, and the
+                    // block's span bounds-checked once.
                     let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
-                    for kx in 0..cv.kw {
-                        let wrow = &weights[(ky * cv.kw + kx) * c..][..c];
-                        let at = line + kx * c;
-                        // The block's window, bounds-checked once.
-                        let span = &padded[at..at + (P - 1) * s * c + c];
-                        for (ci, w) in wrow.iter().enumerate() {
-                            for (p, a) in acc.iter_mut().enumerate() {
-                                let x = $set1(span[p * s * c + ci]);
-                                for (a, w) in a.iter_mut().zip(w) {
-                                    *a = $fmadd(x, *w, *a);
-                                }
+                    let wrow = &weights[ky * cv.kw * c..][..cv.kw * c];
+                    let span = &padded[line..line + (P - 1) * s * c + cv.kw * c];
+                    for (j, w) in wrow.iter().enumerate() {
+                        for (p, a) in acc.iter_mut().enumerate() {
+                            let x = $set1(span[p * s * c + j]);
+                            for (a, w) in a.iter_mut().zip(w) {
+                                *a = $fmadd(x, *w, *a);
                             }
                         }
                     }

@@ -312,16 +312,20 @@ impl FusedPlan {
                                     "Reshape that changes the row size".into(),
                                 ));
                             }
-                            let dst = b.fresh();
                             match layout {
-                                Layout::Flat(_) => b.steps.push(Step::ToNhwc { src, dst, c, h, w }),
+                                // One channel: NCHW and NHWC are the same numbers.
+                                Layout::Flat(_) if c == 1 => (src, Layout::Nhwc { c, h, w }),
+                                Layout::Flat(_) => {
+                                    let dst = b.fresh();
+                                    b.steps.push(Step::ToNhwc { src, dst, c, h, w });
+                                    (dst, Layout::Nhwc { c, h, w })
+                                }
                                 Layout::Nhwc { .. } => {
                                     return Err(Unsupported(
                                         "Reshape of an image to an image".into(),
                                     ))
                                 }
                             }
-                            (dst, Layout::Nhwc { c, h, w })
                         }
                         [_, f] if usize_of(*f, "reshape dim").ok() == Some(total) || *f == -1 => {
                             flatten(&mut b, src, layout)
@@ -562,6 +566,7 @@ impl FusedPlan {
         };
         let mut steps = b.steps;
         fold_affine_into_gemm(&mut steps, output);
+        fold_flatten_into_gemm(&mut steps, output);
         Ok(FusedPlan {
             steps,
             buffers: b.next,
@@ -646,6 +651,51 @@ fn fold_affine_into_gemm(steps: &mut Vec<Step>, output: usize) {
                     *w = 0.0;
                 }
             }
+            *padded = crate::direct::pad_columns(weights, m);
+            *gemm_src = src;
+        }
+        steps.remove(i);
+    }
+}
+
+/// Folds the NHWC→NCHW reorder before a `Gemm` that alone reads it into the `Gemm`'s
+/// weights: row `cc·h·w + p` of `W` (ONNX's flattened order) becomes row `p·c + cc` (the
+/// order the image is stored in), one pass over the batch fewer.
+fn fold_flatten_into_gemm(steps: &mut Vec<Step>, output: usize) {
+    let mut i = 0;
+    while i < steps.len() {
+        let Step::ToFlat { src, dst, c, h, w } = steps[i] else {
+            i += 1;
+            continue;
+        };
+        let readers: Vec<usize> = (0..steps.len())
+            .filter(|j| source(&steps[*j]) == dst)
+            .collect();
+        let foldable = dst != output
+            && readers.len() == 1
+            && matches!(steps[readers[0]], Step::Gemm { k, .. } if k == c * h * w);
+        if !foldable {
+            i += 1;
+            continue;
+        }
+        if let Step::Gemm {
+            src: gemm_src,
+            m,
+            weights,
+            padded,
+            ..
+        } = &mut steps[readers[0]]
+        {
+            let m = *m;
+            let mut reordered = vec![0.0; weights.len()];
+            for p in 0..h * w {
+                for cc in 0..c {
+                    let from = (cc * h * w + p) * m;
+                    let to = (p * c + cc) * m;
+                    reordered[to..to + m].copy_from_slice(&weights[from..from + m]);
+                }
+            }
+            *weights = reordered;
             *padded = crate::direct::pad_columns(weights, m);
             *gemm_src = src;
         }
