@@ -7,6 +7,7 @@
 //! - [`model`]: the typed configuration ([`Config`], [`Model`], [`Variant`]), one `///`
 //!   doc per field; these docs are the source of the README's config reference.
 //! - [`duration`]: `250ms`, `1s`, `10m`, `1h30m` parsing and printing.
+//! - [`hash`]: the fixed hashes sticky routing and hash-sampled shadows rely on.
 //! - [`error`]: [`ConfigError`] (one problem, with path and position) and [`ConfigErrors`].
 //!
 //! This crate does no I/O: callers read the file and hand over the text, which keeps it
@@ -17,6 +18,7 @@
 pub mod decode;
 pub mod duration;
 pub mod error;
+pub mod hash;
 pub mod model;
 pub mod yaml;
 

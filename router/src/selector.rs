@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use switchyard_config::hash::mix;
+/// Re-exported: the router's callers hash with it too (request-id keys, seeds).
+pub use switchyard_config::hash::stable_hash;
 
 /// An immutable table of normalised weights (fractions summing to 1).
 #[derive(Debug, Clone, PartialEq)]
@@ -181,29 +184,12 @@ impl Selector {
     }
 }
 
+/// The golden-ratio step of SplitMix64: consecutive picks use well-spread inputs.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function: a strong 64-bit mixer.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// A uniform double in the open interval (0, 1).
 fn unit(x: u64) -> f64 {
     ((x >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
-}
-
-/// FNV-1a, then mixed: stable across processes, versions and machines.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    mix(h)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use switchyard_config::hash::{mix, stable_hash};
 use switchyard_config::ShadowSampling;
 
 /// Decides, per request, whether one shadow gets a copy.
@@ -41,29 +42,11 @@ impl Sampler {
         let draw = match self.mode {
             // A counter through SplitMix64: one relaxed atomic add, no shared RNG lock.
             ShadowSampling::Random => mix(self.seed ^ self.counter.fetch_add(1, Ordering::Relaxed)),
-            ShadowSampling::Hash => hash_id(request_id),
+            // Not keyed: the same id gives the same draw in every shadow, process and run.
+            ShadowSampling::Hash => stable_hash(request_id),
         };
         draw < self.threshold
     }
-}
-
-/// FNV-1a over the id, then SplitMix64's finaliser so that ids differing in their last
-/// byte (`req-1`, `req-2`) land far apart. Not keyed: the same id gives the same draw in
-/// every shadow, process and run.
-pub fn hash_id(id: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in id {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    mix(h)
-}
-
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
