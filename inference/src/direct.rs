@@ -32,24 +32,24 @@ pub(crate) enum Level {
     Avx512,
 }
 
-/// The instruction sets this CPU has, best last (empty off x86-64 or without AVX2).
-pub(crate) fn levels() -> Vec<Level> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
+/// The instruction sets this CPU has, best last (empty off x86-64 or without AVX2);
+/// detected once, since every batch's kernels check against it.
+pub(crate) fn levels() -> &'static [Level] {
+    static LEVELS: std::sync::OnceLock<Vec<Level>> = std::sync::OnceLock::new();
+    LEVELS.get_or_init(|| {
         let mut out = Vec::new();
-        if has!("avx2") && has!("fma") {
-            out.push(Level::Avx2);
-            if has!("avx512f") {
-                out.push(Level::Avx512);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                out.push(Level::Avx2);
+                if has!("avx512f") {
+                    out.push(Level::Avx512);
+                }
             }
         }
         out
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Vec::new()
-    }
+    })
 }
 
 /// Whether the kernels run here at all: an x86-64 CPU with AVX2 and FMA.
@@ -57,10 +57,9 @@ pub(crate) fn available() -> bool {
     best().is_some()
 }
 
-/// The best level, detected once.
+/// The best level.
 fn best() -> Option<Level> {
-    static BEST: std::sync::OnceLock<Option<Level>> = std::sync::OnceLock::new();
-    *BEST.get_or_init(|| levels().last().copied())
+    levels().last().copied()
 }
 
 /// Whether [`conv`] takes this convolution (output channels a multiple of 8, up to 32).
@@ -285,21 +284,11 @@ macro_rules! kernels {
                 rows: usize,
                 out: &mut [f32],
             ) {
-                let m = cv.m;
                 let (hp, wp) = padded_dims(cv);
                 let zero = $zero();
                 let mut bias = [zero; MB];
                 for (i, b) in bias.iter_mut().enumerate() {
                     *b = load(&cv.bias[i * V..]);
-                }
-                // Weight rows in registers' shape: row (ky·kw + kx)·c + ci, M channels.
-                let mut weights: Vec<[$vec; MB]> = Vec::with_capacity(cv.weights.len() / m);
-                for row in cv.weights.chunks_exact(m) {
-                    let mut w = [zero; MB];
-                    for (i, v) in w.iter_mut().enumerate() {
-                        *v = load(&row[i * V..]);
-                    }
-                    weights.push(w);
                 }
                 for n in 0..rows {
                     for oy in 0..cv.oh {
@@ -307,11 +296,11 @@ macro_rules! kernels {
                         // registers), then the pixels left one by one.
                         let mut ox = 0;
                         while ox + P <= cv.ow {
-                            pixel_block::<MB, P>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                            pixel_block::<MB, P>(cv, padded, (hp, wp), (n, oy, ox), &bias, out);
                             ox += P;
                         }
                         while ox < cv.ow {
-                            pixel_block::<MB, 1>(cv, padded, (hp, wp), (n, oy, ox), &bias, &weights, out);
+                            pixel_block::<MB, 1>(cv, padded, (hp, wp), (n, oy, ox), &bias, out);
                             ox += 1;
                         }
                     }
@@ -327,7 +316,6 @@ macro_rules! kernels {
                 (hp, wp): (usize, usize),
                 (n, oy, ox): (usize, usize, usize),
                 bias: &[$vec; MB],
-                weights: &[[$vec; MB]],
                 out: &mut [f32],
             ) {
                 let (c, s, m) = (cv.c, cv.stride, cv.m);
@@ -338,12 +326,17 @@ macro_rules! kernels {
                     // numbers, and so are the weight rows: one loop over both, and the
                     // block's span bounds-checked once.
                     let line = ((n * hp + oy * s + ky) * wp + ox * s) * c;
-                    let wrow = &weights[ky * cv.kw * c..][..cv.kw * c];
+                    // Weight row (ky·kw + kx)·c + ci holds the M output channels.
+                    let wrows = &cv.weights[ky * cv.kw * c * m..][..cv.kw * c * m];
                     let span = &padded[line..line + (P - 1) * s * c + cv.kw * c];
-                    for (j, w) in wrow.iter().enumerate() {
+                    for (j, row) in wrows.chunks_exact(m).enumerate() {
+                        let mut w = [zero; MB];
+                        for (i, v) in w.iter_mut().enumerate() {
+                            *v = load(&row[i * V..]);
+                        }
                         for (p, a) in acc.iter_mut().enumerate() {
                             let x = $set1(span[p * s * c + j]);
-                            for (a, w) in a.iter_mut().zip(w) {
+                            for (a, w) in a.iter_mut().zip(&w) {
                                 *a = $fmadd(x, *w, *a);
                             }
                         }
@@ -700,7 +693,7 @@ mod tests {
             conv(4, 7, 9, 16, 2, 3, (1, 0, 0, 1), true),
         ];
         // Every instruction set this CPU has (AVX-512 takes the multiples of 16).
-        for level in levels() {
+        for &level in levels() {
             for (i, cv) in cases.iter().enumerate() {
                 assert!(supports(cv));
                 let rows = 3;
@@ -749,7 +742,7 @@ mod tests {
             } else {
                 Vec::new()
             };
-            for level in levels() {
+            for &level in levels() {
                 let mut ours = vec![f32::NAN; rows * m];
                 let padded = pad_columns(&w, m);
                 let layer = Dense {
