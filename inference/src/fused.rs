@@ -522,7 +522,7 @@ impl FusedPlan {
                         dst,
                         k,
                         m,
-                        padded: crate::direct::pad_columns(&weights, m),
+                        padded: Vec::new(),
                         weights,
                         bias,
                         relu: fuse_relu,
@@ -567,6 +567,15 @@ impl FusedPlan {
         let mut steps = b.steps;
         fold_affine_into_gemm(&mut steps, output);
         fold_flatten_into_gemm(&mut steps, output);
+        // The dense kernels' layout, once the folds have settled the weights.
+        for step in &mut steps {
+            if let Step::Gemm {
+                m, weights, padded, ..
+            } = step
+            {
+                *padded = crate::direct::pad_columns(weights, *m);
+            }
+        }
         Ok(FusedPlan {
             steps,
             buffers: b.next,
@@ -604,6 +613,21 @@ fn source(step: &Step) -> usize {
     }
 }
 
+/// The one step that reads buffer `dst`, if it is a `Gemm` (that `accepts`) and `dst` is
+/// not the plan's output: what a fold into that `Gemm` needs.
+fn sole_gemm_reader(
+    steps: &[Step],
+    dst: usize,
+    output: usize,
+    accepts: impl Fn(&Step) -> bool,
+) -> Option<usize> {
+    let mut readers = (0..steps.len()).filter(|j| source(&steps[*j]) == dst);
+    let (Some(j), None) = (readers.next(), readers.next()) else {
+        return None;
+    };
+    (dst != output && matches!(steps[j], Step::Gemm { .. }) && accepts(&steps[j])).then_some(j)
+}
+
 /// Folds a scalar `x·mul + add` (the models' pixel scaling) into the `Gemm` that alone
 /// reads it: `(x·mul + add)·W + b = x·(mul·W) + (b + add·Σₖ W)`, one pass over the
 /// batch fewer.
@@ -614,23 +638,17 @@ fn fold_affine_into_gemm(steps: &mut Vec<Step>, output: usize) {
             i += 1;
             continue;
         };
-        let readers: Vec<usize> = (0..steps.len())
-            .filter(|j| source(&steps[*j]) == dst)
-            .collect();
-        let foldable =
-            dst != output && readers.len() == 1 && matches!(steps[readers[0]], Step::Gemm { .. });
-        if !foldable {
+        let Some(reader) = sole_gemm_reader(steps, dst, output, |_| true) else {
             i += 1;
             continue;
-        }
+        };
         if let Step::Gemm {
             src: gemm_src,
             m,
             weights,
-            padded,
             bias,
             ..
-        } = &mut steps[readers[0]]
+        } = &mut steps[reader]
         {
             let m = *m;
             if bias.is_empty() {
@@ -651,7 +669,6 @@ fn fold_affine_into_gemm(steps: &mut Vec<Step>, output: usize) {
                     *w = 0.0;
                 }
             }
-            *padded = crate::direct::pad_columns(weights, m);
             *gemm_src = src;
         }
         steps.remove(i);
@@ -668,23 +685,17 @@ fn fold_flatten_into_gemm(steps: &mut Vec<Step>, output: usize) {
             i += 1;
             continue;
         };
-        let readers: Vec<usize> = (0..steps.len())
-            .filter(|j| source(&steps[*j]) == dst)
-            .collect();
-        let foldable = dst != output
-            && readers.len() == 1
-            && matches!(steps[readers[0]], Step::Gemm { k, .. } if k == c * h * w);
-        if !foldable {
+        let whole = |s: &Step| matches!(s, Step::Gemm { k, .. } if *k == c * h * w);
+        let Some(reader) = sole_gemm_reader(steps, dst, output, whole) else {
             i += 1;
             continue;
-        }
+        };
         if let Step::Gemm {
             src: gemm_src,
             m,
             weights,
-            padded,
             ..
-        } = &mut steps[readers[0]]
+        } = &mut steps[reader]
         {
             let m = *m;
             let mut reordered = vec![0.0; weights.len()];
@@ -696,7 +707,6 @@ fn fold_flatten_into_gemm(steps: &mut Vec<Step>, output: usize) {
                 }
             }
             *weights = reordered;
-            *padded = crate::direct::pad_columns(weights, m);
             *gemm_src = src;
         }
         steps.remove(i);
