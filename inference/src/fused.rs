@@ -69,13 +69,7 @@ pub(crate) enum Step {
     MaxPool {
         src: usize,
         dst: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        k: usize,
-        s: usize,
-        oh: usize,
-        ow: usize,
+        pool: crate::direct::Pool,
     },
     Gemm {
         src: usize,
@@ -448,9 +442,7 @@ impl FusedPlan {
                     }
                     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
                     let dst = b.fresh();
-                    b.steps.push(Step::MaxPool {
-                        src,
-                        dst,
+                    let pool = crate::direct::Pool {
                         c,
                         h,
                         w,
@@ -458,7 +450,8 @@ impl FusedPlan {
                         s,
                         oh,
                         ow,
-                    });
+                    };
+                    b.steps.push(Step::MaxPool { src, dst, pool });
                     (dst, Layout::Nhwc { c, h: oh, w: ow })
                 }
                 "Gemm" | "MatMul" => {
@@ -866,28 +859,9 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             }
             state.buffers[cv.dst] = out;
         }
-        Step::MaxPool {
-            src,
-            dst,
-            c,
-            h,
-            w,
-            k,
-            s,
-            oh,
-            ow,
-        } => {
-            let pool = crate::direct::Pool {
-                c: *c,
-                h: *h,
-                w: *w,
-                k: *k,
-                s: *s,
-                oh: *oh,
-                ow: *ow,
-            };
-            let mut out = output_buffer(state, *dst, rows * oh * ow * c);
-            crate::direct::maxpool(&pool, &state.buffers[*src], rows, &mut out);
+        Step::MaxPool { src, dst, pool } => {
+            let mut out = output_buffer(state, *dst, rows * pool.oh * pool.ow * pool.c);
+            crate::direct::maxpool(pool, &state.buffers[*src], rows, &mut out);
             state.buffers[*dst] = out;
         }
         Step::Gemm {

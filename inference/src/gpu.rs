@@ -383,17 +383,16 @@ impl GpuModel {
                         Dispatch::Elements { per_row: 1 },
                     )
                 }
-                Step::MaxPool {
-                    src,
-                    dst,
-                    c,
-                    h,
-                    w,
-                    k,
-                    s,
-                    oh,
-                    ow,
-                } => {
+                Step::MaxPool { src, dst, pool } => {
+                    let crate::direct::Pool {
+                        c,
+                        h,
+                        w,
+                        k,
+                        s,
+                        oh,
+                        ow,
+                    } = pool;
                     dims[..7].copy_from_slice(&[u(*c), u(*h), u(*w), u(*k), u(*s), u(*oh), u(*ow)]);
                     let len = oh * ow * c;
                     (
