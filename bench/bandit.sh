@@ -11,31 +11,25 @@
 #           ratios. Target: <= 5% lower.
 # Env: SEEDS (100), ROUNDS (9), SECONDS_EACH (3), SKIP_REGRET=1 runs part 2 only.
 # Needs: nginx, wrk (Debian). Loopback only.
-set -euo pipefail
-ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-9}
 SECONDS_EACH=${SECONDS_EACH:-3}
-cargo build --release --quiet
-BIN=$PWD/target/release/switchyard
+source bench/common.sh
+need nginx wrk
 
 if [ "${SKIP_REGRET:-0}" != 1 ]; then
   echo "## Regret at 100,000 decisions (mean of ${SEEDS:-100} seeds)"
   "$BIN" simulate --requests 100000 --seeds "${SEEDS:-100}"
 fi
 
-WORK=$(mktemp -d /tmp/switchyard-bandit-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
 cat > "$WORK/origin.conf" <<CONF
 worker_processes 1;
 pid $WORK/origin.pid;
-error_log $WORK/origin.err warn;
+error_log $WORK/logs/origin.err warn;
 events { worker_connections 4000; }
 http { access_log off; keepalive_requests 1000000; client_body_temp_path $WORK;
   server { listen 127.0.0.1:19301; listen 127.0.0.1:19302; listen 127.0.0.1:19303;
-    location / { default_type application/json; return 200 '{"predictions": [[0.1, 0.9]]}'; } } }
+    location / { default_type application/json; return 200 '$PREDICTION'; } } }
 CONF
 taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off; user root;' &
 PIDS+=($!)
@@ -59,7 +53,6 @@ for mode in plain bandit per_request; do
   PIDS+=($!)
 done
 sleep 1
-printf 'wrk.method = "POST"\nwrk.body = "{\\"instances\\": [[1, 2]]}"\n' > "$WORK/post.lua"
 echo
 echo "## Router throughput, bandit on vs fixed split (req/s, wrk 32 connections, ${SECONDS_EACH}s each)"
 # The three run back to back in each round, in an order that rotates from round to round
