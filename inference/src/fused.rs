@@ -222,6 +222,18 @@ impl FusedPlan {
     /// Compiles `bytes` (an ONNX model with one input `[N, F]` and one output) onto the
     /// fused kernels, or says which operator or attribute keeps it on tract.
     pub fn from_onnx(bytes: &[u8]) -> Result<Self, Unsupported> {
+        Self::compile(bytes, true)
+    }
+
+    /// The same plan without the folds into `Gemm` weights: the bundled models then
+    /// still run the `Affine` and `ToFlat` steps (on the CPU and as GPU kernels), which
+    /// other graphs need, so tests keep them covered.
+    #[doc(hidden)]
+    pub fn from_onnx_unfolded(bytes: &[u8]) -> Result<Self, Unsupported> {
+        Self::compile(bytes, false)
+    }
+
+    fn compile(bytes: &[u8], fold: bool) -> Result<Self, Unsupported> {
         let proto = tract_onnx::onnx()
             .proto_model_for_read(&mut &bytes[..])
             .map_err(|e| Unsupported(format!("{e:#}")))?;
@@ -558,8 +570,10 @@ impl FusedPlan {
             return Err(Unsupported("an image-shaped output".into()));
         };
         let mut steps = b.steps;
-        fold_affine_into_gemm(&mut steps, output);
-        fold_flatten_into_gemm(&mut steps, output);
+        if fold {
+            fold_affine_into_gemm(&mut steps, output);
+            fold_flatten_into_gemm(&mut steps, output);
+        }
         // The dense kernels' layout, once the folds have settled the weights.
         for step in &mut steps {
             if let Step::Gemm {
@@ -915,6 +929,51 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             let mut out = output_buffer(state, *dst, state.buffers[*src].len());
             crate::direct::softmax(&state.buffers[*src], &mut out, *n);
             state.buffers[*dst] = out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inputs like the models': 64 pixels in 0..=16, from a fixed sequence.
+    pub(crate) fn pixels(rows: usize) -> Vec<f32> {
+        (0..rows * 64)
+            .map(|i| ((i * 7919 + i / 64 * 31) % 17) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn folding_into_gemm_changes_no_answer() {
+        for (name, bytes) in [
+            ("mlp", crate::builtin::DIGITS_MLP),
+            ("cnn", crate::builtin::DIGITS_CNN),
+        ] {
+            let folded = FusedPlan::from_onnx(bytes).unwrap();
+            let unfolded = FusedPlan::from_onnx_unfolded(bytes).unwrap();
+            let kinds =
+                |p: &FusedPlan, f: fn(&Step) -> bool| p.steps.iter().filter(|s| f(s)).count();
+            let affine = |s: &Step| matches!(s, Step::Affine { .. });
+            let to_flat = |s: &Step| matches!(s, Step::ToFlat { .. });
+            // What the folds remove is there to compare against, and gone when folded:
+            // the MLP's scaling feeds a Gemm (folded), the CNN's a convolution (kept);
+            // the CNN's Flatten feeds its Gemm (folded).
+            assert_eq!(kinds(&unfolded, affine), 1, "{name}");
+            if name == "mlp" {
+                assert_eq!(kinds(&folded, affine), 0);
+            } else {
+                assert_eq!(kinds(&unfolded, to_flat), 1);
+                assert_eq!(kinds(&folded, to_flat), 0);
+            }
+            let rows = 37;
+            let input = pixels(rows);
+            let a = folded.run(&mut FusedState::default(), input.clone(), rows);
+            let b = unfolded.run(&mut FusedState::default(), input, rows);
+            assert_eq!(a.len(), rows * 10);
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() <= 1e-5, "{name}, output {i}: {x} vs {y}");
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 
 mod common;
 
-use switchyard_inference::gpu::GpuOptions;
+use switchyard_inference::fused::FusedPlan;
+use switchyard_inference::gpu::{GpuModel, GpuOptions};
 use switchyard_inference::{builtin, TractModel};
 
 fn on_gpu(name: &str, bytes: &[u8]) -> TractModel {
@@ -55,5 +56,22 @@ fn a_software_adapter_is_not_a_gpu_unless_asked_for() {
     } else {
         assert!(!model.is_gpu());
         assert_eq!(model.run(vec![0.0; 64], 1).unwrap().len(), 10);
+    }
+}
+
+#[test]
+fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
+    // The bundled models' plans fold the input scaling and the CNN's Flatten into Gemm
+    // weights; other graphs keep those steps, so their kernels are run here unfolded.
+    for (name, bytes) in [("mlp", builtin::DIGITS_MLP), ("cnn", builtin::DIGITS_CNN)] {
+        let plan = FusedPlan::from_onnx_unfolded(bytes).unwrap();
+        let gpu = GpuModel::new(
+            &plan,
+            GpuOptions {
+                allow_cpu_adapter: true,
+            },
+        )
+        .unwrap();
+        common::check_against_onnxruntime(name, 64, |input, rows| gpu.run(&input, rows).unwrap());
     }
 }
