@@ -181,12 +181,19 @@ fn attr_float(node: &pb::NodeProto, name: &str, default: f32) -> f32 {
     attr(node, name).map_or(default, |a| a.f)
 }
 
+/// Denormal weights make every multiply that touches them take a slow microcode path on
+/// x86; flushing them to zero changes no result by more than 1.2e-38.
+fn flush(x: f32) -> f32 {
+    if x.is_subnormal() {
+        0.0
+    } else {
+        x
+    }
+}
+
 fn tensor_data(t: &pb::TensorProto) -> Result<(Vec<f32>, Vec<i64>), Unsupported> {
     const FLOAT: i32 = 1;
     const INT64: i32 = 7;
-    // Denormal constants make every multiply that touches them take a slow microcode
-    // path on x86; flushing them to zero changes no result by more than 1.2e-38.
-    let flush = |x: f32| if x.is_subnormal() { 0.0 } else { x };
     match t.data_type {
         FLOAT if !t.raw_data.is_empty() => Ok((
             t.raw_data
@@ -667,14 +674,9 @@ fn fold_affine_into_gemm(steps: &mut Vec<Step>, output: usize) {
                 }
             }
             for w in weights.iter_mut() {
-                // Flushed like the loader's weights: scaling tiny weights (the MLP's
-                // never-lit pixels) can make denormals, which cost Intel CPUs a
-                // microcode assist per multiply (this fold made the MLP 25% slower
-                // before it flushed).
-                *w *= mul;
-                if w.is_subnormal() {
-                    *w = 0.0;
-                }
+                // Scaled tiny weights (the MLP's never-lit pixels) can become
+                // denormals: this fold made the MLP 25% slower until it flushed them.
+                *w = flush(*w * mul);
             }
             *gemm_src = src;
         }
