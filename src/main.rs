@@ -106,6 +106,14 @@ struct ModelServerArgs {
     /// `tract` (CPU) or `wgpu` (GPU when there is one; else the CPU, with a log line).
     #[arg(long, default_value = "tract")]
     runtime: String,
+    /// With `--runtime tract`: `fused` (our kernels where the graph allows, else tract's
+    /// plan) or `tract` (tract's plan only).
+    #[arg(long)]
+    cpu_kernels: Option<String>,
+    /// With `--runtime wgpu`: `hardware`, or `any` to also accept a software Vulkan
+    /// adapter (lavapipe) for rehearsals on a machine with no GPU.
+    #[arg(long)]
+    gpu_adapter: Option<String>,
 }
 
 impl ModelServerArgs {
@@ -130,6 +138,12 @@ impl ModelServerArgs {
             y.push_str(&format!("          delay: {}\n", q(d)));
         }
         y.push_str(&format!("          runtime: {}\n", q(&self.runtime)));
+        if let Some(k) = &self.cpu_kernels {
+            y.push_str(&format!("          cpu_kernels: {}\n", q(k)));
+        }
+        if let Some(a) = &self.gpu_adapter {
+            y.push_str(&format!("          gpu_adapter: {}\n", q(a)));
+        }
         y.push_str(&format!(
             "          batching:\n            max_batch_size: {}\n            batch_timeout_micros: {}\n            max_enqueued_batches: {}\n",
             self.max_batch_size, self.batch_timeout_micros, self.max_enqueued_batches

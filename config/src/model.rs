@@ -272,8 +272,12 @@ pub struct Local {
     /// Path of an ONNX file (relative to the working directory), or `builtin:digits_mlp`
     /// / `builtin:digits_cnn` for the bundled models compiled into the binary.
     pub model: String,
-    /// `tract` (CPU).
+    /// `tract` (CPU) or `wgpu` (GPU).
     pub runtime: LocalRuntime,
+    /// Which CPU kernels run the model under `runtime: tract`.
+    pub cpu_kernels: CpuKernels,
+    /// Which adapters `runtime: wgpu` accepts.
+    pub gpu_adapter: GpuAdapter,
     /// Dynamic batching, with TensorFlow Serving's knobs.
     pub batching: Batching,
     /// Extra latency added to every answer, for experiments. Default none.
@@ -297,6 +301,28 @@ pub enum LocalRuntime {
     /// wgpu compute kernels on a GPU (Vulkan), when the binary has the `gpu` feature and
     /// the machine a GPU; otherwise the model runs on the CPU, with a log line saying why.
     Wgpu,
+}
+
+/// Which CPU kernels run a local model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKernels {
+    /// Switchyard's fused kernels when every operator of the graph has one, else
+    /// tract's plan (the default).
+    Fused,
+    /// tract's optimised plan only: to compare, or to rule our kernels out.
+    Tract,
+}
+
+/// Which Vulkan adapters the GPU runtime accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuAdapter {
+    /// A discrete GPU, else an integrated or virtual one (the default).
+    Hardware,
+    /// Also a software adapter (Mesa's lavapipe): the GPU code path on a machine with
+    /// no GPU, for tests and rehearsals. Slow; never what production wants.
+    Any,
 }
 
 /// TensorFlow Serving's batching parameters.
@@ -1032,7 +1058,15 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
         cx,
         node,
         path,
-        &["model", "runtime", "batching", "delay", "failure_rate"],
+        &[
+            "model",
+            "runtime",
+            "cpu_kernels",
+            "gpu_adapter",
+            "batching",
+            "delay",
+            "failure_rate",
+        ],
     )?;
     let model_node = f.get("model");
     let model = f.required(cx, "model", |cx, n, p| {
@@ -1064,6 +1098,42 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
             &[("tract", LocalRuntime::Tract), ("wgpu", LocalRuntime::Wgpu)],
         )
     });
+    let cpu_kernels = f.optional(cx, "cpu_kernels", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[("fused", CpuKernels::Fused), ("tract", CpuKernels::Tract)],
+        )
+    });
+    let gpu_adapter = f.optional(cx, "gpu_adapter", |cx, n, p| {
+        decode::one_of(
+            cx,
+            n,
+            p,
+            &[("hardware", GpuAdapter::Hardware), ("any", GpuAdapter::Any)],
+        )
+    });
+    // Each knob belongs to one runtime; one set for the other is a mistake worth
+    // reporting rather than a setting silently ignored.
+    let wgpu = runtime == Some(LocalRuntime::Wgpu);
+    if let (Some(CpuKernels::Tract), true) = (cpu_kernels, wgpu) {
+        let n = f.get("cpu_kernels").unwrap_or(node);
+        cx.error(
+            n,
+            &child(path, "cpu_kernels"),
+            "`tract` applies to `runtime: tract` only: the GPU runs the fused kernels' steps"
+                .to_string(),
+        );
+    }
+    if let (Some(_), false) = (gpu_adapter, wgpu) {
+        let n = f.get("gpu_adapter").unwrap_or(node);
+        cx.error(
+            n,
+            &child(path, "gpu_adapter"),
+            "applies to `runtime: wgpu` only".to_string(),
+        );
+    }
     let batching = f.optional(cx, "batching", decode_batching);
     let delay = f.optional(cx, "delay", decode::duration);
     let failure_rate = f.optional(cx, "failure_rate", |cx, n, p| {
@@ -1077,6 +1147,8 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
     Some(Local {
         model: model?,
         runtime: runtime.unwrap_or(LocalRuntime::Tract),
+        cpu_kernels: cpu_kernels.unwrap_or(CpuKernels::Fused),
+        gpu_adapter: gpu_adapter.unwrap_or(GpuAdapter::Hardware),
         batching: batching.unwrap_or_default(),
         delay,
         failure_rate: failure_rate.unwrap_or(0.0),

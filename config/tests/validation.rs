@@ -177,6 +177,19 @@ models:
           failure_rate: 1.5
           batching: {max_batch_size: 0, max_batch: 3}
         weight: 1
+      - name: knobs
+        local:
+          model: "builtin:digits_mlp"
+          cpu_kernels: tract
+          gpu_adapter: any
+        weight: 1
+      - name: gpu
+        local:
+          model: "builtin:digits_mlp"
+          runtime: wgpu
+          cpu_kernels: tract
+          gpu_adapter: software
+        weight: 1
 "#;
     let errors = from_yaml_str(text).unwrap_err().0;
     let has = |path: &str, words: &str| {
@@ -212,7 +225,19 @@ models:
         "models.m.variants[3].local.batching.max_batch",
         "did you mean `max_batch_size`",
     );
-    assert_eq!(errors.len(), 8, "{errors:#?}");
+    has(
+        "models.m.variants[4].local.gpu_adapter",
+        "applies to `runtime: wgpu` only",
+    );
+    has(
+        "models.m.variants[5].local.cpu_kernels",
+        "applies to `runtime: tract` only",
+    );
+    has(
+        "models.m.variants[5].local.gpu_adapter",
+        "not one of `hardware`",
+    );
+    assert_eq!(errors.len(), 11, "{errors:#?}");
 }
 
 #[test]
@@ -226,6 +251,8 @@ fn local_defaults_follow_tf_serving_where_it_has_them() {
     assert_eq!(local.batching.batch_timeout_micros, 0);
     assert_eq!(local.batching.num_batch_threads, None);
     assert_eq!(local.failure_rate, 0.0);
+    assert_eq!(local.cpu_kernels, switchyard_config::CpuKernels::Fused);
+    assert_eq!(local.gpu_adapter, switchyard_config::GpuAdapter::Hardware);
     assert_eq!(
         local.model_at,
         (4, 34),

@@ -46,13 +46,7 @@ fn main() {
             std::process::exit(3);
         }
     }
-    let runtime = if model.is_gpu() {
-        "wgpu"
-    } else if model.is_fused() {
-        "fused"
-    } else {
-        "tract"
-    };
+    let runtime = model.runtime_name();
     let row = model.signature().input.row_len();
     // Compiled in, so the binary runs anywhere (a GPU machine gets only the binary).
     let vectors: serde_json::Value =

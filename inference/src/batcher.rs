@@ -46,6 +46,7 @@ pub struct LocalMetricFamilies {
     batch: HistogramVec,
     shed: IntCounterVec,
     queued: IntGaugeVec,
+    runtime: IntGaugeVec,
 }
 
 /// One model's metric handles.
@@ -102,6 +103,14 @@ impl LocalMetricFamilies {
             ),
             &["model"],
         )?;
+        let runtime = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_local_runtime_info",
+                "1 for what runs each local model: `wgpu` (GPU kernels), `fused` (Switchyard's CPU kernels) or `tract` (tract's plan); 0 for the others.",
+            ),
+            &["model", "runtime"],
+        )?;
+        registry.register(Box::new(runtime.clone()))?;
         registry.register(Box::new(queued.clone()))?;
         registry.register(Box::new(queue.clone()))?;
         registry.register(Box::new(compute.clone()))?;
@@ -113,7 +122,18 @@ impl LocalMetricFamilies {
             batch,
             shed,
             queued,
+            runtime,
         })
+    }
+
+    /// Records what runs `model` (see [`TractModel::runtime_name`]): a `runtime: wgpu`
+    /// model with no usable GPU runs on the CPU, and this is where that shows.
+    pub fn set_runtime(&self, model: &str, runtime: &str) {
+        for name in crate::tract::RUNTIME_NAMES {
+            self.runtime
+                .with_label_values(&[model, name])
+                .set(i64::from(name == runtime));
+        }
     }
 
     /// The handles of `model`.

@@ -24,6 +24,9 @@ pub enum Kernels {
     TractOnly,
 }
 
+/// Every value of [`TractModel::runtime_name`].
+pub const RUNTIME_NAMES: [&str; 3] = ["wgpu", "fused", "tract"];
+
 /// A model loaded by tract, run by the fused kernels or tract's plan.
 pub struct TractModel {
     name: String,
@@ -52,6 +55,18 @@ impl TractModel {
     /// True when the fused kernels run this model.
     pub fn is_fused(&self) -> bool {
         self.fused.is_some()
+    }
+
+    /// What runs this model: `wgpu` (the GPU kernels), `fused` (the fused CPU kernels)
+    /// or `tract` (tract's plan).
+    pub fn runtime_name(&self) -> &'static str {
+        if self.is_gpu() {
+            "wgpu"
+        } else if self.is_fused() {
+            "fused"
+        } else {
+            "tract"
+        }
     }
 
     /// As [`TractModel::from_bytes`], choosing the kernels.

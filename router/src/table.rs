@@ -244,17 +244,25 @@ fn load_local(
             .into(),
     };
     #[allow(unused_mut)]
-    let mut tract = switchyard_inference::TractModel::from_bytes(&local.model, &bytes)
-        .map_err(|e| err(e.to_string()))?;
+    let kernels = match local.cpu_kernels {
+        switchyard_config::CpuKernels::Fused => switchyard_inference::Kernels::Auto,
+        switchyard_config::CpuKernels::Tract => switchyard_inference::Kernels::TractOnly,
+    };
+    let mut tract =
+        switchyard_inference::TractModel::from_bytes_with(&local.model, &bytes, kernels)
+            .map_err(|e| err(e.to_string()))?;
     if local.runtime == switchyard_config::LocalRuntime::Wgpu {
         // No GPU, or a graph outside the GPU kernels: the model still serves, on the
         // CPU, and the log says why (a sidecar must not refuse to start over it).
         #[cfg(feature = "gpu")]
-        tract.use_gpu(switchyard_inference::gpu::GpuOptions::default());
+        tract.use_gpu(switchyard_inference::gpu::GpuOptions {
+            allow_cpu_adapter: local.gpu_adapter == switchyard_config::GpuAdapter::Any,
+        });
         #[cfg(not(feature = "gpu"))]
         tracing::warn!(%model, "runtime wgpu: this binary was built without the `gpu` feature; the model runs on the CPU.");
     }
-    let runtime = if tract.is_gpu() { "wgpu" } else { "tract" };
+    let runtime = tract.runtime_name();
+    metrics.local.set_runtime(model, runtime);
     let b = &local.batching;
     let threads = b.num_batch_threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
