@@ -13,10 +13,10 @@
 #                           # switchyard, stripped: the carry limit is 64 MiB), copy them,
 #                           # the models and libvulkan.so.1 into .device/gpu (git-ignored)
 #   bench/gpu.sh device     # there (no cargo, no network): run both GPU measurements in
-#                           # one go (about 2 minutes); with ALLOW_SOFTWARE=1 the runtime
-#                           # part also accepts lavapipe, to rehearse the script on a
-#                           # machine without a GPU (the model server then falls back to
-#                           # the CPU, and its results say runtime "tract")
+#                           # one go (about 2 minutes); with ALLOW_SOFTWARE=1 both parts
+#                           # also accept lavapipe (runtime_bench `gpu-any`, model-server
+#                           # `--gpu-adapter any`), to rehearse the script on a machine
+#                           # without a GPU
 #
 # On the device tool: run(command="bench/gpu.sh device", carry=[".device/gpu"]).
 # Headless NVIDIA setup as in ../shared/GPU.md: the Vulkan loader shipped alongside,
@@ -49,6 +49,7 @@ case "${1:-}" in
     export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
     export WGPU_BACKEND=vulkan
     mode=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo gpu-any || echo gpu)
+    adapter=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo any || echo hardware)
     OUTFILE="${OUT:-$PWD}/gpu-results.jsonl"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "${OUT:-$PWD}/gpu-name.txt"
     for m in mlp cnn; do
@@ -61,7 +62,7 @@ case "${1:-}" in
     for m in mlp cnn; do
       for mb in 1 64; do
         log="${OUT:-$PWD}/model-server-$m-$mb.log"
-        "$DIR/switchyard" model-server --model "$DIR/digits_$m.onnx" --runtime wgpu \
+        "$DIR/switchyard" model-server --model "$DIR/digits_$m.onnx" --runtime wgpu --gpu-adapter "$adapter" \
           --listen "127.0.0.1:$port" --max-batch-size "$mb" --num-batch-threads 1 > "$log" 2>&1 &
         server=$!
         for _ in $(seq 1 100); do grep -q 'Switchyard is serving' "$log" && break; sleep 0.1; done
