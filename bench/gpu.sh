@@ -8,7 +8,7 @@
 # (--max-batch-size 1) vs batched (64), one batch thread, 64 clients from `switchyard
 # load`, on the GPU machine.
 #
-#   bench/gpu.sh cpu        # here: the CPU runtime at batch 1024, 4096, 16384 (one thread)
+#   bench/gpu.sh cpu        # here: the CPU runtime at batch 1024 to 65536 (one thread)
 #   bench/gpu.sh prepare    # here: build the release binaries (runtime_bench and
 #                           # switchyard, stripped: the carry limit is 64 MiB), copy them,
 #                           # the models and libvulkan.so.1 into .device/gpu (git-ignored)
@@ -23,7 +23,7 @@
 # /dev/nvidia-modeset created if missing, XDG_RUNTIME_DIR set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BATCHES=${BATCHES:-1024 4096 16384}
+BATCHES=${BATCHES:-1024 4096 16384 65536}
 SECONDS_EACH=${SECONDS_EACH:-3}
 DIR=.device/gpu
 case "${1:-}" in

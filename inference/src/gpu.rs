@@ -8,6 +8,9 @@
 //! grows them. A batch is one command buffer: write the input, one dispatch per step,
 //! copy the output to a mappable buffer, wait, read.
 //!
+//! Floats cross to and from the GPU as their in-memory bytes (`bytemuck`): WGSL's
+//! storage buffers are little-endian, as is every host wgpu's Vulkan backend runs on.
+//!
 //! Adapter choice is explicit and logged: a discrete GPU, else an integrated or virtual
 //! one. A CPU adapter (Mesa's lavapipe) counts as no GPU unless the caller allows it
 //! (the tests do, so CI checks the kernels without a GPU).
@@ -318,7 +321,7 @@ impl GpuModel {
             let data = if data.is_empty() { &[0.0][..] } else { data };
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: None,
-                contents: &f32_bytes(data),
+                contents: bytemuck::cast_slice(data),
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
@@ -582,7 +585,11 @@ impl GpuModel {
         let Some(b) = state.as_ref() else {
             unreachable!("buffers were just made")
         };
-        self.queue.write_buffer(&b.values[0], 0, &f32_bytes(input));
+        // Straight from the caller's floats into wgpu's staging memory: a batch of 16k MLP
+        // rows is 4 MB, and a fresh byte vector for it (first-touch page faults
+        // included) cost about as much as the CPU runtime's whole batch.
+        self.queue
+            .write_buffer(&b.values[0], 0, bytemuck::cast_slice(input));
         let mut encoder = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -601,8 +608,8 @@ impl GpuModel {
                 for (j, f) in k.floats.iter().enumerate() {
                     words[16 + j] = f.to_bits();
                 }
-                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                self.queue.write_buffer(&b.params[i], 0, &bytes);
+                self.queue
+                    .write_buffer(&b.params[i], 0, bytemuck::cast_slice(&words));
                 pass.set_pipeline(&k.pipeline);
                 pass.set_bind_group(0, &b.groups[i], &[]);
                 match k.shape {
@@ -636,15 +643,10 @@ impl GpuModel {
                 .readback
                 .get_mapped_range(..out_bytes)
                 .map_err(|e| InferenceError::Run(format!("GPU: {e}")))?;
-            view.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
+            // One copy out of the mapping (which need not be aligned for f32).
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view)
         };
         b.readback.unmap();
         Ok(out)
     }
-}
-
-fn f32_bytes(data: &[f32]) -> Vec<u8> {
-    data.iter().flat_map(|f| f.to_le_bytes()).collect()
 }
