@@ -8,7 +8,8 @@
 # (--max-batch-size 1) vs batched (64), one batch thread, 64 clients from `switchyard
 # load`, on the GPU machine.
 #
-#   bench/gpu.sh cpu        # here: the CPU runtime at batch 1024 to 65536 (one thread)
+#   bench/gpu.sh cpu        # here: the CPU runtime (fused kernels, and tract's plan) at
+#                           # batch 1024 to 65536 (one thread)
 #   bench/gpu.sh prepare    # here: build the release binaries (runtime_bench and
 #                           # switchyard, stripped: the carry limit is 64 MiB), copy them,
 #                           # the models and libvulkan.so.1 into .device/gpu (git-ignored)
@@ -29,9 +30,12 @@ DIR=.device/gpu
 case "${1:-}" in
   cpu)
     cargo build --release --quiet -p switchyard-inference --features gpu --example runtime_bench
+    # Both CPU references: what Switchyard runs (the fused kernels) and tract's plan.
     for m in mlp cnn; do
       for b in $BATCHES; do
-        taskset -c 1 target/release/examples/runtime_bench "models/digits_$m.onnx" "$b" "$SECONDS_EACH" auto
+        for kernels in auto tract; do
+          taskset -c 1 target/release/examples/runtime_bench "models/digits_$m.onnx" "$b" "$SECONDS_EACH" "$kernels"
+        done
       done
     done ;;
   prepare)
