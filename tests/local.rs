@@ -466,6 +466,8 @@ async fn runtime_wgpu_serves_the_same_answers_on_a_gpu_or_without_one() {
     assert_eq!(r.header("x-switchyard-variant"), Some("gpu"));
 }
 
+// Built without the `gpu` feature, `runtime: wgpu` always serves on the CPU.
+#[cfg(feature = "gpu")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_adapter_any_runs_the_gpu_kernels_on_software_vulkan_and_batches() {
     // `gpu_adapter: any` takes Mesa's lavapipe (what CI has): the GPU kernels then serve

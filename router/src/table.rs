@@ -243,11 +243,11 @@ fn load_local(
             .map_err(|e| err(format!("cannot read model file `{}`: {e}", local.model)))?
             .into(),
     };
-    #[allow(unused_mut)]
     let kernels = match local.cpu_kernels {
         switchyard_config::CpuKernels::Fused => switchyard_inference::Kernels::Auto,
         switchyard_config::CpuKernels::Tract => switchyard_inference::Kernels::TractOnly,
     };
+    #[allow(unused_mut)]
     let mut tract =
         switchyard_inference::TractModel::from_bytes_with(&local.model, &bytes, kernels)
             .map_err(|e| err(e.to_string()))?;
