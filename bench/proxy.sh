@@ -4,6 +4,9 @@
 #
 #   bench/proxy.sh                 # 3 rounds, 5 s per measurement
 #   ROUNDS=5 SECONDS_EACH=10 RATE=3000 bench/proxy.sh
+#   bench/proxy.sh trace           # where the time goes at one connection, nginx vs
+#                                  # Switchyard: system calls per request and the time
+#                                  # between them (perf's raw_syscalls tracepoints; root)
 #
 # Origin: nginx returning a fixed TF Serving prediction on three ports (one per
 # variant). Targets: direct to the origin; nginx reverse proxy (upstream keepalive);
@@ -120,6 +123,72 @@ sleep 1
 for port in $O1 $P_NGINX $P_HAPROXY $P_SY; do
   curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port$PATH_TF" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
 done
+
+if [ "${1:-}" = trace ]; then
+  need perf
+  for t in nginx switchyard; do
+    case $t in
+      nginx) port=$P_NGINX; pid=$(pgrep -P "$NGINX_PID") ;;
+      switchyard) port=$P_SY; pid=$SY_PID ;;
+    esac
+    taskset -c 0 wrk -t1 -c1 -d6s -s "$WORK/post.lua" "http://127.0.0.1:$port$PATH_TF" > /dev/null &
+    load=$!
+    sleep 1
+    timeout -s INT 3 perf record -q -e 'raw_syscalls:sys_enter,raw_syscalls:sys_exit' -p "$pid" -o "$WORK/trace.$t" > /dev/null 2>&1 || true
+    wait "$load"
+    perf script -i "$WORK/trace.$t" 2>/dev/null > "$WORK/trace.$t.txt"
+  done
+  python3 - "$WORK/trace.nginx.txt" "$WORK/trace.switchyard.txt" <<'PY'
+import re, statistics as st, sys
+NAMES = {0: "read", 1: "write", 20: "writev", 45: "recvfrom", 232: "epoll_wait", 55: "getsockopt"}
+def calls(path):
+    out, pending = [], None
+    for line in open(path):
+        m = re.search(r"\] (\d+\.\d+):\s+raw_syscalls:sys_(enter|exit): NR (\d+) (.*)", line)
+        if not m:
+            continue
+        t, kind, nr, rest = float(m.group(1)) * 1e6, m.group(2), int(m.group(3)), m.group(4)
+        if kind == "enter":
+            pending = (t, nr)
+        elif pending and pending[1] == nr:
+            ret = rest.split("=")[-1].strip()
+            out.append((pending[0], t, nr, int(ret) if ret.lstrip("-").isdigit() else -1))
+            pending = None
+    return out
+def summary(path):
+    cs = calls(path)
+    # The request is the larger read (279 bytes), the upstream's answer the smaller.
+    sizes = sorted({c[3] for c in cs if c[2] == 45 and c[3] > 100})
+    req_size, resp_size = sizes[-1], sizes[0]
+    leg_in, leg_out, wv, cycle, last = [], [], [], [], None
+    for i, (t0, t1, nr, ret) in enumerate(cs):
+        if nr != 45 or ret not in (req_size, resp_size):
+            continue
+        nxt = next((c for c in cs[i + 1:i + 8] if c[2] == 20), None)
+        if nxt is None:
+            continue
+        (leg_in if ret == req_size else leg_out).append(nxt[0] - t1)
+        wv.append(nxt[1] - nxt[0])
+        if ret == req_size:
+            if last is not None:
+                cycle.append(t1 - last)
+            last = t1
+    n = len(leg_in)
+    counts = {}
+    for c in cs:
+        counts[NAMES.get(c[2], str(c[2]))] = counts.get(NAMES.get(c[2], str(c[2])), 0) + 1
+    calls_per = ", ".join(f"{v / n:.1f} {k}" for k, v in sorted(counts.items()) if v / n >= 0.05)
+    return n, calls_per, st.median(leg_in), st.median(leg_out), st.median(wv), st.median(cycle)
+rows = [("nginx", summary(sys.argv[1])), ("switchyard", summary(sys.argv[2]))]
+print("| per request (medians, µs) | " + " | ".join(r[0] for r in rows) + " |")
+print("|---|---|---|")
+labels = ["requests traced", "system calls", "user: request read → upstream writev",
+          "user: response read → client writev", "each writev", "whole cycle"]
+for i, label in enumerate(labels):
+    print(f"| {label} | " + " | ".join(str(round(r[1][i], 1)) if isinstance(r[1][i], float) else str(r[1][i]) for r in rows) + " |")
+PY
+  exit 0
+fi
 
 # CPU ticks (user+system) of a process and its children threads; nginx's master has one
 # worker child, whose ticks we add.
