@@ -225,6 +225,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let data_opts = ServeOptions {
         max_connections: config.max_connections,
         drain_timeout: config.drain_timeout,
+        client_header_timeout: config.client_header_timeout,
         connection_metrics: Some((
             metrics.connections_open.clone(),
             metrics.connections_total.clone(),
@@ -254,6 +255,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let admin_opts = ServeOptions {
         max_connections: 256,
         drain_timeout: std::time::Duration::from_secs(1),
+        client_header_timeout: config.client_header_timeout,
         connection_metrics: None,
     };
     let admin = tokio::spawn(server::serve(

@@ -603,6 +603,7 @@ async fn decisions_keep_the_probability_of_their_choice() {
     let opts = ServeOptions {
         max_connections: 64,
         drain_timeout: Duration::from_secs(1),
+        client_header_timeout: Duration::from_secs(60),
         connection_metrics: None,
     };
     tokio::spawn(serve(

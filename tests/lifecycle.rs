@@ -229,3 +229,60 @@ async fn upstream_connections_are_pooled_and_reused() {
         "one keep-alive connection for sequential requests"
     );
 }
+
+/// Reads until the server closes the connection (EOF or reset) and returns what came;
+/// panics if it is still open after `bound`, far beyond the timeout under test.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, bound: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(bound, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection is still open after {bound:?}"
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_closed_after_client_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        "client_header_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let bound = Duration::from_secs(20);
+
+    // Half a request head, then silence (slowloris): closed, and nothing was forwarded.
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    s.write_all(b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-")
+        .await
+        .unwrap();
+    read_until_closed(&mut s, bound).await;
+    assert_eq!(up.hits(), 0);
+
+    // A whole request is answered; the kept-alive connection, idle after it, is closed.
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await
+    .unwrap();
+    let got = String::from_utf8_lossy(&read_until_closed(&mut s, bound).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eq!(up.hits(), 1);
+
+    // A connection that never sends a byte is closed too.
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    assert!(read_until_closed(&mut s, bound).await.is_empty());
+}

@@ -42,6 +42,12 @@ pub struct Config {
     /// process exits anyway. Default `30s`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub drain_timeout: Duration,
+    /// Time a client connection gets, from opening or from the end of its previous
+    /// answer, to deliver a complete request head; then it is closed. Bounds both idle
+    /// keep-alive connections and clients that send headers slowly (slowloris). HTTP/1.1
+    /// only. Default `60s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub client_header_timeout: Duration,
     /// Most client connections served at once on the data plane; further connections
     /// wait in the kernel's accept queue. Default 10000.
     pub max_connections: usize,
@@ -527,6 +533,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "connect_timeout",
             "request_timeout",
             "drain_timeout",
+            "client_header_timeout",
             "max_connections",
             "worker_threads",
             "seed",
@@ -540,6 +547,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     let drain_timeout = f.optional(cx, "drain_timeout", decode::duration);
+    let client_header_timeout = f.optional(cx, "client_header_timeout", decode::duration);
     let max_connections = f.optional(cx, "max_connections", positive_usize);
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
     let seed = f.optional(cx, "seed", decode::u64);
@@ -563,6 +571,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(1)),
         request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
         drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
+        client_header_timeout: client_header_timeout.unwrap_or(Duration::from_secs(60)),
         max_connections: max_connections.unwrap_or(10_000),
         worker_threads,
         seed,

@@ -32,6 +32,7 @@ fn the_issue_example_is_accepted_with_defaults() {
     assert_eq!(m.variants[2].cost_per_1k, 0.0);
     assert_eq!(m.variants[0].protocol, UpstreamProtocol::Http1);
     assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
+    assert_eq!(c.client_header_timeout, std::time::Duration::from_secs(60));
 }
 
 #[test]
@@ -39,6 +40,7 @@ fn every_error_is_reported_with_path_and_line() {
     let bad = r#"
 listen: nowhere
 request_timeout: 5
+client_header_timeout: 0s
 models:
   mnist:
     sticky_header: "bad header"
@@ -60,14 +62,15 @@ models:
     let expect = [
         ("listen", 2),
         ("request_timeout", 3),
-        ("models.mnist.sticky_header", 6),
-        ("models.mnist.variants[0].upstream", 9),
-        ("models.mnist.variants[0].weight", 10),
-        ("models.mnist.variants[0].wieght", 11),
-        ("models.mnist.variants[1].weight", 14),
-        ("models.mnist.variants[2]", 15),
-        ("models.bad/name", 17),
-        ("models.bad/name.variants", 18),
+        ("client_header_timeout", 4),
+        ("models.mnist.sticky_header", 7),
+        ("models.mnist.variants[0].upstream", 10),
+        ("models.mnist.variants[0].weight", 11),
+        ("models.mnist.variants[0].wieght", 12),
+        ("models.mnist.variants[1].weight", 15),
+        ("models.mnist.variants[2]", 16),
+        ("models.bad/name", 18),
+        ("models.bad/name.variants", 19),
     ];
     for (path, line) in expect {
         assert!(

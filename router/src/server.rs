@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Time an HTTP/1.1 connection gets, from opening or from its last answer, to
+    /// deliver a complete request head before it is closed.
+    pub client_header_timeout: Duration,
     /// Gauge of open connections and counter of accepted ones, if this listener is
     /// measured.
     pub connection_metrics: Option<(IntGauge, IntCounter)>,
@@ -64,8 +67,17 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper enforces its header read timeout only with a timer, and without one a
+    // client that sends half a request head (or nothing, on a kept-alive connection)
+    // would hold its connection, and one of `max_connections`, forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.client_header_timeout);
     let graceful = GracefulShutdown::new();
+    // Tells connections still waiting for their first byte that the listener is closing.
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -92,18 +104,36 @@ where
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(make_service(peer));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut closing = closing_rx.clone();
+        let first_byte_timeout = opts.client_header_timeout;
         let metrics = opts.connection_metrics.clone();
         if let Some((open, total)) = &metrics {
             open.inc();
             total.inc();
         }
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+            // hyper-util reads the first bytes to tell HTTP/1.1 from h2c with no timeout
+            // of its own: a client that connects and says nothing would sit there
+            // forever. It gets `client_header_timeout` for its first byte (EOF counts),
+            // and nothing once the listener is closing.
+            // (`peek`, not `readable`: tokio reports a new socket readable before any
+            // byte has come.)
+            let mut first = [0u8; 1];
+            let spoke = tokio::select! {
+                peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)) => {
+                    matches!(peeked, Ok(Ok(_)))
+                }
+                _ = closing.wait_for(|c| *c) => false,
+            };
+            if spoke {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+                }
+            } else {
+                tracing::debug!(%peer, "Connection closed before its first byte.");
             }
             if let Some((open, _)) = metrics {
                 open.dec();
@@ -111,6 +141,7 @@ where
             drop(permit);
         });
     }
+    let _ = closing.send(true);
     drop(listener);
     match tokio::time::timeout(opts.drain_timeout, graceful.shutdown()).await {
         Ok(()) => Drained::Clean,
