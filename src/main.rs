@@ -254,11 +254,47 @@ fn model_server(args: &ModelServerArgs) -> ExitCode {
     }) {
         Ok(c) => c,
         Err(e) => {
-            eprint!("{}", e.render(source));
+            // The user wrote flags, not YAML: name the flag, not the config path.
+            for err in &e.0 {
+                eprintln!(
+                    "switchyard model-server: {}: {}",
+                    flag_for(&err.path),
+                    err.message
+                );
+            }
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
     run_with_runtime(config, source.to_string())
+}
+
+/// The `model-server` flag behind a path of the config its flags become
+/// (`models.digits.variants[0].local.batching.max_batch_size` → `--max-batch-size`).
+fn flag_for(path: &str) -> String {
+    const FLAGS: &[&str] = &[
+        "listen",
+        "admin_listen",
+        "worker_threads",
+        "model",
+        "runtime",
+        "cpu_kernels",
+        "gpu_adapter",
+        "delay",
+        "failure_rate",
+        "max_batch_size",
+        "batch_timeout_micros",
+        "num_batch_threads",
+        "max_enqueued_batches",
+    ];
+    let last = path.rsplit('.').next().unwrap_or(path);
+    if FLAGS.contains(&last) {
+        format!("--{}", last.replace('_', "-"))
+    } else if path.starts_with("models") {
+        // The model's own entry: its name is the one thing left that a flag sets.
+        "--name".to_string()
+    } else {
+        path.to_string()
+    }
 }
 
 fn serve(path: Option<PathBuf>) -> ExitCode {

@@ -420,12 +420,38 @@ fn model_server_flags_are_validated_like_config() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     for expected in [
-        "no built-in model `nope`",
-        "must be between 0 and 1",
+        "--model: no built-in model `nope`",
+        "--failure-rate: must be between 0 and 1",
+        "--delay: ",
         "has no unit",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in {err}");
     }
+    assert!(
+        !err.contains("variants["),
+        "config paths instead of flags: {err}"
+    );
+
+    // A knob of the other runtime, and a bad model name, are named by their flags too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "model-server",
+            "--model",
+            "builtin:digits_mlp",
+            "--gpu-adapter",
+            "any",
+            "--name",
+            "a/b",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--gpu-adapter: applies to `runtime: wgpu` only"),
+        "{err}"
+    );
+    assert!(err.contains("--name: "), "{err}");
 }
 
 /// Posts the first `n` test digits to `app`'s model `digits` (TF Serving rows) and
