@@ -198,3 +198,34 @@ async fn garbage_on_the_wire_does_not_stop_the_server() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stalls_gets_408_and_the_server_keeps_serving() {
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        "client_body_timeout: 300ms\nrequest_timeout: 60s\nmodels:\n  remote:\n    bandit: {{objective: conversion}}\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n  local:\n    variants: [{{name: cpu, local: {{model: \"builtin:digits_mlp\"}}, weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    // Ten bytes of a hundred, then silence, on a connection the client keeps open: the
+    // body streamed upstream, the one a local model reads, and feedback's.
+    for path in [
+        "/v1/models/remote:predict",
+        "/v1/models/local:predict",
+        "/v1/feedback",
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"instance"
+        );
+        let answer = raw(app.data_addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(answer.contains("client_body_timeout"), "{path}: {answer}");
+    }
+    // A body that comes whole is answered as ever.
+    let r = predict(
+        &client(),
+        &format!("http://{}/v1/models/remote:predict", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

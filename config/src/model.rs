@@ -48,6 +48,10 @@ pub struct Config {
     /// only. Default `60s`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub client_header_timeout: Duration,
+    /// Longest pause allowed between two pieces of a client's request body; a client
+    /// that stalls longer gets 408. Default `60s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub client_body_timeout: Duration,
     /// Most client connections served at once on the data plane; further connections
     /// wait in the kernel's accept queue. Default 10000.
     pub max_connections: usize,
@@ -534,6 +538,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "request_timeout",
             "drain_timeout",
             "client_header_timeout",
+            "client_body_timeout",
             "max_connections",
             "worker_threads",
             "seed",
@@ -548,6 +553,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     let drain_timeout = f.optional(cx, "drain_timeout", decode::duration);
     let client_header_timeout = f.optional(cx, "client_header_timeout", decode::duration);
+    let client_body_timeout = f.optional(cx, "client_body_timeout", decode::duration);
     let max_connections = f.optional(cx, "max_connections", positive_usize);
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
     let seed = f.optional(cx, "seed", decode::u64);
@@ -572,6 +578,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
         drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
         client_header_timeout: client_header_timeout.unwrap_or(Duration::from_secs(60)),
+        client_body_timeout: client_body_timeout.unwrap_or(Duration::from_secs(60)),
         max_connections: max_connections.unwrap_or(10_000),
         worker_threads,
         seed,

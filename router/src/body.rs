@@ -113,31 +113,63 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The error a [`LimitedBody`] yields when the client sends nothing of its body for the
+/// `client_body_timeout`. The proxy answers 408.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled: nothing came for {after:?} (client_body_timeout)")]
+pub struct ClientBodyTimeout {
+    /// The timeout.
+    pub after: std::time::Duration,
+}
+
 /// The error a [`LimitedBody`] yields when reading the client's body fails.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
 /// Streams the client's body upstream frame by frame (no buffering, no re-serialising),
-/// failing once more than `limit` bytes have passed. Bodies that declare a
-/// `content-length` over the limit are refused before this is ever built.
+/// failing once more than `limit` bytes have passed, or when the client pauses longer
+/// than `stall_timeout` between two frames. Bodies that declare a `content-length` over
+/// the limit are refused before this is ever built.
 #[derive(Debug)]
 pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: u64,
     tap: Option<Box<RequestTap>>,
+    stall_timeout: std::time::Duration,
+    /// Armed only when a frame is not ready: a body that arrives with its head (most
+    /// predictions) never touches the timer.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the stall timer was last set.
+    progressed: bool,
 }
 
 impl LimitedBody {
-    /// Wraps `inner` with a limit of `limit` bytes.
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    /// Wraps `inner` with a limit of `limit` bytes and a longest pause between frames.
+    pub fn new(inner: Incoming, limit: u64, stall_timeout: std::time::Duration) -> Self {
         LimitedBody {
             inner,
             remaining: limit,
             limit,
             tap: None,
+            stall_timeout,
+            stall: None,
+            progressed: false,
         }
+    }
+
+    /// On a frame that is not ready: the stall timer, set from now if a frame came since
+    /// it was last set; ready once the client has been silent too long.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.stall_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if std::mem::take(&mut self.progressed) {
+            stall.as_mut().reset(deadline);
+        }
+        std::future::Future::poll(stall.as_mut(), cx).is_ready()
     }
 
     /// Shows the frames to a shadow mirror as they pass; it gets the whole body once
@@ -167,6 +199,7 @@ impl Body for LimitedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                self.progressed = true;
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.remaining {
@@ -193,7 +226,13 @@ impl Body for LimitedBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
-            other => other.map(|o| o.map(|r| r.map_err(|e| e.into()))),
+            Poll::Pending => {
+                if self.stalled(cx) {
+                    let after = self.stall_timeout;
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyTimeout { after }))));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -221,6 +260,9 @@ where
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() || e.is::<BodyTooLarge>() => {
             Err(crate::RouterError::BodyTooLarge { limit })
+        }
+        Err(e) if e.is::<ClientBodyTimeout>() => {
+            Err(crate::RouterError::ClientBodyTimeout(e.to_string()))
         }
         Err(e) => Err(crate::RouterError::ClientBody(e.to_string())),
     }

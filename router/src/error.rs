@@ -72,6 +72,9 @@ pub enum RouterError {
     /// The client's request body could not be read (it hung up or broke framing).
     #[error("request body could not be read: {0}")]
     ClientBody(String),
+    /// The client paused its request body longer than `client_body_timeout`.
+    #[error("{0}")]
+    ClientBodyTimeout(String),
     /// The upstream failed.
     #[error("upstream of variant `{variant}` failed ({}): {detail}", kind.as_str())]
     Upstream {
@@ -105,6 +108,7 @@ impl RouterError {
             RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::Upstream {
                 kind: UpstreamErrorKind::Timeout,
                 ..
@@ -131,6 +135,7 @@ impl RouterError {
             RouterError::UnknownModel(_) => "unknown_model",
             RouterError::BodyTooLarge { .. } => "body_too_large",
             RouterError::ClientBody(_) => "client_body",
+            RouterError::ClientBodyTimeout(_) => "client_body_timeout",
             RouterError::Upstream { .. } => "upstream",
             RouterError::BadInput(_) => "bad_input",
             RouterError::Overloaded(_) => "overloaded",
@@ -170,6 +175,7 @@ mod tests {
         assert_eq!(RouterError::UnknownModel("x".into()).status(), 404);
         assert_eq!(RouterError::BadPath("x".into()).status(), 400);
         assert_eq!(RouterError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(RouterError::ClientBodyTimeout("x".into()).status(), 408);
         assert_eq!(upstream(UpstreamErrorKind::Connect).status(), 502);
         assert_eq!(upstream(UpstreamErrorKind::Reset).status(), 502);
         assert_eq!(upstream(UpstreamErrorKind::Timeout).status(), 504);

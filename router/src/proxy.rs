@@ -78,6 +78,8 @@ pub struct Router {
     decisions: DecisionLog,
     sink: Option<Arc<dyn FeedbackSink>>,
     feedback_limit: u64,
+    /// Longest pause between two pieces of a request body (`client_body_timeout`).
+    body_stall_timeout: std::time::Duration,
     /// Runs mirrors and comparisons; declared last so it stops after the table (and
     /// the shadow queues in it) is gone.
     _shadow_runtime: Option<switchyard_shadow::ShadowRuntime>,
@@ -129,6 +131,7 @@ impl Router {
             decisions: DecisionLog::new(DECISION_LOG_CAPACITY),
             sink,
             feedback_limit: config.max_body_bytes,
+            body_stall_timeout: config.client_body_timeout,
             _shadow_runtime: shadow_runtime,
         }))
     }
@@ -217,8 +220,12 @@ impl Router {
                         "(feedback is taken only for models with a `bandit`)".into(),
                     ));
                 };
-                let body =
-                    crate::body::collect_limited(req.into_body(), self.feedback_limit).await?;
+                let body = LimitedBody::new(
+                    req.into_body(),
+                    self.feedback_limit,
+                    self.body_stall_timeout,
+                );
+                let body = crate::body::collect_limited(body, self.feedback_limit).await?;
                 let (status, answer) = feedback::handle(&self.decisions, sink.as_ref(), &body)?;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
                 return Ok(json_response(status, answer));
@@ -298,7 +305,7 @@ impl Router {
         }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let mut body = LimitedBody::new(body, model.body_limit);
+        let mut body = LimitedBody::new(body, model.body_limit, self.body_stall_timeout);
         let mut primary_answer = None;
         if let Some(shadows) = &model.shadows {
             let mask = if model_req.verb.is_prediction() {

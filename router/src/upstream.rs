@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use switchyard_config::{UpstreamProtocol, UpstreamUrl};
 
-use crate::body::{BodyTooLarge, ClientBodyError, LimitedBody};
+use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody};
 use crate::error::{RouterError, UpstreamErrorKind};
 
 /// How long an idle pooled connection to an upstream is kept.
@@ -41,6 +41,8 @@ pub enum SendError {
     BodyTooLarge(u64),
     /// The client's body broke.
     ClientBody(String),
+    /// The client's body stalled.
+    ClientBodyTimeout(String),
 }
 
 impl SendError {
@@ -54,6 +56,7 @@ impl SendError {
             },
             SendError::BodyTooLarge(limit) => RouterError::BodyTooLarge { limit },
             SendError::ClientBody(detail) => RouterError::ClientBody(detail),
+            SendError::ClientBodyTimeout(detail) => RouterError::ClientBodyTimeout(detail),
         }
     }
 }
@@ -135,6 +138,9 @@ fn classify(err: &hyper_util::client::legacy::Error) -> SendError {
         }
         if e.downcast_ref::<ClientBodyError>().is_some() {
             return SendError::ClientBody(detail);
+        }
+        if let Some(t) = e.downcast_ref::<ClientBodyTimeout>() {
+            return SendError::ClientBodyTimeout(t.to_string());
         }
         source = e.source();
     }
