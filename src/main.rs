@@ -258,7 +258,7 @@ fn model_server(args: &ModelServerArgs) -> ExitCode {
             for err in &e.0 {
                 eprintln!(
                     "switchyard model-server: {}: {}",
-                    flag_for(&err.path),
+                    flag_for(&err.path, &args.name),
                     err.message
                 );
             }
@@ -269,32 +269,22 @@ fn model_server(args: &ModelServerArgs) -> ExitCode {
 }
 
 /// The `model-server` flag behind a path of the config its flags become
-/// (`models.digits.variants[0].local.batching.max_batch_size` → `--max-batch-size`).
-fn flag_for(path: &str) -> String {
-    const FLAGS: &[&str] = &[
-        "listen",
-        "admin_listen",
-        "worker_threads",
-        "model",
-        "runtime",
-        "cpu_kernels",
-        "gpu_adapter",
-        "delay",
-        "failure_rate",
-        "max_batch_size",
-        "batch_timeout_micros",
-        "num_batch_threads",
-        "max_enqueued_batches",
-    ];
-    let last = path.rsplit('.').next().unwrap_or(path);
-    if FLAGS.contains(&last) {
-        format!("--{}", last.replace('_', "-"))
-    } else if path.starts_with("models") {
-        // The model's own entry: its name is the one thing left that a flag sets.
-        "--name".to_string()
-    } else {
-        path.to_string()
-    }
+/// (`models.digits.variants[0].local.batching.max_batch_size` → `--max-batch-size`):
+/// each config key is named after the flag's field, so clap's own argument list says
+/// which flag it was.
+fn flag_for(path: &str, model_name: &str) -> String {
+    let key = match path.strip_prefix(&format!("models.{model_name}")) {
+        // The model's own entry: its name is the one thing there that a flag sets.
+        Some("") => return "--name".to_string(),
+        Some(rest) => rest.rsplit('.').next().unwrap_or(rest),
+        None => path,
+    };
+    let args = <ModelServerArgs as clap::Args>::augment_args(clap::Command::new("model-server"));
+    let long = args
+        .get_arguments()
+        .find(|a| a.get_id() == key)
+        .and_then(clap::Arg::get_long);
+    long.map_or_else(|| path.to_string(), |l| format!("--{l}"))
 }
 
 fn serve(path: Option<PathBuf>) -> ExitCode {

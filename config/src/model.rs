@@ -1133,7 +1133,7 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
     // Each knob belongs to one runtime; one set for the other is a mistake worth
     // reporting rather than a setting silently ignored.
     let wgpu = runtime == Some(LocalRuntime::Wgpu);
-    if let (Some(CpuKernels::Tract), true) = (cpu_kernels, wgpu) {
+    if wgpu && cpu_kernels == Some(CpuKernels::Tract) {
         let n = f.get("cpu_kernels").unwrap_or(node);
         cx.error(
             n,
@@ -1142,7 +1142,7 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
                 .to_string(),
         );
     }
-    if let (Some(_), false) = (gpu_adapter, wgpu) {
+    if !wgpu && gpu_adapter.is_some() {
         let n = f.get("gpu_adapter").unwrap_or(node);
         cx.error(
             n,

@@ -15,7 +15,8 @@
 //!   threads, so inference never runs on the async I/O workers; a full queue sheds load.
 //! - [`builtin`]: the bundled digit classifiers, compiled into the binary.
 //! - [`error`]: the crate's error type, [`InferenceError`].
-// `unsafe` appears only where `direct` calls its AVX2 kernels after checking the CPU.
+// `unsafe` appears only in `direct`: calling its AVX2 / AVX-512 kernels after checking
+// the CPU, and their vector loads and stores.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -60,12 +60,13 @@ impl TractModel {
     /// What runs this model: `wgpu` (the GPU kernels), `fused` (the fused CPU kernels)
     /// or `tract` (tract's plan).
     pub fn runtime_name(&self) -> &'static str {
+        let [wgpu, fused, tract] = RUNTIME_NAMES;
         if self.is_gpu() {
-            "wgpu"
+            wgpu
         } else if self.is_fused() {
-            "fused"
+            fused
         } else {
-            "tract"
+            tract
         }
     }
 

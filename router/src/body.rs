@@ -162,13 +162,19 @@ impl LimitedBody {
     /// On a frame that is not ready: the stall timer, set from now if a frame came since
     /// it was last set; ready once the client has been silent too long.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.stall_timeout;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if std::mem::take(&mut self.progressed) {
-            stall.as_mut().reset(deadline);
-        }
+        let progressed = std::mem::take(&mut self.progressed);
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if progressed {
+                    let deadline = tokio::time::Instant::now() + self.stall_timeout;
+                    stall.as_mut().reset(deadline);
+                }
+                stall
+            }
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep(self.stall_timeout))),
+        };
         std::future::Future::poll(stall.as_mut(), cx).is_ready()
     }
 

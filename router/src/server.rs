@@ -31,8 +31,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
-    /// Time an HTTP/1.1 connection gets, from opening or from its last answer, to
-    /// deliver a complete request head before it is closed.
+    /// Time a connection gets for its first byte (any protocol), and an HTTP/1.1 one,
+    /// from opening or from its last answer, to deliver a complete request head.
     pub client_header_timeout: Duration,
     /// Gauge of open connections and counter of accepted ones, if this listener is
     /// measured.
