@@ -4,6 +4,7 @@
 #
 #   bench/proxy.sh                 # 3 rounds, 5 s per measurement
 #   ROUNDS=5 SECONDS_EACH=10 RATE=3000 bench/proxy.sh
+#   H2C=1 bench/proxy.sh           # adds Switchyard with h2c upstreams (an nginx h2c origin)
 #   bench/proxy.sh trace           # where the time goes at one connection, nginx vs
 #                                  # Switchyard: system calls per request and the time
 #                                  # between them (perf's raw_syscalls tracepoints; root)
@@ -23,11 +24,13 @@ ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}
 RATE=${RATE:-2000}
 CONNS=${CONNS:-32}
+H2C=${H2C:-0}
 source bench/common.sh
 need nginx haproxy wrk "$OHA"
 
 O1=19101 O2=19102 O3=19103       # origin, one port per variant
-P_NGINX=19201 P_HAPROXY=19202 P_SY=19203 P_SY_ADMIN=19204
+H1=19111 H2=19112 H3=19113       # the same origin over h2c (prior knowledge)
+P_NGINX=19201 P_HAPROXY=19202 P_SY=19203 P_SY_ADMIN=19204 P_SYH2=19205 P_SYH2_ADMIN=19206
 PATH_TF=/v1/models/mnist:predict
 
 # --- origin -------------------------------------------------------------------------
@@ -43,6 +46,10 @@ http {
   client_body_temp_path $WORK/origin;
   server {
     listen 127.0.0.1:$O1; listen 127.0.0.1:$O2; listen 127.0.0.1:$O3;
+    location / { default_type application/json; return 200 '$PREDICTION'; }
+  }
+  server {
+    listen 127.0.0.1:$H1 http2; listen 127.0.0.1:$H2 http2; listen 127.0.0.1:$H3 http2;
     location / { default_type application/json; return 200 '$PREDICTION'; }
   }
 }
@@ -119,8 +126,21 @@ CONF
 SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
 PIDS+=($!); SY_PID=$!
 
+TARGETS=(direct nginx haproxy switchyard)
+PORTS=($O1 $P_NGINX $P_HAPROXY $P_SY)
+if [ "$H2C" = 1 ]; then
+  # Multiplexed upstream connections: one write can carry several requests.
+  sed -e "s/$P_SY_ADMIN/$P_SYH2_ADMIN/; s/$P_SY/$P_SYH2/" \
+    -e "s/$O1\"/$H1\", protocol: h2c/; s/$O2\"/$H2\", protocol: h2c/; s/$O3\"/$H3\", protocol: h2c/" \
+    "$WORK/switchyard.yaml" > "$WORK/switchyard-h2c.yaml"
+  SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard-h2c.yaml" > "$WORK/logs/switchyard-h2c.out" 2>&1 &
+  PIDS+=($!); SYH2_PID=$!
+  TARGETS+=(switchyard-h2c)
+  PORTS+=($P_SYH2)
+fi
+
 sleep 1
-for port in $O1 $P_NGINX $P_HAPROXY $P_SY; do
+for port in "${PORTS[@]}"; do
   curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port$PATH_TF" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
 done
 
@@ -208,9 +228,8 @@ rss_kib() {
 }
 HZ=$(getconf CLK_TCK)
 
-declare -A PID_OF=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [switchyard]=$SY_PID)
-declare -A PORT_OF=([direct]=$O1 [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [switchyard]=$P_SY)
-TARGETS=(direct nginx haproxy switchyard)
+declare -A PID_OF=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [switchyard]=$SY_PID [switchyard-h2c]=${SYH2_PID:-})
+declare -A PORT_OF=([direct]=$O1 [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [switchyard]=$P_SY [switchyard-h2c]=$P_SYH2)
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 
@@ -240,13 +259,15 @@ done
 STAMP=$(date -u +%Y-%m-%dT%H:%MZ)
 REPORT=$OUT/proxy-$STAMP.md
 python3 - "$RESULTS" "$RATE" "$CONNS" "$ROUNDS" "$SECONDS_EACH" \
-  "$(rss_kib "$NGINX_PID")" "$(rss_kib "$HAPROXY_PID")" "$(rss_kib "$SY_PID")" > "$REPORT" <<'PY'
+  "$(rss_kib "$NGINX_PID")" "$(rss_kib "$HAPROXY_PID")" "$(rss_kib "$SY_PID")" \
+  "$(if [ "$H2C" = 1 ]; then rss_kib "$SYH2_PID"; fi)" > "$REPORT" <<'PY'
 import sys, statistics as st
-path, rate, conns, rounds, secs, rss_nginx, rss_haproxy, rss_sy = sys.argv[1:]
+path, rate, conns, rounds, secs, rss_nginx, rss_haproxy, rss_sy, rss_syh2 = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path)]
-targets = ["direct", "nginx", "haproxy", "switchyard"]
+targets = ["direct", "nginx", "haproxy", "switchyard"] + (["switchyard-h2c"] if rss_syh2 else [])
 med = lambda t, i: st.median(float(r[i]) for r in rows if r[1] == t)
-rss = {"direct": None, "nginx": rss_nginx, "haproxy": rss_haproxy, "switchyard": rss_sy}
+rss = {"direct": None, "nginx": rss_nginx, "haproxy": rss_haproxy, "switchyard": rss_sy,
+       "switchyard-h2c": rss_syh2}
 direct_p50 = med("direct", 4)
 direct_c1 = med("direct", 9)
 print(f"Medians of {rounds} interleaved rounds, {secs} s per measurement. Throughput: wrk, 1 thread, {conns} connections.")

@@ -286,3 +286,72 @@ async fn slow_and_idle_clients_are_closed_after_client_header_timeout() {
     let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
     assert!(read_until_closed(&mut s, bound).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2c_connections_are_closed_after_client_header_timeout() {
+    use http_body_util::{BodyExt, Full};
+    let up = Upstream::echo("a").await;
+    // Answers after 1.5 s, five times the idle timeout: a stream open that long keeps
+    // its connection.
+    let slow = Upstream::start("s", Duration::from_millis(1500)).await;
+    let app = start(&format!(
+        "client_header_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n  slow:\n    variants: [{{name: s, upstream: \"{}\", weight: 1}}]\n",
+        up.url(),
+        slow.url()
+    ))
+    .await;
+    let bound = Duration::from_secs(20);
+
+    // One h2c connection (prior knowledge), its driver watched for the end.
+    let h2 = |addr| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let predict = |model: &str| {
+        http::Request::post(format!(
+            "http://{}/v1/models/{model}:predict",
+            app.data_addr
+        ))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from_static(
+            b"{\"instances\": [[1]]}",
+        )))
+        .unwrap()
+    };
+
+    // A connection that opens and never starts a stream is closed.
+    let (_send, conn) = h2(app.data_addr).await;
+    tokio::time::timeout(bound, conn)
+        .await
+        .expect("the idle h2c connection is still open")
+        .unwrap()
+        .unwrap();
+
+    // A stream that outlives the timeout is answered whole; the connection, idle
+    // after it, is then closed.
+    let (mut send, conn) = h2(app.data_addr).await;
+    let resp = send.send_request(predict("slow")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["upstream"], "s", "{answer}");
+    // Two more on the same connection, each within the timeout of the one before.
+    for _ in 0..2 {
+        let resp = send.send_request(predict("m")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    tokio::time::timeout(bound, conn)
+        .await
+        .expect("the h2c connection, idle after its streams, is still open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(slow.hits(), 1);
+    assert_eq!(up.hits(), 2);
+}
