@@ -210,14 +210,15 @@ PY
   exit 0
 fi
 
-# CPU ticks (user+system) of a process and its children threads; nginx's master has one
-# worker child, whose ticks we add.
+# CPU ticks of a process and its children, user and system ("U S"); nginx's master has
+# one worker child, whose ticks we add.
 ticks() {
-  local total=0 p
+  local user=0 sys=0 p
   for p in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat")
+    user=$((user + u)); sys=$((sys + s))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 rss_kib() {
   local total=0 p
@@ -240,7 +241,9 @@ for round in $(seq 1 "$ROUNDS"); do
     rps=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "$url" | awk '/Requests\/sec/ {print $2}')
     after=$(ticks "${PID_OF[$t]}")
     reqs=$(awk -v r="$rps" -v s="$SECONDS_EACH" 'BEGIN {print r * s}')
-    cpu10k=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz / n * 10000}')
+    # Microseconds of user and of system time per request.
+    read -r cpu_user cpu_sys < <(awk -v b="$before" -v a="$after" -v hz="$HZ" -v n="$reqs" \
+      'BEGIN {split(b, x, " "); split(a, y, " "); printf "%.2f %.2f\n", (y[1] - x[1]) / hz / n * 1e6, (y[2] - x[2]) / hz / n * 1e6}')
     json=$(taskset -c 0 "$OHA" -z "${SECONDS_EACH}s" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json \
       -m POST -H 'content-type: application/json' -D "$WORK/body.json" "$url")
     # Unloaded latency: one connection, one request at a time (wrk's own percentiles).
@@ -251,8 +254,8 @@ import json, sys
 d = json.loads(sys.argv[1]); p = d["latencyPercentiles"]
 ms = lambda k: "%.3f" % (p[k] * 1e3)
 print(ms("p50"), ms("p90"), ms("p99"), ms("p99.9"), "%.4f" % d["summary"]["successRate"])' "$json")"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$cpu10k" "$p50" "$p90" "$p99" "$p999" "$ok" "$c1" >> "$RESULTS"
-    echo "round $round  $t: ${rps} req/s, ${cpu10k} CPU-s/10k, p50 ${p50} ms, p99 ${p99} ms (rate $RATE/s, success $ok), p50 at 1 conn ${c1} ms" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$cpu_user" "$p50" "$p90" "$p99" "$p999" "$ok" "$c1" "$cpu_sys" >> "$RESULTS"
+    echo "round $round  $t: ${rps} req/s, CPU ${cpu_user} µs user + ${cpu_sys} µs system per request, p50 ${p50} ms, p99 ${p99} ms (rate $RATE/s, success $ok), p50 at 1 conn ${c1} ms" >&2
   done
 done
 
@@ -273,11 +276,11 @@ direct_c1 = med("direct", 9)
 print(f"Medians of {rounds} interleaved rounds, {secs} s per measurement. Throughput: wrk, 1 thread, {conns} connections.")
 print(f"Latency: oha at a fixed {rate} req/s, {conns} connections, coordinated-omission corrected;")
 print("and wrk with 1 connection (one request at a time, unloaded).\n")
-print("| target | req/s at 32 conns | × nginx | CPU s per 10k req | p50 ms | added p50 ms | p90 ms | p99 ms | p99.9 ms | p50 ms at 1 conn | added p50 at 1 conn | RSS MiB |")
+print("| target | req/s at 32 conns | × nginx | CPU µs per req, user + system | p50 ms | added p50 ms | p90 ms | p99 ms | p99.9 ms | p50 ms at 1 conn | added p50 at 1 conn | RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for t in targets:
     r = rss[t]
-    print(f"| {t} | {med(t,2):,.0f} | {med(t,2)/med('nginx',2):.2f} | {med(t,3):.3f} | {med(t,4):.3f} | "
+    print(f"| {t} | {med(t,2):,.0f} | {med(t,2)/med('nginx',2):.2f} | {med(t,3):.1f} + {med(t,10):.1f} | {med(t,4):.3f} | "
           f"{med(t,4)-direct_p50:+.3f} | {med(t,5):.3f} | {med(t,6):.3f} | {med(t,7):.3f} | "
           f"{med(t,9):.3f} | {med(t,9)-direct_c1:+.3f} | "
           f"{'-' if r is None else f'{int(r)/1024:.1f}'} |")
