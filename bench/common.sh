@@ -10,7 +10,7 @@ need() {
   local tool
   for tool in "$@"; do
     command -v "$tool" >/dev/null || {
-      echo "missing $tool: apt-get install nginx-light haproxy wrk; cargo install oha" >&2
+      echo "missing $tool: apt-get install nginx-light haproxy wrk; cargo install --locked oha" >&2
       exit 1
     }
   done

@@ -15,14 +15,14 @@
 # the fused CPU kernels (the default), tract's plan (`--cpu-kernels tract`), and the
 # wgpu runtime on Mesa's software Vulkan (`--runtime wgpu --gpu-adapter any`; skipped
 # when lavapipe is not installed). bench/gpu.sh measures the same on a real GPU.
-# Needs: python3 (venv, pip), oha (cargo install oha). Loopback only.
+# Needs: python3 (venv, pip), oha (cargo install --locked oha). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-2}
 HTTP_SECONDS=${HTTP_SECONDS:-5}
 OHA=${OHA:-$(command -v oha || echo /tmp/oha/bin/oha)}
-command -v "$OHA" >/dev/null || { echo "missing oha: cargo install oha" >&2; exit 1; }
+command -v "$OHA" >/dev/null || { echo "missing oha: cargo install --locked oha" >&2; exit 1; }
 OUT=$PWD/bench/out
 VENV=$OUT/venv
 mkdir -p "$OUT"

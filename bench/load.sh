@@ -10,7 +10,7 @@
 # one thread (wrk -t1, switchyard load --threads 1; oha has no thread option and runs
 # its runtime on the one CPU it is given). Closed loop, POST with the same JSON body.
 # CPU: user + system seconds of the generator process (bash `time`).
-# Needs: nginx, wrk (Debian), oha (cargo install oha). Loopback only.
+# Needs: nginx, wrk (Debian), oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}

@@ -18,7 +18,7 @@
 # Measured per target: throughput at 32 connections (wrk, closed loop); latency
 # percentiles at a fixed request rate (oha, with coordinated-omission correction); CPU
 # seconds the proxy used per 10k requests; and its resident memory after the run.
-# Needs: nginx, haproxy, wrk (Debian) and oha (cargo install oha). Loopback only.
+# Needs: nginx, haproxy, wrk (Debian) and oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}

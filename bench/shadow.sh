@@ -14,7 +14,7 @@
 # Per target: throughput at 32 connections (wrk, closed loop) and CPU per request there;
 # latency percentiles at a fixed rate (oha, coordinated-omission corrected) and CPU per
 # primary request at that rate. Target: p99 on <= 1.10x off; CPU per request <= 1.5x.
-# Needs: nginx, wrk (Debian) and oha (cargo install oha). Loopback only.
+# Needs: nginx, wrk (Debian) and oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-5}
