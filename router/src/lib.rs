@@ -1,7 +1,8 @@
 //! Switchyard's data plane: HTTP in, a variant chosen, HTTP out.
 //!
 //! The life of a request, module by module:
-//! - [`server`]: accepts connections (HTTP/1.1 and h2c), limits them, drains on shutdown.
+//! - [`server`]: accepts connections (HTTP/1.1 and h2c), limits them, closes idle ones,
+//!   drains on shutdown.
 //! - [`proxy`]: the [`Router`] and its tower service; the request phases in order
 //!   (route → admit → choose → forward → respond → record).
 //! - [`path`]: parses TF Serving and V2 paths into an [`path::Endpoint`].
