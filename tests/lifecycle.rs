@@ -333,6 +333,19 @@ async fn idle_h2c_connections_are_closed_after_client_header_timeout() {
         .unwrap()
         .unwrap();
 
+    // A client that opens h2c and then never reads or answers (so never acknowledges
+    // the GOAWAY's PING): its connection is dropped all the same.
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        // The preface, then an empty SETTINGS frame.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    read_until_closed(&mut s, bound).await;
+
     // A stream that outlives the timeout is answered whole; the connection, idle
     // after it, is then closed.
     let (mut send, conn) = h2(app.data_addr).await;

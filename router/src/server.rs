@@ -148,11 +148,16 @@ where
                 tokio::pin!(conn);
                 // Told to close (drain, or idle h2c): hyper finishes the requests in
                 // flight (h2: after a GOAWAY) and then the connection future completes.
+                // That takes the client's part too (h2 waits for the answer to a PING
+                // before its last GOAWAY), so an idle connection, which has nothing in
+                // flight, gets the idle timeout again and is then dropped. A drain is
+                // bounded as a whole by `serve` (the drain timeout, reported TimedOut).
                 let told = PollWhenWoken::new(Box::pin(async move {
                     tokio::select! {
-                        _ = closing.wait_for(|c| *c) => {}
+                        _ = closing.wait_for(|c| *c) => None,
                         () = streams.idle_h2(idle_timeout) => {
                             tracing::debug!(%peer, "Closing an idle h2c connection.");
+                            Some(idle_timeout)
                         }
                     }
                 }));
@@ -160,9 +165,18 @@ where
                 let ended = tokio::select! {
                     biased;
                     ended = conn.as_mut() => ended,
-                    () = told => {
+                    grace = told => {
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        match grace {
+                            None => conn.await,
+                            Some(grace) => match tokio::time::timeout(grace, conn).await {
+                                Ok(ended) => ended,
+                                Err(_) => {
+                                    tracing::debug!(%peer, "Idle connection did not close in time; dropped.");
+                                    Ok(())
+                                }
+                            },
+                        }
                     }
                 };
                 if let Err(e) = ended {
