@@ -156,7 +156,7 @@ where
                     tokio::select! {
                         _ = closing.wait_for(|c| *c) => None,
                         () = streams.idle_h2(idle_timeout) => {
-                            tracing::debug!(%peer, "Closing an idle h2c connection.");
+                            tracing::debug!(%peer, "Closing an idle connection.");
                             Some(idle_timeout)
                         }
                     }
