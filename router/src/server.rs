@@ -15,13 +15,12 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-
-use atomic_waker::AtomicWaker;
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -203,7 +202,7 @@ where
 
 /// A future polled only after its own waker fired. A connection's task is woken for
 /// every request, and polling its drain and idle watches each time as well cost about 1%
-/// of proxy throughput (`bench/proxy.sh`, interleaved A/B).
+/// of proxy throughput (`bench/proxy-ab.sh`, BENCHMARKS.md).
 struct PollWhenWoken<F> {
     inner: F,
     flag: Arc<WakeFlag>,
@@ -255,17 +254,13 @@ impl<F: Future + Unpin> Future for PollWhenWoken<F> {
     }
 }
 
-/// Which protocol a connection turned out to speak, once its first request came.
-const PROTOCOL_UNKNOWN: u8 = 0;
-const PROTOCOL_HTTP1: u8 = 1;
-const PROTOCOL_H2: u8 = 2;
-
 /// The open h2 streams of one connection and when it last had none, for its idle timer.
 /// Kept with atomics because the service that counts lives in hyper's hands while the
 /// connection task reads the count.
 #[derive(Debug)]
 struct StreamCount {
-    protocol: AtomicU8,
+    /// Set by the first HTTP/1.1 request: hyper's header timer then bounds idleness.
+    http1: AtomicBool,
     open: AtomicUsize,
     /// When `open` last fell to zero, in milliseconds after `start`.
     idle_since_ms: AtomicU64,
@@ -275,7 +270,7 @@ struct StreamCount {
 impl StreamCount {
     fn new() -> Self {
         StreamCount {
-            protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
+            http1: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             start: Instant::now(),
@@ -288,7 +283,7 @@ impl StreamCount {
     /// from the opening, as that timer does.
     async fn idle_h2(&self, timeout: Duration) {
         loop {
-            if self.protocol.load(Ordering::Relaxed) == PROTOCOL_HTTP1 {
+            if self.http1.load(Ordering::Relaxed) {
                 return std::future::pending().await;
             }
             let deadline = if self.open.load(Ordering::Acquire) == 0 {
@@ -319,8 +314,8 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let s = &self.0;
-        // The last stream to close starts the idle clock; saturating because the
-        // connection cannot be older than u64 milliseconds in any case that matters.
+        // Written before the count falls, so a timer that sees no open stream never
+        // reads the end of an earlier one. (Saturating: no connection lives u64 ms.)
         let ms = u64::try_from(s.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         s.idle_since_ms.store(ms, Ordering::Release);
         s.open.fetch_sub(1, Ordering::AcqRel);
@@ -350,12 +345,9 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let guard = if req.version() == Version::HTTP_2 {
-            self.streams.protocol.store(PROTOCOL_H2, Ordering::Relaxed);
             Some(StreamGuard::open(self.streams.clone()))
         } else {
-            self.streams
-                .protocol
-                .store(PROTOCOL_HTTP1, Ordering::Relaxed);
+            self.streams.http1.store(true, Ordering::Relaxed);
             None
         };
         CountedFuture {
