@@ -16,7 +16,8 @@ need() {
   done
 }
 
-cargo build --release --quiet
+# SKIP_BUILD=1: the caller brings its own binaries (bench/proxy-ab.sh).
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --quiet
 BIN=$PWD/target/release/switchyard
 OUT=$PWD/bench/out
 WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
@@ -34,3 +35,28 @@ wrk.method = "POST"
 wrk.body = '$BODY'
 wrk.headers["Content-Type"] = "application/json"
 LUA
+
+# start_origin LISTEN...: an nginx on CPU 0 that answers every request with PREDICTION on
+# each LISTEN ("127.0.0.1:PORT", or "127.0.0.1:PORT http2" for h2c); sets ORIGIN_PID.
+start_origin() {
+  local l
+  mkdir -p "$WORK/origin"
+  {
+    cat <<CONF
+worker_processes 1;
+pid $WORK/origin/nginx.pid;
+error_log $WORK/logs/origin.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/origin;
+CONF
+    for l in "$@"; do
+      echo "  server { listen $l; location / { default_type application/json; return 200 '$PREDICTION'; } }"
+    done
+    echo "}"
+  } > "$WORK/origin/nginx.conf"
+  taskset -c 0 nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off; user root;' &
+  PIDS+=($!); ORIGIN_PID=$!
+}

@@ -16,8 +16,8 @@
 # worker thread pinned to CPU 1, while the origin and the load generators share CPU 0.
 #
 # Measured per target: throughput at 32 connections (wrk, closed loop); latency
-# percentiles at a fixed request rate (oha, with coordinated-omission correction); CPU
-# seconds the proxy used per 10k requests; and its resident memory after the run.
+# percentiles at a fixed request rate (oha, with coordinated-omission correction); user
+# and system CPU time the proxy used per request; and its resident memory after the run.
 # Needs: nginx, haproxy, wrk (Debian) and oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -34,28 +34,8 @@ P_NGINX=19201 P_HAPROXY=19202 P_SY=19203 P_SY_ADMIN=19204 P_SYH2=19205 P_SYH2_AD
 PATH_TF=/v1/models/mnist:predict
 
 # --- origin -------------------------------------------------------------------------
-mkdir -p "$WORK/origin"
-cat > "$WORK/origin/nginx.conf" <<CONF
-worker_processes 1;
-pid $WORK/origin/nginx.pid;
-error_log $WORK/logs/origin.err warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/origin;
-  server {
-    listen 127.0.0.1:$O1; listen 127.0.0.1:$O2; listen 127.0.0.1:$O3;
-    location / { default_type application/json; return 200 '$PREDICTION'; }
-  }
-  server {
-    listen 127.0.0.1:$H1 http2; listen 127.0.0.1:$H2 http2; listen 127.0.0.1:$H3 http2;
-    location / { default_type application/json; return 200 '$PREDICTION'; }
-  }
-}
-CONF
-taskset -c 0 nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off; user root;' &
-PIDS+=($!); ORIGIN_PID=$!
+start_origin "127.0.0.1:$O1" "127.0.0.1:$O2" "127.0.0.1:$O3" \
+  "127.0.0.1:$H1 http2" "127.0.0.1:$H2 http2" "127.0.0.1:$H3 http2"
 
 # --- nginx as the proxy -------------------------------------------------------------
 mkdir -p "$WORK/nginx"
@@ -127,7 +107,8 @@ SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" >
 PIDS+=($!); SY_PID=$!
 
 TARGETS=(direct nginx haproxy switchyard)
-PORTS=($O1 $P_NGINX $P_HAPROXY $P_SY)
+declare -A PID_OF=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [switchyard]=$SY_PID)
+declare -A PORT_OF=([direct]=$O1 [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [switchyard]=$P_SY)
 if [ "$H2C" = 1 ]; then
   # Multiplexed upstream connections: one write can carry several requests.
   sed -e "s/$P_SY_ADMIN/$P_SYH2_ADMIN/; s/$P_SY/$P_SYH2/" \
@@ -136,11 +117,13 @@ if [ "$H2C" = 1 ]; then
   SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard-h2c.yaml" > "$WORK/logs/switchyard-h2c.out" 2>&1 &
   PIDS+=($!); SYH2_PID=$!
   TARGETS+=(switchyard-h2c)
-  PORTS+=($P_SYH2)
+  PID_OF[switchyard-h2c]=$SYH2_PID
+  PORT_OF[switchyard-h2c]=$P_SYH2
 fi
 
 sleep 1
-for port in "${PORTS[@]}"; do
+for t in "${TARGETS[@]}"; do
+  port=${PORT_OF[$t]}
   curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port$PATH_TF" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
 done
 
@@ -229,8 +212,6 @@ rss_kib() {
 }
 HZ=$(getconf CLK_TCK)
 
-declare -A PID_OF=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [switchyard]=$SY_PID [switchyard-h2c]=${SYH2_PID:-})
-declare -A PORT_OF=([direct]=$O1 [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [switchyard]=$P_SY [switchyard-h2c]=$P_SYH2)
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 

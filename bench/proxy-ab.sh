@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# A/B of two Switchyard binaries as a proxy hop: the same nginx origin, each binary with
+# one worker pinned to CPU 1, wrk at 32 connections on CPU 0, rounds interleaved and the
+# order swapped every round (whichever runs second in a pair tends to read higher).
+# For changes smaller than bench/proxy.sh's run-to-run noise.
+#
+#   bench/proxy-ab.sh OLD_BINARY NEW_BINARY      # e.g. a copy of target/release/switchyard
+#   ROUNDS=10 SECONDS_EACH=4 bench/proxy-ab.sh A B
+#
+# Prints each round and the medians; B/A above 1 means B is faster.
+# Needs: nginx, wrk (Debian). Loopback only.
+cd "$(dirname "$0")/.."
+[ $# -eq 2 ] || { echo "usage: bench/proxy-ab.sh BINARY_A BINARY_B" >&2; exit 64; }
+A=$(realpath "$1") B=$(realpath "$2")
+ROUNDS=${ROUNDS:-6}
+SECONDS_EACH=${SECONDS_EACH:-4}
+SKIP_BUILD=1 source bench/common.sh
+need nginx wrk
+
+ORIGIN=19501 P_A=19511 P_B=19521
+
+start_origin "127.0.0.1:$ORIGIN"
+
+for side in A B; do
+  port_var=P_$side; port=${!port_var}; bin=${!side}
+  cat > "$WORK/$side.yaml" <<CONF
+listen: 127.0.0.1:$port
+admin_listen: 127.0.0.1:$((port + 1))
+worker_threads: 1
+models:
+  mnist:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
+CONF
+  SWITCHYARD_LOG=warn taskset -c 1 "$bin" serve --config "$WORK/$side.yaml" > "$WORK/logs/$side.out" 2>&1 &
+  PIDS+=($!)
+done
+sleep 1
+for port in $P_A $P_B; do
+  curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port/v1/models/mnist:predict" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
+done
+
+measure() {
+  taskset -c 0 wrk -t1 -c32 -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "http://127.0.0.1:$1/v1/models/mnist:predict" | awk '/Requests\/sec/ {print $2}'
+}
+: > "$WORK/ab.tsv"
+for round in $(seq 1 "$ROUNDS"); do
+  if [ $((round % 2)) = 1 ]; then order="A B"; else order="B A"; fi
+  for side in $order; do
+    port_var=P_$side
+    rps=$(measure "${!port_var}")
+    printf '%s\t%s\n' "$side" "$rps" >> "$WORK/ab.tsv"
+    echo "round $round  $side: $rps req/s" >&2
+  done
+done
+python3 - "$WORK/ab.tsv" "$A" "$B" <<'PY'
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1])]
+med = {s: st.median(float(r[1]) for r in rows if r[0] == s) for s in "AB"}
+print(f"A {sys.argv[2]}: median {med['A']:,.0f} req/s")
+print(f"B {sys.argv[3]}: median {med['B']:,.0f} req/s")
+print(f"B/A: {med['B'] / med['A']:.3f}")
+PY
