@@ -294,10 +294,14 @@ async fn idle_h2c_connections_are_closed_after_client_header_timeout() {
     // Answers after 1.5 s, five times the idle timeout: a stream open that long keeps
     // its connection.
     let slow = Upstream::start("s", Duration::from_millis(1500)).await;
+    // Sends its head at once and its body 1.5 s later: the stream stays open while the
+    // body comes, well after the response head.
+    let trickle = trickling_upstream(Duration::from_millis(1500)).await;
     let app = start(&format!(
-        "client_header_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n  slow:\n    variants: [{{name: s, upstream: \"{}\", weight: 1}}]\n",
+        "client_header_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n  slow:\n    variants: [{{name: s, upstream: \"{}\", weight: 1}}]\n  trickle:\n    variants: [{{name: t, upstream: \"http://{}\", weight: 1}}]\n",
         up.url(),
-        slow.url()
+        slow.url(),
+        trickle
     ))
     .await;
     let bound = Duration::from_secs(20);
@@ -354,6 +358,11 @@ async fn idle_h2c_connections_are_closed_after_client_header_timeout() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["upstream"], "s", "{answer}");
+    // Then one whose body outlives the timeout.
+    let resp = send.send_request(predict("trickle")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"{\"trickled\": true}");
     // Two more on the same connection, each within the timeout of the one before.
     for _ in 0..2 {
         let resp = send.send_request(predict("m")).await.unwrap();

@@ -105,23 +105,31 @@ pub async fn refused_addr() -> SocketAddr {
     a
 }
 
-/// A server that reads the request and closes the connection without answering.
-pub async fn resetting_upstream() -> SocketAddr {
+/// Accepts connections on `127.0.0.1:0` and hands each to `handle` in its own task: the
+/// raw TCP upstreams below, which misbehave in ways a real HTTP server will not.
+pub async fn raw_upstream<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                drop(stream);
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(stream));
         }
     });
     addr
+}
+
+/// A server that reads the request and closes the connection without answering.
+pub async fn resetting_upstream() -> SocketAddr {
+    raw_upstream(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        drop(stream);
+    })
+    .await
 }
 
 /// Starts Switchyard in-process on free ports with the given YAML config (its `listen`
@@ -357,27 +365,60 @@ where
 
 /// A server that accepts connections and reads from them but never answers.
 pub async fn hanging_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
+    let addr = raw_upstream(move |mut stream| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    return;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, accepted)
+}
+
+/// A server that answers each request's head at once and its body (`{"trickled": true}`)
+/// only after `delay`, then closes the connection.
+pub async fn trickling_upstream(delay: Duration) -> SocketAddr {
+    raw_upstream(move |mut stream| async move {
+        // The whole request: its head, then as many bytes as it says.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok(n) = stream.read(&mut buf).await else { return };
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let body = b"{\"trickled\": true}";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        let _ = stream.write_all(body).await;
+    })
+    .await
 }
 
 /// GETs an admin path and parses the JSON answer.
