@@ -133,6 +133,17 @@ impl Running {
             .map_or_else(|| serde_json::json!({ "models": {} }), |b| b.state())
     }
 
+    /// Writes the bandits' state files when called (as the end of [`Running::wait`]
+    /// does): for an exit that cannot wait for the drain. Outlives the handle.
+    pub fn persister(&self) -> impl Fn() + Send + 'static {
+        let bandits = self.bandits.clone();
+        move || {
+            if let Some(b) = &bandits {
+                b.persist();
+            }
+        }
+    }
+
     /// The data plane (to read the route table or move weights).
     pub fn router(&self) -> &Arc<Router> {
         &self.router

@@ -391,19 +391,37 @@ async fn run(config: Config, source: String) -> ExitCode {
     tracing::info!(data = %running.data_addr, admin = %running.admin_addr, "Switchyard is serving.");
 
     shutdown_signal().await;
-    tracing::info!("Shutdown signal received; draining in-flight requests.");
+    tracing::info!(
+        "Shutdown signal received; draining in-flight requests (a second signal exits at once)."
+    );
     running.shutdown();
-    match running.wait().await {
-        Drained::Clean => {
-            tracing::info!("Drained; exiting.");
-            ExitCode::SUCCESS
-        }
-        Drained::TimedOut => {
-            tracing::warn!("Drain timeout passed with requests still in flight; exiting anyway.");
-            ExitCode::SUCCESS
+    let state = running.persister();
+    tokio::select! {
+        drained = running.wait() => match drained {
+            Drained::Clean => {
+                tracing::info!("Drained; exiting.");
+                ExitCode::SUCCESS
+            }
+            Drained::TimedOut => {
+                tracing::warn!("Drain timeout passed with requests still in flight; they were cut.");
+                ExitCode::from(EXIT_DRAIN_CUT)
+            }
+        },
+        () = shutdown_signal() => {
+            tracing::warn!("Second shutdown signal; saving bandit state and exiting without waiting for the drain.");
+            state();
+            ExitCode::from(EXIT_SECOND_SIGNAL)
         }
     }
 }
+
+/// Exit status when `drain_timeout` passed with requests still in flight (sysexits'
+/// EX_TEMPFAIL): an orchestrator can tell a clean stop (0) from one that cut requests.
+const EXIT_DRAIN_CUT: u8 = 75;
+
+/// Exit status when a second SIGTERM or SIGINT ended the drain (128 + SIGINT, as shells
+/// report an interrupted program).
+const EXIT_SECOND_SIGNAL: u8 = 130;
 
 async fn shutdown_signal() {
     #[cfg(unix)]

@@ -271,7 +271,8 @@ pub struct Variant {
     /// Overrides `connect_timeout` for this variant.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub connect_timeout: Option<Duration>,
-    /// Overrides the model's and the top-level `request_timeout` for this variant.
+    /// Overrides the model's and the top-level `request_timeout` for this variant. For a
+    /// local variant: the longest a request waits for its batch to run (504 after).
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub request_timeout: Option<Duration>,
 }
@@ -904,12 +905,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
             backend_ok = false;
         }
         (None, Some(_)) => {
-            for key in [
-                "upstream_model",
-                "protocol",
-                "connect_timeout",
-                "request_timeout",
-            ] {
+            for key in ["upstream_model", "protocol", "connect_timeout"] {
                 if let Some(n) = f.get(key) {
                     cx.error(
                         n,

@@ -47,6 +47,7 @@ pub struct LocalMetricFamilies {
     shed: IntCounterVec,
     queued: IntGaugeVec,
     runtime: IntGaugeVec,
+    panics: IntCounterVec,
 }
 
 /// One model's metric handles.
@@ -57,6 +58,7 @@ pub struct LocalMetrics {
     batch: Histogram,
     shed: IntCounter,
     queued: IntGauge,
+    panics: IntCounter,
 }
 
 impl LocalMetricFamilies {
@@ -110,6 +112,14 @@ impl LocalMetricFamilies {
             ),
             &["model", "runtime"],
         )?;
+        let panics = IntCounterVec::new(
+            Opts::new(
+                "switchyard_local_panics_total",
+                "Panics caught in a local model's batch threads (the batch is answered 500, the thread goes on with a fresh run state).",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(panics.clone()))?;
         registry.register(Box::new(runtime.clone()))?;
         registry.register(Box::new(queued.clone()))?;
         registry.register(Box::new(queue.clone()))?;
@@ -123,6 +133,7 @@ impl LocalMetricFamilies {
             shed,
             queued,
             runtime,
+            panics,
         })
     }
 
@@ -144,6 +155,7 @@ impl LocalMetricFamilies {
             batch: self.batch.with_label_values(&[model]),
             shed: self.shed.with_label_values(&[model]),
             queued: self.queued.with_label_values(&[model]),
+            panics: self.panics.with_label_values(&[model]),
         }
     }
 }
@@ -215,7 +227,7 @@ impl Batcher {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("batch-{name}-{i}"))
-                    .spawn(move || batch_loop(&shared))?,
+                    .spawn(move || supervise(&shared))?,
             );
         }
         Ok(Batcher { shared, threads })
@@ -249,6 +261,15 @@ impl Batcher {
         rows: usize,
     ) -> Result<oneshot::Receiver<Result<Vec<f32>, InferenceError>>, InferenceError> {
         let opts = &self.shared.options;
+        // Rows and values must agree before a batch thread slices them: a mismatch
+        // once made the kernels index past the end (and the thread panic).
+        let row_len = self.shared.model.signature().input.row_len();
+        if rows == 0 || rows.checked_mul(row_len) != Some(input.len()) {
+            return Err(InferenceError::BadInput(format!(
+                "{} values do not make {rows} rows of {row_len}",
+                input.len()
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         {
             let mut q = self.shared.lock();
@@ -306,15 +327,46 @@ impl Drop for Batcher {
     }
 }
 
-fn batch_loop(shared: &Shared) {
-    let opts = &shared.options;
-    let mut session = match shared.model.session() {
+/// Runs [`batch_loop`] until the queue closes. The model's own panics are caught per
+/// batch in [`run_batch`]; this catches anything else, counts it, and starts the loop
+/// again with a fresh run state, so no panic can take a batch thread away (a dead thread
+/// once left its model queueing requests that no thread would ever take).
+fn supervise(shared: &Shared) {
+    loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch_loop(shared))) {
+            Ok(()) => return,
+            Err(panic) => {
+                shared.metrics.panics.inc();
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "A batch thread panicked outside the model; it starts over."
+                );
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
+fn new_session(shared: &Shared) -> Option<Session> {
+    match shared.model.session() {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::error!(error = %e, "A batch thread cannot create a run state; it will answer with errors.");
+            tracing::error!(error = %e, "A batch thread cannot create a run state; it will run the shared plan.");
             None
         }
-    };
+    }
+}
+
+fn batch_loop(shared: &Shared) {
+    let opts = &shared.options;
+    let mut session = new_session(shared);
     loop {
         let mut q = shared.lock();
         // Wait for a first request.
@@ -345,25 +397,38 @@ fn batch_loop(shared: &Shared) {
         }
         let mut batch = Vec::new();
         let mut rows = 0;
+        let mut taken = 0;
         while let Some(job) = q.jobs.front() {
             if !batch.is_empty() && rows + job.rows > opts.max_batch_size {
                 break;
             }
-            rows += job.rows;
-            if let Some(job) = q.jobs.pop_front() {
-                batch.push(job);
+            let Some(job) = q.jobs.pop_front() else { break };
+            taken += job.rows;
+            // Its caller stopped waiting (request timeout, client gone): skip the work.
+            if job.reply.is_closed() {
+                continue;
             }
+            rows += job.rows;
+            batch.push(job);
         }
-        q.rows -= rows;
+        q.rows -= taken;
         shared.metrics.queued.set(q.rows as i64);
         drop(q);
-        if !batch.is_empty() {
-            run_batch(shared, session.as_mut(), batch, rows);
+        if !batch.is_empty() && run_batch(shared, session.as_mut(), batch, rows).is_err() {
+            // The run state may be half-written by the panic: start from a fresh one.
+            session = new_session(shared);
         }
     }
 }
 
-fn run_batch(shared: &Shared, session: Option<&mut Session>, batch: Vec<Job>, rows: usize) {
+/// Runs one batch and answers each of its requests; `Err` when the model panicked (the
+/// requests are answered with an error, the panic counted).
+fn run_batch(
+    shared: &Shared,
+    session: Option<&mut Session>,
+    batch: Vec<Job>,
+    rows: usize,
+) -> Result<(), ()> {
     let started = Instant::now();
     for job in &batch {
         shared
@@ -381,21 +446,42 @@ fn run_batch(shared: &Shared, session: Option<&mut Session>, batch: Vec<Job>, ro
         }
         all
     };
-    let result = match session {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match session {
         Some(s) => s.run(input, rows),
         None => shared.model.run(input, rows),
-    };
+    }));
     shared
         .metrics
         .compute
         .observe(started.elapsed().as_secs_f64());
+    let result = match result {
+        Ok(r) => r,
+        Err(panic) => {
+            shared.metrics.panics.inc();
+            let msg = panic_message(&*panic).to_string();
+            tracing::error!(panic = %msg, rows, "A local model panicked running a batch; its requests get 500.");
+            for job in batch {
+                let _ = job.reply.send(Err(InferenceError::Run(format!(
+                    "the model failed on this batch: {msg}"
+                ))));
+            }
+            return Err(());
+        }
+    };
     match result {
         Ok(output) => {
             let per_row = output.len().checked_div(rows).unwrap_or(0);
             let mut at = 0;
             for job in batch {
                 let n = job.rows * per_row;
-                let _ = job.reply.send(Ok(output[at..at + n].to_vec()));
+                // Checked: an output shorter than promised is an error, not a panic.
+                let answer = output.get(at..at + n).map(<[f32]>::to_vec).ok_or_else(|| {
+                    InferenceError::Run(format!(
+                        "the model gave {} values for {rows} rows",
+                        output.len()
+                    ))
+                });
+                let _ = job.reply.send(answer);
                 at += n;
             }
         }
@@ -405,5 +491,95 @@ fn run_batch(shared: &Shared, session: Option<&mut Session>, batch: Vec<Job>, ro
                 let _ = job.reply.send(Err(InferenceError::Run(msg.clone())));
             }
         }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> (Shared, Registry) {
+        let registry = Registry::new();
+        let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
+        let model = TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap();
+        let shared = Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            options: BatchingOptions {
+                max_batch_size: 8,
+                batch_timeout: Duration::ZERO,
+                num_batch_threads: 1,
+                max_enqueued_batches: 1,
+            },
+            model: Arc::new(model),
+            metrics,
+        };
+        (shared, registry)
+    }
+
+    fn job(
+        input: Vec<f32>,
+        rows: usize,
+    ) -> (Job, oneshot::Receiver<Result<Vec<f32>, InferenceError>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            input,
+            rows,
+            enqueued: Instant::now(),
+            reply,
+        };
+        (job, rx)
+    }
+
+    /// The fused kernels slice the input by the row count: five rows promised and one
+    /// given is the panic a client once caused (through a wrapped `rows * 64`). Submit
+    /// now refuses it; here it is fed past `submit` to show the catch.
+    #[test]
+    fn a_panicking_batch_is_answered_and_counted_and_the_thread_goes_on() {
+        let (shared, registry) = shared();
+        let mut session = shared.model.session().ok();
+        let (bad, mut bad_rx) = job(vec![0.5; 64], 5);
+        let outcome = run_batch(&shared, session.as_mut(), vec![bad], 5);
+        assert!(outcome.is_err(), "the panic is reported to the loop");
+        match bad_rx.try_recv() {
+            Ok(Err(InferenceError::Run(m))) => assert!(m.contains("failed"), "{m}"),
+            other => panic!("expected a run error, got {other:?}"),
+        }
+        let panics = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "switchyard_local_panics_total")
+            .map(|f| f.get_metric()[0].get_counter().get_value());
+        assert_eq!(panics, Some(1.0));
+        // A fresh run state serves the next batch.
+        let mut session = new_session(&shared);
+        let (good, mut good_rx) = job(vec![0.5; 128], 2);
+        assert!(run_batch(&shared, session.as_mut(), vec![good], 2).is_ok());
+        assert_eq!(good_rx.try_recv().unwrap().unwrap().len(), 20);
+    }
+
+    #[test]
+    fn submit_refuses_rows_that_do_not_match_the_values() {
+        let registry = Registry::new();
+        let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
+        let model = Arc::new(TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
+        let options = BatchingOptions {
+            max_batch_size: 8,
+            batch_timeout: Duration::ZERO,
+            num_batch_threads: 1,
+            max_enqueued_batches: 1,
+        };
+        let b = Batcher::start("mlp", model, options, metrics).unwrap();
+        for (len, rows) in [(64, 5), (64, 0), (63, 1), (64, usize::MAX)] {
+            assert!(
+                matches!(
+                    b.enqueue(vec![0.0; len], rows),
+                    Err(InferenceError::BadInput(_))
+                ),
+                "{len} values as {rows} rows"
+            );
+        }
+        assert!(b.enqueue(vec![0.0; 128], 2).is_ok());
     }
 }

@@ -94,6 +94,9 @@ pub enum RouterError {
     /// A local model failed.
     #[error("{0}")]
     Inference(String),
+    /// A local model did not answer within `request_timeout`.
+    #[error("{0}")]
+    LocalTimeout(String),
 }
 
 impl RouterError {
@@ -109,6 +112,7 @@ impl RouterError {
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            RouterError::LocalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             RouterError::Upstream {
                 kind: UpstreamErrorKind::Timeout,
                 ..
@@ -140,6 +144,7 @@ impl RouterError {
             RouterError::BadInput(_) => "bad_input",
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Inference(_) => "inference",
+            RouterError::LocalTimeout(_) => "local_timeout",
         }
     }
 }

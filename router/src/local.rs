@@ -26,6 +26,9 @@ pub struct LocalBackend {
     pub delay: Option<Duration>,
     /// Share of predictions answered with 500 (experiments).
     pub failure_rate: f64,
+    /// Longest wait for the batch queue and the run (`request_timeout`): past it the
+    /// client gets 504, and a batch thread that has not yet taken the request skips it.
+    pub timeout: Duration,
 }
 
 impl LocalBackend {
@@ -73,7 +76,17 @@ impl LocalBackend {
                     Protocol::TfServing => tf_input(model, sig, &request)?,
                     Protocol::V2 => v2_input(model, sig, &request)?,
                 };
-                let output = self.batcher.infer(input, rows).await.map_err(|e| match e {
+                let pending = self.batcher.enqueue(input, rows);
+                let answered = match pending {
+                    Ok(p) => tokio::time::timeout(self.timeout, p).await.map_err(|_| {
+                        RouterError::LocalTimeout(format!(
+                            "model `{model}` did not answer within request_timeout ({:?})",
+                            self.timeout
+                        ))
+                    })?,
+                    Err(e) => Err(e),
+                };
+                let output = answered.map_err(|e| match e {
                     InferenceError::BadInput(m) => RouterError::BadInput(m),
                     InferenceError::Overloaded { .. } | InferenceError::Closed => {
                         RouterError::Overloaded(e.to_string())
@@ -171,10 +184,12 @@ fn tf_input(
         return Err(RouterError::BadInput(format!("`{what}` is empty")));
     }
     let row_len = sig.input.row_len();
-    let mut data = Vec::with_capacity(rows.len() * row_len);
+    // Sized by what the body holds, never by a product of client-given counts (a
+    // million empty rows would otherwise reserve 64 floats each before row 0 fails).
+    let mut data = Vec::with_capacity(rows.iter().map(count_numbers).sum());
     for (i, row) in rows.iter().enumerate() {
         let before = data.len();
-        flatten_numbers(row, &mut data)
+        flatten_numbers(row, &mut data, Datatype::Fp32)
             .map_err(|m| RouterError::BadInput(format!("{what}[{i}]: {m}")))?;
         let got = data.len() - before;
         if got != row_len {
@@ -187,17 +202,127 @@ fn tf_input(
     Ok((data, rows.len(), format))
 }
 
-/// Appends every number in a (possibly nested) JSON array to `out`.
-fn flatten_numbers(v: &Value, out: &mut Vec<f32>) -> Result<(), String> {
+/// The V2 numeric datatypes, for range checks: a value the datatype cannot hold is
+/// refused rather than silently converted (Triton refuses them too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Datatype {
+    Fp16,
+    Fp32,
+    Fp64,
+    Int { min: i128, max: i128 },
+}
+
+impl Datatype {
+    const NAMES: &'static [&'static str] = &[
+        "FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+        "UINT64",
+    ];
+
+    fn parse(name: &str) -> Datatype {
+        let int = |bits: u32, signed: bool| {
+            if signed {
+                Datatype::Int {
+                    min: -(1i128 << (bits - 1)),
+                    max: (1i128 << (bits - 1)) - 1,
+                }
+            } else {
+                Datatype::Int {
+                    min: 0,
+                    max: (1i128 << bits) - 1,
+                }
+            }
+        };
+        match name {
+            "FP16" => Datatype::Fp16,
+            "FP64" => Datatype::Fp64,
+            "INT8" => int(8, true),
+            "INT16" => int(16, true),
+            "INT32" => int(32, true),
+            "INT64" => int(64, true),
+            "UINT8" => int(8, false),
+            "UINT16" => int(16, false),
+            "UINT32" => int(32, false),
+            "UINT64" => int(64, false),
+            _ => Datatype::Fp32,
+        }
+    }
+
+    /// The value as the model's `f32`, or why it cannot be one.
+    fn convert(self, n: &serde_json::Number) -> Result<f32, String> {
+        match self {
+            Datatype::Int { min, max } => {
+                let v = n
+                    .as_i64()
+                    .map(i128::from)
+                    .or_else(|| n.as_u64().map(i128::from))
+                    .ok_or_else(|| format!("`{n}` is not an integer"))?;
+                if v < min || v > max {
+                    return Err(format!(
+                        "`{n}` is outside the datatype's range {min}..={max}"
+                    ));
+                }
+                Ok(v as f32)
+            }
+            Datatype::Fp16 | Datatype::Fp32 | Datatype::Fp64 => {
+                let x = n
+                    .as_f64()
+                    .ok_or_else(|| format!("`{n}` is not a number we can read"))?;
+                let limit = if self == Datatype::Fp16 {
+                    65504.0
+                } else {
+                    f64::from(f32::MAX)
+                };
+                // The model computes in f32: a value that would become ±inf there (1e39)
+                // gave predictions of `null`.
+                if !x.is_finite() || x.abs() > limit {
+                    return Err(format!(
+                        "`{n}` is not a finite value the model can take (|x| ≤ {limit:e})"
+                    ));
+                }
+                Ok(x as f32)
+            }
+        }
+    }
+}
+
+/// Deepest nesting of lists accepted inside one tensor's data. Rows may be nested as
+/// the shape says or flattened (both are common); serde_json itself stops at 128.
+const MAX_DATA_DEPTH: usize = 32;
+
+/// How many numbers a (possibly nested) JSON array holds, counted without allocating.
+fn count_numbers(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => items.iter().map(count_numbers).sum(),
+        Value::Number(_) => 1,
+        _ => 0,
+    }
+}
+
+/// Appends every number in a (possibly nested) JSON array to `out`, checked against
+/// `datatype`.
+fn flatten_numbers(v: &Value, out: &mut Vec<f32>, datatype: Datatype) -> Result<(), String> {
+    flatten_at(v, out, datatype, 0)
+}
+
+fn flatten_at(
+    v: &Value,
+    out: &mut Vec<f32>,
+    datatype: Datatype,
+    depth: usize,
+) -> Result<(), String> {
     match v {
         Value::Number(n) => {
-            let x = n
-                .as_f64()
-                .ok_or_else(|| format!("`{n}` is not a number we can read"))?;
-            out.push(x as f32);
+            out.push(datatype.convert(n)?);
             Ok(())
         }
-        Value::Array(items) => items.iter().try_for_each(|i| flatten_numbers(i, out)),
+        Value::Array(items) => {
+            if depth >= MAX_DATA_DEPTH {
+                return Err(format!("lists nested deeper than {MAX_DATA_DEPTH}"));
+            }
+            items
+                .iter()
+                .try_for_each(|i| flatten_at(i, out, datatype, depth + 1))
+        }
         other => Err(format!("expected numbers, found {}", kind(other))),
     }
 }
@@ -264,15 +389,13 @@ fn v2_input(
         )));
     }
     let datatype = t.get("datatype").and_then(Value::as_str).unwrap_or("");
-    const NUMERIC: &[&str] = &[
-        "FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
-        "UINT64",
-    ];
-    if !NUMERIC.contains(&datatype) {
+    if !Datatype::NAMES.contains(&datatype) {
         return Err(bad(format!(
             "input `{want}` has datatype `{datatype}`; model `{model}` takes FP32 (numeric datatypes are converted)"
         )));
     }
+    // Every size here comes from the client: checked, and compared with what the body
+    // holds, before anything is allocated (a 100-byte request once asked for 256 TB).
     let shape: Vec<i64> = t
         .get("shape")
         .and_then(Value::as_array)
@@ -287,17 +410,22 @@ fn v2_input(
             "input `{want}` has shape {shape:?}; model `{model}` takes {expected:?} (-1: any batch size ≥ 1)"
         )));
     }
-    let rows = shape[0] as usize;
-    let mut data = Vec::with_capacity(rows * sig.input.row_len());
-    flatten_numbers(t.get("data").unwrap_or(&Value::Null), &mut data)
-        .map_err(|m| bad(format!("input `{want}` data: {m}")))?;
-    if data.len() != rows * sig.input.row_len() {
+    let row_len = sig.input.row_len();
+    let data_value = t.get("data").unwrap_or(&Value::Null);
+    let given = count_numbers(data_value);
+    let needed = usize::try_from(shape[0])
+        .ok()
+        .and_then(|rows| rows.checked_mul(row_len));
+    if needed != Some(given) {
         return Err(bad(format!(
-            "input `{want}` has {} values; shape {shape:?} needs {}",
-            data.len(),
-            rows * sig.input.row_len()
+            "input `{want}` has {given} values; shape {shape:?} needs {} (model `{model}` takes {expected:?})",
+            needed.map_or_else(|| "more than can be addressed".to_string(), |n| n.to_string())
         )));
     }
+    let rows = given / row_len.max(1);
+    let mut data = Vec::with_capacity(given);
+    flatten_numbers(data_value, &mut data, Datatype::parse(datatype))
+        .map_err(|m| bad(format!("input `{want}` data: {m}")))?;
     Ok((data, rows, TfFormat::Columnar))
 }
 

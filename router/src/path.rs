@@ -112,6 +112,48 @@ pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
     Ok(endpoint)
 }
 
+/// A model name, version or label that could mean something else to an upstream's path
+/// handling is refused before anything is forwarded: `.` and `..`, a slash or backslash
+/// (also percent-encoded), a control character (also percent-encoded), or a broken
+/// percent escape. `/v2/models/m/versions/..%2F..%2Fsecret/infer` once reached the
+/// upstream verbatim.
+fn check_segment(path: &str, what: &str, segment: &str) -> Result<(), RouterError> {
+    let refuse = |why: &str| Err(bad(path, &format!("the {what} {why}")));
+    if segment == "." || segment == ".." {
+        return refuse("cannot be `.` or `..`");
+    }
+    let bytes = segment.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = match bytes[i] {
+            b'%' => {
+                let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+                match (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                    (Some(h), Some(l)) => {
+                        i += 2;
+                        (h * 16 + l) as u8
+                    }
+                    _ => return refuse("has a `%` that is not a percent escape"),
+                }
+            }
+            b => b,
+        };
+        if b == b'/' || b == b'\\' {
+            return refuse("contains a slash or backslash");
+        }
+        if b.is_ascii_control() {
+            return refuse("contains a control character");
+        }
+        i += 1;
+    }
+    // `%2E%2E` is `..` once decoded.
+    let dots = segment.replace("%2E", ".").replace("%2e", ".");
+    if dots == "." || dots == ".." {
+        return refuse("cannot be `.` or `..`");
+    }
+    Ok(())
+}
+
 fn bad(path: &str, why: &str) -> RouterError {
     RouterError::BadPath(format!("malformed path `{path}`: {why}"))
 }
@@ -141,6 +183,7 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     if model.is_empty() {
         return Err(bad(path, "the model name is empty"));
     }
+    check_segment(path, "model name", model)?;
     let tail: Vec<&str> = segments.collect();
     let metadata = match tail.as_slice() {
         [] => false,
@@ -155,6 +198,7 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
             if l.is_empty() {
                 return Err(bad(path, "the label is empty"));
             }
+            check_segment(path, "label", l)?;
             tail.len() == 3
         }
         _ => {
@@ -185,12 +229,14 @@ fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     if model.is_empty() {
         return Err(bad(path, "the model name is empty"));
     }
+    check_segment(path, "model name", model)?;
     let tail = &segments[1..];
     let (tail, versioned) = match tail {
         ["versions", v, more @ ..] => {
             if v.is_empty() {
                 return Err(bad(path, "the version is empty"));
             }
+            check_segment(path, "version", v)?;
             (more, true)
         }
         _ => (tail, false),
@@ -290,6 +336,16 @@ mod tests {
             "/v2/models//infer",
             "/v2/models/m/infer/more",
             "/v2/elsewhere",
+            "/v2/models/mnist/versions/..%2F..%2Fsecret/infer",
+            "/v2/models/mnist/versions/../infer",
+            "/v2/models/mnist/versions/%2e%2E/infer",
+            "/v2/models/mnist/versions/1%5C2/infer",
+            "/v2/models/mnist/versions/1%00/infer",
+            "/v2/models/mnist/versions/1%zz/infer",
+            "/v2/models/..%2Fadmin/infer",
+            "/v1/models/m/labels/a%2Fb:predict",
+            "/v1/models/m%0A:predict",
+            "/v1/models/..:predict",
         ];
         for p in bad_paths {
             assert!(

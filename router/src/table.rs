@@ -131,6 +131,9 @@ impl RouteTable {
                         &format!("models.{name}.variants[{i}].local.model"),
                         local,
                         metrics,
+                        v.request_timeout
+                            .or(model.request_timeout)
+                            .unwrap_or(config.request_timeout),
                     )?),
                     (None, None) => {
                         return Err(err(format!("variant `{}` has no backend", v.name)))
@@ -228,6 +231,7 @@ fn load_local(
     path: &str,
     local: &switchyard_config::Local,
     metrics: &Metrics,
+    timeout: std::time::Duration,
 ) -> Result<LocalBackend, BuildError> {
     let err = |message: String| BuildError {
         path: path.to_string(),
@@ -285,5 +289,6 @@ fn load_local(
         batcher,
         delay: local.delay,
         failure_rate: local.failure_rate,
+        timeout,
     })
 }

@@ -1,0 +1,269 @@
+//! What a hostile or careless client sends, and what a signal does: each answered with a
+//! clear error, and the sidecar still serving the next valid request.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+/// The first digit of scikit-learn's set (a 0): 64 pixels.
+const DIGIT: &str = "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]";
+
+fn v2(datatype: &str, shape: &str, data: &str) -> String {
+    format!(
+        r#"{{"inputs":[{{"name":"pixels","datatype":"{datatype}","shape":{shape},"data":{data}}}]}}"#
+    )
+}
+
+fn error_of(r: &Reply) -> String {
+    r.json()["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {:?}", r.body))
+        .to_string()
+}
+
+/// Two batch threads, so that two wedged threads would wedge the model.
+async fn local_app() -> switchyard::Running {
+    start(
+        "models:\n  digits:\n    variants: [{name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", batching: {num_batch_threads: 2}}}]\n",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sizes_and_values_are_checked_before_anything_is_allocated() {
+    let app = local_app().await;
+    let c = client();
+    let url = format!("http://{}/v2/models/digits/infer", app.data_addr);
+    let tf_url = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let post = |url: String, body: String| {
+        let c = c.clone();
+        async move { send(&c, "POST", &url, &[], &body).await }
+    };
+    let sixty_four = format!("[{}]", vec!["1"; 64].join(","));
+    let cases: Vec<(String, String, &str)> = vec![
+        // 256 TB once aborted the process.
+        (
+            url.clone(),
+            v2("FP32", "[1000000000000,64]", "[1]"),
+            "needs 64000000000000",
+        ),
+        // rows * 64 wrapped to 64 and a batch thread panicked.
+        (
+            url.clone(),
+            v2("FP32", "[288230376151711745,64]", &sixty_four),
+            "needs",
+        ),
+        (
+            url.clone(),
+            v2("FP32", "[18446744073709551615,64]", &sixty_four),
+            "shape",
+        ),
+        (url.clone(), v2("FP32", "[-1,64]", &sixty_four), "shape"),
+        (url.clone(), v2("FP32", "[2,64]", &sixty_four), "needs 128"),
+        // Values the model cannot take.
+        (
+            url.clone(),
+            v2("FP32", "[1,64]", &sixty_four.replacen('1', "1e39", 1)),
+            "finite",
+        ),
+        (
+            url.clone(),
+            v2("FP16", "[1,64]", &sixty_four.replacen('1', "70000", 1)),
+            "finite",
+        ),
+        (
+            url.clone(),
+            v2("INT8", "[1,64]", &sixty_four.replacen('1', "1000", 1)),
+            "range",
+        ),
+        (
+            url.clone(),
+            v2("UINT8", "[1,64]", &sixty_four.replacen('1', "-1", 1)),
+            "range",
+        ),
+        (
+            url.clone(),
+            v2(
+                "UINT64",
+                "[1,64]",
+                &sixty_four.replacen('1', "18446744073709551616", 1),
+            ),
+            "not an integer",
+        ),
+        (
+            url.clone(),
+            v2("INT32", "[1,64]", &sixty_four.replacen('1', "1.5", 1)),
+            "not an integer",
+        ),
+        (
+            url.clone(),
+            v2(
+                "FP32",
+                "[1,64]",
+                &format!("{}{}{}", "[".repeat(40), sixty_four, "]".repeat(40)),
+            ),
+            "nested deeper",
+        ),
+        (url.clone(), v2("BYTES", "[1,64]", &sixty_four), "datatype"),
+        (
+            tf_url.clone(),
+            format!(
+                r#"{{"instances": [{}]}}"#,
+                sixty_four.replacen('1', "-3.5e38", 1)
+            ),
+            "finite",
+        ),
+        (
+            tf_url.clone(),
+            format!(r#"{{"instances": [{}]}}"#, vec!["[]"; 5000].join(",")),
+            "0 values",
+        ),
+    ];
+    for (url, body, needle) in &cases {
+        let r = post(url.clone(), body.clone()).await;
+        let head = &body[..body.len().min(80)];
+        assert_eq!(r.status, 400, "{head}: {:?}", r.body);
+        let e = error_of(&r);
+        assert!(e.contains(needle), "{head}: {e}");
+    }
+    // Every batch thread is still there: more requests than threads, all answered.
+    for _ in 0..8 {
+        let r = post(url.clone(), v2("FP32", "[1,64]", DIGIT)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let r = post(tf_url.clone(), format!(r#"{{"instances": [{DIGIT}]}}"#)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    // And integers in range are taken: UINT8 pixels give the same class as FP32 ones.
+    let r = post(url.clone(), v2("UINT8", "[1,64]", DIGIT)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let panics = sample(
+        &metrics(app.admin_addr).await,
+        "switchyard_local_panics_total{model=\"digits\"}",
+    );
+    assert_eq!(panics, Some(0.0), "nothing panicked, and the series exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_traversal_never_reaches_the_upstream() {
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        "models:\n  mnist:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    for path in [
+        "/v2/models/mnist/versions/..%2F..%2Fsecret/infer",
+        "/v2/models/mnist/versions/../infer",
+        "/v2/models/mnist/versions/%2E%2E/infer",
+        "/v2/models/mnist/versions/a%5Cb/infer",
+        "/v2/models/mnist/versions/1%0d%0aX-Injected:%201/infer",
+        "/v1/models/mnist/labels/..%2Fadmin:predict",
+    ] {
+        let r = send(
+            &c,
+            "POST",
+            &format!("http://{}{path}", app.data_addr),
+            &[],
+            "{}",
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(error_of(&r).contains("malformed path"), "{path}");
+    }
+    assert_eq!(up.hits(), 0, "nothing was forwarded");
+    let r = predict(
+        &c,
+        &format!("http://{}/v2/models/mnist/versions/3/infer", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 1);
+}
+
+/// A local model whose batch waits far longer than the request may: the client gets 504
+/// at `request_timeout`, and the batch thread skips the abandoned request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_variants_answer_504_at_request_timeout() {
+    let app = start(
+        "models:\n  digits:\n    request_timeout: 300ms\n    variants: [{name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", batching: {max_batch_size: 1000, batch_timeout_micros: 3000000, num_batch_threads: 1}}}]\n",
+    )
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let body = format!(r#"{{"instances": [{DIGIT}]}}"#);
+    let r = send(&c, "POST", &url, &[], &body).await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert!(error_of(&r).contains("request_timeout"), "{:?}", r.body);
+}
+
+fn write_config(name: &str, yaml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    // The shell's builtin `kill`: /bin/kill (procps) may be absent on a minimal machine.
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -{sig} {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+async fn exit_code(mut child: std::process::Child) -> Option<i32> {
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap()
+        .code()
+}
+
+/// A request still in flight when `drain_timeout` passes is cut, and the exit status
+/// says so (75); a second signal during the drain exits at once (130).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_tells_a_cut_drain_and_a_second_signal_ends_it() {
+    let (hang, accepted) = hanging_upstream().await;
+    for (drain, second, want) in [("300ms", false, 75), ("1h", true, 130)] {
+        let config = write_config(
+            &format!("drain-{want}"),
+            &format!(
+                "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\ndrain_timeout: {drain}\nrequest_timeout: 1h\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"http://{hang}\", weight: 1}}]\n"
+            ),
+        );
+        let (child, data) = spawn_switchyard([
+            std::ffi::OsStr::new("serve"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ]);
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let url = format!("http://{data}/v1/models/m:predict");
+        let request = tokio::spawn(async move {
+            let c = client();
+            let req = http::Request::post(url)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap();
+            c.request(req).await.map(|r| r.status().as_u16())
+        });
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal(&child, "TERM");
+        if second {
+            // Let the first signal start the drain, then send the second.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            signal(&child, "INT");
+        }
+        assert_eq!(exit_code(child).await, Some(want), "drain {drain}");
+        assert!(
+            request.await.unwrap().is_err(),
+            "the hanging request was cut"
+        );
+    }
+}
