@@ -241,6 +241,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
             metrics.connections_open.clone(),
             metrics.connections_total.clone(),
         )),
+        refused: Some(metrics.connections_refused.clone()),
     };
     let data = tokio::spawn(async move {
         let drained = server::serve(
@@ -268,6 +269,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         drain_timeout: std::time::Duration::from_secs(1),
         client_header_timeout: config.client_header_timeout,
         connection_metrics: None,
+        refused: None,
     };
     let admin = tokio::spawn(server::serve(
         admin,

@@ -340,7 +340,7 @@ fn run_with_runtime(config: Config, source: String) -> ExitCode {
 }
 
 async fn run(config: Config, source: String) -> ExitCode {
-    let data = match TcpListener::bind(config.listen).await {
+    let data = match bind(config.listen, config.listen_backlog) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -422,6 +422,20 @@ const EXIT_DRAIN_CUT: u8 = 75;
 /// Exit status when a second SIGTERM or SIGINT ended the drain (128 + SIGINT, as shells
 /// report an interrupted program).
 const EXIT_SECOND_SIGNAL: u8 = 130;
+
+/// Binds `addr` with an accept queue of `backlog` (tokio's `TcpListener::bind` takes
+/// mio's 128).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's and tokio's own `bind` do on Unix: a restart can rebind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 
 async fn shutdown_signal() {
     #[cfg(unix)]

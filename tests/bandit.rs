@@ -605,6 +605,7 @@ async fn decisions_keep_the_probability_of_their_choice() {
         drain_timeout: Duration::from_secs(1),
         client_header_timeout: Duration::from_secs(60),
         connection_metrics: None,
+        refused: None,
     };
     tokio::spawn(serve(
         listener,

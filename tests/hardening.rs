@@ -267,3 +267,60 @@ async fn exit_status_tells_a_cut_drain_and_a_second_signal_ends_it() {
         );
     }
 }
+
+/// At `max_connections` a new connection is answered 503 at once and closed (it once
+/// waited unaccepted, 35 s for the 10,001st); once a slot frees, requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_get_503_at_once() {
+    let up = Upstream::echo("a").await;
+    let app = start(&format!(
+        "max_connections: 2\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let held: Vec<_> = futures_connect(app.data_addr, 2).await;
+    // Both slots are taken once the server has accepted them.
+    while sample(
+        &metrics(app.admin_addr).await,
+        "switchyard_connections_open",
+    ) != Some(2.0)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answer = raw(
+        app.data_addr,
+        b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("max_connections"), "{answer}");
+    assert_eq!(
+        sample(
+            &metrics(app.admin_addr).await,
+            "switchyard_connections_refused_total"
+        ),
+        Some(1.0)
+    );
+    drop(held);
+    while sample(
+        &metrics(app.admin_addr).await,
+        "switchyard_connections_open",
+    ) != Some(0.0)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = predict(
+        &client(),
+        &format!("http://{}/v1/models/m:predict", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+async fn futures_connect(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    out
+}

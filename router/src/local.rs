@@ -491,3 +491,123 @@ fn tf_metadata(model: &str, sig: &Signature) -> Value {
         }}}}
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seeded random JSON value built from what a body decoder meets: numbers of
+    /// every kind (huge, negative, fractional), strings, nulls, lists and objects with
+    /// the keys the decoders look for, nested a few levels.
+    fn arbitrary(next: &mut impl FnMut() -> u64, depth: u32) -> Value {
+        const KEYS: &[&str] = &[
+            "instances",
+            "inputs",
+            "name",
+            "datatype",
+            "shape",
+            "data",
+            "pixels",
+            "id",
+        ];
+        const NUMBERS: &[&str] = &[
+            "0",
+            "1",
+            "-1",
+            "64",
+            "1e39",
+            "-1e308",
+            "1.5",
+            "18446744073709551616",
+            "288230376151711745",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "65504.1",
+        ];
+        match next() % if depth == 0 { 4 } else { 7 } {
+            0 => serde_json::from_str(NUMBERS[(next() % NUMBERS.len() as u64) as usize])
+                .unwrap_or(Value::Null),
+            1 => Value::from(
+                ["FP32", "INT8", "UINT64", "FP16", "BYTES", "pixels", ""][(next() % 7) as usize],
+            ),
+            2 => Value::Null,
+            3 => Value::from(next() % 70),
+            4 | 5 => Value::Array(
+                (0..next() % 70)
+                    .map(|_| arbitrary(next, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..next() % 5)
+                    .map(|_| {
+                        let k = KEYS[(next() % KEYS.len() as u64) as usize].to_string();
+                        (k, arbitrary(next, depth - 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A property, seeded: whatever JSON a client sends, the TF Serving and V2 decoders
+    /// answer Ok or a 400, never panic, and never hand the batcher values that do not
+    /// make whole rows.
+    #[test]
+    fn arbitrary_bodies_never_panic_and_refusals_are_400() {
+        let model = switchyard_inference::TractModel::from_bytes(
+            "mlp",
+            switchyard_inference::builtin::DIGITS_MLP,
+        )
+        .unwrap();
+        let sig = model.signature();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        };
+        let mut accepted = 0;
+        for i in 0..5_000 {
+            let mut body = arbitrary(&mut next, 4);
+            // Now and then a body close to valid, so the deeper checks are reached.
+            if i % 4 == 0 {
+                let rows = 1 + next() % 2;
+                // Mostly pixels; now and then a value from the generator instead.
+                let data: Vec<Value> = (0..64 * rows)
+                    .map(|_| match next() % 200 {
+                        0 => arbitrary(&mut next, 0),
+                        n => Value::from(n % 17),
+                    })
+                    .collect();
+                let first = if next() % 4 == 0 {
+                    arbitrary(&mut next, 0)
+                } else {
+                    Value::from(rows)
+                };
+                let datatype = ["FP32", "UINT8", "INT8", "FP16"][(next() % 4) as usize];
+                body = serde_json::json!({
+                    "instances": data.chunks(64).collect::<Vec<_>>(),
+                    "inputs": [{ "name": "pixels", "datatype": datatype, "shape": [first, 64], "data": data }],
+                });
+                if let Some(o) = body.as_object_mut() {
+                    o.remove(if next() % 2 == 0 {
+                        "instances"
+                    } else {
+                        "inputs"
+                    });
+                }
+            }
+            for decoded in [tf_input("m", sig, &body), v2_input("m", sig, &body)] {
+                match decoded {
+                    Ok((data, rows, _)) => {
+                        accepted += 1;
+                        assert!(rows >= 1 && data.len() == rows * 64, "{body}");
+                        assert!(data.iter().all(|x| x.is_finite()), "{body}");
+                    }
+                    Err(e) => assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{body}: {e}"),
+                }
+            }
+        }
+        assert!(accepted > 0, "the generator also reaches valid bodies");
+    }
+}

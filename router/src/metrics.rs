@@ -31,6 +31,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// Client connections accepted since start.
     pub connections_total: IntCounter,
+    /// Connections refused at `max_connections`.
+    pub connections_refused: IntCounter,
     /// Requests being handled now (until their response head is sent).
     pub in_flight: IntGauge,
     /// Predictions that could not be recorded for feedback (decision log full).
@@ -116,6 +118,11 @@ impl Metrics {
             "switchyard_connections_total",
             "Client connections accepted on the data plane since start.",
         )?;
+        let connections_refused = IntCounter::new(
+            "switchyard_connections_refused_total",
+            "Client connections answered 503 and closed because max_connections were open.",
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let in_flight = IntGauge::new(
             "switchyard_requests_in_flight",
             "Requests being handled now, until their response head is sent.",
@@ -146,6 +153,7 @@ impl Metrics {
             rejected,
             connections_open,
             connections_total,
+            connections_refused,
             in_flight,
         })
     }

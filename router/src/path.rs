@@ -324,6 +324,48 @@ mod tests {
         );
     }
 
+    /// A property, seeded: arbitrary paths built from the characters that matter to the
+    /// parser (and random bytes) never panic, and every refusal is a 4xx.
+    #[test]
+    fn arbitrary_paths_never_panic_and_errors_are_4xx() {
+        const PIECES: &[&str] = &[
+            "/", "v1", "v2", "models", "m", "versions", "labels", "infer", "ready", "metadata",
+            ":", ":predict", "..", ".", "%", "%2F", "%2e", "%5C", "%00", "%zz", "\\", "1", "é",
+            "\u{0}", "//", "feedback", "health",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            // xorshift64*: deterministic, no dependency.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        for _ in 0..100_000 {
+            let mut path = String::from(if next() % 2 == 0 {
+                "/v1/models/"
+            } else {
+                "/v2/models/"
+            });
+            for _ in 0..next() % 8 {
+                match next() % 5 {
+                    0 => path.push(char::from_u32((next() % 0x250) as u32).unwrap_or('x')),
+                    _ => path.push_str(PIECES[(next() % PIECES.len() as u64) as usize]),
+                }
+            }
+            let method = if next() % 2 == 0 {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            match parse(&method, &path) {
+                Ok(Endpoint::Model(r)) => assert!(path.get(r.model).is_some(), "{path:?}"),
+                Ok(_) => {}
+                Err(e) => assert!(e.status().is_client_error(), "{path:?}: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn malformed_paths_and_methods() {
         let bad_paths = [

@@ -35,8 +35,8 @@ use tokio::time::Instant;
 /// Limits and counters of one listener.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// Most connections served at once; beyond it, new connections wait in the kernel's
-    /// accept queue.
+    /// Most connections served at once; beyond it, a new connection is answered 503
+    /// and closed (counted in `refused`), rather than left waiting unaccepted.
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
@@ -47,6 +47,31 @@ pub struct ServeOptions {
     /// Gauge of open connections and counter of accepted ones, if this listener is
     /// measured.
     pub connection_metrics: Option<(IntGauge, IntCounter)>,
+    /// Counter of connections refused at `max_connections`, if measured.
+    pub refused: Option<IntCounter>,
+}
+
+/// What a connection beyond `max_connections` is told before it is closed.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 70\r\nconnection: close\r\nretry-after: 1\r\n\r\n{\"error\":\"too many connections (max_connections); try again shortly\"}\n";
+
+/// Answers `stream` with [`OVER_CAPACITY`] and closes it. What the client already sent
+/// is read and discarded (bounded in bytes and time) after our answer, so the close is a
+/// FIN, not a reset that could destroy the answer before the client reads it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bounded = async {
+        let _ = stream.write_all(OVER_CAPACITY).await;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), bounded).await;
 }
 
 /// How a drain ended.
@@ -91,14 +116,6 @@ where
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -111,6 +128,14 @@ where
                     continue;
                 }
             },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Some(refused) = &opts.refused {
+                refused.inc();
+            }
+            tracing::debug!(%peer, "At max_connections; answering 503 and closing.");
+            tokio::spawn(refuse(stream));
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let streams = Arc::new(StreamCount::new());
