@@ -12,13 +12,13 @@
 //!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -371,16 +371,17 @@ impl Bandits {
     ) -> Result<Self, String> {
         let metrics = Metrics::new(registry).map_err(|e| format!("bandit metrics: {e}"))?;
         let state_file = config.state_file.as_ref().map(PathBuf::from);
-        let saved: Value = match &state_file {
-            Some(p) => match std::fs::read(p) {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                    tracing::warn!(file = %p.display(), error = %e, "State file unreadable; starting the bandits fresh.");
-                    Value::Null
-                }),
-                Err(_) => Value::Null,
-            },
-            None => Value::Null,
-        };
+        let corrupt = IntCounter::new(
+            "switchyard_state_file_corrupt_total",
+            "State files found corrupt or implausible at start, moved aside (`<file>.corrupt-<unix time>`).",
+        )
+        .map_err(|e| format!("bandit metrics: {e}"))?;
+        registry
+            .register(Box::new(corrupt.clone()))
+            .map_err(|e| format!("bandit metrics: {e}"))?;
+        let saved: Value = state_file
+            .as_ref()
+            .map_or(Value::Null, |p| read_state(p, &corrupt));
         let snapshots = Arc::new(Mutex::new(BTreeMap::new()));
         let overrides: Overrides = Arc::new(Mutex::new(HashMap::new()));
         let mut tasks = Vec::new();
@@ -705,6 +706,115 @@ impl Bandits {
 
 /// Writes the snapshots atomically: to `FILE.tmp`, then renamed over `FILE`, so a crash
 /// mid-write never leaves a torn file.
+/// The saved state at `file`, checked: a missing file is a fresh start; a file that is
+/// empty, not JSON, or holds values no run could have written (negative or non-finite
+/// counts, wrong types) is never silently replaced: it is renamed
+/// `<file>.corrupt-<unix time>`, an error is logged and counted, and the bandits start
+/// fresh (the next save writes a new file beside the kept one).
+fn read_state(file: &Path, corrupt: &IntCounter) -> Value {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Value::Null,
+        Err(e) => {
+            tracing::error!(file = %file.display(), error = %e, "Cannot read the bandit state file; starting the bandits fresh (the file is left as it is).");
+            return Value::Null;
+        }
+    };
+    let problem = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) => match implausible(&v) {
+            None => return v,
+            Some(p) => p,
+        },
+        Err(e) => format!("not JSON: {e}"),
+    };
+    corrupt.inc();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = file.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{secs}"));
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(file, &aside) {
+        Ok(()) => {
+            tracing::error!(file = %file.display(), kept = %aside.display(), %problem, "Bandit state file is corrupt; kept aside, starting the bandits fresh.")
+        }
+        Err(e) => {
+            tracing::error!(file = %file.display(), %problem, error = %e, "Bandit state file is corrupt and cannot be moved aside; starting the bandits fresh.")
+        }
+    }
+    Value::Null
+}
+
+/// Why `state` cannot be a file [`write_state`] wrote, if it cannot.
+fn implausible(state: &Value) -> Option<String> {
+    let models = match state.get("models") {
+        Some(Value::Object(m)) => m,
+        _ => return Some("no `models` object".into()),
+    };
+    for (model, m) in models {
+        let Some(variants) = m.get("variants").and_then(Value::as_object) else {
+            return Some(format!("model `{model}` has no `variants` object"));
+        };
+        for (variant, v) in variants {
+            let at = |what: &str| format!("models.{model}.variants.{variant}.{what}");
+            for key in ["rewards", "expired_without_feedback"] {
+                if v.get(key).is_some_and(|n| n.as_u64().is_none()) {
+                    return Some(format!("{} is not a count", at(key)));
+                }
+            }
+            for key in ["revenue_total", "cost_total", "weight"] {
+                if v.get(key)
+                    .is_some_and(|n| !n.as_f64().is_some_and(f64::is_finite))
+                {
+                    return Some(format!("{} is not a finite number", at(key)));
+                }
+            }
+            if v.get("weight")
+                .and_then(Value::as_f64)
+                .is_some_and(|w| w < 0.0)
+            {
+                return Some(format!("{} is negative", at("weight")));
+            }
+            if let Some(p) = v.get("posterior") {
+                if posterior_from(p).is_none() {
+                    return Some(format!("{} is not a posterior", at("posterior")));
+                }
+                if !all_finite_and_counts_non_negative(p) {
+                    return Some(format!(
+                        "{} holds a non-finite number or a negative count",
+                        at("posterior")
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Every number in `v` finite; counts and pseudo-counts not negative.
+fn all_finite_and_counts_non_negative(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.as_f64().is_some_and(f64::is_finite),
+        Value::Array(a) => a.iter().all(all_finite_and_counts_non_negative),
+        Value::Object(o) => o.iter().all(|(k, x)| {
+            all_finite_and_counts_non_negative(x)
+                && !([
+                    "alpha0",
+                    "beta0",
+                    "successes",
+                    "failures",
+                    "kappa0",
+                    "n",
+                    "sum_sq",
+                ]
+                .contains(&k.as_str())
+                    && x.as_f64().is_some_and(|f| f < 0.0))
+        }),
+        Value::Null => false,
+        _ => true,
+    }
+}
+
 fn write_state(file: Option<&PathBuf>, snapshots: &Mutex<BTreeMap<String, Snapshot>>) {
     let Some(file) = file else { return };
     let body = render(&snapshots.lock().unwrap_or_else(|p| p.into_inner())).to_string();

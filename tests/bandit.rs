@@ -371,6 +371,91 @@ async fn bandit_state_survives_a_restart() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A state file that no run could have written is never silently replaced: it is kept
+/// as `<file>.corrupt-<unix time>` with its bytes intact, counted, and the bandits start
+/// fresh; a good file is then written beside it at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_state_files_are_kept_aside_and_the_bandits_start_fresh() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let good_posterior = r#"{"kind":"beta","alpha0":1,"beta0":1,"successes":3,"failures":1}"#;
+    let variant = |fields: &str| {
+        format!(
+            r#"{{"models":{{"rec":{{"objective":"conversion","variants":{{"b":{{{fields}}}}}}}}}}}"#
+        )
+    };
+    let cases = [
+        ("empty", String::new()),
+        (
+            "truncated",
+            variant(&format!(r#""rewards":4,"posterior":{good_posterior}"#))[..40].to_string(),
+        ),
+        ("garbage", "\u{0}\u{1}not json at all".to_string()),
+        ("wrong types", r#"{"models":[1,2,3]}"#.to_string()),
+        (
+            "negative count",
+            variant(&format!(r#""rewards":-4,"posterior":{good_posterior}"#)),
+        ),
+        (
+            "negative pseudo-count",
+            variant(
+                r#""rewards":4,"posterior":{"kind":"beta","alpha0":1,"beta0":1,"successes":-3,"failures":1}"#,
+            ),
+        ),
+        (
+            "non-finite weight",
+            variant(&format!(r#""weight":1e999,"posterior":{good_posterior}"#)),
+        ),
+    ];
+    for (i, (what, content)) in cases.iter().enumerate() {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-corrupt-{}-{i}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("state.json");
+        std::fs::write(&file, content).unwrap();
+        let app = start(&format!(
+            "state_file: \"{}\"\nmodels:\n  rec:\n    bandit: {{objective: conversion}}\n    variants:\n      - {{name: a, upstream: \"{}\", weight: 1}}\n      - {{name: b, upstream: \"{}\", weight: 1}}\n",
+            file.display(),
+            a.url(),
+            b.url()
+        ))
+        .await;
+        let state = app.bandit_state();
+        assert_eq!(
+            state["models"]["rec"]["variants"]["b"]["rewards"], 0,
+            "{what}: fresh start"
+        );
+        let kept: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("state.json.corrupt-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{what}: kept aside once");
+        assert_eq!(
+            &std::fs::read_to_string(&kept[0]).unwrap(),
+            content,
+            "{what}: bytes intact"
+        );
+        assert_eq!(
+            sample(
+                &metrics(app.admin_addr).await,
+                "switchyard_state_file_corrupt_total"
+            ),
+            Some(1.0),
+            "{what}"
+        );
+        app.shutdown();
+        app.wait().await;
+        let fresh: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert!(
+            fresh["models"]["rec"].is_object(),
+            "{what}: a new file is written"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_can_pin_freeze_and_release() {
     let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
