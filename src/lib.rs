@@ -91,6 +91,49 @@ pub fn check_model_files(config: &Config) -> Result<(), ConfigErrors> {
     }
 }
 
+/// What `serve` checks of local models when it builds its route table, done for
+/// `validate`: every local model (file or built-in) must load as a model, not merely
+/// be readable (`local.model: /etc/passwd` passed `validate` and failed `serve`).
+pub fn check_models_load(config: &Config) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for (name, model) in &config.models {
+        for (i, v) in model.variants.iter().enumerate() {
+            let Some(local) = &v.local else { continue };
+            let bytes: Result<std::borrow::Cow<'static, [u8]>, String> =
+                match local.model.strip_prefix("builtin:") {
+                    Some(b) => switchyard_inference::builtin::get(b)
+                        .map(Into::into)
+                        .ok_or_else(|| format!("no built-in model `{b}`")),
+                    None => std::fs::read(&local.model)
+                        .map(Into::into)
+                        .map_err(|e| format!("cannot read model file `{}`: {e}", local.model)),
+                };
+            let loaded = bytes.and_then(|b| {
+                switchyard_inference::TractModel::from_bytes_with(
+                    &local.model,
+                    &b,
+                    switchyard_inference::Kernels::TractOnly,
+                )
+                .map(drop)
+                .map_err(|e| e.to_string())
+            });
+            if let Err(message) = loaded {
+                errors.push(switchyard_config::ConfigError {
+                    path: format!("models.{name}.variants[{i}].local.model"),
+                    line: local.model_at.0,
+                    column: local.model_at.1,
+                    message,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Why the server could not start.
 #[derive(Debug)]
 pub enum StartError {

@@ -202,7 +202,10 @@ fn main() -> ExitCode {
 
 fn validate(file: PathBuf) -> ExitCode {
     let source = file.display().to_string();
-    match load_config(&file) {
+    match load_config(&file).and_then(|c| {
+        switchyard::check_models_load(&c).map_err(switchyard::LoadError::Invalid)?;
+        Ok(c)
+    }) {
         Ok(config) => {
             let variants: usize = config.models.values().map(|m| m.variants.len()).sum();
             println!(

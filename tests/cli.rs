@@ -70,6 +70,34 @@ fn validate_and_serve_refuse_missing_files_and_bad_files_with_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key `upstrem`"));
 }
 
+/// `validate` refuses what `serve` would refuse: a readable file that is not a model,
+/// and weights whose sum overflows (both passed `validate` once); `serve` refuses the
+/// same files with the same exit code.
+#[test]
+fn validate_runs_the_checks_serve_runs() {
+    let cases = [
+        (
+            "not-a-model.yaml",
+            "models:\n  m:\n    variants: [{name: a, weight: 1, local: {model: /etc/passwd}}]\n",
+            "models.m.variants[0].local.model",
+        ),
+        (
+            "huge-weights.yaml",
+            "models:\n  m:\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1e308}\n      - {name: b, upstream: \"http://127.0.0.1:1\", weight: 1e308}\n",
+            "models.m.variants: the weights of a model add up to more than a number can hold",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        let file = temp_file(name, yaml);
+        for args in [vec!["validate"], vec!["serve", "--config"]] {
+            let out = switchyard().args(&args).arg(&file).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?} {name}: {err}");
+            assert!(err.contains(expected), "{args:?} {name}: {err}");
+        }
+    }
+}
+
 #[test]
 fn every_example_config_parses() {
     let mut checked = 0;

@@ -862,6 +862,14 @@ fn decode_variants(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Variant>>
         return None;
     }
     let sum: f64 = variants.iter().map(|v| v.weight).sum();
+    if !sum.is_finite() {
+        cx.error(
+            node,
+            path,
+            "the weights of a model add up to more than a number can hold; only their ratios matter, so use smaller numbers",
+        );
+        return None;
+    }
     if sum <= 0.0 {
         cx.error(
             node,
