@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use switchyard_bandit::policy::{Guardrails, Override};
 use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
 use switchyard_config::{BanditMode, BanditObjective, Config, HalfLife, MissingFeedback, Prior};
-use switchyard_router::feedback::{Decision, FeedbackSink, FeedbackValues};
+use switchyard_router::feedback::{Decision, FeedbackError, FeedbackSink, FeedbackValues};
 use switchyard_router::selector::Pick;
 use switchyard_router::table::Picker;
 use switchyard_router::Router;
@@ -68,8 +68,17 @@ struct Entry {
     /// Cost per prediction of each variant (`cost_per_1k` / 1000).
     costs: Vec<f64>,
     missing: MissingFeedback,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// Feedback refused (503) and expiry events dropped because `events` was full.
+    full_feedback: IntCounter,
+    full_missing: IntCounter,
 }
+
+/// Events one model's bandit may have waiting. The task drains them every
+/// `update_interval`; a flood of feedback beyond this is answered 503 (retryable, the
+/// decision stays open) rather than buffered without limit. 65,536 events take about
+/// 2.5 MB and cover 32 s of 2,000 feedbacks a second with no update at all.
+const EVENT_QUEUE: usize = 65_536;
 
 /// The router's feedback sink: validates and queues rewards per model.
 #[derive(Debug)]
@@ -86,10 +95,10 @@ impl BanditSink {
 }
 
 impl FeedbackSink for BanditSink {
-    fn accept(&self, d: &Decision, age: Duration, v: &FeedbackValues) -> Result<(), String> {
-        let e = self
-            .entry(d.model)
-            .ok_or_else(|| "this prediction's model has no bandit".to_string())?;
+    fn accept(&self, d: &Decision, age: Duration, v: &FeedbackValues) -> Result<(), FeedbackError> {
+        let e = self.entry(d.model).ok_or_else(|| {
+            FeedbackError::Invalid("this prediction's model has no bandit".into())
+        })?;
         let variant = usize::from(d.variant);
         let fb = Feedback {
             revenue: v.revenue,
@@ -100,20 +109,30 @@ impl FeedbackSink for BanditSink {
         let reward = e
             .objective
             .reward(&fb, cost)
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| FeedbackError::Invalid(err.to_string()))?;
         let revenue = v
             .revenue
             .or(v.reward)
             .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
         e.events
-            .send(Event::Feedback {
+            .try_send(Event::Feedback {
                 variant,
                 reward,
                 revenue,
                 cost,
                 delay: age.as_secs_f64(),
             })
-            .map_err(|_| "the model's bandit has stopped".to_string())
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => {
+                    e.full_feedback.inc();
+                    FeedbackError::Busy(format!(
+                        "the model's bandit has {EVENT_QUEUE} events waiting; nothing was taken, try again shortly"
+                    ))
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    FeedbackError::Busy("the model's bandit has stopped".into())
+                }
+            })
     }
 }
 
@@ -217,11 +236,22 @@ fn objective_name(o: Objective) -> &'static str {
 
 /// Each model's queue of events, handed from [`sink`] to [`Bandits::spawn`].
 #[derive(Debug)]
-pub struct Receivers(HashMap<String, mpsc::UnboundedReceiver<Event>>);
+pub struct Receivers(HashMap<String, mpsc::Receiver<Event>>);
 
 /// The sink for `config`'s bandits (None if no model has one), and the queues their
 /// tasks will drain.
-pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
+pub fn sink(
+    config: &Config,
+    registry: &Registry,
+) -> Result<(Option<Arc<BanditSink>>, Receivers), String> {
+    let full = IntCounterVec::new(
+        Opts::new(
+            "switchyard_bandit_queue_full_total",
+            "Events a model's bandit could not queue: `feedback` answered 503, `missing` (expired decisions) dropped.",
+        ),
+        &["model", "event"],
+    )
+    .map_err(|e| format!("bandit metrics: {e}"))?;
     let mut models = Vec::with_capacity(config.models.len());
     let mut receivers = Receivers(HashMap::new());
     for (name, model) in &config.models {
@@ -229,7 +259,7 @@ pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
             models.push(None);
             continue;
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         models.push(Some(Entry {
             objective: objective(b.objective),
             costs: model
@@ -239,13 +269,18 @@ pub fn sink(config: &Config) -> (Option<Arc<BanditSink>>, Receivers) {
                 .collect(),
             missing: b.missing_feedback,
             events: tx,
+            full_feedback: full.with_label_values(&[name, "feedback"]),
+            full_missing: full.with_label_values(&[name, "missing"]),
         }));
         receivers.0.insert(name.clone(), rx);
     }
     if models.iter().all(Option::is_none) {
-        (None, receivers)
+        Ok((None, receivers))
     } else {
-        (Some(Arc::new(BanditSink { models })), receivers)
+        registry
+            .register(Box::new(full))
+            .map_err(|e| format!("bandit metrics: {e}"))?;
+        Ok((Some(Arc::new(BanditSink { models })), receivers))
     }
 }
 
@@ -620,12 +655,17 @@ impl Bandits {
                             let cost = e.costs.get(variant).copied().unwrap_or(0.0);
                             let reward = (e.missing == MissingFeedback::Zero)
                                 .then(|| e.objective.missing_reward(cost));
-                            let _ = e.events.send(Event::Missing {
+                            let sent = e.events.try_send(Event::Missing {
                                 variant,
                                 count,
                                 reward,
                                 cost,
                             });
+                            // One event per (variant, second): only a bandit that has not
+                            // drained for a long time drops these.
+                            if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+                                e.full_missing.inc();
+                            }
                         }
                     }
                     if file.is_some() && last_write.elapsed() >= PERSIST_EVERY {
@@ -822,5 +862,60 @@ fn write_state(file: Option<&PathBuf>, snapshots: &Mutex<BTreeMap<String, Snapsh
     let result = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, file));
     if let Err(e) = result {
         tracing::error!(file = %file.display(), error = %e, "Cannot write the bandit state file; statistics will not survive a restart.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bandit that does not drain (its task never started here) takes
+    /// `EVENT_QUEUE` feedbacks, then answers Busy (503) and counts each refusal: the
+    /// queue never grows past its bound, and nothing refused is half-taken.
+    #[test]
+    fn a_full_event_queue_refuses_feedback_with_busy() {
+        let config = switchyard_config::from_yaml_str(
+            "models:\n  rec:\n    bandit: {objective: conversion}\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n",
+        )
+        .unwrap();
+        let registry = Registry::new();
+        let (sink, mut receivers) = sink(&config, &registry).unwrap();
+        let sink = sink.unwrap();
+        let decision = Decision {
+            model: 0,
+            variant: 0,
+            probability: 1.0,
+            at_ms: 0,
+            ttl_ms: 1000,
+            rewarded: false,
+        };
+        let values = FeedbackValues {
+            converted: Some(true),
+            ..FeedbackValues::default()
+        };
+        for _ in 0..EVENT_QUEUE {
+            sink.accept(&decision, Duration::ZERO, &values).unwrap();
+        }
+        for _ in 0..3 {
+            assert!(matches!(
+                sink.accept(&decision, Duration::ZERO, &values),
+                Err(FeedbackError::Busy(_))
+            ));
+        }
+        let refused = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "switchyard_bandit_queue_full_total")
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| m.get_label().iter().any(|l| l.value() == "feedback"))
+                    .map(|m| m.get_counter().get_value())
+            });
+        assert_eq!(refused, Some(3.0));
+        // Once drained, feedback is taken again.
+        let rx = receivers.0.get_mut("rec").unwrap();
+        while rx.try_recv().is_ok() {}
+        assert!(sink.accept(&decision, Duration::ZERO, &values).is_ok());
     }
 }

@@ -236,7 +236,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let registry = Registry::new();
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
-    let (sink, receivers) = bandits::sink(&config);
+    let (sink, receivers) = bandits::sink(&config, &registry).map_err(StartError::Other)?;
     let router = Router::with_options(
         &config,
         metrics.clone(),

@@ -667,7 +667,12 @@ async fn decisions_keep_the_probability_of_their_choice() {
     #[derive(Debug, Default)]
     struct Capture(Mutex<Vec<(u16, f32)>>);
     impl FeedbackSink for Capture {
-        fn accept(&self, d: &Decision, _: Duration, _: &FeedbackValues) -> Result<(), String> {
+        fn accept(
+            &self,
+            d: &Decision,
+            _: Duration,
+            _: &FeedbackValues,
+        ) -> Result<(), switchyard::router::feedback::FeedbackError> {
             self.0.lock().unwrap().push((d.variant, d.probability));
             Ok(())
         }

@@ -33,14 +33,15 @@ pub struct FeedbackValues {
 /// Takes feedback for a (model, variant): checks the value against the model's
 /// objective and hands the reward on. Called under a shard lock: must not block.
 pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
-    /// Takes feedback for `decision`, made `age` ago; `Err(message)` when the objective
-    /// cannot take this value (answered 400, and the decision stays open).
+    /// Takes feedback for `decision`, made `age` ago. [`FeedbackError::Invalid`] when
+    /// the objective cannot take this value (400), [`FeedbackError::Busy`] when the
+    /// bandit cannot queue it now (503, retryable); either way the decision stays open.
     fn accept(
         &self,
         decision: &Decision,
         age: Duration,
         values: &FeedbackValues,
-    ) -> Result<(), String>;
+    ) -> Result<(), FeedbackError>;
 }
 
 /// What the router recorded when it chose a variant: 24 bytes, no pointers, so a
@@ -189,6 +190,8 @@ pub enum FeedbackError {
     Duplicate,
     /// A value that cannot be used (400).
     Invalid(String),
+    /// The bandit's queue is full: nothing was taken, try again (503).
+    Busy(String),
 }
 
 impl FeedbackError {
@@ -197,6 +200,7 @@ impl FeedbackError {
             FeedbackError::Unknown => 404,
             FeedbackError::Duplicate => 409,
             FeedbackError::Invalid(_) => 400,
+            FeedbackError::Busy(_) => 503,
         }
     }
 
@@ -208,7 +212,7 @@ impl FeedbackError {
             FeedbackError::Duplicate => {
                 format!("feedback for `{id}` was already taken; the first one counts")
             }
-            FeedbackError::Invalid(m) => m.clone(),
+            FeedbackError::Invalid(m) | FeedbackError::Busy(m) => m.clone(),
         }
     }
 }
@@ -292,7 +296,7 @@ impl DecisionLog {
         &self,
         id: &[u8],
         now: Instant,
-        accept: impl FnOnce(&Decision, Duration) -> Result<(), String>,
+        accept: impl FnOnce(&Decision, Duration) -> Result<(), FeedbackError>,
     ) -> Result<(), FeedbackError> {
         let now_ms = self.millis(now);
         let k = key(id);
@@ -307,7 +311,7 @@ impl DecisionLog {
             return Err(FeedbackError::Duplicate);
         }
         let age = Duration::from_millis(now_ms.saturating_sub(d.at_ms));
-        accept(d, age).map_err(FeedbackError::Invalid)?;
+        accept(d, age)?;
         d.rewarded = true;
         Ok(())
     }
@@ -476,9 +480,14 @@ mod tests {
     #[derive(Debug)]
     struct Accept;
     impl FeedbackSink for Accept {
-        fn accept(&self, _: &Decision, _: Duration, v: &FeedbackValues) -> Result<(), String> {
+        fn accept(
+            &self,
+            _: &Decision,
+            _: Duration,
+            v: &FeedbackValues,
+        ) -> Result<(), FeedbackError> {
             if v.reward.is_some_and(|r| r > 1.0) {
-                Err("reward above 1".into())
+                Err(FeedbackError::Invalid("reward above 1".into()))
             } else {
                 Ok(())
             }
@@ -644,7 +653,7 @@ mod tests {
             let found = log.claim(id.as_bytes(), ms(2400), |d, _| {
                 (d.variant == 3)
                     .then_some(())
-                    .ok_or_else(|| "wrong decision".to_string())
+                    .ok_or_else(|| FeedbackError::Invalid("wrong decision".into()))
             });
             assert_eq!(found, Ok(()), "{id}");
         }
