@@ -324,3 +324,74 @@ async fn futures_connect(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net
     }
     out
 }
+
+/// A local variant answers only the version it has (`local.version`): another version
+/// or a label is 404, as TF Serving and Triton answer; an unknown `signature_name` is a
+/// 400. It once answered version 1 to a client pinned to version 99.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_variants_answer_only_their_version_and_signature() {
+    let app = start(
+        "models:\n  digits:\n    variants: [{name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", version: 3}}]\n",
+    )
+    .await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+    let tf = format!(r#"{{"instances": [{DIGIT}]}}"#);
+    let v2body = v2("FP32", "[1,64]", DIGIT);
+    for (path, body, status) in [
+        ("/v2/models/digits/versions/3/infer", v2body.as_str(), 200),
+        ("/v2/models/digits/versions/003/infer", v2body.as_str(), 200),
+        ("/v2/models/digits/infer", v2body.as_str(), 200),
+        ("/v2/models/digits/versions/99/infer", v2body.as_str(), 404),
+        ("/v2/models/digits/versions/1/infer", v2body.as_str(), 404),
+        ("/v1/models/digits/versions/3:predict", tf.as_str(), 200),
+        ("/v1/models/digits/versions/99:predict", tf.as_str(), 404),
+        ("/v1/models/digits/labels/stable:predict", tf.as_str(), 404),
+    ] {
+        let r = send(&c, "POST", &format!("{base}{path}"), &[], body).await;
+        assert_eq!(r.status, status, "{path}: {:?}", r.body);
+        if status == 404 {
+            assert!(
+                error_of(&r).contains("serves version 3") || error_of(&r).contains("no label"),
+                "{path}"
+            );
+        }
+    }
+    let r = send(
+        &c,
+        "POST",
+        &format!("{base}/v2/models/digits/versions/3/infer"),
+        &[],
+        &v2body,
+    )
+    .await;
+    assert_eq!(r.json()["model_version"], "3");
+    let r = send(
+        &c,
+        "GET",
+        &format!("{base}/v2/models/digits/versions/99/ready"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = send(&c, "GET", &format!("{base}/v1/models/digits"), &[], "").await;
+    assert_eq!(r.json()["model_version_status"][0]["version"], "3");
+    for (sig, status) in [
+        ("\"serving_default\"", 200),
+        ("\"\"", 200),
+        ("\"other\"", 400),
+        ("7", 400),
+    ] {
+        let body = format!(r#"{{"signature_name": {sig}, "instances": [{DIGIT}]}}"#);
+        let r = send(
+            &c,
+            "POST",
+            &format!("{base}/v1/models/digits:predict"),
+            &[],
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, status, "signature_name {sig}: {:?}", r.body);
+    }
+}

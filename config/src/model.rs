@@ -287,6 +287,9 @@ pub struct Local {
     /// Path of an ONNX file (relative to the working directory), or `builtin:digits_mlp`
     /// / `builtin:digits_cnn` for the bundled models compiled into the binary.
     pub model: String,
+    /// The version this variant answers as (TF Serving and Triton versions are positive
+    /// integers). A request for another version gets 404. Default 1.
+    pub version: u64,
     /// `tract` (CPU) or `wgpu` (GPU).
     pub runtime: LocalRuntime,
     /// Which CPU kernels run the model under `runtime: tract`.
@@ -1093,6 +1096,7 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
             "batching",
             "delay",
             "failure_rate",
+            "version",
         ],
     )?;
     let model_node = f.get("model");
@@ -1171,8 +1175,10 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
         }
         Some(v)
     });
+    let version = f.optional(cx, "version", positive_u64);
     Some(Local {
         model: model?,
+        version: version.unwrap_or(1),
         runtime: runtime.unwrap_or(LocalRuntime::Tract),
         cpu_kernels: cpu_kernels.unwrap_or(CpuKernels::Fused),
         gpu_adapter: gpu_adapter.unwrap_or(GpuAdapter::Hardware),

@@ -63,6 +63,9 @@ pub enum RouterError {
     /// The model is not configured.
     #[error("model `{0}` is not served here")]
     UnknownModel(String),
+    /// The model is served, but not in the version or label asked for.
+    #[error("{0}")]
+    UnknownVersion(String),
     /// The request body is over the model's limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge {
@@ -103,7 +106,9 @@ impl RouterError {
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::NoRoute(_) | RouterError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            RouterError::NoRoute(_)
+            | RouterError::UnknownModel(_)
+            | RouterError::UnknownVersion(_) => StatusCode::NOT_FOUND,
             RouterError::BadPath(_) | RouterError::ClientBody(_) | RouterError::BadInput(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -137,6 +142,7 @@ impl RouterError {
             RouterError::BadPath(_) => "bad_path",
             RouterError::MethodNotAllowed { .. } => "method_not_allowed",
             RouterError::UnknownModel(_) => "unknown_model",
+            RouterError::UnknownVersion(_) => "unknown_version",
             RouterError::BodyTooLarge { .. } => "body_too_large",
             RouterError::ClientBody(_) => "client_body",
             RouterError::ClientBodyTimeout(_) => "client_body_timeout",

@@ -14,9 +14,6 @@ use crate::body::{json_response, ProxyBody};
 use crate::error::RouterError;
 use crate::path::{Protocol, Verb};
 
-/// The version we report for local models (they have one version: the file loaded).
-const VERSION: &str = "1";
-
 /// A model served in-process.
 #[derive(Debug)]
 pub struct LocalBackend {
@@ -29,6 +26,17 @@ pub struct LocalBackend {
     /// Longest wait for the batch queue and the run (`request_timeout`): past it the
     /// client gets 504, and a batch thread that has not yet taken the request skips it.
     pub timeout: Duration,
+    /// The one version this model answers as (`local.version`), as the path writes it.
+    pub version: String,
+}
+
+/// What the path asked of the model beyond its name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked<'a> {
+    /// `/versions/{v}`.
+    pub version: Option<&'a str>,
+    /// TF Serving `/labels/{l}`.
+    pub label: Option<&'a str>,
 }
 
 impl LocalBackend {
@@ -38,24 +46,46 @@ impl LocalBackend {
         model: &str,
         protocol: Protocol,
         verb: Verb,
+        asked: Asked<'_>,
         body: crate::body::LimitedBody,
         body_limit: u64,
     ) -> Result<Response<ProxyBody>, RouterError> {
+        // As TF Serving and Triton do: a version the server does not have is a 404, not
+        // silently the one it has.
+        if let Some(v) = asked.version {
+            // Numerically: `/versions/007` is version 7.
+            let same = v.parse::<u64>().ok().map(|n| n.to_string());
+            if same.as_deref() != Some(self.version.as_str()) {
+                return Err(RouterError::UnknownVersion(format!(
+                    "model `{model}` has no version `{v}`; it serves version {}",
+                    self.version
+                )));
+            }
+        }
+        if let Some(l) = asked.label {
+            return Err(RouterError::UnknownVersion(format!(
+                "model `{model}` has no label `{l}`; it is served in-process as version {} and has no labels",
+                self.version
+            )));
+        }
+        let version = self.version.as_str();
         let sig = self.batcher.model().signature();
         let answer: Bytes = match (protocol, verb) {
             (_, Verb::Ready) => json!({ "name": model, "ready": true }).to_string().into(),
             (Protocol::TfServing, Verb::Status) => json!({
                 "model_version_status": [{
-                    "version": VERSION,
+                    "version": version,
                     "state": "AVAILABLE",
                     "status": { "error_code": "OK", "error_message": "" }
                 }]
             })
             .to_string()
             .into(),
-            (Protocol::TfServing, Verb::Metadata) => tf_metadata(model, sig).to_string().into(),
+            (Protocol::TfServing, Verb::Metadata) => {
+                tf_metadata(model, version, sig).to_string().into()
+            }
             (Protocol::V2, Verb::Metadata | Verb::Status) => {
-                v2_metadata(model, sig).to_string().into()
+                v2_metadata(model, version, sig).to_string().into()
             }
             (_, Verb::Classify | Verb::Regress) => {
                 return Err(RouterError::BadInput(format!(
@@ -95,7 +125,7 @@ impl LocalBackend {
                 })?;
                 match protocol {
                     Protocol::TfServing => tf_output(&output, rows, shape),
-                    Protocol::V2 => v2_output(model, sig, &output, rows, &request),
+                    Protocol::V2 => v2_output(model, version, sig, &output, rows, &request),
                 }
             }
         };
@@ -129,6 +159,15 @@ fn tf_input(
             "the request must be a JSON object with `instances` or `inputs`".into(),
         )
     })?;
+    // The model has one signature, TF Serving's default; asking for another is a
+    // mistake to report, not to answer with the default.
+    match obj.get("signature_name") {
+        None => {}
+        Some(Value::String(s)) if s.is_empty() || s == "serving_default" => {}
+        Some(other) => return Err(RouterError::BadInput(format!(
+            "unknown signature_name {other}; model `{model}` has one signature, `serving_default`"
+        ))),
+    }
     let input_name = &sig.input.name;
     let (value, format, what) = match (obj.get("instances"), obj.get("inputs")) {
         (Some(_), Some(_)) => {
@@ -446,12 +485,19 @@ struct V2Tensor<'a> {
     data: &'a [f32],
 }
 
-fn v2_output(model: &str, sig: &Signature, output: &[f32], rows: usize, req: &Value) -> Bytes {
+fn v2_output(
+    model: &str,
+    version: &str,
+    sig: &Signature,
+    output: &[f32],
+    rows: usize,
+    req: &Value,
+) -> Bytes {
     let mut shape = sig.output.shape_i64();
     shape[0] = rows as i64;
     let answer = V2Answer {
         model_name: model,
-        model_version: VERSION,
+        model_version: version,
         id: req.get("id"),
         outputs: [V2Tensor {
             name: &sig.output.name,
@@ -463,18 +509,18 @@ fn v2_output(model: &str, sig: &Signature, output: &[f32], rows: usize, req: &Va
     Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
 }
 
-fn v2_metadata(model: &str, sig: &Signature) -> Value {
+fn v2_metadata(model: &str, version: &str, sig: &Signature) -> Value {
     let t = |s: &switchyard_inference::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape_i64() });
     json!({
         "name": model,
-        "versions": [VERSION],
+        "versions": [version],
         "platform": "onnx_tract",
         "inputs": [t(&sig.input)],
         "outputs": [t(&sig.output)],
     })
 }
 
-fn tf_metadata(model: &str, sig: &Signature) -> Value {
+fn tf_metadata(model: &str, version: &str, sig: &Signature) -> Value {
     let t = |s: &switchyard_inference::TensorSpec| {
         json!({
             "dtype": "DT_FLOAT",
@@ -483,7 +529,7 @@ fn tf_metadata(model: &str, sig: &Signature) -> Value {
         })
     };
     json!({
-        "model_spec": { "name": model, "signature_name": "", "version": VERSION },
+        "model_spec": { "name": model, "signature_name": "", "version": version },
         "metadata": { "signature_def": { "signature_def": { "serving_default": {
             "inputs": { sig.input.name.clone(): t(&sig.input) },
             "outputs": { sig.output.name.clone(): t(&sig.output) },

@@ -47,6 +47,10 @@ pub struct ModelRequest {
     /// Byte range of the model name in the path, so forwarding can substitute the
     /// upstream's name without re-parsing.
     pub model: Range<usize>,
+    /// Byte range of the version asked for (`/versions/{v}`), if any.
+    pub version: Option<Range<usize>>,
+    /// Byte range of the TF Serving label asked for (`/labels/{l}`), if any.
+    pub label: Option<Range<usize>>,
 }
 
 /// What is asked of a model.
@@ -185,6 +189,12 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     }
     check_segment(path, "model name", model)?;
     let tail: Vec<&str> = segments.collect();
+    // Offsets: `{model}/versions/{v}` puts `v` after the model, a slash and the keyword.
+    let after_keyword = |kw: &str, v: &str| {
+        let at = start + model.len() + 1 + kw.len() + 1;
+        Some(at..at + v.len())
+    };
+    let (mut version, mut label) = (None, None);
     let metadata = match tail.as_slice() {
         [] => false,
         ["metadata"] => true,
@@ -192,6 +202,7 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad(path, &format!("version `{v}` is not a number")));
             }
+            version = after_keyword("versions", v);
             tail.len() == 3
         }
         ["labels", l] | ["labels", l, "metadata"] => {
@@ -199,6 +210,7 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
                 return Err(bad(path, "the label is empty"));
             }
             check_segment(path, "label", l)?;
+            label = after_keyword("labels", l);
             tail.len() == 3
         }
         _ => {
@@ -218,6 +230,8 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
         protocol: Protocol::TfServing,
         verb,
         model: start..start + model.len(),
+        version,
+        label,
     };
     Ok((req, verb.method()))
 }
@@ -231,17 +245,17 @@ fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     }
     check_segment(path, "model name", model)?;
     let tail = &segments[1..];
-    let (tail, versioned) = match tail {
+    let (tail, version) = match tail {
         ["versions", v, more @ ..] => {
             if v.is_empty() {
                 return Err(bad(path, "the version is empty"));
             }
             check_segment(path, "version", v)?;
-            (more, true)
+            let at = start + model.len() + "/versions/".len();
+            (more, Some(at..at + v.len()))
         }
-        _ => (tail, false),
+        _ => (tail, None),
     };
-    let _ = versioned;
     let verb = match tail {
         [] => Verb::Metadata,
         ["ready"] => Verb::Ready,
@@ -257,6 +271,8 @@ fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
         protocol: Protocol::V2,
         verb,
         model: start..start + model.len(),
+        version,
+        label: None,
     };
     Ok((req, verb.method()))
 }
@@ -296,6 +312,26 @@ mod tests {
             Metadata
         );
         assert_eq!(model("/v1/models/m/labels/x", Method::GET).0, Status);
+    }
+
+    #[test]
+    fn versions_and_labels_are_located() {
+        for (path, version, label) in [
+            ("/v1/models/mnist/versions/12:predict", Some("12"), None),
+            ("/v1/models/m/labels/stable/metadata", None, Some("stable")),
+            ("/v1/models/m:predict", None, None),
+            ("/v2/models/mnist/versions/7/infer", Some("7"), None),
+            ("/v2/models/mnist/infer", None, None),
+        ] {
+            let Endpoint::Model(r) = parse(&Method::POST, path)
+                .or_else(|_| parse(&Method::GET, path))
+                .unwrap()
+            else {
+                panic!("{path}")
+            };
+            assert_eq!(r.version.map(|v| &path[v]), version, "{path}");
+            assert_eq!(r.label.map(|l| &path[l]), label, "{path}");
+        }
     }
 
     #[test]

@@ -346,11 +346,17 @@ impl Router {
                 }
             }
             Backend::Local(local) => {
+                let path = parts.uri.path();
+                let asked = crate::local::Asked {
+                    version: model_req.version.clone().and_then(|r| path.get(r)),
+                    label: model_req.label.clone().and_then(|r| path.get(r)),
+                };
                 local
                     .handle(
                         &model.name,
                         model_req.protocol,
                         model_req.verb,
+                        asked,
                         body,
                         model.body_limit,
                     )

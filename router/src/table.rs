@@ -290,5 +290,6 @@ fn load_local(
         delay: local.delay,
         failure_rate: local.failure_rate,
         timeout,
+        version: local.version.to_string(),
     })
 }
