@@ -36,6 +36,18 @@ pub mod server;
 pub mod table;
 pub mod upstream;
 
+/// A seeded xorshift64* stream for the property tests: deterministic, no dependency.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed.max(1);
+    move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
 pub use error::RouterError;
 pub use metrics::Metrics;
 pub use proxy::Router;

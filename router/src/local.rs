@@ -164,9 +164,11 @@ fn tf_input(
     match obj.get("signature_name") {
         None => {}
         Some(Value::String(s)) if s.is_empty() || s == "serving_default" => {}
-        Some(other) => return Err(RouterError::BadInput(format!(
+        Some(other) => {
+            return Err(RouterError::BadInput(format!(
             "unknown signature_name {other}; model `{model}` has one signature, `serving_default`"
-        ))),
+        )))
+        }
     }
     let input_name = &sig.input.name;
     let (value, format, what) = match (obj.get("instances"), obj.get("inputs")) {
@@ -605,13 +607,7 @@ mod tests {
         )
         .unwrap();
         let sig = model.signature();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        };
+        let mut next = crate::test_rng(0x2545_F491_4F6C_DD1D);
         let mut accepted = 0;
         for i in 0..5_000 {
             let mut body = arbitrary(&mut next, 4);
@@ -625,7 +621,7 @@ mod tests {
                         n => Value::from(n % 17),
                     })
                     .collect();
-                let first = if next() % 4 == 0 {
+                let first = if next().is_multiple_of(4) {
                     arbitrary(&mut next, 0)
                 } else {
                     Value::from(rows)
@@ -636,7 +632,7 @@ mod tests {
                     "inputs": [{ "name": "pixels", "datatype": datatype, "shape": [first, 64], "data": data }],
                 });
                 if let Some(o) = body.as_object_mut() {
-                    o.remove(if next() % 2 == 0 {
+                    o.remove(if next().is_multiple_of(2) {
                         "instances"
                     } else {
                         "inputs"

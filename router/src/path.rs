@@ -369,16 +369,9 @@ mod tests {
             ":", ":predict", "..", ".", "%", "%2F", "%2e", "%5C", "%00", "%zz", "\\", "1", "é",
             "\u{0}", "//", "feedback", "health",
         ];
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            // xorshift64*: deterministic, no dependency.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        };
+        let mut next = crate::test_rng(0x9E37_79B9_7F4A_7C15);
         for _ in 0..100_000 {
-            let mut path = String::from(if next() % 2 == 0 {
+            let mut path = String::from(if next().is_multiple_of(2) {
                 "/v1/models/"
             } else {
                 "/v2/models/"
@@ -389,7 +382,7 @@ mod tests {
                     _ => path.push_str(PIECES[(next() % PIECES.len() as u64) as usize]),
                 }
             }
-            let method = if next() % 2 == 0 {
+            let method = if next().is_multiple_of(2) {
                 Method::GET
             } else {
                 Method::POST
