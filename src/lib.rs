@@ -67,57 +67,35 @@ pub fn load_config(path: &Path) -> Result<Config, LoadError> {
 
 /// Every local model file must exist and be readable; built-ins always are.
 pub fn check_model_files(config: &Config) -> Result<(), ConfigErrors> {
-    let mut errors = Vec::new();
-    for (name, model) in &config.models {
-        for (i, v) in model.variants.iter().enumerate() {
-            let Some(local) = &v.local else { continue };
-            if local.model.starts_with("builtin:") {
-                continue;
-            }
-            if let Err(e) = std::fs::File::open(&local.model) {
-                errors.push(switchyard_config::ConfigError {
-                    path: format!("models.{name}.variants[{i}].local.model"),
-                    line: local.model_at.0,
-                    column: local.model_at.1,
-                    message: format!("cannot read model file `{}`: {e}", local.model),
-                });
-            }
+    check_locals(config, |local| {
+        if local.model.starts_with("builtin:") {
+            return Ok(());
         }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
-    }
+        std::fs::File::open(&local.model)
+            .map(drop)
+            .map_err(|e| format!("cannot read model file `{}`: {e}", local.model))
+    })
 }
 
 /// What `serve` checks of local models when it builds its route table, done for
 /// `validate`: every local model (file or built-in) must load as a model, not merely
 /// be readable (`local.model: /etc/passwd` passed `validate` and failed `serve`).
 pub fn check_models_load(config: &Config) -> Result<(), ConfigErrors> {
+    check_locals(config, |local| {
+        switchyard_router::table::load_model(local).map(drop)
+    })
+}
+
+/// Runs `check` on every local variant; each failure is an error at its `local.model`.
+fn check_locals(
+    config: &Config,
+    check: impl Fn(&switchyard_config::Local) -> Result<(), String>,
+) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
     for (name, model) in &config.models {
         for (i, v) in model.variants.iter().enumerate() {
             let Some(local) = &v.local else { continue };
-            let bytes: Result<std::borrow::Cow<'static, [u8]>, String> =
-                match local.model.strip_prefix("builtin:") {
-                    Some(b) => switchyard_inference::builtin::get(b)
-                        .map(Into::into)
-                        .ok_or_else(|| format!("no built-in model `{b}`")),
-                    None => std::fs::read(&local.model)
-                        .map(Into::into)
-                        .map_err(|e| format!("cannot read model file `{}`: {e}", local.model)),
-                };
-            let loaded = bytes.and_then(|b| {
-                switchyard_inference::TractModel::from_bytes_with(
-                    &local.model,
-                    &b,
-                    switchyard_inference::Kernels::TractOnly,
-                )
-                .map(drop)
-                .map_err(|e| e.to_string())
-            });
-            if let Err(message) = loaded {
+            if let Err(message) = check(local) {
                 errors.push(switchyard_config::ConfigError {
                     path: format!("models.{name}.variants[{i}].local.model"),
                     line: local.model_at.0,

@@ -225,6 +225,28 @@ impl ModelRoute {
     }
 }
 
+/// Reads and parses a local model (file or built-in) with its configured CPU kernels:
+/// what `serve` does first, and all that `validate` does, so the two refuse the same
+/// files with the same message.
+pub fn load_model(
+    local: &switchyard_config::Local,
+) -> Result<switchyard_inference::TractModel, String> {
+    let bytes: std::borrow::Cow<'static, [u8]> = match local.model.strip_prefix("builtin:") {
+        Some(b) => switchyard_inference::builtin::get(b)
+            .ok_or_else(|| format!("no built-in model `{b}`"))?
+            .into(),
+        None => std::fs::read(&local.model)
+            .map_err(|e| format!("cannot read model file `{}`: {e}", local.model))?
+            .into(),
+    };
+    let kernels = match local.cpu_kernels {
+        switchyard_config::CpuKernels::Fused => switchyard_inference::Kernels::Auto,
+        switchyard_config::CpuKernels::Tract => switchyard_inference::Kernels::TractOnly,
+    };
+    switchyard_inference::TractModel::from_bytes_with(&local.model, &bytes, kernels)
+        .map_err(|e| e.to_string())
+}
+
 /// Loads a local model (file or built-in) and starts its batch threads.
 fn load_local(
     model: &str,
@@ -239,22 +261,8 @@ fn load_local(
         column: local.model_at.1,
         message,
     };
-    let bytes: std::borrow::Cow<'static, [u8]> = match local.model.strip_prefix("builtin:") {
-        Some(b) => switchyard_inference::builtin::get(b)
-            .ok_or_else(|| err(format!("no built-in model `{b}`")))?
-            .into(),
-        None => std::fs::read(&local.model)
-            .map_err(|e| err(format!("cannot read model file `{}`: {e}", local.model)))?
-            .into(),
-    };
-    let kernels = match local.cpu_kernels {
-        switchyard_config::CpuKernels::Fused => switchyard_inference::Kernels::Auto,
-        switchyard_config::CpuKernels::Tract => switchyard_inference::Kernels::TractOnly,
-    };
     #[allow(unused_mut)]
-    let mut tract =
-        switchyard_inference::TractModel::from_bytes_with(&local.model, &bytes, kernels)
-            .map_err(|e| err(e.to_string()))?;
+    let mut tract = load_model(local).map_err(err)?;
     if local.runtime == switchyard_config::LocalRuntime::Wgpu {
         // No GPU, or a graph outside the GPU kernels: the model still serves, on the
         // CPU, and the log says why (a sidecar must not refuse to start over it).
