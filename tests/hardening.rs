@@ -185,7 +185,8 @@ async fn path_traversal_never_reaches_the_upstream() {
 }
 
 /// A local model whose batch waits far longer than the request may: the client gets 504
-/// at `request_timeout`, and the batch thread skips the abandoned request.
+/// at `request_timeout`, the batch thread skips the abandoned request, and readiness is
+/// false while the queue does not move, true again once it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_variants_answer_504_at_request_timeout() {
     let app = start(
@@ -195,9 +196,58 @@ async fn local_variants_answer_504_at_request_timeout() {
     let c = client();
     let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
     let body = format!(r#"{{"instances": [{DIGIT}]}}"#);
+    let ready = |path: &str| {
+        let url = format!("http://{}{path}", app.data_addr);
+        let c = c.clone();
+        async move { send(&c, "GET", &url, &[], "").await }
+    };
+    assert_eq!(ready("/v2/models/digits/ready").await.status, 200);
     let r = send(&c, "POST", &url, &[], &body).await;
     assert_eq!(r.status, 504, "{:?}", r.body);
     assert!(error_of(&r).contains("request_timeout"), "{:?}", r.body);
+
+    // The abandoned request still sits in the queue (its batch waits 3 s to fill): the
+    // model cannot serve in time, and every readiness endpoint says so, with the reason.
+    let model = ready("/v2/models/digits/ready").await;
+    let server = ready("/v2/health/ready").await;
+    let readyz = send(
+        &c,
+        "GET",
+        &format!("http://{}/readyz", app.admin_addr),
+        &[],
+        "",
+    )
+    .await;
+    for r in [&model, &server] {
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert_eq!(r.json()["ready"], false);
+        assert!(error_of(r).contains("not moving"), "{:?}", r.body);
+    }
+    assert_eq!(readyz.status, 503);
+    let why = String::from_utf8_lossy(&readyz.body);
+    assert!(why.contains("model `digits` variant `cpu`"), "{why}");
+
+    // Once the batch thread takes the queue (and skips the abandoned request), ready
+    // again, by itself. Bounded: the batch waits 3 s.
+    let mut last = model;
+    for _ in 0..200 {
+        if last.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = ready("/v2/models/digits/ready").await;
+    }
+    assert_eq!(last.status, 200, "{:?}", last.body);
+    assert_eq!(ready("/v2/health/ready").await.status, 200);
+    let readyz = send(
+        &c,
+        "GET",
+        &format!("http://{}/readyz", app.admin_addr),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(readyz.status, 200);
 }
 
 fn write_config(name: &str, yaml: &str) -> std::path::PathBuf {

@@ -12,6 +12,7 @@
 //! closes the queue; threads finish every request already accepted, then exit.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -182,6 +183,16 @@ struct Shared {
     options: BatchingOptions,
     model: Arc<TractModel>,
     metrics: LocalMetrics,
+    /// Batch threads inside their supervisor (they leave only when the queue closes).
+    live: AtomicUsize,
+    /// Per batch thread: when its current batch started, as milliseconds since `epoch`
+    /// plus one; 0 while it waits for work. Read by [`Batcher::health`].
+    busy: Vec<AtomicU64>,
+    epoch: Instant,
+    /// Test seam: while it holds `true`, batches wait before running (a model stuck on
+    /// its device, without a model that really hangs).
+    #[cfg(test)]
+    gate: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Shared {
@@ -189,6 +200,36 @@ impl Shared {
     // still consistent (every update is a few field writes), so keep serving.
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new(options: BatchingOptions, model: Arc<TractModel>, metrics: LocalMetrics) -> Self {
+        let threads = options.num_batch_threads.max(1);
+        Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            options,
+            model,
+            metrics,
+            live: AtomicUsize::new(0),
+            busy: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+            #[cfg(test)]
+            gate: Arc::new((Mutex::new(false), Condvar::new())),
+        }
+    }
+
+    fn millis(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX - 1)
+    }
+}
+
+/// Why a local model cannot serve now (see [`Batcher::health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotServing(pub String);
+
+impl std::fmt::Display for NotServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -214,23 +255,61 @@ impl Batcher {
         options: BatchingOptions,
         metrics: LocalMetrics,
     ) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            ready: Condvar::new(),
-            options: options.clone(),
-            model,
-            metrics,
-        });
-        let mut threads = Vec::with_capacity(options.num_batch_threads);
-        for i in 0..options.num_batch_threads.max(1) {
-            let shared = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("batch-{name}-{i}"))
-                    .spawn(move || supervise(&shared))?,
-            );
+        let shared = Arc::new(Shared::new(options, model, metrics));
+        let mut threads = Vec::with_capacity(shared.busy.len());
+        for i in 0..shared.busy.len() {
+            // Counted before the thread runs, so a batcher is never seen with no live
+            // thread while its threads are still starting.
+            shared.live.fetch_add(1, Ordering::SeqCst);
+            let spawned = std::thread::Builder::new()
+                .name(format!("batch-{name}-{i}"))
+                .spawn({
+                    let shared = shared.clone();
+                    move || supervise(&shared, i)
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.live.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
         }
         Ok(Batcher { shared, threads })
+    }
+
+    /// Whether the model can serve now: `Err` when no batch thread is alive, when every
+    /// batch thread has been inside one batch for longer than `stall` (a model stuck on
+    /// its device), or when the oldest queued request has waited longer than `stall`
+    /// (the queue is not moving). Readiness endpoints report it; it clears by itself
+    /// when the threads move again.
+    pub fn health(&self, stall: Duration) -> Result<(), NotServing> {
+        let shared = &self.shared;
+        if shared.live.load(Ordering::SeqCst) == 0 {
+            return Err(NotServing("no batch thread is alive".into()));
+        }
+        let now = shared.millis(Instant::now()) + 1;
+        let stall_ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        let stuck = shared.busy.iter().all(|b| {
+            let since = b.load(Ordering::SeqCst);
+            since != 0 && now.saturating_sub(since) > stall_ms
+        });
+        if stuck {
+            return Err(NotServing(format!(
+                "every batch thread ({}) has been running one batch for more than {stall:?}",
+                shared.busy.len()
+            )));
+        }
+        let oldest = shared.lock().jobs.front().map(|j| j.enqueued);
+        if let Some(waited) = oldest.map(|t| t.elapsed()) {
+            if waited > stall {
+                return Err(NotServing(format!(
+                    "the oldest queued request has waited {:.1}s, more than {stall:?}: the queue is not moving",
+                    waited.as_secs_f64()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The model served.
@@ -331,9 +410,20 @@ impl Drop for Batcher {
 /// batch in [`run_batch`]; this catches anything else, counts it, and starts the loop
 /// again with a fresh run state, so no panic can take a batch thread away (a dead thread
 /// once left its model queueing requests that no thread would ever take).
-fn supervise(shared: &Shared) {
+fn supervise(shared: &Shared, thread: usize) {
+    // Leaves the live count however the loop ends.
+    struct Live<'a>(&'a Shared);
+    impl Drop for Live<'_> {
+        fn drop(&mut self) {
+            self.0.live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _live = Live(shared);
     loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch_loop(shared))) {
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch_loop(shared, thread)));
+        shared.busy[thread].store(0, Ordering::SeqCst);
+        match outcome {
             Ok(()) => return,
             Err(panic) => {
                 shared.metrics.panics.inc();
@@ -364,7 +454,7 @@ fn new_session(shared: &Shared) -> Option<Session> {
     }
 }
 
-fn batch_loop(shared: &Shared) {
+fn batch_loop(shared: &Shared, thread: usize) {
     let opts = &shared.options;
     let mut session = new_session(shared);
     loop {
@@ -414,7 +504,13 @@ fn batch_loop(shared: &Shared) {
         q.rows -= taken;
         shared.metrics.queued.set(q.rows as i64);
         drop(q);
-        if !batch.is_empty() && run_batch(shared, session.as_mut(), batch, rows).is_err() {
+        if batch.is_empty() {
+            continue;
+        }
+        shared.busy[thread].store(shared.millis(Instant::now()) + 1, Ordering::SeqCst);
+        let outcome = run_batch(shared, session.as_mut(), batch, rows);
+        shared.busy[thread].store(0, Ordering::SeqCst);
+        if outcome.is_err() {
             // The run state may be half-written by the panic: start from a fresh one.
             session = new_session(shared);
         }
@@ -437,6 +533,14 @@ fn run_batch(
             .observe((started - job.enqueued).as_secs_f64());
     }
     shared.metrics.batch.observe(rows as f64);
+    #[cfg(test)]
+    {
+        let (closed, opened) = &*shared.gate;
+        let mut closed = closed.lock().unwrap_or_else(|p| p.into_inner());
+        while *closed {
+            closed = opened.wait(closed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
     let input = if batch.len() == 1 {
         batch[0].input.clone()
     } else {
@@ -503,18 +607,13 @@ mod tests {
         let registry = Registry::new();
         let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
         let model = TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap();
-        let shared = Shared {
-            queue: Mutex::new(Queue::default()),
-            ready: Condvar::new(),
-            options: BatchingOptions {
-                max_batch_size: 8,
-                batch_timeout: Duration::ZERO,
-                num_batch_threads: 1,
-                max_enqueued_batches: 1,
-            },
-            model: Arc::new(model),
-            metrics,
+        let options = BatchingOptions {
+            max_batch_size: 8,
+            batch_timeout: Duration::ZERO,
+            num_batch_threads: 1,
+            max_enqueued_batches: 1,
         };
+        let shared = Shared::new(options, Arc::new(model), metrics);
         (shared, registry)
     }
 
@@ -581,5 +680,65 @@ mod tests {
             );
         }
         assert!(b.enqueue(vec![0.0; 128], 2).is_ok());
+    }
+
+    fn set_gate(shared: &Shared, closed: bool) {
+        let (lock, cv) = &*shared.gate;
+        *lock.lock().unwrap() = closed;
+        cv.notify_all();
+    }
+
+    /// Polls `health` until it says `want` (bounded: a few seconds of polling).
+    fn wait_for(b: &Batcher, stall: Duration, want: bool) -> Result<(), NotServing> {
+        let mut last = b.health(stall);
+        for _ in 0..500 {
+            if last.is_ok() == want {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            last = b.health(stall);
+        }
+        panic!("health did not become {want}: {last:?}");
+    }
+
+    /// A model stuck in a batch (a hung device) makes the model not ready, with the
+    /// reason; when it moves again, ready again. Dropping the batcher (no live thread)
+    /// is not ready either.
+    #[test]
+    fn health_turns_false_while_the_threads_are_stuck_and_true_when_they_move() {
+        let registry = Registry::new();
+        let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
+        let model = Arc::new(TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
+        let options = BatchingOptions {
+            max_batch_size: 1,
+            batch_timeout: Duration::ZERO,
+            num_batch_threads: 1,
+            max_enqueued_batches: 4,
+        };
+        let b = Batcher::start("mlp", model, options, metrics).unwrap();
+        let stall = Duration::from_millis(50);
+        assert_eq!(b.health(stall), Ok(()));
+
+        set_gate(&b.shared, true);
+        let first = b.enqueue(vec![0.5; 64], 1).unwrap();
+        let second = b.enqueue(vec![0.5; 64], 1).unwrap();
+        let why = wait_for(&b, stall, false).unwrap_err().0;
+        assert!(
+            why.contains("running one batch") || why.contains("not moving"),
+            "{why}"
+        );
+
+        set_gate(&b.shared, false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(rt.block_on(first).unwrap().len(), 10);
+        assert_eq!(rt.block_on(second).unwrap().len(), 10);
+        wait_for(&b, stall, true).unwrap();
+
+        // Closed: the threads leave, and the batcher says so.
+        let shared = b.shared.clone();
+        drop(b);
+        assert_eq!(shared.live.load(Ordering::SeqCst), 0);
     }
 }

@@ -93,13 +93,14 @@ impl AdminService {
                 }
             }
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => {
-                if self.0.router.is_draining() {
-                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
-                } else {
-                    reply(StatusCode::OK, "text/plain", "ready\n".into())
-                }
-            }
+            "/readyz" => match self.0.router.not_ready() {
+                Some(why) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{why}\n").into(),
+                ),
+                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            },
             "/admin/config" => reply(StatusCode::OK, "application/json", self.0.config_json.clone()),
             "/admin/state" => {
                 let state = self

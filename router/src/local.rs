@@ -40,6 +40,12 @@ pub struct Asked<'a> {
 }
 
 impl LocalBackend {
+    /// Whether the model can serve now ([`Batcher::health`]): a queue that has not moved
+    /// for `request_timeout` is a model whose requests are all timing out.
+    pub fn health(&self) -> Result<(), switchyard_inference::NotServing> {
+        self.batcher.health(self.timeout)
+    }
+
     /// Answers one request for `model` (the client's name for it).
     pub async fn handle(
         &self,
@@ -71,7 +77,17 @@ impl LocalBackend {
         let version = self.version.as_str();
         let sig = self.batcher.model().signature();
         let answer: Bytes = match (protocol, verb) {
-            (_, Verb::Ready) => json!({ "name": model, "ready": true }).to_string().into(),
+            (_, Verb::Ready) => match self.health() {
+                Ok(()) => json!({ "name": model, "ready": true }).to_string().into(),
+                Err(why) => {
+                    return Ok(json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({ "name": model, "ready": false, "error": why.0 })
+                            .to_string()
+                            .into(),
+                    ))
+                }
+            },
             (Protocol::TfServing, Verb::Status) => json!({
                 "model_version_status": [{
                     "version": version,

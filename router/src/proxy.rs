@@ -162,6 +162,27 @@ impl Router {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// Why the sidecar should not get traffic now, or `None` when it is ready: it is
+    /// draining, or a local model cannot serve (no live batch thread, threads stuck in a
+    /// batch, a queue that does not move). Clears by itself when the model recovers.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("draining".into());
+        }
+        let table = self.table.load();
+        let mut why = Vec::new();
+        for model in table.models() {
+            for v in model.variants.iter() {
+                if let crate::table::Backend::Local(local) = &v.backend {
+                    if let Err(e) = local.health() {
+                        why.push(format!("model `{}` variant `{}`: {e}", model.name, v.name));
+                    }
+                }
+            }
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
     /// The tower service for one client connection from `peer`.
     pub fn service(self: &Arc<Self>, peer: Option<IpAddr>) -> ProxyService {
         // Rendered once per connection, not once per request.
@@ -208,10 +229,14 @@ impl Router {
             Endpoint::Model(m) => m,
             Endpoint::ServerLive => return Ok(json(StatusCode::OK, r#"{"live":true}"#)),
             Endpoint::ServerReady => {
-                return Ok(if self.is_draining() {
-                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
-                } else {
-                    json(StatusCode::OK, r#"{"ready":true}"#)
+                return Ok(match self.not_ready() {
+                    Some(why) => json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({ "ready": false, "error": why })
+                            .to_string()
+                            .into(),
+                    ),
+                    None => json(StatusCode::OK, r#"{"ready":true}"#),
                 })
             }
             Endpoint::Feedback => {
