@@ -188,6 +188,62 @@ async fn feedback_after_the_ttl_is_refused() {
     assert_eq!(r.status, 404);
 }
 
+/// A decision log too small for the traffic evicts its oldest decisions: they are
+/// counted, and their feedback is told why it is refused (410), not "unknown"; the
+/// newest decisions still take feedback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_for_an_evicted_decision_says_so() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = start(&format!(
+        "bandit: {{decision_log_capacity: 320}}\nmodels:\n  rec:\n    bandit: {{objective: conversion}}\n    variants:\n      - {{name: a, upstream: \"{}\", weight: 1}}\n      - {{name: b, upstream: \"{}\", weight: 1}}\n",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let c = client();
+    let predict_url = format!("http://{}/v1/models/rec:predict", app.data_addr);
+    let mut ids = Vec::new();
+    for _ in 0..640 {
+        let r = predict(&c, &predict_url).await;
+        ids.push(r.header("x-request-id").unwrap().to_string());
+    }
+    let url = format!("http://{}/v1/feedback", app.data_addr);
+    let post = |id: &str| {
+        let (c, url) = (c.clone(), url.clone());
+        let body = json!({ "request_id": id, "converted": true }).to_string();
+        async move { send(&c, "POST", &url, &[], &body).await }
+    };
+    let newest = post(ids.last().unwrap()).await;
+    assert_eq!(newest.status, 200, "{:?}", newest.body);
+    let mut told = 0;
+    for id in &ids[..64] {
+        let r = post(id).await;
+        if r.status == 410 {
+            let e = r.json()["error"].as_str().unwrap().to_string();
+            assert!(
+                e.contains("evicted") && e.contains("decision_log_capacity: 320"),
+                "{e}"
+            );
+            told += 1;
+        } else {
+            // Request ids are random, so shards fill unevenly: a quiet shard may still
+            // hold its oldest (200), and a busy one remembers evicted ids only up to twice
+            // its bound (404 beyond). Each is about a 1% chance per shard.
+            assert!(r.status == 200 || r.status == 404, "{:?}", r.body);
+        }
+    }
+    assert!(
+        told >= 56,
+        "only {told} of the 64 oldest were told they were evicted"
+    );
+    let evicted = sample(
+        &metrics(app.admin_addr).await,
+        "switchyard_decisions_evicted_total",
+    );
+    // 640 decisions, room for at most 320.
+    assert!(evicted.is_some_and(|n| n >= 320.0), "{evicted:?}");
+}
+
 /// Sends `rounds` × 20 predictions with feedback (b converts, a does not); returns how
 /// many feedbacks went to each variant.
 async fn teach(app: &switchyard::Running, rounds: usize) -> (u64, u64) {

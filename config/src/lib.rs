@@ -24,9 +24,9 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    BanditMode, BanditObjective, BanditSpec, Batching, Config, CpuKernels, GpuAdapter, HalfLife,
-    Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow, ShadowSampling, UpstreamProtocol,
-    UpstreamUrl, Variant,
+    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Config, CpuKernels,
+    GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
+    ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant,
 };
 
 /// Parses and validates a configuration from YAML text.

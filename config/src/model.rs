@@ -67,6 +67,8 @@ pub struct Config {
     /// Where bandit statistics are kept across restarts: written atomically every 10
     /// seconds and at shutdown, read at start. Default: not kept.
     pub state_file: Option<String>,
+    /// The bandits' shared runtime settings.
+    pub bandit: BanditRuntime,
     /// The models clients can call, by the name they use in URLs.
     pub models: BTreeMap<String, Model>,
 }
@@ -552,6 +554,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "worker_threads",
             "seed",
             "state_file",
+            "bandit",
             "models",
         ],
     )?;
@@ -568,6 +571,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
     let seed = f.optional(cx, "seed", decode::u64);
     let state_file = f.optional(cx, "state_file", decode::string);
+    let bandit = f.optional(cx, "bandit", decode_bandit_runtime);
     let models = f.required(cx, "models", decode_models);
 
     let listen = listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN));
@@ -594,8 +598,54 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         worker_threads,
         seed,
         state_file,
+        bandit: bandit.unwrap_or_default(),
         models: models?,
     })
+}
+
+/// Most decisions `bandit.decision_log_capacity` may ask for: at about 40 bytes each
+/// (plus 16 while an evicted one is remembered), 100 million is 5.6 GB.
+pub const MAX_DECISION_LOG_CAPACITY: u64 = 100_000_000;
+
+fn decode_bandit_runtime(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditRuntime> {
+    let f = Fields::new(cx, node, path, &["decision_log_capacity"])?;
+    let capacity = f.optional(cx, "decision_log_capacity", |cx, n, p| {
+        let v = positive_u64(cx, n, p)?;
+        if v > MAX_DECISION_LOG_CAPACITY {
+            cx.error(
+                n,
+                p,
+                format!("at most {MAX_DECISION_LOG_CAPACITY} (about 40 bytes each), found {v}"),
+            );
+            return None;
+        }
+        usize::try_from(v).ok()
+    });
+    Some(BanditRuntime {
+        decision_log_capacity: capacity.unwrap_or(DEFAULT_DECISION_LOG_CAPACITY),
+    })
+}
+
+/// Default `bandit.decision_log_capacity`: with the default `feedback_ttl` of 10 minutes
+/// it holds every decision up to about 1,700 predictions per second.
+pub const DEFAULT_DECISION_LOG_CAPACITY: usize = 1_000_000;
+
+/// The bandits' runtime, shared by all models (`bandit:` at the top level).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BanditRuntime {
+    /// Most decisions kept for feedback at once, over all models. When it is full the
+    /// oldest are evicted before their `feedback_ttl` (logged, counted in
+    /// `switchyard_decisions_evicted_total`), and their feedback is answered 410.
+    /// Size it as predictions per second × `feedback_ttl`. Default 1000000.
+    pub decision_log_capacity: usize,
+}
+
+impl Default for BanditRuntime {
+    fn default() -> Self {
+        BanditRuntime {
+            decision_log_capacity: DEFAULT_DECISION_LOG_CAPACITY,
+        }
+    }
 }
 
 fn decode_models(cx: &mut Cx, node: &Node, path: &str) -> Option<BTreeMap<String, Model>> {

@@ -3,8 +3,9 @@
 //! application's later verdict to that decision.
 //!
 //! The log is sharded by request id so inserts on the hot path never contend on one
-//! lock, bounded (a full shard refuses new entries and counts them), and entries expire
-//! at their model's `feedback_ttl`. What a reward *means* is not the router's business:
+//! lock, bounded (a full shard evicts its oldest decisions, remembers their ids until
+//! their TTL so their feedback is told so, and counts them), and entries expire at
+//! their model's `feedback_ttl`. What a reward *means* is not the router's business:
 //! a [`FeedbackSink`] (the binary wires the bandit there) validates and takes it.
 
 use std::collections::VecDeque;
@@ -157,6 +158,19 @@ impl Generation {
     }
 }
 
+/// The keys of decisions evicted together, sorted, remembered until the last of them
+/// would have expired, so their feedback is answered "evicted" and not "unknown". Only
+/// the low 64 bits are kept (8 bytes a decision): an unknown id mistaken for an evicted
+/// one is a 2^-64 chance, and only changes which refusal it gets.
+#[derive(Debug)]
+struct Evicted {
+    keys: Vec<u64>,
+    until_ms: u64,
+}
+
+/// Evicted keys a shard remembers, as a multiple of the decisions it holds.
+const EVICTED_MEMORY: usize = 2;
+
 #[derive(Debug, Default)]
 struct Shard {
     /// Oldest first; only the newest takes new decisions.
@@ -164,6 +178,9 @@ struct Shard {
     /// Cleared vectors kept for reuse (their capacity is already grown).
     spare: Vec<Vec<Entry>>,
     len: usize,
+    /// Oldest first; at most [`EVICTED_MEMORY`] × the shard's bound of keys in all.
+    evicted: VecDeque<Evicted>,
+    evicted_len: usize,
 }
 
 impl Shard {
@@ -171,6 +188,57 @@ impl Shard {
         // Newest first: a reused request id refers to its latest prediction.
         self.gens.iter_mut().rev().find_map(|g| g.find(k))
     }
+
+    fn was_evicted(&self, k: u128, now_ms: u64) -> bool {
+        self.evicted
+            .iter()
+            .any(|e| e.until_ms > now_ms && e.keys.binary_search(&(k as u64)).is_ok())
+    }
+
+    /// Frees the oldest generation to make room; returns how many of its decisions were
+    /// still waiting for feedback (evicted before their TTL) and remembers their keys.
+    fn evict_oldest(&mut self, now_ms: u64, bound: usize) -> usize {
+        let Some(mut g) = self.gens.pop_front() else {
+            return 0;
+        };
+        self.len -= g.entries.len();
+        let mut keys: Vec<u64> = g
+            .entries
+            .iter()
+            .filter(|e| !e.decision.rewarded && !e.decision.expired(now_ms))
+            .map(|e| e.key as u64)
+            .collect();
+        keys.sort_unstable();
+        let n = keys.len();
+        if n > 0 {
+            self.evicted_len += n;
+            self.evicted.push_back(Evicted {
+                keys,
+                until_ms: g.max_expiry_ms,
+            });
+            while self.evicted_len > bound {
+                let Some(old) = self.evicted.pop_front() else {
+                    break;
+                };
+                self.evicted_len -= old.keys.len();
+            }
+        }
+        g.entries.clear();
+        if self.spare.len() < SPARE_GENERATIONS {
+            self.spare.push(g.entries);
+        }
+        n
+    }
+}
+
+/// What [`DecisionLog::record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Kept, with room to spare.
+    Kept,
+    /// Kept, after evicting this many older decisions that were still waiting for
+    /// feedback (the log is too small for the traffic and the TTLs).
+    Evicted(usize),
 }
 
 /// The bounded, sharded decision log.
@@ -178,6 +246,10 @@ impl Shard {
 pub struct DecisionLog {
     shards: Vec<Mutex<Shard>>,
     per_shard: usize,
+    /// A generation takes no more than this many decisions, so one eviction frees at
+    /// most an eighth of a shard.
+    per_generation: usize,
+    capacity: usize,
     epoch: Instant,
 }
 
@@ -186,6 +258,11 @@ pub struct DecisionLog {
 pub enum FeedbackError {
     /// Unknown or expired request id (404).
     Unknown,
+    /// The decision was evicted before its TTL because the log was full (410).
+    Evicted {
+        /// The log's capacity (`bandit.decision_log_capacity`).
+        capacity: usize,
+    },
     /// Feedback already taken for this id (409).
     Duplicate,
     /// A value that cannot be used (400).
@@ -198,6 +275,7 @@ impl FeedbackError {
     fn status(&self) -> u16 {
         match self {
             FeedbackError::Unknown => 404,
+            FeedbackError::Evicted { .. } => 410,
             FeedbackError::Duplicate => 409,
             FeedbackError::Invalid(_) => 400,
             FeedbackError::Busy(_) => 503,
@@ -209,6 +287,11 @@ impl FeedbackError {
             FeedbackError::Unknown => {
                 format!("no prediction `{id}` is waiting for feedback (unknown or expired)")
             }
+            FeedbackError::Evicted { capacity } => format!(
+                "the prediction `{id}` was evicted before its feedback_ttl: the decision log \
+                 (bandit.decision_log_capacity: {capacity}) was full; raise it to at least \
+                 predictions per second × feedback_ttl"
+            ),
             FeedbackError::Duplicate => {
                 format!("feedback for `{id}` was already taken; the first one counts")
             }
@@ -220,9 +303,12 @@ impl FeedbackError {
 impl DecisionLog {
     /// A log holding at most `capacity` decisions.
     pub fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
         DecisionLog {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
+            per_shard,
+            per_generation: (per_shard / 8).max(1),
+            capacity,
             epoch: Instant::now(),
         }
     }
@@ -238,9 +324,15 @@ impl DecisionLog {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The most decisions held at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Records a decision made at `at` for `model`'s `variant` with `probability`, open
-    /// for feedback for `ttl`; false when the shard is full (the prediction then cannot get
-    /// feedback, and the caller counts it).
+    /// for feedback for `ttl`. When its shard is full the oldest generation of decisions
+    /// is evicted first (newer decisions are likelier to get their feedback); the caller
+    /// counts and reports what that cut short.
     pub fn record(
         &self,
         at: Instant,
@@ -249,7 +341,7 @@ impl DecisionLog {
         variant: u16,
         probability: f64,
         ttl: Duration,
-    ) -> bool {
+    ) -> Recorded {
         let decision = Decision {
             model,
             variant,
@@ -260,14 +352,17 @@ impl DecisionLog {
         };
         let k = key(id);
         let mut shard = self.shard(k);
+        let mut outcome = Recorded::Kept;
         if shard.len >= self.per_shard {
-            return false;
+            let n = shard.evict_oldest(decision.at_ms, EVICTED_MEMORY * self.per_shard);
+            if n > 0 {
+                outcome = Recorded::Evicted(n);
+            }
         }
         let expiry = decision.at_ms + u64::from(decision.ttl_ms);
-        let fresh = shard
-            .gens
-            .back()
-            .is_none_or(|g| decision.at_ms >= g.start_ms + g.span_ms);
+        let fresh = shard.gens.back().is_none_or(|g| {
+            decision.at_ms >= g.start_ms + g.span_ms || g.entries.len() >= self.per_generation
+        });
         if fresh {
             let entries = shard.spare.pop().unwrap_or_default();
             shard.gens.push_back(Generation {
@@ -286,7 +381,7 @@ impl DecisionLog {
         g.max_expiry_ms = g.max_expiry_ms.max(expiry);
         g.entries.push(Entry { key: k, decision });
         shard.len += 1;
-        true
+        outcome
     }
 
     /// Joins feedback to its decision: runs `accept` (the sink) and marks the decision
@@ -302,6 +397,11 @@ impl DecisionLog {
         let k = key(id);
         let mut shard = self.shard(k);
         let Some(d) = shard.find(k) else {
+            if shard.was_evicted(k, now_ms) {
+                return Err(FeedbackError::Evicted {
+                    capacity: self.capacity,
+                });
+            }
             return Err(FeedbackError::Unknown);
         };
         if d.expired(now_ms) {
@@ -360,6 +460,12 @@ impl DecisionLog {
             }
             for g in shard.gens.iter_mut() {
                 g.sort();
+            }
+            while shard.evicted.front().is_some_and(|e| e.until_ms <= now_ms) {
+                let Some(old) = shard.evicted.pop_front() else {
+                    break;
+                };
+                shard.evicted_len -= old.keys.len();
             }
         }
         missing
@@ -494,7 +600,7 @@ mod tests {
         }
     }
 
-    fn record(log: &DecisionLog, id: &[u8], ttl: Duration) -> bool {
+    fn record(log: &DecisionLog, id: &[u8], ttl: Duration) -> Recorded {
         log.record(Instant::now(), id, 0, 1, 0.5, ttl)
     }
 
@@ -510,7 +616,7 @@ mod tests {
     #[test]
     fn first_feedback_wins_and_invalid_values_do_not_consume_the_decision() {
         let log = DecisionLog::new(100);
-        assert!(record(&log, b"r1", Duration::from_secs(60)));
+        assert_eq!(record(&log, b"r1", Duration::from_secs(60)), Recorded::Kept);
         let post = |body: &str| handle(&log, &Accept, body.as_bytes()).unwrap().0;
         assert_eq!(post(r#"{"request_id": "r1", "reward": 5}"#), 400);
         assert_eq!(post(r#"{"request_id": "r1", "reward": 1}"#), 200);
@@ -557,14 +663,17 @@ mod tests {
         // Ten decisions 100 ms apart (four generations), each open for one second.
         for i in 0..10u64 {
             let id = format!("d{i}");
-            assert!(log.record(
-                ms(i * 100),
-                id.as_bytes(),
-                0,
-                1,
-                0.5,
-                Duration::from_secs(1)
-            ));
+            assert_eq!(
+                log.record(
+                    ms(i * 100),
+                    id.as_bytes(),
+                    0,
+                    1,
+                    0.5,
+                    Duration::from_secs(1)
+                ),
+                Recorded::Kept
+            );
         }
         // At 1.45 s the first five (made at 0..400 ms) have expired.
         let missing = log.expire(ms(1450));
@@ -594,17 +703,23 @@ mod tests {
         for i in 0..2000u64 {
             let id = format!("id-{i}");
             let variant = (i % 5) as u16;
-            assert!(log.record(
-                ms(i),
-                id.as_bytes(),
-                0,
-                variant,
-                0.5,
-                Duration::from_secs(60)
-            ));
+            assert_eq!(
+                log.record(
+                    ms(i),
+                    id.as_bytes(),
+                    0,
+                    variant,
+                    0.5,
+                    Duration::from_secs(60)
+                ),
+                Recorded::Kept
+            );
             if i == 100 || i == 1500 {
                 let v = if i == 100 { 7 } else { 9 };
-                assert!(log.record(ms(i), b"again", 0, v, 0.5, Duration::from_secs(60)));
+                assert_eq!(
+                    log.record(ms(i), b"again", 0, v, 0.5, Duration::from_secs(60)),
+                    Recorded::Kept
+                );
             }
         }
         // Nothing has expired; the closed generations are sorted now.
@@ -638,16 +753,22 @@ mod tests {
         // Recorded after the sweep: appended behind the open generation's sorted part.
         for i in 0..300u64 {
             let id = format!("late-{i}");
-            assert!(log.record(
-                ms(2000 + i),
-                id.as_bytes(),
-                0,
-                3,
-                0.5,
-                Duration::from_secs(60)
-            ));
+            assert_eq!(
+                log.record(
+                    ms(2000 + i),
+                    id.as_bytes(),
+                    0,
+                    3,
+                    0.5,
+                    Duration::from_secs(60)
+                ),
+                Recorded::Kept
+            );
         }
-        assert!(log.record(ms(2300), b"again", 0, 11, 0.5, Duration::from_secs(60)));
+        assert_eq!(
+            log.record(ms(2300), b"again", 0, 11, 0.5, Duration::from_secs(60)),
+            Recorded::Kept
+        );
         for i in (0..300u64).step_by(7) {
             let id = format!("late-{i}");
             let found = log.claim(id.as_bytes(), ms(2400), |d, _| {
@@ -707,7 +828,10 @@ mod tests {
         let ttl = Duration::from_secs(600);
         for i in 0..6000u64 {
             let at = base + Duration::from_millis(i * 100);
-            assert!(log.record(at, format!("d{i}").as_bytes(), 0, 1, 0.5, ttl));
+            assert_eq!(
+                log.record(at, format!("d{i}").as_bytes(), 0, 1, 0.5, ttl),
+                Recorded::Kept
+            );
             if i % 10 == 0 {
                 assert!(log.expire(at).is_empty());
             }
@@ -741,12 +865,89 @@ mod tests {
     }
 
     #[test]
-    fn the_log_is_bounded() {
-        let log = DecisionLog::new(SHARDS);
-        let kept = (0..10 * SHARDS)
-            .filter(|i| record(&log, format!("id{i}").as_bytes(), Duration::from_secs(60)))
-            .count();
-        assert_eq!(kept, log.len());
-        assert!(kept <= SHARDS, "{kept}");
+    fn the_log_is_bounded_and_evicts_the_oldest_and_says_so() {
+        // 16 decisions per shard; 16 per shard on average recorded, at one instant (the
+        // busiest shard gets 33, so all its evicted ids are remembered).
+        let log = DecisionLog::new(SHARDS * 16);
+        let at = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let ids: Vec<String> = (0..16 * SHARDS).map(|i| format!("id{i}")).collect();
+        let mut evicted = 0;
+        for id in &ids {
+            if let Recorded::Evicted(n) = log.record(at, id.as_bytes(), 0, 1, 0.5, ttl) {
+                evicted += n;
+            }
+        }
+        assert!(log.len() <= SHARDS * 16, "{}", log.len());
+        assert!(evicted > 0);
+        assert_eq!(
+            evicted + log.len(),
+            ids.len(),
+            "every decision kept or counted"
+        );
+        // Feedback for each: taken if kept, "evicted" (410) if not; none is "unknown".
+        let (mut taken, mut told) = (0, 0);
+        for id in &ids {
+            match log.claim(id.as_bytes(), at, |_, _| Ok(())) {
+                Ok(()) => taken += 1,
+                Err(FeedbackError::Evicted { capacity }) => {
+                    assert_eq!(capacity, SHARDS * 16);
+                    told += 1;
+                }
+                Err(e) => panic!("{id}: {e:?}"),
+            }
+        }
+        assert_eq!((taken, told), (ids.len() - evicted, evicted));
+        assert_eq!(
+            log.claim(b"never", at, |_, _| Ok(())),
+            Err(FeedbackError::Unknown)
+        );
+        let status = handle(&log, &Accept, br#"{"request_id": "id0", "reward": 1}"#)
+            .unwrap()
+            .0;
+        assert!(status == 410 || status == 409, "{status}");
+        // Evicted ids are remembered no longer than their TTL.
+        log.expire(at + ttl);
+        assert!(log
+            .shards
+            .iter()
+            .all(|s| s.lock().unwrap().evicted.is_empty()));
+    }
+
+    #[test]
+    fn evicted_ids_are_remembered_within_the_bound() {
+        let log = DecisionLog::new(SHARDS * 8);
+        let at = Instant::now();
+        for i in 0..100 * SHARDS {
+            log.record(
+                at,
+                format!("id{i}").as_bytes(),
+                0,
+                1,
+                0.5,
+                Duration::from_secs(60),
+            );
+        }
+        for shard in &log.shards {
+            assert!(shard.lock().unwrap().evicted_len <= EVICTED_MEMORY * log.per_shard);
+        }
+    }
+
+    #[test]
+    fn decisions_that_got_their_feedback_are_not_counted_as_evicted() {
+        let log = DecisionLog::new(SHARDS * 4);
+        let at = Instant::now();
+        let ttl = Duration::from_secs(60);
+        // Ten times the capacity, each answered at once: once full, every eviction
+        // frees answered decisions only, which cuts nothing short.
+        for i in 0..40 * SHARDS {
+            let id = format!("done{i}");
+            assert_eq!(
+                log.record(at, id.as_bytes(), 0, 1, 0.5, ttl),
+                Recorded::Kept
+            );
+            assert_eq!(log.claim(id.as_bytes(), at, |_, _| Ok(())), Ok(()), "{id}");
+        }
+        assert!(log.len() <= SHARDS * 4);
     }
 }

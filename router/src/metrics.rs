@@ -35,8 +35,8 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Requests being handled now (until their response head is sent).
     pub in_flight: IntGauge,
-    /// Predictions that could not be recorded for feedback (decision log full).
-    pub decisions_dropped: IntCounter,
+    /// Decisions evicted from the full decision log before their feedback TTL.
+    pub decisions_evicted: IntCounter,
     /// Queue, compute, batch-size and shed metrics of local models.
     pub local: switchyard_inference::batcher::LocalMetricFamilies,
     /// Mirroring, comparison and drop metrics of shadows.
@@ -137,13 +137,14 @@ impl Metrics {
         registry.register(Box::new(in_flight.clone()))?;
         let local = switchyard_inference::batcher::LocalMetricFamilies::new(registry)?;
         let shadow = switchyard_shadow::ShadowMetricFamilies::new(registry)?;
-        let decisions_dropped = IntCounter::new(
-            "switchyard_decisions_dropped_total",
-            "Predictions not recorded for feedback because the decision log was full.",
+        let decisions_evicted = IntCounter::new(
+            "switchyard_decisions_evicted_total",
+            "Decisions evicted before their feedback_ttl because the decision log \
+             (bandit.decision_log_capacity) was full; their feedback is answered 410.",
         )?;
-        registry.register(Box::new(decisions_dropped.clone()))?;
+        registry.register(Box::new(decisions_evicted.clone()))?;
         Ok(Metrics {
-            decisions_dropped,
+            decisions_evicted,
             local,
             shadow,
             requests,

@@ -59,8 +59,8 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Most decisions kept for feedback at once, over all models.
-pub const DECISION_LOG_CAPACITY: usize = 1_000_000;
+/// Least time between two warnings that the decision log evicts decisions.
+const EVICTION_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the binary decides for the router's threads.
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,6 +76,8 @@ pub struct Router {
     metrics: Metrics,
     draining: AtomicBool,
     decisions: DecisionLog,
+    /// When the last eviction warning was logged (the decision log's clock, plus one).
+    eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
     feedback_limit: u64,
     /// Longest pause between two pieces of a request body (`client_body_timeout`).
@@ -124,11 +126,26 @@ impl Router {
             None
         };
         let table = RouteTable::build(config, &metrics, seed, shadow_runtime.as_ref())?;
+        let longest_ttl = config
+            .models
+            .values()
+            .filter_map(|m| m.bandit.as_ref().map(|b| b.feedback_ttl))
+            .max();
+        if let Some(ttl) = longest_ttl.filter(|t| !t.is_zero()) {
+            let capacity = config.bandit.decision_log_capacity;
+            tracing::info!(
+                capacity,
+                feedback_ttl = ?ttl,
+                sustained_per_second = (capacity as f64 / ttl.as_secs_f64()).floor(),
+                "Decision log sized: above this many predictions per second, decisions are evicted before their feedback_ttl."
+            );
+        }
         Ok(Arc::new(Router {
             table: ArcSwap::from_pointee(table),
             metrics,
             draining: AtomicBool::new(false),
-            decisions: DecisionLog::new(DECISION_LOG_CAPACITY),
+            decisions: DecisionLog::new(config.bandit.decision_log_capacity),
+            eviction_warned_ms: std::sync::atomic::AtomicU64::new(0),
             sink,
             feedback_limit: config.max_body_bytes,
             body_stall_timeout: config.client_body_timeout,
@@ -160,6 +177,32 @@ impl Router {
     /// True once draining has started.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Counts decisions evicted before their TTL and warns, at most every ten seconds:
+    /// their feedback will be refused, so the bandit learns from less than it is sent.
+    #[cold]
+    fn evicted(&self, now: Instant, n: usize) {
+        self.metrics.decisions_evicted.inc_by(n as u64);
+        let now_ms = self.decisions.millis(now) + 1;
+        let last = self.eviction_warned_ms.load(Ordering::Relaxed);
+        let due =
+            last == 0 || now_ms.saturating_sub(last) >= EVICTION_WARNING_EVERY.as_millis() as u64;
+        if due
+            && self
+                .eviction_warned_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                evicted = n,
+                capacity = self.decisions.capacity(),
+                "The decision log is full: decisions are evicted before their feedback_ttl and \
+                 their feedback will be refused (410). Raise bandit.decision_log_capacity to \
+                 at least predictions per second × feedback_ttl; \
+                 switchyard_decisions_evicted_total counts them."
+            );
+        }
     }
 
     /// Why the sidecar should not get traffic now, or `None` when it is ready: it is
@@ -323,8 +366,8 @@ impl Router {
                     pick.probability,
                     ttl,
                 );
-                if !recorded {
-                    self.metrics.decisions_dropped.inc();
+                if let feedback::Recorded::Evicted(n) = recorded {
+                    self.evicted(routed, n);
                 }
             }
         }
