@@ -244,6 +244,40 @@ async fn feedback_for_an_evicted_decision_says_so() {
     assert!(evicted.is_some_and(|n| n >= 320.0), "{evicted:?}");
 }
 
+/// A feedback batch beyond 64 KiB is parsed off the async workers: every item is
+/// still joined and answered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_feedback_batch_is_answered_item_by_item() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = app(&a, &b, "{objective: conversion}").await;
+    let c = client();
+    let predict_url = format!("http://{}/v1/models/rec:predict", app.data_addr);
+    let mut items = Vec::new();
+    for i in 0..1200 {
+        let id = predict(&c, &predict_url)
+            .await
+            .header("x-request-id")
+            .unwrap()
+            .to_string();
+        items.push(json!({ "request_id": id, "converted": i % 2 == 0 }));
+    }
+    items.push(json!({ "request_id": "no-such-id", "converted": true }));
+    let body = json!({ "feedback": items }).to_string();
+    assert!(body.len() > 64 * 1024, "{} bytes", body.len());
+    let url = format!("http://{}/v1/feedback", app.data_addr);
+    let r = send(&c, "POST", &url, &[], &body).await;
+    assert_eq!(r.status, 200);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 1201);
+    assert!(results[..1200].iter().all(|x| x["status"] == 200));
+    assert_eq!(results[1200]["status"], 404);
+    assert_eq!(results[7]["request_id"], items[7]["request_id"]);
+    // And again: every one is now a duplicate.
+    let r = send(&c, "POST", &url, &[], &body).await;
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert!(results[..1200].iter().all(|x| x["status"] == 409));
+}
+
 /// Sends `rounds` × 20 predictions with feedback (b converts, a does not); returns how
 /// many feedbacks went to each variant.
 async fn teach(app: &switchyard::Running, rounds: usize) -> (u64, u64) {

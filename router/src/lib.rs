@@ -12,6 +12,7 @@
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
+//! - [`offload`]: large JSON decoding and encoding off the async workers.
 //! - [`body`]: the streamed, size-limited request body and the response body type.
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
@@ -29,6 +30,7 @@ pub mod feedback;
 pub mod ids;
 pub mod local;
 pub mod metrics;
+pub mod offload;
 pub mod path;
 pub mod proxy;
 pub mod selector;

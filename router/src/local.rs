@@ -115,12 +115,24 @@ impl LocalBackend {
                         "injected failure (local.failure_rate)".into(),
                     ));
                 }
-                let request: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                    RouterError::BadInput(format!("the request body is not valid JSON: {e}"))
-                })?;
-                let (input, rows, shape) = match protocol {
-                    Protocol::TfServing => tf_input(model, sig, &request)?,
-                    Protocol::V2 => v2_input(model, sig, &request)?,
+                // Large bodies are parsed (and their answers written) off the async
+                // workers: a 16 MiB body is tens of milliseconds of JSON.
+                let size = bytes.len();
+                let (request, (input, rows, shape)) = {
+                    let (model, sig) = (model.to_string(), sig.clone());
+                    crate::offload::cpu(size, move || {
+                        let request: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                            RouterError::BadInput(format!(
+                                "the request body is not valid JSON: {e}"
+                            ))
+                        })?;
+                        let decoded = match protocol {
+                            Protocol::TfServing => tf_input(&model, &sig, &request)?,
+                            Protocol::V2 => v2_input(&model, &sig, &request)?,
+                        };
+                        Ok::<_, RouterError>((request, decoded))
+                    })
+                    .await??
                 };
                 let pending = self.batcher.enqueue(input, rows);
                 let answered = match pending {
@@ -139,10 +151,13 @@ impl LocalBackend {
                     }
                     other => RouterError::Inference(other.to_string()),
                 })?;
-                match protocol {
+                // The answer is about as large as the request's values.
+                let (model, version, sig) = (model.to_string(), version.to_string(), sig.clone());
+                crate::offload::cpu(size, move || match protocol {
                     Protocol::TfServing => tf_output(&output, rows, shape),
-                    Protocol::V2 => v2_output(model, version, sig, &output, rows, &request),
-                }
+                    Protocol::V2 => v2_output(&model, &version, &sig, &output, rows, &request),
+                })
+                .await?
             }
         };
         if let Some(d) = self.delay {

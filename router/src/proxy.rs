@@ -238,7 +238,7 @@ impl Router {
 
     /// Handles one request end to end; never fails (errors become responses).
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: Option<&HeaderValue>,
     ) -> Response<ProxyBody> {
@@ -261,7 +261,7 @@ impl Router {
 
     /// Phases *route* and *admit*, then hands over to [`Router::forward`].
     async fn route(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
@@ -294,7 +294,15 @@ impl Router {
                     self.body_stall_timeout,
                 );
                 let body = crate::body::collect_limited(body, self.feedback_limit).await?;
-                let (status, answer) = feedback::handle(&self.decisions, sink.as_ref(), &body)?;
+                // A batch of up to `max_body_bytes` is parsed, joined and answered off the
+                // async workers.
+                let (status, answer) = {
+                    let (router, sink) = (self.clone(), sink.clone());
+                    crate::offload::cpu(body.len(), move || {
+                        feedback::handle(&router.decisions, sink.as_ref(), &body)
+                    })
+                    .await??
+                };
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
                 return Ok(json_response(status, answer));
             }
