@@ -55,61 +55,23 @@ impl LoadError {
     }
 }
 
-/// Reads and validates the file at `path`, including that every local model file it
-/// names can be read.
+/// Reads and validates the file at `path`: [`parse_config`].
 pub fn load_config(path: &Path) -> Result<Config, LoadError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LoadError::Read(format!("cannot read the file: {e}")))?;
-    let config = switchyard_config::from_yaml_str(&text).map_err(LoadError::Invalid)?;
-    check_model_files(&config).map_err(LoadError::Invalid)?;
-    Ok(config)
+    parse_config(&text).map_err(LoadError::Invalid)
 }
 
-/// Every local model file must exist and be readable; built-ins always are.
-pub fn check_model_files(config: &Config) -> Result<(), ConfigErrors> {
-    check_locals(config, |local| {
-        if local.model.starts_with("builtin:") {
-            return Ok(());
-        }
-        std::fs::File::open(&local.model)
-            .map(drop)
-            .map_err(|e| format!("cannot read model file `{}`: {e}", local.model))
-    })
-}
-
-/// What `serve` checks of local models when it builds its route table, done for
-/// `validate`: every local model (file or built-in) must load as a model, not merely
-/// be readable (`local.model: /etc/passwd` passed `validate` and failed `serve`).
-pub fn check_models_load(config: &Config) -> Result<(), ConfigErrors> {
-    check_locals(config, |local| {
+/// Every check `serve`, `validate` and `model-server` run on a config, all of them in one
+/// pass, reported together: the config's own rules, and that every local model (file or
+/// built-in) loads as a model with its kernels, not merely that it is readable
+/// (`local.model: /etc/passwd` once passed `validate` and failed `serve`). Model files
+/// are checked even when the rest of the file has errors, so a variant with two
+/// problems reports both.
+pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
+    switchyard_config::from_yaml_str_checked(text, |local| {
         switchyard_router::table::load_model(local).map(drop)
     })
-}
-
-/// Runs `check` on every local variant; each failure is an error at its `local.model`.
-fn check_locals(
-    config: &Config,
-    check: impl Fn(&switchyard_config::Local) -> Result<(), String>,
-) -> Result<(), ConfigErrors> {
-    let mut errors = Vec::new();
-    for (name, model) in &config.models {
-        for (i, v) in model.variants.iter().enumerate() {
-            let Some(local) = &v.local else { continue };
-            if let Err(message) = check(local) {
-                errors.push(switchyard_config::ConfigError {
-                    path: format!("models.{name}.variants[{i}].local.model"),
-                    line: local.model_at.0,
-                    column: local.model_at.1,
-                    message,
-                });
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
-    }
 }
 
 /// Why the server could not start.

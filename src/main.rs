@@ -202,10 +202,7 @@ fn main() -> ExitCode {
 
 fn validate(file: PathBuf) -> ExitCode {
     let source = file.display().to_string();
-    match load_config(&file).and_then(|c| {
-        switchyard::check_models_load(&c).map_err(switchyard::LoadError::Invalid)?;
-        Ok(c)
-    }) {
+    match load_config(&file) {
         Ok(config) => {
             let variants: usize = config.models.values().map(|m| m.variants.len()).sum();
             println!(
@@ -251,10 +248,7 @@ fn plural(n: usize) -> &'static str {
 
 fn model_server(args: &ModelServerArgs) -> ExitCode {
     let source = "model-server";
-    let config = match switchyard_config::from_yaml_str(&args.to_yaml()).and_then(|c| {
-        switchyard::check_model_files(&c)?;
-        Ok(c)
-    }) {
+    let config = match switchyard::parse_config(&args.to_yaml()) {
         Ok(c) => c,
         Err(e) => {
             // The user wrote flags, not YAML: name the flag, not the config path.

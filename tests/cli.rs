@@ -98,6 +98,36 @@ fn validate_runs_the_checks_serve_runs() {
     }
 }
 
+/// Every problem in one run, from either command: the config's own rules and the model
+/// files, even when both are wrong in one variant.
+#[test]
+fn every_problem_is_reported_together_even_two_in_one_variant() {
+    let file = temp_file(
+        "two-problems.yaml",
+        "models:\n  m:\n    variants:\n      - {name: a, local: {model: /etc/passwd}, weight: -1}\n      - {name: b, upstream: \"ftp://x\", weight: 1, cost_per_1k: -2}\n      - {name: c, local: {model: /nonexistent/model.onnx}, weight: 1}\n",
+    );
+    for args in [vec!["validate"], vec!["serve", "--config"]] {
+        let out = switchyard().args(&args).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("models.m")).collect();
+        let expected = [
+            "4:34: models.m.variants[0].local.model: cannot load model `/etc/passwd`",
+            "4:56: models.m.variants[0].weight: must be ≥ 0, found -1",
+            "5:29: models.m.variants[1].upstream:",
+            "5:64: models.m.variants[1].cost_per_1k: must be ≥ 0, found -2",
+            "6:34: models.m.variants[2].local.model: cannot read model file",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{args:?}: {err}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(
+                line.contains(want),
+                "{args:?}: {line:?} lacks {want:?}\n{err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_example_config_parses() {
     let mut checked = 0;

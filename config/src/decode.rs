@@ -9,13 +9,25 @@ use std::time::Duration;
 use crate::error::ConfigError;
 use crate::yaml::{Node, Value};
 
-/// The decoding context: the errors found so far.
+/// The decoding context: the errors found so far, and the local models decoded (for
+/// the checks that need to read files, which this crate leaves to its caller).
 #[derive(Debug, Default)]
 pub struct Cx {
     errors: Vec<ConfigError>,
+    locals: Vec<(String, crate::model::Local)>,
 }
 
 impl Cx {
+    /// Notes a decoded local model, whose `model` value is at `path`.
+    pub fn local(&mut self, path: &str, local: &crate::model::Local) {
+        self.locals.push((path.to_string(), local.clone()));
+    }
+
+    /// The local models decoded, with the paths of their `model` values.
+    pub fn locals(&self) -> &[(String, crate::model::Local)] {
+        &self.locals
+    }
+
     /// Records a problem at `node`.
     pub fn error(&mut self, node: &Node, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError::at(node, path, message));

@@ -34,10 +34,35 @@ pub use model::{
 /// Returns every problem found, each with its YAML path and position, or the
 /// validated configuration.
 pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
+    from_yaml_str_checked(text, |_| Ok(()))
+}
+
+/// As [`from_yaml_str`], and runs `check` on every local model that decoded (reading
+/// or loading its file: I/O this crate does not do itself), whether or not the rest of
+/// the file has errors, so one run reports them all. A failed check is an error at the
+/// variant's `local.model`.
+pub fn from_yaml_str_checked(
+    text: &str,
+    mut check: impl FnMut(&Local) -> Result<(), String>,
+) -> Result<Config, ConfigErrors> {
     let root = yaml::parse(text).map_err(|e| ConfigErrors(vec![e]))?;
     let mut cx = decode::Cx::default();
     let config = model::decode_config(&mut cx, &root);
-    match (config, cx.into_errors()) {
+    let checked: Vec<ConfigError> = cx
+        .locals()
+        .iter()
+        .filter_map(|(path, local)| {
+            check(local).err().map(|message| ConfigError {
+                path: path.clone(),
+                line: local.model_at.0,
+                column: local.model_at.1,
+                message,
+            })
+        })
+        .collect();
+    let mut errors = cx.into_errors();
+    errors.extend(checked);
+    match (config, errors) {
         (Some(config), errors) if errors.is_empty() => Ok(config),
         (_, mut errors) => {
             if errors.is_empty() {

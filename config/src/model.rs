@@ -1226,7 +1226,7 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
         Some(v)
     });
     let version = f.optional(cx, "version", positive_u64);
-    Some(Local {
+    let local = Local {
         model: model?,
         version: version.unwrap_or(1),
         runtime: runtime.unwrap_or(LocalRuntime::Tract),
@@ -1236,7 +1236,12 @@ fn decode_local(cx: &mut Cx, node: &Node, path: &str) -> Option<Local> {
         delay,
         failure_rate: failure_rate.unwrap_or(0.0),
         model_at: model_node.map_or((node.line, node.column), |n| (n.line, n.column)),
-    })
+    };
+    // Its file is checked by the caller's checks even if the rest of the file has
+    // errors, so one run reports every problem (a variant with a bad weight and a bad
+    // model file gets both).
+    cx.local(&child(path, "model"), &local);
+    Some(local)
 }
 
 /// The models compiled into the binary, usable as `builtin:NAME`.
