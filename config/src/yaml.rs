@@ -82,15 +82,51 @@ pub fn parse(text: &str) -> Result<Node, ConfigError> {
 struct Builder {
     /// Open collections: the node under construction and, for a mapping, a pending key.
     stack: Vec<(Node, Option<Node>)>,
-    /// Anchored nodes by anchor id, so aliases (`*name`) can be expanded.
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes by anchor id, with how many values each holds, so aliases
+    /// (`*name`) can be expanded and their cost counted.
+    anchors: Vec<(usize, Node, usize)>,
+    /// Values in the tree so far, aliases counted as what they expand to.
+    values: usize,
     /// Anchor ids of the open collections, filled in when they close.
     open_anchors: Vec<usize>,
     root: Option<Node>,
     error: Option<ConfigError>,
 }
 
+/// Most values a file may expand to. Aliases that repeat aliases grow exponentially
+/// (nine lines of "billion laughs" are 387 million values): without a bound, `validate`
+/// ran until memory ran out. A large config has a few thousand values.
+const MAX_VALUES: usize = 200_000;
+
+/// Values in `node`, itself included.
+fn count(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Scalar { .. } => 0,
+        Value::Seq(items) => items.iter().map(count).sum(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| count(k) + count(v)).sum(),
+    }
+}
+
 impl Builder {
+    /// Counts `n` more values; false (and an error) past [`MAX_VALUES`].
+    fn grow(&mut self, n: usize, mark: Marker) -> bool {
+        self.values = self.values.saturating_add(n);
+        if self.values <= MAX_VALUES {
+            return true;
+        }
+        if self.error.is_none() {
+            self.error = Some(ConfigError {
+                path: String::new(),
+                line: mark.line(),
+                column: mark.col() + 1,
+                message: format!(
+                    "the file expands to more than {MAX_VALUES} values (aliases repeating aliases?)"
+                ),
+            });
+        }
+        false
+    }
+
     fn push_value(&mut self, node: Node) {
         match self.stack.last_mut() {
             None => {
@@ -120,18 +156,21 @@ impl MarkedEventReceiver for Builder {
         };
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
+                self.grow(1, mark);
                 let plain = matches!(style, TScalarStyle::Plain);
                 let node = at(Value::Scalar { text, plain });
                 if anchor > 0 {
-                    self.anchors.push((anchor, node.clone()));
+                    self.anchors.push((anchor, node.clone(), 1));
                 }
                 self.push_value(node);
             }
             Event::SequenceStart(anchor, _) => {
+                self.grow(1, mark);
                 self.stack.push((at(Value::Seq(Vec::new())), None));
                 self.open_anchors.push(anchor);
             }
             Event::MappingStart(anchor, _) => {
+                self.grow(1, mark);
                 self.stack.push((at(Value::Map(Vec::new())), None));
                 self.open_anchors.push(anchor);
             }
@@ -139,14 +178,22 @@ impl MarkedEventReceiver for Builder {
                 if let Some((node, _)) = self.stack.pop() {
                     let anchor = self.open_anchors.pop().unwrap_or(0);
                     if anchor > 0 {
-                        self.anchors.push((anchor, node.clone()));
+                        self.anchors.push((anchor, node.clone(), count(&node)));
                     }
                     self.push_value(node);
                 }
             }
-            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, _)| *a == id) {
-                Some((_, node)) => {
-                    let node = node.clone();
+            Event::Alias(id) => match self.anchors.iter().rposition(|(a, _, _)| *a == id) {
+                Some(i) => {
+                    // Counted before it is copied: past the bound nothing more is copied.
+                    let node = if self.grow(self.anchors[i].2, mark) {
+                        self.anchors[i].1.clone()
+                    } else {
+                        at(Value::Scalar {
+                            text: String::new(),
+                            plain: true,
+                        })
+                    };
                     self.push_value(node);
                 }
                 None => {
@@ -188,6 +235,23 @@ mod tests {
             panic!("not a seq")
         };
         assert_eq!((items[1].line, items[1].column), (4, 5));
+    }
+
+    #[test]
+    fn aliases_that_repeat_aliases_are_bounded() {
+        let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for (name, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .zip("abcdefgh".chars())
+        {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("more than 200000 values"), "{e:?}");
+        assert_eq!(e.line, 6, "where the bound was crossed: {e:?}");
+        // A few aliases are fine.
+        assert!(parse("a: &a [1, 2]\nb: [*a, *a]\n").is_ok());
     }
 
     #[test]

@@ -323,11 +323,24 @@ impl Datatype {
     fn convert(self, n: &serde_json::Number) -> Result<f32, String> {
         match self {
             Datatype::Int { min, max } => {
-                let v = n
+                let v = match n
                     .as_i64()
                     .map(i128::from)
                     .or_else(|| n.as_u64().map(i128::from))
-                    .ok_or_else(|| format!("`{n}` is not an integer"))?;
+                {
+                    Some(v) => v,
+                    // Past 64 bits serde_json reads an integer as a float: out of range,
+                    // not "not an integer".
+                    None if n
+                        .as_f64()
+                        .is_some_and(|x| x.is_finite() && x.fract() == 0.0) =>
+                    {
+                        return Err(format!(
+                            "`{n}` is outside the datatype's range {min}..={max}"
+                        ))
+                    }
+                    None => return Err(format!("`{n}` is not an integer")),
+                };
                 if v < min || v > max {
                     return Err(format!(
                         "`{n}` is outside the datatype's range {min}..={max}"
@@ -471,8 +484,20 @@ fn v2_input(
     let shape: Vec<i64> = t
         .get("shape")
         .and_then(Value::as_array)
-        .map(|s| s.iter().map(|d| d.as_i64().unwrap_or(-2)).collect())
-        .ok_or_else(|| bad(format!("input `{want}` needs a `shape`")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "input `{want}` needs a `shape`, a list of integers"
+            ))
+        })?
+        .iter()
+        .map(|d| {
+            d.as_i64().ok_or_else(|| {
+                bad(format!(
+                    "input `{want}` has a shape entry {d}; a shape is a list of integers"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
     let expected = sig.input.shape_i64();
     let fits = shape.len() == expected.len()
         && shape[0] >= 1
