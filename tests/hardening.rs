@@ -91,7 +91,7 @@ async fn client_sizes_and_values_are_checked_before_anything_is_allocated() {
                 "[1,64]",
                 &sixty_four.replacen('1', "18446744073709551616", 1),
             ),
-            "not an integer",
+            "outside the datatype's range",
         ),
         (
             url.clone(),
