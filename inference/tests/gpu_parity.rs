@@ -75,3 +75,38 @@ fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
         common::check_against_onnxruntime(name, 64, |input, rows| gpu.run(&input, rows).unwrap());
     }
 }
+
+/// The GPU kernels against tract's own plan on 30 generated graphs inside their set
+/// (MLPs and CNNs at odd sizes; the same generator as the CPU parity test), within 1e-4.
+#[test]
+fn gpu_kernels_match_tracts_plan_on_generated_graphs() {
+    use common::graphs;
+    use switchyard_inference::Kernels;
+    let mut failures = Vec::new();
+    for seed in 1000..1030u64 {
+        let mut rng = graphs::Rng::new(seed);
+        let g = if seed % 2 == 0 {
+            graphs::mlp(&mut rng)
+        } else {
+            graphs::cnn(&mut rng)
+        };
+        let plan = FusedPlan::from_onnx(&g.bytes).unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
+        let gpu = GpuModel::new(
+            &plan,
+            GpuOptions {
+                allow_cpu_adapter: true,
+            },
+        )
+        .unwrap();
+        let tract = TractModel::from_bytes_with("generated", &g.bytes, Kernels::TractOnly).unwrap();
+        for rows in [1, 7, 33] {
+            let input = rng.floats(rows * g.input_len, 2.0);
+            let a = gpu.run(&input, rows).unwrap();
+            let b = tract.run(input, rows).unwrap();
+            if let Err(e) = graphs::close(&a, &b) {
+                failures.push(format!("seed {seed} ({}), {rows} rows: {e}", g.story));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -1,6 +1,8 @@
 //! Shared by the parity tests: the bundled test vectors and the check against them.
 #![allow(dead_code)]
 
+pub mod graphs;
+
 use serde_json::Value;
 
 pub fn vectors() -> Value {
