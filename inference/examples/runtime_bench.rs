@@ -35,7 +35,10 @@ fn main() {
     let mut model = TractModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
     if let Some(allow_cpu_adapter) = gpu {
         #[cfg(feature = "gpu")]
-        if !model.use_gpu(switchyard_inference::gpu::GpuOptions { allow_cpu_adapter }) {
+        if !model.use_gpu(switchyard_inference::gpu::GpuOptions {
+            allow_cpu_adapter,
+            ..Default::default()
+        }) {
             eprintln!("no usable GPU adapter");
             std::process::exit(3);
         }

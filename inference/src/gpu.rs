@@ -27,7 +27,13 @@ use crate::fused::{FusedPlan, Step};
 pub struct GpuOptions {
     /// Accept a software (CPU) Vulkan adapter such as lavapipe.
     pub allow_cpu_adapter: bool,
+    /// Longest wait for the device to finish one batch (default [`DEFAULT_GPU_WAIT`]);
+    /// past it the batch fails, so a hung device cannot hold a batch thread forever.
+    pub max_wait: Option<std::time::Duration>,
 }
+
+/// The default of [`GpuOptions::max_wait`].
+pub const DEFAULT_GPU_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why the GPU runtime is not used.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +63,7 @@ pub struct GpuModel {
     output: usize,
     output_len: usize,
     state: Mutex<Option<Buffers>>,
+    max_wait: std::time::Duration,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -478,6 +485,7 @@ impl GpuModel {
             output: plan.output,
             output_len: plan.output_len,
             state: Mutex::new(None),
+            max_wait: options.max_wait.unwrap_or(DEFAULT_GPU_WAIT),
         })
     }
 
@@ -632,9 +640,19 @@ impl GpuModel {
             .map_async(wgpu::MapMode::Read, ..out_bytes, move |r| {
                 let _ = tx.send(r);
             });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| InferenceError::Run(format!("GPU: {e}")))?;
+        let waited = self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(self.max_wait),
+        });
+        if let Err(e) = waited {
+            // The read-back may still be pending on these buffers: drop them (the next
+            // batch makes new ones) rather than map a buffer that is mid-map.
+            *state = None;
+            return Err(InferenceError::Run(format!(
+                "GPU: the batch did not finish within {:?}: {e}",
+                self.max_wait
+            )));
+        }
         rx.recv()
             .map_err(|_| InferenceError::Run("GPU: the read-back was dropped".into()))?
             .map_err(|e| InferenceError::Run(format!("GPU: {e}")))?;

@@ -13,6 +13,7 @@ fn on_gpu(name: &str, bytes: &[u8]) -> TractModel {
     let mut model = TractModel::from_bytes(name, bytes).unwrap();
     let moved = model.use_gpu(GpuOptions {
         allow_cpu_adapter: true,
+        ..Default::default()
     });
     assert!(
         moved,
@@ -69,6 +70,7 @@ fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
             &plan,
             GpuOptions {
                 allow_cpu_adapter: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -95,6 +97,7 @@ fn gpu_kernels_match_tracts_plan_on_generated_graphs() {
             &plan,
             GpuOptions {
                 allow_cpu_adapter: true,
+                ..Default::default()
             },
         )
         .unwrap();

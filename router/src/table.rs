@@ -269,6 +269,9 @@ fn load_local(
         #[cfg(feature = "gpu")]
         tract.use_gpu(switchyard_inference::gpu::GpuOptions {
             allow_cpu_adapter: local.gpu_adapter == switchyard_config::GpuAdapter::Any,
+            // A batch the device has not finished by the time its requests have had
+            // their 504 is not worth waiting for.
+            max_wait: Some(timeout),
         });
         #[cfg(not(feature = "gpu"))]
         tracing::warn!(%model, "runtime wgpu: this binary was built without the `gpu` feature; the model runs on the CPU.");
