@@ -295,6 +295,7 @@ struct Metrics {
     cost: CounterVec,
     expired: IntCounterVec,
     delay: HistogramVec,
+    panics: IntCounterVec,
 }
 
 impl Metrics {
@@ -314,7 +315,9 @@ impl Metrics {
                     .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
                 &["model"],
             )?,
+            panics: IntCounterVec::new(Opts::new("switchyard_bandit_panics_total", "Bandit updates that panicked (caught: the bandit goes on at its next update)."), &["model"])?,
         };
+        r.register(Box::new(m.panics.clone()))?;
         r.register(Box::new(m.mean.clone()))?;
         r.register(Box::new(m.low.clone()))?;
         r.register(Box::new(m.high.clone()))?;
@@ -541,6 +544,11 @@ impl Bandits {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
+                    // One update, caught: a panic in the bandit's arithmetic must not end
+                    // this task (its model would stop learning and its feedback queue fill
+                    // up behind a green health check). Counted, logged, tried again at
+                    // the next tick.
+                    let update = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     while let Ok(event) = rx.try_recv() {
                         match event {
                             Event::Feedback {
@@ -624,6 +632,16 @@ impl Bandits {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(name.clone(), snap.clone());
+                    }));
+                    if let Err(panic) = update {
+                        m.panics.with_label_values(&[&name]).inc();
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(model = %name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
+                    }
                 }
             }));
         }
