@@ -306,6 +306,39 @@ pub fn u64(cx: &mut Cx, node: &Node, path: &str) -> Option<u64> {
     parsed
 }
 
+/// A size in bytes: a whole number, or one with a unit (`512KiB`, `1MiB`, `2GiB`; `KB`,
+/// `MB` and `GB` are powers of ten; `B` is bytes). Written by hand: five units do not
+/// justify a dependency.
+pub fn byte_size(cx: &mut Cx, node: &Node, path: &str) -> Option<u64> {
+    let (text, _) = scalar_text(cx, node, path, "a size in bytes")?;
+    let t = text.trim().replace('_', "");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: Option<u64> = match unit.trim() {
+        "" | "B" => Some(1),
+        "KiB" => Some(1 << 10),
+        "MiB" => Some(1 << 20),
+        "GiB" => Some(1 << 30),
+        "KB" => Some(1_000),
+        "MB" => Some(1_000_000),
+        "GB" => Some(1_000_000_000),
+        _ => None,
+    };
+    let value = digits
+        .parse::<u64>()
+        .ok()
+        .zip(scale)
+        .and_then(|(n, s)| n.checked_mul(s));
+    if value.is_none() {
+        cx.error(
+            node,
+            path,
+            format!("expected a size such as `1048576`, `512KiB` or `1MiB`, found `{text}`"),
+        );
+    }
+    value
+}
+
 /// A plain boolean.
 pub fn bool(cx: &mut Cx, node: &Node, path: &str) -> Option<bool> {
     let (text, plain) = scalar_text(cx, node, path, "true or false")?;
@@ -378,6 +411,28 @@ pub fn one_of<T: Copy>(cx: &mut Cx, node: &Node, path: &str, choices: &[(&str, T
 mod tests {
     use super::*;
     use crate::yaml::parse;
+
+    #[test]
+    fn byte_sizes_take_units() {
+        for (text, want) in [
+            ("1048576", Some(1 << 20)),
+            ("1MiB", Some(1 << 20)),
+            ("512KiB", Some(512 << 10)),
+            ("2GB", Some(2_000_000_000)),
+            ("7 B", Some(7)),
+            ("1TiB", None),
+            ("MiB", None),
+            ("-1", None),
+            ("99999999999GiB", None),
+        ] {
+            let root = parse(&format!("x: {text}")).unwrap();
+            let crate::yaml::Value::Map(entries) = &root.value else {
+                panic!()
+            };
+            let mut cx = Cx::default();
+            assert_eq!(byte_size(&mut cx, &entries[0].1, "x"), want, "{text}");
+        }
+    }
 
     #[test]
     fn unknown_keys_get_a_suggestion() {

@@ -20,6 +20,7 @@ pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod model;
+pub mod resilience;
 pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -28,6 +29,7 @@ pub use model::{
     GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
     ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant,
 };
+pub use resilience::{Breaker, Limits, Retry, RetryOn};
 
 /// Parses and validates a configuration from YAML text.
 ///

@@ -96,6 +96,22 @@ pub struct Model {
     /// are compared with the primary's and thrown away; the client never waits for them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shadows: Vec<Shadow>,
+    /// A local variant of this model that answers when no variant can take a request
+    /// (all ejected or at `max_in_flight`), when the chosen one fails and no retry is
+    /// left, or when `hedge_after` fires. It may have weight 0: then it answers only as
+    /// the fallback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// One circuit breaker per variant, with these settings.
+    pub breaker: crate::resilience::Breaker,
+    /// Per-variant limits.
+    pub limits: crate::resilience::Limits,
+    /// Retries on another variant, within a budget.
+    pub retry: crate::resilience::Retry,
+    /// Ask a second variant (or the fallback) when the first has not answered after this
+    /// long; the first answer wins and the other is cancelled. Default: off.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub hedge_after: Option<Duration>,
 }
 
 /// A shadow: a candidate model server that gets copies of live requests.
@@ -681,6 +697,11 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
             "request_timeout",
             "bandit",
             "shadows",
+            "fallback",
+            "breaker",
+            "limits",
+            "retry",
+            "hedge_after",
         ],
     )?;
     let sticky_header = f.optional(cx, "sticky_header", |cx, n, p| {
@@ -698,7 +719,40 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     let bandit = f.optional(cx, "bandit", decode_bandit);
     let shadows = f.optional(cx, "shadows", decode_shadows);
+    let fallback = f.optional(cx, "fallback", name_field);
+    let breaker = f.optional(cx, "breaker", crate::resilience::decode_breaker);
+    let limits = f.optional(cx, "limits", crate::resilience::decode_limits);
+    let retry = f.optional(cx, "retry", crate::resilience::decode_retry);
+    let hedge_after = f.optional(cx, "hedge_after", decode::duration);
     let variants = f.required(cx, "variants", decode_variants)?;
+    if let (Some(name), Some(node)) = (&fallback, f.get("fallback")) {
+        match variants.iter().find(|v| &v.name == name) {
+            None => cx.error(
+                node,
+                &child(path, "fallback"),
+                format!(
+                    "no variant `{name}` in this model; the fallback is one of its `local` variants (weight 0 if it should answer only as the fallback)"
+                ),
+            ),
+            Some(v) if v.local.is_none() => cx.error(
+                node,
+                &child(path, "fallback"),
+                format!(
+                    "variant `{name}` is remote; the fallback must be a `local` variant, which does not fail when upstreams do"
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+    if let (Some(_), None, Some(node)) = (hedge_after, &fallback, f.get("hedge_after")) {
+        if variants.len() < 2 {
+            cx.error(
+                node,
+                &child(path, "hedge_after"),
+                "a hedge needs a second variant or a `fallback` to ask",
+            );
+        }
+    }
     let shadows = match (shadows, f.get("shadows")) {
         (Some(list), Some(node)) => {
             for (i, s) in list.iter().enumerate() {
@@ -738,6 +792,11 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
         request_timeout,
         bandit,
         shadows,
+        fallback,
+        breaker: breaker.unwrap_or_default(),
+        limits: limits.unwrap_or_default(),
+        retry: retry.unwrap_or_default(),
+        hedge_after,
     })
 }
 

@@ -133,7 +133,7 @@ pub struct ClientBodyError(#[source] pub hyper::Error);
 /// the limit are refused before this is ever built.
 #[derive(Debug)]
 pub struct LimitedBody {
-    inner: Incoming,
+    inner: Source,
     remaining: u64,
     limit: u64,
     tap: Option<Box<RequestTap>>,
@@ -145,15 +145,39 @@ pub struct LimitedBody {
     progressed: bool,
 }
 
+/// Where a [`LimitedBody`]'s bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// The client's connection.
+    Stream(Incoming),
+    /// A body read whole before (to be sent again on a retry, a hedge or to the
+    /// fallback), sent as one frame.
+    Replay(Option<Bytes>),
+}
+
 impl LimitedBody {
     /// Wraps `inner` with a limit of `limit` bytes and a longest pause between frames.
     pub fn new(inner: Incoming, limit: u64, stall_timeout: std::time::Duration) -> Self {
         LimitedBody {
-            inner,
+            inner: Source::Stream(inner),
             remaining: limit,
             limit,
             tap: None,
             stall_timeout,
+            stall: None,
+            progressed: false,
+        }
+    }
+
+    /// A body read whole before, sent again as it was (retries, hedges, the fallback).
+    pub fn replay(bytes: Bytes) -> Self {
+        let len = bytes.len() as u64;
+        LimitedBody {
+            inner: Source::Replay(Some(bytes)),
+            remaining: len,
+            limit: len,
+            tap: None,
+            stall_timeout: std::time::Duration::MAX,
             stall: None,
             progressed: false,
         }
@@ -182,7 +206,7 @@ impl LimitedBody {
     /// complete, or is told the body went over the limit.
     pub fn set_tap(&mut self, tap: RequestTap) {
         self.tap = Some(Box::new(tap));
-        if self.inner.is_end_stream() {
+        if self.is_end_stream() {
             // An empty body is never polled.
             self.finish_tap();
         }
@@ -203,7 +227,14 @@ impl Body for LimitedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let stream = match &mut self.inner {
+            Source::Replay(bytes) => {
+                let frame = bytes.take().filter(|b| !b.is_empty()).map(Frame::data);
+                return Poll::Ready(frame.map(Ok));
+            }
+            Source::Stream(stream) => stream,
+        };
+        match Pin::new(stream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.progressed = true;
                 if let Some(data) = frame.data_ref() {
@@ -222,7 +253,7 @@ impl Body for LimitedBody {
                     }
                 }
                 // hyper stops polling once the body says it has ended.
-                if self.inner.is_end_stream() {
+                if self.is_end_stream() {
                     self.finish_tap();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -243,11 +274,17 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Replay(r) => r.as_ref().is_none_or(Bytes::is_empty),
+            Source::Stream(s) => s.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Replay(r) => SizeHint::with_exact(r.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Stream(s) => s.size_hint(),
+        }
     }
 }
 

@@ -8,6 +8,10 @@
 //! - [`path`]: parses TF Serving and V2 paths into an [`path::Endpoint`].
 //! - [`table`]: the immutable route table built from the config (models → variants →
 //!   backends), swapped whole.
+//! - [`forward`]: phases *choose* to *record* for one model request: readiness-aware
+//!   choice, retries within a budget, hedging, the fallback, the decision.
+//! - [`breaker`]: phases *limit* and *break*: per-variant circuit breakers and in-flight
+//!   limits, which make a variant ready or not.
 //! - [`selector`]: weighted and sticky variant choice over an atomically replaceable
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
@@ -25,8 +29,10 @@
 
 pub mod admin;
 pub mod body;
+pub mod breaker;
 pub mod error;
 pub mod feedback;
+pub mod forward;
 pub mod ids;
 pub mod local;
 pub mod metrics;

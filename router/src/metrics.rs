@@ -7,7 +7,7 @@
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::error::UpstreamErrorKind;
@@ -41,6 +41,73 @@ pub struct Metrics {
     pub local: switchyard_inference::batcher::LocalMetricFamilies,
     /// Mirroring, comparison and drop metrics of shadows.
     pub shadow: switchyard_shadow::ShadowMetricFamilies,
+    /// Breakers, retries, fallbacks and hedges.
+    pub resilience: ResilienceFamilies,
+}
+
+/// The resilience phases' metric families.
+#[derive(Clone, Debug)]
+pub struct ResilienceFamilies {
+    /// `switchyard_variant_state{model,variant}`: 0 closed, 1 open, 2 half-open.
+    pub state: IntGaugeVec,
+    /// `switchyard_variant_ejections_total{model,variant}`.
+    pub ejections: IntCounterVec,
+    /// `switchyard_retries_total{model,reason}`.
+    pub retries: IntCounterVec,
+    /// `switchyard_retries_refused_total{model,reason}`: retries the budget refused.
+    pub retries_refused: IntCounterVec,
+    /// `switchyard_fallbacks_total{model,reason}`.
+    pub fallbacks: IntCounterVec,
+    /// `switchyard_hedges_total{model,outcome}`: `won` (the hedge answered first) or
+    /// `lost`.
+    pub hedges: IntCounterVec,
+}
+
+impl ResilienceFamilies {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_variant_state",
+                "Circuit breaker state per variant: 0 closed, 1 open (ejected), 2 half-open (one probe).",
+            ),
+            &["model", "variant"],
+        )?;
+        registry.register(Box::new(state.clone()))?;
+        Ok(ResilienceFamilies {
+            state,
+            ejections: counter(
+                "switchyard_variant_ejections_total",
+                "Times a variant's circuit breaker opened.",
+                &["model", "variant"],
+            )?,
+            retries: counter(
+                "switchyard_retries_total",
+                "Requests sent again to another variant, by the failure that caused it.",
+                &["model", "reason"],
+            )?,
+            retries_refused: counter(
+                "switchyard_retries_refused_total",
+                "Retries the retry budget refused, by the failure that asked for them.",
+                &["model", "reason"],
+            )?,
+            fallbacks: counter(
+                "switchyard_fallbacks_total",
+                "Requests answered by the model's fallback, by reason.",
+                &["model", "reason"],
+            )?,
+            hedges: counter(
+                "switchyard_hedges_total",
+                "Hedged requests by outcome: won (the hedge answered first) or lost.",
+                &["model", "outcome"],
+            )?,
+        })
+    }
 }
 
 /// Handles for one (model, variant) pair.
@@ -144,6 +211,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(decisions_evicted.clone()))?;
         Ok(Metrics {
+            resilience: ResilienceFamilies::new(registry)?,
             decisions_evicted,
             local,
             shadow,

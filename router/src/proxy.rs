@@ -39,15 +39,14 @@ use crate::feedback::{self, DecisionLog, FeedbackSink};
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::path::{self, Endpoint, ModelRequest};
-use crate::table::{Backend, BuildError, ModelRoute, RouteTable, VariantRoute};
-use switchyard_shadow::RequestHead;
+use crate::table::{BuildError, RouteTable, VariantRoute};
 
 /// `x-request-id`: kept from the client or generated.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-switchyard-variant`: which variant answered.
 pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+pub(crate) static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that must not be forwarded.
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -73,15 +72,15 @@ pub struct RouterOptions {
 #[derive(Debug)]
 pub struct Router {
     table: ArcSwap<RouteTable>,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     draining: AtomicBool,
-    decisions: DecisionLog,
+    pub(crate) decisions: DecisionLog,
     /// When the last eviction warning was logged (the decision log's clock, plus one).
     eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
     feedback_limit: u64,
     /// Longest pause between two pieces of a request body (`client_body_timeout`).
-    body_stall_timeout: std::time::Duration,
+    pub(crate) body_stall_timeout: std::time::Duration,
     /// Runs mirrors and comparisons; declared last so it stops after the table (and
     /// the shadow queues in it) is gone.
     _shadow_runtime: Option<switchyard_shadow::ShadowRuntime>,
@@ -182,7 +181,7 @@ impl Router {
     /// Counts decisions evicted before their TTL and warns, at most every ten seconds:
     /// their feedback will be refused, so the bandit learns from less than it is sent.
     #[cold]
-    fn evicted(&self, now: Instant, n: usize) {
+    pub(crate) fn evicted(&self, now: Instant, n: usize) {
         self.metrics.decisions_evicted.inc_by(n as u64);
         let now_ms = self.decisions.millis(now) + 1;
         let last = self.eviction_warned_ms.load(Ordering::Relaxed);
@@ -336,139 +335,10 @@ impl Router {
             .forward(model, &model_req, req, request_id, peer, started)
             .await)
     }
-
-    /// Phases *choose*, *forward*, *respond* and *record*. Once a variant is chosen every
-    /// outcome, error or not, is counted against it and carries its name.
-    async fn forward(
-        &self,
-        model: &ModelRoute,
-        model_req: &ModelRequest,
-        req: Request<Incoming>,
-        request_id: &HeaderValue,
-        peer: Option<&HeaderValue>,
-        started: Instant,
-    ) -> Response<ProxyBody> {
-        // Sticky keys first (a user keeps their variant), then a per-request picker
-        // (a bandit in per_request mode), then the weight table.
-        let sticky = model
-            .sticky_header
-            .as_ref()
-            .and_then(|h| req.headers().get(h))
-            .map(|key| model.selector.pick_sticky(key.as_bytes()));
-        let pick = match sticky {
-            Some(p) => p,
-            None => match model.picker.load().as_ref().and_then(|p| p.pick()) {
-                Some(p) if p.index < model.variants.len() => p,
-                _ => model.selector.pick(),
-            },
-        };
-        let variant = &model.variants[pick.index];
-        let routed = Instant::now();
-        if let Some(ttl) = model.feedback_ttl {
-            if model_req.verb.is_prediction() {
-                let recorded = self.decisions.record(
-                    routed,
-                    request_id.as_bytes(),
-                    model.index,
-                    u16::try_from(pick.index).unwrap_or(u16::MAX),
-                    pick.probability,
-                    ttl,
-                );
-                if let feedback::Recorded::Evicted(n) = recorded {
-                    self.evicted(routed, n);
-                }
-            }
-        }
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let mut body = LimitedBody::new(body, model.body_limit, self.body_stall_timeout);
-        let mut primary_answer = None;
-        if let Some(shadows) = &model.shadows {
-            let mask = if model_req.verb.is_prediction() {
-                shadows.select(request_id.as_bytes())
-            } else {
-                0
-            };
-            if mask != 0 {
-                let head = RequestHead {
-                    method: parts.method.clone(),
-                    path: parts.uri.path().to_string(),
-                    model: model_req.model.clone(),
-                    query: parts.uri.query().map(str::to_string),
-                    headers: parts.headers.clone(),
-                    request_id: request_id.clone(),
-                    started,
-                };
-                let (tap, answer) = shadows.begin(mask, head);
-                body.set_tap(tap);
-                primary_answer = Some(answer);
-            }
-        }
-        let result = match &variant.backend {
-            Backend::Remote(upstream) => {
-                match upstream_request(variant, upstream, model_req, parts, body, request_id, peer)
-                {
-                    Ok(up_req) => upstream
-                        .send(up_req)
-                        .await
-                        .map_err(|e| e.into_router_error(&variant.name))
-                        .map(|resp| {
-                            let (mut parts, body) = resp.into_parts();
-                            strip_hop_by_hop(&mut parts.headers);
-                            parts.version = Version::HTTP_11;
-                            Response::from_parts(parts, ProxyBody::upstream(body))
-                        }),
-                    Err(e) => Err(e),
-                }
-            }
-            Backend::Local(local) => {
-                let path = parts.uri.path();
-                let asked = crate::local::Asked {
-                    version: model_req.version.clone().and_then(|r| path.get(r)),
-                    label: model_req.label.clone().and_then(|r| path.get(r)),
-                };
-                local
-                    .handle(
-                        &model.name,
-                        model_req.protocol,
-                        model_req.verb,
-                        asked,
-                        body,
-                        model.body_limit,
-                    )
-                    .await
-            }
-        };
-        let answered = Instant::now();
-        let mut resp = match result {
-            Ok(resp) => resp,
-            Err(err) => {
-                if let RouterError::Upstream { kind, .. } = &err {
-                    variant.metrics.upstream_error(*kind);
-                    tracing::debug!(model = %model.name, variant = %variant.name, error = %err, "Upstream request failed.");
-                }
-                error_response(&err)
-            }
-        };
-        variant
-            .metrics
-            .record(resp.status().as_u16(), (answered - started).as_secs_f64());
-        if let Some(answer) = primary_answer {
-            let status = resp.status().as_u16();
-            resp.body_mut().set_tap(answer.tap(status));
-        }
-        let headers = resp.headers_mut();
-        headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
-        headers.insert(
-            SERVER_TIMING.clone(),
-            server_timing(started, routed, answered),
-        );
-        resp
-    }
 }
 
 /// Builds the upstream request: rewritten URI, cleaned headers, limited body.
-fn upstream_request(
+pub(crate) fn upstream_request(
     variant: &VariantRoute,
     upstream: &crate::upstream::Upstream,
     model_req: &ModelRequest,
@@ -516,7 +386,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 }
 
 /// Removes hop-by-hop headers, including those the `connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over a handful of headers is cheaper than a
     // hash lookup per hop-by-hop name.
     let any = headers
@@ -558,7 +428,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds, µs precision).
 /// Written digit by digit into a stack buffer: float formatting showed up in profiles.
-fn server_timing(started: Instant, routed: Instant, answered: Instant) -> HeaderValue {
+pub(crate) fn server_timing(started: Instant, routed: Instant, answered: Instant) -> HeaderValue {
     let mut buf = [0u8; 128];
     let mut len = 0;
     let parts = [

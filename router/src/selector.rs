@@ -158,6 +158,66 @@ impl Selector {
         }
     }
 
+    /// A random pick among the variants `usable` accepts, by their weights renormalised
+    /// over those (an ejected variant's share goes to the others in proportion); `None`
+    /// when none with weight is usable. The probability is the renormalised weight.
+    pub fn pick_among(&self, usable: &dyn Fn(usize) -> bool) -> Option<Pick> {
+        let table = self.table.load();
+        let total: f64 = (0..table.weights.len())
+            .filter(|i| usable(*i))
+            .map(|i| table.weights[i])
+            .sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut u = unit(mix(self.seed.wrapping_add(n.wrapping_mul(GOLDEN)))) * total;
+        let mut last = None;
+        for (i, &w) in table.weights.iter().enumerate() {
+            if w <= 0.0 || !usable(i) {
+                continue;
+            }
+            last = Some(i);
+            if u < w {
+                break;
+            }
+            u -= w;
+        }
+        last.map(|index| Pick {
+            index,
+            probability: table.weights[index] / total,
+        })
+    }
+
+    /// As [`Selector::pick_sticky`] among the variants `usable` accepts: a key whose
+    /// variant is ejected moves to the one that scores next (and comes back once its
+    /// variant is ready again); `None` when none with weight is usable.
+    pub fn pick_sticky_among(&self, key: &[u8], usable: &dyn Fn(usize) -> bool) -> Option<Pick> {
+        let key_hash = stable_hash(key);
+        let table = self.table.load();
+        let mut best: Option<(f64, usize)> = None;
+        let mut total = 0.0;
+        for (i, (&w, &h)) in table
+            .weights
+            .iter()
+            .zip(self.name_hashes.iter())
+            .enumerate()
+        {
+            if w <= 0.0 || !usable(i) {
+                continue;
+            }
+            total += w;
+            let score = -unit(mix(key_hash ^ h)).ln() / w;
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, i));
+            }
+        }
+        best.map(|(_, index)| Pick {
+            index,
+            probability: table.weights[index] / total,
+        })
+    }
+
     /// The variant for `key` by weighted rendezvous hashing.
     pub fn pick_sticky(&self, key: &[u8]) -> Pick {
         let key_hash = stable_hash(key);
@@ -195,6 +255,39 @@ fn unit(x: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn picks_among_ready_variants_renormalise_their_weights() {
+        let s = selector(&[0.5, 0.25, 0.25], 7);
+        let mut counts = [0usize; 3];
+        let n = 40_000;
+        for _ in 0..n {
+            let p = s.pick_among(&|i| i != 0).unwrap();
+            assert!((p.probability - 0.5).abs() < 1e-12, "{p:?}");
+            counts[p.index] += 1;
+        }
+        assert_eq!(counts[0], 0, "the unready variant gets nothing");
+        // 1 and 2 split evenly: 20,000 each, within 5 sigma (sigma = 100).
+        assert!(counts[1].abs_diff(n / 2) < 500, "{counts:?}");
+        assert!(s.pick_among(&|_| false).is_none());
+        // Sticky keys of the unready variant move; the others stay.
+        let mut moved = 0;
+        for k in 0..2000u32 {
+            let key = k.to_be_bytes();
+            let home = s.pick_sticky(&key).index;
+            let now = s.pick_sticky_among(&key, &|i| i != 0).unwrap().index;
+            if home == 0 {
+                moved += 1;
+                assert_ne!(now, 0);
+            } else {
+                assert_eq!(now, home, "key {k} moved without cause");
+            }
+        }
+        assert!(
+            moved > 800,
+            "about half the keys lived on variant 0: {moved}"
+        );
+    }
 
     fn selector(weights: &[f64], seed: u64) -> Selector {
         let names: Vec<String> = (0..weights.len()).map(|i| format!("v{i}")).collect();

@@ -43,6 +43,32 @@ pub struct ModelRoute {
     pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
     /// Candidates that get mirrored copies of this model's predictions.
     pub shadows: Option<switchyard_shadow::ShadowSet>,
+    /// Retries, hedging and the fallback.
+    pub resilience: Resilience,
+}
+
+/// A model's retry, hedge and fallback settings, with its retry budget.
+pub struct Resilience {
+    /// The index of the local variant that answers when the others cannot.
+    pub fallback: Option<usize>,
+    /// Which failures are retried, and the largest body held for a retry.
+    pub retry: switchyard_config::Retry,
+    /// Retries allowed: `retry.budget` of requests over 10 s, plus `min_per_second`.
+    pub budget: tower::retry::budget::TpsBudget,
+    /// Ask a second variant after this long.
+    pub hedge_after: Option<std::time::Duration>,
+    /// The model's resilience counters, resolved per reason when used.
+    pub metrics: crate::metrics::ResilienceFamilies,
+}
+
+impl std::fmt::Debug for Resilience {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resilience")
+            .field("fallback", &self.fallback)
+            .field("retry", &self.retry)
+            .field("hedge_after", &self.hedge_after)
+            .finish()
+    }
 }
 
 /// A per-request chooser the binary can install on a model (Thompson sampling).
@@ -65,6 +91,8 @@ pub struct VariantRoute {
     pub backend: Backend,
     /// Metric handles.
     pub metrics: VariantMetrics,
+    /// Its circuit breaker and in-flight count: whether it is ready.
+    pub health: crate::breaker::Health,
 }
 
 /// What answers for a variant: a remote model server, or a model run in-process. Both
@@ -139,12 +167,21 @@ impl RouteTable {
                         return Err(err(format!("variant `{}` has no backend", v.name)))
                     }
                 };
+                let families = &metrics.resilience;
                 variants.push(VariantRoute {
                     name: v.name.clone(),
                     name_header: HeaderValue::from_str(&v.name).map_err(|e| err(e.to_string()))?,
                     upstream_model: v.upstream_model.clone().unwrap_or_else(|| name.clone()),
                     backend,
                     metrics: metrics.variant(name, &v.name),
+                    health: crate::breaker::Health::new(
+                        name,
+                        &v.name,
+                        &model.breaker,
+                        &model.limits,
+                        families.state.with_label_values(&[name, &v.name]),
+                        families.ejections.with_label_values(&[name, &v.name]),
+                    ),
                 });
             }
             let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
@@ -190,6 +227,21 @@ impl RouteTable {
                 index: u16::try_from(models.len()).unwrap_or(u16::MAX),
                 picker: arc_swap::ArcSwapOption::empty(),
                 shadows,
+                resilience: Resilience {
+                    fallback: model
+                        .fallback
+                        .as_ref()
+                        .and_then(|f| model.variants.iter().position(|v| &v.name == f)),
+                    retry: model.retry.clone(),
+                    // tower asserts a floor below i32::MAX and a percentage ≤ 1000.
+                    budget: tower::retry::budget::TpsBudget::new(
+                        std::time::Duration::from_secs(10),
+                        model.retry.min_per_second.min(i32::MAX as u32 - 1),
+                        model.retry.budget as f32,
+                    ),
+                    hedge_after: model.hedge_after,
+                    metrics: metrics.resilience.clone(),
+                },
             };
             route.publish_weight_gauges();
             models.insert(name.clone(), Arc::new(route));

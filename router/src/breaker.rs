@@ -1,0 +1,554 @@
+//! Phases *limit* and *break*: each variant's readiness. A variant takes a request only
+//! while its circuit breaker is closed (or half-open with no probe out) and it has fewer
+//! than `limits.max_in_flight` requests in flight; the *choose* phase routes around
+//! variants that are not ready, as linkerd's balancer routes around unready endpoints.
+//!
+//! The breaker (Envoy's outlier detection and linkerd's failure accrual in one): it
+//! opens after `consecutive_failures` failures in a row, or when `failure_rate` of the
+//! requests over `window` failed once `min_requests` were seen. Open, the variant is
+//! ejected for `base_ejection`, doubled on each re-open up to `max_ejection`, with ±10%
+//! jitter so a fleet's sidecars do not probe in step. Then one request is let through
+//! (half-open): its success closes the breaker, its failure re-opens it for longer.
+//!
+//! A failure is a connect error, a reset, a timeout, or a 5xx answer; a client's own
+//! mistake (a 4xx) is not the variant's. Every transition is logged and shown in
+//! `switchyard_variant_state{model,variant}` (0 closed, 1 open, 2 half-open).
+//!
+//! Time is tokio's clock, so tests drive the schedules with paused time. The state sits
+//! behind a short sync lock never held across an await; the common case (closed, under
+//! the limit) reads one atomic and bumps another.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use switchyard_config::{Breaker, Limits};
+use tokio::time::Instant;
+
+/// The breaker's state, as the gauge shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Taking requests.
+    Closed = 0,
+    /// Ejected until its ejection ends.
+    Open = 1,
+    /// One probe request is (or may be) out.
+    HalfOpen = 2,
+}
+
+impl State {
+    /// The name shown in `/admin/state` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// How a request to a variant ended, as far as its breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that was not a 5xx.
+    Success,
+    /// A connect error, reset, timeout or 5xx.
+    Failure,
+}
+
+/// Why a variant cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    /// Its breaker is open (or half-open with its probe out).
+    Ejected,
+    /// It has `max_in_flight` requests in flight.
+    Full,
+}
+
+impl NotReady {
+    /// The metric label and header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotReady::Ejected => "ejected",
+            NotReady::Full => "in_flight_limit",
+        }
+    }
+}
+
+/// Counts over one slice of the failure-rate window.
+#[derive(Debug, Clone, Copy)]
+struct Slice {
+    start: Instant,
+    total: u32,
+    failures: u32,
+}
+
+/// Slices per window: the rate forgets old requests a tenth of a window at a time.
+const SLICES: u32 = 10;
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    /// When an open breaker lets its probe through.
+    until: Instant,
+    /// Whether the half-open probe is out.
+    probing: bool,
+    consecutive: u32,
+    /// Ejections since the breaker last stayed closed for `max_ejection`.
+    ejections: u32,
+    closed_since: Instant,
+    slices: VecDeque<Slice>,
+    /// For the jitter: a counter through SplitMix64's finaliser.
+    draws: u64,
+}
+
+/// One variant's breaker and in-flight count.
+#[derive(Debug)]
+pub struct Health {
+    model: String,
+    variant: String,
+    settings: Breaker,
+    max_in_flight: usize,
+    in_flight: AtomicUsize,
+    /// `State as u8`, readable without the lock.
+    state: AtomicU8,
+    inner: Mutex<Inner>,
+    gauge: IntGauge,
+    ejections: IntCounter,
+}
+
+/// A slot taken on a variant; dropping it frees the slot. Record the outcome with
+/// [`Permit::record`]; a permit dropped unrecorded (the client went away) counts as
+/// neither, and a probe dropped so lets another probe go.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    health: &'a Health,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Permit<'_> {
+    /// Whether this request is the half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Tells the breaker how the request ended.
+    pub fn record(mut self, outcome: Outcome) {
+        self.recorded = true;
+        self.health.record(outcome, self.probe, Instant::now());
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.health.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.probe && !self.recorded {
+            self.health.lock().probing = false;
+        }
+    }
+}
+
+impl Health {
+    /// A closed breaker for `model`'s `variant`.
+    pub fn new(
+        model: &str,
+        variant: &str,
+        settings: &Breaker,
+        limits: &Limits,
+        gauge: IntGauge,
+        ejections: IntCounter,
+    ) -> Self {
+        let now = Instant::now();
+        gauge.set(State::Closed as i64);
+        Health {
+            model: model.to_string(),
+            variant: variant.to_string(),
+            settings: settings.clone(),
+            max_in_flight: limits.max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            state: AtomicU8::new(State::Closed as u8),
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                until: now,
+                probing: false,
+                consecutive: 0,
+                ejections: 0,
+                closed_since: now,
+                slices: VecDeque::with_capacity(SLICES as usize + 1),
+                draws: crate::selector::stable_hash(variant.as_bytes()),
+            }),
+            gauge,
+            ejections,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic mid-update leaves a consistent enough state: keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The breaker's state now.
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Acquire) {
+            0 => State::Closed,
+            1 => State::Open,
+            _ => State::HalfOpen,
+        }
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether a request could be admitted now (for choosing; [`Health::admit`] decides).
+    pub fn ready(&self, now: Instant) -> Result<(), NotReady> {
+        if self.in_flight() >= self.max_in_flight {
+            return Err(NotReady::Full);
+        }
+        match self.state() {
+            State::Closed => Ok(()),
+            State::Open => {
+                if self.lock().until <= now {
+                    Ok(())
+                } else {
+                    Err(NotReady::Ejected)
+                }
+            }
+            State::HalfOpen => {
+                if self.lock().probing {
+                    Err(NotReady::Ejected)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Takes a slot for one request, or says why not. An open breaker whose ejection
+    /// is over turns half-open and this request is its probe.
+    pub fn admit(&self, now: Instant) -> Result<Permit<'_>, NotReady> {
+        let taken = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let permit = |probe| Permit {
+            health: self,
+            probe,
+            recorded: false,
+        };
+        if taken >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(NotReady::Full);
+        }
+        if self.state() == State::Closed {
+            return Ok(permit(false));
+        }
+        let mut inner = self.lock();
+        let probe = match inner.state {
+            State::Closed => false,
+            State::Open if inner.until <= now => {
+                self.set_state(
+                    &mut inner,
+                    State::HalfOpen,
+                    "its ejection ended; one probe goes",
+                );
+                inner.probing = true;
+                true
+            }
+            State::HalfOpen if !inner.probing => {
+                inner.probing = true;
+                true
+            }
+            _ => {
+                drop(inner);
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Err(NotReady::Ejected);
+            }
+        };
+        drop(inner);
+        Ok(permit(probe))
+    }
+
+    fn record(&self, outcome: Outcome, probe: bool, now: Instant) {
+        let mut inner = self.lock();
+        let s = &self.settings;
+        if probe {
+            inner.probing = false;
+            match outcome {
+                Outcome::Success => {
+                    inner.consecutive = 0;
+                    inner.slices.clear();
+                    inner.closed_since = now;
+                    self.set_state(&mut inner, State::Closed, "its probe succeeded");
+                }
+                Outcome::Failure => self.open(&mut inner, now, "its probe failed"),
+            }
+            return;
+        }
+        if inner.state != State::Closed {
+            // An answer to a request admitted before the breaker opened: counted in
+            // the window below, but it does not move an open breaker.
+            return;
+        }
+        // The failure-rate window, in slices.
+        let slice = s.window / SLICES;
+        if inner
+            .slices
+            .back()
+            .is_none_or(|last| now.duration_since(last.start) >= slice)
+        {
+            inner.slices.push_back(Slice {
+                start: now,
+                total: 0,
+                failures: 0,
+            });
+        }
+        while inner
+            .slices
+            .front()
+            .is_some_and(|first| now.duration_since(first.start) >= s.window)
+        {
+            inner.slices.pop_front();
+        }
+        if let Some(last) = inner.slices.back_mut() {
+            last.total += 1;
+            last.failures += u32::from(outcome == Outcome::Failure);
+        }
+        match outcome {
+            Outcome::Success => inner.consecutive = 0,
+            Outcome::Failure => {
+                inner.consecutive += 1;
+                let (total, failures) = inner
+                    .slices
+                    .iter()
+                    .fold((0u32, 0u32), |(t, f), x| (t + x.total, f + x.failures));
+                if inner.consecutive >= s.consecutive_failures {
+                    let why = format!("{} failures in a row", inner.consecutive);
+                    self.open(&mut inner, now, &why);
+                } else if total >= s.min_requests
+                    && f64::from(failures) >= s.failure_rate * f64::from(total)
+                {
+                    let why = format!(
+                        "{failures} of its last {total} requests failed (failure_rate {})",
+                        s.failure_rate
+                    );
+                    self.open(&mut inner, now, &why);
+                }
+            }
+        }
+    }
+
+    fn open(&self, inner: &mut Inner, now: Instant, why: &str) {
+        let s = &self.settings;
+        // A breaker that stayed closed for a whole max_ejection starts over at base.
+        if inner.state == State::Closed && now.duration_since(inner.closed_since) >= s.max_ejection
+        {
+            inner.ejections = 0;
+        }
+        let doublings = inner.ejections.min(30);
+        let ejection = s
+            .base_ejection
+            .saturating_mul(1u32 << doublings)
+            .min(s.max_ejection);
+        inner.draws = inner.draws.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let u = (switchyard_config::hash::mix(inner.draws) >> 11) as f64 / (1u64 << 53) as f64;
+        let jittered = ejection.mul_f64(0.9 + 0.2 * u).min(s.max_ejection);
+        inner.ejections += 1;
+        inner.until = now + jittered;
+        inner.consecutive = 0;
+        inner.slices.clear();
+        self.ejections.inc();
+        let why = format!("{why}; ejected for {:.1}s", jittered.as_secs_f64());
+        self.set_state(inner, State::Open, &why);
+    }
+
+    fn set_state(&self, inner: &mut Inner, to: State, why: &str) {
+        let from = inner.state;
+        inner.state = to;
+        if to == State::Closed {
+            inner.closed_since = Instant::now();
+        }
+        self.state.store(to as u8, Ordering::Release);
+        self.gauge.set(to as i64);
+        if to == State::Open {
+            tracing::warn!(model = %self.model, variant = %self.variant, from = from.as_str(), to = to.as_str(), reason = %why, "Circuit breaker opened.");
+        } else {
+            tracing::info!(model = %self.model, variant = %self.variant, from = from.as_str(), to = to.as_str(), reason = %why, "Circuit breaker changed state.");
+        }
+    }
+
+    /// What `/admin/state` shows of this variant.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let now = Instant::now();
+        let ejected_for = (inner.state == State::Open)
+            .then(|| inner.until.saturating_duration_since(now).as_secs_f64());
+        serde_json::json!({
+            "breaker": inner.state.as_str(),
+            "in_flight": self.in_flight(),
+            "consecutive_failures": inner.consecutive,
+            "ejections": inner.ejections,
+            "ejected_for_seconds": ejected_for,
+        })
+    }
+
+    /// The ejection an open breaker has left (zero when not open).
+    pub fn ejected_for(&self, now: Instant) -> Duration {
+        let inner = self.lock();
+        if inner.state == State::Open {
+            inner.until.saturating_duration_since(now)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(settings: Breaker, max_in_flight: usize) -> Health {
+        let gauge = IntGauge::new("g", "g").unwrap();
+        let ejections = IntCounter::new("e", "e").unwrap();
+        Health::new(
+            "m",
+            "v",
+            &settings,
+            &Limits { max_in_flight },
+            gauge,
+            ejections,
+        )
+    }
+
+    fn fail(h: &Health) {
+        h.admit(Instant::now()).unwrap().record(Outcome::Failure);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_ejection_doubles_up_to_the_cap() {
+        let h = health(
+            Breaker {
+                consecutive_failures: 3,
+                min_requests: 1000,
+                base_ejection: Duration::from_secs(5),
+                max_ejection: Duration::from_secs(12),
+                ..Breaker::default()
+            },
+            10,
+        );
+        fail(&h);
+        fail(&h);
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        fail(&h);
+        fail(&h);
+        assert_eq!(h.state(), State::Closed, "a success resets the run");
+        fail(&h);
+        assert_eq!(h.state(), State::Open);
+        assert_eq!(h.admit(Instant::now()).unwrap_err(), NotReady::Ejected);
+        // Ejections: ~5 s, then ~10 s, then capped at 12 s (±10% jitter).
+        let mut ejections = Vec::new();
+        for _ in 0..3 {
+            let left = h.ejected_for(Instant::now());
+            ejections.push(left.as_secs_f64());
+            tokio::time::advance(left).await;
+            let probe = h.admit(Instant::now()).unwrap();
+            assert!(probe.is_probe());
+            assert_eq!(h.state(), State::HalfOpen);
+            // Exactly one probe at a time.
+            assert_eq!(h.admit(Instant::now()).unwrap_err(), NotReady::Ejected);
+            probe.record(Outcome::Failure);
+            assert_eq!(h.state(), State::Open);
+        }
+        assert!((4.5..=5.5).contains(&ejections[0]), "{ejections:?}");
+        assert!((9.0..=11.0).contains(&ejections[1]), "{ejections:?}");
+        assert!((10.8..=12.0).contains(&ejections[2]), "{ejections:?}");
+        // A probe that succeeds closes it.
+        tokio::time::advance(h.ejected_for(Instant::now())).await;
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        assert_eq!(h.state(), State::Closed);
+        assert!(h.admit(Instant::now()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_the_failure_rate_over_the_window_once_enough_were_seen() {
+        let h = health(
+            Breaker {
+                consecutive_failures: 100,
+                failure_rate: 0.5,
+                min_requests: 10,
+                window: Duration::from_secs(10),
+                ..Breaker::default()
+            },
+            10,
+        );
+        // Alternating: never two failures in a row, half failing.
+        for i in 0..9 {
+            let outcome = if i % 2 == 0 {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            };
+            h.admit(Instant::now()).unwrap().record(outcome);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert_eq!(h.state(), State::Closed, "fewer than min_requests");
+        fail(&h);
+        assert_eq!(h.state(), State::Open, "5 of 10 failed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_requests_leave_the_window() {
+        let h = health(
+            Breaker {
+                consecutive_failures: 100,
+                failure_rate: 0.5,
+                min_requests: 4,
+                window: Duration::from_secs(10),
+                ..Breaker::default()
+            },
+            10,
+        );
+        fail(&h);
+        fail(&h);
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        // Eleven seconds later the two failures are out of the window.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        h.admit(Instant::now()).unwrap().record(Outcome::Success);
+        fail(&h);
+        assert_eq!(h.state(), State::Closed, "1 of 4 in the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_in_flight_limit_makes_a_variant_unready_until_a_slot_frees() {
+        let h = health(Breaker::default(), 2);
+        let a = h.admit(Instant::now()).unwrap();
+        let b = h.admit(Instant::now()).unwrap();
+        assert_eq!(h.ready(Instant::now()), Err(NotReady::Full));
+        assert_eq!(h.admit(Instant::now()).unwrap_err(), NotReady::Full);
+        drop(a);
+        assert!(h.ready(Instant::now()).is_ok());
+        drop(b);
+        assert_eq!(h.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_abandoned_by_its_client_lets_another_probe_go() {
+        let h = health(
+            Breaker {
+                consecutive_failures: 1,
+                ..Breaker::default()
+            },
+            10,
+        );
+        fail(&h);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let probe = h.admit(Instant::now()).unwrap();
+        assert!(probe.is_probe());
+        drop(probe);
+        let again = h.admit(Instant::now()).unwrap();
+        assert!(again.is_probe());
+    }
+}
