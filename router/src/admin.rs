@@ -103,11 +103,15 @@ impl AdminService {
             },
             "/admin/config" => reply(StatusCode::OK, "application/json", self.0.config_json.clone()),
             "/admin/state" => {
-                let state = self
+                let mut state = self
                     .0
                     .state
                     .as_ref()
                     .map_or_else(|| serde_json::json!({ "models": {} }), |f| f());
+                // Every model's variants' breakers and in-flight counts, bandit or not.
+                if let Some(obj) = state.as_object_mut() {
+                    obj.insert("breakers".into(), self.0.router.health_json());
+                }
                 reply(StatusCode::OK, "application/json", state.to_string().into())
             }
             _ if path.starts_with("/admin/shadow/") => self.shadow(&path["/admin/shadow/".len()..]),

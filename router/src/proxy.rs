@@ -204,6 +204,22 @@ impl Router {
         }
     }
 
+    /// Per model and variant: the breaker's state, in-flight requests, consecutive
+    /// failures, ejections and the ejection left (`/admin/state`'s `breakers`).
+    pub fn health_json(&self) -> serde_json::Value {
+        let table = self.table.load();
+        let mut models = serde_json::Map::new();
+        for model in table.models() {
+            let variants: serde_json::Map<String, serde_json::Value> = model
+                .variants
+                .iter()
+                .map(|v| (v.name.clone(), v.health.snapshot()))
+                .collect();
+            models.insert(model.name.clone(), serde_json::Value::Object(variants));
+        }
+        serde_json::Value::Object(models)
+    }
+
     /// Why the sidecar should not get traffic now, or `None` when it is ready: it is
     /// draining, or a local model cannot serve (no live batch thread, threads stuck in a
     /// batch, a queue that does not move). Clears by itself when the model recovers.
