@@ -18,7 +18,7 @@ need() {
 
 # SKIP_BUILD=1: the caller brings its own binaries (bench/proxy-ab.sh).
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --quiet
-BIN=$PWD/target/release/switchyard
+BIN=${BIN:-$PWD/target/release/switchyard}
 OUT=$PWD/bench/out
 WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
 mkdir -p "$OUT" "$WORK/logs"

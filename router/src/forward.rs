@@ -132,7 +132,10 @@ impl Router {
         }
         // A body that may have to be sent twice is read first, when it is small enough
         // to keep (its declared length says so); larger ones stream to one variant.
-        let switchable = model.variants.len() > 1 || res.fallback.is_some();
+        let on = &res.retry.on;
+        let resends = on.connect || on.reset || on.timeout || on.status_5xx;
+        let switchable = (model.variants.len() > 1 && (resends || res.hedge_after.is_some()))
+            || res.fallback.is_some();
         let declared = parts
             .headers
             .get(CONTENT_LENGTH)
@@ -164,6 +167,7 @@ impl Router {
         let mut retries = 0u32;
         let mut hedge: Option<&'static str> = None;
         let mut fallback: Option<&'static str> = None;
+        let mut hedge_probability = 1.0;
         let mut last: Option<Tried> = None;
         let mut pick = self.choose(model, sticky_key.as_ref(), &tried);
         let routed = Instant::now();
@@ -205,7 +209,16 @@ impl Router {
             let outcome = match (res.hedge_after, &replay) {
                 (Some(after), Some(_)) if hedge.is_none() => {
                     let (t, h) = self
-                        .hedged(&r, p.index, permit, body, after, &mut tried, &mut next_body)
+                        .hedged(
+                            &r,
+                            p.index,
+                            permit,
+                            body,
+                            after,
+                            &mut tried,
+                            &mut next_body,
+                            &mut hedge_probability,
+                        )
                         .await;
                     hedge = h;
                     t
@@ -213,10 +226,11 @@ impl Router {
                 _ => self.try_variant(&r, p.index, body, permit).await,
             };
             let Some(kind) = outcome.failure else {
+                // The winner of a hedge was chosen with the hedge's own probability.
                 let probability = if outcome.index == p.index {
                     p.probability
                 } else {
-                    1.0
+                    hedge_probability
                 };
                 break Some((outcome, probability));
             };
@@ -370,6 +384,7 @@ impl Router {
         after: std::time::Duration,
         tried: &mut Vec<usize>,
         next_body: &mut impl FnMut() -> Option<LimitedBody>,
+        hedge_probability: &mut f64,
     ) -> (Tried, Option<&'static str>) {
         let primary = self.try_variant(r, index, body, permit);
         tokio::pin!(primary);
@@ -380,13 +395,21 @@ impl Router {
         let res = &r.model.resilience;
         let now = tokio::time::Instant::now();
         // Another ready variant, else the fallback.
-        let target = self
-            .choose(r.model, None, tried)
-            .map(|p| p.index)
-            .or(res.fallback.filter(|f| !tried.contains(f)));
-        let Some(target) = target else {
+        let target = self.choose(r.model, None, tried).or(res
+            .fallback
+            .filter(|f| !tried.contains(f))
+            .map(|index| Pick {
+                index,
+                probability: 1.0,
+            }));
+        let Some(Pick {
+            index: target,
+            probability,
+        }) = target
+        else {
             return (primary.await, None);
         };
+        *hedge_probability = probability;
         let Ok(hedge_permit) = r.model.variants[target].health.admit(now) else {
             return (primary.await, None);
         };
