@@ -945,10 +945,25 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
     })
 }
 
+/// Most variants per model: the request path keeps the variants a request has tried in
+/// one 64-bit set (no allocation per request).
+pub const MAX_VARIANTS: usize = 64;
+
 fn decode_variants(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Variant>> {
     let items = decode::seq(cx, node, path)?;
     if items.is_empty() {
         cx.error(node, path, "at least one variant is needed");
+        return None;
+    }
+    if items.len() > MAX_VARIANTS {
+        cx.error(
+            node,
+            path,
+            format!(
+                "at most {MAX_VARIANTS} variants per model, found {}",
+                items.len()
+            ),
+        );
         return None;
     }
     let mut variants = Vec::with_capacity(items.len());

@@ -77,6 +77,11 @@ fn failure_of(result: &Result<Response<ProxyBody>, RouterError>) -> Option<&'sta
     }
 }
 
+/// A variant's bit in a request's set of tried variants.
+fn bit(index: usize) -> u64 {
+    1u64 << (index % 64)
+}
+
 fn retried_on(retry: &switchyard_config::Retry, kind: &str) -> bool {
     let on = &retry.on;
     match kind {
@@ -163,13 +168,14 @@ impl Router {
             peer,
         };
 
-        let mut tried: Vec<usize> = Vec::new();
+        // The variants tried so far, as a set of bits (a model has at most 64).
+        let mut tried: u64 = 0;
         let mut retries = 0u32;
         let mut hedge: Option<&'static str> = None;
         let mut fallback: Option<&'static str> = None;
         let mut hedge_probability = 1.0;
         let mut last: Option<Tried> = None;
-        let mut pick = self.choose(model, sticky_key.as_ref(), &tried);
+        let mut pick = self.choose(model, sticky_key.as_ref(), tried);
         let routed = Instant::now();
         let answer: Option<(Tried, f64)> = loop {
             let Some(p) = pick else {
@@ -181,9 +187,8 @@ impl Router {
                     "no_ready_variant"
                 };
                 match (res.fallback, next_body()) {
-                    (Some(fb), Some(body)) if !tried.contains(&fb) => {
+                    (Some(fb), Some(body)) if tried & bit(fb) == 0 => {
                         fallback = Some(reason);
-                        tried.push(fb);
                         match self.try_fallback(&r, fb, body, reason).await {
                             Some(t) => break Some((t, 1.0)),
                             None => break last.map(|t| (t, 0.0)),
@@ -197,15 +202,15 @@ impl Router {
                 Ok(permit) => permit,
                 Err(_) => {
                     // Lost the race for its last slot or its probe: choose again.
-                    tried.push(p.index);
-                    pick = self.choose(model, sticky_key.as_ref(), &tried);
+                    tried |= bit(p.index);
+                    pick = self.choose(model, sticky_key.as_ref(), tried);
                     continue;
                 }
             };
             let Some(body) = next_body() else {
                 break last.map(|t| (t, 0.0));
             };
-            tried.push(p.index);
+            tried |= bit(p.index);
             let outcome = match (res.hedge_after, &replay) {
                 (Some(after), Some(_)) if hedge.is_none() => {
                     let (t, h) = self
@@ -238,7 +243,7 @@ impl Router {
             // Retry on another variant, within the budget, if the body can be sent
             // again and the failure is one the config retries.
             if replay.is_some() && retried_on(&res.retry, kind) {
-                let next = self.choose(model, None, &tried);
+                let next = self.choose(model, None, tried);
                 if next.is_some() {
                     if res.budget.withdraw() {
                         retries += 1;
@@ -315,14 +320,9 @@ impl Router {
 
     /// Phase *choose*: a ready variant not in `tried`, by sticky key or the picker or
     /// the weights; `None` when none is ready.
-    fn choose(
-        &self,
-        model: &ModelRoute,
-        sticky: Option<&HeaderValue>,
-        tried: &[usize],
-    ) -> Option<Pick> {
+    fn choose(&self, model: &ModelRoute, sticky: Option<&HeaderValue>, tried: u64) -> Option<Pick> {
         let now = tokio::time::Instant::now();
-        let usable = |i: usize| !tried.contains(&i) && model.variants[i].health.ready(now).is_ok();
+        let usable = |i: usize| tried & bit(i) == 0 && model.variants[i].health.ready(now).is_ok();
         if let Some(key) = sticky {
             return model.selector.pick_sticky_among(key.as_bytes(), &usable);
         }
@@ -382,7 +382,7 @@ impl Router {
         permit: Permit<'_>,
         body: LimitedBody,
         after: std::time::Duration,
-        tried: &mut Vec<usize>,
+        tried: &mut u64,
         next_body: &mut impl FnMut() -> Option<LimitedBody>,
         hedge_probability: &mut f64,
     ) -> (Tried, Option<&'static str>) {
@@ -395,9 +395,9 @@ impl Router {
         let res = &r.model.resilience;
         let now = tokio::time::Instant::now();
         // Another ready variant, else the fallback.
-        let target = self.choose(r.model, None, tried).or(res
+        let target = self.choose(r.model, None, *tried).or(res
             .fallback
-            .filter(|f| !tried.contains(f))
+            .filter(|f| *tried & bit(*f) == 0)
             .map(|index| Pick {
                 index,
                 probability: 1.0,
@@ -416,7 +416,7 @@ impl Router {
         let Some(body) = next_body() else {
             return (primary.await, None);
         };
-        tried.push(target);
+        *tried |= bit(target);
         let second = self.try_variant(r, target, body, hedge_permit);
         tokio::pin!(second);
         let count = |outcome: &str| {
