@@ -27,6 +27,8 @@ SECONDS_EACH=${SECONDS_EACH:-12}
 CONNS=${CONNS:-32}
 source bench/common.sh
 need nginx haproxy
+# The model servers are started in subshells: kill any left behind, however this ends.
+trap 'pkill -9 -f "model-server --model builtin:digits_mlp --name digits --listen 127.0.0.1:1930" 2>/dev/null || true; cleanup' EXIT
 
 A=19301 B=19302 A_ADMIN=19303 B_ADMIN=19304
 P_SY=19311 P_SY_ADMIN=19312 P_SYF=19313 P_SYF_ADMIN=19314 P_NGINX=19315 P_HAPROXY=19316
@@ -48,6 +50,17 @@ wait_port() {
   done
   echo "nothing listens on $1" >&2
   return 1
+}
+
+# wait_free PORT...: until nothing listens on any PORT (the last run's servers are gone).
+wait_free() {
+  local p
+  for p in "$@"; do
+    for _ in $(seq 1 200); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || break
+      sleep 0.05
+    done
+  done
 }
 
 # served PORT: predictions the model server on PORT's admin answered so far.
@@ -142,6 +155,7 @@ run() {
   local scenario=$1 name=$2 port=$3
   shift 3
   local a_pid b_pid proxy_pid load_pid
+  wait_free $A $B $A_ADMIN $B_ADMIN "$port"
   a_pid=$(upstream $A $A_ADMIN)
   b_pid=$(upstream $B $B_ADMIN)
   wait_port $A && wait_port $B
@@ -155,6 +169,7 @@ run() {
   local victim_port victim_admin
   if [ "$scenario" = kill ]; then
     kill -9 "$a_pid"
+    wait_free $A $A_ADMIN
     victim_port=$A victim_admin=$A_ADMIN
   else
     kill -STOP "$b_pid"
@@ -174,8 +189,9 @@ run() {
   kill "$proxy_pid" 2>/dev/null || true
   wait "$proxy_pid" 2>/dev/null || true
   kill -CONT "$b_pid" 2>/dev/null || true
-  kill "$a_pid" "$b_pid" 2>/dev/null || true
-  wait "$a_pid" "$b_pid" 2>/dev/null || true
+  # Disposable: killed outright, so the next run gets the ports at once.
+  kill -9 "$a_pid" "$b_pid" 2>/dev/null || true
+  wait_free $A $B $A_ADMIN $B_ADMIN "$port"
   python3 - "$WORK/load.json" "$scenario" "$name" "$recovered" >> "$RESULTS" <<'PY'
 import json, sys
 path, scenario, name, recovered = sys.argv[1:]

@@ -265,8 +265,12 @@ async fn every_malformed_input_is_answered_and_the_sidecar_keeps_serving() {
         ),
     )
     .unwrap();
-    let (mut child, first) = spawn_with_admin(&config);
-    let (data, admin) = first;
+    let (mut child, (data, admin)) = spawn_switchyard_both([
+        std::ffi::OsStr::new("serve"),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    let (data, admin): (SocketAddr, SocketAddr) = (data.parse().unwrap(), admin.parse().unwrap());
     let inputs = corpus();
     assert!(inputs.len() >= 40, "{} inputs", inputs.len());
     let valid = [
@@ -337,32 +341,4 @@ async fn every_malformed_input_is_answered_and_the_sidecar_keeps_serving() {
         refused,
         inputs.len()
     );
-}
-
-/// Starts `switchyard serve --config FILE` and reads both addresses from its first line.
-fn spawn_with_admin(config: &std::path::Path) -> (std::process::Child, (SocketAddr, SocketAddr)) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            std::ffi::OsStr::new("serve"),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = |key: &str| -> SocketAddr {
-        first
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in {first:?}"))
-            .parse()
-            .unwrap()
-    };
-    (child, (addr("data="), addr("admin=")))
 }

@@ -43,30 +43,7 @@ fn cnn_matches_onnxruntime_batch_1_and_64() {
 fn sigmoid_model() -> Vec<u8> {
     use prost::Message;
     use tract_onnx::pb;
-    let tensor = |name: &str| pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: 1,
-                shape: Some(pb::TensorShapeProto {
-                    dim: vec![
-                        pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(
-                                "N".into(),
-                            )),
-                            ..Default::default()
-                        },
-                        pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(4)),
-                            ..Default::default()
-                        },
-                    ],
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let tensor = |name: &str| common::graphs::value_info(name, 4);
     let model = pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {

@@ -266,6 +266,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    let (child, (data, _)) = spawn_switchyard_both(args);
+    (child, data)
+}
+
+/// As [`spawn_switchyard`], with both addresses of its first line: data and admin.
+pub fn spawn_switchyard_both<I, S>(args: I) -> (std::process::Child, (String, String))
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
@@ -277,12 +287,15 @@ where
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let data = first
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("data="))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_string();
-    (child, data)
+    let addr = |key: &str| -> String {
+        first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {first:?}"))
+            .to_string()
+    };
+    let addrs = (addr("data="), addr("admin="));
+    (child, addrs)
 }
 
 /// A fake model server whose answer is `answer(path, request body)` → (status, body),

@@ -86,7 +86,8 @@ fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
     }
 }
 
-fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
+/// A `[N, width]` FP32 tensor's description, `N` symbolic.
+pub fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
     pb::ValueInfoProto {
         name: name.into(),
