@@ -433,3 +433,77 @@ async fn a_hanging_variant_is_ejected_and_its_share_served_elsewhere() {
         "{reached} connections reached the hanging variant"
     );
 }
+
+/// A local model shedding load (its queue full, 503) is not a broken variant: its
+/// breaker stays closed, and once the burst is over it answers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_shedding_does_not_eject_a_local_model() {
+    let app = start(
+        "models:\n  digits:\n    breaker: {consecutive_failures: 2}\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", batching: {max_batch_size: 2, batch_timeout_micros: 200000, num_batch_threads: 1, max_enqueued_batches: 1}}}\n",
+    )
+    .await;
+    let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&client(), "POST", &url, &[], &tf_body()).await.status
+        }));
+    }
+    let mut shed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => {}
+            503 => shed += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(shed >= 2, "the burst was not shed: {shed}");
+    let m = metrics(app.admin_addr).await;
+    assert_eq!(
+        counter(
+            &m,
+            r#"switchyard_variant_state{model="digits",variant="cpu"}"#
+        ),
+        0.0,
+        "shedding opened the breaker"
+    );
+    let r = send(&client(), "POST", &url, &[], &tf_body()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+/// Every variant ejected and no fallback: requests still go to the variants (Envoy's
+/// panic routing) rather than all being refused; a variant that recovered answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_variant_ejected_and_no_fallback_requests_still_go_out() {
+    let flaky = Arc::new(AtomicUsize::new(0));
+    let count = flaky.clone();
+    // Fails its first three requests, then answers.
+    let up = model_server(Duration::ZERO, move |_, _| {
+        if count.fetch_add(1, Ordering::SeqCst) < 3 {
+            (500, r#"{"error":"warming up"}"#.into())
+        } else {
+            (200, r#"{"predictions":[[1]]}"#.into())
+        }
+    })
+    .await;
+    let app = start(&format!(
+        "models:\n  m:\n    breaker: {{consecutive_failures: 3, base_ejection: 60s, max_ejection: 60s}}\n    variants:\n      - {{name: only, upstream: \"{}\", weight: 1}}\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    for _ in 0..3 {
+        assert_eq!(predict(&c, &url).await.status, 500);
+    }
+    let m = metrics(app.admin_addr).await;
+    assert_eq!(
+        counter(&m, r#"switchyard_variant_state{model="m",variant="only"}"#),
+        1.0
+    );
+    // Ejected for a minute, but the only variant: it still gets the requests.
+    let r = predict(&c, &url).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("x-switchyard-variant"), Some("only"));
+}

@@ -270,6 +270,25 @@ impl Health {
         Ok(permit(probe))
     }
 
+    /// Whether the variant has a free in-flight slot, whatever its breaker says.
+    pub fn in_flight_room(&self) -> bool {
+        self.in_flight() < self.max_in_flight
+    }
+
+    /// A slot under the in-flight limit whatever the breaker says, for panic routing
+    /// (every variant ejected and no fallback). Its outcome moves no open breaker.
+    pub fn admit_ignoring_breaker(&self) -> Result<Permit<'_>, NotReady> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(NotReady::Full);
+        }
+        Ok(Permit {
+            health: self,
+            probe: false,
+            recorded: false,
+        })
+    }
+
     fn record(&self, outcome: Outcome, probe: bool, now: Instant) {
         let mut inner = self.lock();
         let s = &self.settings;

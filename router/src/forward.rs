@@ -72,7 +72,10 @@ fn failure_of(result: &Result<Response<ProxyBody>, RouterError>) -> Option<&'sta
         Ok(_) => None,
         Err(RouterError::Upstream { kind, .. }) => Some(kind.as_str()),
         Err(RouterError::LocalTimeout(_)) => Some("timeout"),
-        Err(RouterError::Inference(_) | RouterError::Overloaded(_)) => Some("5xx"),
+        Err(RouterError::Inference(_)) => Some("5xx"),
+        // A local model's full queue is load shedding, not a broken variant: counted
+        // as a failure it would eject a busy model for seconds after its queue drained.
+        Err(RouterError::Overloaded(_)) => None,
         Err(_) => None,
     }
 }
@@ -174,6 +177,7 @@ impl Router {
         let mut hedge: Option<&'static str> = None;
         let mut fallback: Option<&'static str> = None;
         let mut hedge_probability = 1.0;
+        let mut panicked = false;
         let mut last: Option<Tried> = None;
         let mut pick = self.choose(model, sticky_key.as_ref(), tried);
         let routed = Instant::now();
@@ -186,19 +190,38 @@ impl Router {
                 } else {
                     "no_ready_variant"
                 };
-                match (res.fallback, next_body()) {
-                    (Some(fb), Some(body)) if tried & bit(fb) == 0 => {
-                        fallback = Some(reason);
-                        match self.try_fallback(&r, fb, body, reason).await {
-                            Some(t) => break Some((t, 1.0)),
-                            None => break last.map(|t| (t, 0.0)),
-                        }
+                if let Some(fb) = res.fallback.filter(|fb| tried & bit(*fb) == 0) {
+                    let Some(body) = next_body() else {
+                        break last.map(|t| (t, 0.0));
+                    };
+                    fallback = Some(reason);
+                    tried |= bit(fb);
+                    if let Some(t) = self.try_fallback(&r, fb, body, reason).await {
+                        break Some((t, 1.0));
                     }
-                    _ => break last.map(|t| (t, 0.0)),
                 }
+                // Every variant ejected and no fallback to answer: rather than refuse
+                // everything, spread the request over the variants as if there were no
+                // breakers (Envoy's panic routing); their in-flight limits still hold.
+                if last.is_none() && !panicked {
+                    panicked = true;
+                    pick = model.selector.pick_among(&|i| {
+                        tried & bit(i) == 0 && model.variants[i].health.in_flight_room()
+                    });
+                    if pick.is_some() {
+                        tracing::debug!(model = %model.name, "Every variant is ejected; routing as if none were.");
+                        continue;
+                    }
+                }
+                break last.map(|t| (t, 0.0));
             };
             let variant = &model.variants[p.index];
-            let permit = match variant.health.admit(tokio::time::Instant::now()) {
+            let admitted = if panicked {
+                variant.health.admit_ignoring_breaker()
+            } else {
+                variant.health.admit(tokio::time::Instant::now())
+            };
+            let permit = match admitted {
                 Ok(permit) => permit,
                 Err(_) => {
                     // Lost the race for its last slot or its probe: choose again.
