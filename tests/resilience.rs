@@ -211,7 +211,10 @@ async fn a_connection_closed_after_a_500_is_retried_not_a_502() {
                 let _ = stream.write_all(head.as_bytes()).await;
             }
         }
-        // Keep-alive was implied; close anyway, as MLServer does after its 500s.
+        // Keep-alive was implied; close anyway, as MLServer does after its 500s, but
+        // only once the next request on this connection has arrived: the race a
+        // pooled connection loses in production, made certain.
+        let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
     })
     .await;
     let good = Upstream::echo("good").await;
@@ -223,11 +226,24 @@ async fn a_connection_closed_after_a_500_is_retried_not_a_502() {
     let c = client();
     let url = format!("http://{}/v1/models/m:predict", app.data_addr);
     let mut statuses = std::collections::BTreeMap::new();
+    let mut retried = 0;
     for _ in 0..200 {
         let r = predict(&c, &url).await;
         *statuses.entry(r.status).or_insert(0) += 1;
         assert_ne!(r.status, 502, "{:?}", r.body);
+        if r.header("x-switchyard-retries").is_some() {
+            // The retry carried the client's request id to the other variant.
+            retried += 1;
+            assert_eq!(r.header("x-switchyard-variant"), Some("good"));
+            assert_eq!(
+                r.json()["x_request_id"].as_str(),
+                r.header("x-request-id"),
+                "{:?}",
+                r.body
+            );
+        }
     }
+    assert!(retried > 0, "no request met a closed pooled connection");
     // The closer's own 500s reach the client (5xx is not retried by default); no 502.
     assert!(
         statuses.get(&200).copied().unwrap_or(0) > 50,
