@@ -67,16 +67,6 @@ pub enum NotReady {
     Full,
 }
 
-impl NotReady {
-    /// The metric label and header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotReady::Ejected => "ejected",
-            NotReady::Full => "in_flight_limit",
-        }
-    }
-}
-
 /// Counts over one slice of the failure-rate window.
 #[derive(Debug, Clone, Copy)]
 struct Slice {
@@ -399,10 +389,9 @@ impl Health {
 
     /// What `/admin/state` shows of this variant.
     pub fn snapshot(&self) -> serde_json::Value {
+        let left = self.ejected_for(Instant::now());
         let inner = self.lock();
-        let now = Instant::now();
-        let ejected_for = (inner.state == State::Open)
-            .then(|| inner.until.saturating_duration_since(now).as_secs_f64());
+        let ejected_for = (inner.state == State::Open).then_some(left.as_secs_f64());
         serde_json::json!({
             "breaker": inner.state.as_str(),
             "in_flight": self.in_flight(),
