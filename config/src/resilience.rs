@@ -78,7 +78,7 @@ pub struct Retry {
     /// Failure kinds retried. Default `[connect, reset]`: predictions are reads, and
     /// those two never reached a model.
     pub on: RetryOn,
-    /// Retries at most this share of requests (over 10 s), plus `min_per_second`.
+    /// Retries at most this share of requests (over the last 10 s), plus `min_per_second`.
     /// Default 0.2.
     pub budget: f64,
     /// Retries always allowed per second, whatever the share. Default 3.

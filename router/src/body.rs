@@ -183,6 +183,15 @@ impl LimitedBody {
         }
     }
 
+    /// Another copy of a body read whole before and not yet sent; `None` for a streamed
+    /// body, which can be sent once only.
+    pub fn try_clone(&self) -> Option<LimitedBody> {
+        match &self.inner {
+            Source::Replay(Some(bytes)) => Some(LimitedBody::replay(bytes.clone())),
+            _ => None,
+        }
+    }
+
     /// On a frame that is not ready: the stall timer, set from now if a frame came since
     /// it was last set; ready once the client has been silent too long.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {

@@ -27,6 +27,8 @@ use prometheus::{IntCounter, IntGauge};
 use switchyard_config::{Breaker, Limits};
 use tokio::time::Instant;
 
+use crate::RouterError;
+
 /// The breaker's state, as the gauge shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -433,6 +435,103 @@ mod tests {
         h.admit(Instant::now()).unwrap().record(Outcome::Failure);
     }
 
+    /// A backend that answers every request with one status.
+    struct Status(u16);
+
+    impl tower_service::Service<()> for Status {
+        type Response = http::Response<crate::body::ProxyBody>;
+        type Error = RouterError;
+        type Future = std::future::Ready<Result<Self::Response, RouterError>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), RouterError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, (): ()) -> Self::Future {
+            let mut resp = http::Response::new(crate::body::ProxyBody::full(bytes::Bytes::new()));
+            *resp.status_mut() = http::StatusCode::from_u16(self.0).unwrap();
+            std::future::ready(Ok(resp))
+        }
+    }
+
+    fn ready<S: tower_service::Service<(), Error = RouterError>>(
+        svc: &mut S,
+    ) -> Result<(), RouterError> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("a guard never waits"),
+        }
+    }
+
+    fn not_ready(r: Result<(), RouterError>) -> NotReady {
+        match r {
+            Err(RouterError::NotReady(why)) => why,
+            other => panic!("expected not ready, got {other:?}"),
+        }
+    }
+
+    /// The layer's readiness is the breaker's and the limit's: 500s through the guard
+    /// open the breaker, which makes the service not ready until the ejection ends; then
+    /// exactly one guard is ready (the probe), and its success makes the others ready.
+    /// A guard that is ready holds a slot, so `max_in_flight` ready guards fill it.
+    #[tokio::test(start_paused = true)]
+    async fn a_guarded_service_is_ready_only_when_its_variant_can_take_a_request() {
+        use tower::Layer;
+        use tower_service::Service;
+        let h = health(
+            Breaker {
+                consecutive_failures: 2,
+                min_requests: 1000,
+                base_ejection: Duration::from_secs(5),
+                max_ejection: Duration::from_secs(60),
+                ..Breaker::default()
+            },
+            2,
+        );
+        let layer = GuardLayer::new(&h);
+        for _ in 0..2 {
+            let mut svc = layer.layer(Status(500));
+            ready(&mut svc).unwrap();
+            let resp = svc.call(()).await.unwrap();
+            assert_eq!(resp.status(), 500);
+        }
+        assert_eq!(h.state(), State::Open);
+        assert_eq!(
+            not_ready(ready(&mut layer.layer(Status(200)))),
+            NotReady::Ejected
+        );
+
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let mut probe = layer.layer(Status(200));
+        ready(&mut probe).unwrap();
+        assert_eq!(h.state(), State::HalfOpen);
+        assert_eq!(
+            not_ready(ready(&mut layer.layer(Status(200)))),
+            NotReady::Ejected
+        );
+        probe.call(()).await.unwrap();
+        assert_eq!(h.state(), State::Closed);
+
+        let mut a = layer.layer(Status(200));
+        let mut b = layer.layer(Status(200));
+        ready(&mut a).unwrap();
+        ready(&mut b).unwrap();
+        assert_eq!(
+            not_ready(ready(&mut layer.layer(Status(200)))),
+            NotReady::Full
+        );
+        drop(a);
+        let mut c = layer.layer(Status(200));
+        ready(&mut c).unwrap();
+        assert_eq!(h.in_flight(), 2, "b and c hold the slots");
+        drop((b, c));
+        assert_eq!(h.in_flight(), 0, "a guard dropped unused frees its slot");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_ejection_doubles_up_to_the_cap() {
         let h = health(
@@ -558,5 +657,145 @@ mod tests {
         drop(probe);
         let again = h.admit(Instant::now()).unwrap();
         assert!(again.is_probe());
+    }
+}
+
+/// The failure kind a try's result counts as, for the breaker and the retry policy; `None`
+/// when the variant did its job (any answer below 500) or the client is at fault.
+pub(crate) fn failure_kind(
+    result: &Result<http::Response<crate::body::ProxyBody>, RouterError>,
+) -> Option<&'static str> {
+    match result {
+        Ok(resp) if resp.status().is_server_error() => Some("5xx"),
+        Ok(_) => None,
+        Err(RouterError::Upstream { kind, .. }) => Some(kind.as_str()),
+        Err(RouterError::LocalTimeout(_)) => Some("timeout"),
+        Err(RouterError::Inference(_)) => Some("5xx"),
+        // A local model's full queue is load shedding, not a broken variant: counted
+        // as a failure it would eject a busy model for seconds after its queue drained.
+        Err(RouterError::Overloaded(_)) => None,
+        Err(_) => None,
+    }
+}
+
+/// Phases *limit* and *break* as a tower layer over a variant's backend: the service is
+/// ready only while [`Health::admit`] gives it a slot (its breaker closed or its probe
+/// free, under `max_in_flight`), and every answer is told to the breaker.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardLayer<'a> {
+    health: &'a Health,
+    ignore_breaker: bool,
+}
+
+impl<'a> GuardLayer<'a> {
+    /// Guards a variant by its health.
+    pub fn new(health: &'a Health) -> Self {
+        GuardLayer {
+            health,
+            ignore_breaker: false,
+        }
+    }
+
+    /// Panic routing (every variant ejected, no fallback): only the in-flight limit holds.
+    pub fn ignoring_breaker(health: &'a Health) -> Self {
+        GuardLayer {
+            health,
+            ignore_breaker: true,
+        }
+    }
+}
+
+impl<'a, S> tower::Layer<S> for GuardLayer<'a> {
+    type Service = Guard<'a, S>;
+
+    fn layer(&self, inner: S) -> Guard<'a, S> {
+        Guard {
+            inner,
+            layer: *self,
+            permit: None,
+        }
+    }
+}
+
+/// See [`GuardLayer`]. Ready means a slot is held: `poll_ready` takes it, `call` spends it.
+#[derive(Debug)]
+pub struct Guard<'a, S> {
+    inner: S,
+    layer: GuardLayer<'a>,
+    permit: Option<Permit<'a>>,
+}
+
+impl<'a, S, Req> tower_service::Service<Req> for Guard<'a, S>
+where
+    S: tower_service::Service<
+        Req,
+        Response = http::Response<crate::body::ProxyBody>,
+        Error = RouterError,
+    >,
+{
+    type Response = S::Response;
+    type Error = RouterError;
+    type Future = GuardFuture<'a, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), RouterError>> {
+        if self.permit.is_none() {
+            let health = self.layer.health;
+            let admitted = if self.layer.ignore_breaker {
+                health.admit_ignoring_breaker()
+            } else {
+                health.admit(Instant::now())
+            };
+            // Not ready is an answer, not a wait: the split chooses another variant
+            // at once, as linkerd's balancer skips unready endpoints.
+            match admitted {
+                Ok(permit) => self.permit = Some(permit),
+                Err(why) => return std::task::Poll::Ready(Err(RouterError::NotReady(why))),
+            }
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        GuardFuture {
+            inner: self.inner.call(req),
+            permit: self.permit.take(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A guarded request: tells the breaker how it ended, frees its slot when dropped
+    /// (a cancelled request, a lost hedge, counts as neither success nor failure).
+    pub struct GuardFuture<'a, F> {
+        #[pin]
+        inner: F,
+        permit: Option<Permit<'a>>,
+    }
+}
+
+impl<F> std::future::Future for GuardFuture<'_, F>
+where
+    F: std::future::Future<Output = Result<http::Response<crate::body::ProxyBody>, RouterError>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Some(permit) = this.permit.take() {
+            match failure_kind(&result) {
+                Some(_) => permit.record(Outcome::Failure),
+                // A client's own mistake says nothing of the variant.
+                None if result.is_err() => drop(permit),
+                None => permit.record(Outcome::Success),
+            }
+        }
+        std::task::Poll::Ready(result)
     }
 }

@@ -100,6 +100,11 @@ pub enum RouterError {
     /// A local model did not answer within `request_timeout`.
     #[error("{0}")]
     LocalTimeout(String),
+    /// The variant chosen cannot take a request now (its breaker is open, or it is at
+    /// `limits.max_in_flight`): the split chooses again; a client sees it only as the
+    /// 503 when no variant and no fallback can answer.
+    #[error("the variant cannot take a request now: {0:?}")]
+    NotReady(crate::breaker::NotReady),
 }
 
 impl RouterError {
@@ -112,7 +117,9 @@ impl RouterError {
             RouterError::BadPath(_) | RouterError::ClientBody(_) | RouterError::BadInput(_) => {
                 StatusCode::BAD_REQUEST
             }
-            RouterError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Overloaded(_) | RouterError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -151,6 +158,7 @@ impl RouterError {
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Inference(_) => "inference",
             RouterError::LocalTimeout(_) => "local_timeout",
+            RouterError::NotReady(_) => "not_ready",
         }
     }
 }

@@ -1,45 +1,44 @@
-//! Phases *choose*, *limit*/*break*, *forward*, *retry*, *hedge*, *fall back*, *respond*
-//! and *record* for one model request, in that order:
+//! One model request from its body to its answer. The phases, in order:
 //!
-//! 1. **choose**: sticky key, else the bandit's per-request picker, else the weight
-//!    table; among *ready* variants only ([`crate::breaker`]): an ejected or full
-//!    variant's share goes to the others in proportion, its sticky keys move and come
-//!    back.
-//! 2. **limit/break**: the chosen variant admits the request (a slot under
-//!    `max_in_flight`; the half-open probe), or the choice is made again without it.
-//! 3. **forward**: to the remote model server, or the in-process model.
-//! 4. **retry**: a failure of a kind in `retry.on` goes to a variant not yet tried, if
-//!    the retry budget allows and the body was small enough to keep
-//!    (`retry.max_body_bytes`). Every outcome is told to the variant's breaker.
-//! 5. **hedge**: with `hedge_after`, a request not answered by then is also sent to
+//! 1. **choose**, **limit/break**, **forward**, **retry**: tower's `Retry` over the
+//!    split over the variants' stacks ([`crate::split`], [`crate::variant`]): a ready
+//!    variant by sticky key, the bandit's picker or the weights (an ejected or full
+//!    variant's share goes to the others in proportion; its sticky keys move and come
+//!    back); a failure of a kind in `retry.on` goes to a variant not yet tried, if the
+//!    retry budget allows and the body was small enough to keep (`retry.max_body_bytes`).
+//!    Every outcome is told to the variant's breaker.
+//! 2. **hedge**: with `hedge_after`, a request not answered by then is also sent to
 //!    another ready variant (or the fallback); the first good answer wins and the other
 //!    request is dropped, which cancels it.
-//! 6. **fall back**: the model's `fallback` (a local variant) answers when no variant
-//!    is ready, or when the last try failed and no retry is left.
-//! 7. **respond/record**: headers say who answered and what happened
+//! 3. **fall back**: the model's `fallback` (a local variant) answers when no variant
+//!    is ready, or when the last try failed and no retry is left; with every variant
+//!    ejected and no fallback, panic routing.
+//! 4. **respond/record**: headers say who answered and what happened
 //!    (`x-switchyard-variant`, `x-switchyard-retries`, `x-switchyard-fallback`); a
 //!    decision is recorded for the variant that answered, with the probability it was
 //!    chosen with, so feedback credits the right arm. Failed answers record none: a
 //!    variant's failures are the breaker's business, not zero rewards.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
-use http::{Request, Response, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use switchyard_shadow::RequestHead;
 use tower::retry::budget::Budget;
+use tower::ServiceExt;
 
 use crate::body::{LimitedBody, ProxyBody};
-use crate::breaker::{Outcome, Permit};
 use crate::error::{error_response, RouterError};
 use crate::feedback;
 use crate::path::ModelRequest;
-use crate::proxy::{
-    server_timing, strip_hop_by_hop, upstream_request, Router, SERVER_TIMING, X_SWITCHYARD_VARIANT,
-};
+use crate::proxy::{server_timing, strip_hop_by_hop, Router, SERVER_TIMING, X_SWITCHYARD_VARIANT};
 use crate::selector::Pick;
-use crate::table::{Backend, ModelRoute};
+use crate::split::{bit, choose, Budgeted, Split, Tried, TryFuture, Unrouted};
+use crate::table::ModelRoute;
+use crate::variant::{stack, try_ready};
 
 /// Retries the request took, when any.
 pub static X_SWITCHYARD_RETRIES: HeaderName = HeaderName::from_static("x-switchyard-retries");
@@ -48,52 +47,21 @@ pub static X_SWITCHYARD_FALLBACK: HeaderName = HeaderName::from_static("x-switch
 /// `won` or `lost`, when a hedge was sent.
 pub static X_SWITCHYARD_HEDGE: HeaderName = HeaderName::from_static("x-switchyard-hedge");
 
-/// One try's result, and the failure kind when it was the variant's failure.
-struct Tried {
-    index: usize,
-    result: Result<Response<ProxyBody>, RouterError>,
-    failure: Option<&'static str>,
-}
-
-/// What every try of one request needs.
-struct Ask<'a> {
-    model: &'a ModelRoute,
-    model_req: &'a ModelRequest,
-    parts: &'a http::request::Parts,
-    request_id: &'a HeaderValue,
-    peer: Option<&'a HeaderValue>,
-}
-
-/// The failure kind a try counts as for the breaker and the retry policy, or `None`
-/// when the variant did its job (any answer below 500) or the client is at fault.
-fn failure_of(result: &Result<Response<ProxyBody>, RouterError>) -> Option<&'static str> {
-    match result {
-        Ok(resp) if resp.status().is_server_error() => Some("5xx"),
-        Ok(_) => None,
-        Err(RouterError::Upstream { kind, .. }) => Some(kind.as_str()),
-        Err(RouterError::LocalTimeout(_)) => Some("timeout"),
-        Err(RouterError::Inference(_)) => Some("5xx"),
-        // A local model's full queue is load shedding, not a broken variant: counted
-        // as a failure it would eject a busy model for seconds after its queue drained.
-        Err(RouterError::Overloaded(_)) => None,
-        Err(_) => None,
-    }
-}
-
-/// A variant's bit in a request's set of tried variants.
-fn bit(index: usize) -> u64 {
-    1u64 << (index % 64)
-}
-
-fn retried_on(retry: &switchyard_config::Retry, kind: &str) -> bool {
-    let on = &retry.on;
-    match kind {
-        "connect" => on.connect,
-        "reset" => on.reset,
-        "timeout" => on.timeout,
-        "5xx" => on.status_5xx,
-        _ => false,
-    }
+/// One request as every try of it sees it: what to send, and what was tried so far.
+/// Tries of one request (a retry, a hedge, the fallback) share it.
+#[derive(Debug)]
+pub(crate) struct Ask<'a> {
+    pub model: &'a ModelRoute,
+    pub model_req: &'a ModelRequest,
+    pub parts: &'a http::request::Parts,
+    pub request_id: &'a HeaderValue,
+    pub peer: Option<&'a HeaderValue>,
+    /// The sticky key's value, when the model has a sticky header and the client sent it.
+    pub sticky: Option<HeaderValue>,
+    /// The variants tried so far, as a set of bits (a model has at most 64).
+    pub tried: AtomicU64,
+    /// Retries taken.
+    pub retries: AtomicU32,
 }
 
 impl Router {
@@ -108,7 +76,7 @@ impl Router {
         started: Instant,
     ) -> Response<ProxyBody> {
         let res = &model.resilience;
-        let sticky_key = model
+        let sticky = model
             .sticky_header
             .as_ref()
             .and_then(|h| req.headers().get(h))
@@ -150,148 +118,37 @@ impl Router {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let keep = switchable && declared.is_some_and(|n| n <= res.retry.max_body_bytes);
-        let (replay, mut streamed) = if keep {
+        let (replay, body) = if keep {
             match crate::body::collect_limited(body, model.body_limit).await {
-                Ok(bytes) => (Some(bytes), None),
+                Ok(bytes) => (Some(bytes.clone()), LimitedBody::replay(bytes)),
                 Err(e) => return error_response(&e),
             }
         } else {
-            (None, Some(body))
-        };
-        let mut next_body = || match &replay {
-            Some(bytes) => Some(LimitedBody::replay(bytes.clone())),
-            None => streamed.take(),
+            (None, body)
         };
         res.budget.deposit();
-        let r = Ask {
+        let ask = Ask {
             model,
             model_req,
             parts: &parts,
             request_id,
             peer,
+            sticky,
+            tried: AtomicU64::new(0),
+            retries: AtomicU32::new(0),
         };
 
-        // The variants tried so far, as a set of bits (a model has at most 64).
-        let mut tried: u64 = 0;
-        let mut retries = 0u32;
-        let mut hedge: Option<&'static str> = None;
-        let mut fallback: Option<&'static str> = None;
-        let mut hedge_probability = 1.0;
-        let mut panicked = false;
-        let mut last: Option<Tried> = None;
-        let mut pick = self.choose(model, sticky_key.as_ref(), tried);
         let routed = Instant::now();
-        let answer: Option<(Tried, f64)> = loop {
-            let Some(p) = pick else {
-                // Nothing ready (or everything tried): the fallback, if it has not
-                // been tried already.
-                let reason = if last.is_some() {
-                    "failed"
-                } else {
-                    "no_ready_variant"
-                };
-                if let Some(fb) = res.fallback.filter(|fb| tried & bit(*fb) == 0) {
-                    let Some(body) = next_body() else {
-                        break last.map(|t| (t, 0.0));
-                    };
-                    fallback = Some(reason);
-                    tried |= bit(fb);
-                    if let Some(t) = self.try_fallback(&r, fb, body, reason).await {
-                        break Some((t, 1.0));
-                    }
-                }
-                // Every variant ejected and no fallback to answer: rather than refuse
-                // everything, spread the request over the variants as if there were no
-                // breakers (Envoy's panic routing); their in-flight limits still hold.
-                if last.is_none() && !panicked {
-                    panicked = true;
-                    pick = model.selector.pick_among(&|i| {
-                        tried & bit(i) == 0 && model.variants[i].health.in_flight_room()
-                    });
-                    if pick.is_some() {
-                        tracing::debug!(model = %model.name, "Every variant is ejected; routing as if none were.");
-                        continue;
-                    }
-                }
-                break last.map(|t| (t, 0.0));
-            };
-            let variant = &model.variants[p.index];
-            let admitted = if panicked {
-                variant.health.admit_ignoring_breaker()
-            } else {
-                variant.health.admit(tokio::time::Instant::now())
-            };
-            let permit = match admitted {
-                Ok(permit) => permit,
-                Err(_) => {
-                    // Lost the race for its last slot or its probe: choose again.
-                    tried |= bit(p.index);
-                    pick = self.choose(model, sticky_key.as_ref(), tried);
-                    continue;
-                }
-            };
-            let Some(body) = next_body() else {
-                break last.map(|t| (t, 0.0));
-            };
-            tried |= bit(p.index);
-            let outcome = match (res.hedge_after, &replay) {
-                (Some(after), Some(_)) if hedge.is_none() => {
-                    let (t, h) = self
-                        .hedged(
-                            &r,
-                            p.index,
-                            permit,
-                            body,
-                            after,
-                            &mut tried,
-                            &mut next_body,
-                            &mut hedge_probability,
-                        )
-                        .await;
-                    hedge = h;
-                    t
-                }
-                _ => self.try_variant(&r, p.index, body, permit).await,
-            };
-            let Some(kind) = outcome.failure else {
-                // The winner of a hedge was chosen with the hedge's own probability.
-                let probability = if outcome.index == p.index {
-                    p.probability
-                } else {
-                    hedge_probability
-                };
-                break Some((outcome, probability));
-            };
-            last = Some(outcome);
-            // Retry on another variant, within the budget, if the body can be sent
-            // again and the failure is one the config retries.
-            if replay.is_some() && retried_on(&res.retry, kind) {
-                let next = self.choose(model, None, tried);
-                if next.is_some() {
-                    if res.budget.withdraw() {
-                        retries += 1;
-                        res.metrics
-                            .retries
-                            .with_label_values(&[&model.name, kind])
-                            .inc();
-                        pick = next;
-                        continue;
-                    }
-                    res.metrics
-                        .retries_refused
-                        .with_label_values(&[&model.name, kind])
-                        .inc();
-                }
-            }
-            // No retry: the fallback answers in its place, if it can.
-            pick = None;
-            if res.fallback.is_none() || replay.is_none() {
-                break last.map(|t| (t, 0.0));
-            }
+        // Phases choose, limit/break, forward and retry: tower's Retry over the split.
+        let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
+        let (first, hedge) = match (res.hedge_after, &replay) {
+            (Some(after), Some(bytes)) => hedged(&ask, retrying.oneshot(body), after, bytes).await,
+            _ => (retrying.oneshot(body).await, None),
         };
+        let (answer, fallback) = self.fall_back(&ask, first, replay.as_ref()).await;
         let answered = Instant::now();
 
-        let Some((tried_last, probability)) = answer else {
+        let Some(tried_last) = answer else {
             // Nothing was tried and there is no fallback: every variant is ejected or
             // full.
             let err = RouterError::Overloaded(format!(
@@ -305,14 +162,13 @@ impl Router {
             Ok(resp) => resp,
             Err(err) => error_response(&err),
         };
-        let ok = resp.status().is_success();
-        if ok {
+        if resp.status().is_success() {
             self.record_decision(
                 model,
                 model_req,
                 request_id,
                 tried_last.index,
-                probability,
+                tried_last.probability,
                 routed,
             );
         }
@@ -326,6 +182,7 @@ impl Router {
             SERVER_TIMING.clone(),
             server_timing(started, routed, answered),
         );
+        let retries = ask.retries.load(Ordering::Relaxed);
         if retries > 0 {
             headers.insert(X_SWITCHYARD_RETRIES.clone(), HeaderValue::from(retries));
         }
@@ -341,207 +198,65 @@ impl Router {
         resp
     }
 
-    /// Phase *choose*: a ready variant not in `tried`, by sticky key or the picker or
-    /// the weights; `None` when none is ready.
-    fn choose(&self, model: &ModelRoute, sticky: Option<&HeaderValue>, tried: u64) -> Option<Pick> {
-        let now = tokio::time::Instant::now();
-        let usable = |i: usize| tried & bit(i) == 0 && model.variants[i].health.ready(now).is_ok();
-        if let Some(key) = sticky {
-            return model.selector.pick_sticky_among(key.as_bytes(), &usable);
-        }
-        if let Some(p) = model.picker.load().as_ref().and_then(|p| p.pick()) {
-            if p.index < model.variants.len() && usable(p.index) {
-                return Some(p);
-            }
-        }
-        model.selector.pick_among(&usable)
-    }
-
-    /// Phases *forward* and *break* for one try: sends, classifies, tells the breaker.
-    async fn try_variant(
+    /// Phase *fall back*: the model's local fallback answers when no variant could take
+    /// the request or the last try failed with no retry left; with every variant ejected
+    /// and no fallback able to answer, panic routing sends it out over all variants as
+    /// if there were no breakers (Envoy's), their in-flight limits still holding.
+    /// Returns the answer to give, if any, and why the fallback answered.
+    async fn fall_back<'a>(
         &self,
-        r: &Ask<'_>,
-        index: usize,
-        body: LimitedBody,
-        permit: Permit<'_>,
-    ) -> Tried {
-        let variant = &r.model.variants[index];
-        let started = Instant::now();
-        let result = self.send(r, index, body).await;
-        let failure = failure_of(&result);
-        match failure {
-            Some(_) => permit.record(Outcome::Failure),
-            // A client's own mistake says nothing of the variant: drop the permit.
-            None if result.is_err() => drop(permit),
-            None => permit.record(Outcome::Success),
-        }
-        if let Err(RouterError::Upstream { kind, .. }) = &result {
-            variant.metrics.upstream_error(*kind);
-        }
-        let status = match &result {
-            Ok(resp) => resp.status().as_u16(),
-            Err(e) => e.status().as_u16(),
-        };
-        variant
-            .metrics
-            .record(status, started.elapsed().as_secs_f64());
-        if let (Some(kind), Err(e)) = (failure, &result) {
-            tracing::debug!(model = %r.model.name, variant = %variant.name, kind, error = %e, "A try failed.");
-        }
-        Tried {
-            index,
-            result,
-            failure,
-        }
-    }
-
-    /// Phase *hedge*: the first try, and after `after` a second one to another ready
-    /// variant (or the fallback); the first good answer wins, the other is dropped.
-    #[allow(clippy::too_many_arguments)]
-    async fn hedged(
-        &self,
-        r: &Ask<'_>,
-        index: usize,
-        permit: Permit<'_>,
-        body: LimitedBody,
-        after: std::time::Duration,
-        tried: &mut u64,
-        next_body: &mut impl FnMut() -> Option<LimitedBody>,
-        hedge_probability: &mut f64,
-    ) -> (Tried, Option<&'static str>) {
-        let primary = self.try_variant(r, index, body, permit);
-        tokio::pin!(primary);
-        tokio::select! {
-            t = &mut primary => return (t, None),
-            () = tokio::time::sleep(after) => {}
-        }
-        let res = &r.model.resilience;
-        let now = tokio::time::Instant::now();
-        // Another ready variant, else the fallback.
-        let target = self.choose(r.model, None, *tried).or(res
-            .fallback
-            .filter(|f| *tried & bit(*f) == 0)
-            .map(|index| Pick {
-                index,
-                probability: 1.0,
-            }));
-        let Some(Pick {
-            index: target,
-            probability,
-        }) = target
-        else {
-            return (primary.await, None);
-        };
-        *hedge_probability = probability;
-        let Ok(hedge_permit) = r.model.variants[target].health.admit(now) else {
-            return (primary.await, None);
-        };
-        let Some(body) = next_body() else {
-            return (primary.await, None);
-        };
-        *tried |= bit(target);
-        let second = self.try_variant(r, target, body, hedge_permit);
-        tokio::pin!(second);
-        let count = |outcome: &str| {
-            res.metrics
-                .hedges
-                .with_label_values(&[&r.model.name, outcome])
-                .inc();
-        };
-        // The first good answer wins; a failure waits for the other.
-        tokio::select! {
-            t = &mut primary => {
-                if t.failure.is_none() {
-                    count("lost");
-                    return (t, Some("lost"));
-                }
-                let s = second.await;
-                count(if s.failure.is_none() { "won" } else { "lost" });
-                (if s.failure.is_none() { s } else { t }, Some("won"))
+        ask: &'a Ask<'a>,
+        first: Result<Tried, Unrouted>,
+        replay: Option<&Bytes>,
+    ) -> (Option<Tried>, Option<&'static str>) {
+        let again = || replay.map(|b| LimitedBody::replay(b.clone()));
+        let (last, body, reason) = match first {
+            Ok(t) if t.failure.is_none() => return (Some(t), None),
+            Ok(t) => {
+                let body = again();
+                (Some(t), body, "failed")
             }
-            s = &mut second => {
-                if s.failure.is_none() {
-                    count("won");
-                    return (s, Some("won"));
-                }
-                let t = primary.await;
-                count("lost");
-                (if t.failure.is_none() { t } else { s }, Some("lost"))
-            }
-        }
-    }
-
-    /// Phase *fall back*: the model's local fallback answers.
-    async fn try_fallback(
-        &self,
-        r: &Ask<'_>,
-        index: usize,
-        body: LimitedBody,
-        reason: &'static str,
-    ) -> Option<Tried> {
-        let permit = r.model.variants[index]
-            .health
-            .admit(tokio::time::Instant::now())
-            .ok()?;
-        r.model
-            .resilience
-            .metrics
-            .fallbacks
-            .with_label_values(&[&r.model.name, reason])
-            .inc();
-        Some(self.try_variant(r, index, body, permit).await)
-    }
-
-    /// Phase *forward*: one request to one variant.
-    async fn send(
-        &self,
-        r: &Ask<'_>,
-        index: usize,
-        body: LimitedBody,
-    ) -> Result<Response<ProxyBody>, RouterError> {
-        let variant = &r.model.variants[index];
-        match &variant.backend {
-            Backend::Remote(upstream) => {
-                let up_req = upstream_request(
-                    variant,
-                    upstream,
-                    r.model_req,
-                    r.parts.clone(),
-                    body,
-                    r.request_id,
-                    r.peer,
-                )?;
-                upstream
-                    .send(up_req)
-                    .await
-                    .map_err(|e| e.into_router_error(&variant.name))
-                    .map(|resp| {
-                        let (mut parts, body) = resp.into_parts();
-                        strip_hop_by_hop(&mut parts.headers);
-                        parts.version = Version::HTTP_11;
-                        Response::from_parts(parts, ProxyBody::upstream(body))
-                    })
-            }
-            Backend::Local(local) => {
-                let path = r.parts.uri.path();
-                let asked = crate::local::Asked {
-                    version: r.model_req.version.clone().and_then(|x| path.get(x)),
-                    label: r.model_req.label.clone().and_then(|x| path.get(x)),
+            Err(Unrouted(body)) => {
+                let reason = if ask.retries.load(Ordering::Relaxed) > 0 {
+                    "failed"
+                } else {
+                    "no_ready_variant"
                 };
-                local
-                    .handle(
-                        &r.model.name,
-                        r.model_req.protocol,
-                        r.model_req.verb,
-                        asked,
-                        body,
-                        r.model.body_limit,
-                    )
-                    .await
+                (None, Some(body), reason)
+            }
+        };
+        let Some(body) = body else {
+            return (last, None);
+        };
+        let res = &ask.model.resilience;
+        let tried = ask.tried.load(Ordering::Relaxed);
+        if let Some(fb) = res.fallback.filter(|fb| tried & bit(*fb) == 0) {
+            let mut variant = stack(ask, fb, false);
+            if try_ready(&mut variant).is_ok() {
+                ask.tried.fetch_or(bit(fb), Ordering::Relaxed);
+                res.metrics
+                    .fallbacks
+                    .with_label_values(&[&ask.model.name, reason])
+                    .inc();
+                let pick = Pick {
+                    index: fb,
+                    probability: 1.0,
+                };
+                let answer = TryFuture::trying(&mut variant, pick, body).await;
+                return (answer.ok(), Some(reason));
             }
         }
+        if last.is_some() {
+            return (last, None);
+        }
+        match Split::panicked(ask).oneshot(body).await {
+            Ok(t) => {
+                tracing::debug!(model = %ask.model.name, "Every variant is ejected; routed as if none were.");
+                (Some(t), None)
+            }
+            Err(_) => (None, None),
+        }
     }
-
     /// Phase *record*: the decision, for the variant that answered.
     fn record_decision(
         &self,
@@ -568,6 +283,72 @@ impl Router {
         );
         if let feedback::Recorded::Evicted(n) = recorded {
             self.evicted(at, n);
+        }
+    }
+}
+
+/// Phase *hedge*: the request (with its retries), and after `after` a second try on
+/// another ready variant (or the fallback); the first good answer wins and the other is
+/// dropped, which cancels it and frees its slot. Returns the answer and, when a hedge
+/// went out, whether it `won` or `lost`.
+async fn hedged<'a>(
+    ask: &'a Ask<'a>,
+    primary: impl std::future::Future<Output = Result<Tried, Unrouted>>,
+    after: std::time::Duration,
+    replay: &Bytes,
+) -> (Result<Tried, Unrouted>, Option<&'static str>) {
+    tokio::pin!(primary);
+    tokio::select! {
+        t = &mut primary => return (t, None),
+        () = tokio::time::sleep(after) => {}
+    }
+    let res = &ask.model.resilience;
+    let tried = ask.tried.load(Ordering::Relaxed);
+    // Another ready variant, else the fallback.
+    let target =
+        choose(ask, tried, false).or(res.fallback.filter(|f| tried & bit(*f) == 0).map(|index| {
+            Pick {
+                index,
+                probability: 1.0,
+            }
+        }));
+    let Some(pick) = target else {
+        return (primary.await, None);
+    };
+    let mut variant = stack(ask, pick.index, false);
+    if try_ready(&mut variant).is_err() {
+        return (primary.await, None);
+    }
+    ask.tried.fetch_or(bit(pick.index), Ordering::Relaxed);
+    let second = TryFuture::trying(&mut variant, pick, LimitedBody::replay(replay.clone()));
+    tokio::pin!(second);
+    let count = |outcome: &str| {
+        res.metrics
+            .hedges
+            .with_label_values(&[&ask.model.name, outcome])
+            .inc();
+    };
+    let good = |t: &Result<Tried, Unrouted>| matches!(t, Ok(t) if t.failure.is_none());
+    // The first good answer wins; a failure waits for the other.
+    tokio::select! {
+        t = &mut primary => {
+            if good(&t) {
+                count("lost");
+                return (t, Some("lost"));
+            }
+            let s = second.await;
+            let won = good(&s);
+            count(if won { "won" } else { "lost" });
+            (if won || t.is_err() { s } else { t }, Some(if won { "won" } else { "lost" }))
+        }
+        s = &mut second => {
+            if good(&s) {
+                count("won");
+                return (s, Some("won"));
+            }
+            let t = primary.await;
+            count("lost");
+            (if good(&t) || s.is_err() { t } else { s }, Some("lost"))
         }
     }
 }

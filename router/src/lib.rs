@@ -8,10 +8,14 @@
 //! - [`path`]: parses TF Serving and V2 paths into an [`path::Endpoint`].
 //! - [`table`]: the immutable route table built from the config (models → variants →
 //!   backends), swapped whole.
-//! - [`forward`]: phases *choose* to *record* for one model request: readiness-aware
-//!   choice, retries within a budget, hedging, the fallback, the decision.
+//! - [`forward`]: one model request from its body to its answer: phases *hedge*, *fall
+//!   back*, *respond* and *record* around the stacks below.
+//! - `split`: phases *choose* (a tower service over the ready variants) and *retry*
+//!   (tower's `Retry` with a policy over the model's retry budget).
+//! - `variant`: one variant as a stack of tower layers: `Observe` (metrics) →
+//!   [`breaker::Guard`] → `Forward` (phase *forward*: upstream or in-process model).
 //! - [`breaker`]: phases *limit* and *break*: per-variant circuit breakers and in-flight
-//!   limits, which make a variant ready or not.
+//!   limits, and the `Guard` layer that makes a variant ready or not.
 //! - [`selector`]: weighted and sticky variant choice over an atomically replaceable
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
@@ -41,8 +45,10 @@ pub mod path;
 pub mod proxy;
 pub mod selector;
 pub mod server;
+pub mod split;
 pub mod table;
 pub mod upstream;
+pub(crate) mod variant;
 
 /// A seeded xorshift64* stream for the property tests: deterministic, no dependency.
 #[cfg(test)]

@@ -53,8 +53,8 @@ pub struct Resilience {
     pub fallback: Option<usize>,
     /// Which failures are retried, and the largest body held for a retry.
     pub retry: switchyard_config::Retry,
-    /// Retries allowed: `retry.budget` of requests over 10 s, plus `min_per_second`.
-    pub budget: tower::retry::budget::TpsBudget,
+    /// Retries allowed: `retry.budget` per request plus `min_per_second`.
+    pub budget: crate::split::RetryBudget,
     /// Ask a second variant after this long.
     pub hedge_after: Option<std::time::Duration>,
     /// The model's resilience counters, resolved per reason when used.
@@ -234,10 +234,9 @@ impl RouteTable {
                         .and_then(|f| model.variants.iter().position(|v| &v.name == f)),
                     retry: model.retry.clone(),
                     // tower asserts a floor below i32::MAX and a percentage ≤ 1000.
-                    budget: tower::retry::budget::TpsBudget::new(
-                        std::time::Duration::from_secs(10),
-                        model.retry.min_per_second.min(i32::MAX as u32 - 1),
-                        model.retry.budget as f32,
+                    budget: crate::split::RetryBudget::new(
+                        model.retry.budget,
+                        model.retry.min_per_second,
                     ),
                     hedge_after: model.hedge_after,
                     metrics: metrics.resilience.clone(),

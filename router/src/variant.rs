@@ -1,0 +1,214 @@
+//! One variant as a tower service stack, built per try from borrowed parts (no
+//! allocation but the backend's future):
+//!
+//! ```text
+//! Observe        per-variant metrics: status and latency of every answer
+//!   Guard        phases *limit* and *break* (crate::breaker): ready only with a slot
+//!     Forward    phase *forward*: the remote model server, or the in-process model
+//! ```
+//!
+//! Readiness means something: [`try_ready`] asks the stack once, without waiting, and a
+//! variant whose breaker is open or whose in-flight limit is reached answers not ready,
+//! so the split ([`crate::split`]) chooses another.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Response, Version};
+use tower::ServiceBuilder;
+use tower_service::Service;
+
+use crate::body::{LimitedBody, ProxyBody};
+use crate::breaker::{failure_kind, Guard, GuardLayer};
+use crate::error::RouterError;
+use crate::forward::Ask;
+use crate::proxy::{strip_hop_by_hop, upstream_request};
+use crate::table::{Backend, VariantRoute};
+
+/// A variant's stack, as [`stack`] builds it.
+pub(crate) type VariantStack<'a> = Observe<'a, Guard<'a, Forward<'a>>>;
+
+/// What a try on a variant's stack resolves to.
+pub(crate) type Answer = Result<Response<ProxyBody>, RouterError>;
+
+/// The stack for `ask`'s model's variant `index`. `panicked`: every variant is ejected
+/// and there is no fallback, so only the in-flight limit holds (Envoy's panic routing).
+pub(crate) fn stack<'a>(ask: &'a Ask<'a>, index: usize, panicked: bool) -> VariantStack<'a> {
+    let variant = &ask.model.variants[index];
+    let guard = if panicked {
+        GuardLayer::ignoring_breaker(&variant.health)
+    } else {
+        GuardLayer::new(&variant.health)
+    };
+    ServiceBuilder::new()
+        .layer(ObserveLayer {
+            model: &ask.model.name,
+            variant,
+        })
+        .layer(guard)
+        .service(Forward { ask, variant })
+}
+
+/// Asks a stack whether it takes a request now, without waiting: none of its layers
+/// waits to become ready (not ready is an answer), so `Pending` cannot happen and is
+/// read as not ready.
+pub(crate) fn try_ready(stack: &mut VariantStack<'_>) -> Result<(), RouterError> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Service::<LimitedBody>::poll_ready(stack, &mut cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(RouterError::NotReady(crate::breaker::NotReady::Full)),
+    }
+}
+
+/// Phase *forward* as the stack's innermost service.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forward<'a> {
+    ask: &'a Ask<'a>,
+    variant: &'a VariantRoute,
+}
+
+impl<'a> Service<LimitedBody> for Forward<'a> {
+    type Response = Response<ProxyBody>;
+    type Error = RouterError;
+    // The one allocation per try: the backends' futures are `async fn`s, unnameable.
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RouterError>> {
+        // The pool and the batch queue answer for themselves (a refused connection, a
+        // full queue) rather than make the caller wait.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, body: LimitedBody) -> Self::Future {
+        Box::pin(send(self.ask, self.variant, body))
+    }
+}
+
+/// One request to one variant.
+async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answer {
+    match &variant.backend {
+        Backend::Remote(upstream) => {
+            let up_req = upstream_request(
+                variant,
+                upstream,
+                ask.model_req,
+                ask.parts.clone(),
+                body,
+                ask.request_id,
+                ask.peer,
+            )?;
+            upstream
+                .send(up_req)
+                .await
+                .map_err(|e| e.into_router_error(&variant.name))
+                .map(|resp| {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts.version = Version::HTTP_11;
+                    Response::from_parts(parts, ProxyBody::upstream(body))
+                })
+        }
+        Backend::Local(local) => {
+            let path = ask.parts.uri.path();
+            let asked = crate::local::Asked {
+                version: ask.model_req.version.clone().and_then(|x| path.get(x)),
+                label: ask.model_req.label.clone().and_then(|x| path.get(x)),
+            };
+            local
+                .handle(
+                    &ask.model.name,
+                    ask.model_req.protocol,
+                    ask.model_req.verb,
+                    asked,
+                    body,
+                    ask.model.body_limit,
+                )
+                .await
+        }
+    }
+}
+
+/// Counts every answer of a variant in its metrics (status, latency, upstream error
+/// kind) and logs failed tries at debug level.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ObserveLayer<'a> {
+    model: &'a str,
+    variant: &'a VariantRoute,
+}
+
+impl<'a, S> tower::Layer<S> for ObserveLayer<'a> {
+    type Service = Observe<'a, S>;
+
+    fn layer(&self, inner: S) -> Observe<'a, S> {
+        Observe {
+            inner,
+            layer: *self,
+        }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug)]
+pub(crate) struct Observe<'a, S> {
+    inner: S,
+    layer: ObserveLayer<'a>,
+}
+
+impl<'a, S, Req> Service<Req> for Observe<'a, S>
+where
+    S: Service<Req, Response = Response<ProxyBody>, Error = RouterError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = RouterError;
+    type Future = ObserveFuture<'a, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RouterError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        ObserveFuture {
+            inner: self.inner.call(req),
+            layer: self.layer,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A try being observed.
+    pub(crate) struct ObserveFuture<'a, F> {
+        #[pin]
+        inner: F,
+        layer: ObserveLayer<'a>,
+        started: Instant,
+    }
+}
+
+impl<F: Future<Output = Answer>> Future for ObserveFuture<'_, F> {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let variant = this.layer.variant;
+        let status = match &result {
+            Ok(resp) => resp.status().as_u16(),
+            Err(e) => {
+                if let RouterError::Upstream { kind, .. } = e {
+                    variant.metrics.upstream_error(*kind);
+                }
+                e.status().as_u16()
+            }
+        };
+        variant
+            .metrics
+            .record(status, this.started.elapsed().as_secs_f64());
+        if let (Some(kind), Err(e)) = (failure_kind(&result), &result) {
+            tracing::debug!(model = %this.layer.model, variant = %variant.name, kind, error = %e, "A try failed.");
+        }
+        Poll::Ready(result)
+    }
+}
