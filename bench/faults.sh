@@ -19,8 +19,11 @@
 #   Switchyard: retry on connect, reset, timeout (its breaker and budget defaults), and
 #            again with a local fallback (the in-process MLP, weight 0).
 # Reported per proxy and scenario: failed requests (non-2xx or errors) of all sent, p99
-# over the whole run (the outage included), and the requests the restarted (or resumed)
-# upstream served in the last third: recovery. Loopback only; stops by itself.
+# and max latency over the whole run (the outage included), the requests the restarted
+# (or resumed) upstream served in the last third (recovery), and the throughput kept
+# through the outage: what the healthy upstream (and the fallback) answered per second
+# during the fault ÷ what both upstreams answered per second in the eighth before it.
+# Loopback only; stops by itself.
 # Needs: nginx, haproxy (Debian).
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${SECONDS_EACH:-12}
@@ -34,7 +37,7 @@ A=19301 B=19302 A_ADMIN=19303 B_ADMIN=19304
 P_SY=19311 P_SY_ADMIN=19312 P_SYF=19313 P_SYF_ADMIN=19314 P_NGINX=19315 P_HAPROXY=19316
 PATH_TF=/v1/models/digits:predict
 RESULTS="$OUT/faults.tsv"
-printf 'scenario\tproxy\tsent\tfailed\tp99_ms\trecovered\n' > "$RESULTS"
+printf 'scenario\tproxy\tsent\tfailed\tp99_ms\tmax_ms\trecovered\tkept\n' > "$RESULTS"
 
 # upstream PORT ADMIN: a model server; prints its pid.
 upstream() {
@@ -68,6 +71,16 @@ served() {
   curl -s "http://127.0.0.1:$1/metrics" |
     awk '/^switchyard_requests_total\{class="2xx"/ { s += $2 } END { print s + 0 }'
 }
+
+# local_served ADMIN: predictions Switchyard's in-process fallback answered ("-": none).
+local_served() {
+  [ "$1" = - ] && { echo 0; return; }
+  curl -s -m 2 "http://127.0.0.1:$1/metrics" |
+    awk '/^switchyard_requests_total\{class="2xx",model="digits",variant="cpu"\}/ { s += $2 } END { print s + 0 }'
+}
+
+# now: seconds since the epoch, with nanoseconds.
+now() { date +%s.%N; }
 
 # --- the proxies' configs -------------------------------------------------------------
 cat > "$WORK/sy.yaml" <<YAML
@@ -149,11 +162,12 @@ backend variants
   server b 127.0.0.1:$B
 CONF
 
-# run SCENARIO NAME PORT START...: fresh upstreams, the proxy (START... runs it), the load,
-# the fault at 1/4 and its end at 2/3; one line of results.
+# run SCENARIO NAME PORT ADMIN START...: fresh upstreams, the proxy (START... runs it;
+# ADMIN is its admin port when it has a local fallback, else -), the load, the fault at
+# 1/4 and its end at 2/3; one line of results.
 run() {
-  local scenario=$1 name=$2 port=$3
-  shift 3
+  local scenario=$1 name=$2 port=$3 admin=$4
+  shift 4
   local a_pid b_pid proxy_pid load_pid
   wait_free $A $B $A_ADMIN $B_ADMIN "$port"
   a_pid=$(upstream $A $A_ADMIN)
@@ -165,8 +179,18 @@ run() {
   "$BIN" load -c "$CONNS" -d "${SECONDS_EACH}s" --timeout 5s --json \
     "http://127.0.0.1:$port$PATH_TF" > "$WORK/load.json" 2> "$WORK/logs/load-$name-$scenario.err" &
   load_pid=$!
-  sleep "$(awk -v s="$SECONDS_EACH" 'BEGIN { print s / 4 }')"
+  # Throughput before the fault: both upstreams, over the eighth before it.
+  sleep "$(awk -v s="$SECONDS_EACH" 'BEGIN { print s / 8 }')"
+  local t0 b0 t1 b1
+  t0=$(now) b0=$(( $(served $A_ADMIN) + $(served $B_ADMIN) ))
+  sleep "$(awk -v s="$SECONDS_EACH" 'BEGIN { print s / 8 }')"
+  t1=$(now) b1=$(( $(served $A_ADMIN) + $(served $B_ADMIN) ))
+  # During it: the healthy upstream, and the fallback if there is one.
+  local healthy_admin=$B_ADMIN
+  [ "$scenario" = kill ] || healthy_admin=$A_ADMIN
+  local t2 h2 t3 h3
   local victim_port victim_admin
+  t2=$(now) h2=$(( $(served $healthy_admin) + $(local_served "$admin") ))
   if [ "$scenario" = kill ]; then
     kill -9 "$a_pid"
     wait_free $A $A_ADMIN
@@ -176,6 +200,11 @@ run() {
     victim_port=$B victim_admin=$B_ADMIN
   fi
   sleep "$(awk -v s="$SECONDS_EACH" 'BEGIN { print s * (2 / 3 - 1 / 4) }')"
+  t3=$(now) h3=$(( $(served $healthy_admin) + $(local_served "$admin") ))
+  local kept
+  kept=$(awk -v b=$((b1 - b0)) -v bt="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
+    -v h=$((h3 - h2)) -v ht="$(awk -v a="$t2" -v b="$t3" 'BEGIN { print b - a }')" \
+    'BEGIN { printf "%.2f", (h / ht) / (b / bt) }')
   if [ "$scenario" = kill ]; then
     a_pid=$(upstream $A $A_ADMIN)
     wait_port $A
@@ -192,23 +221,24 @@ run() {
   # Disposable: killed outright, so the next run gets the ports at once.
   kill -9 "$a_pid" "$b_pid" 2>/dev/null || true
   wait_free $A $B $A_ADMIN $B_ADMIN "$port"
-  python3 - "$WORK/load.json" "$scenario" "$name" "$recovered" >> "$RESULTS" <<'PY'
+  python3 - "$WORK/load.json" "$scenario" "$name" "$recovered" "$kept" >> "$RESULTS" <<'PY'
 import json, sys
-path, scenario, name, recovered = sys.argv[1:]
+path, scenario, name, recovered, kept = sys.argv[1:]
 r = json.load(open(path))
 sent = r["requests"]
 failed = r["errors"]  # transport errors and non-2xx answers
 p99 = r["latency_ms"]["p99"]
-print(f"{scenario}\t{name}\t{sent}\t{failed}\t{p99}\t{recovered}")
+worst = r["latency_ms"]["max"]
+print(f"{scenario}\t{name}\t{sent}\t{failed}\t{p99}\t{worst}\t{recovered}\t{kept}")
 PY
   sleep 1
 }
 
 for scenario in kill hang; do
-  run "$scenario" switchyard $P_SY "$BIN" serve --config "$WORK/sy.yaml"
-  run "$scenario" switchyard+fallback $P_SYF "$BIN" serve --config "$WORK/syf.yaml"
-  run "$scenario" nginx $P_NGINX nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;'
-  run "$scenario" haproxy $P_HAPROXY haproxy -f "$WORK/haproxy.cfg" -db
+  run "$scenario" switchyard $P_SY - "$BIN" serve --config "$WORK/sy.yaml"
+  run "$scenario" switchyard+fallback $P_SYF $P_SYF_ADMIN "$BIN" serve --config "$WORK/syf.yaml"
+  run "$scenario" nginx $P_NGINX - nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;'
+  run "$scenario" haproxy $P_HAPROXY - haproxy -f "$WORK/haproxy.cfg" -db
 done
 
 echo
