@@ -176,7 +176,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let registry = Registry::new();
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
-    let (sink, receivers) = bandits::sink(&config, &registry).map_err(StartError::Other)?;
+    let sink = bandits::sink(&config, &registry).map_err(StartError::Other)?;
     let router = Router::with_options(
         &config,
         metrics.clone(),
@@ -189,7 +189,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     .map_err(StartError::Config)?;
     let bandits = match sink {
         Some(sink) => Some(Arc::new(
-            bandits::Bandits::spawn(&config, router.clone(), sink, receivers, &registry)
+            bandits::Bandits::spawn(&config, router.clone(), sink, &registry)
                 .map_err(StartError::Other)?,
         )),
         None => None,

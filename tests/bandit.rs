@@ -818,3 +818,34 @@ async fn decisions_keep_the_probability_of_their_choice() {
         assert_eq!(p, want, "variant {variant}");
     }
 }
+
+/// Feedback is in the bandit the moment it is answered (`/admin/state` counts it, with
+/// no update in between: `update_interval` is an hour), and the weights follow within
+/// `update_every` rewards rather than within `update_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_is_learned_at_once_and_weights_follow_within_update_every() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let app = app(
+        &a,
+        &b,
+        "{objective: conversion, update_interval: 1h, update_every: 40, warmup: 0, min_weight: 0, max_step: 1}",
+    )
+    .await;
+    let (na, nb) = teach(&app, 1).await;
+    let state = admin_json(app.admin_addr, "/admin/state").await;
+    let v = &state["models"]["rec"]["variants"];
+    assert_eq!(v["a"]["rewards"], na, "{state}");
+    assert_eq!(v["b"]["rewards"], nb, "{state}");
+    assert_eq!(v["b"]["revenue_total"], nb as f64, "{state}");
+    // The 40th reward brings the update forward (bounded wait).
+    teach(&app, 1).await;
+    let mut moved = false;
+    for _ in 0..250 {
+        if weight(&metrics(app.admin_addr).await, "b") > 0.9 {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "the weights did not follow 40 rewards");
+}

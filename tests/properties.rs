@@ -120,6 +120,7 @@ const LOCAL: &[&str] = &[
 const BANDIT: &[&str] = &[
     "objective",
     "update_interval",
+    "update_every",
     "min_weight",
     "max_step",
     "warmup",

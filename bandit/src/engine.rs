@@ -92,7 +92,19 @@ impl Bandit {
     /// Recomputes the weights: P(best) per arm, then the guardrails. Returns them.
     pub fn update<R: Rng + ?Sized>(&mut self, rng: &mut R) -> &[f64] {
         let target = p_best(&self.arms, self.config.draws, rng);
-        self.p_best.clone_from(&target);
+        self.apply_p_best(target)
+    }
+
+    /// The second half of [`Bandit::update`], for a caller that estimated P(best) from a
+    /// copy of [`Bandit::arms`] without holding the bandit (its Monte Carlo is the slow
+    /// part): takes `target` as each arm's probability of being best and applies the
+    /// guardrails. Returns the weights.
+    pub fn apply_p_best(&mut self, target: Vec<f64>) -> &[f64] {
+        if target.len() != self.arms.len() {
+            return &self.weights;
+        }
+        self.p_best = target;
+        let target = &self.p_best;
         // Warm-up holds the *configured* weights, not whatever is current: after an
         // operator releases a pin, a variant that got no traffic must get some again.
         if self.over == Override::None
@@ -106,7 +118,7 @@ impl Bandit {
         }
         self.weights = apply_guardrails(
             &self.weights,
-            &target,
+            target,
             &self.rewards,
             &self.config.guardrails,
             self.over,
@@ -166,6 +178,11 @@ impl Bandit {
         {
             self.weights = weights.iter().map(|w| w / sum).collect();
         }
+    }
+
+    /// The draws per P(best) estimate this bandit was configured with.
+    pub fn draws(&self) -> usize {
+        self.config.draws
     }
 
     /// Sets an operator override (freeze, pin) for the next updates.

@@ -18,7 +18,7 @@
 //! Elsewhere, because they do I/O: the decision log and `POST /v1/feedback` are in the
 //! router (`switchyard_router::feedback`); the tasks that publish weights, the metrics,
 //! `/admin/state`, the state file and the per-request picker are in the binary
-//! (`src/bandits.rs`); `switchyard simulate` wraps [`simulate::run`] (`src/simulate.rs`).
+//! (`src/bandits/`); `switchyard simulate` wraps [`simulate::run`] (`src/simulate.rs`).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

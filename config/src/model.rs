@@ -165,9 +165,13 @@ pub struct BanditSpec {
     /// `conversion` (0/1 outcomes), `revenue` (revenue per prediction) or `profit`
     /// (revenue minus the variant's `cost_per_1k` / 1000).
     pub objective: BanditObjective,
-    /// How often weights are recomputed and published. Default `1s`.
+    /// How often weights are recomputed and published, at the latest. Default `1s`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub update_interval: Duration,
+    /// Rewards learned between two weight updates, at most: at thousands of requests
+    /// a second the weights follow the posteriors within this many decisions rather
+    /// than within `update_interval`. Default 100.
+    pub update_every: u64,
     /// Exploration floor: every variant keeps at least this share. Default 0.01.
     pub min_weight: f64,
     /// Largest change of one weight per update. Default 0.2.
@@ -808,6 +812,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         &[
             "objective",
             "update_interval",
+            "update_every",
             "min_weight",
             "max_step",
             "warmup",
@@ -847,6 +852,14 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         }
     };
     let update_interval = f.optional(cx, "update_interval", decode::duration);
+    let update_every = f.optional(cx, "update_every", |cx, n, p| {
+        let v = decode::u64(cx, n, p)?;
+        if v == 0 {
+            cx.error(n, p, "must be at least 1 (reward)");
+            return None;
+        }
+        Some(v)
+    });
     let min_weight = f.optional(cx, "min_weight", fraction(false));
     let max_step = f.optional(cx, "max_step", fraction(true));
     let warmup = f.optional(cx, "warmup", decode::u64);
@@ -934,6 +947,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
     Some(BanditSpec {
         objective: objective?,
         update_interval: update_interval.unwrap_or(Duration::from_secs(1)),
+        update_every: update_every.unwrap_or(100),
         min_weight: min_weight.unwrap_or(0.01),
         max_step: max_step.unwrap_or(0.2),
         warmup: warmup.unwrap_or(100),

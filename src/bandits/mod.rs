@@ -1,18 +1,22 @@
-//! The bandits, wired between the router's feedback and its selectors: the router does
-//! not know what a Thompson sampler is, and the bandit crate does no I/O.
+//! The bandits' runtime, wired between the router's feedback and its selectors: the
+//! router does not know what a Thompson sampler is, and the bandit crate does no I/O.
 //!
-//! - [`BanditSink`] is the router's [`FeedbackSink`]: it turns a feedback item into a
-//!   reward with the model's objective and the variant's cost (refusing values the
-//!   objective cannot take) and queues it for the model's task.
-//! - One task per model drains its events, and every `update_interval` recomputes the
-//!   weights (P(best) within the guardrails), publishes them to the model's selector and
-//!   refreshes the model's snapshot (metrics, `/admin/state`, the state file).
+//! - [`learner`]: one model's bandit at run time. [`BanditSink`] (the router's
+//!   `FeedbackSink`) teaches each reward to the model's bandit the moment it is taken;
+//!   the per-request picker samples from posteriors republished at every reward.
+//! - One task per model recomputes the weights (P(best) within the guardrails) every
+//!   `update_every` rewards or `update_interval`, whichever comes first, and publishes
+//!   them to the model's selector.
 //! - One housekeeping task expires decisions at their `feedback_ttl` (under
 //!   `missing_feedback: zero` each counts as no conversion / zero revenue) and writes the
 //!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
+//! - [`state`]: the state file and `/admin/state`'s JSON, checked when read back.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+mod learner;
+mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,199 +28,19 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use switchyard_bandit::policy::{Guardrails, Override};
-use switchyard_bandit::{Bandit, BanditConfig, Feedback, Objective, Posterior};
-use switchyard_config::{BanditMode, BanditObjective, Config, HalfLife, MissingFeedback, Prior};
-use switchyard_router::feedback::{Decision, FeedbackError, FeedbackSink, FeedbackValues};
-use switchyard_router::selector::Pick;
-use switchyard_router::table::Picker;
+use switchyard_bandit::{Bandit, BanditConfig, Objective, Posterior};
+use switchyard_config::{BanditMode, BanditObjective, Config, HalfLife, Prior};
 use switchyard_router::Router;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+pub use learner::BanditSink;
+use learner::{Learner, Model, PickerState, SharedPicker, ThompsonPicker, VariantMetrics};
+use state::{override_from, override_json, posterior_from, posterior_json};
 
 /// Posterior draws per P(best) estimate: weights to within about 1.5 points.
 const DRAWS: usize = 2000;
 /// How often the state file is written while running.
 const PERSIST_EVERY: Duration = Duration::from_secs(10);
-
-/// What a model's task learns from.
-#[derive(Debug)]
-enum Event {
-    /// Feedback taken for a decision.
-    Feedback {
-        variant: usize,
-        reward: f64,
-        revenue: f64,
-        cost: f64,
-        delay: f64,
-    },
-    /// `count` decisions of one variant expired without feedback (counted per variant
-    /// at each expiry pass, not sent one by one: at tens of thousands of predictions a
-    /// second, an event each cost the router measurable throughput).
-    Missing {
-        variant: usize,
-        count: u64,
-        /// The reward each counts as (`missing_feedback: zero`), or none (`ignore`).
-        reward: Option<f64>,
-        /// Cost of one prediction of the variant.
-        cost: f64,
-    },
-}
-
-#[derive(Debug)]
-struct Entry {
-    objective: Objective,
-    /// Cost per prediction of each variant (`cost_per_1k` / 1000).
-    costs: Vec<f64>,
-    missing: MissingFeedback,
-    events: mpsc::Sender<Event>,
-    /// Feedback refused (503) and expiry events dropped because `events` was full.
-    full_feedback: IntCounter,
-    full_missing: IntCounter,
-}
-
-/// Events one model's bandit may have waiting. The task drains them every
-/// `update_interval`; a flood of feedback beyond this is answered 503 (retryable, the
-/// decision stays open) rather than buffered without limit. 65,536 events take about
-/// 2.5 MB and cover 32 s of 2,000 feedbacks a second with no update at all.
-const EVENT_QUEUE: usize = 65_536;
-
-/// The router's feedback sink: validates and queues rewards per model.
-#[derive(Debug)]
-pub struct BanditSink {
-    /// By model position in the config's sorted list (as decisions record it); `None`
-    /// for models without a bandit.
-    models: Vec<Option<Entry>>,
-}
-
-impl BanditSink {
-    fn entry(&self, model: u16) -> Option<&Entry> {
-        self.models.get(usize::from(model)).and_then(Option::as_ref)
-    }
-}
-
-impl FeedbackSink for BanditSink {
-    fn accept(&self, d: &Decision, age: Duration, v: &FeedbackValues) -> Result<(), FeedbackError> {
-        let e = self.entry(d.model).ok_or_else(|| {
-            FeedbackError::Invalid("this prediction's model has no bandit".into())
-        })?;
-        let variant = usize::from(d.variant);
-        let fb = Feedback {
-            revenue: v.revenue,
-            converted: v.converted,
-            reward: v.reward,
-        };
-        let cost = e.costs.get(variant).copied().unwrap_or(0.0);
-        let reward = e
-            .objective
-            .reward(&fb, cost)
-            .map_err(|err| FeedbackError::Invalid(err.to_string()))?;
-        let revenue = v
-            .revenue
-            .or(v.reward)
-            .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
-        e.events
-            .try_send(Event::Feedback {
-                variant,
-                reward,
-                revenue,
-                cost,
-                delay: age.as_secs_f64(),
-            })
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => {
-                    e.full_feedback.inc();
-                    FeedbackError::Busy(format!(
-                        "the model's bandit has {EVENT_QUEUE} events waiting; nothing was taken, try again shortly"
-                    ))
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    FeedbackError::Busy("the model's bandit has stopped".into())
-                }
-            })
-    }
-}
-
-/// One model's bandit as last published.
-#[derive(Debug, Clone)]
-struct Snapshot {
-    objective: Objective,
-    variants: Vec<String>,
-    weights: Vec<f64>,
-    arms: Vec<Posterior>,
-    rewards: Vec<u64>,
-    revenue: Vec<f64>,
-    cost: Vec<f64>,
-    expired: Vec<u64>,
-    over: Override,
-}
-
-/// Operators' overrides per model, read by the model's task at each update.
-type Overrides = Arc<Mutex<HashMap<String, Override>>>;
-
-/// What a per-request picker samples from, republished by the model's task.
-#[derive(Debug)]
-struct PickerState {
-    arms: Vec<Posterior>,
-    p_best: Vec<f64>,
-    /// False during warm-up and under an operator's override: the weight table decides.
-    steering: bool,
-}
-
-/// Pure Thompson sampling on every request (`mode: per_request`): one draw from each
-/// posterior, the highest wins; with probability n × `min_weight` a uniform pick instead,
-/// so every variant keeps its exploration floor.
-#[derive(Debug)]
-struct ThompsonPicker {
-    state: ArcSwap<PickerState>,
-    explore: f64,
-}
-
-thread_local! {
-    static PICK_RNG: std::cell::RefCell<StdRng> = std::cell::RefCell::new({
-        let mut seed = [0u8; 32];
-        // Any seed will do for choosing variants; the OS's is just the easiest.
-        let _ = getrandom::fill(&mut seed);
-        StdRng::from_seed(seed)
-    });
-}
-
-#[derive(Debug)]
-struct SharedPicker(Arc<ThompsonPicker>);
-
-impl Picker for SharedPicker {
-    fn pick(&self) -> Option<Pick> {
-        use rand::RngExt;
-        let st = self.0.state.load();
-        let n = st.arms.len();
-        if !st.steering || n == 0 {
-            return None;
-        }
-        let explore = self.0.explore;
-        PICK_RNG.with(|rng| {
-            let mut rng = rng.borrow_mut();
-            let index = if rng.random::<f64>() < explore {
-                (rng.random::<u64>() % n as u64) as usize
-            } else {
-                switchyard_bandit::thompson_pick(&st.arms, &mut *rng)
-            };
-            let p_best = st.p_best.get(index).copied().unwrap_or(0.0);
-            Some(Pick {
-                index,
-                probability: explore / n as f64 + (1.0 - explore) * p_best,
-            })
-        })
-    }
-}
-
-/// The bandits of a running Switchyard.
-#[derive(Debug)]
-pub struct Bandits {
-    sink: Arc<BanditSink>,
-    snapshots: Arc<Mutex<BTreeMap<String, Snapshot>>>,
-    overrides: Overrides,
-    state_file: Option<PathBuf>,
-    tasks: Vec<JoinHandle<()>>,
-}
 
 fn objective(o: BanditObjective) -> Objective {
     match o {
@@ -234,59 +58,9 @@ fn objective_name(o: Objective) -> &'static str {
     }
 }
 
-/// Each model's queue of events, handed from [`sink`] to [`Bandits::spawn`].
-#[derive(Debug)]
-pub struct Receivers(HashMap<String, mpsc::Receiver<Event>>);
-
-/// The sink for `config`'s bandits (None if no model has one), and the queues their
-/// tasks will drain.
-pub fn sink(
-    config: &Config,
-    registry: &Registry,
-) -> Result<(Option<Arc<BanditSink>>, Receivers), String> {
-    let full = IntCounterVec::new(
-        Opts::new(
-            "switchyard_bandit_queue_full_total",
-            "Events a model's bandit could not queue: `feedback` answered 503, `missing` (expired decisions) dropped.",
-        ),
-        &["model", "event"],
-    )
-    .map_err(|e| format!("bandit metrics: {e}"))?;
-    let mut models = Vec::with_capacity(config.models.len());
-    let mut receivers = Receivers(HashMap::new());
-    for (name, model) in &config.models {
-        let Some(b) = &model.bandit else {
-            models.push(None);
-            continue;
-        };
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        models.push(Some(Entry {
-            objective: objective(b.objective),
-            costs: model
-                .variants
-                .iter()
-                .map(|v| v.cost_per_1k / 1000.0)
-                .collect(),
-            missing: b.missing_feedback,
-            events: tx,
-            full_feedback: full.with_label_values(&[name, "feedback"]),
-            full_missing: full.with_label_values(&[name, "missing"]),
-        }));
-        receivers.0.insert(name.clone(), rx);
-    }
-    if models.iter().all(Option::is_none) {
-        Ok((None, receivers))
-    } else {
-        registry
-            .register(Box::new(full))
-            .map_err(|e| format!("bandit metrics: {e}"))?;
-        Ok((Some(Arc::new(BanditSink { models })), receivers))
-    }
-}
-
-/// Per-variant bandit metrics.
+/// The bandit metric families, registered once.
 #[derive(Clone)]
-struct Metrics {
+struct Families {
     mean: GaugeVec,
     low: GaugeVec,
     high: GaugeVec,
@@ -298,11 +72,11 @@ struct Metrics {
     panics: IntCounterVec,
 }
 
-impl Metrics {
+impl Families {
     fn new(r: &Registry) -> prometheus::Result<Self> {
         let mv = ["model", "variant"];
         let gauge = |n: &str, h: &str| GaugeVec::new(Opts::new(n, h), &mv);
-        let m = Metrics {
+        let m = Families {
             mean: gauge("switchyard_bandit_posterior_mean", "Posterior mean of each variant's expected reward.")?,
             low: gauge("switchyard_bandit_credible_low", "Lower end of the ~95% credible interval of each variant's expected reward.")?,
             high: gauge("switchyard_bandit_credible_high", "Upper end of the ~95% credible interval of each variant's expected reward.")?,
@@ -328,86 +102,126 @@ impl Metrics {
         r.register(Box::new(m.delay.clone()))?;
         Ok(m)
     }
-}
 
-fn posterior_json(p: &Posterior) -> Value {
-    serde_json::to_value(p).unwrap_or(Value::Null)
-}
-
-/// A saved posterior, if it is one (non-finite numbers were saved as `null` and fail).
-fn posterior_from(v: &Value) -> Option<Posterior> {
-    serde_json::from_value(v.clone()).ok()
-}
-
-fn override_json(o: Override, variants: &[String]) -> Value {
-    match o {
-        Override::None => json!("none"),
-        Override::Freeze => json!("freeze"),
-        Override::Pin(i) => json!({ "pin": variants.get(i) }),
+    fn variant(&self, model: &str, variant: &str) -> VariantMetrics {
+        let l = [model, variant];
+        VariantMetrics {
+            rewards: self.rewards.with_label_values(&l),
+            revenue: self.revenue.with_label_values(&l),
+            cost: self.cost.with_label_values(&l),
+            expired: self.expired.with_label_values(&l),
+            mean: self.mean.with_label_values(&l),
+            low: self.low.with_label_values(&l),
+            high: self.high.with_label_values(&l),
+        }
     }
 }
 
-fn override_from(v: &Value, variants: &[String]) -> Override {
-    match v {
-        Value::String(s) if s == "freeze" => Override::Freeze,
-        Value::Object(o) => o
-            .get("pin")
-            .and_then(Value::as_str)
-            .and_then(|name| variants.iter().position(|v| v == name))
-            .map_or(Override::None, Override::Pin),
-        _ => Override::None,
+/// The sink for `config`'s bandits, or `None` if no model has one. Each model's bandit
+/// starts fresh here; [`Bandits::spawn`] restores the state file into it.
+pub fn sink(config: &Config, registry: &Registry) -> Result<Option<Arc<BanditSink>>, String> {
+    if config.models.values().all(|m| m.bandit.is_none()) {
+        return Ok(None);
     }
-}
-
-fn render(snapshots: &BTreeMap<String, Snapshot>) -> Value {
-    let models: serde_json::Map<String, Value> = snapshots
-        .iter()
-        .map(|(name, s)| {
-            let variants: serde_json::Map<String, Value> = s
+    let families = Families::new(registry).map_err(|e| format!("bandit metrics: {e}"))?;
+    let mut models = Vec::with_capacity(config.models.len());
+    for (name, model) in &config.models {
+        let Some(b) = &model.bandit else {
+            models.push(None);
+            continue;
+        };
+        let obj = objective(b.objective);
+        let cfg = BanditConfig {
+            objective: obj,
+            guardrails: Guardrails {
+                min_weight: b.min_weight,
+                max_step: b.max_step,
+                warmup: b.warmup,
+            },
+            draws: DRAWS,
+            half_life: match b.half_life {
+                Some(HalfLife::Rewards(n)) => Some(n),
+                _ => None,
+            },
+            prior: b.prior.map(|p| match p {
+                Prior::Beta { alpha, beta } => Posterior::beta(alpha, beta),
+                Prior::Gaussian {
+                    mean,
+                    strength,
+                    shape,
+                    scale,
+                } => Posterior::gaussian(mean, strength, shape, scale),
+            }),
+        };
+        let variants: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
+        let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
+        let n = variants.len();
+        let bandit = Bandit::new(cfg, &weights);
+        let picker = (b.mode == BanditMode::PerRequest).then(|| {
+            Arc::new(ThompsonPicker {
+                state: ArcSwap::from_pointee(PickerState {
+                    arms: bandit.arms().to_vec(),
+                    p_best: bandit.p_best().to_vec(),
+                    steering: false,
+                }),
+                explore: (b.min_weight * n as f64).min(1.0),
+            })
+        });
+        models.push(Some(Arc::new(Model {
+            name: name.clone(),
+            metrics: variants.iter().map(|v| families.variant(name, v)).collect(),
+            delay: families.delay.with_label_values(&[name]),
+            panics: families.panics.with_label_values(&[name]),
+            objective: obj,
+            costs: model
                 .variants
                 .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let (lo, hi) = s.arms[i].credible_interval();
-                    (
-                        v.clone(),
-                        json!({
-                            "weight": s.weights[i],
-                            "posterior_mean": s.arms[i].mean(),
-                            "credible_interval": [lo, hi],
-                            "rewards": s.rewards[i],
-                            "revenue_total": s.revenue[i],
-                            "cost_total": s.cost[i],
-                            "expired_without_feedback": s.expired[i],
-                            "posterior": posterior_json(&s.arms[i]),
-                        }),
-                    )
-                })
-                .collect();
-            (
-                name.clone(),
-                json!({
-                    "objective": objective_name(s.objective),
-                    "override": override_json(s.over, &s.variants),
-                    "variants": variants,
-                }),
-            )
-        })
-        .collect();
-    json!({ "version": 1, "models": models })
+                .map(|v| v.cost_per_1k / 1000.0)
+                .collect(),
+            missing: b.missing_feedback,
+            update_every: b.update_every,
+            update_interval: b.update_interval,
+            time_half_life: match b.half_life {
+                Some(HalfLife::Time(h)) => Some(h),
+                _ => None,
+            },
+            learner: Mutex::new(Learner {
+                bandit,
+                rewards: vec![0; n],
+                revenue: vec![0.0; n],
+                cost: vec![0.0; n],
+                expired: vec![0; n],
+                over: Override::None,
+                since_update: 0,
+                decayed_at: tokio::time::Instant::now(),
+            }),
+            picker,
+            wake: tokio::sync::Notify::new(),
+            variants,
+        })));
+    }
+    Ok(Some(Arc::new(BanditSink { models })))
+}
+
+/// The bandits of a running Switchyard.
+#[derive(Debug)]
+pub struct Bandits {
+    /// By name, for `/admin/state`, the state file and operators' overrides.
+    models: BTreeMap<String, Arc<Model>>,
+    state_file: Option<PathBuf>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Bandits {
-    /// Starts a task per model with a bandit and the housekeeping task; restores the
-    /// state file if `config.state_file` names one that exists.
+    /// Restores the state file (if `config.state_file` names one that exists) into the
+    /// sink's bandits, installs the per-request pickers, and starts a task per model and
+    /// the housekeeping task.
     pub fn spawn(
         config: &Config,
         router: Arc<Router>,
         sink: Arc<BanditSink>,
-        mut receivers: Receivers,
         registry: &Registry,
     ) -> Result<Self, String> {
-        let metrics = Metrics::new(registry).map_err(|e| format!("bandit metrics: {e}"))?;
         let state_file = config.state_file.as_ref().map(PathBuf::from);
         let corrupt = IntCounter::new(
             "switchyard_state_file_corrupt_total",
@@ -419,245 +233,62 @@ impl Bandits {
             .map_err(|e| format!("bandit metrics: {e}"))?;
         let saved: Value = state_file
             .as_ref()
-            .map_or(Value::Null, |p| read_state(p, &corrupt));
-        let snapshots = Arc::new(Mutex::new(BTreeMap::new()));
-        let overrides: Overrides = Arc::new(Mutex::new(HashMap::new()));
-        let mut tasks = Vec::new();
+            .map_or(Value::Null, |p| state::read_state(p, &corrupt));
         let seed = config.seed.unwrap_or(0x5EED);
-        for (name, model) in &config.models {
-            let (Some(b), Some(mut rx)) = (&model.bandit, receivers.0.remove(name)) else {
-                continue;
-            };
-            let obj = objective(b.objective);
-            let cfg = BanditConfig {
-                objective: obj,
-                guardrails: Guardrails {
-                    min_weight: b.min_weight,
-                    max_step: b.max_step,
-                    warmup: b.warmup,
-                },
-                draws: DRAWS,
-                half_life: match b.half_life {
-                    Some(HalfLife::Rewards(n)) => Some(n),
-                    _ => None,
-                },
-                prior: b.prior.map(|p| match p {
-                    Prior::Beta { alpha, beta } => Posterior::beta(alpha, beta),
-                    Prior::Gaussian {
-                        mean,
-                        strength,
-                        shape,
-                        scale,
-                    } => Posterior::gaussian(mean, strength, shape, scale),
-                }),
-            };
-            // Wall-clock forgetting: each update discounts by the time since the last.
-            let time_decay = match b.half_life {
-                Some(HalfLife::Time(h)) => {
-                    Some(0.5f64.powf(b.update_interval.as_secs_f64() / h.as_secs_f64()))
-                }
-                _ => None,
-            };
-            let names: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
-            let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
-            let mut bandit = Bandit::new(cfg, &weights);
-            let n = names.len();
-            let mut snap = Snapshot {
-                objective: obj,
-                variants: names.clone(),
-                weights: bandit.weights().to_vec(),
-                arms: bandit.arms().to_vec(),
-                rewards: vec![0; n],
-                revenue: vec![0.0; n],
-                cost: vec![0.0; n],
-                expired: vec![0; n],
-                over: Override::None,
-            };
-            // Restore what the file knows of variants that still exist, under the same
-            // objective; restore the weights only if every variant is known.
-            let old = &saved["models"][name.as_str()];
-            if old["objective"].as_str() == Some(objective_name(obj)) {
-                let mut saved_weights = Vec::with_capacity(n);
-                for (i, v) in names.iter().enumerate() {
-                    let o = &old["variants"][v.as_str()];
-                    if let Some(p) = posterior_from(&o["posterior"]) {
-                        let rewards = o["rewards"].as_u64().unwrap_or(0);
-                        bandit.restore_arm(i, p, rewards);
-                        snap.rewards[i] = rewards;
-                        snap.revenue[i] = o["revenue_total"].as_f64().unwrap_or(0.0);
-                        snap.cost[i] = o["cost_total"].as_f64().unwrap_or(0.0);
-                        snap.expired[i] = o["expired_without_feedback"].as_u64().unwrap_or(0);
-                    }
-                    if let Some(w) = o["weight"].as_f64() {
-                        saved_weights.push(w);
-                    }
-                }
-                if saved_weights.len() == n {
-                    bandit.restore_weights(&saved_weights);
-                }
-                snap.over = override_from(&old["override"], &names);
-                bandit.set_override(snap.over);
-                overrides
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.clone(), snap.over);
-                tracing::info!(model = %name, "Bandit state restored.");
-            }
-            snap.weights = bandit.weights().to_vec();
-            snap.arms = bandit.arms().to_vec();
-            if let Some(route) = router.table().model(name) {
-                let _ = route.set_weights(&snap.weights);
-            }
-            snapshots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), snap.clone());
-            let mut rng = StdRng::seed_from_u64(
-                seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
-            );
-            let picker = (b.mode == BanditMode::PerRequest).then(|| {
-                let p = Arc::new(ThompsonPicker {
-                    state: ArcSwap::from_pointee(PickerState {
-                        arms: bandit.arms().to_vec(),
-                        p_best: bandit.p_best().to_vec(),
-                        steering: false,
-                    }),
-                    explore: (b.min_weight * n as f64).min(1.0),
-                });
-                if let Some(route) = router.table().model(name) {
+        let mut models = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for m in sink.models.iter().flatten() {
+            restore(m, &saved["models"][m.name.as_str()]);
+            if let Some(route) = router.table().model(&m.name) {
+                let _ = route.set_weights(m.lock().bandit.weights());
+                if let Some(p) = &m.picker {
                     route
                         .picker
                         .store(Some(Arc::new(Box::new(SharedPicker(p.clone())))));
                 }
-                p
-            });
-            let (router, name, every, snapshots, m, overrides) = (
-                router.clone(),
-                name.clone(),
-                b.update_interval,
-                snapshots.clone(),
-                metrics.clone(),
-                overrides.clone(),
+            }
+            models.insert(m.name.clone(), m.clone());
+            let mut rng = StdRng::seed_from_u64(
+                seed ^ switchyard_router::selector::stable_hash(m.name.as_bytes()),
             );
+            let (m, router) = (m.clone(), router.clone());
             tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
+                let mut tick = tokio::time::interval(m.update_interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = m.wake.notified() => tick.reset(),
+                    }
                     // One update, caught: a panic in the bandit's arithmetic must not end
-                    // this task (its model would stop learning and its feedback queue fill
-                    // up behind a green health check). Counted, logged, tried again at
-                    // the next tick.
+                    // this task (its model would stop publishing weights behind a green
+                    // health check). Counted, logged, tried again at the next tick.
                     let update = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    while let Ok(event) = rx.try_recv() {
-                        match event {
-                            Event::Feedback {
-                                variant,
-                                reward,
-                                revenue,
-                                cost,
-                                delay,
-                            } => {
-                                bandit.observe(variant, reward);
-                                let v = &snap.variants[variant];
-                                snap.rewards[variant] += 1;
-                                snap.revenue[variant] += revenue;
-                                snap.cost[variant] += cost;
-                                m.rewards.with_label_values(&[&name, v]).inc();
-                                m.revenue
-                                    .with_label_values(&[&name, v])
-                                    .inc_by(revenue.max(0.0));
-                                m.cost.with_label_values(&[&name, v]).inc_by(cost.max(0.0));
-                                m.delay.with_label_values(&[&name]).observe(delay);
-                            }
-                            Event::Missing {
-                                variant,
-                                count,
-                                reward,
-                                cost,
-                            } => {
-                                let v = &snap.variants[variant];
-                                let total = cost * count as f64;
-                                snap.expired[variant] += count;
-                                snap.cost[variant] += total;
-                                m.expired.with_label_values(&[&name, v]).inc_by(count);
-                                m.cost.with_label_values(&[&name, v]).inc_by(total.max(0.0));
-                                if let Some(r) = reward {
-                                    // One observation each: decay by observations counts
-                                    // every one of them.
-                                    for _ in 0..count {
-                                        bandit.observe(variant, r);
-                                    }
-                                    snap.rewards[variant] += count;
-                                    m.rewards.with_label_values(&[&name, v]).inc_by(count);
+                        m.update(&mut rng)
+                    }));
+                    match update {
+                        Ok(weights) => {
+                            if let Some(route) = router.table().model(&m.name) {
+                                if let Err(e) = route.set_weights(&weights) {
+                                    tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
                                 }
                             }
                         }
-                    }
-                    let over = overrides
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&name)
-                        .copied()
-                        .unwrap_or(Override::None);
-                    bandit.set_override(over);
-                    snap.over = over;
-                    if let Some(f) = time_decay {
-                        bandit.decay_all(f);
-                    }
-                    let weights = bandit.update(&mut rng).to_vec();
-                    if let Some(route) = router.table().model(&name) {
-                        if let Err(e) = route.set_weights(&weights) {
-                            tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
+                        Err(panic) => {
+                            m.panics.inc();
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            tracing::error!(model = %m.name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
                         }
-                    }
-                    if let Some(p) = &picker {
-                        p.state.store(Arc::new(PickerState {
-                            arms: bandit.arms().to_vec(),
-                            p_best: bandit.p_best().to_vec(),
-                            steering: bandit.steering(),
-                        }));
-                    }
-                    snap.weights = weights;
-                    snap.arms = bandit.arms().to_vec();
-                    for (i, v) in snap.variants.iter().enumerate() {
-                        let (lo, hi) = snap.arms[i].credible_interval();
-                        m.mean
-                            .with_label_values(&[&name, v])
-                            .set(snap.arms[i].mean());
-                        m.low.with_label_values(&[&name, v]).set(lo);
-                        m.high.with_label_values(&[&name, v]).set(hi);
-                    }
-                    snapshots
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), snap.clone());
-                    }));
-                    if let Err(panic) = update {
-                        m.panics.with_label_values(&[&name]).inc();
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(model = %name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
                     }
                 }
             }));
         }
-        let bandits = Bandits {
-            sink,
-            snapshots,
-            overrides,
-            state_file,
-            tasks: Vec::new(),
-        };
         let housekeeping = {
-            let (sink, snapshots, file) = (
-                bandits.sink.clone(),
-                bandits.snapshots.clone(),
-                bandits.state_file.clone(),
-            );
+            let (models, file) = (models.clone(), state_file.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 let mut last_write = Instant::now();
@@ -668,39 +299,31 @@ impl Bandits {
                         *counts.entry((d.model, d.variant)).or_default() += 1;
                     }
                     for ((model, variant), count) in counts {
-                        if let Some(e) = sink.entry(model) {
-                            let variant = usize::from(variant);
-                            let cost = e.costs.get(variant).copied().unwrap_or(0.0);
-                            let reward = (e.missing == MissingFeedback::Zero)
-                                .then(|| e.objective.missing_reward(cost));
-                            let sent = e.events.try_send(Event::Missing {
-                                variant,
-                                count,
-                                reward,
-                                cost,
-                            });
-                            // One event per (variant, second): only a bandit that has not
-                            // drained for a long time drops these.
-                            if let Err(mpsc::error::TrySendError::Full(_)) = sent {
-                                e.full_missing.inc();
-                            }
+                        if let Some(m) = sink.model(model) {
+                            m.expired(usize::from(variant), count);
                         }
                     }
-                    if file.is_some() && last_write.elapsed() >= PERSIST_EVERY {
-                        write_state(file.as_ref(), &snapshots);
-                        last_write = Instant::now();
+                    if let Some(file) = file.as_deref() {
+                        if last_write.elapsed() >= PERSIST_EVERY {
+                            state::write_state(file, &render(&models).to_string());
+                            last_write = Instant::now();
+                        }
                     }
                 }
             })
         };
         tasks.push(housekeeping);
-        Ok(Bandits { tasks, ..bandits })
+        Ok(Bandits {
+            models,
+            state_file,
+            tasks,
+        })
     }
 
     /// `/admin/state`: each model's objective and, per variant, its weight, posterior
     /// mean and credible interval, rewards, revenue and cost totals.
     pub fn state(&self) -> Value {
-        render(&self.snapshots.lock().unwrap_or_else(|p| p.into_inner()))
+        render(&self.models)
     }
 
     /// A renderer for the admin listener.
@@ -710,23 +333,20 @@ impl Bandits {
     }
 
     /// Sets an operator's override for `model`: `pin` (to `variant`), `freeze` or
-    /// `release`. It takes effect at the model's next update.
+    /// `release`. It takes effect at once: the model's update is brought forward.
     pub fn control(
         &self,
         model: &str,
         action: &str,
         variant: Option<&str>,
     ) -> Result<Value, (u16, String)> {
-        let variants = self
-            .snapshots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let m = self
+            .models
             .get(model)
-            .map(|s| s.variants.clone())
             .ok_or((404, format!("model `{model}` has no bandit")))?;
         let over = match (action, variant) {
             ("pin", Some(v)) => Override::Pin(
-                variants
+                m.variants
                     .iter()
                     .position(|x| x == v)
                     .ok_or((404, format!("model `{model}` has no variant `{v}`")))?,
@@ -735,12 +355,10 @@ impl Bandits {
             ("release", _) => Override::None,
             _ => return Err((400, format!("unknown action `{action}`"))),
         };
-        self.overrides
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(model.to_string(), over);
+        m.lock().over = over;
+        m.wake.notify_one();
         tracing::info!(%model, %action, variant = variant.unwrap_or(""), "Bandit override set by an operator.");
-        Ok(json!({ "model": model, "override": override_json(over, &variants) }))
+        Ok(json!({ "model": model, "override": override_json(over, &m.variants) }))
     }
 
     /// A controller for the admin listener.
@@ -751,7 +369,9 @@ impl Bandits {
 
     /// Writes the state file now (at shutdown).
     pub fn persist(&self) {
-        write_state(self.state_file.as_ref(), &self.snapshots);
+        if let Some(file) = &self.state_file {
+            state::write_state(file, &render(&self.models).to_string());
+        }
     }
 
     /// Stops the tasks.
@@ -762,178 +382,76 @@ impl Bandits {
     }
 }
 
-/// Writes the snapshots atomically: to `FILE.tmp`, then renamed over `FILE`, so a crash
-/// mid-write never leaves a torn file.
-/// The saved state at `file`, checked: a missing file is a fresh start; a file that is
-/// empty, not JSON, or holds values no run could have written (negative or non-finite
-/// counts, wrong types) is never silently replaced: it is renamed
-/// `<file>.corrupt-<unix time>`, an error is logged and counted, and the bandits start
-/// fresh (the next save writes a new file beside the kept one).
-fn read_state(file: &Path, corrupt: &IntCounter) -> Value {
-    let bytes = match std::fs::read(file) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Value::Null,
-        Err(e) => {
-            tracing::error!(file = %file.display(), error = %e, "Cannot read the bandit state file; starting the bandits fresh (the file is left as it is).");
-            return Value::Null;
+/// Restores what the saved state `old` knows of the model's variants that still exist,
+/// under the same objective; the weights only if every variant is known.
+fn restore(m: &Model, old: &Value) {
+    if old["objective"].as_str() != Some(objective_name(m.objective)) {
+        return;
+    }
+    let mut l = m.lock();
+    let mut saved_weights = Vec::with_capacity(m.variants.len());
+    for (i, v) in m.variants.iter().enumerate() {
+        let o = &old["variants"][v.as_str()];
+        if let Some(p) = posterior_from(&o["posterior"]) {
+            let rewards = o["rewards"].as_u64().unwrap_or(0);
+            l.bandit.restore_arm(i, p, rewards);
+            l.rewards[i] = rewards;
+            l.revenue[i] = o["revenue_total"].as_f64().unwrap_or(0.0);
+            l.cost[i] = o["cost_total"].as_f64().unwrap_or(0.0);
+            l.expired[i] = o["expired_without_feedback"].as_u64().unwrap_or(0);
         }
-    };
-    let problem = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(v) => match implausible(&v) {
-            None => return v,
-            Some(p) => p,
-        },
-        Err(e) => format!("not JSON: {e}"),
-    };
-    corrupt.inc();
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut aside = file.as_os_str().to_owned();
-    aside.push(format!(".corrupt-{secs}"));
-    let aside = PathBuf::from(aside);
-    match std::fs::rename(file, &aside) {
-        Ok(()) => {
-            tracing::error!(file = %file.display(), kept = %aside.display(), %problem, "Bandit state file is corrupt; kept aside, starting the bandits fresh.")
-        }
-        Err(e) => {
-            tracing::error!(file = %file.display(), %problem, error = %e, "Bandit state file is corrupt and cannot be moved aside; starting the bandits fresh.")
+        if let Some(w) = o["weight"].as_f64() {
+            saved_weights.push(w);
         }
     }
-    Value::Null
+    if saved_weights.len() == m.variants.len() {
+        l.bandit.restore_weights(&saved_weights);
+    }
+    let over = override_from(&old["override"], &m.variants);
+    l.over = over;
+    l.bandit.set_override(over);
+    tracing::info!(model = %m.name, "Bandit state restored.");
 }
 
-/// Why `state` cannot be a file [`write_state`] wrote, if it cannot.
-fn implausible(state: &Value) -> Option<String> {
-    let models = match state.get("models") {
-        Some(Value::Object(m)) => m,
-        _ => return Some("no `models` object".into()),
-    };
-    for (model, m) in models {
-        let Some(variants) = m.get("variants").and_then(Value::as_object) else {
-            return Some(format!("model `{model}` has no `variants` object"));
-        };
-        for (variant, v) in variants {
-            let at = |what: &str| format!("models.{model}.variants.{variant}.{what}");
-            for key in ["rewards", "expired_without_feedback"] {
-                if v.get(key).is_some_and(|n| n.as_u64().is_none()) {
-                    return Some(format!("{} is not a count", at(key)));
-                }
-            }
-            for key in ["revenue_total", "cost_total", "weight"] {
-                if v.get(key)
-                    .is_some_and(|n| !n.as_f64().is_some_and(f64::is_finite))
-                {
-                    return Some(format!("{} is not a finite number", at(key)));
-                }
-            }
-            if v.get("weight")
-                .and_then(Value::as_f64)
-                .is_some_and(|w| w < 0.0)
-            {
-                return Some(format!("{} is negative", at("weight")));
-            }
-            if let Some(p) = v.get("posterior") {
-                if posterior_from(p).is_none() {
-                    return Some(format!("{} is not a posterior", at("posterior")));
-                }
-                if !all_finite_and_counts_non_negative(p) {
-                    return Some(format!(
-                        "{} holds a non-finite number or a negative count",
-                        at("posterior")
-                    ));
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Every number in `v` finite; counts and pseudo-counts not negative.
-fn all_finite_and_counts_non_negative(v: &Value) -> bool {
-    match v {
-        Value::Number(n) => n.as_f64().is_some_and(f64::is_finite),
-        Value::Array(a) => a.iter().all(all_finite_and_counts_non_negative),
-        Value::Object(o) => o.iter().all(|(k, x)| {
-            all_finite_and_counts_non_negative(x)
-                && !([
-                    "alpha0",
-                    "beta0",
-                    "successes",
-                    "failures",
-                    "kappa0",
-                    "n",
-                    "sum_sq",
-                ]
-                .contains(&k.as_str())
-                    && x.as_f64().is_some_and(|f| f < 0.0))
-        }),
-        Value::Null => false,
-        _ => true,
-    }
-}
-
-fn write_state(file: Option<&PathBuf>, snapshots: &Mutex<BTreeMap<String, Snapshot>>) {
-    let Some(file) = file else { return };
-    let body = render(&snapshots.lock().unwrap_or_else(|p| p.into_inner())).to_string();
-    let tmp = file.with_extension("tmp");
-    let result = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, file));
-    if let Err(e) = result {
-        tracing::error!(file = %file.display(), error = %e, "Cannot write the bandit state file; statistics will not survive a restart.");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A bandit that does not drain (its task never started here) takes
-    /// `EVENT_QUEUE` feedbacks, then answers Busy (503) and counts each refusal: the
-    /// queue never grows past its bound, and nothing refused is half-taken.
-    #[test]
-    fn a_full_event_queue_refuses_feedback_with_busy() {
-        let config = switchyard_config::from_yaml_str(
-            "models:\n  rec:\n    bandit: {objective: conversion}\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n",
-        )
-        .unwrap();
-        let registry = Registry::new();
-        let (sink, mut receivers) = sink(&config, &registry).unwrap();
-        let sink = sink.unwrap();
-        let decision = Decision {
-            model: 0,
-            variant: 0,
-            probability: 1.0,
-            at_ms: 0,
-            ttl_ms: 1000,
-            rewarded: false,
-        };
-        let values = FeedbackValues {
-            converted: Some(true),
-            ..FeedbackValues::default()
-        };
-        for _ in 0..EVENT_QUEUE {
-            sink.accept(&decision, Duration::ZERO, &values).unwrap();
-        }
-        for _ in 0..3 {
-            assert!(matches!(
-                sink.accept(&decision, Duration::ZERO, &values),
-                Err(FeedbackError::Busy(_))
-            ));
-        }
-        let refused = registry
-            .gather()
-            .into_iter()
-            .find(|f| f.name() == "switchyard_bandit_queue_full_total")
-            .and_then(|f| {
-                f.get_metric()
-                    .iter()
-                    .find(|m| m.get_label().iter().any(|l| l.value() == "feedback"))
-                    .map(|m| m.get_counter().get_value())
-            });
-        assert_eq!(refused, Some(3.0));
-        // Once drained, feedback is taken again.
-        let rx = receivers.0.get_mut("rec").unwrap();
-        while rx.try_recv().is_ok() {}
-        assert!(sink.accept(&decision, Duration::ZERO, &values).is_ok());
-    }
+/// `/admin/state` and the state file: per model, its objective, override and, per
+/// variant, what its bandit knows. Each model's learner is locked in turn, briefly.
+fn render(models: &BTreeMap<String, Arc<Model>>) -> Value {
+    let models: serde_json::Map<String, Value> = models
+        .iter()
+        .map(|(name, m)| {
+            let l = m.lock();
+            let arms = l.bandit.arms();
+            let weights = l.bandit.weights();
+            let variants: serde_json::Map<String, Value> = m
+                .variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let (lo, hi) = arms[i].credible_interval();
+                    (
+                        v.clone(),
+                        json!({
+                            "weight": weights[i],
+                            "posterior_mean": arms[i].mean(),
+                            "credible_interval": [lo, hi],
+                            "rewards": l.rewards[i],
+                            "revenue_total": l.revenue[i],
+                            "cost_total": l.cost[i],
+                            "expired_without_feedback": l.expired[i],
+                            "posterior": posterior_json(&arms[i]),
+                        }),
+                    )
+                })
+                .collect();
+            (
+                name.clone(),
+                json!({
+                    "objective": objective_name(m.objective),
+                    "override": override_json(l.over, &m.variants),
+                    "variants": variants,
+                }),
+            )
+        })
+        .collect();
+    json!({ "version": 1, "models": models })
 }
