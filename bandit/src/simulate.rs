@@ -108,7 +108,16 @@ impl Strategy {
     /// A short name for tables.
     pub fn name(&self) -> String {
         match self {
-            Strategy::Bandit { .. } => "bandit".into(),
+            Strategy::Bandit {
+                config,
+                update_every,
+            } => {
+                let g = &config.guardrails;
+                format!(
+                    "bandit(warmup {}, floor {}, step {}, every {update_every})",
+                    g.warmup, g.min_weight, g.max_step
+                )
+            }
             Strategy::Thompson(_) => "thompson-per-request".into(),
             Strategy::Fixed => "fixed-split".into(),
             Strategy::EpsilonGreedy(e) => format!("epsilon-greedy({e})"),
@@ -395,25 +404,46 @@ pub fn standard(requests: u64) -> Vec<Scenario> {
     ]
 }
 
-/// The strategies compared in each scenario, ours first.
+/// The strategies compared in each scenario, ours first: the bandit with the config's
+/// defaults (`warmup` 100, `min_weight` 0.01, `max_step` 0.2, `update_every` 100), then
+/// with one guardrail off at a time and with all off, so each one's regret is stated.
 pub fn strategies(objective: Objective, half_life: Option<f64>) -> Vec<Strategy> {
-    let config = BanditConfig {
+    let defaults = crate::policy::Guardrails {
+        min_weight: 0.01,
+        max_step: 0.2,
+        warmup: 100,
+    };
+    let config = |guardrails| BanditConfig {
         objective,
-        guardrails: crate::policy::Guardrails {
-            min_weight: 0.01,
-            max_step: 0.2,
-            warmup: 100,
-        },
+        guardrails,
         draws: 1000,
         half_life,
         prior: None,
     };
+    let bandit = |guardrails| Strategy::Bandit {
+        config: config(guardrails),
+        update_every: 100,
+    };
     vec![
-        Strategy::Bandit {
-            config: config.clone(),
-            update_every: 1000,
-        },
-        Strategy::Thompson(config),
+        bandit(defaults.clone()),
+        bandit(crate::policy::Guardrails {
+            warmup: 0,
+            ..defaults.clone()
+        }),
+        bandit(crate::policy::Guardrails {
+            max_step: 1.0,
+            ..defaults.clone()
+        }),
+        bandit(crate::policy::Guardrails {
+            min_weight: 0.0,
+            ..defaults.clone()
+        }),
+        bandit(crate::policy::Guardrails {
+            min_weight: 0.0,
+            max_step: 1.0,
+            warmup: 0,
+        }),
+        Strategy::Thompson(config(defaults)),
         Strategy::Fixed,
         Strategy::EpsilonGreedy(0.1),
         Strategy::SeldonThompson,
