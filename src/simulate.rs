@@ -52,13 +52,13 @@ pub fn table(results: &[(String, &'static str, Vec<Report>)], requests: u64, see
         let _ = writeln!(out, "\n{world} (objective: {objective})");
         let _ = writeln!(
             out,
-            "  {:<28} {:>12} {:>10} {:>10}",
+            "  {:<52} {:>12} {:>10} {:>10}",
             "strategy", "regret", "on best", "at end"
         );
         for r in reports {
             let _ = writeln!(
                 out,
-                "  {:<28} {:>12.1} {:>9.1}% {:>9.1}%",
+                "  {:<52} {:>12.1} {:>9.1}% {:>9.1}%",
                 r.strategy,
                 r.regret,
                 100.0 * r.share_on_best,

@@ -189,7 +189,12 @@ fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
         assert_eq!(
             names,
             [
-                "bandit",
+                // The defaults, then each guardrail off in turn, then all off.
+                "bandit(warmup 100, floor 0.01, step 0.2, every 100)",
+                "bandit(warmup 0, floor 0.01, step 0.2, every 100)",
+                "bandit(warmup 100, floor 0.01, step 1, every 100)",
+                "bandit(warmup 100, floor 0, step 0.2, every 100)",
+                "bandit(warmup 0, floor 0, step 1, every 100)",
                 "thompson-per-request",
                 "fixed-split",
                 "epsilon-greedy(0.1)",
@@ -197,7 +202,7 @@ fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
             ]
         );
         // A fixed 1/3 split is on the best of three arms about a third of the time.
-        let fixed = w["results"][2]["share_on_best"].as_f64().unwrap();
+        let fixed = w["results"][6]["share_on_best"].as_f64().unwrap();
         assert!((fixed - 1.0 / 3.0).abs() < 0.05, "{fixed}");
     }
     let svg = std::fs::read_to_string(svg).unwrap();
