@@ -1,8 +1,7 @@
 //! The router's error type, and the one place where errors become HTTP answers.
 //!
-//! Every error knows its status and whether it happened before anything reached an
-//! upstream ([`RouterError::retry_safe`]): the retry and fallback phases will only ever
-//! resend a request when that is true.
+//! Every error knows its status; which errors count as a variant's failure (for its
+//! breaker and for `retry.on`) is decided once, in `breaker::failure_kind`.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW};
@@ -133,15 +132,6 @@ impl RouterError {
         }
     }
 
-    /// True when nothing of the request reached an upstream, so sending it to another
-    /// variant cannot apply it twice.
-    pub fn retry_safe(&self) -> bool {
-        match self {
-            RouterError::Upstream { kind, .. } => *kind == UpstreamErrorKind::Connect,
-            _ => true,
-        }
-    }
-
     /// The metric label for errors rejected before a variant is chosen.
     pub fn reject_reason(&self) -> &'static str {
         match self {
@@ -198,7 +188,5 @@ mod tests {
         assert_eq!(upstream(UpstreamErrorKind::Connect).status(), 502);
         assert_eq!(upstream(UpstreamErrorKind::Reset).status(), 502);
         assert_eq!(upstream(UpstreamErrorKind::Timeout).status(), 504);
-        assert!(upstream(UpstreamErrorKind::Connect).retry_safe());
-        assert!(!upstream(UpstreamErrorKind::Timeout).retry_safe());
     }
 }
