@@ -43,10 +43,7 @@ models:
 YAML
   taskset -c 1 "$bin" serve --config "$WORK/sy.yaml" > "$WORK/logs/sy-$name-$seed.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$P") 2>/dev/null && break
-    sleep 0.05
-  done
+  wait_port "$P"
   "$BIN" load -r "$RATE" -d "${SECONDS_EACH}s" --seed "$seed" --json \
     --reward 'a=bernoulli(0.05)' --reward 'b=bernoulli(0.055)' --reward 'c=bernoulli(0.06)' \
     "http://127.0.0.1:$P/v1/models/rec:predict" > "$WORK/load.json" 2> "$WORK/logs/load.err"

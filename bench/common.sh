@@ -36,6 +36,16 @@ wrk.body = '$BODY'
 wrk.headers["Content-Type"] = "application/json"
 LUA
 
+# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most).
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
 # start_origin LISTEN...: an nginx on CPU 0 that answers every request with PREDICTION on
 # each LISTEN ("127.0.0.1:PORT", or "127.0.0.1:PORT http2" for h2c); sets ORIGIN_PID.
 start_origin() {

@@ -46,15 +46,6 @@ upstream() {
   echo $!
 }
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
-
 # wait_free PORT...: until nothing listens on any PORT (the last run's servers are gone).
 wait_free() {
   local p

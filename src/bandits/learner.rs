@@ -100,11 +100,7 @@ impl Model {
             l.revenue[variant] += revenue;
             l.cost[variant] += cost;
             l.since_update += count;
-            let republish = self.picker.as_ref().map(|_| PickerState {
-                arms: l.bandit.arms().to_vec(),
-                p_best: l.bandit.p_best().to_vec(),
-                steering: l.bandit.steering(),
-            });
+            let republish = self.picker.as_ref().map(|_| PickerState::of(&l.bandit));
             (republish, l.since_update >= self.update_every)
         };
         if let (Some(p), Some(state)) = (&self.picker, republish) {
@@ -166,12 +162,7 @@ impl Model {
         let (weights, state) = {
             let mut l = self.lock();
             let weights = l.bandit.apply_p_best(target).to_vec();
-            let state = PickerState {
-                arms: l.bandit.arms().to_vec(),
-                p_best: l.bandit.p_best().to_vec(),
-                steering: l.bandit.steering(),
-            };
-            (weights, state)
+            (weights, PickerState::of(&l.bandit))
         };
         for (m, arm) in self.metrics.iter().zip(&state.arms) {
             let (lo, hi) = arm.credible_interval();
@@ -240,6 +231,17 @@ pub(super) struct PickerState {
     pub p_best: Vec<f64>,
     /// False during warm-up and under an operator's override: the weight table decides.
     pub steering: bool,
+}
+
+impl PickerState {
+    /// What the picker should sample from now.
+    pub fn of(bandit: &Bandit) -> Self {
+        PickerState {
+            arms: bandit.arms().to_vec(),
+            p_best: bandit.p_best().to_vec(),
+            steering: bandit.steering(),
+        }
+    }
 }
 
 /// Pure Thompson sampling on every request (`mode: per_request`): one draw from each
