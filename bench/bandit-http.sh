@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# The bandit over HTTP at a real request rate: regret of the sidecar's bandit, with its
-# defaults, against per-request Thompson sampling fed immediately (`mode: per_request,
-# warmup: 0, min_weight: 0`: the reference every default must match), and against an
-# earlier binary (BEFORE=path) with its defaults, side by side in one run.
+# The bandit over HTTP at a real request rate, beside the simulator for the same world:
+# regret of the sidecar's bandit with its defaults, against per-request Thompson
+# sampling fed at once with nothing else on (`detect_changes: false`: the reference
+# every default must match), and against an earlier binary (BEFORE=path) with its own
+# defaults, side by side in one run.
 #
-#   bench/bandit-http.sh                    # 5 seeds × 10 s at 2,000 req/s per config
-#   BEFORE=/tmp/sy-before SEEDS=10 RATE=2000 SECONDS_EACH=10 bench/bandit-http.sh
+#   bench/bandit-http.sh                              # conversion world, 5 seeds
+#   WORLD=drift SEEDS=10 BEFORE=/tmp/sy-before bench/bandit-http.sh
 #
-# World: three variants converting at 5.0%, 5.5% and 6.0% (`switchyard load --reward
-# a=bernoulli(0.05) …`, feedback posted at once, in batches of at most 256), equal
-# starting weights, objective `conversion`. An nginx on CPU 0 answers for every variant:
-# only the reward differs. Regret = Σ over variants of requests × (0.060 − its rate),
-# in expected conversions lost, per run; the mean and range over seeds are printed, and
-# the ratio of means to per-request Thompson. Loopback only; stops by itself.
-# Needs: nginx (Debian).
+# Worlds (three variants, equal starting weights, objective `conversion`, feedback posted
+# as soon as each answer is in, by `switchyard load --reward`, in batches of ≤ 256):
+#   conversion  5.0 / 5.5 / 6.0% for SECONDS_EACH (default 10) seconds;
+#   drift       10 / 5 / 5% for 5 s, then 5 / 5 / 10% for 5 s: the starved third variant
+#               becomes the best. At 2,000 req/s that is 10,000 decisions each side;
+#               "recovery" is the third variant's share 2.0–2.5 s after the change
+#               (decisions 4,000–5,000 at 2,000 req/s), as in the issue.
+# An nginx on CPU 0 answers for every variant: only the reward differs. Regret = Σ over
+# phases and variants of requests × (best rate − its rate), in expected conversions
+# lost; mean, range and the ratio of means to the reference are printed, and
+# `switchyard simulate`'s regret for the same world and decisions beside them.
+# Loopback only; stops by itself. Needs: nginx (Debian).
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-5}
 RATE=${RATE:-2000}
 SECONDS_EACH=${SECONDS_EACH:-10}
+WORLD=${WORLD:-conversion}
 source bench/common.sh
 need nginx
 ORIGIN=19401 P=19402 P_ADMIN=19403
 start_origin "127.0.0.1:$ORIGIN"
-RESULTS="$OUT/bandit-http.tsv"
-printf 'config\tseed\tregret\ton_best\n' > "$RESULTS"
+RESULTS="$OUT/bandit-http-$WORLD.tsv"
+printf 'config\tseed\tregret\ton_best\trecovery\n' > "$RESULTS"
 
-# run NAME BINARY BANDIT SEED: one sidecar with BANDIT as the model's bandit, one load.
+case "$WORLD" in
+  # Phases: SECONDS RATE_A RATE_B RATE_C [measured], one line each.
+  conversion) PHASES="$SECONDS_EACH 0.05 0.055 0.06 -" ;;
+  drift) PHASES="5 0.10 0.05 0.05 -
+2 0.05 0.05 0.10 -
+0.5 0.05 0.05 0.10 recovery
+2.5 0.05 0.05 0.10 -" ;;
+  *) echo "WORLD must be conversion or drift" >&2; exit 64 ;;
+esac
+
+# run NAME BINARY BANDIT SEED: one sidecar with BANDIT as the model's bandit, one load
+# per phase (the sidecar, and what its bandit learned, carry across phases).
 run() {
   local name=$1 bin=$2 bandit=$3 seed=$4
   cat > "$WORK/sy.yaml" <<YAML
@@ -44,44 +62,75 @@ YAML
   taskset -c 1 "$bin" serve --config "$WORK/sy.yaml" > "$WORK/logs/sy-$name-$seed.log" 2>&1 &
   local pid=$!
   wait_port "$P"
-  "$BIN" load -r "$RATE" -d "${SECONDS_EACH}s" --seed "$seed" --json \
-    --reward 'a=bernoulli(0.05)' --reward 'b=bernoulli(0.055)' --reward 'c=bernoulli(0.06)' \
-    "http://127.0.0.1:$P/v1/models/rec:predict" > "$WORK/load.json" 2> "$WORK/logs/load.err"
+  : > "$WORK/phases.tsv"
+  local i=0
+  while read -r secs ra rb rc tag; do
+    i=$((i + 1))
+    "$BIN" load -r "$RATE" -d "${secs}s" --seed "$((seed * 100 + i))" --json \
+      --reward "a=bernoulli($ra)" --reward "b=bernoulli($rb)" --reward "c=bernoulli($rc)" \
+      "http://127.0.0.1:$P/v1/models/rec:predict" > "$WORK/load.json" 2> "$WORK/logs/load.err"
+    python3 - "$WORK/load.json" "$ra" "$rb" "$rc" "$tag" >> "$WORK/phases.tsv" <<'PY'
+import json, sys
+path, ra, rb, rc, tag = sys.argv[1:]
+rate = {"a": float(ra), "b": float(rb), "c": float(rc)}
+r = json.load(open(path))
+counts = {v: r["variants"].get(v, {}).get("requests", 0) for v in rate}
+best = max(rate, key=rate.get)
+regret = sum(n * (rate[best] - rate[v]) for v, n in counts.items())
+print(f"{regret}\t{counts[best]}\t{sum(counts.values())}\t{tag}")
+PY
+  done <<< "$PHASES"
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  python3 - "$WORK/load.json" "$name" "$seed" >> "$RESULTS" <<'PY'
-import json, sys
+  python3 - "$WORK/phases.tsv" "$name" "$seed" >> "$RESULTS" <<'PY'
+import sys
 path, name, seed = sys.argv[1:]
-r = json.load(open(path))
-rate = {"a": 0.05, "b": 0.055, "c": 0.06}
-counts = {v: r["variants"].get(v, {}).get("requests", 0) for v in rate}
-total = sum(counts.values())
-regret = sum(n * (0.06 - rate[v]) for v, n in counts.items())
-print(f"{name}\t{seed}\t{regret:.1f}\t{counts['c'] / max(total, 1):.3f}")
+rows = [l.split("\t") for l in open(path).read().splitlines()]
+regret = sum(float(r[0]) for r in rows)
+on_best = sum(int(r[1]) for r in rows) / max(sum(int(r[2]) for r in rows), 1)
+rec = [int(r[1]) / max(int(r[2]), 1) for r in rows if r[3] == "recovery"]
+print(f"{name}\t{seed}\t{regret:.1f}\t{on_best:.3f}\t{rec[0] if rec else '-'}")
 PY
 }
 
 for seed in $(seq 1 "$SEEDS"); do
   run defaults "$BIN" "{objective: conversion}" "$seed"
-  run thompson "$BIN" "{objective: conversion, mode: per_request, warmup: 0, min_weight: 0}" "$seed"
+  run thompson "$BIN" "{objective: conversion, detect_changes: false}" "$seed"
   if [ -n "${BEFORE:-}" ]; then
     run before "$BEFORE" "{objective: conversion}" "$seed"
   fi
 done
 
+# The simulator, same world, same decisions (rewards of 1 per conversion: its worlds
+# pay 20, so its regret is divided by 20).
+DECISIONS=$(python3 -c "print(int(sum(float(l.split()[0]) for l in '''$PHASES'''.splitlines()) * $RATE))")
+"$BIN" simulate --requests "$DECISIONS" --rate "$RATE" --seeds 10 --json > "$WORK/sim.json"
+
 echo
-echo "Bandit over HTTP: $SEEDS seeds × $SECONDS_EACH s at $RATE req/s ($(nproc) cores, $(date -u +%F))"
-python3 - "$RESULTS" <<'PY'
-import csv, sys
+echo "Bandit over HTTP, world $WORLD: $SEEDS seeds × $DECISIONS decisions at $RATE req/s ($(nproc) cores, $(date -u +%F))"
+python3 - "$RESULTS" "$WORK/sim.json" "$WORLD" <<'PY'
+import csv, json, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 by = {}
 for r in rows:
-    by.setdefault(r["config"], []).append((float(r["regret"]), float(r["on_best"])))
-ref = sum(x for x, _ in by["thompson"]) / len(by["thompson"])
-print(f"{'config':<10} {'regret (mean)':>14} {'min':>8} {'max':>8} {'on best':>8} {'÷ thompson':>11}")
-for name, xs in by.items():
-    reg = [x for x, _ in xs]
-    mean = sum(reg) / len(reg)
-    best = sum(b for _, b in xs) / len(xs)
-    print(f"{name:<10} {mean:>14.1f} {min(reg):>8.1f} {max(reg):>8.1f} {best:>8.3f} {mean / ref:>11.2f}")
+    by.setdefault(r["config"], []).append(r)
+mean = lambda xs: sum(xs) / len(xs)
+ref = mean([float(r["regret"]) for r in by["thompson"]])
+print(f"{'config':<10} {'regret (mean)':>14} {'min':>8} {'max':>8} {'on best':>8} {'recovery':>9} {'÷ thompson':>11}")
+for name, rs in by.items():
+    reg = [float(r["regret"]) for r in rs]
+    best = mean([float(r["on_best"]) for r in rs])
+    rec = [float(r["recovery"]) for r in rs if r["recovery"] != "-"]
+    rec = f"{100 * mean(rec):.1f}%" if rec else "-"
+    print(f"{name:<10} {mean(reg):>14.1f} {min(reg):>8.1f} {max(reg):>8.1f} {best:>8.3f} {rec:>9} {mean(reg) / ref:>11.2f}")
+sim = json.load(open(sys.argv[2]))
+key = "conversion 5.0/5.5/6.0%" if sys.argv[3] == "conversion" else "the starved 5% arm"
+for w in sim["worlds"]:
+    if w["name"].startswith(key) or key in w["name"]:
+        res = {r["strategy"]: r for r in w["results"]}
+        ours, th = w["results"][0], res["thompson-per-request"]
+        print(f"simulator, same world and decisions, 10 seeds: defaults {ours['regret'] / 20:.1f}, "
+              f"reference {th['regret'] / 20:.1f} ({ours['regret'] / th['regret']:.2f}×)"
+              + (f", recovery {100 * ours['share_after_switch']:.1f}%" if ours.get("share_after_switch") is not None else ""))
+        break
 PY

@@ -5,6 +5,8 @@
 //! - [`load_config`] / [`DEFAULT_CONFIG`]: the config file, or the built-in one.
 //! - [`start`]: runs the data plane and admin listeners; returns a [`Running`] handle.
 //! - [`bandits`]: the bandit tasks, wired between the router's feedback and selectors.
+//! - [`evaluate`]: `switchyard evaluate`, off-policy estimates (IPS, SNIPS, doubly
+//!   robust) of other policies from the decisions file.
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 // One audited call (the shadow thread's priority) needs `unsafe`; nothing else may.
@@ -25,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod bandits;
+pub mod evaluate;
 pub mod simulate;
 
 pub use switchyard_config as config;

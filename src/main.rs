@@ -47,6 +47,25 @@ enum Command {
     /// revenue posted as feedback. Exits 64 on bad arguments, 69 when the target refuses,
     /// 71 when the file-descriptor limit is too low for the connections asked for.
     Load(switchyard_load::LoadArgs),
+    /// Estimate, from the decisions file (`bandit.decisions_file`), what other policies
+    /// would have earned on the same traffic: inverse-propensity (IPS, SNIPS) and
+    /// doubly-robust estimates with 95% intervals. Exits 64 on a bad policy, 66 when the
+    /// file cannot be read.
+    Evaluate {
+        /// The decisions file.
+        #[arg(long)]
+        log: PathBuf,
+        /// Only this model (default: every model in the file).
+        #[arg(long)]
+        model: Option<String>,
+        /// A policy to estimate (repeatable): `uniform`, `pin:VARIANT`,
+        /// `fixed:a=1,b=3`. The logged policy is always estimated first.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the bandit against seeded simulated worlds (no network) and compare it with
     /// a fixed split, ε-greedy and Seldon-style truncated Thompson sampling.
     Simulate {
@@ -59,6 +78,10 @@ enum Command {
         /// Runs per scenario and strategy (seeds `seed`, `seed + 1`, …), averaged.
         #[arg(long, default_value_t = 5)]
         seeds: u64,
+        /// Decisions per second: how many decisions one `update_interval` and one
+        /// second of feedback delay are.
+        #[arg(long, default_value_t = switchyard_bandit::simulate::DEFAULT_RATE)]
+        rate: f64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -190,13 +213,20 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::ModelServer(args) => model_server(&args),
         Command::Load(args) => load(&args),
+        Command::Evaluate {
+            log,
+            model,
+            policies,
+            json,
+        } => evaluate(&log, model.as_deref(), &policies, json),
         Command::Simulate {
             requests,
             seed,
             seeds,
+            rate,
             json,
             svg,
-        } => simulate(requests.max(10), seed, seeds, json, svg),
+        } => simulate(requests.max(10), rate, seed, seeds, json, svg),
     }
 }
 
@@ -220,8 +250,19 @@ fn validate(file: PathBuf) -> ExitCode {
     }
 }
 
-fn simulate(requests: u64, seed: u64, seeds: u64, json: bool, svg: Option<PathBuf>) -> ExitCode {
-    let results = switchyard::simulate::simulate(requests, seed, seeds);
+fn simulate(
+    requests: u64,
+    rate: f64,
+    seed: u64,
+    seeds: u64,
+    json: bool,
+    svg: Option<PathBuf>,
+) -> ExitCode {
+    if !(rate.is_finite() && rate > 0.0) {
+        eprintln!("switchyard: --rate must be a positive number of decisions per second");
+        return ExitCode::from(64);
+    }
+    let results = switchyard::simulate::simulate(requests, rate, seed, seeds);
     if let Some(path) = svg {
         if let Err(e) = std::fs::write(&path, switchyard::simulate::svg(&results)) {
             eprintln!("switchyard: cannot write {}: {e}", path.display());
@@ -229,13 +270,45 @@ fn simulate(requests: u64, seed: u64, seeds: u64, json: bool, svg: Option<PathBu
         }
     }
     let text = if json {
-        switchyard::simulate::to_json(&results, requests, seed, seeds).to_string()
+        switchyard::simulate::to_json(&results, requests, rate, seed, seeds).to_string()
     } else {
-        switchyard::simulate::table(&results, requests, seeds.max(1))
+        switchyard::simulate::table(&results, requests, rate, seeds.max(1))
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");
     ExitCode::SUCCESS
+}
+
+fn evaluate(
+    log: &std::path::Path,
+    model: Option<&str>,
+    policies: &[String],
+    json: bool,
+) -> ExitCode {
+    use switchyard::evaluate::{self as ev, Policy};
+    let parsed: Result<Vec<Policy>, String> = policies.iter().map(|p| Policy::parse(p)).collect();
+    let policies = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("switchyard: --policy {e}");
+            return ExitCode::from(64);
+        }
+    };
+    match ev::evaluate(log, model, &policies) {
+        Ok(report) => {
+            let text = if json {
+                ev::to_json(&report).to_string()
+            } else {
+                ev::table(&report)
+            };
+            let _ = writeln!(std::io::stdout().lock(), "{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::from(66)
+        }
+    }
 }
 
 fn plural(n: usize) -> &'static str {

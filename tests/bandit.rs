@@ -849,3 +849,84 @@ async fn feedback_is_learned_at_once_and_weights_follow_within_update_every() {
     }
     assert!(moved, "the weights did not follow 40 rewards");
 }
+
+/// With `bandit.decisions_file`, every settled decision becomes a line (feedback taken,
+/// or expired without any), and `switchyard evaluate` reads them: variant `b` always
+/// converts and `a` never does, so pinning `b` is estimated near 1 and pinning `a` at 0,
+/// and the logged policy at the log's own conversion rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_decisions_are_written_for_off_policy_evaluation() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let dir = std::env::temp_dir().join(format!("switchyard-decisions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("decisions.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let app = start(&format!(
+        r#"
+seed: 5
+bandit: {{decisions_file: "{}"}}
+models:
+  rec:
+    bandit: {{objective: conversion, feedback_ttl: 1s}}
+    variants:
+      - {{name: a, upstream: "{}", weight: 1}}
+      - {{name: b, upstream: "{}", weight: 1}}
+"#,
+        file.display(),
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let (na, nb) = teach(&app, 10).await;
+    // 20 more predictions that never get feedback: they settle at their 1 s TTL.
+    let c = client();
+    for _ in 0..20 {
+        predict(
+            &c,
+            &format!("http://{}/v1/models/rec:predict", app.data_addr),
+        )
+        .await;
+    }
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        lines = text.lines().map(str::to_string).collect();
+        if lines.len() >= 220 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines.len(), 220, "every settled decision, once");
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parsed.iter().filter(|v| v["feedback"] == true).count(), 200);
+    for v in &parsed {
+        let p = v["probability"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{v}");
+        assert_eq!(v["model"], "rec");
+    }
+    let report = switchyard::evaluate::evaluate(
+        &file,
+        Some("rec"),
+        &[
+            switchyard::evaluate::Policy::parse("pin:a").unwrap(),
+            switchyard::evaluate::Policy::parse("pin:b").unwrap(),
+        ],
+    )
+    .unwrap();
+    let m = &report.models[0];
+    assert_eq!((m.decisions, m.with_feedback), (220, 200));
+    let logged = &m.estimates[0];
+    assert!(
+        (logged.ips.0 - nb as f64 / 220.0).abs() < 1e-9,
+        "{logged:?} ({na} on a)"
+    );
+    assert_eq!(m.estimates[1].ips.0, 0.0, "a never converts");
+    let pin_b = &m.estimates[2];
+    assert!(pin_b.dr.0 > 0.5 && pin_b.snips > 0.5, "{pin_b:?}");
+    app.shutdown();
+    app.wait().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -178,7 +178,7 @@ fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["requests"], 3000);
     let worlds = v["worlds"].as_array().unwrap();
-    assert_eq!(worlds.len(), 6);
+    assert_eq!(worlds.len(), 7);
     for w in worlds {
         let names: Vec<&str> = w["results"]
             .as_array()
@@ -189,12 +189,14 @@ fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
         assert_eq!(
             names,
             [
-                // The defaults, then each guardrail off in turn, then all off.
-                "bandit(warmup 100, floor 0.01, step 0.2, every 100)",
-                "bandit(warmup 0, floor 0.01, step 0.2, every 100)",
-                "bandit(warmup 100, floor 0.01, step 1, every 100)",
-                "bandit(warmup 100, floor 0, step 0.2, every 100)",
-                "bandit(warmup 0, floor 0, step 1, every 100)",
+                // The defaults, then each guardrail or mode a user may choose.
+                "per-request(warmup 0, floor 0, detect)",
+                "per-request(warmup 100, floor 0, detect)",
+                "per-request(warmup 0, floor 0.01, detect)",
+                "per-request(warmup 0, floor 0)",
+                "weights(warmup 0, floor 0, step 1, every 100/1s, detect)",
+                "weights(warmup 0, floor 0, step 0.2, every 100/1s, detect)",
+                "weights(warmup 100, floor 0.01, step 0.2, every 100/1s)",
                 "thompson-per-request",
                 "fixed-split",
                 "epsilon-greedy(0.1)",
@@ -202,14 +204,84 @@ fn simulate_reports_every_world_and_strategy_as_json_and_svg() {
             ]
         );
         // A fixed 1/3 split is on the best of three arms about a third of the time.
-        let fixed = w["results"][6]["share_on_best"].as_f64().unwrap();
+        let fixed = w["results"][8]["share_on_best"].as_f64().unwrap();
         assert!((fixed - 1.0 / 3.0).abs() < 0.05, "{fixed}");
     }
     let svg = std::fs::read_to_string(svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(
         svg.matches("<polyline").count(),
-        6 * 3,
+        7 * 3,
         "one line per arm per world"
     );
+}
+
+/// `evaluate` reads a decisions file and prints each policy's estimates; a bad policy
+/// is a usage error (64) that says how to write one, a missing file 66.
+#[test]
+fn evaluate_estimates_policies_from_a_decisions_file() {
+    let mut text = String::new();
+    // Logged 50/50; a converts 1 time in 4, b 3 times in 4.
+    for i in 0..400 {
+        let (variant, converted) = if i % 2 == 0 {
+            ("a", i % 8 == 0)
+        } else {
+            ("b", i % 8 != 1)
+        };
+        text.push_str(&format!(
+            "{{\"time_ms\":0,\"model\":\"rec\",\"variant\":\"{variant}\",\"probability\":0.5,\"reward\":{},\"feedback\":true}}\n",
+            u8::from(converted)
+        ));
+    }
+    let log = temp_file("decisions.jsonl", &text);
+    let out = switchyard()
+        .args([
+            "evaluate",
+            "--json",
+            "--policy",
+            "pin:b",
+            "--policy",
+            "fixed:a=1,b=3",
+            "--log",
+        ])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let est = &v["models"][0]["estimates"];
+    let names: Vec<&str> = est
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["logged", "pin:b", "fixed:a=1,b=3"]);
+    // With these exact shares every estimator is exact: 0.5, 0.75, 0.25/4 + 0.75·3/4.
+    for (e, want) in est.as_array().unwrap().iter().zip([0.5, 0.75, 0.625]) {
+        for k in ["ips", "snips", "dr"] {
+            assert!(
+                (e[k].as_f64().unwrap() - want).abs() < 1e-9,
+                "{} {k}: {e}",
+                e["policy"]
+            );
+        }
+    }
+    let bad = switchyard()
+        .args(["evaluate", "--policy", "best", "--log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("pin:VARIANT"));
+    let missing = switchyard()
+        .args(["evaluate", "--log", "/nonexistent/decisions.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(66));
 }

@@ -9,6 +9,8 @@
 //! - [`policy`]: the probability that each variant is best (Monte Carlo over posterior
 //!   draws), per-request Thompson picks, and the guardrails (exploration floor, largest
 //!   step per update, warm-up, pin, freeze) applied before weights are published.
+//! - [`detect`]: a change detector per arm (a GLR test over recent rewards), so the
+//!   bandit forgets what no longer holds and nothing in a world that stands still.
 //! - [`engine`]: [`Bandit`], one model's arms: rewards in, guarded weights out.
 //! - [`simulate`]: seeded worlds (conversion, revenue, profit; delayed and missing
 //!   feedback; a best arm that changes) and baselines (fixed split, ε-greedy, Seldon's
@@ -22,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod detect;
 pub mod engine;
 pub mod error;
 pub mod objective;
@@ -32,5 +35,8 @@ pub mod simulate;
 pub use engine::{Bandit, BanditConfig};
 pub use error::BanditError;
 pub use objective::{Feedback, Objective};
-pub use policy::{apply_guardrails, p_best, thompson_pick, Guardrails, Override};
+pub use policy::{
+    apply_guardrails, p_best, p_best_among, thompson_pick, thompson_pick_among, Guardrails,
+    Override,
+};
 pub use posterior::Posterior;

@@ -7,26 +7,54 @@ use crate::posterior::Posterior;
 /// The probability that each arm is best, estimated from `draws` joint posterior draws
 /// (each draw samples every arm once; the highest wins). Sums to 1.
 pub fn p_best<R: Rng + ?Sized>(arms: &[Posterior], draws: usize, rng: &mut R) -> Vec<f64> {
+    p_best_among(arms, &[], draws, rng)
+}
+
+/// As [`p_best`] among the arms `eligible` marks (all when it is empty): the others are
+/// never best.
+pub fn p_best_among<R: Rng + ?Sized>(
+    arms: &[Posterior],
+    eligible: &[bool],
+    draws: usize,
+    rng: &mut R,
+) -> Vec<f64> {
     let mut wins = vec![0usize; arms.len()];
     if arms.is_empty() || draws == 0 {
         return vec![0.0; arms.len()];
     }
     for _ in 0..draws {
-        wins[thompson_pick(arms, rng)] += 1;
+        wins[thompson_pick_among(arms, eligible, rng)] += 1;
     }
     wins.iter().map(|w| *w as f64 / draws as f64).collect()
 }
 
-/// Per-request Thompson sampling: draw once from every arm, pick the highest.
+/// Per-request Thompson sampling: draw once from every arm, pick the highest. Real-valued
+/// rewards are drawn with the arms' pooled variance as a floor
+/// ([`Posterior::sample_with_floor`] says why).
 pub fn thompson_pick<R: Rng + ?Sized>(arms: &[Posterior], rng: &mut R) -> usize {
-    let mut best = (f64::NEG_INFINITY, 0);
+    thompson_pick_among(arms, &[], rng)
+}
+
+/// As [`thompson_pick`] among the arms `eligible` marks (all when it is empty). A
+/// variant configured with weight 0 is not eligible: it is there to be a fallback or to
+/// be pinned, and the bandit does not explore it.
+pub fn thompson_pick_among<R: Rng + ?Sized>(
+    arms: &[Posterior],
+    eligible: &[bool],
+    rng: &mut R,
+) -> usize {
+    let floor = Posterior::pooled_variance(arms);
+    let mut best = (f64::NEG_INFINITY, None);
     for (i, arm) in arms.iter().enumerate() {
-        let v = arm.sample(rng);
-        if v > best.0 {
-            best = (v, i);
+        if eligible.get(i) == Some(&false) {
+            continue;
+        }
+        let v = arm.sample_with_floor(rng, floor);
+        if v > best.0 || best.1.is_none() {
+            best = (v, Some(i));
         }
     }
-    best.1
+    best.1.unwrap_or(0)
 }
 
 /// Limits on how weights may move.

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rand_distr::{Distribution, LogNormal, Normal};
 
 use crate::engine::{Bandit, BanditConfig};
 use crate::objective::{Feedback, Objective};
@@ -23,6 +23,17 @@ pub enum ArmSpec {
         /// Cost per prediction.
         cost: f64,
     },
+    /// Converts with probability `p`, each conversion worth a log-normal order value
+    /// (σ 1: one order in a hundred is worth ten times the median), less `cost` per
+    /// prediction.
+    HeavyTailed {
+        /// Conversion probability.
+        p: f64,
+        /// Median order value (the mean is e^0.5 ≈ 1.65 times it).
+        median: f64,
+        /// Cost per prediction.
+        cost: f64,
+    },
     /// Earns a normally distributed revenue per prediction.
     Normal {
         /// Mean revenue.
@@ -37,7 +48,9 @@ pub enum ArmSpec {
 impl ArmSpec {
     fn cost(&self) -> f64 {
         match self {
-            ArmSpec::Bernoulli { cost, .. } | ArmSpec::Normal { cost, .. } => *cost,
+            ArmSpec::Bernoulli { cost, .. }
+            | ArmSpec::HeavyTailed { cost, .. }
+            | ArmSpec::Normal { cost, .. } => *cost,
         }
     }
 
@@ -45,6 +58,7 @@ impl ArmSpec {
     fn payoff(&self, objective: Objective) -> f64 {
         let revenue = match self {
             ArmSpec::Bernoulli { p, value, .. } => p * value,
+            ArmSpec::HeavyTailed { p, median, .. } => p * median * 0.5f64.exp(),
             ArmSpec::Normal { mean, .. } => *mean,
         };
         match objective {
@@ -58,6 +72,14 @@ impl ArmSpec {
             ArmSpec::Bernoulli { p, value, .. } => {
                 let c = rng.random::<f64>() < *p;
                 (if c { *value } else { 0.0 }, c)
+            }
+            ArmSpec::HeavyTailed { p, median, .. } => {
+                if rng.random::<f64>() < *p {
+                    let value = LogNormal::new(median.ln(), 1.0).map_or(*median, |d| d.sample(rng));
+                    (value, true)
+                } else {
+                    (0.0, false)
+                }
             }
             ArmSpec::Normal { mean, sd, .. } => {
                 let r = Normal::new(*mean, *sd).map_or(*mean, |n| n.sample(rng));
@@ -80,21 +102,43 @@ pub struct World {
     pub max_delay: u64,
     /// Share of feedback that never arrives.
     pub missing: f64,
+    /// Decisions per second: with the update cadence's `update_interval` and
+    /// `max_delay_seconds`, what turns time into decisions.
+    pub rate: f64,
+    /// Feedback arrives a further uniform 0..`max_delay_seconds` later.
+    pub max_delay_seconds: f64,
+}
+
+impl World {
+    /// The same world at `rate` decisions per second.
+    pub fn at_rate(&self, rate: f64) -> World {
+        World {
+            rate,
+            ..self.clone()
+        }
+    }
 }
 
 /// How traffic is split.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Strategy {
-    /// Our bandit: weights from P(best) and guardrails, published every `update_every`
-    /// requests.
+    /// Our bandit as the sidecar runs it: each reward learned at once; weights
+    /// recomputed every `update_every` rewards or `update_interval` seconds, whichever
+    /// comes first; traffic split by those weights, or (`per_request`) by a posterior
+    /// draw per decision, exploring uniformly with probability arms × `min_weight`.
     Bandit {
         /// The bandit's configuration.
         config: BanditConfig,
-        /// Requests between weight updates.
+        /// Draw per decision instead of splitting by the published weights.
+        per_request: bool,
+        /// Rewards between weight updates, at most.
         update_every: u64,
+        /// Seconds between weight updates, at most.
+        update_interval: f64,
     },
-    /// Per-request Thompson sampling with our posteriors.
-    Thompson(BanditConfig),
+    /// The reference: per-request Thompson sampling on our posteriors with every reward
+    /// learned at once, no guardrails, no forgetting.
+    Thompson(Objective),
     /// The configured weights, forever.
     Fixed,
     /// With probability ε a random arm, else the best empirical mean.
@@ -110,13 +154,28 @@ impl Strategy {
         match self {
             Strategy::Bandit {
                 config,
+                per_request,
                 update_every,
+                update_interval,
             } => {
                 let g = &config.guardrails;
-                format!(
-                    "bandit(warmup {}, floor {}, step {}, every {update_every})",
-                    g.warmup, g.min_weight, g.max_step
-                )
+                let forget = match (config.detect, config.half_life) {
+                    (Some(_), Some(h)) => format!(", detect, half-life {h}"),
+                    (Some(_), None) => ", detect".into(),
+                    (None, Some(h)) => format!(", half-life {h}"),
+                    (None, None) => String::new(),
+                };
+                if *per_request {
+                    format!(
+                        "per-request(warmup {}, floor {}{forget})",
+                        g.warmup, g.min_weight
+                    )
+                } else {
+                    format!(
+                        "weights(warmup {}, floor {}, step {}, every {update_every}/{update_interval}s{forget})",
+                        g.warmup, g.min_weight, g.max_step
+                    )
+                }
             }
             Strategy::Thompson(_) => "thompson-per-request".into(),
             Strategy::Fixed => "fixed-split".into(),
@@ -137,10 +196,17 @@ pub struct Report {
     pub share_on_best: f64,
     /// The same over the last tenth of the run.
     pub share_on_best_at_end: f64,
-    /// (request, weights) snapshots: the published weights for `Bandit`, the recent
-    /// traffic share per arm for the others.
+    /// Share of the decisions 4,000–5,000 after the world's switch that went to the new
+    /// best arm (the recovery criterion); `None` without a switch in the run.
+    pub share_after_switch: Option<f64>,
+    /// Changes the bandit's detector declared.
+    pub changes: u64,
+    /// (decision, shares) snapshots: each arm's share of the traffic since the last.
     pub history: Vec<(u64, Vec<f64>)>,
 }
+
+/// The decisions after a switch over which [`Report::share_after_switch`] is measured.
+pub const RECOVERY_WINDOW: std::ops::Range<u64> = 4_000..5_000;
 
 struct Pending {
     due: u64,
@@ -159,15 +225,45 @@ pub fn run(
     horizon: u64,
     seed: u64,
 ) -> Report {
+    // Common random numbers: the k-th decision draws from `rng`, the k-th pull of arm
+    // i earns the same reward (and the same delay, the same fate of its feedback)
+    // whichever strategy runs, and the weight updates' Monte Carlo has its own stream.
+    // Strategies are then compared on the same luck, which is what makes ten seeds
+    // enough to order them; and per-request Thompson sampling with nothing else on
+    // makes the same decisions as the reference.
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut update_rng = StdRng::seed_from_u64(seed ^ 0x005e_ed0f_u64);
+    let mut arm_rngs: Vec<StdRng> = (0..world.arms.len() as u64)
+        .map(|i| StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i + 1)))
+        .collect();
     let n = world.arms.len();
     let mut arms = world.arms.clone();
     let mut bandit = match strategy {
-        Strategy::Bandit { config, .. } | Strategy::Thompson(config) => {
-            Some(Bandit::new(config.clone(), initial))
-        }
+        Strategy::Bandit { config, .. } => Some(Bandit::new(config.clone(), initial)),
+        Strategy::Thompson(objective) => Some(Bandit::new(
+            BanditConfig {
+                objective: *objective,
+                guardrails: crate::policy::Guardrails {
+                    min_weight: 0.0,
+                    max_step: 1.0,
+                    warmup: 0,
+                },
+                draws: 1000,
+                half_life: None,
+                prior: None,
+                detect: None,
+            },
+            initial,
+        )),
         _ => None,
     };
+    let rate = if world.rate > 0.0 { world.rate } else { 1.0 };
+    let (mut since_update, mut updated_at) = (0u64, 0u64);
+    let recovery = world
+        .switch
+        .as_ref()
+        .map(|(at, _)| at + RECOVERY_WINDOW.start..at + RECOVERY_WINDOW.end);
+    let mut on_best_recovery = 0u64;
     let total: f64 = initial.iter().sum();
     let fixed: Vec<f64> = initial.iter().map(|w| w / total).collect();
     let mut sums = vec![0.0; n];
@@ -207,6 +303,7 @@ pub fn run(
                 let reward = objective.reward(&fb, cost).unwrap_or(0.0);
                 if let Some(b) = bandit.as_mut() {
                     b.observe(p.arm, reward);
+                    since_update += 1;
                 }
                 sums[p.arm] += reward;
                 counts[p.arm] += 1;
@@ -215,14 +312,48 @@ pub fn run(
                 i += 1;
             }
         }
-        let arm = match strategy {
-            Strategy::Bandit { .. } => sample(
-                bandit.as_ref().map_or(&fixed[..], |b| b.weights()),
-                &mut rng,
-            ),
-            Strategy::Thompson(_) => bandit.as_ref().map_or(0, |b| b.pick(&mut rng)),
-            Strategy::Fixed => sample(&fixed, &mut rng),
-            Strategy::EpsilonGreedy(eps) => {
+        // The update task: woken by `update_every` rewards or by `update_interval`.
+        // Per-request decisions read the posteriors, never the published weights, so
+        // their updates (P(best) for reports) are skipped here: same decisions, less
+        // Monte Carlo.
+        if let (
+            Strategy::Bandit {
+                update_every,
+                update_interval,
+                per_request: false,
+                ..
+            },
+            Some(b),
+        ) = (strategy, bandit.as_mut())
+        {
+            let seconds = (t - updated_at) as f64 / rate;
+            if since_update >= (*update_every).max(1) || seconds >= *update_interval {
+                b.update(&mut update_rng);
+                since_update = 0;
+                updated_at = t;
+            }
+        }
+        let arm = match (strategy, bandit.as_ref()) {
+            (
+                Strategy::Bandit {
+                    config,
+                    per_request: true,
+                    ..
+                },
+                Some(b),
+            ) if b.steering() => {
+                let explore = (config.guardrails.min_weight * n as f64).min(1.0);
+                if explore > 0.0 && rng.random::<f64>() < explore {
+                    (rng.random::<u64>() % n as u64) as usize
+                } else {
+                    b.pick(&mut rng)
+                }
+            }
+            (Strategy::Bandit { .. }, Some(b)) => sample(b.weights(), &mut rng),
+            (Strategy::Thompson(_), Some(b)) => b.pick(&mut rng),
+            (Strategy::Bandit { .. } | Strategy::Thompson(_), None) => sample(&fixed, &mut rng),
+            (Strategy::Fixed, _) => sample(&fixed, &mut rng),
+            (Strategy::EpsilonGreedy(eps), _) => {
                 if rng.random::<f64>() < *eps || counts.contains(&0) {
                     (rng.random::<u64>() % n as u64) as usize
                 } else {
@@ -234,7 +365,7 @@ pub fn run(
                         .unwrap_or(0)
                 }
             }
-            Strategy::SeldonThompson => crate::policy::thompson_pick(&seldon, &mut rng),
+            (Strategy::SeldonThompson, _) => crate::policy::thompson_pick(&seldon, &mut rng),
         };
         let payoffs: Vec<f64> = arms.iter().map(|a| a.payoff(objective)).collect();
         let best = (0..n)
@@ -246,15 +377,27 @@ pub fn run(
             if t >= end_from {
                 on_best_end += 1;
             }
+            if recovery.as_ref().is_some_and(|r| r.contains(&t)) {
+                on_best_recovery += 1;
+            }
         }
         window[arm] += 1;
-        let (revenue, converted) = arms[arm].draw(&mut rng);
-        if rng.random::<f64>() >= world.missing {
-            let delay = if world.max_delay == 0 {
+        let arm_rng = &mut arm_rngs[arm];
+        let (revenue, converted) = arms[arm].draw(arm_rng);
+        let (kept, delay_draw, delay_seconds_draw) = (
+            arm_rng.random::<f64>(),
+            arm_rng.random::<u64>(),
+            arm_rng.random::<f64>(),
+        );
+        if kept >= world.missing {
+            let mut delay = if world.max_delay == 0 {
                 0
             } else {
-                rng.random::<u64>() % (world.max_delay + 1)
+                delay_draw % (world.max_delay + 1)
             };
+            if world.max_delay_seconds > 0.0 {
+                delay += (delay_seconds_draw * world.max_delay_seconds * rate) as u64;
+            }
             queue.push_back(Pending {
                 due: t + 1 + delay,
                 arm,
@@ -262,21 +405,11 @@ pub fn run(
                 converted,
             });
         }
-        if let Strategy::Bandit { update_every, .. } = strategy {
-            if (t + 1) % update_every.max(&1) == 0 {
-                if let Some(b) = bandit.as_mut() {
-                    b.update(&mut rng);
-                }
-            }
-        }
         if (t + 1) % snapshot_every == 0 {
-            let shares = match (strategy, bandit.as_ref()) {
-                (Strategy::Bandit { .. }, Some(b)) => b.weights().to_vec(),
-                _ => window
-                    .iter()
-                    .map(|c| *c as f64 / snapshot_every as f64)
-                    .collect(),
-            };
+            let shares = window
+                .iter()
+                .map(|c| *c as f64 / snapshot_every as f64)
+                .collect();
             history.push((t + 1, shares));
             window.iter_mut().for_each(|c| *c = 0);
         }
@@ -286,6 +419,10 @@ pub fn run(
         regret,
         share_on_best: on_best as f64 / horizon as f64,
         share_on_best_at_end: on_best_end as f64 / (horizon - end_from).max(1) as f64,
+        share_after_switch: recovery
+            .filter(|r| r.end <= horizon)
+            .map(|r| on_best_recovery as f64 / (r.end - r.start) as f64),
+        changes: bandit.as_ref().map_or(0, Bandit::changes),
         history,
     }
 }
@@ -302,20 +439,23 @@ fn sample(weights: &[f64], rng: &mut StdRng) -> usize {
     weights.len().saturating_sub(1)
 }
 
-/// A named scenario: a world, the objective it is judged by, and the bandit's decay.
+/// A named scenario: a world and the objective it is judged by.
 #[derive(Debug, Clone)]
 pub struct Scenario {
     /// The world.
     pub world: World,
     /// What is maximised.
     pub objective: Objective,
-    /// The bandit's half-life (for drifting worlds).
-    pub half_life: Option<f64>,
 }
 
-/// The standard scenarios of `switchyard simulate` and `bench/bandit.sh`, scaled to a
-/// run of `requests` (switches happen half-way, delays are 2% of the run).
-pub fn standard(requests: u64) -> Vec<Scenario> {
+/// The request rate of the standard worlds unless one is asked for: what the issue's
+/// HTTP measurements ran at.
+pub const DEFAULT_RATE: f64 = 2000.0;
+
+/// The standard scenarios of `switchyard simulate`, `bench/bandit.sh` and the world
+/// tests, scaled to a run of `requests` at `rate` decisions per second (switches
+/// happen half-way, delays are up to 2% of the run).
+pub fn standard(requests: u64, rate: f64) -> Vec<Scenario> {
     let conv = |p| ArmSpec::Bernoulli {
         p,
         value: 20.0,
@@ -332,24 +472,22 @@ pub fn standard(requests: u64) -> Vec<Scenario> {
         switch: None,
         max_delay: 0,
         missing: 0.0,
+        rate,
+        max_delay_seconds: 0.0,
     };
+    let scenario = |world, objective| Scenario { world, objective };
     vec![
-        Scenario {
-            world: conversion.clone(),
-            objective: Objective::Conversion,
-            half_life: None,
-        },
-        Scenario {
-            world: World {
+        scenario(conversion.clone(), Objective::Conversion),
+        scenario(
+            World {
                 name: "revenue: gaussian means 1.0/1.1/1.2, sd 2".into(),
                 arms: vec![normal(1.0), normal(1.1), normal(1.2)],
                 ..conversion.clone()
             },
-            objective: Objective::Revenue,
-            half_life: None,
-        },
-        Scenario {
-            world: World {
+            Objective::Revenue,
+        ),
+        scenario(
+            World {
                 name: "profit: revenue 1.30/1.10/1.00, cost 0.40/0.05/0.10".into(),
                 arms: vec![
                     ArmSpec::Normal {
@@ -370,80 +508,67 @@ pub fn standard(requests: u64) -> Vec<Scenario> {
                 ],
                 ..conversion.clone()
             },
-            objective: Objective::Profit,
-            half_life: None,
-        },
-        Scenario {
-            world: World {
+            Objective::Profit,
+        ),
+        scenario(
+            World {
+                name: "profit, heavy-tailed order values: conversion 10/7/6%, cost 0.30/0.05/0.05"
+                    .into(),
+                // The most-converting arm is not the most profitable: 10% × 8.2 − 0.30 =
+                // 0.52, 7% × 9.9 − 0.05 = 0.64, 6% × 9.9 − 0.05 = 0.54 per prediction.
+                arms: vec![
+                    ArmSpec::HeavyTailed {
+                        p: 0.10,
+                        median: 5.0,
+                        cost: 0.30,
+                    },
+                    ArmSpec::HeavyTailed {
+                        p: 0.07,
+                        median: 6.0,
+                        cost: 0.05,
+                    },
+                    ArmSpec::HeavyTailed {
+                        p: 0.06,
+                        median: 6.0,
+                        cost: 0.05,
+                    },
+                ],
+                ..conversion.clone()
+            },
+            Objective::Profit,
+        ),
+        scenario(
+            World {
                 name: "conversion, feedback delayed up to 2% of the run".into(),
                 max_delay: (requests / 50).max(1),
                 ..conversion.clone()
             },
-            objective: Objective::Conversion,
-            half_life: None,
-        },
-        Scenario {
-            world: World {
+            Objective::Conversion,
+        ),
+        scenario(
+            World {
                 name: "conversion, 30% of feedback missing".into(),
                 missing: 0.3,
                 ..conversion.clone()
             },
-            objective: Objective::Conversion,
-            half_life: None,
-        },
-        Scenario {
-            world: World {
-                name: "conversion, best arm changes half-way".into(),
-                arms: vec![conv(0.060), conv(0.050), conv(0.050)],
-                switch: Some((requests / 2, vec![conv(0.050), conv(0.050), conv(0.060)])),
+            Objective::Conversion,
+        ),
+        scenario(
+            World {
+                name: "conversion 10/5/5%, the starved 5% arm becomes the 10% one half-way".into(),
+                arms: vec![conv(0.10), conv(0.05), conv(0.05)],
+                switch: Some((requests / 2, vec![conv(0.05), conv(0.05), conv(0.10)])),
                 ..conversion
             },
-            objective: Objective::Conversion,
-            half_life: Some(2000.0),
-        },
+            Objective::Conversion,
+        ),
     ]
 }
 
-/// The strategies compared in each scenario, ours first: the bandit with the config's
-/// defaults (`warmup` 100, `min_weight` 0.01, `max_step` 0.2, `update_every` 100), then
-/// with one guardrail off at a time and with all off, so each one's regret is stated.
-pub fn strategies(objective: Objective, half_life: Option<f64>) -> Vec<Strategy> {
-    let defaults = crate::policy::Guardrails {
-        min_weight: 0.01,
-        max_step: 0.2,
-        warmup: 100,
-    };
-    let config = |guardrails| BanditConfig {
-        objective,
-        guardrails,
-        draws: 1000,
-        half_life,
-        prior: None,
-    };
-    let bandit = |guardrails| Strategy::Bandit {
-        config: config(guardrails),
-        update_every: 100,
-    };
+/// The baselines every strategy of ours is compared with, the reference first.
+pub fn baselines(objective: Objective) -> Vec<Strategy> {
     vec![
-        bandit(defaults.clone()),
-        bandit(crate::policy::Guardrails {
-            warmup: 0,
-            ..defaults.clone()
-        }),
-        bandit(crate::policy::Guardrails {
-            max_step: 1.0,
-            ..defaults.clone()
-        }),
-        bandit(crate::policy::Guardrails {
-            min_weight: 0.0,
-            ..defaults.clone()
-        }),
-        bandit(crate::policy::Guardrails {
-            min_weight: 0.0,
-            max_step: 1.0,
-            warmup: 0,
-        }),
-        Strategy::Thompson(config(defaults)),
+        Strategy::Thompson(objective),
         Strategy::Fixed,
         Strategy::EpsilonGreedy(0.1),
         Strategy::SeldonThompson,

@@ -172,11 +172,14 @@ pub struct BanditSpec {
     /// a second the weights follow the posteriors within this many decisions rather
     /// than within `update_interval`. Default 100.
     pub update_every: u64,
-    /// Exploration floor: every variant keeps at least this share. Default 0.01.
+    /// Exploration floor: every variant keeps at least this share (under `per_request`,
+    /// a uniform pick with probability variants × `min_weight`). Default 0: Thompson
+    /// sampling explores by itself, and a floor costs regret on every decision
+    /// (BENCHMARKS.md states how much).
     pub min_weight: f64,
-    /// Largest change of one weight per update. Default 0.2.
+    /// Largest change of one weight per update (`mode: weights`). Default 1 (no limit).
     pub max_step: f64,
-    /// The configured weights hold until every variant has this many rewards. Default 100.
+    /// The configured weights hold until every variant has this many rewards. Default 0.
     pub warmup: u64,
     /// How long a prediction waits for its feedback. Default `10m`.
     #[serde(serialize_with = "crate::duration::serialize")]
@@ -186,11 +189,16 @@ pub struct BanditSpec {
     pub missing_feedback: MissingFeedback,
     /// Forget old evidence with this half-life, so the bandit follows a world that
     /// drifts: a number of rewards per variant (`2000`) or a duration (`30m`). Default:
-    /// never forget.
+    /// none (`detect_changes` forgets what changed, and only that).
     pub half_life: Option<HalfLife>,
-    /// `weights` (default): publish weights every `update_interval` and split traffic by
-    /// them; `per_request`: draw from the posteriors on every request (pure Thompson
-    /// sampling), exploring uniformly with probability variants × `min_weight`.
+    /// Watch each variant's rewards for a change (a likelihood-ratio test over its
+    /// latest 8,192 rewards); when one is found, that variant keeps only the evidence
+    /// since, and no other keeps more, so traffic looks again where it had stopped
+    /// looking. Default `true`: in a world that stands still it costs no regret.
+    pub detect_changes: bool,
+    /// `per_request` (default): draw from the posteriors on every request (Thompson
+    /// sampling on the newest evidence); `weights`: split traffic by the weights
+    /// published every `update_every` rewards or `update_interval`.
     pub mode: BanditMode,
     /// The prior belief about every variant before any reward. Default: uniform
     /// (`{alpha: 1, beta: 1}`) for conversion; `{mean: 0, strength: 1, shape: 1,
@@ -202,7 +210,7 @@ pub struct BanditSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BanditMode {
-    /// Published weights, recomputed every `update_interval`.
+    /// Published weights, recomputed every `update_every` rewards or `update_interval`.
     Weights,
     /// A posterior draw per request.
     PerRequest,
@@ -628,7 +636,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
 pub const MAX_DECISION_LOG_CAPACITY: u64 = 100_000_000;
 
 fn decode_bandit_runtime(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditRuntime> {
-    let f = Fields::new(cx, node, path, &["decision_log_capacity"])?;
+    let f = Fields::new(cx, node, path, &["decision_log_capacity", "decisions_file"])?;
     let capacity = f.optional(cx, "decision_log_capacity", |cx, n, p| {
         let v = positive_u64(cx, n, p)?;
         if v > MAX_DECISION_LOG_CAPACITY {
@@ -641,8 +649,10 @@ fn decode_bandit_runtime(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditR
         }
         usize::try_from(v).ok()
     });
+    let decisions_file = f.optional(cx, "decisions_file", decode::string);
     Some(BanditRuntime {
         decision_log_capacity: capacity.unwrap_or(DEFAULT_DECISION_LOG_CAPACITY),
+        decisions_file,
     })
 }
 
@@ -658,12 +668,18 @@ pub struct BanditRuntime {
     /// `switchyard_decisions_evicted_total`), and their feedback is answered 410.
     /// Size it as predictions per second × `feedback_ttl`. Default 1000000.
     pub decision_log_capacity: usize,
+    /// Where every settled decision is appended as one JSON line (model, variant, the
+    /// probability it was chosen with, its reward, whether feedback came): what
+    /// `switchyard evaluate` reads. Written off the request path; lines that cannot be
+    /// queued are dropped and counted. Default: not written.
+    pub decisions_file: Option<String>,
 }
 
 impl Default for BanditRuntime {
     fn default() -> Self {
         BanditRuntime {
             decision_log_capacity: DEFAULT_DECISION_LOG_CAPACITY,
+            decisions_file: None,
         }
     }
 }
@@ -821,6 +837,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
             "half_life",
             "prior",
             "mode",
+            "detect_changes",
         ],
     )?;
     let objective = f.required(cx, "objective", |cx, n, p| {
@@ -905,6 +922,7 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
             ],
         )
     });
+    let detect_changes = f.optional(cx, "detect_changes", decode::bool);
     let prior_node = f.get("prior");
     let prior = f.optional(cx, "prior", |cx, n, p| {
         let g = Fields::new(
@@ -948,13 +966,14 @@ fn decode_bandit(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditSpec> {
         objective: objective?,
         update_interval: update_interval.unwrap_or(Duration::from_secs(1)),
         update_every: update_every.unwrap_or(100),
-        min_weight: min_weight.unwrap_or(0.01),
-        max_step: max_step.unwrap_or(0.2),
-        warmup: warmup.unwrap_or(100),
+        min_weight: min_weight.unwrap_or(0.0),
+        max_step: max_step.unwrap_or(1.0),
+        warmup: warmup.unwrap_or(0),
         feedback_ttl: feedback_ttl.unwrap_or(Duration::from_secs(600)),
         missing_feedback: missing_feedback.unwrap_or(MissingFeedback::Ignore),
         half_life,
-        mode: mode.unwrap_or(BanditMode::Weights),
+        detect_changes: detect_changes.unwrap_or(true),
+        mode: mode.unwrap_or(BanditMode::PerRequest),
         prior,
     })
 }

@@ -54,6 +54,7 @@ pub(super) struct VariantMetrics {
     pub revenue: Counter,
     pub cost: Counter,
     pub expired: IntCounter,
+    pub changes: IntCounter,
     pub mean: Gauge,
     pub low: Gauge,
     pub high: Gauge,
@@ -90,18 +91,20 @@ impl Model {
     /// under `missing_feedback: zero`: many), republishes the picker's posteriors, and
     /// wakes the update task when `update_every` rewards have come in since the last.
     fn learn(&self, variant: usize, reward: f64, count: u64, revenue: f64, cost: f64) {
-        let (republish, due) = {
+        let (republish, due, changed) = {
             let mut l = self.lock();
+            let changes = l.bandit.changes();
             // One observation each: forgetting by observations counts every one.
             for _ in 0..count {
                 l.bandit.observe(variant, reward);
             }
+            let changed = l.bandit.changes() - changes;
             l.rewards[variant] += count;
             l.revenue[variant] += revenue;
             l.cost[variant] += cost;
             l.since_update += count;
             let republish = self.picker.as_ref().map(|_| PickerState::of(&l.bandit));
-            (republish, l.since_update >= self.update_every)
+            (republish, l.since_update >= self.update_every, changed)
         };
         if let (Some(p), Some(state)) = (&self.picker, republish) {
             p.state.store(Arc::new(state));
@@ -110,6 +113,7 @@ impl Model {
             self.wake.notify_one();
         }
         let m = &self.metrics[variant];
+        m.changes.inc_by(changed);
         m.rewards.inc_by(count);
         m.revenue.inc_by(revenue.max(0.0));
         m.cost.inc_by(cost.max(0.0));
@@ -144,7 +148,7 @@ impl Model {
     /// P(best) estimated from a copy of the posteriors outside the lock, then the
     /// guardrails. Republishes the picker's state and the gauges.
     pub fn update(&self, rng: &mut StdRng) -> Vec<f64> {
-        let (arms, draws) = {
+        let (arms, eligible, draws) = {
             let mut l = self.lock();
             let over = l.over;
             l.bandit.set_override(over);
@@ -156,9 +160,13 @@ impl Model {
                 l.decayed_at = now;
             }
             l.since_update = 0;
-            (l.bandit.arms().to_vec(), l.bandit.draws())
+            (
+                l.bandit.arms().to_vec(),
+                l.bandit.eligible(),
+                l.bandit.draws(),
+            )
         };
-        let target = switchyard_bandit::p_best(&arms, draws, rng);
+        let target = switchyard_bandit::p_best_among(&arms, &eligible, draws, rng);
         let (weights, state) = {
             let mut l = self.lock();
             let weights = l.bandit.apply_p_best(target).to_vec();
@@ -185,6 +193,8 @@ pub struct BanditSink {
     /// By model position in the config's sorted list (as decisions record it); `None`
     /// for models without a bandit.
     pub(super) models: Vec<Option<Arc<Model>>>,
+    /// `bandit.decisions_file`, when set: each settled decision is written there.
+    pub(super) export: Option<Arc<super::export::DecisionsFile>>,
 }
 
 impl BanditSink {
@@ -220,6 +230,9 @@ impl FeedbackSink for BanditSink {
             .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
         m.learn(variant, reward, 1, revenue, cost);
         m.delay.observe(age.as_secs_f64());
+        if let Some(x) = &self.export {
+            x.settled(&m.name, &m.variants[variant], d.probability, reward, true);
+        }
         Ok(())
     }
 }
@@ -228,6 +241,8 @@ impl FeedbackSink for BanditSink {
 #[derive(Debug)]
 pub(super) struct PickerState {
     pub arms: Vec<Posterior>,
+    /// Variants the bandit may pick (configured weight > 0).
+    pub eligible: Vec<bool>,
     pub p_best: Vec<f64>,
     /// False during warm-up and under an operator's override: the weight table decides.
     pub steering: bool,
@@ -238,6 +253,7 @@ impl PickerState {
     pub fn of(bandit: &Bandit) -> Self {
         PickerState {
             arms: bandit.arms().to_vec(),
+            eligible: bandit.eligible(),
             p_best: bandit.p_best().to_vec(),
             steering: bandit.steering(),
         }
@@ -275,17 +291,32 @@ impl Picker for SharedPicker {
             return None;
         }
         let explore = self.0.explore;
+        let eligible = st.eligible.iter().filter(|e| **e).count().max(1);
         PICK_RNG.with(|rng| {
             let mut rng = rng.borrow_mut();
-            let index = if rng.random::<f64>() < explore {
-                (rng.random::<u64>() % n as u64) as usize
+            let index = if explore > 0.0 && rng.random::<f64>() < explore {
+                // Uniform among the variants the bandit may pick.
+                let nth = (rng.random::<u64>() % eligible as u64) as usize;
+                (0..n)
+                    .filter(|i| st.eligible.get(*i) == Some(&true))
+                    .nth(nth)
+                    .unwrap_or(0)
             } else {
-                switchyard_bandit::thompson_pick(&st.arms, &mut *rng)
+                switchyard_bandit::thompson_pick_among(&st.arms, &st.eligible, &mut *rng)
             };
-            let p_best = st.p_best.get(index).copied().unwrap_or(0.0);
+            // The propensity recorded for off-policy evaluation: P(best) as of the last
+            // update, by Monte Carlo over `DRAWS` draws. A variant drawn now whose
+            // estimate was 0 has a true probability below about 1/DRAWS, not 0 (which
+            // no estimator could divide by): half of that stands in.
+            let p_best = st
+                .p_best
+                .get(index)
+                .copied()
+                .unwrap_or(0.0)
+                .max(0.5 / super::DRAWS as f64);
             Some(Pick {
                 index,
-                probability: explore / n as f64 + (1.0 - explore) * p_best,
+                probability: explore / eligible as f64 + (1.0 - explore) * p_best,
             })
         })
     }
@@ -374,6 +405,34 @@ mod tests {
         let weights = model.update(&mut rng);
         assert!(weights[1] > 0.99, "{weights:?}");
         assert_eq!(model.lock().since_update, 0);
+    }
+
+    /// With the defaults, a variant whose conversion rate falls from 50% to 0 is
+    /// noticed within a few hundred rewards: the change is counted, and the posterior
+    /// the picker samples keeps only what came after (its mean near 0, not near the
+    /// 41% that 1,024 old and 400 new rewards would average to).
+    #[test]
+    fn a_change_is_found_and_what_came_before_is_forgotten() {
+        let (sink, model) = sink("{objective: conversion}");
+        for i in 0..1024 {
+            sink.accept(&decision(0), Duration::ZERO, &converted(i % 2 == 0))
+                .unwrap();
+        }
+        assert_eq!(model.metrics[0].changes.get(), 0);
+        for _ in 0..400 {
+            sink.accept(&decision(0), Duration::ZERO, &converted(false))
+                .unwrap();
+        }
+        // Once, or twice when the first split was placed early and a few old rewards
+        // were left on the near side of it.
+        assert!((1..=2).contains(&model.metrics[0].changes.get()));
+        let state = model.picker.as_ref().unwrap().state.load();
+        assert!(state.arms[0].mean() < 0.05, "{}", state.arms[0].mean());
+        assert_eq!(
+            model.lock().rewards[0],
+            1424,
+            "every reward is still counted"
+        );
     }
 
     /// Expired decisions under `missing_feedback: zero` are learned as misses (and

@@ -12,6 +12,7 @@
 //!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
 //! - [`state`]: the state file and `/admin/state`'s JSON, checked when read back.
 
+mod export;
 mod learner;
 mod state;
 
@@ -29,7 +30,7 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use switchyard_bandit::policy::{Guardrails, Override};
 use switchyard_bandit::{Bandit, BanditConfig, Objective, Posterior};
-use switchyard_config::{BanditMode, BanditObjective, Config, HalfLife, Prior};
+use switchyard_config::{BanditMode, BanditObjective, BanditSpec, Config, HalfLife, Prior};
 use switchyard_router::Router;
 use tokio::task::JoinHandle;
 
@@ -47,6 +48,48 @@ fn objective(o: BanditObjective) -> Objective {
         BanditObjective::Conversion => Objective::Conversion,
         BanditObjective::Revenue => Objective::Revenue,
         BanditObjective::Profit => Objective::Profit,
+    }
+}
+
+/// The bandit a model's `bandit:` section asks for: the one place the config's keys
+/// become the bandit crate's settings (the runtime and `switchyard simulate` both read
+/// it, so the simulator's "defaults" are the config's).
+pub fn bandit_config(b: &BanditSpec) -> BanditConfig {
+    BanditConfig {
+        objective: objective(b.objective),
+        guardrails: Guardrails {
+            min_weight: b.min_weight,
+            max_step: b.max_step,
+            warmup: b.warmup,
+        },
+        draws: DRAWS,
+        half_life: match b.half_life {
+            Some(HalfLife::Rewards(n)) => Some(n),
+            _ => None,
+        },
+        prior: b.prior.map(|p| match p {
+            Prior::Beta { alpha, beta } => Posterior::beta(alpha, beta),
+            Prior::Gaussian {
+                mean,
+                strength,
+                shape,
+                scale,
+            } => Posterior::gaussian(mean, strength, shape, scale),
+        }),
+        detect: b
+            .detect_changes
+            .then_some(switchyard_bandit::engine::DETECT_CONFIDENCE),
+    }
+}
+
+/// The simulator's strategy for a model's `bandit:` section: the same bandit with the
+/// runtime's cadence and mode.
+pub fn simulated(b: &BanditSpec) -> switchyard_bandit::simulate::Strategy {
+    switchyard_bandit::simulate::Strategy::Bandit {
+        config: bandit_config(b),
+        per_request: b.mode == BanditMode::PerRequest,
+        update_every: b.update_every,
+        update_interval: b.update_interval.as_secs_f64(),
     }
 }
 
@@ -70,6 +113,7 @@ struct Families {
     expired: IntCounterVec,
     delay: HistogramVec,
     panics: IntCounterVec,
+    changes: IntCounterVec,
 }
 
 impl Families {
@@ -90,7 +134,9 @@ impl Families {
                 &["model"],
             )?,
             panics: IntCounterVec::new(Opts::new("switchyard_bandit_panics_total", "Bandit updates that panicked (caught: the bandit goes on at its next update)."), &["model"])?,
+            changes: IntCounterVec::new(Opts::new("switchyard_bandit_changes_total", "Changes of a variant's reward found by the change detector (detect_changes): each makes the bandit forget what came before it."), &mv)?,
         };
+        r.register(Box::new(m.changes.clone()))?;
         r.register(Box::new(m.panics.clone()))?;
         r.register(Box::new(m.mean.clone()))?;
         r.register(Box::new(m.low.clone()))?;
@@ -110,6 +156,7 @@ impl Families {
             revenue: self.revenue.with_label_values(&l),
             cost: self.cost.with_label_values(&l),
             expired: self.expired.with_label_values(&l),
+            changes: self.changes.with_label_values(&l),
             mean: self.mean.with_label_values(&l),
             low: self.low.with_label_values(&l),
             high: self.high.with_label_values(&l),
@@ -131,38 +178,17 @@ pub fn sink(config: &Config, registry: &Registry) -> Result<Option<Arc<BanditSin
             continue;
         };
         let obj = objective(b.objective);
-        let cfg = BanditConfig {
-            objective: obj,
-            guardrails: Guardrails {
-                min_weight: b.min_weight,
-                max_step: b.max_step,
-                warmup: b.warmup,
-            },
-            draws: DRAWS,
-            half_life: match b.half_life {
-                Some(HalfLife::Rewards(n)) => Some(n),
-                _ => None,
-            },
-            prior: b.prior.map(|p| match p {
-                Prior::Beta { alpha, beta } => Posterior::beta(alpha, beta),
-                Prior::Gaussian {
-                    mean,
-                    strength,
-                    shape,
-                    scale,
-                } => Posterior::gaussian(mean, strength, shape, scale),
-            }),
-        };
+        let cfg = bandit_config(b);
         let variants: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
         let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
         let n = variants.len();
         let bandit = Bandit::new(cfg, &weights);
         let picker = (b.mode == BanditMode::PerRequest).then(|| {
             Arc::new(ThompsonPicker {
+                // Not steering until the state file is restored and the first update ran.
                 state: ArcSwap::from_pointee(PickerState {
-                    arms: bandit.arms().to_vec(),
-                    p_best: bandit.p_best().to_vec(),
                     steering: false,
+                    ..PickerState::of(&bandit)
                 }),
                 explore: (b.min_weight * n as f64).min(1.0),
             })
@@ -200,7 +226,11 @@ pub fn sink(config: &Config, registry: &Registry) -> Result<Option<Arc<BanditSin
             variants,
         })));
     }
-    Ok(Some(Arc::new(BanditSink { models })))
+    let export = match &config.bandit.decisions_file {
+        Some(path) => Some(export::DecisionsFile::open(path, registry)?),
+        None => None,
+    };
+    Ok(Some(Arc::new(BanditSink { models, export })))
 }
 
 /// The bandits of a running Switchyard.
@@ -209,6 +239,7 @@ pub struct Bandits {
     /// By name, for `/admin/state`, the state file and operators' overrides.
     models: BTreeMap<String, Arc<Model>>,
     state_file: Option<PathBuf>,
+    export: Option<Arc<export::DecisionsFile>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -287,6 +318,7 @@ impl Bandits {
                 }
             }));
         }
+        let export = sink.export.clone();
         let housekeeping = {
             let (models, file) = (models.clone(), state_file.clone());
             tokio::spawn(async move {
@@ -297,6 +329,13 @@ impl Bandits {
                     let mut counts: BTreeMap<(u16, u16), u64> = BTreeMap::new();
                     for d in router.decisions().expire(Instant::now()) {
                         *counts.entry((d.model, d.variant)).or_default() += 1;
+                        if let (Some(x), Some(m)) = (&sink.export, sink.model(d.model)) {
+                            let v = usize::from(d.variant);
+                            if let (Some(name), Some(cost)) = (m.variants.get(v), m.costs.get(v)) {
+                                let reward = m.objective.missing_reward(*cost);
+                                x.settled(&m.name, name, d.probability, reward, false);
+                            }
+                        }
                     }
                     for ((model, variant), count) in counts {
                         if let Some(m) = sink.model(model) {
@@ -316,6 +355,7 @@ impl Bandits {
         Ok(Bandits {
             models,
             state_file,
+            export,
             tasks,
         })
     }
@@ -371,6 +411,9 @@ impl Bandits {
     pub fn persist(&self) {
         if let Some(file) = &self.state_file {
             state::write_state(file, &render(&self.models).to_string());
+        }
+        if let Some(x) = &self.export {
+            x.finish(Duration::from_secs(2));
         }
     }
 
