@@ -7,6 +7,13 @@
 #
 #   bench/bandit-http.sh                              # conversion world, 5 seeds
 #   WORLD=drift SEEDS=10 BEFORE=/tmp/sy-before bench/bandit-http.sh
+#   SELDON_ROUTER=~/seldon-core/components/routers/thompson-sampling/ThompsonSampling.py \
+#     bench/bandit-http.sh                            # and Seldon's own router beside them
+#
+# With SELDON_ROUTER (the path of Seldon Core v1's ThompsonSampling.py, from a checkout
+# of seldon-core: its code is not in this repository), Seldon's router class runs as one
+# more config, behind bench/seldon_router.py (its route() per prediction, send_feedback()
+# per feedback, at once), in a venv with numpy made under bench/out/ on first use.
 #
 # Worlds (three variants, equal starting weights, objective `conversion`, feedback posted
 # as soon as each answer is in, by `switchyard load --reward`, in batches of ≤ 256):
@@ -59,7 +66,12 @@ models:
       - {name: b, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
       - {name: c, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
 YAML
-  taskset -c 1 "$bin" serve --config "$WORK/sy.yaml" > "$WORK/logs/sy-$name-$seed.log" 2>&1 &
+  if [ "$name" = seldon ]; then
+    taskset -c 1 "$SELDON_PY" bench/seldon_router.py --router "$SELDON_ROUTER" --port "$P" \
+      --seed "$seed" > "$WORK/logs/seldon-$seed.log" 2>&1 &
+  else
+    taskset -c 1 "$bin" serve --config "$WORK/sy.yaml" > "$WORK/logs/sy-$name-$seed.log" 2>&1 &
+  fi
   local pid=$!
   wait_port "$P"
   : > "$WORK/phases.tsv"
@@ -93,7 +105,18 @@ print(f"{name}\t{seed}\t{regret:.1f}\t{on_best:.3f}\t{rec[0] if rec else '-'}")
 PY
 }
 
+if [ -n "${SELDON_ROUTER:-}" ]; then
+  SELDON_PY=$PWD/bench/out/venv-seldon/bin/python
+  if [ ! -x "$SELDON_PY" ]; then
+    python3 -m venv bench/out/venv-seldon
+    bench/out/venv-seldon/bin/pip -q install 'numpy==2.4.6'
+  fi
+fi
+
 for seed in $(seq 1 "$SEEDS"); do
+  if [ -n "${SELDON_ROUTER:-}" ]; then
+    run seldon - - "$seed"
+  fi
   run defaults "$BIN" "{objective: conversion}" "$seed"
   run thompson "$BIN" "{objective: conversion, detect_changes: false}" "$seed"
   if [ -n "${BEFORE:-}" ]; then

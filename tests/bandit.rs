@@ -930,3 +930,68 @@ models:
     app.wait().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `cost_per_second` charges each prediction the time its variant took: `a` and `b`
+/// earn the same revenue, `a` answers in 60 ms and `b` at once; at 10 per second `a`
+/// costs at least 0.6 a prediction and `b` next to nothing, so a profit bandit learns
+/// that `b` earns more and sends it the traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_time_is_charged_as_cost_under_profit() {
+    let a = Upstream::start("a", Duration::from_millis(60)).await;
+    let b = Upstream::echo("b").await;
+    let app = start(&format!(
+        r#"
+seed: 3
+models:
+  rec:
+    bandit: {{objective: profit}}
+    variants:
+      - {{name: a, upstream: "{}", weight: 1, cost_per_second: 10}}
+      - {{name: b, upstream: "{}", weight: 1, cost_per_second: 10}}
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let c = client();
+    let mut late_on_b = 0;
+    for i in 0..80 {
+        let r = predict(
+            &c,
+            &format!("http://{}/v1/models/rec:predict", app.data_addr),
+        )
+        .await;
+        if i >= 60 && r.header("x-switchyard-variant") == Some("b") {
+            late_on_b += 1;
+        }
+        let body = json!({ "request_id": r.header("x-request-id").unwrap(), "revenue": 1.0 });
+        let fb = send(
+            &c,
+            "POST",
+            &format!("http://{}/v1/feedback", app.data_addr),
+            &[],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(fb.status, 200, "{:?}", fb.body);
+    }
+    let s = app.bandit_state();
+    let v = &s["models"]["rec"]["variants"];
+    let (na, nb) = (
+        v["a"]["rewards"].as_u64().unwrap(),
+        v["b"]["rewards"].as_u64().unwrap(),
+    );
+    assert!(na >= 1 && nb >= 1, "{v}");
+    let (ca, cb) = (
+        v["a"]["cost_total"].as_f64().unwrap(),
+        v["b"]["cost_total"].as_f64().unwrap(),
+    );
+    assert!(
+        ca >= 0.6 * na as f64,
+        "a: {ca} for {na} predictions of ≥ 60 ms"
+    );
+    assert!(cb < 0.05 * nb as f64, "b: {cb} for {nb} fast predictions");
+    assert!(late_on_b >= 18, "{late_on_b} of the last 20 on b");
+    app.shutdown();
+    app.wait().await;
+}

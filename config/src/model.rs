@@ -302,6 +302,11 @@ pub struct Variant {
     /// Cost in currency units per 1000 predictions, used by the bandit's profit
     /// objective. Default 0.
     pub cost_per_1k: f64,
+    /// Cost in currency units per second of this variant's time, measured per
+    /// prediction (from routing to the answer's head, retries included) and added to
+    /// `cost_per_1k` / 1000 in the bandit's profit objective: what a GPU-second or a
+    /// metered endpoint costs. Default 0.
+    pub cost_per_second: f64,
     /// Overrides `connect_timeout` for this variant.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub connect_timeout: Option<Duration>,
@@ -631,8 +636,8 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     })
 }
 
-/// Most decisions `bandit.decision_log_capacity` may ask for: at about 40 bytes each
-/// (plus 16 while an evicted one is remembered), 100 million is 5.6 GB.
+/// Most decisions `bandit.decision_log_capacity` may ask for: at about 48 bytes each
+/// (plus 16 while an evicted one is remembered), 100 million is 6.4 GB.
 pub const MAX_DECISION_LOG_CAPACITY: u64 = 100_000_000;
 
 fn decode_bandit_runtime(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditRuntime> {
@@ -643,7 +648,7 @@ fn decode_bandit_runtime(cx: &mut Cx, node: &Node, path: &str) -> Option<BanditR
             cx.error(
                 n,
                 p,
-                format!("at most {MAX_DECISION_LOG_CAPACITY} (about 40 bytes each), found {v}"),
+                format!("at most {MAX_DECISION_LOG_CAPACITY} (about 48 bytes each), found {v}"),
             );
             return None;
         }
@@ -1054,6 +1059,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
             "protocol",
             "weight",
             "cost_per_1k",
+            "cost_per_second",
             "connect_timeout",
             "request_timeout",
         ],
@@ -1097,6 +1103,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
     let protocol = f.optional(cx, "protocol", upstream_protocol);
     let weight = f.required(cx, "weight", non_negative);
     let cost_per_1k = f.optional(cx, "cost_per_1k", non_negative);
+    let cost_per_second = f.optional(cx, "cost_per_second", non_negative);
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     if !backend_ok || (upstream.is_none() && local.is_none()) {
@@ -1110,6 +1117,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         protocol: protocol.unwrap_or(UpstreamProtocol::Http1),
         weight: weight?,
         cost_per_1k: cost_per_1k.unwrap_or(0.0),
+        cost_per_second: cost_per_second.unwrap_or(0.0),
         connect_timeout,
         request_timeout,
     })

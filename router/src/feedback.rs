@@ -45,9 +45,10 @@ pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
     ) -> Result<(), FeedbackError>;
 }
 
-/// What the router recorded when it chose a variant: 24 bytes, no pointers, so a
+/// What the router recorded when it chose a variant: 32 bytes, no pointers, so a
 /// million of them stay cheap to insert and sweep (an earlier 88-byte version with a
-/// shared model name cost an atomic refcount per prediction and twice the cache misses).
+/// shared model name cost an atomic refcount per prediction and twice the cache misses;
+/// the latency took it from 24 to 32).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
     /// The model's position in the config's (sorted) list of models.
@@ -60,11 +61,19 @@ pub struct Decision {
     pub at_ms: u64,
     /// How long feedback is accepted, in milliseconds.
     pub ttl_ms: u32,
+    /// How long the variant took, routing to the answer's head, in microseconds
+    /// (saturating at 71 minutes): what `cost_per_second` charges.
+    pub latency_us: u32,
     /// Whether feedback has been taken (a second one is a duplicate).
     pub rewarded: bool,
 }
 
 impl Decision {
+    /// The variant's time for this prediction.
+    pub fn latency(&self) -> Duration {
+        Duration::from_micros(u64::from(self.latency_us))
+    }
+
     fn expired(&self, now_ms: u64) -> bool {
         self.at_ms + u64::from(self.ttl_ms) <= now_ms
     }
@@ -342,12 +351,28 @@ impl DecisionLog {
         probability: f64,
         ttl: Duration,
     ) -> Recorded {
+        self.record_timed(at, id, model, variant, probability, ttl, Duration::ZERO)
+    }
+
+    /// As [`DecisionLog::record`], with the time the variant took to answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_timed(
+        &self,
+        at: Instant,
+        id: &[u8],
+        model: u16,
+        variant: u16,
+        probability: f64,
+        ttl: Duration,
+        latency: Duration,
+    ) -> Recorded {
         let decision = Decision {
             model,
             variant,
             probability: probability as f32,
             at_ms: self.millis(at),
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
             rewarded: false,
         };
         let k = key(id);
@@ -607,7 +632,7 @@ mod tests {
     #[test]
     fn a_decision_is_small() {
         assert!(
-            std::mem::size_of::<Decision>() <= 24,
+            std::mem::size_of::<Decision>() <= 32,
             "{}",
             std::mem::size_of::<Decision>()
         );

@@ -167,9 +167,12 @@ impl Router {
                 model,
                 model_req,
                 request_id,
-                tried_last.index,
-                tried_last.probability,
+                Pick {
+                    index: tried_last.index,
+                    probability: tried_last.probability,
+                },
                 routed,
+                answered.duration_since(routed),
             );
         }
         if let Some(answer) = primary_answer {
@@ -263,9 +266,9 @@ impl Router {
         model: &ModelRoute,
         model_req: &ModelRequest,
         request_id: &HeaderValue,
-        index: usize,
-        probability: f64,
+        pick: Pick,
         at: Instant,
+        latency: std::time::Duration,
     ) {
         let Some(ttl) = model.feedback_ttl else {
             return;
@@ -273,13 +276,14 @@ impl Router {
         if !model_req.verb.is_prediction() {
             return;
         }
-        let recorded = self.decisions.record(
+        let recorded = self.decisions.record_timed(
             at,
             request_id.as_bytes(),
             model.index,
-            u16::try_from(index).unwrap_or(u16::MAX),
-            probability,
+            u16::try_from(pick.index).unwrap_or(u16::MAX),
+            pick.probability,
             ttl,
+            latency,
         );
         if let feedback::Recorded::Evicted(n) = recorded {
             self.evicted(at, n);

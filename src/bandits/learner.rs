@@ -68,6 +68,8 @@ pub(super) struct Model {
     pub objective: Objective,
     /// Cost per prediction of each variant (`cost_per_1k` / 1000).
     pub costs: Vec<f64>,
+    /// Cost per second of each variant's measured time (`cost_per_second`).
+    pub cost_per_second: Vec<f64>,
     pub missing: MissingFeedback,
     pub update_every: u64,
     pub update_interval: Duration,
@@ -119,13 +121,21 @@ impl Model {
         m.cost.inc_by(cost.max(0.0));
     }
 
-    /// `count` decisions of `variant` expired without feedback.
-    pub fn expired(&self, variant: usize, count: u64) {
+    /// What one prediction of `variant` that took `latency` cost.
+    pub fn cost(&self, variant: usize, latency: Duration) -> f64 {
+        self.costs.get(variant).copied().unwrap_or(0.0)
+            + self.cost_per_second.get(variant).copied().unwrap_or(0.0) * latency.as_secs_f64()
+    }
+
+    /// `count` decisions of `variant`, which took `latency` in all, expired without
+    /// feedback.
+    pub fn expired(&self, variant: usize, count: u64, latency: Duration) {
         if variant >= self.variants.len() {
             return;
         }
-        let cost = self.costs[variant];
-        let total = cost * count as f64;
+        let total = self.costs[variant] * count as f64
+            + self.cost_per_second[variant] * latency.as_secs_f64();
+        let cost = total / count.max(1) as f64;
         self.metrics[variant].expired.inc_by(count);
         match self.missing {
             MissingFeedback::Zero => {
@@ -219,7 +229,7 @@ impl FeedbackSink for BanditSink {
             converted: v.converted,
             reward: v.reward,
         };
-        let cost = m.costs[variant];
+        let cost = m.cost(variant, d.latency());
         let reward = m
             .objective
             .reward(&fb, cost)
@@ -345,6 +355,7 @@ mod tests {
             probability: 0.5,
             at_ms: 0,
             ttl_ms: 60_000,
+            latency_us: 0,
             rewarded: false,
         }
     }
@@ -440,14 +451,14 @@ mod tests {
     #[test]
     fn expired_decisions_count_as_misses_only_when_asked() {
         let (_, model) = sink("{objective: conversion, missing_feedback: zero}");
-        model.expired(0, 10);
+        model.expired(0, 10, Duration::ZERO);
         let l = model.lock();
         assert_eq!((l.rewards[0], l.expired[0]), (10, 10));
         // Beta(1, 1 + 10).
         assert!((l.bandit.arms()[0].mean() - 1.0 / 12.0).abs() < 1e-9);
         drop(l);
         let (_, model) = sink("{objective: conversion}");
-        model.expired(0, 10);
+        model.expired(0, 10, Duration::ZERO);
         let l = model.lock();
         assert_eq!((l.rewards[0], l.expired[0]), (0, 10));
     }

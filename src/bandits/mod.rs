@@ -204,6 +204,7 @@ pub fn sink(config: &Config, registry: &Registry) -> Result<Option<Arc<BanditSin
                 .iter()
                 .map(|v| v.cost_per_1k / 1000.0)
                 .collect(),
+            cost_per_second: model.variants.iter().map(|v| v.cost_per_second).collect(),
             missing: b.missing_feedback,
             update_every: b.update_every,
             update_interval: b.update_interval,
@@ -326,20 +327,22 @@ impl Bandits {
                 let mut last_write = Instant::now();
                 loop {
                     tick.tick().await;
-                    let mut counts: BTreeMap<(u16, u16), u64> = BTreeMap::new();
+                    let mut counts: BTreeMap<(u16, u16), (u64, Duration)> = BTreeMap::new();
                     for d in router.decisions().expire(Instant::now()) {
-                        *counts.entry((d.model, d.variant)).or_default() += 1;
+                        let e = counts.entry((d.model, d.variant)).or_default();
+                        e.0 += 1;
+                        e.1 += d.latency();
                         if let (Some(x), Some(m)) = (&sink.export, sink.model(d.model)) {
                             let v = usize::from(d.variant);
-                            if let (Some(name), Some(cost)) = (m.variants.get(v), m.costs.get(v)) {
-                                let reward = m.objective.missing_reward(*cost);
+                            if let Some(name) = m.variants.get(v) {
+                                let reward = m.objective.missing_reward(m.cost(v, d.latency()));
                                 x.settled(&m.name, name, d.probability, reward, false);
                             }
                         }
                     }
-                    for ((model, variant), count) in counts {
+                    for ((model, variant), (count, latency)) in counts {
                         if let Some(m) = sink.model(model) {
-                            m.expired(usize::from(variant), count);
+                            m.expired(usize::from(variant), count, latency);
                         }
                     }
                     if let Some(file) = file.as_deref() {
