@@ -4,7 +4,8 @@
 //!
 //! - [`load_config`] / [`DEFAULT_CONFIG`]: the config file, or the built-in one.
 //! - [`start`]: runs the data plane and admin listeners; returns a [`Running`] handle.
-//! - [`bandits`]: the bandit tasks, wired between the router's feedback and selectors.
+//! - [`bandits`]: the bandits' runtime (the `switchyard-bandit-runtime` crate, in
+//!   `bandit/runtime/`), wired here between the router's feedback and its pickers.
 //! - [`evaluate`]: `switchyard evaluate`, off-policy estimates (IPS, SNIPS, doubly
 //!   robust) of other policies from the decisions file.
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub mod bandits;
+pub use switchyard_bandit_runtime as bandits;
 pub mod evaluate;
 pub mod simulate;
 

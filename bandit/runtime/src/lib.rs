@@ -1,5 +1,9 @@
 //! The bandits' runtime, wired between the router's feedback and its selectors: the
 //! router does not know what a Thompson sampler is, and the bandit crate does no I/O.
+//! It sits behind the router's two seams, [`switchyard_router::feedback::FeedbackSink`]
+//! (feedback in) and [`switchyard_router::table::Picker`] with the route table's weights
+//! (decisions out), so the binary only wires it, and the fleet's runtime can be a second
+//! implementation of the same seams.
 //!
 //! - [`learner`]: one model's bandit at run time. [`BanditSink`] (the router's
 //!   `FeedbackSink`) teaches each reward to the model's bandit the moment it is taken;
@@ -11,6 +15,12 @@
 //!   `missing_feedback: zero` each counts as no conversion / zero revenue) and writes the
 //!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
 //! - [`state`]: the state file and `/admin/state`'s JSON, checked when read back.
+//! - [`export`]: the decisions file (`bandit.decisions_file`) for `switchyard evaluate`.
+//! - [`bandit_config`] / [`simulated`]: the config's `bandit:` keys as the bandit crate's
+//!   settings, for the runtime and for `switchyard simulate` alike.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
 mod export;
 mod learner;

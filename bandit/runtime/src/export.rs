@@ -152,3 +152,51 @@ fn write_lines(
         pending.fetch_sub(n, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines queued are on disk, one JSON object each, once `finish` returns; appending
+    /// to an existing file keeps what it held.
+    #[test]
+    fn settled_decisions_are_appended_as_json_lines() {
+        let dir = std::env::temp_dir().join(format!("sy-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("decisions.jsonl");
+        std::fs::write(&path, "{\"earlier\":true}\n").unwrap();
+        let registry = Registry::new();
+        let file = DecisionsFile::open(path.to_str().unwrap(), &registry).unwrap();
+        file.settled("rec", "a", 0.25, 1.0, true);
+        file.settled("rec", "b", 0.75, -0.3, false);
+        file.finish(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0]["earlier"], true);
+        assert_eq!(
+            (
+                &lines[1]["variant"],
+                &lines[1]["probability"],
+                &lines[1]["feedback"]
+            ),
+            (&json!("a"), &json!(0.25), &json!(true))
+        );
+        assert_eq!(
+            (&lines[2]["reward"], &lines[2]["feedback"]),
+            (&json!(-0.3), &json!(false))
+        );
+        assert_eq!(file.dropped.get(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_opened_is_a_clear_error() {
+        let err =
+            DecisionsFile::open("/nonexistent-dir/decisions.jsonl", &Registry::new()).unwrap_err();
+        assert!(err.contains("bandit.decisions_file"), "{err}");
+    }
+}
