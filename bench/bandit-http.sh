@@ -18,6 +18,8 @@
 # Worlds (three variants, equal starting weights, objective `conversion`, feedback posted
 # as soon as each answer is in, by `switchyard load --reward`, in batches of ≤ 256):
 #   conversion  5.0 / 5.5 / 6.0% for SECONDS_EACH (default 10) seconds;
+#   delayed     the same, each feedback posted 0.2 s after its answer (400 decisions at
+#               2,000 req/s; the simulator's delayed world is up to 400 at random);
 #   drift       10 / 5 / 5% for 5 s, then 5 / 5 / 10% for 5 s: the starved third variant
 #               becomes the best. At 2,000 req/s that is 10,000 decisions each side;
 #               "recovery" is the third variant's share 2.0–2.5 s after the change
@@ -42,11 +44,12 @@ printf 'config\tseed\tregret\ton_best\trecovery\n' > "$RESULTS"
 case "$WORLD" in
   # Phases: SECONDS RATE_A RATE_B RATE_C [measured], one line each.
   conversion) PHASES="$SECONDS_EACH 0.05 0.055 0.06 -" ;;
+  delayed) PHASES="$SECONDS_EACH 0.05 0.055 0.06 -"; DELAY=0.2s ;;
   drift) PHASES="5 0.10 0.05 0.05 -
 2 0.05 0.05 0.10 -
 0.5 0.05 0.05 0.10 recovery
 2.5 0.05 0.05 0.10 -" ;;
-  *) echo "WORLD must be conversion or drift" >&2; exit 64 ;;
+  *) echo "WORLD must be conversion, delayed or drift" >&2; exit 64 ;;
 esac
 
 # run NAME BINARY BANDIT SEED: one sidecar with BANDIT as the model's bandit, one load
@@ -79,6 +82,7 @@ YAML
   while read -r secs ra rb rc tag; do
     i=$((i + 1))
     "$BIN" load -r "$RATE" -d "${secs}s" --seed "$((seed * 100 + i))" --json \
+      --feedback-delay "${DELAY:-0s}" \
       --reward "a=bernoulli($ra)" --reward "b=bernoulli($rb)" --reward "c=bernoulli($rc)" \
       "http://127.0.0.1:$P/v1/models/rec:predict" > "$WORK/load.json" 2> "$WORK/logs/load.err"
     python3 - "$WORK/load.json" "$ra" "$rb" "$rc" "$tag" >> "$WORK/phases.tsv" <<'PY'
@@ -147,7 +151,8 @@ for name, rs in by.items():
     rec = f"{100 * mean(rec):.1f}%" if rec else "-"
     print(f"{name:<10} {mean(reg):>14.1f} {min(reg):>8.1f} {max(reg):>8.1f} {best:>8.3f} {rec:>9} {mean(reg) / ref:>11.2f}")
 sim = json.load(open(sys.argv[2]))
-key = "conversion 5.0/5.5/6.0%" if sys.argv[3] == "conversion" else "the starved 5% arm"
+key = {"conversion": "conversion 5.0/5.5/6.0%", "delayed": "conversion, feedback delayed",
+       "drift": "the starved 5% arm"}[sys.argv[3]]
 for w in sim["worlds"]:
     if w["name"].startswith(key) or key in w["name"]:
         res = {r["strategy"]: r for r in w["results"]}

@@ -59,7 +59,8 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// A policy to estimate (repeatable): `uniform`, `pin:VARIANT`,
-        /// `fixed:a=1,b=3`. The logged policy is always estimated first.
+        /// `fixed:a=1,b=3`, or other bandit settings `bandit:{objective: conversion,
+        /// warmup: 100}` (replayed). The logged policy is always estimated first.
         #[arg(long = "policy")]
         policies: Vec<String>,
         /// Print one JSON object instead of a table.
