@@ -7,6 +7,7 @@
 #
 #   bench/bandit-http.sh                              # conversion world, 5 seeds
 #   WORLD=drift SEEDS=10 BEFORE=/tmp/sy-before bench/bandit-http.sh
+#   FIRST_SEED=6 SEEDS=10 bench/bandit-http.sh        # seeds 6-15
 #   SELDON_ROUTER=~/seldon-core/components/routers/thompson-sampling/ThompsonSampling.py \
 #     bench/bandit-http.sh                            # and Seldon's own router beside them
 #
@@ -31,6 +32,7 @@
 # Loopback only; stops by itself. Needs: nginx (Debian).
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-5}
+FIRST_SEED=${FIRST_SEED:-1}
 RATE=${RATE:-2000}
 SECONDS_EACH=${SECONDS_EACH:-10}
 WORLD=${WORLD:-conversion}
@@ -117,7 +119,7 @@ if [ -n "${SELDON_ROUTER:-}" ]; then
   fi
 fi
 
-for seed in $(seq 1 "$SEEDS"); do
+for seed in $(seq "$FIRST_SEED" "$((FIRST_SEED + SEEDS - 1))"); do
   if [ -n "${SELDON_ROUTER:-}" ]; then
     run seldon - - "$seed"
   fi

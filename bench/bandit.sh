@@ -91,3 +91,45 @@ for port in 19322 19332; do
   dropped=$(curl -s 127.0.0.1:$port/metrics | awk '/^switchyard_decisions_dropped_total/ {print $2}')
   echo "decisions dropped (log full) on admin $port: ${dropped:-0}"
 done
+
+echo
+echo "## Feedback to decision: how soon a feedback counts"
+# Defaults (per request): after each feedback's 200, is the reward already in the
+# bandit's state (what the next request samples)? mode: weights: after the feedback that
+# completes update_every (100) rewards, how long until the published weights change?
+python3 - "$BODY" <<'PY'
+import json, statistics, sys, time, urllib.request
+body = sys.argv[1].encode()
+def call(method, url, data=None):
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return dict(r.headers), r.read()
+def predict(port):
+    h, _ = call("POST", f"http://127.0.0.1:{port}/v1/models/mnist:predict", body)
+    return h["x-request-id"], h["x-switchyard-variant"]
+def feedback(port, rid):
+    call("POST", f"http://127.0.0.1:{port}/v1/feedback", json.dumps({"request_id": rid, "converted": True}).encode())
+def state(admin):
+    return json.loads(call("GET", f"http://127.0.0.1:{admin}/admin/state")[1])["models"]["mnist"]["variants"]
+visible, rtt = 0, []
+for _ in range(200):
+    rid, v = predict(19321)
+    before = state(19322)[v]["rewards"]
+    t0 = time.perf_counter(); feedback(19321, rid); rtt.append(time.perf_counter() - t0)
+    visible += state(19322)[v]["rewards"] == before + 1
+print(f"defaults: {visible} of 200 feedbacks in the posterior at the first read after their 200 "
+      f"(feedback round trip median {1000 * statistics.median(rtt):.2f} ms)")
+lat = []
+for _ in range(5):
+    w0 = {k: x["weight"] for k, x in state(19332).items()}
+    for i in range(100):
+        rid, _ = predict(19331)
+        feedback(19331, rid)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 2:
+        if {k: x["weight"] for k, x in state(19332).items()} != w0:
+            break
+    lat.append(time.perf_counter() - t0)
+print(f"mode: weights: weights moved {1000 * statistics.median(lat):.1f} ms (median of 5; max {1000 * max(lat):.1f}) "
+      f"after the 100th reward's 200 (update_every 100; update_interval 1 s bounds it)")
+PY

@@ -18,6 +18,8 @@ pub struct Row {
     pub mean: Report,
     /// The standard deviation of regret over seeds.
     pub regret_sd: f64,
+    /// Runs, of those with a switch, whose traffic never reached 80% on the new best.
+    pub never_recovered: usize,
 }
 
 /// The `bandit:` section a user who writes only `objective` gets, read through the
@@ -102,6 +104,7 @@ pub fn summarise(runs: &[Report]) -> Row {
     let mean = |f: &dyn Fn(&Report) -> f64| runs.iter().map(f).sum::<f64>() / k;
     let regret = mean(&|r| r.regret);
     let after: Vec<f64> = runs.iter().filter_map(|r| r.share_after_switch).collect();
+    let recovered: Vec<u64> = runs.iter().filter_map(|r| r.recovered_after).collect();
     Row {
         mean: Report {
             strategy: runs.first().map(|r| r.strategy.clone()).unwrap_or_default(),
@@ -110,39 +113,59 @@ pub fn summarise(runs: &[Report]) -> Row {
             share_on_best_at_end: mean(&|r| r.share_on_best_at_end),
             share_after_switch: (!after.is_empty())
                 .then(|| after.iter().sum::<f64>() / after.len() as f64),
+            recovered_after: (!recovered.is_empty())
+                .then(|| recovered.iter().sum::<u64>() / recovered.len() as u64),
             changes: runs.iter().map(|r| r.changes).sum(),
             history: runs.first().map(|r| r.history.clone()).unwrap_or_default(),
         },
         regret_sd: (mean(&|r| (r.regret - regret).powi(2))).sqrt(),
+        never_recovered: runs
+            .iter()
+            .filter(|r| r.share_after_switch.is_some() && r.recovered_after.is_none())
+            .count(),
     }
 }
 
 /// The results as a text table.
 pub fn table(results: &Results, requests: u64, rate: f64, seeds: u64) -> String {
     let mut out = format!(
-        "{requests} decisions per run at {rate} decisions/s, mean of {seeds} seeded run(s); regret = Σ(best expected payoff − chosen arm's), ± its standard deviation over seeds; best-arm share over the run, over its last tenth, and 4,000–5,000 decisions after a switch; changes the detector declared (all seeds)\n"
+        "{requests} decisions per run at {rate} decisions/s, mean of {seeds} seeded run(s); regret = Σ(best expected payoff − chosen arm's), ± its standard deviation over seeds; best-arm share over the run, over its last tenth, and 4,000–5,000 decisions after a switch; decisions after a switch until a hundredth of the run has ≥ 80% on the new best (mean of the runs that got there; how many never did); changes the detector declared (all seeds)\n"
     );
     for (world, objective, rows) in results {
         let _ = writeln!(out, "\n{world} (objective: {objective})");
         let _ = writeln!(
             out,
-            "  {:<66} {:>9} {:>8} {:>8} {:>7} {:>9} {:>7}",
-            "strategy", "regret", "±", "on best", "at end", "recovery", "changes"
+            "  {:<66} {:>9} {:>8} {:>8} {:>7} {:>9} {:>16} {:>7}",
+            "strategy",
+            "regret",
+            "±",
+            "on best",
+            "at end",
+            "4-5k after",
+            "recovered after",
+            "changes"
         );
         for row in rows {
             let r = &row.mean;
             let recovery = r
                 .share_after_switch
                 .map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s));
+            let recovered = match (r.recovered_after, row.never_recovered) {
+                (_, _) if r.share_after_switch.is_none() => "-".to_string(),
+                (Some(d), 0) => d.to_string(),
+                (Some(d), never) => format!("{d} ({never} never)"),
+                (None, never) => format!("never ({never})"),
+            };
             let _ = writeln!(
                 out,
-                "  {:<66} {:>9.1} {:>8.1} {:>7.1}% {:>6.1}% {:>9} {:>7}",
+                "  {:<66} {:>9.1} {:>8.1} {:>7.1}% {:>6.1}% {:>9} {:>16} {:>7}",
                 r.strategy,
                 r.regret,
                 row.regret_sd,
                 100.0 * r.share_on_best,
                 100.0 * r.share_on_best_at_end,
                 recovery,
+                recovered,
                 r.changes
             );
         }
@@ -167,6 +190,8 @@ pub fn to_json(results: &Results, requests: u64, rate: f64, seed: u64, seeds: u6
                 "share_on_best": row.mean.share_on_best,
                 "share_on_best_at_end": row.mean.share_on_best_at_end,
                 "share_after_switch": row.mean.share_after_switch,
+                "recovered_after": row.mean.recovered_after,
+                "never_recovered": row.never_recovered,
                 "changes": row.mean.changes,
             })).collect::<Vec<_>>(),
             "bandit_shares": reports.first().map(|r| r.mean.history.iter().map(|(t, w)| json!({ "request": t, "shares": w })).collect::<Vec<_>>()),

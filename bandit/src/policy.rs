@@ -68,6 +68,15 @@ pub struct Guardrails {
     pub warmup: u64,
 }
 
+impl Guardrails {
+    /// None at all: no floor, no step limit, no warm-up (Thompson sampling as it is).
+    pub const OFF: Guardrails = Guardrails {
+        min_weight: 0.0,
+        max_step: 1.0,
+        warmup: 0,
+    };
+}
+
 /// An operator's override from the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Override {

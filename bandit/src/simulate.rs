@@ -199,6 +199,10 @@ pub struct Report {
     /// Share of the decisions 4,000–5,000 after the world's switch that went to the new
     /// best arm (the recovery criterion); `None` without a switch in the run.
     pub share_after_switch: Option<f64>,
+    /// Decisions from the world's switch to the end of the first snapshot window (a
+    /// hundredth of the run) with at least 80% of its traffic on the new best arm;
+    /// `None` without a switch, or if that never happened.
+    pub recovered_after: Option<u64>,
     /// Changes the bandit's detector declared.
     pub changes: u64,
     /// (decision, shares) snapshots: each arm's share of the traffic since the last.
@@ -243,11 +247,7 @@ pub fn run(
         Strategy::Thompson(objective) => Some(Bandit::new(
             BanditConfig {
                 objective: *objective,
-                guardrails: crate::policy::Guardrails {
-                    min_weight: 0.0,
-                    max_step: 1.0,
-                    warmup: 0,
-                },
+                guardrails: crate::policy::Guardrails::OFF,
                 draws: 1000,
                 half_life: None,
                 prior: None,
@@ -406,7 +406,7 @@ pub fn run(
             });
         }
         if (t + 1) % snapshot_every == 0 {
-            let shares = window
+            let shares: Vec<f64> = window
                 .iter()
                 .map(|c| *c as f64 / snapshot_every as f64)
                 .collect();
@@ -422,6 +422,14 @@ pub fn run(
         share_after_switch: recovery
             .filter(|r| r.end <= horizon)
             .map(|r| on_best_recovery as f64 / (r.end - r.start) as f64),
+        recovered_after: world.switch.as_ref().and_then(|(at, next)| {
+            let payoffs: Vec<f64> = next.iter().map(|a| a.payoff(objective)).collect();
+            let best = (0..payoffs.len()).max_by(|a, b| payoffs[*a].total_cmp(&payoffs[*b]))?;
+            history
+                .iter()
+                .find(|(t, shares)| *t > *at + snapshot_every && shares[best] >= 0.8)
+                .map(|(t, _)| t - at)
+        }),
         changes: bandit.as_ref().map_or(0, Bandit::changes),
         history,
     }

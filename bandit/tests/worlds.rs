@@ -35,11 +35,7 @@ fn per_request(objective: Objective) -> Strategy {
     Strategy::Bandit {
         config: BanditConfig {
             objective,
-            guardrails: Guardrails {
-                min_weight: 0.0,
-                max_step: 1.0,
-                warmup: 0,
-            },
+            guardrails: Guardrails::OFF,
             draws: 1000,
             half_life: None,
             prior: None,
