@@ -19,8 +19,10 @@
 //!
 //! Elsewhere, because they do I/O: the decision log and `POST /v1/feedback` are in the
 //! router (`switchyard_router::feedback`); the tasks that publish weights, the metrics,
-//! `/admin/state`, the state file and the per-request picker are in the binary
-//! (`src/bandits/`); `switchyard simulate` wraps [`simulate::run`] (`src/simulate.rs`).
+//! `/admin/state`, the state file, the decisions file and the per-request picker are in
+//! the runtime crate (`bandit/runtime/`, `switchyard-bandit-runtime`); `switchyard
+//! simulate` wraps [`simulate::run`] and `switchyard evaluate` reads the decisions file
+//! (`src/simulate.rs`, `src/evaluate.rs`).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
