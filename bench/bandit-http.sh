@@ -21,6 +21,14 @@
 #   conversion  5.0 / 5.5 / 6.0% for SECONDS_EACH (default 10) seconds;
 #   delayed     the same, each feedback posted 0.2 s after its answer (400 decisions at
 #               2,000 req/s; the simulator's delayed world is up to 400 at random);
+#   profit      revenue per prediction normal(1.30, 1) / normal(1.10, 1) / normal(1.00, 1),
+#               cost_per_1k 400 / 50 / 100 (profit 0.90 / 1.05 / 0.90), objective
+#               `profit`; Seldon's router is fed the profit clipped into [0, 1], as its
+#               reward must be (it counts int(reward) successes per prediction);
+#   orders      the most-converting variant is not the most profitable: conversion
+#               10 / 7 / 6%, worth 8.2 / 9.9 / 9.9 each, cost_per_1k 300 / 50 / 50 (profit
+#               0.52 / 0.643 / 0.544 per prediction), objective `profit`; Seldon's router
+#               fed as above (so it learns the conversion rate);
 #   drift       10 / 5 / 5% for 5 s, then 5 / 5 / 10% for 5 s: the starved third variant
 #               becomes the best. At 2,000 req/s that is 10,000 decisions each side;
 #               "recovery" is the third variant's share 2.0–2.5 s after the change
@@ -47,12 +55,20 @@ case "$WORLD" in
   # Phases: SECONDS RATE_A RATE_B RATE_C [measured], one line each.
   conversion) PHASES="$SECONDS_EACH 0.05 0.055 0.06 -" ;;
   delayed) PHASES="$SECONDS_EACH 0.05 0.055 0.06 -"; DELAY=0.2s ;;
+  # Phases give each variant's expected payoff; REWARDS, when set, what load draws.
+  profit) PHASES="$SECONDS_EACH 0.90 1.05 0.90 -"; OBJECTIVE=profit; SIM_SCALE=1
+    REWARDS="a=normal(1.3,1) b=normal(1.1,1) c=normal(1.0,1)"; COSTS=(400 50 100) ;;
+  orders) PHASES="$SECONDS_EACH 0.52 0.643 0.544 -"; OBJECTIVE=profit; SIM_SCALE=1
+    REWARDS="a=bernoulli(0.10)*8.2 b=bernoulli(0.07)*9.9 c=bernoulli(0.06)*9.9"; COSTS=(300 50 50) ;;
   drift) PHASES="5 0.10 0.05 0.05 -
 2 0.05 0.05 0.10 -
 0.5 0.05 0.05 0.10 recovery
 2.5 0.05 0.05 0.10 -" ;;
-  *) echo "WORLD must be conversion, delayed or drift" >&2; exit 64 ;;
+  *) echo "WORLD must be conversion, delayed, profit, orders or drift" >&2; exit 64 ;;
 esac
+OBJECTIVE=${OBJECTIVE:-conversion}
+SIM_SCALE=${SIM_SCALE:-20}
+[ -n "${COSTS+x}" ] || COSTS=(0 0 0)
 
 # run NAME BINARY BANDIT SEED: one sidecar with BANDIT as the model's bandit, one load
 # per phase (the sidecar, and what its bandit learned, carry across phases).
@@ -67,13 +83,14 @@ models:
   rec:
     bandit: $bandit
     variants:
-      - {name: a, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
-      - {name: b, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
-      - {name: c, upstream: "http://127.0.0.1:$ORIGIN", weight: 1}
+      - {name: a, upstream: "http://127.0.0.1:$ORIGIN", weight: 1, cost_per_1k: ${COSTS[0]}}
+      - {name: b, upstream: "http://127.0.0.1:$ORIGIN", weight: 1, cost_per_1k: ${COSTS[1]}}
+      - {name: c, upstream: "http://127.0.0.1:$ORIGIN", weight: 1, cost_per_1k: ${COSTS[2]}}
 YAML
   if [ "$name" = seldon ]; then
     taskset -c 1 "$SELDON_PY" bench/seldon_router.py --router "$SELDON_ROUTER" --port "$P" \
-      --seed "$seed" > "$WORK/logs/seldon-$seed.log" 2>&1 &
+      --seed "$seed" --costs "a=${COSTS[0]},b=${COSTS[1]},c=${COSTS[2]}" \
+      > "$WORK/logs/seldon-$seed.log" 2>&1 &
   else
     taskset -c 1 "$bin" serve --config "$WORK/sy.yaml" > "$WORK/logs/sy-$name-$seed.log" 2>&1 &
   fi
@@ -83,9 +100,13 @@ YAML
   local i=0
   while read -r secs ra rb rc tag; do
     i=$((i + 1))
+    local rewards=(--reward "a=bernoulli($ra)" --reward "b=bernoulli($rb)" --reward "c=bernoulli($rc)")
+    if [ -n "${REWARDS:-}" ]; then
+      rewards=()
+      for r in $REWARDS; do rewards+=(--reward "$r"); done
+    fi
     "$BIN" load -r "$RATE" -d "${secs}s" --seed "$((seed * 100 + i))" --json \
-      --feedback-delay "${DELAY:-0s}" \
-      --reward "a=bernoulli($ra)" --reward "b=bernoulli($rb)" --reward "c=bernoulli($rc)" \
+      --feedback-delay "${DELAY:-0s}" "${rewards[@]}" \
       "http://127.0.0.1:$P/v1/models/rec:predict" > "$WORK/load.json" 2> "$WORK/logs/load.err"
     python3 - "$WORK/load.json" "$ra" "$rb" "$rc" "$tag" >> "$WORK/phases.tsv" <<'PY'
 import json, sys
@@ -123,21 +144,21 @@ for seed in $(seq "$FIRST_SEED" "$((FIRST_SEED + SEEDS - 1))"); do
   if [ -n "${SELDON_ROUTER:-}" ]; then
     run seldon - - "$seed"
   fi
-  run defaults "$BIN" "{objective: conversion}" "$seed"
-  run thompson "$BIN" "{objective: conversion, detect_changes: false}" "$seed"
+  run defaults "$BIN" "{objective: $OBJECTIVE}" "$seed"
+  run thompson "$BIN" "{objective: $OBJECTIVE, detect_changes: false}" "$seed"
   if [ -n "${BEFORE:-}" ]; then
-    run before "$BEFORE" "{objective: conversion}" "$seed"
+    run before "$BEFORE" "{objective: $OBJECTIVE}" "$seed"
   fi
 done
 
-# The simulator, same world, same decisions (rewards of 1 per conversion: its worlds
-# pay 20, so its regret is divided by 20).
+# The simulator, same world, same decisions (its conversion worlds pay 20 per
+# conversion where these pay 1, so their regret is divided by SIM_SCALE, 20).
 DECISIONS=$(python3 -c "print(int(sum(float(l.split()[0]) for l in '''$PHASES'''.splitlines()) * $RATE))")
 "$BIN" simulate --requests "$DECISIONS" --rate "$RATE" --seeds 10 --json > "$WORK/sim.json"
 
 echo
 echo "Bandit over HTTP, world $WORLD: $SEEDS seeds × $DECISIONS decisions at $RATE req/s ($(nproc) cores, $(date -u +%F))"
-python3 - "$RESULTS" "$WORK/sim.json" "$WORLD" <<'PY'
+python3 - "$RESULTS" "$WORK/sim.json" "$WORLD" "$SIM_SCALE" <<'PY'
 import csv, json, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 by = {}
@@ -154,13 +175,15 @@ for name, rs in by.items():
     print(f"{name:<10} {mean(reg):>14.1f} {min(reg):>8.1f} {max(reg):>8.1f} {best:>8.3f} {rec:>9} {mean(reg) / ref:>11.2f}")
 sim = json.load(open(sys.argv[2]))
 key = {"conversion": "conversion 5.0/5.5/6.0%", "delayed": "conversion, feedback delayed",
+       "profit": "profit: revenue 1.30", "orders": "profit, heavy-tailed",
        "drift": "the starved 5% arm"}[sys.argv[3]]
+scale = float(sys.argv[4])
 for w in sim["worlds"]:
     if w["name"].startswith(key) or key in w["name"]:
         res = {r["strategy"]: r for r in w["results"]}
         ours, th = w["results"][0], res["thompson-per-request"]
-        print(f"simulator, same world and decisions, 10 seeds: defaults {ours['regret'] / 20:.1f}, "
-              f"reference {th['regret'] / 20:.1f} ({ours['regret'] / th['regret']:.2f}×)"
+        print(f"simulator, same world and decisions, 10 seeds: defaults {ours['regret'] / scale:.1f}, "
+              f"reference {th['regret'] / scale:.1f} ({ours['regret'] / th['regret']:.2f}×)"
               + (f", recovery {100 * ours['share_after_switch']:.1f}%" if ours.get("share_after_switch") is not None else ""))
         break
 PY

@@ -6,9 +6,11 @@ Seldon's code is not in this repository: pass the path of `ThompsonSampling.py` 
 checkout of seldon-core (components/routers/thompson-sampling/, v1 branches). This file
 only does what Seldon's executor does around it: per prediction, call `route()` and
 answer as the chosen branch; per feedback, call `send_feedback()` with the branch that
-answered, one prediction per feedback (`features.shape[0] == 1`), reward 1 for a
-conversion and 0 otherwise, at once. It answers the prediction itself (no upstream):
-only the choice matters to regret.
+answered, one prediction per feedback (`features.shape[0] == 1`), at once: reward 1 for a
+conversion and 0 otherwise; for a revenue, the profit (revenue minus the branch's
+`--costs`, per 1000 predictions as in `cost_per_1k`) clipped into [0, 1], since the
+router counts int(reward) successes and 1 - int(reward) failures per prediction. It
+answers the prediction itself (no upstream): only the choice matters to regret.
 
     python3 bench/seldon_router.py --router PATH/ThompsonSampling.py --port 19402 \
         --branches a:b:c --seed 1
@@ -39,8 +41,13 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--branches", default="a:b:c")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--costs", default="", help="a=400,b=50: cost per 1000 predictions")
     args = ap.parse_args()
     branches = args.branches.split(":")
+    costs = {}
+    for part in filter(None, args.costs.split(",")):
+        name, value = part.split("=")
+        costs[name] = float(value) / 1000.0
     router = load_router(args.router, branches, args.seed)
     lock = threading.Lock()
     decided = {}  # request id -> branch index
@@ -74,7 +81,11 @@ def main():
                     with lock:
                         branch = decided.pop(rid, None)
                         if branch is not None:
-                            reward = 1.0 if it.get("converted") else float(it.get("reward", 0.0) or 0.0)
+                            if "revenue" in it:
+                                profit = float(it["revenue"]) - costs.get(branches[branch], 0.0)
+                                reward = min(max(profit, 0.0), 1.0)
+                            else:
+                                reward = 1.0 if it.get("converted") else 0.0
                             router.send_feedback(features, [], reward, None, routing=branch)
                     results.append({"request_id": rid, "status": 200 if branch is not None else 404})
                 if "feedback" in (v if isinstance(v, dict) else {}):
