@@ -61,8 +61,10 @@ pub struct Config {
     pub listen_backlog: u32,
     /// Threads serving requests. Default: one per CPU core.
     pub worker_threads: Option<usize>,
-    /// Seed for the variant draws: the same seed gives the same sequence of choices, for
-    /// reproducible experiments and tests. Default: random at start.
+    /// Seed for the variant draws by weight and the bandits' weight updates: the same seed
+    /// gives the same sequence of choices, for reproducible experiments and tests. A
+    /// bandit's per-request draws are not seeded (a generator per worker thread).
+    /// Default: random at start.
     pub seed: Option<u64>,
     /// Where bandit statistics are kept across restarts: written atomically every 10
     /// seconds and at shutdown, read at start. Default: not kept.
