@@ -3,6 +3,7 @@
 
 mod support;
 
+use bytes::Bytes;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -539,4 +540,133 @@ async fn gpu_adapter_any_runs_the_gpu_kernels_on_software_vulkan_and_batches() {
         count < requests as f64,
         "{requests} concurrent requests ran as {count} batches: none were shared"
     );
+}
+
+fn gzip(bytes: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    Bytes::from(e.finish().unwrap())
+}
+
+fn zlib(bytes: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    Bytes::from(e.finish().unwrap())
+}
+
+/// `Content-Encoding: gzip | deflate` bodies reach a local variant inflated and get the
+/// same answers as plain ones; `Accept-Encoding` compresses the answer; a body that
+/// inflates past `max_body_bytes` is a 413 (a 20 KB zip bomb of 20 MiB), a corrupt one a
+/// 400, an unknown coding a 415; the variant keeps serving. A remote variant gets the
+/// compressed bytes and the headers untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_inflated_for_local_variants_and_passed_through_for_remote() {
+    let up = Upstream::echo("remote").await;
+    let app = start(&format!(
+        "max_body_bytes: 1048576\nmodels:\n  digits:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n  far:\n    variants:\n      - {{name: r, weight: 1, upstream: \"{}\"}}\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let v2 = format!("http://{}/v2/models/digits/infer", app.data_addr);
+    let tf = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let row: Vec<f32> = (0..64).map(|i| (i % 17) as f32).collect();
+    let v2_body = json!({ "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": row }] }).to_string();
+    let tf_body = json!({ "instances": [row] }).to_string();
+    let plain_v2 = send(&c, "POST", &v2, &[], &v2_body).await;
+    let plain_tf = send(&c, "POST", &tf, &[], &tf_body).await;
+    assert_eq!((plain_v2.status, plain_tf.status), (200, 200));
+    for (url, body, plain, coding, packed) in [
+        (&v2, &v2_body, &plain_v2, "gzip", gzip(v2_body.as_bytes())),
+        (
+            &tf,
+            &tf_body,
+            &plain_tf,
+            "deflate",
+            zlib(tf_body.as_bytes()),
+        ),
+    ] {
+        let r = send_bytes(&c, "POST", url, &[("content-encoding", coding)], packed).await;
+        assert_eq!(r.status, 200, "{coding}: {:?}", r.body);
+        assert_eq!(
+            r.json()["outputs"],
+            plain.json()["outputs"],
+            "{coding} {body}"
+        );
+        assert_eq!(
+            r.json()["predictions"],
+            plain.json()["predictions"],
+            "{coding}"
+        );
+    }
+    // Answers compressed when asked.
+    let r = send(
+        &c,
+        "POST",
+        &v2,
+        &[("accept-encoding", "gzip, deflate")],
+        &v2_body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut text)
+        .unwrap();
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["outputs"], plain_v2.json()["outputs"]);
+    // A 20 MiB bomb in about 20 KB, a corrupt body, an unknown coding.
+    let bomb = gzip(&vec![b' '; 20 << 20]);
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    let r = send_bytes(&c, "POST", &v2, &[("content-encoding", "gzip")], bomb).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    let r = send_bytes(
+        &c,
+        "POST",
+        &v2,
+        &[("content-encoding", "gzip")],
+        Bytes::from_static(b"not gzip at all"),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid gzip"),
+        "{:?}",
+        r.body
+    );
+    let r = send(&c, "POST", &v2, &[("content-encoding", "br")], &v2_body).await;
+    assert_eq!(r.status, 415);
+    assert!(r.json()["error"].as_str().unwrap().contains("`br`"));
+    assert_eq!(
+        send(&c, "POST", &v2, &[], &v2_body).await.status,
+        200,
+        "still serving"
+    );
+    // The remote variant: the compressed bytes and both headers as sent.
+    let packed = gzip(v2_body.as_bytes());
+    let r = send_bytes(
+        &c,
+        "POST",
+        &format!("http://{}/v2/models/far/infer", app.data_addr),
+        &[("content-encoding", "gzip"), ("accept-encoding", "gzip")],
+        packed.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-encoding"),
+        None,
+        "the upstream's answer, untouched"
+    );
+    let seen = r.json();
+    assert_eq!(seen["content_encoding"], "gzip");
+    assert_eq!(seen["accept_encoding"], "gzip");
+    assert_eq!(seen["body_len"], packed.len());
+    app.shutdown();
+    app.wait().await;
 }

@@ -90,6 +90,9 @@ pub enum RouterError {
     /// The request's tensors do not fit the model (local variants).
     #[error("{0}")]
     BadInput(String),
+    /// A request body in a coding a local variant cannot read (415).
+    #[error("{0}")]
+    UnsupportedEncoding(String),
     /// A local model's queue is full.
     #[error("{0}")]
     Overloaded(String),
@@ -120,6 +123,7 @@ impl RouterError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RouterError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -145,6 +149,7 @@ impl RouterError {
             RouterError::ClientBodyTimeout(_) => "client_body_timeout",
             RouterError::Upstream { .. } => "upstream",
             RouterError::BadInput(_) => "bad_input",
+            RouterError::UnsupportedEncoding(_) => "unsupported_encoding",
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Inference(_) => "inference",
             RouterError::LocalTimeout(_) => "local_timeout",

@@ -20,6 +20,7 @@
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
+//! - [`encoding`]: gzip and deflate bodies for local variants, bounded when inflated.
 //! - [`offload`]: large JSON decoding and encoding off the async workers.
 //! - [`body`]: the streamed, size-limited request body and the response body type.
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
@@ -34,6 +35,7 @@
 pub mod admin;
 pub mod body;
 pub mod breaker;
+pub mod encoding;
 pub mod error;
 pub mod feedback;
 pub mod forward;

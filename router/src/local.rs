@@ -37,6 +37,10 @@ pub struct Asked<'a> {
     pub version: Option<&'a str>,
     /// TF Serving `/labels/{l}`.
     pub label: Option<&'a str>,
+    /// The request's `Content-Encoding`.
+    pub content_encoding: Option<&'a http::HeaderValue>,
+    /// The request's `Accept-Encoding`.
+    pub accept_encoding: Option<&'a http::HeaderValue>,
 }
 
 impl LocalBackend {
@@ -109,6 +113,7 @@ impl LocalBackend {
                 )))
             }
             (_, Verb::Predict) => {
+                let coding = crate::encoding::request_coding(asked.content_encoding)?;
                 let bytes = crate::body::collect_limited(body, body_limit).await?;
                 if self.failure_rate > 0.0 && fail_now(self.failure_rate) {
                     return Err(RouterError::Inference(
@@ -118,10 +123,26 @@ impl LocalBackend {
                 // Large bodies are parsed (and their answers written) off the async
                 // workers: a 16 MiB body is tens of milliseconds of JSON.
                 let size = bytes.len();
+                // A compressed body's size says nothing of what it inflates to: always
+                // off the async workers.
+                let work = if coding.is_some() {
+                    usize::try_from(body_limit).unwrap_or(usize::MAX)
+                } else {
+                    size
+                };
                 let (request, (input, rows, shape)) = {
                     let (model, sig) = (model.to_string(), sig.clone());
-                    crate::offload::cpu(size, move || {
-                        let request: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    crate::offload::cpu(work, move || {
+                        // Inflated here, off the async workers, within the body limit.
+                        let inflated;
+                        let bytes: &[u8] = match coding {
+                            Some(c) => {
+                                inflated = crate::encoding::decode(&bytes, c, body_limit)?;
+                                &inflated
+                            }
+                            None => &bytes,
+                        };
+                        let request: Value = serde_json::from_slice(bytes).map_err(|e| {
                             RouterError::BadInput(format!(
                                 "the request body is not valid JSON: {e}"
                             ))
@@ -163,7 +184,23 @@ impl LocalBackend {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
-        Ok(json_response(StatusCode::OK, answer))
+        let Some(coding) = crate::encoding::answer_coding(asked.accept_encoding) else {
+            return Ok(json_response(StatusCode::OK, answer));
+        };
+        let size = answer.len();
+        let packed =
+            crate::offload::cpu(size, move || crate::encoding::encode(&answer, coding)).await?;
+        let mut resp = json_response(StatusCode::OK, Bytes::from(packed));
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static(coding.token()),
+        );
+        headers.insert(
+            http::header::VARY,
+            http::HeaderValue::from_static("accept-encoding"),
+        );
+        Ok(resp)
     }
 }
 

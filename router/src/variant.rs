@@ -115,6 +115,8 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
             let asked = crate::local::Asked {
                 version: ask.model_req.version.clone().and_then(|x| path.get(x)),
                 label: ask.model_req.label.clone().and_then(|x| path.get(x)),
+                content_encoding: ask.parts.headers.get(http::header::CONTENT_ENCODING),
+                accept_encoding: ask.parts.headers.get(http::header::ACCEPT_ENCODING),
             };
             local
                 .handle(

@@ -63,6 +63,9 @@ impl Upstream {
                 "x_request_id": hdr("x-request-id"),
                 "x_forwarded_for": hdr("x-forwarded-for"),
                 "version": format!("{:?}", parts.version),
+                "content_encoding": hdr("content-encoding"),
+                "accept_encoding": hdr("accept-encoding"),
+                "body_len": body.len(),
                 "body": String::from_utf8_lossy(body),
             });
             let mut resp = Response::new(Full::new(Bytes::from(reply.to_string())));
@@ -181,11 +184,22 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    send_bytes(client, method, url, headers, Bytes::from(body.to_string())).await
+}
+
+/// As [`send`], with a body of any bytes (compressed, binary).
+pub async fn send_bytes(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let req = req.body(Full::new(body)).unwrap();
     let resp = client
         .request(req)
         .await
