@@ -480,8 +480,8 @@ impl Replay {
             None => {
                 let pi = if self.per_request && self.bandit.steering() {
                     // Thompson sampling chooses each variant with its P(best).
-                    let (arms, eligible) = (self.bandit.arms().to_vec(), self.bandit.eligible());
-                    switchyard_bandit::p_best_among(&arms, &eligible, 512, &mut self.rng)
+                    let (arms, eligible) = (self.bandit.arms(), self.bandit.eligible());
+                    switchyard_bandit::p_best_among(arms, eligible, 512, &mut self.rng)
                 } else {
                     self.bandit.weights().to_vec()
                 };

@@ -43,6 +43,9 @@ pub struct Bandit {
     over: Override,
     detectors: Vec<ChangeDetector>,
     changes: u64,
+    /// The arms the bandit may send traffic to (configured weight > 0), fixed at
+    /// construction: read on every pick, so kept rather than recomputed.
+    eligible: Vec<bool>,
 }
 
 impl Bandit {
@@ -77,6 +80,7 @@ impl Bandit {
             None => Vec::new(),
         };
         Bandit {
+            eligible: weights.iter().map(|w| *w > 0.0).collect(),
             arms,
             detectors,
             changes: 0,
@@ -139,7 +143,7 @@ impl Bandit {
 
     /// Recomputes the weights: P(best) per arm, then the guardrails. Returns them.
     pub fn update<R: Rng + ?Sized>(&mut self, rng: &mut R) -> &[f64] {
-        let target = p_best_among(&self.arms, &self.eligible(), self.config.draws, rng);
+        let target = p_best_among(&self.arms, &self.eligible, self.config.draws, rng);
         self.apply_p_best(target)
     }
 
@@ -174,8 +178,8 @@ impl Bandit {
         // The floor gives every arm a share; a weight-0 variant takes none unless an
         // operator pins it.
         if self.over == Override::None {
-            for (w, c) in weights.iter_mut().zip(&self.configured) {
-                if *c <= 0.0 {
+            for (w, e) in weights.iter_mut().zip(&self.eligible) {
+                if !e {
                     *w = 0.0;
                 }
             }
@@ -190,13 +194,13 @@ impl Bandit {
 
     /// Per-request Thompson sampling instead of published weights.
     pub fn pick<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
-        thompson_pick_among(&self.arms, &self.eligible(), rng)
+        thompson_pick_among(&self.arms, &self.eligible, rng)
     }
 
     /// The arms the bandit may send traffic to: those configured with a positive
     /// weight (a weight-0 variant is a fallback or an operator's to pin).
-    pub fn eligible(&self) -> Vec<bool> {
-        self.configured.iter().map(|w| *w > 0.0).collect()
+    pub fn eligible(&self) -> &[bool] {
+        &self.eligible
     }
 
     /// Each arm's probability of being best, as of the last update.

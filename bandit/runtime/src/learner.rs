@@ -172,7 +172,7 @@ impl Model {
             l.since_update = 0;
             (
                 l.bandit.arms().to_vec(),
-                l.bandit.eligible(),
+                l.bandit.eligible().to_vec(),
                 l.bandit.draws(),
             )
         };
@@ -253,6 +253,9 @@ pub(super) struct PickerState {
     pub arms: Vec<Posterior>,
     /// Variants the bandit may pick (configured weight > 0).
     pub eligible: Vec<bool>,
+    /// How many of them (for the uniform exploration), counted once here rather than
+    /// on every request.
+    pub eligible_count: usize,
     pub p_best: Vec<f64>,
     /// False during warm-up and under an operator's override: the weight table decides.
     pub steering: bool,
@@ -263,7 +266,8 @@ impl PickerState {
     pub fn of(bandit: &Bandit) -> Self {
         PickerState {
             arms: bandit.arms().to_vec(),
-            eligible: bandit.eligible(),
+            eligible: bandit.eligible().to_vec(),
+            eligible_count: bandit.eligible().iter().filter(|e| **e).count().max(1),
             p_best: bandit.p_best().to_vec(),
             steering: bandit.steering(),
         }
@@ -301,7 +305,7 @@ impl Picker for SharedPicker {
             return None;
         }
         let explore = self.0.explore;
-        let eligible = st.eligible.iter().filter(|e| **e).count().max(1);
+        let eligible = st.eligible_count;
         PICK_RNG.with(|rng| {
             let mut rng = rng.borrow_mut();
             let index = if explore > 0.0 && rng.random::<f64>() < explore {
