@@ -51,7 +51,7 @@ async fn client_mistakes_get_clear_json_errors() {
     for path in [
         "/v1/models/m:explode",
         "/v1/models/m/versions/x:predict",
-        "/v2/models/m/infer/extra",
+        "/v2/models/m/trace/..",
         "/v1/models/:predict",
     ] {
         let r = predict(&c, &format!("{base}{path}")).await;

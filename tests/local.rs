@@ -670,3 +670,332 @@ async fn compressed_bodies_are_inflated_for_local_variants_and_passed_through_fo
     app.shutdown();
     app.wait().await;
 }
+
+/// Little-endian f32s from `bytes`.
+fn le_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The V2 binary tensor extension on a local variant: binary inputs (FP32 and FP64,
+/// batch 1 and 32) give the JSON answer's values; binary outputs come after the JSON
+/// with `Inference-Header-Content-Length`; requested outputs and classification are
+/// honoured, an unknown output is a 400, a missing version a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_tensors_requested_outputs_and_versions_on_a_local_variant() {
+    let app = app("builtin:digits_mlp", "{max_batch_size: 32}").await;
+    let c = client();
+    let url = format!("http://{}/v2/models/digits/infer", app.data_addr);
+    let v = vectors();
+    let inputs = v["inputs"].as_array().unwrap();
+    for rows in [1usize, 32] {
+        let pixels: Vec<f32> = inputs[..rows].iter().flat_map(floats).collect();
+        let plain = send(&c, "POST", &url, &[], &json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [rows, 64], "data": pixels }] }).to_string()).await;
+        assert_eq!(plain.status, 200, "{:?}", plain.body);
+        let want = floats(&plain.json()["outputs"][0]["data"]);
+        for (datatype, raw) in [
+            (
+                "FP32",
+                pixels
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            (
+                "FP64",
+                pixels
+                    .iter()
+                    .flat_map(|x| f64::from(*x).to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            for binary_out in [false, true] {
+                let head = json!({
+                    "id": "req-7",
+                    "inputs": [{ "name": "pixels", "datatype": datatype, "shape": [rows, 64], "parameters": { "binary_data_size": raw.len() } }],
+                    "outputs": [{ "name": "probabilities", "parameters": { "binary_data": binary_out } }],
+                })
+                .to_string();
+                let mut body = head.clone().into_bytes();
+                body.extend_from_slice(&raw);
+                let r = send_bytes(
+                    &c,
+                    "POST",
+                    &url,
+                    &[
+                        ("inference-header-content-length", &head.len().to_string()),
+                        ("content-type", "application/octet-stream"),
+                    ],
+                    Bytes::from(body),
+                )
+                .await;
+                assert_eq!(r.status, 200, "{datatype} {rows}: {:?}", r.body);
+                let got = match r.header("inference-header-content-length") {
+                    Some(n) => {
+                        assert!(binary_out);
+                        let n: usize = n.parse().unwrap();
+                        let answer: Value = serde_json::from_slice(&r.body[..n]).unwrap();
+                        assert_eq!(answer["id"], "req-7");
+                        assert_eq!(answer["outputs"][0]["shape"], json!([rows, 10]));
+                        assert_eq!(
+                            answer["outputs"][0]["parameters"]["binary_data_size"],
+                            json!(rows * 40)
+                        );
+                        le_floats(&r.body[n..])
+                    }
+                    None => {
+                        assert!(!binary_out);
+                        floats(&r.json()["outputs"][0]["data"])
+                    }
+                };
+                close(&got, &want);
+            }
+        }
+    }
+    // Classification: the top 3 per row, as Triton writes them.
+    let row = floats(&inputs[0]);
+    let r = send(
+        &c,
+        "POST",
+        &url,
+        &[],
+        &json!({
+            "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": row }],
+            "outputs": [{ "name": "probabilities", "parameters": { "classification": 3 } }],
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let out = &r.json()["outputs"][0];
+    assert_eq!(
+        (out["datatype"].clone(), out["shape"].clone()),
+        (json!("BYTES"), json!([1, 3]))
+    );
+    let label = v["labels"][0].as_u64().unwrap();
+    let top = out["data"][0].as_str().unwrap();
+    assert!(
+        top.ends_with(&format!(":{label}")),
+        "{top} for label {label}"
+    );
+    // An output the model does not have; a version it does not serve.
+    let r = send(
+        &c,
+        "POST",
+        &url,
+        &[],
+        &json!({
+            "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": row }],
+            "outputs": [{ "name": "logits" }],
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown output `logits`"));
+    let body = json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": row }] }).to_string();
+    let r = send(
+        &c,
+        "POST",
+        &format!(
+            "http://{}/v2/models/digits/versions/99/infer",
+            app.data_addr
+        ),
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = send(
+        &c,
+        "POST",
+        &format!("http://{}/v2/models/digits/versions/1/infer", app.data_addr),
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.shutdown();
+    app.wait().await;
+}
+
+/// Triton's configuration and statistics extensions answered by a local variant from
+/// its signature, batching options and counters; `/v2` lists the extensions; the
+/// repository index lists the models; other extension paths are forwarded to a remote
+/// variant with the model name rewritten, with their method and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_stats_and_extensions_are_answered_locally_and_forwarded_remotely() {
+    let up = Upstream::echo("remote").await;
+    let app = start(&format!(
+        "models:\n  digits:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\", batching: {{max_batch_size: 8, num_batch_threads: 2}}}}}}\n  far:\n    variants:\n      - {{name: r, weight: 1, upstream: \"{}\", upstream_model: triton_name}}\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+    let config = send(
+        &c,
+        "GET",
+        &format!("{base}/v2/models/digits/config"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(config.status, 200);
+    let config = config.json();
+    assert_eq!(config["name"], "digits");
+    assert_eq!(config["max_batch_size"], 8);
+    assert_eq!(
+        config["input"][0],
+        json!({ "name": "pixels", "data_type": "TYPE_FP32", "dims": [64] })
+    );
+    assert_eq!(
+        config["output"][0],
+        json!({ "name": "probabilities", "data_type": "TYPE_FP32", "dims": [10] })
+    );
+    assert_eq!(config["instance_group"][0]["count"], 2);
+    let row: Vec<f32> = (0..64).map(|i| (i % 17) as f32).collect();
+    let two = json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [2, 64], "data": [row.clone(), row.clone()] }] }).to_string();
+    for _ in 0..3 {
+        assert_eq!(
+            send(
+                &c,
+                "POST",
+                &format!("{base}/v2/models/digits/infer"),
+                &[],
+                &two
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let bad = json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1] }] }).to_string();
+    assert_eq!(
+        send(
+            &c,
+            "POST",
+            &format!("{base}/v2/models/digits/infer"),
+            &[],
+            &bad
+        )
+        .await
+        .status,
+        400
+    );
+    let stats = send(
+        &c,
+        "GET",
+        &format!("{base}/v2/models/digits/stats"),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    let s = &stats["model_stats"][0];
+    assert_eq!(s["name"], "digits");
+    assert_eq!(s["inference_count"], 6, "{s}");
+    let executions = s["execution_count"].as_u64().unwrap();
+    assert!((1..=3).contains(&executions), "{s}");
+    assert_eq!(s["inference_stats"]["success"]["count"], 3, "{s}");
+    assert_eq!(s["inference_stats"]["fail"]["count"], 1, "{s}");
+    assert_eq!(s["inference_stats"]["queue"]["count"], 3, "{s}");
+    assert!(
+        s["inference_stats"]["compute_infer"]["ns"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{s}"
+    );
+    assert!(
+        s["inference_stats"]["success"]["ns"].as_u64()
+            >= s["inference_stats"]["compute_infer"]["ns"].as_u64(),
+        "{s}"
+    );
+    // Server metadata lists what local variants implement.
+    let meta = send(&c, "GET", &format!("{base}/v2"), &[], "").await.json();
+    let ext: Vec<&str> = meta["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    for e in [
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "statistics",
+    ] {
+        assert!(ext.contains(&e), "{ext:?}");
+    }
+    let index = send(
+        &c,
+        "POST",
+        &format!("{base}/v2/repository/index"),
+        &[],
+        "{}",
+    )
+    .await
+    .json();
+    let mut names: Vec<&str> = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["digits", "far"]);
+    // A local variant has no trace settings to give.
+    assert_eq!(
+        send(
+            &c,
+            "GET",
+            &format!("{base}/v2/models/digits/trace/setting"),
+            &[],
+            ""
+        )
+        .await
+        .status,
+        404
+    );
+    // Remote: forwarded, the name rewritten, method and body kept.
+    for (method, path, want, body) in [
+        (
+            "GET",
+            "/v2/models/far/config",
+            "/v2/models/triton_name/config",
+            "",
+        ),
+        (
+            "GET",
+            "/v2/models/far/versions/3/stats",
+            "/v2/models/triton_name/versions/3/stats",
+            "",
+        ),
+        (
+            "POST",
+            "/v2/models/far/trace/setting",
+            "/v2/models/triton_name/trace/setting",
+            r#"{"trace_level":["TIMESTAMPS"]}"#,
+        ),
+        (
+            "POST",
+            "/v2/repository/models/far/load",
+            "/v2/repository/models/triton_name/load",
+            "{}",
+        ),
+    ] {
+        let r = send(&c, method, &format!("{base}{path}"), &[], body).await;
+        assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+        assert_eq!(r.json()["path"], want, "{path}");
+        assert_eq!(r.json()["method"], method, "{path}");
+        assert_eq!(r.json()["body_len"], body.len(), "{path}");
+    }
+    app.shutdown();
+    app.wait().await;
+}

@@ -177,8 +177,72 @@ struct Queue {
     closed: bool,
 }
 
+/// A count and the nanoseconds it took, in Triton's statistics extension's shape.
+#[derive(Debug, Default)]
+struct Tally {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, d: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Counted {
+        Counted {
+            count: self.count.load(Ordering::Relaxed),
+            ns: self.ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A count and its total duration in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// How many.
+    pub count: u64,
+    /// Their total duration, nanoseconds.
+    pub ns: u64,
+}
+
+/// The runtime's own counters since it started, in the terms of Triton's statistics
+/// extension (`GET /v2/models/{m}/stats`): requests that succeeded or failed (from
+/// queueing to answer), their time queued and computing, rows inferred and batches run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests answered with an output: count and time from queueing to answer.
+    pub success: Counted,
+    /// Requests that failed in the queue or the model: count and time until then.
+    pub fail: Counted,
+    /// Time requests spent queued before their batch ran.
+    pub queue: Counted,
+    /// Time requests spent in their batch's model run.
+    pub compute: Counted,
+    /// Rows inferred (Triton's `inference_count`: a batch-32 request counts 32).
+    pub inference_count: u64,
+    /// Batches run (Triton's `execution_count`).
+    pub execution_count: u64,
+    /// When the last batch ran, milliseconds since the Unix epoch; 0 before the first.
+    pub last_inference_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct StatCounters {
+    success: Tally,
+    fail: Tally,
+    queue: Tally,
+    compute: Tally,
+    inference_count: AtomicU64,
+    execution_count: AtomicU64,
+    last_inference_ms: AtomicU64,
+}
+
 struct Shared {
     queue: Mutex<Queue>,
+    stats: StatCounters,
     ready: Condvar,
     options: BatchingOptions,
     model: Arc<TractModel>,
@@ -206,6 +270,7 @@ impl Shared {
         let threads = options.num_batch_threads.max(1);
         Shared {
             queue: Mutex::new(Queue::default()),
+            stats: StatCounters::default(),
             ready: Condvar::new(),
             options,
             model,
@@ -315,6 +380,31 @@ impl Batcher {
     /// The model served.
     pub fn model(&self) -> &TractModel {
         &self.shared.model
+    }
+
+    /// The batching options it runs with.
+    pub fn options(&self) -> &BatchingOptions {
+        &self.shared.options
+    }
+
+    /// Its counters since it started (see [`Stats`]).
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared.stats;
+        Stats {
+            success: s.success.read(),
+            fail: s.fail.read(),
+            queue: s.queue.read(),
+            compute: s.compute.read(),
+            inference_count: s.inference_count.load(Ordering::Relaxed),
+            execution_count: s.execution_count.load(Ordering::Relaxed),
+            last_inference_ms: s.last_inference_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a request that failed before reaching the queue (refused input, a full
+    /// queue, a timeout), `took` after it arrived: Triton counts those as failures too.
+    pub fn count_failure(&self, took: Duration) {
+        self.shared.stats.fail.add(took);
     }
 
     /// Queues `rows` rows (laid out contiguously in `input`) and waits for their output
@@ -527,11 +617,19 @@ fn run_batch(
 ) -> Result<(), ()> {
     let started = Instant::now();
     for job in &batch {
-        shared
-            .metrics
-            .queue
-            .observe((started - job.enqueued).as_secs_f64());
+        let queued = started - job.enqueued;
+        shared.metrics.queue.observe(queued.as_secs_f64());
+        shared.stats.queue.add(queued);
     }
+    let stats = &shared.stats;
+    stats.execution_count.fetch_add(1, Ordering::Relaxed);
+    stats
+        .inference_count
+        .fetch_add(rows as u64, Ordering::Relaxed);
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    stats.last_inference_ms.store(wall, Ordering::Relaxed);
     shared.metrics.batch.observe(rows as f64);
     #[cfg(test)]
     {
@@ -554,10 +652,16 @@ fn run_batch(
         Some(s) => s.run(input, rows),
         None => shared.model.run(input, rows),
     }));
-    shared
-        .metrics
-        .compute
-        .observe(started.elapsed().as_secs_f64());
+    let computed = started.elapsed();
+    shared.metrics.compute.observe(computed.as_secs_f64());
+    for _ in &batch {
+        stats.compute.add(computed);
+    }
+    // Each request's whole time, from queueing to its answer.
+    let answered = |job: &Job, ok: bool| {
+        let tally = if ok { &stats.success } else { &stats.fail };
+        tally.add(job.enqueued.elapsed());
+    };
     let result = match result {
         Ok(r) => r,
         Err(panic) => {
@@ -565,6 +669,7 @@ fn run_batch(
             let msg = panic_message(&*panic).to_string();
             tracing::error!(panic = %msg, rows, "A local model panicked running a batch; its requests get 500.");
             for job in batch {
+                answered(&job, false);
                 let _ = job.reply.send(Err(InferenceError::Run(format!(
                     "the model failed on this batch: {msg}"
                 ))));
@@ -585,6 +690,7 @@ fn run_batch(
                         output.len()
                     ))
                 });
+                answered(&job, answer.is_ok());
                 let _ = job.reply.send(answer);
                 at += n;
             }
@@ -592,6 +698,7 @@ fn run_batch(
         Err(e) => {
             let msg = e.to_string();
             for job in batch {
+                answered(&job, false);
                 let _ = job.reply.send(Err(InferenceError::Run(msg.clone())));
             }
         }
@@ -656,6 +763,28 @@ mod tests {
         let (good, mut good_rx) = job(vec![0.5; 128], 2);
         assert!(run_batch(&shared, session.as_mut(), vec![good], 2).is_ok());
         assert_eq!(good_rx.try_recv().unwrap().unwrap().len(), 20);
+    }
+
+    /// Triton's statistics: a batch of two requests (3 and 2 rows) is one execution,
+    /// five inferences, two successes each with its queue and compute time; a panicking
+    /// batch's request is a failure.
+    #[test]
+    fn statistics_count_requests_rows_and_batches() {
+        let (shared, _registry) = shared();
+        let mut session = shared.model.session().ok();
+        let (a, _ra) = job(vec![0.5; 3 * 64], 3);
+        let (b, _rb) = job(vec![0.5; 2 * 64], 2);
+        run_batch(&shared, session.as_mut(), vec![a, b], 5).unwrap();
+        let (bad, _rbad) = job(vec![0.5; 64], 5);
+        assert!(run_batch(&shared, session.as_mut(), vec![bad], 5).is_err());
+        let s = &shared.stats;
+        assert_eq!(s.success.read().count, 2);
+        assert_eq!(s.fail.read().count, 1);
+        assert_eq!(s.queue.read().count, 3);
+        assert_eq!(s.compute.read().count, 3);
+        assert_eq!(s.inference_count.load(Ordering::Relaxed), 10);
+        assert_eq!(s.execution_count.load(Ordering::Relaxed), 2);
+        assert!(s.last_inference_ms.load(Ordering::Relaxed) > 1_700_000_000_000);
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
+//! - [`v2`]: the V2 codec of local variants: JSON, binary tensors, requested outputs,
+//!   classification; Triton's model configuration and statistics.
 //! - [`encoding`]: gzip and deflate bodies for local variants, bounded when inflated.
 //! - [`offload`]: large JSON decoding and encoding off the async workers.
 //! - [`body`]: the streamed, size-limited request body and the response body type.
@@ -50,6 +52,7 @@ pub mod server;
 pub mod split;
 pub mod table;
 pub mod upstream;
+pub mod v2;
 pub(crate) mod variant;
 
 /// A seeded xorshift64* stream for the property tests: deterministic, no dependency.

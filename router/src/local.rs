@@ -41,6 +41,8 @@ pub struct Asked<'a> {
     pub content_encoding: Option<&'a http::HeaderValue>,
     /// The request's `Accept-Encoding`.
     pub accept_encoding: Option<&'a http::HeaderValue>,
+    /// The request's `Inference-Header-Content-Length` (V2 binary tensors).
+    pub header_length: Option<&'a http::HeaderValue>,
 }
 
 impl LocalBackend {
@@ -80,6 +82,7 @@ impl LocalBackend {
         }
         let version = self.version.as_str();
         let sig = self.batcher.model().signature();
+        let mut header_length = None;
         let answer: Bytes = match (protocol, verb) {
             (_, Verb::Ready) => match self.health() {
                 Ok(()) => json!({ "name": model, "ready": true }).to_string().into(),
@@ -105,7 +108,25 @@ impl LocalBackend {
                 tf_metadata(model, version, sig).to_string().into()
             }
             (Protocol::V2, Verb::Metadata | Verb::Status) => {
-                v2_metadata(model, version, sig).to_string().into()
+                crate::v2::metadata(model, version, sig).to_string().into()
+            }
+            (_, Verb::Config) => crate::v2::model_config(model, version, &self.batcher)
+                .to_string()
+                .into(),
+            (_, Verb::Stats) => crate::v2::model_stats(model, version, &self.batcher)
+                .to_string()
+                .into(),
+            // Loaded since the config was: loading again is a no-op, as in Triton.
+            (_, Verb::Repository(true)) => Bytes::from_static(b"{}"),
+            (_, Verb::Repository(false)) => {
+                return Err(RouterError::BadInput(format!(
+                    "model `{model}` is served in-process from the config file; remove it there to unload it"
+                )))
+            }
+            (_, Verb::Extension) => {
+                return Err(RouterError::NoRoute(format!(
+                    "model `{model}` is served in-process, which answers /infer, /ready, /config and /stats under /v2/models/{{model}}, not this path"
+                )))
             }
             (_, Verb::Classify | Verb::Regress) => {
                 return Err(RouterError::BadInput(format!(
@@ -113,95 +134,183 @@ impl LocalBackend {
                 )))
             }
             (_, Verb::Predict) => {
-                let coding = crate::encoding::request_coding(asked.content_encoding)?;
-                let bytes = crate::body::collect_limited(body, body_limit).await?;
-                if self.failure_rate > 0.0 && fail_now(self.failure_rate) {
-                    return Err(RouterError::Inference(
-                        "injected failure (local.failure_rate)".into(),
-                    ));
+                let arrived = std::time::Instant::now();
+                let answered = self
+                    .predict(model, protocol, asked, body, body_limit)
+                    .await;
+                if answered.is_err() {
+                    self.batcher.count_failure(arrived.elapsed());
                 }
-                // Large bodies are parsed (and their answers written) off the async
-                // workers: a 16 MiB body is tens of milliseconds of JSON.
-                let size = bytes.len();
-                // A compressed body's size says nothing of what it inflates to: always
-                // off the async workers.
-                let work = if coding.is_some() {
-                    usize::try_from(body_limit).unwrap_or(usize::MAX)
-                } else {
-                    size
-                };
-                let (request, (input, rows, shape)) = {
-                    let (model, sig) = (model.to_string(), sig.clone());
-                    crate::offload::cpu(work, move || {
-                        // Inflated here, off the async workers, within the body limit.
-                        let inflated;
-                        let bytes: &[u8] = match coding {
-                            Some(c) => {
-                                inflated = crate::encoding::decode(&bytes, c, body_limit)?;
-                                &inflated
-                            }
-                            None => &bytes,
-                        };
-                        let request: Value = serde_json::from_slice(bytes).map_err(|e| {
-                            RouterError::BadInput(format!(
-                                "the request body is not valid JSON: {e}"
-                            ))
-                        })?;
-                        let decoded = match protocol {
-                            Protocol::TfServing => tf_input(&model, &sig, &request)?,
-                            Protocol::V2 => v2_input(&model, &sig, &request)?,
-                        };
-                        Ok::<_, RouterError>((request, decoded))
-                    })
-                    .await??
-                };
-                let pending = self.batcher.enqueue(input, rows);
-                let answered = match pending {
-                    Ok(p) => tokio::time::timeout(self.timeout, p).await.map_err(|_| {
-                        RouterError::LocalTimeout(format!(
-                            "model `{model}` did not answer within request_timeout ({:?})",
-                            self.timeout
-                        ))
-                    })?,
-                    Err(e) => Err(e),
-                };
-                let output = answered.map_err(|e| match e {
-                    InferenceError::BadInput(m) => RouterError::BadInput(m),
-                    InferenceError::Overloaded { .. } | InferenceError::Closed => {
-                        RouterError::Overloaded(e.to_string())
-                    }
-                    other => RouterError::Inference(other.to_string()),
-                })?;
-                // The answer is about as large as the request's values.
-                let (model, version, sig) = (model.to_string(), version.to_string(), sig.clone());
-                crate::offload::cpu(size, move || match protocol {
-                    Protocol::TfServing => tf_output(&output, rows, shape),
-                    Protocol::V2 => v2_output(&model, &version, &sig, &output, rows, &request),
-                })
-                .await?
+                let (bytes, head) = answered?;
+                header_length = head;
+                bytes
             }
         };
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
-        let Some(coding) = crate::encoding::answer_coding(asked.accept_encoding) else {
-            return Ok(json_response(StatusCode::OK, answer));
+        let coding = crate::encoding::answer_coding(asked.accept_encoding);
+        let (answer, size) = match coding {
+            None => (answer, 0),
+            Some(coding) => {
+                let size = answer.len();
+                let packed =
+                    crate::offload::cpu(size, move || crate::encoding::encode(&answer, coding))
+                        .await?;
+                (Bytes::from(packed), size)
+            }
         };
-        let size = answer.len();
-        let packed =
-            crate::offload::cpu(size, move || crate::encoding::encode(&answer, coding)).await?;
-        let mut resp = json_response(StatusCode::OK, Bytes::from(packed));
+        let mut resp = json_response(StatusCode::OK, answer);
         let headers = resp.headers_mut();
-        headers.insert(
-            http::header::CONTENT_ENCODING,
-            http::HeaderValue::from_static(coding.token()),
-        );
-        headers.insert(
-            http::header::VARY,
-            http::HeaderValue::from_static("accept-encoding"),
-        );
+        if let Some(n) = header_length {
+            // JSON first, then the binary tensors: the header says where the JSON ends.
+            headers.insert(
+                crate::v2::INFERENCE_HEADER_CONTENT_LENGTH.clone(),
+                http::HeaderValue::from(n),
+            );
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+        }
+        if let Some(coding) = coding {
+            let _ = size;
+            headers.insert(
+                http::header::CONTENT_ENCODING,
+                http::HeaderValue::from_static(coding.token()),
+            );
+            headers.insert(
+                http::header::VARY,
+                http::HeaderValue::from_static("accept-encoding"),
+            );
+        }
         Ok(resp)
     }
+
+    /// A prediction: the body read (inflated if compressed), decoded, queued, answered;
+    /// with the JSON header's length when the answer carries binary tensors.
+    async fn predict(
+        &self,
+        model: &str,
+        protocol: Protocol,
+        asked: Asked<'_>,
+        body: crate::body::LimitedBody,
+        body_limit: u64,
+    ) -> Result<(Bytes, Option<usize>), RouterError> {
+        let sig = self.batcher.model().signature();
+        let coding = crate::encoding::request_coding(asked.content_encoding)?;
+        let header_length = match asked.header_length {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        RouterError::BadInput(format!(
+                            "Inference-Header-Content-Length must be a byte count, not {v:?}"
+                        ))
+                    })?,
+            ),
+        };
+        if header_length.is_some() && protocol == Protocol::TfServing {
+            return Err(RouterError::BadInput(
+                "binary tensors (Inference-Header-Content-Length) are a V2 extension; TF Serving's REST API takes JSON".into(),
+            ));
+        }
+        let bytes = crate::body::collect_limited(body, body_limit).await?;
+        if self.failure_rate > 0.0 && fail_now(self.failure_rate) {
+            return Err(RouterError::Inference(
+                "injected failure (local.failure_rate)".into(),
+            ));
+        }
+        // Large bodies are parsed (and their answers written) off the async workers: a
+        // 16 MiB body is tens of milliseconds of JSON.
+        let size = bytes.len();
+        // A compressed body's size says nothing of what it inflates to: always off the
+        // async workers.
+        let work = if coding.is_some() {
+            usize::try_from(body_limit).unwrap_or(usize::MAX)
+        } else {
+            size
+        };
+        let decoded = {
+            let (model, sig) = (model.to_string(), sig.clone());
+            crate::offload::cpu(work, move || {
+                // Inflated here, off the async workers, within the body limit.
+                let inflated;
+                let bytes: &[u8] = match coding {
+                    Some(c) => {
+                        inflated = crate::encoding::decode(&bytes, c, body_limit)?;
+                        &inflated
+                    }
+                    None => &bytes,
+                };
+                match protocol {
+                    Protocol::TfServing => {
+                        let request: Value = serde_json::from_slice(bytes).map_err(|e| {
+                            RouterError::BadInput(format!(
+                                "the request body is not valid JSON: {e}"
+                            ))
+                        })?;
+                        let (input, rows, format) = tf_input(&model, &sig, &request)?;
+                        Ok::<_, RouterError>(Decoded::Tf(input, rows, format))
+                    }
+                    Protocol::V2 => {
+                        let (request, input, rows, plan) =
+                            crate::v2::http_request(&model, &sig, bytes, header_length)?;
+                        Ok(Decoded::V2(request, input, rows, plan))
+                    }
+                }
+            })
+            .await??
+        };
+        let (input, rows) = match &decoded {
+            Decoded::Tf(input, rows, _) | Decoded::V2(_, input, rows, _) => (input.clone(), *rows),
+        };
+        let output = self.infer(model, input, rows).await?;
+        // The answer is about as large as the request's values.
+        let (model, version, sig) = (model.to_string(), self.version.clone(), sig.clone());
+        crate::offload::cpu(size, move || match decoded {
+            Decoded::Tf(_, rows, format) => (tf_output(&output, rows, format), None),
+            Decoded::V2(request, _, rows, plan) => {
+                let out = crate::v2::output(&sig, plan, output, rows);
+                crate::v2::http_answer(&model, &version, request.get("id"), &out, plan)
+            }
+        })
+        .await
+    }
+
+    /// Queues `rows` rows and waits, within `request_timeout`, for their outputs.
+    pub(crate) async fn infer(
+        &self,
+        model: &str,
+        input: Vec<f32>,
+        rows: usize,
+    ) -> Result<Vec<f32>, RouterError> {
+        let pending = self.batcher.enqueue(input, rows);
+        let answered = match pending {
+            Ok(p) => tokio::time::timeout(self.timeout, p).await.map_err(|_| {
+                RouterError::LocalTimeout(format!(
+                    "model `{model}` did not answer within request_timeout ({:?})",
+                    self.timeout
+                ))
+            })?,
+            Err(e) => Err(e),
+        };
+        answered.map_err(|e| match e {
+            InferenceError::BadInput(m) => RouterError::BadInput(m),
+            InferenceError::Overloaded { .. } | InferenceError::Closed => {
+                RouterError::Overloaded(e.to_string())
+            }
+            other => RouterError::Inference(other.to_string()),
+        })
+    }
+}
+
+/// A decoded prediction request, per protocol.
+enum Decoded {
+    Tf(Vec<f32>, usize, TfFormat),
+    V2(Value, Vec<f32>, usize, crate::v2::Plan),
 }
 
 fn fail_now(rate: f64) -> bool {
@@ -314,33 +423,21 @@ fn tf_input(
 /// The V2 numeric datatypes, for range checks: a value the datatype cannot hold is
 /// refused rather than silently converted (Triton refuses them too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Datatype {
+pub(crate) enum Datatype {
     Fp16,
     Fp32,
     Fp64,
-    Int { min: i128, max: i128 },
+    Int { bits: u32, signed: bool },
 }
 
 impl Datatype {
-    const NAMES: &'static [&'static str] = &[
+    pub(crate) const NAMES: &'static [&'static str] = &[
         "FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
         "UINT64",
     ];
 
-    fn parse(name: &str) -> Datatype {
-        let int = |bits: u32, signed: bool| {
-            if signed {
-                Datatype::Int {
-                    min: -(1i128 << (bits - 1)),
-                    max: (1i128 << (bits - 1)) - 1,
-                }
-            } else {
-                Datatype::Int {
-                    min: 0,
-                    max: (1i128 << bits) - 1,
-                }
-            }
-        };
+    pub(crate) fn parse(name: &str) -> Datatype {
+        let int = |bits: u32, signed: bool| Datatype::Int { bits, signed };
         match name {
             "FP16" => Datatype::Fp16,
             "FP64" => Datatype::Fp64,
@@ -356,10 +453,68 @@ impl Datatype {
         }
     }
 
+    /// Bytes per value in the binary encodings.
+    pub(crate) fn width(self) -> usize {
+        match self {
+            Datatype::Fp16 => 2,
+            Datatype::Fp32 => 4,
+            Datatype::Fp64 => 8,
+            Datatype::Int { bits, .. } => bits as usize / 8,
+        }
+    }
+
+    fn range(bits: u32, signed: bool) -> (i128, i128) {
+        if signed {
+            (-(1i128 << (bits - 1)), (1i128 << (bits - 1)) - 1)
+        } else {
+            (0, (1i128 << bits) - 1)
+        }
+    }
+
+    /// A little-endian value of [`Datatype::width`] bytes as the model's `f32`. Integers
+    /// always fit their own range; floats must be finite and within f32's.
+    pub(crate) fn read_le(self, b: &[u8]) -> Result<f32, String> {
+        let mut w = [0u8; 8];
+        w[..b.len().min(8)].copy_from_slice(&b[..b.len().min(8)]);
+        match self {
+            Datatype::Fp16 => self.finite(f64::from(half_to_f32(u16::from_le_bytes([w[0], w[1]])))),
+            Datatype::Fp32 => self.finite(f64::from(f32::from_le_bytes([w[0], w[1], w[2], w[3]]))),
+            Datatype::Fp64 => self.finite(f64::from_le_bytes(w)),
+            Datatype::Int { bits, signed } => {
+                let unsigned = u64::from_le_bytes(w);
+                let v = if signed {
+                    // Sign-extend from `bits`.
+                    let shift = 64 - bits;
+                    i128::from(((unsigned << shift) as i64) >> shift)
+                } else {
+                    i128::from(unsigned)
+                };
+                Ok(v as f32)
+            }
+        }
+    }
+
+    fn finite(self, x: f64) -> Result<f32, String> {
+        let limit = if self == Datatype::Fp16 {
+            65504.0
+        } else {
+            f64::from(f32::MAX)
+        };
+        // The model computes in f32: a value that would become ±inf there (1e39)
+        // gave predictions of `null`.
+        if !x.is_finite() || x.abs() > limit {
+            return Err(format!(
+                "`{x}` is not a finite value the model can take (|x| ≤ {limit:e})"
+            ));
+        }
+        Ok(x as f32)
+    }
+
     /// The value as the model's `f32`, or why it cannot be one.
     fn convert(self, n: &serde_json::Number) -> Result<f32, String> {
         match self {
-            Datatype::Int { min, max } => {
+            Datatype::Int { bits, signed } => {
+                let (min, max) = Self::range(bits, signed);
                 let v = match n
                     .as_i64()
                     .map(i128::from)
@@ -389,21 +544,32 @@ impl Datatype {
                 let x = n
                     .as_f64()
                     .ok_or_else(|| format!("`{n}` is not a number we can read"))?;
-                let limit = if self == Datatype::Fp16 {
-                    65504.0
-                } else {
-                    f64::from(f32::MAX)
-                };
-                // The model computes in f32: a value that would become ±inf there (1e39)
-                // gave predictions of `null`.
-                if !x.is_finite() || x.abs() > limit {
-                    return Err(format!(
-                        "`{n}` is not a finite value the model can take (|x| ≤ {limit:e})"
-                    ));
-                }
-                Ok(x as f32)
+                self.finite(x).map_err(|_| {
+                    format!(
+                        "`{n}` is not a finite value the model can take (|x| ≤ {:e})",
+                        if self == Datatype::Fp16 {
+                            65504.0
+                        } else {
+                            f64::from(f32::MAX)
+                        }
+                    )
+                })
             }
         }
+    }
+}
+
+/// IEEE 754 half precision to `f32` (subnormals, infinities and NaN included). Written
+/// here rather than taking the `half` crate for one conversion.
+fn half_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let frac = f32::from(h & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f32.powi(-24),
+        31 if frac == 0.0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        e => sign * (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
     }
 }
 
@@ -412,7 +578,7 @@ impl Datatype {
 const MAX_DATA_DEPTH: usize = 32;
 
 /// How many numbers a (possibly nested) JSON array holds, counted without allocating.
-fn count_numbers(v: &Value) -> usize {
+pub(crate) fn count_numbers(v: &Value) -> usize {
     match v {
         Value::Array(items) => items.iter().map(count_numbers).sum(),
         Value::Number(_) => 1,
@@ -422,7 +588,11 @@ fn count_numbers(v: &Value) -> usize {
 
 /// Appends every number in a (possibly nested) JSON array to `out`, checked against
 /// `datatype`.
-fn flatten_numbers(v: &Value, out: &mut Vec<f32>, datatype: Datatype) -> Result<(), String> {
+pub(crate) fn flatten_numbers(
+    v: &Value,
+    out: &mut Vec<f32>,
+    datatype: Datatype,
+) -> Result<(), String> {
     flatten_at(v, out, datatype, 0)
 }
 
@@ -484,135 +654,6 @@ fn tf_output(output: &[f32], rows: usize, format: TfFormat) -> Bytes {
         },
     };
     Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
-}
-
-fn v2_input(
-    model: &str,
-    sig: &Signature,
-    req: &Value,
-) -> Result<(Vec<f32>, usize, TfFormat), RouterError> {
-    let bad = |m: String| RouterError::BadInput(m);
-    let inputs = req
-        .get("inputs")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("the request needs `inputs`, a list of tensors".into()))?;
-    let want = &sig.input.name;
-    if inputs.len() != 1 {
-        return Err(bad(format!(
-            "model `{model}` takes exactly one input tensor, `{want}`; got {}",
-            inputs.len()
-        )));
-    }
-    let t = &inputs[0];
-    let name = t.get("name").and_then(Value::as_str).unwrap_or("");
-    if name != want {
-        return Err(bad(format!(
-            "unknown input `{name}`; model `{model}` takes `{want}`"
-        )));
-    }
-    let datatype = t.get("datatype").and_then(Value::as_str).unwrap_or("");
-    if !Datatype::NAMES.contains(&datatype) {
-        return Err(bad(format!(
-            "input `{want}` has datatype `{datatype}`; model `{model}` takes FP32 (numeric datatypes are converted)"
-        )));
-    }
-    // Every size here comes from the client: checked, and compared with what the body
-    // holds, before anything is allocated (a 100-byte request once asked for 256 TB).
-    let shape: Vec<i64> = t
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            bad(format!(
-                "input `{want}` needs a `shape`, a list of integers"
-            ))
-        })?
-        .iter()
-        .map(|d| {
-            d.as_i64().ok_or_else(|| {
-                bad(format!(
-                    "input `{want}` has a shape entry {d}; a shape is a list of integers"
-                ))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let expected = sig.input.shape_i64();
-    let fits = shape.len() == expected.len()
-        && shape[0] >= 1
-        && shape[1..].iter().zip(&expected[1..]).all(|(a, b)| a == b);
-    if !fits {
-        return Err(bad(format!(
-            "input `{want}` has shape {shape:?}; model `{model}` takes {expected:?} (-1: any batch size ≥ 1)"
-        )));
-    }
-    let row_len = sig.input.row_len();
-    let data_value = t.get("data").unwrap_or(&Value::Null);
-    let given = count_numbers(data_value);
-    let needed = usize::try_from(shape[0])
-        .ok()
-        .and_then(|rows| rows.checked_mul(row_len));
-    if needed != Some(given) {
-        return Err(bad(format!(
-            "input `{want}` has {given} values; shape {shape:?} needs {} (model `{model}` takes {expected:?})",
-            needed.map_or_else(|| "more than can be addressed".to_string(), |n| n.to_string())
-        )));
-    }
-    let rows = given / row_len.max(1);
-    let mut data = Vec::with_capacity(given);
-    flatten_numbers(data_value, &mut data, Datatype::parse(datatype))
-        .map_err(|m| bad(format!("input `{want}` data: {m}")))?;
-    Ok((data, rows, TfFormat::Columnar))
-}
-
-#[derive(serde::Serialize)]
-struct V2Answer<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a Value>,
-    outputs: [V2Tensor<'a>; 1],
-}
-
-#[derive(serde::Serialize)]
-struct V2Tensor<'a> {
-    name: &'a str,
-    datatype: &'a str,
-    shape: Vec<i64>,
-    data: &'a [f32],
-}
-
-fn v2_output(
-    model: &str,
-    version: &str,
-    sig: &Signature,
-    output: &[f32],
-    rows: usize,
-    req: &Value,
-) -> Bytes {
-    let mut shape = sig.output.shape_i64();
-    shape[0] = rows as i64;
-    let answer = V2Answer {
-        model_name: model,
-        model_version: version,
-        id: req.get("id"),
-        outputs: [V2Tensor {
-            name: &sig.output.name,
-            datatype: sig.output.datatype,
-            shape,
-            data: output,
-        }],
-    };
-    Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
-}
-
-fn v2_metadata(model: &str, version: &str, sig: &Signature) -> Value {
-    let t = |s: &switchyard_inference::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape_i64() });
-    json!({
-        "name": model,
-        "versions": [version],
-        "platform": "onnx_tract",
-        "inputs": [t(&sig.input)],
-        "outputs": [t(&sig.output)],
-    })
 }
 
 fn tf_metadata(model: &str, version: &str, sig: &Signature) -> Value {
@@ -732,9 +773,11 @@ mod tests {
                     });
                 }
             }
-            for decoded in [tf_input("m", sig, &body), v2_input("m", sig, &body)] {
+            let v2 = crate::v2::http_request("m", sig, &serde_json::to_vec(&body).unwrap(), None)
+                .map(|(_, data, rows, _)| (data, rows));
+            for decoded in [tf_input("m", sig, &body).map(|(d, r, _)| (d, r)), v2] {
                 match decoded {
-                    Ok((data, rows, _)) => {
+                    Ok((data, rows)) => {
                         accepted += 1;
                         assert!(rows >= 1 && data.len() == rows * 64, "{body}");
                         assert!(data.iter().all(|x| x.is_finite()), "{body}");

@@ -5,7 +5,10 @@
 //! `/v1/models/{m}[/versions/{v}|/labels/{l}][/metadata]` (GET).
 //!
 //! KServe / Triton V2: `/v2/models/{m}[/versions/{v}]/infer` (POST),
-//! `/v2/models/{m}[/versions/{v}][/ready]` (GET), `/v2/health/{live|ready}` and `/v2` (GET).
+//! `/v2/models/{m}[/versions/{v}][/ready|/config|/stats]` (GET), any other
+//! `/v2/models/{m}[/versions/{v}]/…` (Triton's extensions: forwarded, GET or POST),
+//! `/v2/repository/models/{m}/{load|unload}` (POST), `/v2/repository/index` (POST),
+//! `/v2/health/{live|ready}` and `/v2` (GET).
 
 use std::ops::Range;
 
@@ -35,6 +38,8 @@ pub enum Endpoint {
     ServerMetadata,
     /// `POST /v1/feedback`: the application's verdict on earlier predictions.
     Feedback,
+    /// `POST /v2/repository/index`: the models served here, answered by Switchyard.
+    RepositoryIndex,
 }
 
 /// A request addressed to one model.
@@ -68,6 +73,16 @@ pub enum Verb {
     Metadata,
     /// V2 model readiness (GET).
     Ready,
+    /// Triton's model configuration extension (GET `/v2/models/{m}/config`).
+    Config,
+    /// Triton's statistics extension (GET `/v2/models/{m}/stats`).
+    Stats,
+    /// Triton's model repository extension (POST `/v2/repository/models/{m}/load` or
+    /// `/unload`); `true` for load.
+    Repository(bool),
+    /// Any other `/v2/models/{m}/…` path (trace settings and the like): forwarded as it
+    /// is, GET or POST.
+    Extension,
 }
 
 impl Verb {
@@ -76,11 +91,13 @@ impl Verb {
         matches!(self, Verb::Predict | Verb::Classify | Verb::Regress)
     }
 
-    fn method(self) -> Method {
-        if self.is_prediction() {
-            Method::POST
-        } else {
-            Method::GET
+    /// The method the verb takes; `None`: GET or POST (extensions we only forward).
+    fn method(self) -> Option<Method> {
+        match self {
+            Verb::Extension => None,
+            Verb::Repository(_) => Some(Method::POST),
+            v if v.is_prediction() => Some(Method::POST),
+            _ => Some(Method::GET),
         }
     }
 }
@@ -93,12 +110,16 @@ pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
     } else if let Some(rest) = path.strip_prefix("/v2/models/") {
         let (req, m) = parse_v2(path, rest)?;
         (Endpoint::Model(req), m)
+    } else if let Some(rest) = path.strip_prefix("/v2/repository/models/") {
+        let (req, m) = parse_repository(path, rest)?;
+        (Endpoint::Model(req), m)
     } else {
         match path {
-            "/v2/health/live" => (Endpoint::ServerLive, Method::GET),
-            "/v2/health/ready" => (Endpoint::ServerReady, Method::GET),
-            "/v2" | "/v2/" => (Endpoint::ServerMetadata, Method::GET),
-            "/v1/feedback" => (Endpoint::Feedback, Method::POST),
+            "/v2/health/live" => (Endpoint::ServerLive, Some(Method::GET)),
+            "/v2/health/ready" => (Endpoint::ServerReady, Some(Method::GET)),
+            "/v2" | "/v2/" => (Endpoint::ServerMetadata, Some(Method::GET)),
+            "/v1/feedback" => (Endpoint::Feedback, Some(Method::POST)),
+            "/v2/repository/index" => (Endpoint::RepositoryIndex, Some(Method::POST)),
             _ if path.starts_with("/v1/") || path.starts_with("/v2/") => {
                 return Err(RouterError::BadPath(format!(
                     "`{path}` is not a prediction endpoint; use /v1/models/{{model}}:predict or /v2/models/{{model}}/infer"
@@ -107,10 +128,14 @@ pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
             _ => return Err(RouterError::NoRoute(path.to_string())),
         }
     };
-    if *method != allowed && !(allowed == Method::GET && *method == Method::HEAD) {
+    let fits = match &allowed {
+        Some(allowed) => method == allowed || (*allowed == Method::GET && method == Method::HEAD),
+        None => [Method::GET, Method::HEAD, Method::POST].contains(method),
+    };
+    if !fits {
         return Err(RouterError::MethodNotAllowed {
             method: method.clone(),
-            allowed,
+            allowed: allowed.unwrap_or(Method::POST),
         });
     }
     Ok(endpoint)
@@ -162,7 +187,7 @@ fn bad(path: &str, why: &str) -> RouterError {
     RouterError::BadPath(format!("malformed path `{path}`: {why}"))
 }
 
-fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterError> {
+fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Option<Method>), RouterError> {
     let start = path.len() - rest.len();
     // The verb is glued to the last segment: `/v1/models/m/versions/3:predict`.
     let (rest, verb) = match rest.rfind(':') {
@@ -236,7 +261,7 @@ fn parse_tf(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
     Ok((req, verb.method()))
 }
 
-fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterError> {
+fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Option<Method>), RouterError> {
     let start = path.len() - rest.len();
     let segments: Vec<&str> = rest.split('/').collect();
     let model = segments[0];
@@ -260,11 +285,17 @@ fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
         [] => Verb::Metadata,
         ["ready"] => Verb::Ready,
         ["infer"] => Verb::Predict,
-        _ => {
-            return Err(bad(
-                path,
-                "expected /infer, /ready or nothing after the model",
-            ))
+        ["config"] => Verb::Config,
+        ["stats"] => Verb::Stats,
+        more => {
+            // Forwarded as written: each segment is checked as the model name is.
+            for segment in more {
+                if segment.is_empty() {
+                    return Err(bad(path, "an empty segment after the model"));
+                }
+                check_segment(path, "path segment", segment)?;
+            }
+            Verb::Extension
         }
     };
     let req = ModelRequest {
@@ -272,6 +303,34 @@ fn parse_v2(path: &str, rest: &str) -> Result<(ModelRequest, Method), RouterErro
         verb,
         model: start..start + model.len(),
         version,
+        label: None,
+    };
+    Ok((req, verb.method()))
+}
+
+/// `/v2/repository/models/{m}/{load|unload}`.
+fn parse_repository(path: &str, rest: &str) -> Result<(ModelRequest, Option<Method>), RouterError> {
+    let start = path.len() - rest.len();
+    let (model, load) = match rest.rsplit_once('/') {
+        Some((m, "load")) => (m, true),
+        Some((m, "unload")) => (m, false),
+        _ => {
+            return Err(bad(
+                path,
+                "expected /v2/repository/models/{model}/load or /unload",
+            ))
+        }
+    };
+    if model.is_empty() {
+        return Err(bad(path, "the model name is empty"));
+    }
+    check_segment(path, "model name", model)?;
+    let verb = Verb::Repository(load);
+    let req = ModelRequest {
+        protocol: Protocol::V2,
+        verb,
+        model: start..start + model.len(),
+        version: None,
         label: None,
     };
     Ok((req, verb.method()))
@@ -350,6 +409,31 @@ mod tests {
             model("/v2/models/mnist/versions/1/ready", Method::GET).0,
             Ready
         );
+        assert_eq!(model("/v2/models/mnist/config", Method::GET).0, Config);
+        assert_eq!(
+            model("/v2/models/mnist/versions/1/stats", Method::GET).0,
+            Stats
+        );
+        assert_eq!(
+            model("/v2/models/mnist/trace/setting", Method::POST).0,
+            Extension
+        );
+        assert_eq!(
+            model("/v2/models/mnist/trace/setting", Method::GET).0,
+            Extension
+        );
+        assert_eq!(
+            model("/v2/repository/models/mnist/load", Method::POST),
+            (Repository(true), Protocol::V2, "mnist")
+        );
+        assert_eq!(
+            model("/v2/repository/models/mnist/unload", Method::POST).0,
+            Repository(false)
+        );
+        assert_eq!(
+            parse(&Method::POST, "/v2/repository/index").unwrap(),
+            Endpoint::RepositoryIndex
+        );
         assert_eq!(
             parse(&Method::GET, "/v2/health/live").unwrap(),
             Endpoint::ServerLive
@@ -405,7 +489,12 @@ mod tests {
             "/v1/models/m/other/1:predict",
             "/v1/models/m/metadata:predict",
             "/v2/models//infer",
-            "/v2/models/m/infer/more",
+            "/v2/models/m/trace/",
+            "/v2/models/m/trace/..",
+            "/v2/models/m/a%2Fb",
+            "/v2/repository/models/m/delete",
+            "/v2/repository/models//load",
+            "/v2/repository/models/..%2Fx/load",
             "/v2/elsewhere",
             "/v2/models/mnist/versions/..%2F..%2Fsecret/infer",
             "/v2/models/mnist/versions/../infer",
@@ -435,6 +524,14 @@ mod tests {
         assert!(matches!(
             parse(&Method::POST, "/v2/models/m/ready"),
             Err(RouterError::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            parse(&Method::DELETE, "/v2/models/m/trace/setting"),
+            Err(RouterError::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            parse(&Method::GET, "/v2/models/m/config/x").map(|_| ()),
+            Ok(())
         ));
     }
 }

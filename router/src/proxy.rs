@@ -325,9 +325,22 @@ impl Router {
                 let body = serde_json::json!({
                     "name": "switchyard",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "extensions": [],
+                    "extensions": crate::v2::EXTENSIONS,
                 });
                 return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+            }
+            Endpoint::RepositoryIndex => {
+                // The models as clients name them: the variants behind a name are
+                // Switchyard's business, not the client's.
+                let table = self.table.load();
+                let index: Vec<serde_json::Value> = table
+                    .models()
+                    .map(|m| serde_json::json!({ "name": m.name, "state": "READY" }))
+                    .collect();
+                return Ok(json_response(
+                    StatusCode::OK,
+                    Bytes::from(serde_json::Value::from(index).to_string()),
+                ));
             }
         };
         let table = self.table.load_full();

@@ -117,6 +117,10 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
                 label: ask.model_req.label.clone().and_then(|x| path.get(x)),
                 content_encoding: ask.parts.headers.get(http::header::CONTENT_ENCODING),
                 accept_encoding: ask.parts.headers.get(http::header::ACCEPT_ENCODING),
+                header_length: ask
+                    .parts
+                    .headers
+                    .get(&crate::v2::INFERENCE_HEADER_CONTENT_LENGTH),
             };
             local
                 .handle(
