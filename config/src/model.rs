@@ -126,7 +126,7 @@ pub struct Shadow {
     pub upstream: UpstreamUrl,
     /// Model name on that server. Default: the client's model name.
     pub upstream_model: Option<String>,
-    /// `http1` (default) or `h2c`.
+    /// `http1` (default) or `h2c` (a shadow mirrors HTTP requests; `grpc` is refused).
     pub protocol: UpstreamProtocol,
     /// Share of the model's prediction requests to mirror, 0 to 1.
     pub fraction: f64,
@@ -296,7 +296,8 @@ pub struct Variant {
     /// Model name on that server, substituted for the client's model name in the path.
     /// Default: the client's model name.
     pub upstream_model: Option<String>,
-    /// `http1` (default) or `h2c` (HTTP/2 without TLS, prior knowledge).
+    /// `http1` (default), `h2c` (HTTP/2 without TLS, prior knowledge), or `grpc` (the
+    /// variant takes the model's gRPC calls, and only those).
     pub protocol: UpstreamProtocol,
     /// Relative share of traffic, ≥ 0. Only ratios matter: 97/2/1 and 0.97/0.02/0.01
     /// are the same split. The weights of a model must have a positive sum.
@@ -420,6 +421,17 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over cleartext, prior knowledge.
     H2c,
+    /// gRPC (HTTP/2 over cleartext, prior knowledge): the variant takes the gRPC
+    /// requests of its model (KServe V2 / Triton and TF Serving services), forwarded
+    /// frame for frame; HTTP requests go to the model's other variants.
+    Grpc,
+}
+
+impl UpstreamProtocol {
+    /// True when requests go out as HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, UpstreamProtocol::H2c | UpstreamProtocol::Grpc)
+    }
 }
 
 /// A validated `http://host:port[/prefix]` URL.
@@ -1140,6 +1152,20 @@ fn upstream_protocol(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamPro
         &[
             ("http1", UpstreamProtocol::Http1),
             ("h2c", UpstreamProtocol::H2c),
+            ("grpc", UpstreamProtocol::Grpc),
+        ],
+    )
+}
+
+/// A shadow mirrors HTTP requests to an HTTP upstream: `grpc` is refused there.
+fn shadow_protocol(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamProtocol> {
+    decode::one_of(
+        cx,
+        node,
+        path,
+        &[
+            ("http1", UpstreamProtocol::Http1),
+            ("h2c", UpstreamProtocol::H2c),
         ],
     )
 }
@@ -1201,7 +1227,7 @@ fn decode_shadow(cx: &mut Cx, node: &Node, path: &str) -> Option<Shadow> {
     let name = f.required(cx, "name", name);
     let upstream = f.required(cx, "upstream", upstream_url);
     let upstream_model = f.optional(cx, "upstream_model", name_field);
-    let protocol = f.optional(cx, "protocol", upstream_protocol);
+    let protocol = f.optional(cx, "protocol", shadow_protocol);
     let fraction = f.required(cx, "fraction", |cx, n, p| {
         let v = decode::f64(cx, n, p)?;
         if !(0.0..=1.0).contains(&v) {

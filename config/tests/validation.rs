@@ -360,10 +360,15 @@ models:
       - name: c
         upstream: http://127.0.0.1:9007
         fraction: 0.1
+      - name: d
+        upstream: http://127.0.0.1:9008
+        fraction: 0.1
+        protocol: grpc
 "#;
     let errors = from_yaml_str(bad).unwrap_err().0;
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     for want in [
+        "models.mnist.shadows[4].protocol",
         "models.mnist.shadows[1].upstream",
         "models.mnist.shadows[1].fraction",
         "models.mnist.shadows[1].sampling",
@@ -378,4 +383,17 @@ models:
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].path, "models.mnist.shadows[0].name");
     assert!(errors[0].message.contains("already a variant"));
+}
+
+#[test]
+fn variants_may_speak_grpc() {
+    let c = from_yaml_str(
+        "models:\n  m:\n    variants:\n      - {name: g, upstream: \"http://127.0.0.1:8001\", protocol: grpc, weight: 1}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.models["m"].variants[0].protocol,
+        switchyard_config::UpstreamProtocol::Grpc
+    );
+    assert!(c.models["m"].variants[0].protocol.is_http2());
 }

@@ -10,12 +10,43 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use switchyard_shadow::{RequestTap, ResponseTap};
 
-/// Every response body: an upstream's answer streamed through untouched, or one we made;
-/// with a tap that shows it to the shadow comparison when the request was mirrored.
+/// Every response body: an upstream's answer streamed through untouched, or one we made
+/// (a gRPC answer made here ends with its status in trailers); with a tap that shows it
+/// to the shadow comparison when the request was mirrored.
 #[derive(Debug)]
 pub struct ProxyBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<Incoming, Either<Full<Bytes>, WithTrailers>>,
     tap: Option<Box<ResponseTap>>,
+}
+
+/// One data frame, then trailers.
+#[derive(Debug)]
+pub struct WithTrailers {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Body for WithTrailers {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
 }
 
 impl ProxyBody {
@@ -30,7 +61,18 @@ impl ProxyBody {
     /// An answer made here.
     pub fn full(body: Bytes) -> Self {
         ProxyBody {
-            inner: Either::Right(Full::new(body)),
+            inner: Either::Right(Either::Left(Full::new(body))),
+            tap: None,
+        }
+    }
+
+    /// An answer made here whose `data` is followed by `trailers` (gRPC's status).
+    pub fn with_trailers(data: Bytes, trailers: http::HeaderMap) -> Self {
+        ProxyBody {
+            inner: Either::Right(Either::Right(WithTrailers {
+                data: Some(data),
+                trailers: Some(trailers),
+            })),
             tap: None,
         }
     }
@@ -52,7 +94,12 @@ impl Body for ProxyBody {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Either::Left(b) => Pin::new(b).poll_frame(cx),
-            Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Either::Right(Either::Left(b)) => {
+                Pin::new(b).poll_frame(cx).map_err(|never| match never {})
+            }
+            Either::Right(Either::Right(b)) => {
+                Pin::new(b).poll_frame(cx).map_err(|never| match never {})
+            }
         };
         if let Some(tap) = &mut this.tap {
             match &polled {

@@ -666,7 +666,8 @@ pub(crate) fn failure_kind(
     result: &Result<http::Response<crate::body::ProxyBody>, RouterError>,
 ) -> Option<&'static str> {
     match result {
-        Ok(resp) if resp.status().is_server_error() => Some("5xx"),
+        // A gRPC failure status (trailers-only, so in the headers) is a 5xx too.
+        Ok(resp) if resp.status().is_server_error() || crate::grpc::failed(resp) => Some("5xx"),
         Ok(_) => None,
         Err(RouterError::Upstream { kind, .. }) => Some(kind.as_str()),
         Err(RouterError::LocalTimeout(_)) => Some("timeout"),

@@ -102,6 +102,10 @@ pub enum RouterError {
     /// A local model did not answer within `request_timeout`.
     #[error("{0}")]
     LocalTimeout(String),
+    /// A gRPC method, or a protocol on a model, that is not served (gRPC
+    /// `UNIMPLEMENTED`, HTTP 501).
+    #[error("{0}")]
+    Unimplemented(String),
     /// The variant chosen cannot take a request now (its breaker is open, or it is at
     /// `limits.max_in_flight`): the split chooses again; a client sees it only as the
     /// 503 when no variant and no fallback can answer.
@@ -123,6 +127,7 @@ impl RouterError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RouterError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             RouterError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -154,6 +159,75 @@ impl RouterError {
             RouterError::Inference(_) => "inference",
             RouterError::LocalTimeout(_) => "local_timeout",
             RouterError::NotReady(_) => "not_ready",
+            RouterError::Unimplemented(_) => "unimplemented",
+        }
+    }
+
+    /// The gRPC status code for this error (the same message goes with it).
+    pub fn grpc_code(&self) -> GrpcCode {
+        match self {
+            RouterError::NoRoute(_) | RouterError::Unimplemented(_) => GrpcCode::Unimplemented,
+            RouterError::MethodNotAllowed { .. } | RouterError::UnsupportedEncoding(_) => {
+                GrpcCode::Unimplemented
+            }
+            RouterError::UnknownModel(_) | RouterError::UnknownVersion(_) => GrpcCode::NotFound,
+            RouterError::BadPath(_) | RouterError::BadInput(_) => GrpcCode::InvalidArgument,
+            RouterError::ClientBody(_) => GrpcCode::Cancelled,
+            RouterError::BodyTooLarge { .. } => GrpcCode::ResourceExhausted,
+            // A full local queue: the caller may retry later (Triton says UNAVAILABLE;
+            // RESOURCE_EXHAUSTED names the cause, and clients back off on both).
+            RouterError::Overloaded(_) => GrpcCode::ResourceExhausted,
+            RouterError::NotReady(_) => GrpcCode::Unavailable,
+            RouterError::Inference(_) => GrpcCode::Internal,
+            RouterError::ClientBodyTimeout(_) | RouterError::LocalTimeout(_) => {
+                GrpcCode::DeadlineExceeded
+            }
+            RouterError::Upstream {
+                kind: UpstreamErrorKind::Timeout,
+                ..
+            } => GrpcCode::DeadlineExceeded,
+            RouterError::Upstream { .. } => GrpcCode::Unavailable,
+        }
+    }
+}
+
+/// gRPC status codes (grpc/doc/statuscodes.md): the ones Switchyard answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GrpcCode {
+    /// Success.
+    Ok = 0,
+    /// The client went away or broke its request.
+    Cancelled = 1,
+    /// Bad request contents.
+    InvalidArgument = 3,
+    /// The deadline passed first.
+    DeadlineExceeded = 4,
+    /// No such model or version.
+    NotFound = 5,
+    /// Over a limit (body size, a full queue).
+    ResourceExhausted = 8,
+    /// A method or protocol not served.
+    Unimplemented = 12,
+    /// The model failed.
+    Internal = 13,
+    /// No variant can answer now.
+    Unavailable = 14,
+}
+
+impl GrpcCode {
+    /// The code for an HTTP status an answer came with (gRPC's HTTP-to-gRPC mapping,
+    /// with 400, 408, 413 and 504 added for Switchyard's own answers).
+    pub fn from_http(status: StatusCode) -> GrpcCode {
+        match status.as_u16() {
+            200..=299 => GrpcCode::Ok,
+            400 => GrpcCode::InvalidArgument,
+            401 | 403 => GrpcCode::InvalidArgument,
+            404 | 405 | 501 => GrpcCode::Unimplemented,
+            408 | 504 => GrpcCode::DeadlineExceeded,
+            413 | 429 => GrpcCode::ResourceExhausted,
+            502..=503 => GrpcCode::Unavailable,
+            _ => GrpcCode::Internal,
         }
     }
 }
@@ -163,6 +237,9 @@ impl RouterError {
 pub fn error_response(err: &RouterError) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": err.to_string() }).to_string();
     let mut resp = json_response(err.status(), Bytes::from(body));
+    // A gRPC request's answer is made from this one (`grpc::from_http`): the code goes
+    // with it, so it is decided here, once.
+    resp.extensions_mut().insert(err.grpc_code());
     if let RouterError::MethodNotAllowed { allowed, .. } = err {
         let allow = if *allowed == Method::GET {
             "GET, HEAD"

@@ -47,6 +47,13 @@ pub static X_SWITCHYARD_FALLBACK: HeaderName = HeaderName::from_static("x-switch
 /// `won` or `lost`, when a hedge was sent.
 pub static X_SWITCHYARD_HEDGE: HeaderName = HeaderName::from_static("x-switchyard-hedge");
 
+/// What a request brings: an HTTP body still streaming, or a gRPC call already read.
+#[derive(Debug)]
+pub(crate) enum Payload {
+    Http(Incoming),
+    Grpc(std::sync::Arc<crate::grpc::Call>),
+}
+
 /// One request as every try of it sees it: what to send, and what was tried so far.
 /// Tries of one request (a retry, a hedge, the fallback) share it.
 #[derive(Debug)]
@@ -54,6 +61,8 @@ pub(crate) struct Ask<'a> {
     pub model: &'a ModelRoute,
     pub model_req: &'a ModelRequest,
     pub parts: &'a http::request::Parts,
+    /// The gRPC call, when the request is one.
+    pub grpc: Option<&'a crate::grpc::Call>,
     pub request_id: &'a HeaderValue,
     pub peer: Option<&'a HeaderValue>,
     /// The sticky key's value, when the model has a sticky header and the client sent it.
@@ -70,7 +79,7 @@ impl Router {
         &self,
         model: &ModelRoute,
         model_req: &ModelRequest,
-        req: Request<Incoming>,
+        req: Request<Payload>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
         started: Instant,
@@ -81,12 +90,25 @@ impl Router {
             .as_ref()
             .and_then(|h| req.headers().get(h))
             .cloned();
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, payload) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let mut body = LimitedBody::new(body, model.body_limit, self.body_stall_timeout);
+        let (mut body, grpc, excluded) = match payload {
+            Payload::Http(body) => (
+                LimitedBody::new(body, model.body_limit, self.body_stall_timeout),
+                None,
+                model.only_grpc,
+            ),
+            // Already read: each try sends its own frame ([`crate::grpc::Call::for_upstream`]).
+            Payload::Grpc(call) => (
+                LimitedBody::replay(Bytes::new()),
+                Some(call),
+                model.not_grpc,
+            ),
+        };
         let mut primary_answer = None;
         if let Some(shadows) = &model.shadows {
-            let mask = if model_req.verb.is_prediction() {
+            // Shadows mirror HTTP requests (to HTTP upstreams).
+            let mask = if model_req.verb.is_prediction() && grpc.is_none() {
                 shadows.select(request_id.as_bytes())
             } else {
                 0
@@ -118,7 +140,9 @@ impl Router {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let keep = switchable && declared.is_some_and(|n| n <= res.retry.max_body_bytes);
-        let (replay, body) = if keep {
+        let (replay, body) = if grpc.is_some() {
+            (Some(Bytes::new()), body)
+        } else if keep {
             match crate::body::collect_limited(body, model.body_limit).await {
                 Ok(bytes) => (Some(bytes.clone()), LimitedBody::replay(bytes)),
                 Err(e) => return error_response(&e),
@@ -131,10 +155,12 @@ impl Router {
             model,
             model_req,
             parts: &parts,
+            grpc: grpc.as_deref(),
             request_id,
             peer,
             sticky,
-            tried: AtomicU64::new(0),
+            // Variants that do not speak the request's protocol count as tried.
+            tried: AtomicU64::new(excluded),
             retries: AtomicU32::new(0),
         };
 
@@ -162,7 +188,7 @@ impl Router {
             Ok(resp) => resp,
             Err(err) => error_response(&err),
         };
-        if resp.status().is_success() {
+        if !crate::grpc::is_error(&resp) {
             self.record_decision(
                 model,
                 model_req,

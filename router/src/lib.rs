@@ -20,6 +20,8 @@
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
+//! - [`grpc`]: gRPC on the data port (KServe V2 / Triton, TF Serving): calls read,
+//!   routed like HTTP requests, forwarded frame for frame or answered in-process.
 //! - [`v2`]: the V2 codec of local variants: JSON, binary tensors, requested outputs,
 //!   classification; Triton's model configuration and statistics.
 //! - [`encoding`]: gzip and deflate bodies for local variants, bounded when inflated.
@@ -41,6 +43,7 @@ pub mod encoding;
 pub mod error;
 pub mod feedback;
 pub mod forward;
+pub mod grpc;
 pub mod ids;
 pub mod local;
 pub mod metrics;

@@ -43,6 +43,8 @@ pub struct Asked<'a> {
     pub accept_encoding: Option<&'a http::HeaderValue>,
     /// The request's `Inference-Header-Content-Length` (V2 binary tensors).
     pub header_length: Option<&'a http::HeaderValue>,
+    /// The gRPC call, when the request is one (answered by [`crate::grpc::local`]).
+    pub grpc: Option<&'a crate::grpc::Call>,
 }
 
 impl LocalBackend {
@@ -80,6 +82,9 @@ impl LocalBackend {
                 self.version
             )));
         }
+        if let Some(call) = asked.grpc {
+            return self.grpc(model, verb, call).await;
+        }
         let version = self.version.as_str();
         let sig = self.batcher.model().signature();
         let mut header_length = None;
@@ -109,6 +114,11 @@ impl LocalBackend {
             }
             (Protocol::V2, Verb::Metadata | Verb::Status) => {
                 crate::v2::metadata(model, version, sig).to_string().into()
+            }
+            (Protocol::Grpc, Verb::Metadata | Verb::Status) => {
+                return Err(RouterError::BadInput(
+                    "a gRPC call reached the HTTP codec".into(),
+                ))
             }
             (_, Verb::Config) => crate::v2::model_config(model, version, &self.batcher)
                 .to_string()
@@ -260,6 +270,9 @@ impl LocalBackend {
                             crate::v2::http_request(&model, &sig, bytes, header_length)?;
                         Ok(Decoded::V2(request, input, rows, plan))
                     }
+                    Protocol::Grpc => Err(RouterError::BadInput(
+                        "a gRPC call reached the HTTP codec".into(),
+                    )),
                 }
             })
             .await??
@@ -494,6 +507,22 @@ impl Datatype {
         }
     }
 
+    /// A number from gRPC's typed contents, checked as a JSON number is.
+    pub(crate) fn read_f64(self, x: f64) -> Result<f32, String> {
+        match self {
+            Datatype::Int { bits, signed } => {
+                let (min, max) = Self::range(bits, signed);
+                if x.fract() != 0.0 || !x.is_finite() || (x as i128) < min || (x as i128) > max {
+                    return Err(format!(
+                        "`{x}` is not an integer in the datatype's range {min}..={max}"
+                    ));
+                }
+                Ok(x as f32)
+            }
+            _ => self.finite(x),
+        }
+    }
+
     fn finite(self, x: f64) -> Result<f32, String> {
         let limit = if self == Datatype::Fp16 {
             65504.0
@@ -561,7 +590,7 @@ impl Datatype {
 
 /// IEEE 754 half precision to `f32` (subnormals, infinities and NaN included). Written
 /// here rather than taking the `half` crate for one conversion.
-fn half_to_f32(h: u16) -> f32 {
+pub(crate) fn half_to_f32(h: u16) -> f32 {
     let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
     let exp = i32::from((h >> 10) & 0x1f);
     let frac = f32::from(h & 0x3ff);

@@ -23,6 +23,8 @@ pub enum Protocol {
     TfServing,
     /// KServe / Triton V2 (`/v2/...`).
     V2,
+    /// gRPC: KServe V2 / Triton's and TF Serving's services ([`crate::grpc`]).
+    Grpc,
 }
 
 /// What the request is for.

@@ -71,14 +71,14 @@ pub struct RouterOptions {
 /// The data plane's shared state: the current route table and the metrics.
 #[derive(Debug)]
 pub struct Router {
-    table: ArcSwap<RouteTable>,
+    pub(crate) table: ArcSwap<RouteTable>,
     pub(crate) metrics: Metrics,
     draining: AtomicBool,
     pub(crate) decisions: DecisionLog,
     /// When the last eviction warning was logged (the decision log's clock, plus one).
     eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
-    feedback_limit: u64,
+    pub(crate) feedback_limit: u64,
     /// Longest pause between two pieces of a request body (`client_body_timeout`).
     pub(crate) body_stall_timeout: std::time::Duration,
     /// Runs mirrors and comparisons; declared last so it stops after the table (and
@@ -263,11 +263,15 @@ impl Router {
             Some(v) if ids::acceptable(v) => v.clone(),
             _ => ids::new_request_id(),
         };
-        let mut resp = match self.route(req, &request_id, peer, started).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                self.metrics.rejected(err.reject_reason());
-                error_response(&err)
+        let mut resp = if crate::grpc::is_grpc(req.headers()) {
+            self.grpc(req, &request_id, peer, started).await
+        } else {
+            match self.route(req, &request_id, peer, started).await {
+                Ok(resp) => resp,
+                Err(err) => {
+                    self.metrics.rejected(err.reject_reason());
+                    error_response(&err)
+                }
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -360,6 +364,13 @@ impl Router {
                 });
             }
         }
+        if model.only_grpc.count_ones() as usize == model.variants.len() {
+            return Err(RouterError::Unimplemented(format!(
+                "every variant of model `{}` speaks gRPC (protocol: grpc); call it over gRPC",
+                model.name
+            )));
+        }
+        let req = req.map(crate::forward::Payload::Http);
         Ok(self
             .forward(model, &model_req, req, request_id, peer, started)
             .await)
@@ -376,19 +387,26 @@ pub(crate) fn upstream_request(
     request_id: &HeaderValue,
     peer: Option<&HeaderValue>,
 ) -> Result<Request<LimitedBody>, RouterError> {
-    parts.uri = upstream.uri(
-        parts.uri.path(),
-        model_req.model.clone(),
-        &variant.upstream_model,
-        parts.uri.query(),
-    )?;
+    // A gRPC call names its model in its message (rewritten there), not its path.
+    let grpc = model_req.protocol == path::Protocol::Grpc;
+    let (model, upstream_model) = if grpc {
+        (0..0, "")
+    } else {
+        (model_req.model.clone(), variant.upstream_model.as_str())
+    };
+    parts.uri = upstream.uri(parts.uri.path(), model, upstream_model, parts.uri.query())?;
     let headers = &mut parts.headers;
+    if grpc {
+        // The message goes out re-framed, uncompressed, perhaps longer.
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove("grpc-encoding");
+    }
     match upstream.protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             headers.insert(header::HOST, upstream.host_header.clone());
         }
-        UpstreamProtocol::H2c => {
+        UpstreamProtocol::H2c | UpstreamProtocol::Grpc => {
             parts.version = Version::HTTP_2;
             headers.remove(header::HOST);
         }

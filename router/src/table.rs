@@ -43,6 +43,12 @@ pub struct ModelRoute {
     pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
     /// Candidates that get mirrored copies of this model's predictions.
     pub shadows: Option<switchyard_shadow::ShadowSet>,
+    /// Variants that do not take gRPC calls (remote HTTP ones), as a set of bits.
+    pub not_grpc: u64,
+    /// Variants that take only gRPC calls (`protocol: grpc`), as a set of bits.
+    pub only_grpc: u64,
+    /// How many variants take gRPC calls.
+    pub grpc_variants: usize,
     /// Retries, hedging and the fallback.
     pub resilience: Resilience,
 }
@@ -217,7 +223,21 @@ impl RouteTable {
                 }
                 _ => None,
             };
+            let (mut not_grpc, mut only_grpc) = (0u64, 0u64);
+            for (i, v) in variants.iter().enumerate() {
+                if let Backend::Remote(up) = &v.backend {
+                    if up.protocol == switchyard_config::UpstreamProtocol::Grpc {
+                        only_grpc |= crate::split::bit(i);
+                    } else {
+                        not_grpc |= crate::split::bit(i);
+                    }
+                }
+            }
+            let grpc_variants = variants.len() - not_grpc.count_ones() as usize;
             let route = ModelRoute {
+                not_grpc,
+                only_grpc,
+                grpc_variants,
                 name: name.clone(),
                 variants: variants.into_boxed_slice(),
                 selector,

@@ -81,7 +81,7 @@ impl Upstream {
         connector.set_nodelay(true);
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
-        if protocol == UpstreamProtocol::H2c {
+        if protocol.is_http2() {
             builder.http2_only(true);
         }
         Ok(Upstream {

@@ -26,6 +26,8 @@ pub(crate) enum Data<'a> {
     Json(&'a Value),
     /// Little-endian bytes in the datatype's width (binary extension, gRPC raw contents).
     Raw(&'a [u8]),
+    /// gRPC's typed contents, already numbers.
+    Numbers(Vec<f64>),
 }
 
 /// One input tensor as a request gives it.
@@ -156,6 +158,20 @@ pub(crate) fn decode_inputs(
                 );
             }
             data
+        }
+        Data::Numbers(values) => {
+            if needed != Some(values.len()) {
+                return Err(mismatch(format!("{} values", values.len())));
+            }
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    datatype
+                        .read_f64(*x)
+                        .map_err(|m| bad(format!("input `{want}` value {i}: {m}")))
+                })
+                .collect::<Result<_, _>>()?
         }
     };
     let rows = data.len() / row_len.max(1);

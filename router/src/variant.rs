@@ -90,6 +90,10 @@ impl<'a> Service<LimitedBody> for Forward<'a> {
 async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answer {
     match &variant.backend {
         Backend::Remote(upstream) => {
+            let body = match ask.grpc {
+                Some(call) => LimitedBody::replay(call.for_upstream(&variant.upstream_model)),
+                None => body,
+            };
             let up_req = upstream_request(
                 variant,
                 upstream,
@@ -112,9 +116,20 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
         }
         Backend::Local(local) => {
             let path = ask.parts.uri.path();
+            let (version, label) = match ask.grpc {
+                Some(call) => (
+                    Some(call.version.as_str()).filter(|v| !v.is_empty()),
+                    Some(call.label.as_str()).filter(|l| !l.is_empty()),
+                ),
+                None => (
+                    ask.model_req.version.clone().and_then(|x| path.get(x)),
+                    ask.model_req.label.clone().and_then(|x| path.get(x)),
+                ),
+            };
             let asked = crate::local::Asked {
-                version: ask.model_req.version.clone().and_then(|x| path.get(x)),
-                label: ask.model_req.label.clone().and_then(|x| path.get(x)),
+                version,
+                label,
+                grpc: ask.grpc,
                 content_encoding: ask.parts.headers.get(http::header::CONTENT_ENCODING),
                 accept_encoding: ask.parts.headers.get(http::header::ACCEPT_ENCODING),
                 header_length: ask

@@ -350,7 +350,7 @@ impl ShadowState {
                 tokio::spawn(conn);
                 Ok(Conn::Http1(send))
             }
-            UpstreamProtocol::H2c => {
+            UpstreamProtocol::H2c | UpstreamProtocol::Grpc => {
                 let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|_| ShadowErrorKind::Connect)?;
@@ -449,7 +449,7 @@ impl ShadowState {
         req = match self.spec.protocol {
             // HTTP/1.1 takes the origin form (path and query) on a connection of its own.
             UpstreamProtocol::Http1 => req.uri(pq),
-            UpstreamProtocol::H2c => req.uri(
+            UpstreamProtocol::H2c | UpstreamProtocol::Grpc => req.uri(
                 Uri::builder()
                     .scheme(Scheme::HTTP)
                     .authority(self.authority.clone())
@@ -464,7 +464,7 @@ impl ShadowState {
             UpstreamProtocol::Http1 => {
                 headers.insert(http::header::HOST, self.host_header.clone());
             }
-            UpstreamProtocol::H2c => {
+            UpstreamProtocol::H2c | UpstreamProtocol::Grpc => {
                 *req.version_mut() = Version::HTTP_2;
                 req.headers_mut().remove(http::header::HOST);
             }

@@ -1,0 +1,336 @@
+//! gRPC calls answered by a local variant: the same checks and the same batch queue as
+//! HTTP ([`crate::v2`]), with gRPC's encodings: KServe's `raw_input_contents` or typed
+//! contents in, `raw_output_contents` out (as Triton answers); TF Serving's
+//! `TensorProto` (`tensor_content` or the typed lists) in, `float_val` out.
+
+use std::collections::HashMap;
+
+use http::Response;
+use prost::Message;
+
+use super::pb::inference as kserve;
+use super::pb::tensorflow as tf;
+use super::{ok, Call, Method};
+use crate::body::ProxyBody;
+use crate::error::RouterError;
+use crate::local::{half_to_f32, LocalBackend};
+use crate::path::Verb;
+use crate::v2::{Data, Input, Requested};
+
+fn bad(m: String) -> RouterError {
+    RouterError::BadInput(m)
+}
+
+fn invalid(e: prost::DecodeError) -> RouterError {
+    bad(format!("the request is not a valid protobuf message: {e}"))
+}
+
+impl LocalBackend {
+    /// Answers a gRPC call for `model` (the client's name for it). The version and label
+    /// were checked by the caller, as for HTTP.
+    pub(crate) async fn grpc_call(
+        &self,
+        model: &str,
+        verb: Verb,
+        call: &Call,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let sig = self.batcher.model().signature();
+        match (call.method, verb) {
+            (Method::ModelReady, _) => Ok(ok(&kserve::ModelReadyResponse {
+                ready: self.health().is_ok(),
+            })),
+            (Method::ModelMetadata, _) => {
+                let t = |s: &switchyard_inference::TensorSpec| {
+                    kserve::model_metadata_response::TensorMetadata {
+                        name: s.name.clone(),
+                        datatype: s.datatype.into(),
+                        shape: s.shape_i64(),
+                    }
+                };
+                Ok(ok(&kserve::ModelMetadataResponse {
+                    name: model.into(),
+                    versions: vec![self.version.clone()],
+                    platform: "onnx_tract".into(),
+                    inputs: vec![t(&sig.input)],
+                    outputs: vec![t(&sig.output)],
+                }))
+            }
+            (Method::GetModelStatus, _) => {
+                use tf::serving::{model_version_status::State, ModelVersionStatus, StatusProto};
+                Ok(ok(&tf::serving::GetModelStatusResponse {
+                    model_version_status: vec![ModelVersionStatus {
+                        version: self.version.parse().unwrap_or(1),
+                        state: State::Available as i32,
+                        status: Some(StatusProto::default()),
+                    }],
+                }))
+            }
+            (Method::ModelInfer, _) => self.timed(self.model_infer(model, call)).await,
+            (Method::Predict, _) => self.timed(self.tf_predict(model, call)).await,
+            (Method::ModelConfig | Method::ModelStatistics, _) => Err(RouterError::Unimplemented(
+                format!(
+                    "model `{model}` is served in-process: its configuration and statistics are at GET /v2/models/{model}/config and /stats over HTTP"
+                ),
+            )),
+            (Method::ServerLive | Method::ServerReady | Method::ServerMetadata, _) => Err(
+                RouterError::Unimplemented("a server method reached a model".into()),
+            ),
+        }
+    }
+
+    /// Counts a failed prediction in the statistics, as HTTP's are.
+    async fn timed(
+        &self,
+        work: impl std::future::Future<Output = Result<Response<ProxyBody>, RouterError>>,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let arrived = std::time::Instant::now();
+        let answer = work.await;
+        if answer.is_err() {
+            self.batcher.count_failure(arrived.elapsed());
+        }
+        answer
+    }
+
+    async fn model_infer(
+        &self,
+        model: &str,
+        call: &Call,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let sig = self.batcher.model().signature().clone();
+        let message = call.message.clone();
+        let name = model.to_string();
+        // Decoded (and checked) off the async workers when large.
+        let (request, values, rows, plan) = crate::offload::cpu(message.len(), move || {
+            let request = kserve::ModelInferRequest::decode(message).map_err(invalid)?;
+            let raw = &request.raw_input_contents;
+            if !raw.is_empty() && raw.len() != request.inputs.len() {
+                return Err(bad(format!(
+                    "{} raw_input_contents for {} inputs: give one per input, or none",
+                    raw.len(),
+                    request.inputs.len()
+                )));
+            }
+            let mut inputs = Vec::with_capacity(request.inputs.len());
+            for (i, t) in request.inputs.iter().enumerate() {
+                let data = match raw.get(i) {
+                    Some(bytes) => Data::Raw(bytes),
+                    None => Data::Numbers(typed_contents(t)?),
+                };
+                inputs.push(Input {
+                    name: &t.name,
+                    datatype: &t.datatype,
+                    shape: t.shape.clone(),
+                    data,
+                });
+            }
+            let (values, rows) = crate::v2::decode_inputs(&name, &sig, &inputs)?;
+            let requested: Vec<Requested<'_>> = request
+                .outputs
+                .iter()
+                .map(|o| {
+                    let classification = match o.parameters.get("classification").and_then(|p| p.parameter_choice.as_ref()) {
+                        None => None,
+                        Some(kserve::infer_parameter::ParameterChoice::Int64Param(k)) => Some(u64::try_from(*k).unwrap_or(0)),
+                        Some(kserve::infer_parameter::ParameterChoice::Uint64Param(k)) => Some(*k),
+                        Some(other) => {
+                            return Err(bad(format!(
+                                "output `{}`: classification must be an integer count of classes, not {other:?}",
+                                o.name
+                            )))
+                        }
+                    };
+                    Ok(Requested {
+                        name: &o.name,
+                        binary: None,
+                        classification,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            // gRPC answers in raw_output_contents, as Triton does.
+            let plan = crate::v2::plan_outputs(&name, &sig, &requested, true)?;
+            Ok::<_, RouterError>((request, values, rows, plan))
+        })
+        .await??;
+        let output = self.infer(model, values, rows).await?;
+        let sig = self.batcher.model().signature();
+        let out = crate::v2::output(sig, plan, output, rows);
+        let raw = out.raw();
+        Ok(ok(&kserve::ModelInferResponse {
+            model_name: model.into(),
+            model_version: self.version.clone(),
+            id: request.id,
+            parameters: HashMap::new(),
+            outputs: vec![kserve::model_infer_response::InferOutputTensor {
+                name: out.name,
+                datatype: out.datatype.into(),
+                shape: out.shape,
+                parameters: HashMap::new(),
+                contents: None,
+            }],
+            raw_output_contents: vec![raw],
+        }))
+    }
+
+    async fn tf_predict(
+        &self,
+        model: &str,
+        call: &Call,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        let sig = self.batcher.model().signature().clone();
+        let message = call.message.clone();
+        let name = model.to_string();
+        let (values, rows) = crate::offload::cpu(message.len(), move || {
+            let request = tf::serving::PredictRequest::decode(message).map_err(invalid)?;
+            let signature = request
+                .model_spec
+                .as_ref()
+                .map_or("", |s| s.signature_name.as_str());
+            if !signature.is_empty() && signature != "serving_default" {
+                return Err(bad(format!(
+                    "unknown signature_name `{signature}`; model `{name}` has one signature, `serving_default`"
+                )));
+            }
+            for f in &request.output_filter {
+                if *f != sig.output.name {
+                    return Err(bad(format!(
+                        "unknown output `{f}` in output_filter; model `{name}` gives one output, `{}`",
+                        sig.output.name
+                    )));
+                }
+            }
+            let mut inputs = Vec::with_capacity(request.inputs.len());
+            for (input_name, t) in &request.inputs {
+                let datatype = tf_datatype(t.dtype)?;
+                let shape: Vec<i64> = t
+                    .tensor_shape
+                    .as_ref()
+                    .map(|s| s.dim.iter().map(|d| d.size).collect())
+                    .unwrap_or_default();
+                let data = if t.tensor_content.is_empty() {
+                    Data::Numbers(tf_values(t))
+                } else {
+                    Data::Raw(&t.tensor_content)
+                };
+                inputs.push(Input {
+                    name: input_name,
+                    datatype,
+                    shape,
+                    data,
+                });
+            }
+            crate::v2::decode_inputs(&name, &sig, &inputs)
+        })
+        .await??;
+        let output = self.infer(model, values, rows).await?;
+        let sig = self.batcher.model().signature();
+        let mut shape = sig.output.shape_i64();
+        shape[0] = rows as i64;
+        let tensor = tf::TensorProto {
+            dtype: tf::DataType::DtFloat as i32,
+            tensor_shape: Some(tf::TensorShapeProto {
+                dim: shape
+                    .iter()
+                    .map(|d| tf::tensor_shape_proto::Dim {
+                        size: *d,
+                        name: String::new(),
+                    })
+                    .collect(),
+                unknown_rank: false,
+            }),
+            float_val: output,
+            ..Default::default()
+        };
+        use tf::serving::{model_spec::VersionChoice, Int64Value, ModelSpec};
+        Ok(ok(&tf::serving::PredictResponse {
+            model_spec: Some(ModelSpec {
+                name: model.into(),
+                signature_name: "serving_default".into(),
+                version_choice: self
+                    .version
+                    .parse()
+                    .ok()
+                    .map(|value| VersionChoice::Version(Int64Value { value })),
+            }),
+            outputs: HashMap::from([(sig.output.name.clone(), tensor)]),
+        }))
+    }
+
+    /// Answers a gRPC call; see [`LocalBackend::grpc_call`].
+    pub(crate) async fn grpc(
+        &self,
+        model: &str,
+        verb: Verb,
+        call: &Call,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        if let Some(d) = self.delay.filter(|_| verb.is_prediction()) {
+            tokio::time::sleep(d).await;
+        }
+        self.grpc_call(model, verb, call).await
+    }
+}
+
+/// KServe's typed contents for the input's datatype, as numbers.
+fn typed_contents(
+    t: &kserve::model_infer_request::InferInputTensor,
+) -> Result<Vec<f64>, RouterError> {
+    let Some(c) = &t.contents else {
+        return Ok(Vec::new());
+    };
+    Ok(match t.datatype.as_str() {
+        "FP32" => c.fp32_contents.iter().map(|x| f64::from(*x)).collect(),
+        "FP64" => c.fp64_contents.clone(),
+        "INT8" | "INT16" | "INT32" => c.int_contents.iter().map(|x| f64::from(*x)).collect(),
+        "INT64" => c.int64_contents.iter().map(|x| *x as f64).collect(),
+        "UINT8" | "UINT16" | "UINT32" => c.uint_contents.iter().map(|x| f64::from(*x)).collect(),
+        "UINT64" => c.uint64_contents.iter().map(|x| *x as f64).collect(),
+        other => {
+            return Err(bad(format!(
+                "input `{}` has datatype `{other}` in typed contents; numeric datatypes are taken (FP16 only as raw_input_contents)",
+                t.name
+            )))
+        }
+    })
+}
+
+/// The V2 name of a TensorFlow dtype the model can take.
+fn tf_datatype(dtype: i32) -> Result<&'static str, RouterError> {
+    use tf::DataType as D;
+    Ok(match D::try_from(dtype) {
+        Ok(D::DtFloat) => "FP32",
+        Ok(D::DtDouble) => "FP64",
+        Ok(D::DtHalf) => "FP16",
+        Ok(D::DtInt8) => "INT8",
+        Ok(D::DtInt16) => "INT16",
+        Ok(D::DtInt32) => "INT32",
+        Ok(D::DtInt64) => "INT64",
+        Ok(D::DtUint8) => "UINT8",
+        Ok(D::DtUint16) => "UINT16",
+        Ok(D::DtUint32) => "UINT32",
+        Ok(D::DtUint64) => "UINT64",
+        _ => {
+            return Err(bad(format!(
+                "tensor dtype {dtype} is not numeric; the model takes DT_FLOAT (numeric dtypes are converted)"
+            )))
+        }
+    })
+}
+
+/// A TensorProto's typed values, whichever list its dtype uses.
+fn tf_values(t: &tf::TensorProto) -> Vec<f64> {
+    use tf::DataType as D;
+    match D::try_from(t.dtype) {
+        Ok(D::DtDouble) => t.double_val.clone(),
+        Ok(D::DtHalf) => t
+            .half_val
+            .iter()
+            .map(|h| f64::from(half_to_f32(*h as u16)))
+            .collect(),
+        Ok(D::DtInt8 | D::DtInt16 | D::DtInt32 | D::DtUint8 | D::DtUint16) => {
+            t.int_val.iter().map(|x| f64::from(*x)).collect()
+        }
+        Ok(D::DtInt64) => t.int64_val.iter().map(|x| *x as f64).collect(),
+        Ok(D::DtUint32) => t.uint32_val.iter().map(|x| f64::from(*x)).collect(),
+        Ok(D::DtUint64) => t.uint64_val.iter().map(|x| *x as f64).collect(),
+        _ => t.float_val.iter().map(|x| f64::from(*x)).collect(),
+    }
+}
