@@ -2,7 +2,7 @@
 //! Predict, answered by a local variant, forwarded to a remote gRPC variant (a second
 //! Switchyard), with the same routing as HTTP (bandit decisions and feedback, fallback),
 //! errors as gRPC statuses. The client is hyper's HTTP/2 with the message types
-//! generated from the same protos (`router/proto`).
+//! generated from the same protos (`proto/`).
 
 mod support;
 

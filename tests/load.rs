@@ -329,3 +329,37 @@ async fn more_connections_than_the_fd_limit_allows_is_refused_with_what_to_do() 
         "nothing is sent when the run cannot be done"
     );
 }
+
+/// `--grpc`, `--binary` and `--batch` against a local variant: every call answered (200
+/// for gRPC's OK), by the variant; a model that does not exist is counted as 404 (gRPC's
+/// NOT_FOUND); `--grpc` wants a V2 URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_binary_and_batched_bodies_reach_a_local_variant() {
+    let app = start("models:\n  digits:\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\"}}\n").await;
+    let url = format!("http://{}/v2/models/digits/infer", app.data_addr);
+    for extra in [
+        &["--grpc"][..],
+        &["--grpc", "--batch", "32"],
+        &["--binary"],
+        &["--binary", "--batch", "32", "--h2c"],
+        &["--batch", "32"],
+    ] {
+        let mut args = vec!["-n", "200", "-c", "4", "--json"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let run = load(&args).await;
+        assert_eq!(run.code, 0, "{extra:?}: {}", run.stderr);
+        let r = run.json();
+        assert_eq!(r["status"]["200"], 200, "{extra:?}: {r}");
+        assert_eq!(r["variants"]["cpu"]["requests"], 200, "{extra:?}: {r}");
+    }
+    let missing = format!("http://{}/v2/models/nope/infer", app.data_addr);
+    let run = load(&["-n", "20", "-c", "2", "--json", "--grpc", &missing]).await;
+    assert_eq!(run.json()["status"]["404"], 20, "{}", run.stdout);
+    let tf = format!("http://{}/v1/models/digits:predict", app.data_addr);
+    let run = load(&["-n", "20", "--grpc", &tf]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("V2 URL"), "{}", run.stderr);
+    app.shutdown();
+    app.wait().await;
+}

@@ -45,6 +45,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// HTTP/2 cleartext instead of HTTP/1.1.
     pub h2c: bool,
+    /// gRPC `ModelInfer` calls (the bodies are framed messages; implies `h2c`).
+    pub grpc: bool,
     /// Simulated revenue per variant (empty: no feedback).
     pub rewards: std::collections::BTreeMap<String, Reward>,
     /// Feedback is posted this long after each answer.
@@ -323,14 +325,21 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
         } else {
             ctx.plan.bodies[(t.seq % ctx.plan.bodies.len() as u64) as usize].clone()
         };
+        let grpc = ctx.plan.grpc;
+        let path = if grpc {
+            crate::target::GRPC_INFER
+        } else {
+            ctx.plan.target.path.as_str()
+        };
         let mut req = http::Request::builder()
             .method(ctx.plan.method)
-            .uri(format!(
-                "http://{}{}",
-                ctx.plan.target.host, ctx.plan.target.path
-            ))
+            .uri(format!("http://{}{path}", ctx.plan.target.host))
             .header("x-request-id", ctx.request_id(t.seq));
-        if !body.is_empty() {
+        if grpc {
+            req = req
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+        } else if !body.is_empty() {
             req = req.header("content-type", "application/json");
         }
         for h in &ctx.plan.headers {
@@ -355,15 +364,22 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
                         .into_boxed_str()
                 })
             };
-            let (status, variant, timing) = (
+            let (mut status, variant, timing) = (
                 resp.status().as_u16(),
                 hdr("x-switchyard-variant"),
                 hdr("server-timing"),
             );
-            resp.into_body()
+            let head_status = grpc_status(resp.headers());
+            let collected = resp
+                .into_body()
                 .collect()
                 .await
                 .map_err(|_| ErrorKind::Reset)?;
+            if grpc && status == 200 {
+                // Trailers-only answers carry the status in the headers.
+                let code = head_status.or_else(|| collected.trailers().and_then(grpc_status));
+                status = code.map_or(502, http_for_grpc);
+            }
             Ok(Answer {
                 status,
                 variant,
@@ -375,6 +391,26 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
             .await
             .unwrap_or(Err(ErrorKind::Timeout));
         ctx.outcome(key, &t, from, result);
+    }
+}
+
+/// A gRPC answer's `grpc-status`, from headers or trailers.
+fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The HTTP status a gRPC status stands for, for the report (gRPC's own mapping, read
+/// backwards); a missing status is a broken answer (502).
+fn http_for_grpc(code: u32) -> u16 {
+    match code {
+        0 => 200,
+        3 => 400,
+        5 => 404,
+        8 => 429,
+        12 => 501,
+        4 => 504,
+        14 => 503,
+        _ => 500,
     }
 }
 

@@ -6,7 +6,7 @@
 //!   test inputs, bodies from a file.
 //! - [`engine`]: closed and open loop (coordinated-omission corrected), warm-up,
 //!   connection workers, progress line.
-//! - [`http1`]: a lean HTTP/1.1 client connection (h2c goes through hyper).
+//! - [`http1`]: a lean HTTP/1.1 client connection (h2c and gRPC go through hyper).
 //! - [`stats`]: HDR histograms, per-variant breakdown from `x-switchyard-variant`,
 //!   `server-timing` phases, the text and JSON reports, the sweep table.
 //! - [`reward`]: simulated revenue per variant, posted to `/v1/feedback`.
@@ -105,6 +105,19 @@ pub struct LoadArgs {
     /// HTTP/2 over cleartext (prior knowledge), up to 100 streams per connection.
     #[arg(long)]
     pub h2c: bool,
+    /// gRPC instead of HTTP/JSON: KServe V2 `ModelInfer` calls (raw FP32 contents) for
+    /// the model of the V2 `/infer` URL, to the same host and port, over HTTP/2 (up to
+    /// 100 streams per connection). gRPC statuses are reported as the HTTP statuses
+    /// they stand for (UNAVAILABLE as 503, INVALID_ARGUMENT as 400, ...).
+    #[arg(long, conflicts_with_all = ["body_file", "binary"])]
+    pub grpc: bool,
+    /// V2 binary tensors: the default bodies' pixels as FP32 bytes after a JSON header
+    /// (`Inference-Header-Content-Length`), answers asked for in binary.
+    #[arg(long, conflicts_with = "body_file")]
+    pub binary: bool,
+    /// Rows (digits) per request in the default bodies, 1 to 1024.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Time allowed per request.
     #[arg(long, value_parser = duration, default_value = "30s")]
     pub timeout: Duration,
@@ -160,9 +173,25 @@ pub fn run(args: &LoadArgs) -> Result<String, LoadError> {
     if let Some(h) = args.headers.iter().find(|h| !h.contains(':')) {
         return usage(format!("--header `{h}`: write `name: value`"));
     }
+    if args.batch == 0 || args.batch > 1024 {
+        return usage(format!("--batch {}: give 1 to 1024 rows", args.batch));
+    }
+    if (args.grpc || args.binary) && target.preset != target::Preset::V2 {
+        return usage(format!(
+            "--grpc and --binary take a V2 URL (http://host:port/v2/models/{{model}}/infer), not {}",
+            args.url
+        ));
+    }
+    let mut headers = args.headers.clone();
     let bodies = match &args.body_file {
         Some(f) => target::bodies_from_file(f)?,
-        None => target::default_bodies(target.preset),
+        None if args.grpc => target::grpc_bodies(&target, args.batch),
+        None if args.binary => {
+            let (bodies, header_length) = target::binary_bodies(args.batch);
+            headers.push(format!("inference-header-content-length: {header_length}"));
+            bodies
+        }
+        None => target::default_bodies(target.preset, args.batch),
     };
     let rewards = reward::parse_rewards(&args.rewards).map_err(LoadError::Usage)?;
     let threads = args.threads.unwrap_or_else(|| {
@@ -172,7 +201,7 @@ pub fn run(args: &LoadArgs) -> Result<String, LoadError> {
         method: if bodies.is_empty() { "GET" } else { "POST" },
         target,
         bodies,
-        headers: args.headers.clone(),
+        headers,
         rate: args.rate,
         duration: match (args.duration, args.requests) {
             (None, None) => Some(Duration::from_secs(10)),
@@ -181,7 +210,8 @@ pub fn run(args: &LoadArgs) -> Result<String, LoadError> {
         requests: args.requests,
         warmup: args.warmup,
         timeout: args.timeout,
-        h2c: args.h2c,
+        h2c: args.h2c || args.grpc,
+        grpc: args.grpc,
         rewards,
         feedback_delay: args.feedback_delay,
         seed: args.seed,

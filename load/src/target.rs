@@ -94,28 +94,127 @@ const TEST_VECTORS: &str = include_str!("../../models/digits_test_vectors.json")
 /// Images cycled through by default.
 const DEFAULT_IMAGES: usize = 32;
 
-/// Valid request bodies for the preset: one digit per request from the bundled model's
-/// test inputs (TF Serving row format, or a V2 `FP32` tensor named `pixels`).
-pub fn default_bodies(preset: Preset) -> Vec<Bytes> {
-    let rows: Vec<Value> = serde_json::from_str::<Value>(TEST_VECTORS)
+/// The gRPC method `--grpc` calls.
+pub const GRPC_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// The bundled test digits, 64 pixels each.
+fn digits() -> Vec<Vec<f32>> {
+    serde_json::from_str::<Value>(TEST_VECTORS)
         .ok()
         .and_then(|v| v.get("inputs").and_then(Value::as_array).cloned())
         .unwrap_or_default()
-        .into_iter()
+        .iter()
         .take(DEFAULT_IMAGES)
-        .collect();
-    rows.into_iter()
         .map(|row| {
+            row.as_array()
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The requests' rows: `DEFAULT_IMAGES` requests of `batch` digits each, cycling
+/// through the test digits.
+fn batches(batch: usize) -> Vec<Vec<Vec<f32>>> {
+    let all = digits();
+    if all.is_empty() {
+        return Vec::new();
+    }
+    (0..DEFAULT_IMAGES)
+        .map(|i| {
+            (0..batch)
+                .map(|j| all[(i + j) % all.len()].clone())
+                .collect()
+        })
+        .collect()
+}
+
+/// Valid request bodies for the preset: `batch` digits per request from the bundled
+/// model's test inputs (TF Serving row format, or a V2 `FP32` tensor named `pixels`).
+pub fn default_bodies(preset: Preset, batch: usize) -> Vec<Bytes> {
+    batches(batch)
+        .into_iter()
+        .map(|rows| {
             let body = match preset {
-                Preset::TfServing => json!({ "instances": [row] }),
+                Preset::TfServing => json!({ "instances": rows }),
                 Preset::V2 => json!({ "inputs": [{
-                    "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": row
+                    "name": "pixels", "shape": [rows.len(), 64], "datatype": "FP32", "data": rows.concat()
                 }] }),
                 Preset::Other => return Bytes::new(),
             };
             Bytes::from(body.to_string())
         })
         .filter(|b| !b.is_empty())
+        .collect()
+}
+
+fn le_bytes(rows: &[Vec<f32>]) -> Vec<u8> {
+    rows.iter()
+        .flatten()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
+}
+
+/// V2 binary-tensor bodies (a JSON header, then the FP32 pixels) and the header's
+/// length, the same for every body.
+pub fn binary_bodies(batch: usize) -> (Vec<Bytes>, usize) {
+    let head = json!({
+        "inputs": [{ "name": "pixels", "shape": [batch, 64], "datatype": "FP32",
+                     "parameters": { "binary_data_size": batch * 64 * 4 } }],
+        "outputs": [{ "name": "probabilities", "parameters": { "binary_data": true } }],
+    })
+    .to_string();
+    let bodies = batches(batch)
+        .iter()
+        .map(|rows| {
+            let mut body = head.clone().into_bytes();
+            body.extend_from_slice(&le_bytes(rows));
+            Bytes::from(body)
+        })
+        .collect();
+    (bodies, head.len())
+}
+
+/// gRPC `ModelInfer` calls (framed) for the model and version of a V2 `/infer` URL.
+pub fn grpc_bodies(target: &Target, batch: usize) -> Vec<Bytes> {
+    use switchyard_proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+    use switchyard_proto::prost::Message;
+    let bare = target.path.split('?').next().unwrap_or("");
+    let rest = bare
+        .strip_prefix("/v2/models/")
+        .and_then(|r| r.strip_suffix("/infer"))
+        .unwrap_or("");
+    let (model, version) = match rest.split_once("/versions/") {
+        Some((m, v)) => (m, v),
+        None => (rest, ""),
+    };
+    batches(batch)
+        .iter()
+        .map(|rows| {
+            let request = ModelInferRequest {
+                model_name: model.into(),
+                model_version: version.into(),
+                inputs: vec![InferInputTensor {
+                    name: "pixels".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![rows.len() as i64, 64],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![Bytes::from(le_bytes(rows))],
+                ..Default::default()
+            };
+            let message = request.encode_to_vec();
+            let mut framed = Vec::with_capacity(5 + message.len());
+            framed.push(0);
+            framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&message);
+            Bytes::from(framed)
+        })
         .collect()
 }
 
@@ -178,12 +277,39 @@ mod tests {
 
     #[test]
     fn default_bodies_are_the_bundled_digits() {
-        let tf = default_bodies(Preset::TfServing);
+        let tf = default_bodies(Preset::TfServing, 1);
         assert_eq!(tf.len(), DEFAULT_IMAGES);
         let v: Value = serde_json::from_slice(&tf[0]).unwrap();
         assert_eq!(v["instances"][0].as_array().unwrap().len(), 64);
-        let v2: Value = serde_json::from_slice(&default_bodies(Preset::V2)[0]).unwrap();
+        let v2: Value = serde_json::from_slice(&default_bodies(Preset::V2, 1)[0]).unwrap();
         assert_eq!(v2["inputs"][0]["data"].as_array().unwrap().len(), 64);
-        assert!(default_bodies(Preset::Other).is_empty());
+        assert!(default_bodies(Preset::Other, 1).is_empty());
+        let v2: Value = serde_json::from_slice(&default_bodies(Preset::V2, 32)[3]).unwrap();
+        assert_eq!(v2["inputs"][0]["shape"], json!([32, 64]));
+        assert_eq!(v2["inputs"][0]["data"].as_array().unwrap().len(), 32 * 64);
+        let (bin, head) = binary_bodies(32);
+        assert_eq!(bin[0].len(), head + 32 * 64 * 4);
+        let h: Value = serde_json::from_slice(&bin[0][..head]).unwrap();
+        assert_eq!(
+            h["inputs"][0]["parameters"]["binary_data_size"],
+            32 * 64 * 4
+        );
+    }
+
+    #[test]
+    fn grpc_bodies_name_the_urls_model_and_version() {
+        use switchyard_proto::inference::ModelInferRequest;
+        use switchyard_proto::prost::Message;
+        let t = Target::parse("http://h:1/v2/models/digits/versions/2/infer").unwrap();
+        let bodies = grpc_bodies(&t, 4);
+        let len = u32::from_be_bytes(bodies[0][1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, bodies[0].len() - 5);
+        let m = ModelInferRequest::decode(&bodies[0][5..]).unwrap();
+        assert_eq!(
+            (m.model_name.as_str(), m.model_version.as_str()),
+            ("digits", "2")
+        );
+        assert_eq!(m.inputs[0].shape, vec![4, 64]);
+        assert_eq!(m.raw_input_contents[0].len(), 4 * 64 * 4);
     }
 }

@@ -16,8 +16,8 @@
 //! the request path is turned into one here ([`from_http`]); the code is the one
 //! [`RouterError::grpc_code`] chose.
 //!
-//! The message types are generated from `router/proto/` by `scripts/gen-protos` and
-//! checked in (`gen/`): the build needs no `protoc`.
+//! The message types come from `switchyard-proto` (generated from its `.proto` files and
+//! checked in: the build needs no `protoc`).
 
 pub(crate) mod local;
 
@@ -37,21 +37,7 @@ use crate::path::{ModelRequest, Protocol, Verb};
 use crate::proxy::Router;
 
 /// The generated message types.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod pb {
-    /// KServe V2 / Triton.
-    pub mod inference {
-        include!("gen/inference.rs");
-    }
-    /// TensorFlow's tensors.
-    pub mod tensorflow {
-        include!("gen/tensorflow.rs");
-        /// TF Serving.
-        pub mod serving {
-            include!("gen/tensorflow.serving.rs");
-        }
-    }
-}
+pub use switchyard_proto as pb;
 
 /// The methods served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

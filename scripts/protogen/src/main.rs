@@ -1,5 +1,5 @@
-//! Compiles `router/proto/*.proto` with protox (pure Rust) and writes prost's message
-//! types to `router/src/grpc/gen/`. Usage: `protogen <proto dir> <out dir>`.
+//! Compiles `proto/*.proto` with protox (pure Rust) and writes prost's message types to
+//! `proto/src/gen/`. Usage: `protogen <proto dir> <out dir>`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
