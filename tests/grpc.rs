@@ -480,3 +480,81 @@ async fn remote_grpc_variants_fallback_and_bandit_decisions() {
     inner.shutdown();
     inner.wait().await;
 }
+
+/// The shadow report for `name` once `want` mirrors are compared or failed.
+async fn shadow_settled(admin: std::net::SocketAddr, model: &str, name: &str, want: u64) -> Value {
+    for _ in 0..1000 {
+        let report = admin_json(admin, &format!("/admin/shadow/{model}")).await;
+        let s = report["shadows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone();
+        let n = |k: &str| s[k].as_u64().unwrap();
+        if n("compared") + n("errors") >= want && n("in_flight") == 0 {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("shadow {name} never settled");
+}
+
+/// gRPC calls are mirrored to `protocol: grpc` shadows (a second Switchyard, its model
+/// named differently) and HTTP requests to the others; the gRPC answers are compared
+/// as V2 outputs, values and all (the same model agrees to float noise; the CNN's
+/// probabilities differ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_mirrored_to_grpc_shadows_and_compared() {
+    let same = start("models:\n  twin:\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\"}}\n").await;
+    let other = start("models:\n  cnn:\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_cnn\"}}\n").await;
+    let echo = Upstream::echo("http-shadow").await;
+    let app = start(&format!(
+        "models:\n  digits:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n    shadows:\n      - {{name: twin, upstream: \"http://{}\", upstream_model: twin, protocol: grpc, fraction: 1}}\n      - {{name: cnn, upstream: \"http://{}\", upstream_model: cnn, protocol: grpc, fraction: 1}}\n      - {{name: web, upstream: \"{}\", fraction: 1}}\n",
+        same.data_addr,
+        other.data_addr,
+        echo.url()
+    ))
+    .await;
+    let v = vectors();
+    for i in 0..20 {
+        let x = pixels(&v, 1 + i % 4);
+        let r = call(
+            app.data_addr,
+            INFER,
+            &infer_request("digits", &x, 1 + i % 4),
+        )
+        .await;
+        assert_eq!(r.status, 0, "{}", r.message);
+    }
+    let twin = shadow_settled(app.admin_addr, "digits", "twin", 20).await;
+    assert_eq!(twin["mirrored"], 20, "{twin}");
+    assert_eq!(twin["compared"], 20, "{twin}");
+    assert_eq!(twin["agreed"], 20, "{twin}");
+    let cnn = shadow_settled(app.admin_addr, "digits", "cnn", 20).await;
+    assert_eq!(cnn["compared"], 20, "{cnn}");
+    // The values themselves are compared: the same model differs by float noise, the
+    // CNN by its own probabilities (both pick the same digits here).
+    let largest = |s: &Value| s["max_abs_diff"]["max"].as_f64().unwrap();
+    assert!(largest(&twin) < 1e-6, "{twin}");
+    assert!(largest(&cnn) > 1e-5, "{cnn}");
+    let web = admin_json(app.admin_addr, "/admin/shadow/digits").await["shadows"][2].clone();
+    assert_eq!(web["mirrored"], 0, "HTTP shadows get no gRPC calls: {web}");
+    // HTTP requests go to the HTTP shadow only.
+    for _ in 0..5 {
+        let r = send(&client(), "POST", &format!("http://{}/v2/models/digits/infer", app.data_addr), &[], &json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": pixels(&v, 1) }] }).to_string()).await;
+        assert_eq!(r.status, 200);
+    }
+    let web = shadow_settled(app.admin_addr, "digits", "web", 5).await;
+    assert_eq!(web["mirrored"], 5, "{web}");
+    let twin = shadow_settled(app.admin_addr, "digits", "twin", 20).await;
+    assert_eq!(
+        twin["mirrored"], 20,
+        "gRPC shadows get no HTTP requests: {twin}"
+    );
+    for a in [app, same, other] {
+        a.shutdown();
+        a.wait().await;
+    }
+}

@@ -126,7 +126,8 @@ pub struct Shadow {
     pub upstream: UpstreamUrl,
     /// Model name on that server. Default: the client's model name.
     pub upstream_model: Option<String>,
-    /// `http1` (default) or `h2c` (a shadow mirrors HTTP requests; `grpc` is refused).
+    /// `http1` (default), `h2c`, or `grpc`: a `grpc` shadow mirrors the model's gRPC
+    /// calls, the others its HTTP requests.
     pub protocol: UpstreamProtocol,
     /// Share of the model's prediction requests to mirror, 0 to 1.
     pub fraction: f64,
@@ -1157,19 +1158,6 @@ fn upstream_protocol(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamPro
     )
 }
 
-/// A shadow mirrors HTTP requests to an HTTP upstream: `grpc` is refused there.
-fn shadow_protocol(cx: &mut Cx, node: &Node, path: &str) -> Option<UpstreamProtocol> {
-    decode::one_of(
-        cx,
-        node,
-        path,
-        &[
-            ("http1", UpstreamProtocol::Http1),
-            ("h2c", UpstreamProtocol::H2c),
-        ],
-    )
-}
-
 fn decode_shadows(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Shadow>> {
     let items = decode::seq(cx, node, path)?;
     if items.len() > MAX_SHADOWS {
@@ -1227,7 +1215,7 @@ fn decode_shadow(cx: &mut Cx, node: &Node, path: &str) -> Option<Shadow> {
     let name = f.required(cx, "name", name);
     let upstream = f.required(cx, "upstream", upstream_url);
     let upstream_model = f.optional(cx, "upstream_model", name_field);
-    let protocol = f.optional(cx, "protocol", shadow_protocol);
+    let protocol = f.optional(cx, "protocol", upstream_protocol);
     let fraction = f.required(cx, "fraction", |cx, n, p| {
         let v = decode::f64(cx, n, p)?;
         if !(0.0..=1.0).contains(&v) {

@@ -363,7 +363,7 @@ models:
       - name: d
         upstream: http://127.0.0.1:9008
         fraction: 0.1
-        protocol: grpc
+        protocol: grpc3
 "#;
     let errors = from_yaml_str(bad).unwrap_err().0;
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();

@@ -369,7 +369,7 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
                 hdr("x-switchyard-variant"),
                 hdr("server-timing"),
             );
-            let head_status = grpc_status(resp.headers());
+            let head_status = switchyard_proto::grpc_status(resp.headers());
             let collected = resp
                 .into_body()
                 .collect()
@@ -377,8 +377,9 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
                 .map_err(|_| ErrorKind::Reset)?;
             if grpc && status == 200 {
                 // Trailers-only answers carry the status in the headers.
-                let code = head_status.or_else(|| collected.trailers().and_then(grpc_status));
-                status = code.map_or(502, http_for_grpc);
+                let code = head_status
+                    .or_else(|| collected.trailers().and_then(switchyard_proto::grpc_status));
+                status = code.map_or(502, switchyard_proto::http_status_for);
             }
             Ok(Answer {
                 status,
@@ -391,26 +392,6 @@ async fn h2_worker(key: usize, ctx: Arc<Ctx>, shared: Arc<tokio::sync::Mutex<Opt
             .await
             .unwrap_or(Err(ErrorKind::Timeout));
         ctx.outcome(key, &t, from, result);
-    }
-}
-
-/// A gRPC answer's `grpc-status`, from headers or trailers.
-fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
-}
-
-/// The HTTP status a gRPC status stands for, for the report (gRPC's own mapping, read
-/// backwards); a missing status is a broken answer (502).
-fn http_for_grpc(code: u32) -> u16 {
-    match code {
-        0 => 200,
-        3 => 400,
-        5 => 404,
-        8 => 429,
-        12 => 501,
-        4 => 504,
-        14 => 503,
-        _ => 500,
     }
 }
 

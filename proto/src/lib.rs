@@ -6,7 +6,9 @@
 //! - [`tensorflow`]: TensorFlow's `TensorProto`; [`tensorflow::serving`]: TF Serving's
 //!   `Predict` and `GetModelStatus` messages.
 //!
-//! Used by the router (serving), `switchyard load --grpc` (a client) and the tests.
+//! Also the unary framing and the model-name rewrite ([`framed_for_model`]) that the
+//! router and the shadows both use. Used by the router (serving), the shadows
+//! (mirroring), `switchyard load --grpc` (a client) and the tests.
 #![forbid(unsafe_code)]
 
 /// KServe V2 / Triton.
@@ -26,3 +28,107 @@ pub mod tensorflow {
 }
 
 pub use prost;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// One uncompressed message in gRPC's length-prefixed framing.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+/// The one uncompressed message of a unary call's framed body, if the body is exactly
+/// that.
+pub fn unframe(body: &[u8]) -> Option<&[u8]> {
+    let (head, message) = (body.get(..5)?, body.get(5..)?);
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    (head[0] == 0 && len == message.len()).then_some(message)
+}
+
+/// A request `message` framed for a server that knows the model as `name`: the bytes as
+/// they are, then a later field 1 naming it (protobuf keeps the last value of a field,
+/// and merges a message field). `in_spec`: TF Serving's requests carry the name inside
+/// the `ModelSpec` of field 1; KServe's carry it in field 1 itself.
+pub fn framed_for_model(message: &[u8], in_spec: bool, name: &str) -> Bytes {
+    let mut extra = BytesMut::new();
+    put_field_1(&mut extra, name.as_bytes());
+    if in_spec {
+        let spec = extra.split();
+        put_field_1(&mut extra, &spec);
+    }
+    let mut out = BytesMut::with_capacity(5 + message.len() + extra.len());
+    out.put_u8(0);
+    out.put_u32((message.len() + extra.len()) as u32);
+    out.put_slice(message);
+    out.put_slice(&extra);
+    out.freeze()
+}
+
+/// Field 1, length-delimited.
+fn put_field_1(out: &mut BytesMut, value: &[u8]) {
+    out.put_u8(0x0a);
+    prost::encoding::encode_varint(value.len() as u64, out);
+    out.put_slice(value);
+}
+
+/// The HTTP status a gRPC status code stands for (gRPC's HTTP mapping read backwards),
+/// for reports and comparisons that count HTTP statuses.
+pub fn http_status_for(code: u32) -> u16 {
+    match code {
+        0 => 200,
+        3 => 400,
+        5 => 404,
+        8 => 429,
+        12 => 501,
+        4 => 504,
+        14 => 503,
+        _ => 500,
+    }
+}
+
+/// A gRPC answer's `grpc-status`, read from headers or trailers.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn a_later_field_renames_the_model_and_keeps_the_rest() {
+        let req = inference::ModelInferRequest {
+            model_name: "digits".into(),
+            model_version: "2".into(),
+            ..Default::default()
+        };
+        let framed = framed_for_model(&req.encode_to_vec(), false, "other");
+        let got = inference::ModelInferRequest::decode(unframe(&framed).unwrap()).unwrap();
+        assert_eq!(
+            (got.model_name.as_str(), got.model_version.as_str()),
+            ("other", "2")
+        );
+        let req = tensorflow::serving::PredictRequest {
+            model_spec: Some(tensorflow::serving::ModelSpec {
+                name: "digits".into(),
+                signature_name: "serving_default".into(),
+                version_choice: None,
+            }),
+            ..Default::default()
+        };
+        let framed = framed_for_model(&req.encode_to_vec(), true, "tf");
+        let spec = tensorflow::serving::PredictRequest::decode(unframe(&framed).unwrap())
+            .unwrap()
+            .model_spec
+            .unwrap();
+        assert_eq!(
+            (spec.name.as_str(), spec.signature_name.as_str()),
+            ("tf", "serving_default")
+        );
+        assert!(unframe(&framed[..framed.len() - 1]).is_none());
+    }
+}

@@ -418,6 +418,31 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// A remote gRPC variant's server-side failure statuses (trailers-only, so in the
+    /// headers) count as a 5xx for its breaker and retries; its client-side ones (a
+    /// NOT_FOUND, an INVALID_ARGUMENT) and OK do not.
+    #[test]
+    fn grpc_failure_statuses_are_failures() {
+        for (code, failed) in [
+            ("14", true),
+            ("13", true),
+            ("4", true),
+            ("2", true),
+            ("0", false),
+            ("5", false),
+            ("3", false),
+        ] {
+            let mut resp = crate::grpc::status(crate::error::GrpcCode::Ok, "x");
+            resp.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(code));
+            assert_eq!(
+                failure_kind(&Ok(resp)).is_some(),
+                failed,
+                "grpc-status {code}"
+            );
+        }
+    }
+
     fn health(settings: Breaker, max_in_flight: usize) -> Health {
         let gauge = IntGauge::new("g", "g").unwrap();
         let ejections = IntCounter::new("e", "e").unwrap();

@@ -107,9 +107,9 @@ impl Router {
         };
         let mut primary_answer = None;
         if let Some(shadows) = &model.shadows {
-            // Shadows mirror HTTP requests (to HTTP upstreams).
-            let mask = if model_req.verb.is_prediction() && grpc.is_none() {
-                shadows.select(request_id.as_bytes())
+            // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
+            let mask = if model_req.verb.is_prediction() {
+                shadows.select(request_id.as_bytes(), grpc.is_some())
             } else {
                 0
             };
@@ -122,9 +122,15 @@ impl Router {
                     headers: parts.headers.clone(),
                     request_id: request_id.clone(),
                     started,
+                    grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
                 };
-                let (tap, answer) = shadows.begin(mask, head);
-                body.set_tap(tap);
+                let (mut tap, answer) = shadows.begin(mask, head);
+                if grpc.is_some() {
+                    // Already read whole: mirrored now.
+                    tap.finish();
+                } else {
+                    body.set_tap(tap);
+                }
                 primary_answer = Some(answer);
             }
         }
@@ -202,7 +208,7 @@ impl Router {
             );
         }
         if let Some(answer) = primary_answer {
-            let status = resp.status().as_u16();
+            let status = crate::grpc::status_of(&resp);
             resp.body_mut().set_tap(answer.tap(status));
         }
         let headers = resp.headers_mut();

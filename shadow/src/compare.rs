@@ -69,6 +69,78 @@ pub struct Comparison {
     pub rows_agreeing: usize,
 }
 
+/// A gRPC answer (one framed `ModelInferResponse`, or TF Serving's `PredictResponse`
+/// when `in_spec`) as the V2 JSON `{"outputs": [...]}` it stands for, so the two sides
+/// are compared as HTTP answers are; other bytes are returned as they are.
+pub fn grpc_as_json(body: &[u8], in_spec: bool) -> Vec<u8> {
+    use switchyard_proto::prost::Message;
+    let Some(message) = switchyard_proto::unframe(body) else {
+        return body.to_vec();
+    };
+    let le = |raw: &[u8], width: usize, read: fn(&[u8]) -> f64| -> Vec<serde_json::Value> {
+        raw.chunks_exact(width)
+            .map(|c| serde_json::json!(read(c)))
+            .collect()
+    };
+    let f32_le = |c: &[u8]| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let outputs: Vec<serde_json::Value> = if in_spec {
+        let Ok(r) = switchyard_proto::tensorflow::serving::PredictResponse::decode(message) else {
+            return body.to_vec();
+        };
+        let mut named: Vec<_> = r.outputs.into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+            .into_iter()
+            .map(|(name, t)| {
+                let shape: Vec<i64> = t
+                    .tensor_shape
+                    .map(|s| s.dim.iter().map(|d| d.size).collect())
+                    .unwrap_or_default();
+                let data = if t.tensor_content.is_empty() {
+                    t.float_val.iter().map(|x| serde_json::json!(x)).collect()
+                } else {
+                    le(&t.tensor_content, 4, f32_le)
+                };
+                serde_json::json!({ "name": name, "shape": shape, "data": data })
+            })
+            .collect()
+    } else {
+        let Ok(r) = switchyard_proto::inference::ModelInferResponse::decode(message) else {
+            return body.to_vec();
+        };
+        r.outputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let data: Vec<serde_json::Value> = match (r.raw_output_contents.get(i), t.datatype.as_str()) {
+                    (Some(raw), "FP64") => le(raw, 8, |c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
+                    (Some(raw), "BYTES") => {
+                        let mut out = Vec::new();
+                        let mut rest: &[u8] = raw;
+                        while rest.len() >= 4 {
+                            let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                            let Some(s) = rest.get(4..4 + n) else { break };
+                            out.push(serde_json::json!(String::from_utf8_lossy(s)));
+                            rest = &rest[4 + n..];
+                        }
+                        out
+                    }
+                    (Some(raw), _) => le(raw, 4, f32_le),
+                    (None, _) => t
+                        .contents
+                        .as_ref()
+                        .map(|c| c.fp32_contents.iter().map(|x| serde_json::json!(x)).collect())
+                        .unwrap_or_default(),
+                };
+                serde_json::json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape, "data": data })
+            })
+            .collect()
+    };
+    serde_json::json!({ "outputs": outputs })
+        .to_string()
+        .into_bytes()
+}
+
 /// Compares two answers given as (status, body).
 pub fn compare(primary: (u16, &[u8]), shadow: (u16, &[u8])) -> Comparison {
     let verdict_only = |verdict| Comparison {

@@ -6,7 +6,8 @@
 //!   mirrors in flight, the taps the router puts on the request and response bodies, and
 //!   the pairing of answers.
 //! - [`compare`]: pure comparison of two answers (top-1 per row, largest difference,
-//!   shapes, statuses) for TF Serving and KServe V2 outputs.
+//!   shapes, statuses) for TF Serving and KServe V2 outputs, JSON or gRPC (gRPC answers
+//!   are read as the V2 JSON they stand for).
 //! - [`stats`]: counters, means, the latest disagreements, the JSONL log.
 //! - [`metrics`]: the Prometheus families, labelled by model and shadow.
 #![forbid(unsafe_code)]
@@ -20,7 +21,8 @@ mod stats;
 
 pub use metrics::ShadowMetricFamilies;
 pub use mirror::{
-    PrimaryAnswer, RequestHead, RequestTap, ResponseTap, ShadowDefaults, ShadowRuntime, ShadowSet,
+    GrpcCall, PrimaryAnswer, RequestHead, RequestTap, ResponseTap, ShadowDefaults, ShadowRuntime,
+    ShadowSet,
 };
 
 /// Why a model's shadows could not be set up.

@@ -142,6 +142,20 @@ pub struct RequestHead {
     pub request_id: HeaderValue,
     /// When the primary request arrived (its latency is measured from here).
     pub started: Instant,
+    /// The gRPC call, when the request is one (its path names no model; its message
+    /// does).
+    pub grpc: Option<GrpcCall>,
+}
+
+/// A gRPC call as a shadow mirrors it.
+#[derive(Debug, Clone)]
+pub struct GrpcCall {
+    /// The model the client named.
+    pub model: String,
+    /// TF Serving's calls name the model inside a `ModelSpec`.
+    pub in_spec: bool,
+    /// The request message, unframed and uncompressed.
+    pub message: Bytes,
 }
 
 #[derive(Debug)]
@@ -218,11 +232,13 @@ impl ShadowSet {
         })
     }
 
-    /// The shadows that mirror the request with this id, as a bit mask (0: none).
-    pub fn select(&self, request_id: &[u8]) -> u64 {
+    /// The shadows that mirror the request with this id, as a bit mask (0: none):
+    /// those with `protocol: grpc` take gRPC calls, the others HTTP requests.
+    pub fn select(&self, request_id: &[u8], grpc: bool) -> u64 {
         let mut mask = 0;
         for (i, lane) in self.lanes.iter().enumerate() {
-            if lane.sampler.take(request_id) {
+            let speaks = (lane.state.spec.protocol == UpstreamProtocol::Grpc) == grpc;
+            if speaks && lane.sampler.take(request_id) {
                 mask |= 1 << i;
             }
         }
@@ -231,7 +247,7 @@ impl ShadowSet {
 
     /// Counts a request refused for its size against the shadows that would have had it.
     pub fn refused_too_large(&self, request_id: &[u8]) {
-        let mask = self.select(request_id);
+        let mask = self.select(request_id, false);
         for lane in self.chosen(mask) {
             lane.state.stats.dropped(DropReason::TooLarge);
         }
@@ -249,6 +265,7 @@ impl ShadowSet {
     /// the client's body, the exchange later gives the response tap.
     pub fn begin(&self, mask: u64, head: RequestHead) -> (RequestTap, PrimaryAnswer) {
         let exchange = Arc::new(Exchange {
+            grpc: head.grpc.as_ref().map(|g| g.in_spec),
             request_id: String::from_utf8_lossy(head.request_id.as_bytes()).into_owned(),
             started: head.started,
             compare_limit: self.compare_limit,
@@ -382,13 +399,23 @@ impl ShadowState {
             *conn = None;
             ShadowErrorKind::Reset
         })?;
-        let status = resp.status().as_u16();
+        let mut status = resp.status().as_u16();
+        let grpc = self.spec.protocol == UpstreamProtocol::Grpc;
+        let head_status = switchyard_proto::grpc_status(resp.headers());
         // An answer over the limit is drained but not kept: it is not compared.
         match Limited::new(resp.into_body(), self.compare_limit)
             .collect()
             .await
         {
-            Ok(c) => Ok((status, Some(vec![c.to_bytes()]))),
+            Ok(c) => {
+                if grpc && status == 200 {
+                    // The status is in the trailers, or in the headers (trailers-only).
+                    let code = head_status
+                        .or_else(|| c.trailers().and_then(switchyard_proto::grpc_status));
+                    status = code.map_or(502, switchyard_proto::http_status_for);
+                }
+                Ok((status, Some(vec![c.to_bytes()])))
+            }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 // The rest of it is still on the connection.
                 *conn = None;
@@ -433,17 +460,30 @@ impl ShadowState {
 
     fn request(&self, m: &MirrorRequest) -> Result<Request<Full<Bytes>>, http::Error> {
         let head = &m.head;
-        let client_model = &head.path[head.model.clone()];
-        let upstream_model = self.spec.upstream_model.as_deref().unwrap_or(client_model);
-        let pq = self.spec.upstream.path_for(
-            &head.path,
-            head.model.clone(),
-            upstream_model,
-            head.query.as_deref(),
-        );
-        let body = match m.body.as_slice() {
-            [one] => one.clone(),
-            many => Bytes::from(many.concat()),
+        let (pq, body) = match &head.grpc {
+            // The path names the method; the message names the model.
+            Some(call) => {
+                let upstream_model = self.spec.upstream_model.as_deref().unwrap_or(&call.model);
+                (
+                    self.spec.upstream.path_for(&head.path, 0..0, "", None),
+                    switchyard_proto::framed_for_model(&call.message, call.in_spec, upstream_model),
+                )
+            }
+            None => {
+                let client_model = &head.path[head.model.clone()];
+                let upstream_model = self.spec.upstream_model.as_deref().unwrap_or(client_model);
+                let pq = self.spec.upstream.path_for(
+                    &head.path,
+                    head.model.clone(),
+                    upstream_model,
+                    head.query.as_deref(),
+                );
+                let body = match m.body.as_slice() {
+                    [one] => one.clone(),
+                    many => Bytes::from(many.concat()),
+                };
+                (pq, body)
+            }
         };
         let mut req = Request::builder().method(head.method.clone());
         req = match self.spec.protocol {
@@ -470,6 +510,11 @@ impl ShadowState {
             }
         }
         let headers = req.headers_mut();
+        if head.grpc.is_some() {
+            // Re-framed, uncompressed, perhaps longer.
+            headers.remove(http::header::CONTENT_LENGTH);
+            headers.remove("grpc-encoding");
+        }
         headers.insert(X_SWITCHYARD_SHADOW.clone(), HeaderValue::from_static("1"));
         headers.insert(X_REQUEST_ID.clone(), head.request_id.clone());
         Ok(req)
@@ -510,6 +555,8 @@ struct Pair {
 /// Pairs the primary's answer with each shadow's, by request.
 #[derive(Debug)]
 struct Exchange {
+    /// For a gRPC call: whether it is TF Serving's (its answers are read as such).
+    grpc: Option<bool>,
     request_id: String,
     started: Instant,
     compare_limit: usize,
@@ -577,6 +624,13 @@ impl Exchange {
                         rows: 0,
                         rows_agreeing: 0,
                     }
+                } else if let Some(in_spec) = self.grpc {
+                    // Each answer read as the V2 JSON it stands for.
+                    let (p, s) = (
+                        crate::compare::grpc_as_json(&p, in_spec),
+                        crate::compare::grpc_as_json(&s, in_spec),
+                    );
+                    compare((primary.status, &p), (shadow.status, &s))
                 } else {
                     compare((primary.status, &p), (shadow.status, &s))
                 }

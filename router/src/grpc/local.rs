@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use http::Response;
 use prost::Message;
+use switchyard_inference::Signature;
 
 use super::pb::inference as kserve;
 use super::pb::tensorflow as tf;
@@ -15,7 +17,7 @@ use crate::body::ProxyBody;
 use crate::error::RouterError;
 use crate::local::{half_to_f32, LocalBackend};
 use crate::path::Verb;
-use crate::v2::{Data, Input, Requested};
+use crate::v2::{Data, Input, Plan, Requested};
 
 fn bad(m: String) -> RouterError {
     RouterError::BadInput(m)
@@ -100,57 +102,8 @@ impl LocalBackend {
         let message = call.message.clone();
         let name = model.to_string();
         // Decoded (and checked) off the async workers when large.
-        let (request, values, rows, plan) = crate::offload::cpu(message.len(), move || {
-            let request = kserve::ModelInferRequest::decode(message).map_err(invalid)?;
-            let raw = &request.raw_input_contents;
-            if !raw.is_empty() && raw.len() != request.inputs.len() {
-                return Err(bad(format!(
-                    "{} raw_input_contents for {} inputs: give one per input, or none",
-                    raw.len(),
-                    request.inputs.len()
-                )));
-            }
-            let mut inputs = Vec::with_capacity(request.inputs.len());
-            for (i, t) in request.inputs.iter().enumerate() {
-                let data = match raw.get(i) {
-                    Some(bytes) => Data::Raw(bytes),
-                    None => Data::Numbers(typed_contents(t)?),
-                };
-                inputs.push(Input {
-                    name: &t.name,
-                    datatype: &t.datatype,
-                    shape: t.shape.clone(),
-                    data,
-                });
-            }
-            let (values, rows) = crate::v2::decode_inputs(&name, &sig, &inputs)?;
-            let requested: Vec<Requested<'_>> = request
-                .outputs
-                .iter()
-                .map(|o| {
-                    let classification = match o.parameters.get("classification").and_then(|p| p.parameter_choice.as_ref()) {
-                        None => None,
-                        Some(kserve::infer_parameter::ParameterChoice::Int64Param(k)) => Some(u64::try_from(*k).unwrap_or(0)),
-                        Some(kserve::infer_parameter::ParameterChoice::Uint64Param(k)) => Some(*k),
-                        Some(other) => {
-                            return Err(bad(format!(
-                                "output `{}`: classification must be an integer count of classes, not {other:?}",
-                                o.name
-                            )))
-                        }
-                    };
-                    Ok(Requested {
-                        name: &o.name,
-                        binary: None,
-                        classification,
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-            // gRPC answers in raw_output_contents, as Triton does.
-            let plan = crate::v2::plan_outputs(&name, &sig, &requested, true)?;
-            Ok::<_, RouterError>((request, values, rows, plan))
-        })
-        .await??;
+        let (request, values, rows, plan) =
+            crate::offload::cpu(message.len(), move || read_infer(&name, &sig, message)).await??;
         let output = self.infer(model, values, rows).await?;
         let sig = self.batcher.model().signature();
         let out = crate::v2::output(sig, plan, output, rows);
@@ -179,48 +132,9 @@ impl LocalBackend {
         let sig = self.batcher.model().signature().clone();
         let message = call.message.clone();
         let name = model.to_string();
-        let (values, rows) = crate::offload::cpu(message.len(), move || {
-            let request = tf::serving::PredictRequest::decode(message).map_err(invalid)?;
-            let signature = request
-                .model_spec
-                .as_ref()
-                .map_or("", |s| s.signature_name.as_str());
-            if !signature.is_empty() && signature != "serving_default" {
-                return Err(bad(format!(
-                    "unknown signature_name `{signature}`; model `{name}` has one signature, `serving_default`"
-                )));
-            }
-            for f in &request.output_filter {
-                if *f != sig.output.name {
-                    return Err(bad(format!(
-                        "unknown output `{f}` in output_filter; model `{name}` gives one output, `{}`",
-                        sig.output.name
-                    )));
-                }
-            }
-            let mut inputs = Vec::with_capacity(request.inputs.len());
-            for (input_name, t) in &request.inputs {
-                let datatype = tf_datatype(t.dtype)?;
-                let shape: Vec<i64> = t
-                    .tensor_shape
-                    .as_ref()
-                    .map(|s| s.dim.iter().map(|d| d.size).collect())
-                    .unwrap_or_default();
-                let data = if t.tensor_content.is_empty() {
-                    Data::Numbers(tf_values(t))
-                } else {
-                    Data::Raw(&t.tensor_content)
-                };
-                inputs.push(Input {
-                    name: input_name,
-                    datatype,
-                    shape,
-                    data,
-                });
-            }
-            crate::v2::decode_inputs(&name, &sig, &inputs)
-        })
-        .await??;
+        let (values, rows) =
+            crate::offload::cpu(message.len(), move || read_predict(&name, &sig, message))
+                .await??;
         let output = self.infer(model, values, rows).await?;
         let sig = self.batcher.model().signature();
         let mut shape = sig.output.shape_i64();
@@ -267,6 +181,110 @@ impl LocalBackend {
         }
         self.grpc_call(model, verb, call).await
     }
+}
+
+/// A `ModelInferRequest` read and checked against the model: its values as rows, and
+/// how to answer (raw contents, perhaps classification).
+pub(crate) fn read_infer(
+    name: &str,
+    sig: &Signature,
+    message: Bytes,
+) -> Result<(kserve::ModelInferRequest, Vec<f32>, usize, Plan), RouterError> {
+    let request = kserve::ModelInferRequest::decode(message).map_err(invalid)?;
+    let raw = &request.raw_input_contents;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err(bad(format!(
+            "{} raw_input_contents for {} inputs: give one per input, or none",
+            raw.len(),
+            request.inputs.len()
+        )));
+    }
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for (i, t) in request.inputs.iter().enumerate() {
+        let data = match raw.get(i) {
+            Some(bytes) => Data::Raw(bytes),
+            None => Data::Numbers(typed_contents(t)?),
+        };
+        inputs.push(Input {
+            name: &t.name,
+            datatype: &t.datatype,
+            shape: t.shape.clone(),
+            data,
+        });
+    }
+    let (values, rows) = crate::v2::decode_inputs(name, sig, &inputs)?;
+    let requested: Vec<Requested<'_>> = request
+                .outputs
+                .iter()
+                .map(|o| {
+                    let classification = match o.parameters.get("classification").and_then(|p| p.parameter_choice.as_ref()) {
+                        None => None,
+                        Some(kserve::infer_parameter::ParameterChoice::Int64Param(k)) => Some(u64::try_from(*k).unwrap_or(0)),
+                        Some(kserve::infer_parameter::ParameterChoice::Uint64Param(k)) => Some(*k),
+                        Some(other) => {
+                            return Err(bad(format!(
+                                "output `{}`: classification must be an integer count of classes, not {other:?}",
+                                o.name
+                            )))
+                        }
+                    };
+                    Ok(Requested {
+                        name: &o.name,
+                        binary: None,
+                        classification,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+    // gRPC answers in raw_output_contents, as Triton does.
+    let plan = crate::v2::plan_outputs(name, sig, &requested, true)?;
+    Ok::<_, RouterError>((request, values, rows, plan))
+}
+
+/// A TF Serving `PredictRequest` read and checked against the model: its values as rows.
+pub(crate) fn read_predict(
+    name: &str,
+    sig: &Signature,
+    message: Bytes,
+) -> Result<(Vec<f32>, usize), RouterError> {
+    let request = tf::serving::PredictRequest::decode(message).map_err(invalid)?;
+    let signature = request
+        .model_spec
+        .as_ref()
+        .map_or("", |s| s.signature_name.as_str());
+    if !signature.is_empty() && signature != "serving_default" {
+        return Err(bad(format!(
+                    "unknown signature_name `{signature}`; model `{name}` has one signature, `serving_default`"
+                )));
+    }
+    for f in &request.output_filter {
+        if *f != sig.output.name {
+            return Err(bad(format!(
+                "unknown output `{f}` in output_filter; model `{name}` gives one output, `{}`",
+                sig.output.name
+            )));
+        }
+    }
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for (input_name, t) in &request.inputs {
+        let datatype = tf_datatype(t.dtype)?;
+        let shape: Vec<i64> = t
+            .tensor_shape
+            .as_ref()
+            .map(|s| s.dim.iter().map(|d| d.size).collect())
+            .unwrap_or_default();
+        let data = if t.tensor_content.is_empty() {
+            Data::Numbers(tf_values(t))
+        } else {
+            Data::Raw(&t.tensor_content)
+        };
+        inputs.push(Input {
+            name: input_name,
+            datatype,
+            shape,
+            data,
+        });
+    }
+    crate::v2::decode_inputs(name, sig, &inputs)
 }
 
 /// KServe's typed contents for the input's datatype, as numbers.
@@ -332,5 +350,163 @@ fn tf_values(t: &tf::TensorProto) -> Vec<f64> {
         Ok(D::DtUint32) => t.uint32_val.iter().map(|x| f64::from(*x)).collect(),
         Ok(D::DtUint64) => t.uint64_val.iter().map(|x| *x as f64).collect(),
         _ => t.float_val.iter().map(|x| f64::from(*x)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A property, seeded: whatever protobuf bytes a client sends as a `ModelInferRequest`
+    /// or a `PredictRequest` (valid ones with random shapes, datatypes and sizes, then
+    /// cut, flipped or extended), reading them never panics, every refusal is a 400, and
+    /// everything accepted is whole rows of finite values.
+    #[test]
+    fn arbitrary_grpc_messages_never_panic_and_refusals_are_400() {
+        let model = switchyard_inference::TractModel::from_bytes(
+            "mlp",
+            switchyard_inference::builtin::DIGITS_MLP,
+        )
+        .unwrap();
+        let sig = model.signature();
+        let mut next = crate::test_rng(0x5DEE_CE66_D1CE_4E5B);
+        const TYPES: &[&str] = &[
+            "FP32", "FP64", "FP16", "INT8", "UINT64", "BYTES", "BOOL", "",
+        ];
+        const SIZES: &[i64] = &[1, 2, 64, 0, -1, 1 << 40, i64::MAX, i64::MIN, 3];
+        let (mut accepted, mut refused) = (0, 0);
+        for i in 0..20_000 {
+            let pick = |n: u64, next: &mut dyn FnMut() -> u64| (next() % n) as usize;
+            let rows = SIZES[pick(SIZES.len() as u64, &mut next)];
+            let cols = if next().is_multiple_of(4) {
+                SIZES[pick(SIZES.len() as u64, &mut next)]
+            } else {
+                64
+            };
+            let datatype = TYPES[pick(TYPES.len() as u64, &mut next)];
+            let width = match datatype {
+                "FP64" | "UINT64" => 8,
+                "FP16" => 2,
+                "INT8" | "BOOL" => 1,
+                _ => 4,
+            };
+            let count = if next().is_multiple_of(3) {
+                (next() % 300) as usize
+            } else {
+                (rows.clamp(0, 4) * cols.clamp(0, 64)) as usize
+            };
+            let raw: Vec<u8> = (0..count * width)
+                .map(|_| match next() % 8 {
+                    0 => 0xff,
+                    _ => (next() % 17) as u8,
+                })
+                .collect();
+            let message = if i % 2 == 0 {
+                let mut req = kserve::ModelInferRequest {
+                    model_name: "m".into(),
+                    inputs: vec![kserve::model_infer_request::InferInputTensor {
+                        name: if next().is_multiple_of(8) {
+                            "x".into()
+                        } else {
+                            "pixels".into()
+                        },
+                        datatype: datatype.into(),
+                        shape: vec![rows, cols],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                if next().is_multiple_of(2) {
+                    req.raw_input_contents = vec![Bytes::from(raw.clone())];
+                } else {
+                    req.inputs[0].contents = Some(kserve::InferTensorContents {
+                        fp32_contents: raw.iter().map(|b| f32::from(*b)).collect(),
+                        int64_contents: raw.iter().map(|b| i64::from(*b) - 3).collect(),
+                        ..Default::default()
+                    });
+                }
+                if next().is_multiple_of(4) {
+                    req.outputs = vec![kserve::model_infer_request::InferRequestedOutputTensor {
+                        name: "probabilities".into(),
+                        parameters: [(
+                            "classification".to_string(),
+                            kserve::InferParameter {
+                                parameter_choice: Some(
+                                    kserve::infer_parameter::ParameterChoice::Int64Param(
+                                        (next() % 30) as i64 - 5,
+                                    ),
+                                ),
+                            },
+                        )]
+                        .into(),
+                    }];
+                }
+                req.encode_to_vec()
+            } else {
+                let t = tf::TensorProto {
+                    dtype: (next() % 25) as i32,
+                    tensor_shape: Some(tf::TensorShapeProto {
+                        dim: [rows, cols]
+                            .iter()
+                            .map(|s| tf::tensor_shape_proto::Dim {
+                                size: *s,
+                                name: String::new(),
+                            })
+                            .collect(),
+                        unknown_rank: false,
+                    }),
+                    tensor_content: if next().is_multiple_of(2) {
+                        Bytes::from(raw.clone())
+                    } else {
+                        Bytes::new()
+                    },
+                    float_val: raw.iter().map(|b| f32::from(*b)).collect(),
+                    half_val: raw.iter().map(|b| i32::from(*b) << 8).collect(),
+                    ..Default::default()
+                };
+                tf::serving::PredictRequest {
+                    model_spec: None,
+                    inputs: [("pixels".to_string(), t)].into(),
+                    output_filter: vec![],
+                }
+                .encode_to_vec()
+            };
+            // Now and then break the bytes themselves.
+            let mut bytes = message;
+            match next() % 6 {
+                0 if !bytes.is_empty() => {
+                    let cut = pick(bytes.len() as u64, &mut next);
+                    bytes.truncate(cut);
+                }
+                1 if !bytes.is_empty() => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = pick(bytes.len() as u64, &mut next);
+                        bytes[at] = next() as u8;
+                    }
+                }
+                2 => bytes.extend((0..next() % 20).map(|_| next() as u8)),
+                _ => {}
+            }
+            let result = if i % 2 == 0 {
+                read_infer("m", sig, Bytes::from(bytes)).map(|(_, v, r, _)| (v, r))
+            } else {
+                read_predict("m", sig, Bytes::from(bytes))
+            };
+            match result {
+                Ok((values, rows)) => {
+                    accepted += 1;
+                    assert!(rows >= 1 && values.len() == rows * 64);
+                    assert!(values.iter().all(|x| x.is_finite()));
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{e}");
+                }
+            }
+        }
+        assert!(
+            accepted > 100 && refused > 100,
+            "{accepted} accepted, {refused} refused"
+        );
     }
 }

@@ -177,34 +177,22 @@ impl Call {
 
     /// The framed message for an upstream that knows the model as `upstream_model`: as
     /// the client sent it, with a later field 1 naming the upstream's model when the
-    /// names differ (the last value of a field wins; a message field is merged).
+    /// names differ ([`switchyard_proto::framed_for_model`]).
     pub fn for_upstream(&self, upstream_model: &str) -> Bytes {
         if upstream_model == self.model {
-            return frame_bytes(&self.message);
+            return switchyard_proto::frame(&self.message);
         }
-        let mut name = BytesMut::new();
-        put_string_field(&mut name, upstream_model.as_bytes());
-        let mut extra = BytesMut::new();
-        if self.method.is_tf() {
-            // `model_spec { name }`, merged into the client's ModelSpec.
-            put_string_field(&mut extra, &name);
-        } else {
-            extra = name;
-        }
-        let mut out = BytesMut::with_capacity(5 + self.message.len() + extra.len());
-        out.put_u8(0);
-        out.put_u32((self.message.len() + extra.len()) as u32);
-        out.put_slice(&self.message);
-        out.put_slice(&extra);
-        out.freeze()
+        switchyard_proto::framed_for_model(&self.message, self.method.is_tf(), upstream_model)
     }
-}
 
-/// Field 1, length-delimited.
-fn put_string_field(out: &mut BytesMut, value: &[u8]) {
-    out.put_u8(0x0a);
-    prost::encoding::encode_varint(value.len() as u64, out);
-    out.put_slice(value);
+    /// What a shadow needs to mirror the call.
+    pub fn shadow_head(&self) -> switchyard_shadow::GrpcCall {
+        switchyard_shadow::GrpcCall {
+            model: self.model.clone(),
+            in_spec: self.method.is_tf(),
+            message: self.message.clone(),
+        }
+    }
 }
 
 /// True when a request is a gRPC call.
@@ -222,14 +210,6 @@ pub fn frame(message: &impl Message) -> Bytes {
     out.put_u32(len as u32);
     // Encoding into a buffer with the room reserved cannot fail.
     let _ = message.encode(&mut out);
-    out.freeze()
-}
-
-fn frame_bytes(message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + message.len());
-    out.put_u8(0);
-    out.put_u32(message.len() as u32);
-    out.put_slice(message);
     out.freeze()
 }
 
@@ -320,11 +300,16 @@ pub(crate) fn failed(resp: &Response<ProxyBody>) -> bool {
 /// True for an answer that is not a success: an HTTP error, or a gRPC status other
 /// than OK in its headers.
 pub(crate) fn is_error(resp: &Response<ProxyBody>) -> bool {
-    !resp.status().is_success()
-        || resp
-            .headers()
-            .get("grpc-status")
-            .is_some_and(|s| s.as_bytes() != b"0")
+    status_of(resp) / 100 != 2
+}
+
+/// The answer's status as HTTP counts it: a gRPC status in the headers (a
+/// trailers-only answer) stands for the HTTP status it maps to.
+pub(crate) fn status_of(resp: &Response<ProxyBody>) -> u16 {
+    match switchyard_proto::grpc_status(resp.headers()) {
+        Some(code) if resp.status().is_success() => switchyard_proto::http_status_for(code),
+        _ => resp.status().as_u16(),
+    }
 }
 
 /// Turns an answer made for HTTP (an error made on the request path, or an upstream's
@@ -521,7 +506,7 @@ mod tests {
     #[test]
     fn frames_are_checked_and_inflated_within_the_limit() {
         let msg = Bytes::from_static(b"\x0a\x06digits");
-        let framed = frame_bytes(&msg);
+        let framed = switchyard_proto::frame(&msg);
         assert_eq!(unframe(&framed, None, 1 << 20).unwrap(), msg);
         let short = framed.slice(..framed.len() - 1);
         assert!(matches!(
