@@ -326,7 +326,7 @@ enum Decoded {
     V2(Value, Vec<f32>, usize, crate::v2::Plan),
 }
 
-fn fail_now(rate: f64) -> bool {
+pub(crate) fn fail_now(rate: f64) -> bool {
     let id = crate::ids::new_request_id();
     let hash = crate::selector::stable_hash(id.as_bytes());
     ((hash >> 11) as f64 / (1u64 << 53) as f64) < rate

@@ -499,7 +499,7 @@ pub const EXTENSIONS: &[&str] = &[
 ];
 
 /// What local models say they run on, in metadata and configuration.
-const PLATFORM: &str = "onnx_tract";
+pub(crate) const PLATFORM: &str = "onnx_tract";
 
 /// Triton's model configuration (`GET /v2/models/{m}/config`), in its JSON form: the
 /// batch dimension is `max_batch_size`, not part of `dims`.

@@ -30,18 +30,17 @@ fn invalid(e: prost::DecodeError) -> RouterError {
 impl LocalBackend {
     /// Answers a gRPC call for `model` (the client's name for it). The version and label
     /// were checked by the caller, as for HTTP.
-    pub(crate) async fn grpc_call(
+    async fn grpc_call(
         &self,
         model: &str,
-        verb: Verb,
         call: &Call,
     ) -> Result<Response<ProxyBody>, RouterError> {
         let sig = self.batcher.model().signature();
-        match (call.method, verb) {
-            (Method::ModelReady, _) => Ok(ok(&kserve::ModelReadyResponse {
+        match call.method {
+            Method::ModelReady => Ok(ok(&kserve::ModelReadyResponse {
                 ready: self.health().is_ok(),
             })),
-            (Method::ModelMetadata, _) => {
+            Method::ModelMetadata => {
                 let t = |s: &switchyard_inference::TensorSpec| {
                     kserve::model_metadata_response::TensorMetadata {
                         name: s.name.clone(),
@@ -52,12 +51,12 @@ impl LocalBackend {
                 Ok(ok(&kserve::ModelMetadataResponse {
                     name: model.into(),
                     versions: vec![self.version.clone()],
-                    platform: "onnx_tract".into(),
+                    platform: crate::v2::PLATFORM.into(),
                     inputs: vec![t(&sig.input)],
                     outputs: vec![t(&sig.output)],
                 }))
             }
-            (Method::GetModelStatus, _) => {
+            Method::GetModelStatus => {
                 use tf::serving::{model_version_status::State, ModelVersionStatus, StatusProto};
                 Ok(ok(&tf::serving::GetModelStatusResponse {
                     model_version_status: vec![ModelVersionStatus {
@@ -67,14 +66,14 @@ impl LocalBackend {
                     }],
                 }))
             }
-            (Method::ModelInfer, _) => self.timed(self.model_infer(model, call)).await,
-            (Method::Predict, _) => self.timed(self.tf_predict(model, call)).await,
-            (Method::ModelConfig | Method::ModelStatistics, _) => Err(RouterError::Unimplemented(
+            Method::ModelInfer => self.timed(self.model_infer(model, call)).await,
+            Method::Predict => self.timed(self.tf_predict(model, call)).await,
+            Method::ModelConfig | Method::ModelStatistics => Err(RouterError::Unimplemented(
                 format!(
                     "model `{model}` is served in-process: its configuration and statistics are at GET /v2/models/{model}/config and /stats over HTTP"
                 ),
             )),
-            (Method::ServerLive | Method::ServerReady | Method::ServerMetadata, _) => Err(
+            Method::ServerLive | Method::ServerReady | Method::ServerMetadata => Err(
                 RouterError::Unimplemented("a server method reached a model".into()),
             ),
         }
@@ -169,17 +168,28 @@ impl LocalBackend {
         }))
     }
 
-    /// Answers a gRPC call; see [`LocalBackend::grpc_call`].
+    /// Answers a gRPC call ([`LocalBackend::grpc_call`]) with the experiment knobs HTTP
+    /// answers have: `failure_rate` fails predictions, `delay` holds every answer.
     pub(crate) async fn grpc(
         &self,
         model: &str,
         verb: Verb,
         call: &Call,
     ) -> Result<Response<ProxyBody>, RouterError> {
-        if let Some(d) = self.delay.filter(|_| verb.is_prediction()) {
+        if verb.is_prediction()
+            && self.failure_rate > 0.0
+            && crate::local::fail_now(self.failure_rate)
+        {
+            self.batcher.count_failure(std::time::Duration::ZERO);
+            return Err(RouterError::Inference(
+                "injected failure (local.failure_rate)".into(),
+            ));
+        }
+        let answer = self.grpc_call(model, call).await?;
+        if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
-        self.grpc_call(model, verb, call).await
+        Ok(answer)
     }
 }
 

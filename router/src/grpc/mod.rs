@@ -380,7 +380,15 @@ impl Router {
             return Err(RouterError::Unimplemented("gRPC calls are POSTs".into()));
         }
         let (parts, body) = req.into_parts();
-        let limit = self.feedback_limit;
+        // The model is named inside the message: while reading it, the largest body limit
+        // of any model holds; the model's own is checked once it is known.
+        let limit = self
+            .table
+            .load()
+            .models()
+            .map(|m| m.body_limit)
+            .max()
+            .unwrap_or(self.feedback_limit);
         let body = LimitedBody::new(body, limit, self.body_stall_timeout);
         let body = crate::body::collect_limited(body, limit).await?;
         let encoding = parts.headers.get("grpc-encoding");
