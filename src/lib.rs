@@ -175,8 +175,46 @@ async fn keep_timer_driver_armed(mut done: watch::Receiver<bool>) {
     }
 }
 
+/// The token in `file` (the config key `key`), or else in the environment variable
+/// `env`; `None` when neither is set. A file that cannot be read or holds nothing is a
+/// configuration error naming the key.
+fn read_token(
+    file: Option<&str>,
+    key: &str,
+    env: Option<&str>,
+) -> Result<Option<switchyard_router::auth::Token>, StartError> {
+    let bad = |message: String| {
+        StartError::Config(switchyard_router::table::BuildError {
+            path: key.to_string(),
+            line: 0,
+            column: 0,
+            message,
+        })
+    };
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read the token file `{path}`: {e}")))?;
+        return switchyard_router::auth::Token::new(&text)
+            .map(Some)
+            .ok_or_else(|| bad(format!("the token file `{path}` is empty")));
+    }
+    Ok(env
+        .and_then(|v| std::env::var(v).ok())
+        .and_then(|t| switchyard_router::auth::Token::new(&t)))
+}
+
 /// Starts the data plane on `data` and the admin endpoints on `admin`.
 pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Running, StartError> {
+    let admin_token = read_token(
+        config.admin_token_file.as_deref(),
+        "admin_token_file",
+        Some("SWITCHYARD_ADMIN_TOKEN"),
+    )?;
+    let feedback_token = read_token(
+        config.feedback_token_file.as_deref(),
+        "feedback_token_file",
+        None,
+    )?;
     let registry = Registry::new();
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
@@ -188,6 +226,7 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
             .map(|s| s as Arc<dyn switchyard_router::feedback::FeedbackSink>),
         switchyard_router::proxy::RouterOptions {
             shadow_thread_start: Some(lowest_cpu_priority),
+            feedback_token,
         },
     )
     .map_err(StartError::Config)?;
@@ -250,7 +289,14 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         config_json,
         state: bandits.as_ref().map(bandits::Bandits::state_fn),
         control: bandits.as_ref().map(bandits::Bandits::control_fn),
+        token: admin_token.clone(),
     }));
+    if admin_token.is_none() && !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            %admin_addr,
+            "The admin listener is not on loopback and has no token: anyone who reaches it can pin, freeze and release bandits. Set admin_token_file (or SWITCHYARD_ADMIN_TOKEN), or bind admin_listen to 127.0.0.1."
+        );
+    }
     let admin_opts = ServeOptions {
         max_connections: 256,
         drain_timeout: std::time::Duration::from_secs(1),

@@ -17,7 +17,12 @@ use tracing_subscriber::EnvFilter;
 
 /// A sidecar that routes prediction requests across weighted model variants.
 #[derive(Parser)]
-#[command(name = "switchyard", version, about)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    after_help = "Logging: SWITCHYARD_LOG sets what is logged (to stderr), in tracing's EnvFilter syntax: a level (error, warn, info, debug, trace; default info), or per module, e.g. SWITCHYARD_LOG=info,switchyard_router=debug.\nAdmin token: SWITCHYARD_ADMIN_TOKEN, when no admin_token_file is configured."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,8 +34,14 @@ enum Command {
     Serve {
         /// YAML configuration file. Without it, the built-in configuration
         /// (examples/default.yaml) is used.
-        #[arg(long, short)]
+        #[arg(long)]
         config: Option<PathBuf>,
+        /// Address of the prediction endpoints, instead of the file's `listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Address of the admin endpoints, instead of the file's `admin_listen`.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
     },
     /// Check a configuration file: prints every error with its line and YAML path and
     /// exits 64, or exits 0 when the file is good. Starts nothing.
@@ -211,7 +222,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => validate(file),
-        Command::Serve { config } => serve(config),
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+        } => serve(config, listen, admin_listen),
         Command::ModelServer(args) => model_server(&args),
         Command::Load(args) => load(&args),
         Command::Evaluate {
@@ -236,11 +251,19 @@ fn validate(file: PathBuf) -> ExitCode {
     match load_config(&file) {
         Ok(config) => {
             let variants: usize = config.models.values().map(|m| m.variants.len()).sum();
+            let shadows: usize = config.models.values().map(|m| m.shadows.len()).sum();
+            let bandits = config
+                .models
+                .values()
+                .filter(|m| m.bandit.is_some())
+                .count();
             println!(
-                "{source}: ok ({} model{}, {variants} variant{})",
+                "{source}: ok ({} model{}, {variants} variant{}, {shadows} shadow{}, {bandits} bandit{})",
                 config.models.len(),
                 plural(config.models.len()),
-                plural(variants)
+                plural(variants),
+                plural(shadows),
+                plural(bandits)
             );
             ExitCode::SUCCESS
         }
@@ -358,7 +381,11 @@ fn flag_for(path: &str, model_name: &str) -> String {
     long.map_or_else(|| path.to_string(), |l| format!("--{l}"))
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
+fn serve(
+    path: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+) -> ExitCode {
     let source = path.as_ref().map_or_else(
         || "<built-in config>".to_string(),
         |p| p.display().to_string(),
@@ -384,6 +411,20 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             }
         }
     };
+    let mut config = config;
+    if let Some(addr) = listen {
+        config.listen = addr;
+    }
+    if let Some(addr) = admin_listen {
+        config.admin_listen = addr;
+    }
+    if config.listen == config.admin_listen && config.listen.port() != 0 {
+        eprintln!(
+            "switchyard: listen and admin_listen are both {}; the admin listener needs its own port",
+            config.listen
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
     run_with_runtime(config, source)
 }
 

@@ -29,7 +29,8 @@ fn validate_accepts_good_files_with_exit_0() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 model, 3 variants)"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("ok (1 model, 3 variants, 0 shadows, 0 bandits)"));
 }
 
 #[test]
@@ -284,4 +285,93 @@ fn evaluate_estimates_policies_from_a_decisions_file() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(66));
+}
+
+/// `serve --listen` and `--admin-listen` override the file (the file's ports are taken
+/// here, so only the overrides can work); the two may not be the same port.
+#[test]
+fn serve_listen_flags_override_the_file() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let also = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let file = temp_file(
+        "taken.yaml",
+        &format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: {}\nmodels:\n  m:\n    variants: [{{name: a, local: {{model: \"builtin:digits_mlp\"}}, weight: 1}}]\n",
+            also.local_addr().unwrap()
+        ),
+    );
+    let out = switchyard()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "the file's ports are taken");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    let mut child = switchyard()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.contains("data=127.0.0.1:"), "{first}");
+    assert!(!first.contains(&format!(":{port} ")), "{first}");
+    let out = switchyard()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:7001",
+            "--admin-listen",
+            "127.0.0.1:7001",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("its own port"));
+}
+
+/// No short flag means two things: `serve -c` is gone (`load -c` is the concurrency);
+/// `--help` says how to set the log level; a missing model file names the built-ins.
+#[test]
+fn flags_help_and_hints() {
+    let out = switchyard()
+        .args(["serve", "-c", "x.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap refuses the unknown short flag"
+    );
+    let help = switchyard().arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("SWITCHYARD_LOG"));
+    let out = switchyard()
+        .args([
+            "model-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "models/nowhere.onnx",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("builtin:digits_mlp"), "{err}");
 }

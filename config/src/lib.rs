@@ -27,7 +27,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use model::{
     BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Config, CpuKernels,
     GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
-    ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant,
+    ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
 };
 pub use resilience::{Breaker, Limits, Retry, RetryOn};
 

@@ -69,6 +69,12 @@ pub struct Config {
     /// Where bandit statistics are kept across restarts: written atomically every 10
     /// seconds and at shutdown, read at start. Default: not kept.
     pub state_file: Option<String>,
+    /// A file holding the admin token: when set (or `SWITCHYARD_ADMIN_TOKEN` is), every
+    /// state-changing admin request needs `Authorization: Bearer <token>`. Read at start.
+    pub admin_token_file: Option<String>,
+    /// A file holding the feedback token: when set, `POST /v1/feedback` needs
+    /// `Authorization: Bearer <token>` (feedback moves where traffic, and money, goes).
+    pub feedback_token_file: Option<String>,
     /// The bandits' shared runtime settings.
     pub bandit: BanditRuntime,
     /// The models clients can call, by the name they use in URLs.
@@ -602,6 +608,8 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "worker_threads",
             "seed",
             "state_file",
+            "admin_token_file",
+            "feedback_token_file",
             "bandit",
             "models",
         ],
@@ -619,6 +627,16 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
     let seed = f.optional(cx, "seed", decode::u64);
     let state_file = f.optional(cx, "state_file", decode::string);
+    let path = |cx: &mut Cx, n: &Node, p: &str| {
+        let s = decode::string(cx, n, p)?;
+        if s.is_empty() {
+            cx.error(n, p, "give a file path, or leave the key out");
+            return None;
+        }
+        Some(s)
+    };
+    let admin_token_file = f.optional(cx, "admin_token_file", path);
+    let feedback_token_file = f.optional(cx, "feedback_token_file", path);
     let bandit = f.optional(cx, "bandit", decode_bandit_runtime);
     let models = f.required(cx, "models", decode_models);
 
@@ -646,6 +664,8 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         worker_threads,
         seed,
         state_file,
+        admin_token_file,
+        feedback_token_file,
         bandit: bandit.unwrap_or_default(),
         models: models?,
     })

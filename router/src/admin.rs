@@ -30,6 +30,8 @@ pub struct AdminState {
     pub state: Option<StateFn>,
     /// Applies `POST /admin/bandit/{model}/{pin/VARIANT|freeze|release}`, if any.
     pub control: Option<ControlFn>,
+    /// The token every request other than GET and HEAD needs, if any.
+    pub token: Option<crate::auth::Token>,
 }
 
 /// Applies an operator's override to a model's bandit: `(model, action, variant)` with
@@ -63,16 +65,32 @@ impl tower_service::Service<Request<Incoming>> for AdminService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        ready(Ok(self.answer(req.method(), req.uri().path())))
+        ready(Ok(self.answer(&req)))
     }
 }
 
 impl AdminService {
-    fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (method, path) = (req.method(), req.uri().path());
+        let reads = method == Method::GET || method == Method::HEAD;
+        if let Some(token) = self.0.token.as_ref().filter(|_| !reads) {
+            if !token.allows(req.headers()) {
+                let mut resp = reply(
+                    StatusCode::UNAUTHORIZED,
+                    "application/json",
+                    r#"{"error":"this admin request changes state and needs `Authorization: Bearer <token>` (admin_token_file or SWITCHYARD_ADMIN_TOKEN)"}"#.into(),
+                );
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+                return resp;
+            }
+        }
         if let Some(rest) = path.strip_prefix("/admin/bandit/") {
             return self.control(method, rest);
         }
-        if method != Method::GET && method != Method::HEAD {
+        if !reads {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",

@@ -102,6 +102,9 @@ pub enum RouterError {
     /// A local model did not answer within `request_timeout`.
     #[error("{0}")]
     LocalTimeout(String),
+    /// A state-changing request without the configured bearer token (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// A gRPC method, or a protocol on a model, that is not served (gRPC
     /// `UNIMPLEMENTED`, HTTP 501).
     #[error("{0}")]
@@ -128,6 +131,7 @@ impl RouterError {
             }
             RouterError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RouterError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            RouterError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RouterError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -160,6 +164,7 @@ impl RouterError {
             RouterError::LocalTimeout(_) => "local_timeout",
             RouterError::NotReady(_) => "not_ready",
             RouterError::Unimplemented(_) => "unimplemented",
+            RouterError::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -178,6 +183,7 @@ impl RouterError {
             // RESOURCE_EXHAUSTED names the cause, and clients back off on both).
             RouterError::Overloaded(_) => GrpcCode::ResourceExhausted,
             RouterError::NotReady(_) => GrpcCode::Unavailable,
+            RouterError::Unauthorized(_) => GrpcCode::Unauthenticated,
             RouterError::Inference(_) => GrpcCode::Internal,
             RouterError::ClientBodyTimeout(_) | RouterError::LocalTimeout(_) => {
                 GrpcCode::DeadlineExceeded
@@ -213,6 +219,8 @@ pub enum GrpcCode {
     Internal = 13,
     /// No variant can answer now.
     Unavailable = 14,
+    /// A token was needed.
+    Unauthenticated = 16,
 }
 
 impl GrpcCode {
@@ -222,7 +230,8 @@ impl GrpcCode {
         match status.as_u16() {
             200..=299 => GrpcCode::Ok,
             400 => GrpcCode::InvalidArgument,
-            401 | 403 => GrpcCode::InvalidArgument,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::InvalidArgument,
             404 | 405 | 501 => GrpcCode::Unimplemented,
             408 | 504 => GrpcCode::DeadlineExceeded,
             413 | 429 => GrpcCode::ResourceExhausted,
@@ -240,6 +249,12 @@ pub fn error_response(err: &RouterError) -> Response<ProxyBody> {
     // A gRPC request's answer is made from this one (`grpc::from_http`): the code goes
     // with it, so it is decided here, once.
     resp.extensions_mut().insert(err.grpc_code());
+    if let RouterError::Unauthorized(_) = err {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+    }
     if let RouterError::MethodNotAllowed { allowed, .. } = err {
         let allow = if *allowed == Method::GET {
             "GET, HEAD"

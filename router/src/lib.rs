@@ -30,6 +30,7 @@
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
+//! - [`auth`]: bearer tokens for the admin listener's POSTs and for feedback.
 //! - [`ids`]: unguessable request ids.
 //! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
 //!   [`feedback::FeedbackSink`] the binary provides (the bandit).
@@ -37,6 +38,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod encoding;

@@ -62,10 +62,12 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 const EVICTION_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the binary decides for the router's threads.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RouterOptions {
     /// Runs first on the shadow thread (the binary lowers its CPU priority there).
     pub shadow_thread_start: Option<fn()>,
+    /// The token `POST /v1/feedback` needs (`feedback_token_file`), if any.
+    pub feedback_token: Option<crate::auth::Token>,
 }
 
 /// The data plane's shared state: the current route table and the metrics.
@@ -79,6 +81,7 @@ pub struct Router {
     eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
     pub(crate) feedback_limit: u64,
+    feedback_token: Option<crate::auth::Token>,
     /// Longest pause between two pieces of a request body (`client_body_timeout`).
     pub(crate) body_stall_timeout: std::time::Duration,
     /// Runs mirrors and comparisons; declared last so it stops after the table (and
@@ -147,6 +150,7 @@ impl Router {
             eviction_warned_ms: std::sync::atomic::AtomicU64::new(0),
             sink,
             feedback_limit: config.max_body_bytes,
+            feedback_token: options.feedback_token,
             body_stall_timeout: config.client_body_timeout,
             _shadow_runtime: shadow_runtime,
         }))
@@ -302,6 +306,14 @@ impl Router {
                 })
             }
             Endpoint::Feedback => {
+                if let Some(token) = &self.feedback_token {
+                    if !token.allows(req.headers()) {
+                        return Err(RouterError::Unauthorized(
+                            "feedback needs `Authorization: Bearer <token>` (feedback_token_file)"
+                                .into(),
+                        ));
+                    }
+                }
                 let Some(sink) = &self.sink else {
                     return Err(RouterError::UnknownModel(
                         "(feedback is taken only for models with a `bandit`)".into(),

@@ -307,7 +307,23 @@ pub fn load_model(
             .ok_or_else(|| format!("no built-in model `{b}`"))?
             .into(),
         None => std::fs::read(&local.model)
-            .map_err(|e| format!("cannot read model file `{}`: {e}", local.model))?
+            .map_err(|e| {
+                // A path relative to the repository, run from elsewhere: the bundled
+                // models are in the binary.
+                let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!(
+                        " (the bundled models need no file: {})",
+                        switchyard_config::BUILTIN_MODELS
+                            .iter()
+                            .map(|m| format!("`builtin:{m}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                };
+                format!("cannot read model file `{}`: {e}{hint}", local.model)
+            })?
             .into(),
     };
     let kernels = match local.cpu_kernels {
