@@ -162,8 +162,7 @@ fn the_dockerfile_exposes_and_probes_what_its_config_listens_on() {
     );
     let user = dockerfile
         .lines()
-        .filter(|l| l.starts_with("USER "))
-        .last()
+        .rfind(|l| l.starts_with("USER "))
         .unwrap();
     assert!(!user.contains("root") && user != "USER 0", "{user}");
     assert!(
