@@ -5,7 +5,7 @@
 //! - [`decode`]: the walk over that tree; it collects *every* problem (unknown key, wrong
 //!   type, bad value) with its YAML path instead of stopping at the first.
 //! - [`model`]: the typed configuration ([`Config`], [`Model`], [`Variant`]), one `///`
-//!   doc per field; these docs are the source of the README's config reference.
+//!   doc per field; these docs are the source of docs/configuration.md.
 //! - [`duration`]: `250ms`, `1s`, `10m`, `1h30m` parsing and printing.
 //! - [`hash`]: the fixed hashes sticky routing and hash-sampled shadows rely on.
 //! - [`error`]: [`ConfigError`] (one problem, with path and position) and [`ConfigErrors`].

@@ -1,4 +1,4 @@
-//! The typed configuration. Every field's `///` doc is what the README's config
+//! The typed configuration. Every field's `///` doc is what docs/configuration.md's
 //! reference says about it; keep them in step.
 
 use std::collections::BTreeMap;
