@@ -136,25 +136,14 @@ fn the_admin_token_may_come_from_the_environment() {
         format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{MODELS}"),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("SWITCHYARD_ADMIN_TOKEN", "env-s3cret")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let admin = first
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .unwrap()
-        .to_string();
+    let (mut child, (_, admin)) = spawn_switchyard_env(
+        [
+            std::ffi::OsStr::new("serve"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        &[("SWITCHYARD_ADMIN_TOKEN", "env-s3cret")],
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let statuses = rt.block_on(async {
         let c = client();

@@ -194,7 +194,13 @@ impl Router {
             Ok(resp) => resp,
             Err(err) => error_response(&err),
         };
-        if !crate::grpc::is_error(&resp) {
+        // A gRPC answer's status may be in its headers; an HTTP answer's is its status.
+        let status = if grpc.is_some() {
+            crate::grpc::status_of(&resp)
+        } else {
+            resp.status().as_u16()
+        };
+        if (200..300).contains(&status) {
             self.record_decision(
                 model,
                 model_req,
@@ -208,7 +214,6 @@ impl Router {
             );
         }
         if let Some(answer) = primary_answer {
-            let status = crate::grpc::status_of(&resp);
             resp.body_mut().set_tap(answer.tap(status));
         }
         let headers = resp.headers_mut();

@@ -290,9 +290,22 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    spawn_switchyard_env(args, &[])
+}
+
+/// As [`spawn_switchyard_both`], with environment variables set for the child.
+pub fn spawn_switchyard_env<I, S>(
+    args: I,
+    env: &[(&str, &str)],
+) -> (std::process::Child, (String, String))
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

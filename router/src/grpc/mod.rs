@@ -297,12 +297,6 @@ pub(crate) fn failed(resp: &Response<ProxyBody>) -> bool {
         .is_some_and(|s| SERVER_SIDE.contains(&s.as_bytes()))
 }
 
-/// True for an answer that is not a success: an HTTP error, or a gRPC status other
-/// than OK in its headers.
-pub(crate) fn is_error(resp: &Response<ProxyBody>) -> bool {
-    status_of(resp) / 100 != 2
-}
-
 /// The answer's status as HTTP counts it: a gRPC status in the headers (a
 /// trailers-only answer) stands for the HTTP status it maps to.
 pub(crate) fn status_of(resp: &Response<ProxyBody>) -> u16 {
