@@ -286,4 +286,38 @@ mod tests {
         assert_eq!(upstream(UpstreamErrorKind::Reset).status(), 502);
         assert_eq!(upstream(UpstreamErrorKind::Timeout).status(), 504);
     }
+
+    /// The gRPC statuses the protocols issue names, for the errors a client meets.
+    #[test]
+    fn grpc_codes_follow_the_contract() {
+        use GrpcCode::*;
+        let upstream = |kind| RouterError::Upstream {
+            variant: "a".into(),
+            kind,
+            detail: String::new(),
+        };
+        for (err, code) in [
+            (RouterError::UnknownModel("x".into()), NotFound),
+            (RouterError::UnknownVersion("x".into()), NotFound),
+            (RouterError::BadInput("x".into()), InvalidArgument),
+            (RouterError::BodyTooLarge { limit: 1 }, ResourceExhausted),
+            (RouterError::Overloaded("x".into()), ResourceExhausted),
+            (upstream(UpstreamErrorKind::Connect), Unavailable),
+            (upstream(UpstreamErrorKind::Timeout), DeadlineExceeded),
+            (RouterError::LocalTimeout("x".into()), DeadlineExceeded),
+            (RouterError::Inference("x".into()), Internal),
+            (RouterError::Unimplemented("x".into()), Unimplemented),
+            (RouterError::Unauthorized("x".into()), Unauthenticated),
+        ] {
+            assert_eq!(err.grpc_code(), code, "{err:?}");
+            // An answer made for HTTP carries the code to the gRPC conversion.
+            let resp = error_response(&err);
+            assert_eq!(resp.extensions().get::<GrpcCode>(), Some(&code));
+        }
+        assert_eq!(
+            GrpcCode::from_http(StatusCode::SERVICE_UNAVAILABLE),
+            Unavailable
+        );
+        assert_eq!(GrpcCode::from_http(StatusCode::NOT_FOUND), Unimplemented);
+    }
 }
