@@ -16,6 +16,7 @@
 cd "$(dirname "$0")/.."
 N=${N:-9000}
 AFTER=${AFTER:-1 10 30}
+ONLY=${ONLY:-}            # ONLY=switchyard measures one proxy
 source bench/common.sh
 need nginx haproxy python3
 
@@ -125,14 +126,21 @@ run_one() {
 
 echo "Idle keep-alive connections: N=$N; RSS in MiB; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '%-10s %8s %10s %12s %10s   %s\n' proxy "at rest" "N held" "KiB per conn" "last" "after closing ($AFTER s)"
-taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;' &
-PIDS+=($!); sleep 0.5
-# nginx's master forks the worker: measure the worker, which holds the connections.
-NGINX_WORKER=$(pgrep -P $! -f "nginx: worker" | head -1)
-run_one nginx $P_NGINX "$NGINX_WORKER"
-taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/logs/haproxy.log" 2>&1 &
-PIDS+=($!)
-run_one haproxy $P_HAPROXY $!
-SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
+if [ -z "$ONLY" ] || [ "$ONLY" = nginx ]; then
+  taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;' &
+  PIDS+=($!); sleep 0.5
+  # nginx's master forks the worker: measure the worker, which holds the connections.
+  NGINX_WORKER=$(pgrep -P $! -f "nginx: worker" | head -1)
+  run_one nginx $P_NGINX "$NGINX_WORKER"
+fi
+if [ -z "$ONLY" ] || [ "$ONLY" = haproxy ]; then
+  taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/logs/haproxy.log" 2>&1 &
+  PIDS+=($!)
+  run_one haproxy $P_HAPROXY $!
+fi
+[ -n "$ONLY" ] && [ "$ONLY" != switchyard ] && exit 0
+# SY_ENV: extra environment for Switchyard only (allocator experiments), e.g.
+# SY_ENV="MALLOC_ARENA_MAX=1".
+env ${SY_ENV:-} SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
 PIDS+=($!)
 run_one switchyard $P_SY $!
