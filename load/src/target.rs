@@ -208,12 +208,7 @@ pub fn grpc_bodies(target: &Target, batch: usize) -> Vec<Bytes> {
                 raw_input_contents: vec![Bytes::from(le_bytes(rows))],
                 ..Default::default()
             };
-            let message = request.encode_to_vec();
-            let mut framed = Vec::with_capacity(5 + message.len());
-            framed.push(0);
-            framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            framed.extend_from_slice(&message);
-            Bytes::from(framed)
+            switchyard_proto::frame(&request.encode_to_vec())
         })
         .collect()
 }

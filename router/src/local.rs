@@ -160,14 +160,14 @@ impl LocalBackend {
             tokio::time::sleep(d).await;
         }
         let coding = crate::encoding::answer_coding(asked.accept_encoding);
-        let (answer, size) = match coding {
-            None => (answer, 0),
+        let answer = match coding {
+            None => answer,
             Some(coding) => {
                 let size = answer.len();
                 let packed =
                     crate::offload::cpu(size, move || crate::encoding::encode(&answer, coding))
                         .await?;
-                (Bytes::from(packed), size)
+                Bytes::from(packed)
             }
         };
         let mut resp = json_response(StatusCode::OK, answer);
@@ -184,7 +184,6 @@ impl LocalBackend {
             );
         }
         if let Some(coding) = coding {
-            let _ = size;
             headers.insert(
                 http::header::CONTENT_ENCODING,
                 http::HeaderValue::from_static(coding.token()),
