@@ -9,6 +9,7 @@
 //! - [`evaluate`]: `switchyard evaluate`, off-policy estimates (IPS, SNIPS, doubly
 //!   robust) of other policies from the decisions file.
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
+//! - [`reload`]: hot reload (`SIGHUP`, `POST /admin/reload`, `serve --watch`).
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 // One audited call (the shadow thread's priority) needs `unsafe`; nothing else may.
 #![deny(unsafe_code)]
@@ -29,7 +30,10 @@ use tokio::task::JoinHandle;
 
 pub use switchyard_bandit_runtime as bandits;
 pub mod evaluate;
+pub mod reload;
 pub mod simulate;
+
+pub use reload::{Overrides, Reloader};
 
 pub use switchyard_config as config;
 pub use switchyard_router as router;
@@ -109,25 +113,37 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     data: JoinHandle<Drained>,
     admin: JoinHandle<Drained>,
-    bandits: Option<Arc<bandits::Bandits>>,
+    bandits: Arc<bandits::Bandits>,
+    reloader: Arc<Reloader>,
 }
 
 impl Running {
-    /// The bandits' state, as `/admin/state` shows it (`{"models": {}}` without any).
+    /// The bandits' state, as `/admin/state` shows it.
     pub fn bandit_state(&self) -> serde_json::Value {
-        self.bandits
-            .as_ref()
-            .map_or_else(|| serde_json::json!({ "models": {} }), |b| b.state())
+        self.bandits.state()
     }
 
     /// Writes the bandits' state files when called (as the end of [`Running::wait`]
     /// does): for an exit that cannot wait for the drain. Outlives the handle.
     pub fn persister(&self) -> impl Fn() + Send + 'static {
         let bandits = self.bandits.clone();
-        move || {
-            if let Some(b) = &bandits {
-                b.persist();
-            }
+        move || bandits.persist()
+    }
+
+    /// Reloads the config file (`SIGHUP`); see [`Reloader::reload`].
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// `serve --watch`: reloads the file whenever its contents change, checked every
+    /// `every`, until the shutdown.
+    pub fn watch(&self, every: std::time::Duration) {
+        if self.reloader.has_file() {
+            tokio::spawn(
+                self.reloader
+                    .clone()
+                    .watch(every, self.shutdown.subscribe()),
+            );
         }
     }
 
@@ -147,10 +163,8 @@ impl Running {
     pub async fn wait(self) -> Drained {
         let data = self.data.await.unwrap_or(Drained::TimedOut);
         let _ = self.admin.await;
-        if let Some(b) = &self.bandits {
-            b.stop();
-            b.persist();
-        }
+        self.bandits.stop();
+        self.bandits.persist();
         data
     }
 }
@@ -252,8 +266,28 @@ fn trim_heap() {
     }
 }
 
+/// Where the config came from, for reloads.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The file, with the hash of the text `config` was parsed from; `None`: the
+    /// built-in config (or one a test built), which cannot be reloaded.
+    pub file: Option<(std::path::PathBuf, String)>,
+    /// `--listen` and `--admin-listen`, already applied to `config`.
+    pub overrides: Overrides,
+}
+
 /// Starts the data plane on `data` and the admin endpoints on `admin`.
 pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Running, StartError> {
+    start_with(config, data, admin, StartOptions::default())
+}
+
+/// As [`start`], for a config read from a file that reloads may read again.
+pub fn start_with(
+    config: Config,
+    data: TcpListener,
+    admin: TcpListener,
+    options: StartOptions,
+) -> Result<Running, StartError> {
     let admin_token = read_token(
         config.admin_token_file.as_deref(),
         "admin_token_file",
@@ -271,21 +305,17 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let router = Router::with_options(
         &config,
         metrics.clone(),
-        sink.clone()
-            .map(|s| s as Arc<dyn switchyard_router::feedback::FeedbackSink>),
+        Some(sink.clone() as Arc<dyn switchyard_router::feedback::FeedbackSink>),
         switchyard_router::proxy::RouterOptions {
             shadow_thread_start: Some(lowest_cpu_priority),
             feedback_token,
         },
     )
     .map_err(StartError::Config)?;
-    let bandits = match sink {
-        Some(sink) => Some(Arc::new(
-            bandits::Bandits::spawn(&config, router.clone(), sink, &registry)
-                .map_err(StartError::Other)?,
-        )),
-        None => None,
-    };
+    let bandits = Arc::new(
+        bandits::Bandits::spawn(&config, router.clone(), sink, &registry)
+            .map_err(StartError::Other)?,
+    );
     let data_addr = data
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
@@ -293,11 +323,26 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
 
-    // The effective config: with port 0 resolved, so what /admin/config says is true.
-    let mut effective = config.clone();
-    effective.listen = data_addr;
-    effective.admin_listen = admin_addr;
-    let config_json = serde_json_bytes(&effective)?;
+    let (file, hash) = match options.file {
+        Some((file, hash)) => (Some(file), hash),
+        None => (
+            None,
+            reload::config_hash(&serde_json::to_string(&config).unwrap_or_default()),
+        ),
+    };
+    let reloader = Arc::new(
+        Reloader::new(
+            file,
+            options.overrides,
+            config.clone(),
+            hash,
+            router.clone(),
+            bandits.clone(),
+            (data_addr, admin_addr),
+            &registry,
+        )
+        .map_err(StartError::Other)?,
+    );
 
     let (shutdown, signal) = watch::channel(false);
     let wait_for = |mut rx: watch::Receiver<bool>| async move {
@@ -340,9 +385,13 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
     let admin_service = AdminService(Arc::new(AdminState {
         registry,
         router: router.clone(),
-        config_json,
-        state: bandits.as_ref().map(bandits::Bandits::state_fn),
-        control: bandits.as_ref().map(bandits::Bandits::control_fn),
+        config_json: reloader.config_json(),
+        reload: reloader.has_file().then(|| {
+            let r = reloader.clone();
+            Arc::new(move || r.reload()) as switchyard_router::admin::ReloadFn
+        }),
+        state: Some(bandits.state_fn()),
+        control: Some(bandits.control_fn()),
         token: admin_token.clone(),
     }));
     if admin_token.is_none() && !admin_addr.ip().is_loopback() {
@@ -373,13 +422,8 @@ pub fn start(config: Config, data: TcpListener, admin: TcpListener) -> Result<Ru
         data,
         admin,
         bandits,
+        reloader,
     })
-}
-
-fn serde_json_bytes(config: &Config) -> Result<bytes::Bytes, StartError> {
-    serde_json::to_vec_pretty(config)
-        .map(bytes::Bytes::from)
-        .map_err(|e| StartError::Other(format!("cannot render the config: {e}")))
 }
 
 /// Puts the calling thread at the lowest CPU priority (nice 19). The shadow thread runs

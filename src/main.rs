@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard::{load_config, start, StartError, EXIT_BAD_CONFIG};
+use switchyard::{
+    load_config, parse_config, start_with, LoadError, Overrides, StartError, StartOptions,
+    EXIT_BAD_CONFIG,
+};
 
 /// The first image of scikit-learn's digits (a 0), as the pasteable example request.
 const EXAMPLE_DIGIT: &str = "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]";
@@ -42,6 +45,10 @@ enum Command {
         /// Address of the admin endpoints, instead of the file's `admin_listen`.
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Reload the config file whenever its contents change (checked every second),
+        /// as SIGHUP and POST /admin/reload do.
+        #[arg(long, requires = "config")]
+        watch: bool,
     },
     /// Check a configuration file: prints every error with its line and YAML path and
     /// exits 64, or exits 0 when the file is good. Starts nothing.
@@ -226,7 +233,8 @@ fn main() -> ExitCode {
             config,
             listen,
             admin_listen,
-        } => serve(config, listen, admin_listen),
+            watch,
+        } => serve(config, listen, admin_listen, watch),
         Command::ModelServer(args) => model_server(&args),
         Command::Load(args) => load(&args),
         Command::Evaluate {
@@ -359,7 +367,7 @@ fn model_server(args: &ModelServerArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
-    run_with_runtime(config, source.to_string())
+    run_with_runtime(config, source.to_string(), StartOptions::default(), false)
 }
 
 /// The `model-server` flag behind a path of the config its flags become
@@ -385,19 +393,29 @@ fn serve(
     path: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     admin_listen: Option<std::net::SocketAddr>,
+    watch: bool,
 ) -> ExitCode {
     let source = path.as_ref().map_or_else(
         || "<built-in config>".to_string(),
         |p| p.display().to_string(),
     );
+    let mut file = None;
     let config = match &path {
-        Some(path) => match load_config(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprint!("{}", e.render(&path.display().to_string()));
-                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        Some(path) => {
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| LoadError::Read(format!("cannot read the file: {e}")))
+                .and_then(|text| {
+                    file = Some((path.clone(), switchyard::reload::config_hash(&text)));
+                    parse_config(&text).map_err(LoadError::Invalid)
+                });
+            match parsed {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{}", e.render(&path.display().to_string()));
+                    return ExitCode::from(EXIT_BAD_CONFIG as u8);
+                }
             }
-        },
+        }
         None => {
             match switchyard_config::from_yaml_str(switchyard::DEFAULT_CONFIG) {
                 Ok(c) => {
@@ -412,12 +430,11 @@ fn serve(
         }
     };
     let mut config = config;
-    if let Some(addr) = listen {
-        config.listen = addr;
-    }
-    if let Some(addr) = admin_listen {
-        config.admin_listen = addr;
-    }
+    let overrides = Overrides {
+        listen,
+        admin_listen,
+    };
+    overrides.apply(&mut config);
     if config.listen == config.admin_listen && config.listen.port() != 0 {
         eprintln!(
             "switchyard: listen and admin_listen are both {}; the admin listener needs its own port",
@@ -425,10 +442,16 @@ fn serve(
         );
         return ExitCode::from(EXIT_BAD_CONFIG as u8);
     }
-    run_with_runtime(config, source)
+    let options = StartOptions { file, overrides };
+    run_with_runtime(config, source, options, watch)
 }
 
-fn run_with_runtime(config: Config, source: String) -> ExitCode {
+fn run_with_runtime(
+    config: Config,
+    source: String,
+    options: StartOptions,
+    watch: bool,
+) -> ExitCode {
     // One worker thread: a current-thread runtime does the same work without the
     // work-stealing scheduler's cross-thread bookkeeping (measured in bench/proxy.sh).
     let mut runtime = match config.worker_threads {
@@ -448,10 +471,10 @@ fn run_with_runtime(config: Config, source: String) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, source))
+    runtime.block_on(run(config, source, options, watch))
 }
 
-async fn run(config: Config, source: String) -> ExitCode {
+async fn run(config: Config, source: String, options: StartOptions, watch: bool) -> ExitCode {
     let data = match bind(config.listen, config.listen_backlog) {
         Ok(l) => l,
         Err(e) => {
@@ -473,7 +496,7 @@ async fn run(config: Config, source: String) -> ExitCode {
         }
     };
     let example_model = config.models.keys().next().cloned().unwrap_or_default();
-    let running = match start(config, data, admin) {
+    let running = match start_with(config, data, admin, options) {
         Ok(r) => r,
         Err(StartError::Config(e)) => {
             eprintln!("{source}:{e}");
@@ -501,8 +524,13 @@ async fn run(config: Config, source: String) -> ExitCode {
     let _ = out.flush();
     drop(out);
     tracing::info!(data = %running.data_addr, admin = %running.admin_addr, "Switchyard is serving.");
+    if watch {
+        running.watch(std::time::Duration::from_secs(1));
+    }
+    let hangups = tokio::spawn(reload_on_hangup(running.reloader()));
 
     shutdown_signal().await;
+    hangups.abort();
     tracing::info!(
         "Shutdown signal received; draining in-flight requests (a second signal exits at once)."
     );
@@ -547,6 +575,28 @@ fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// Reloads the config file at each SIGHUP (errors are logged by the reload).
+async fn reload_on_hangup(reloader: std::sync::Arc<switchyard::Reloader>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot watch SIGHUP; reload with POST /admin/reload instead.");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config.");
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }
 
 async fn shutdown_signal() {

@@ -102,7 +102,9 @@ fn the_kubernetes_manifests_match_the_config_they_carry() {
         [
             "serve",
             "--config",
-            &format!("{}/config.yaml", mount("config"))
+            &format!("{}/config.yaml", mount("config")),
+            // An edited ConfigMap reaches the mounted file; --watch reloads it.
+            "--watch"
         ]
     );
     assert_eq!(

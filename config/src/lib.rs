@@ -11,7 +11,8 @@
 //! - [`error`]: [`ConfigError`] (one problem, with path and position) and [`ConfigErrors`].
 //!
 //! This crate does no I/O: callers read the file and hand over the text, which keeps it
-//! testable and lets `validate`, `serve` and (later) hot reload share one code path.
+//! testable and lets `validate`, `serve` and hot reload share one code path;
+//! [`restart_needed`] says which changes a reload cannot take.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -30,6 +31,52 @@ pub use model::{
     ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
 };
 pub use resilience::{Breaker, Limits, Retry, RetryOn};
+
+/// The keys a running Switchyard cannot change (they size or bind what exists once per
+/// process: listeners, threads, the decision log, files held open), in the order the
+/// file reference lists them; a reload that changes one is refused.
+pub const RESTART_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "worker_threads",
+    "max_connections",
+    "listen_backlog",
+    "client_header_timeout",
+    "client_body_timeout",
+    "drain_timeout",
+    "seed",
+    "state_file",
+    "admin_token_file",
+    "feedback_token_file",
+    "bandit.decision_log_capacity",
+    "bandit.decisions_file",
+];
+
+/// Which of [`RESTART_KEYS`] differ between the live config and the next one.
+pub fn restart_needed(live: &Config, next: &Config) -> Vec<&'static str> {
+    let (a, b) = (live, next);
+    let differs = [
+        a.listen != b.listen,
+        a.admin_listen != b.admin_listen,
+        a.worker_threads != b.worker_threads,
+        a.max_connections != b.max_connections,
+        a.listen_backlog != b.listen_backlog,
+        a.client_header_timeout != b.client_header_timeout,
+        a.client_body_timeout != b.client_body_timeout,
+        a.drain_timeout != b.drain_timeout,
+        a.seed != b.seed,
+        a.state_file != b.state_file,
+        a.admin_token_file != b.admin_token_file,
+        a.feedback_token_file != b.feedback_token_file,
+        a.bandit.decision_log_capacity != b.bandit.decision_log_capacity,
+        a.bandit.decisions_file != b.bandit.decisions_file,
+    ];
+    RESTART_KEYS
+        .iter()
+        .zip(differs)
+        .filter_map(|(k, d)| d.then_some(*k))
+        .collect()
+}
 
 /// Parses and validates a configuration from YAML text.
 ///
@@ -78,5 +125,57 @@ pub fn from_yaml_str_checked(
             errors.sort_by_key(|e| (e.line, e.column));
             Err(ConfigErrors(errors))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each restart-only key, changed alone, is named alone (the list and the
+    /// comparisons stay in step); a change to a live key names none.
+    #[test]
+    fn restart_needed_names_each_key_it_refuses() {
+        let live = from_yaml_str(
+            "models:\n  m:\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n",
+        )
+        .unwrap();
+        type Change = (&'static str, fn(&mut Config));
+        let changes: [Change; 14] = [
+            ("listen", |c| c.listen = "127.0.0.1:1".parse().unwrap()),
+            ("admin_listen", |c| {
+                c.admin_listen = "127.0.0.1:2".parse().unwrap()
+            }),
+            ("worker_threads", |c| c.worker_threads = Some(3)),
+            ("max_connections", |c| c.max_connections += 1),
+            ("listen_backlog", |c| c.listen_backlog += 1),
+            ("client_header_timeout", |c| c.client_header_timeout *= 2),
+            ("client_body_timeout", |c| c.client_body_timeout *= 2),
+            ("drain_timeout", |c| c.drain_timeout *= 2),
+            ("seed", |c| c.seed = Some(7)),
+            ("state_file", |c| c.state_file = Some("s".into())),
+            ("admin_token_file", |c| {
+                c.admin_token_file = Some("t".into())
+            }),
+            ("feedback_token_file", |c| {
+                c.feedback_token_file = Some("f".into())
+            }),
+            ("bandit.decision_log_capacity", |c| {
+                c.bandit.decision_log_capacity += 1
+            }),
+            ("bandit.decisions_file", |c| {
+                c.bandit.decisions_file = Some("d".into())
+            }),
+        ];
+        assert_eq!(changes.len(), RESTART_KEYS.len());
+        for (key, change) in changes {
+            let mut next = live.clone();
+            change(&mut next);
+            assert_eq!(restart_needed(&live, &next), [key]);
+        }
+        let mut next = live.clone();
+        next.max_body_bytes += 1;
+        next.request_timeout *= 2;
+        assert!(restart_needed(&live, &next).is_empty());
     }
 }

@@ -10,7 +10,7 @@ use crate::decode::{self, child, Cx, Fields};
 use crate::yaml::Node;
 
 /// One breaker per variant, with these settings.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Breaker {
     /// Open after this many failures in a row. Default 5.
     pub consecutive_failures: u32,

@@ -148,6 +148,19 @@ impl LocalMetricFamilies {
         }
     }
 
+    /// Removes `model`'s series (a reload removed its local variant).
+    pub fn forget(&self, model: &str) {
+        for v in [&self.queue, &self.compute, &self.batch] {
+            let _ = v.remove_label_values(&[model]);
+        }
+        let _ = self.shed.remove_label_values(&[model]);
+        let _ = self.queued.remove_label_values(&[model]);
+        let _ = self.panics.remove_label_values(&[model]);
+        for name in crate::tract::RUNTIME_NAMES {
+            let _ = self.runtime.remove_label_values(&[model, name]);
+        }
+    }
+
     /// The handles of `model`.
     pub fn model(&self, model: &str) -> LocalMetrics {
         LocalMetrics {

@@ -1,11 +1,12 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/config`,
-//! `/admin/state`.
+//! `/admin/state`, `/admin/shadow/{model}`; `POST /admin/reload` and the bandit controls.
 //!
 //! Kept on its own port so scrapes and probes never queue behind prediction traffic, and
 //! so it can be bound to a different interface than the data plane.
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,8 +25,11 @@ pub struct AdminState {
     pub registry: Registry,
     /// The data plane, for readiness.
     pub router: Arc<Router>,
-    /// The effective configuration as JSON, rendered once at start.
-    pub config_json: Bytes,
+    /// The live configuration as JSON (with which file, its hash and the reload
+    /// counts), rendered at start and at each reload.
+    pub config_json: Arc<arc_swap::ArcSwap<Bytes>>,
+    /// Applies `POST /admin/reload`, if the config came from a file.
+    pub reload: Option<ReloadFn>,
     /// Renders `/admin/state` (the bandits' posteriors and weights), if any.
     pub state: Option<StateFn>,
     /// Applies `POST /admin/bandit/{model}/{pin/VARIANT|freeze|release}`, if any.
@@ -48,6 +52,10 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
+/// Reloads the config file: `Ok` with what changed, or every reason it was refused.
+/// Blocking (it reads files and may load models): called off the async workers.
+pub type ReloadFn = Arc<dyn Fn() -> Result<serde_json::Value, Vec<String>> + Send + Sync>;
+
 /// Renders the JSON of `/admin/state`.
 pub type StateFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
@@ -58,34 +66,84 @@ pub struct AdminService(pub Arc<AdminState>);
 impl tower_service::Service<Request<Incoming>> for AdminService {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        ready(Ok(self.answer(&req)))
+        if req.uri().path() == "/admin/reload" && req.method() == Method::POST {
+            if let Some(denied) = self.denied(&req) {
+                return Box::pin(std::future::ready(Ok(denied)));
+            }
+            let reload = self.0.reload.clone();
+            return Box::pin(async move { Ok(reload_now(reload).await) });
+        }
+        Box::pin(std::future::ready(Ok(self.answer(&req))))
+    }
+}
+
+/// `POST /admin/reload`: 200 with what changed, 400 with every error (nothing changed).
+async fn reload_now(reload: Option<ReloadFn>) -> Response<Full<Bytes>> {
+    let Some(reload) = reload else {
+        return reply(
+            StatusCode::CONFLICT,
+            "application/json",
+            r#"{"error":"this Switchyard runs the built-in config, not a file: there is nothing to reload (start it with --config FILE)"}"#.into(),
+        );
+    };
+    match tokio::task::spawn_blocking(move || reload()).await {
+        Ok(Ok(changes)) => reply(
+            StatusCode::OK,
+            "application/json",
+            changes.to_string().into(),
+        ),
+        Ok(Err(errors)) => reply(
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            serde_json::json!({
+                "error": "the config was not reloaded; the live config is unchanged",
+                "errors": errors,
+            })
+            .to_string()
+            .into(),
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "application/json",
+            serde_json::json!({ "error": format!("the reload failed: {e}") })
+                .to_string()
+                .into(),
+        ),
     }
 }
 
 impl AdminService {
+    /// 401 for a request that changes state without the admin token (when one is set).
+    fn denied(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+        let token = self.0.token.as_ref().filter(|_| !reads)?;
+        if token.allows(req.headers()) {
+            return None;
+        }
+        let mut resp = reply(
+            StatusCode::UNAUTHORIZED,
+            "application/json",
+            r#"{"error":"this admin request changes state and needs `Authorization: Bearer <token>` (admin_token_file or SWITCHYARD_ADMIN_TOKEN)"}"#.into(),
+        );
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        Some(resp)
+    }
+
     fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let (method, path) = (req.method(), req.uri().path());
         let reads = method == Method::GET || method == Method::HEAD;
-        if let Some(token) = self.0.token.as_ref().filter(|_| !reads) {
-            if !token.allows(req.headers()) {
-                let mut resp = reply(
-                    StatusCode::UNAUTHORIZED,
-                    "application/json",
-                    r#"{"error":"this admin request changes state and needs `Authorization: Bearer <token>` (admin_token_file or SWITCHYARD_ADMIN_TOKEN)"}"#.into(),
-                );
-                resp.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                );
-                return resp;
-            }
+        if let Some(denied) = self.denied(req) {
+            return denied;
         }
         if let Some(rest) = path.strip_prefix("/admin/bandit/") {
             return self.control(method, rest);
@@ -94,7 +152,7 @@ impl AdminService {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",
-                r#"{"error":"the admin endpoints take GET"}"#.into(),
+                r#"{"error":"the admin endpoints take GET (but POST /admin/reload and /admin/bandit/...)"}"#.into(),
             );
         }
         match path {
@@ -119,7 +177,11 @@ impl AdminService {
                 ),
                 None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
             },
-            "/admin/config" => reply(StatusCode::OK, "application/json", self.0.config_json.clone()),
+            "/admin/config" => reply(
+                StatusCode::OK,
+                "application/json",
+                Bytes::clone(&self.0.config_json.load()),
+            ),
             "/admin/state" => {
                 let mut state = self
                     .0

@@ -82,6 +82,9 @@ const SLICES: u32 = 10;
 
 #[derive(Debug)]
 struct Inner {
+    /// Under the lock: only recording an outcome reads them, and a reload may change
+    /// them while the state goes on.
+    settings: Breaker,
     state: State,
     /// When an open breaker lets its probe through.
     until: Instant,
@@ -101,8 +104,8 @@ struct Inner {
 pub struct Health {
     model: String,
     variant: String,
-    settings: Breaker,
-    max_in_flight: usize,
+    /// `limits.max_in_flight`; a reload may change it.
+    max_in_flight: AtomicUsize,
     in_flight: AtomicUsize,
     /// `State as u8`, readable without the lock.
     state: AtomicU8,
@@ -158,11 +161,11 @@ impl Health {
         Health {
             model: model.to_string(),
             variant: variant.to_string(),
-            settings: settings.clone(),
-            max_in_flight: limits.max_in_flight,
+            max_in_flight: AtomicUsize::new(limits.max_in_flight),
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(State::Closed as u8),
             inner: Mutex::new(Inner {
+                settings: *settings,
                 state: State::Closed,
                 until: now,
                 probing: false,
@@ -191,6 +194,18 @@ impl Health {
         }
     }
 
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Takes a reloaded config's settings; the state (open or closed, failures counted,
+    /// ejections) goes on under them.
+    pub fn reconfigure(&self, settings: &Breaker, limits: &Limits) {
+        self.lock().settings = *settings;
+        self.max_in_flight
+            .store(limits.max_in_flight, Ordering::Relaxed);
+    }
+
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -198,7 +213,7 @@ impl Health {
 
     /// Whether a request could be admitted now (for choosing; [`Health::admit`] decides).
     pub fn ready(&self, now: Instant) -> Result<(), NotReady> {
-        if self.in_flight() >= self.max_in_flight {
+        if self.in_flight() >= self.max_in_flight() {
             return Err(NotReady::Full);
         }
         match self.state() {
@@ -229,7 +244,7 @@ impl Health {
             probe,
             recorded: false,
         };
-        if taken >= self.max_in_flight {
+        if taken >= self.max_in_flight() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(NotReady::Full);
         }
@@ -264,13 +279,13 @@ impl Health {
 
     /// Whether the variant has a free in-flight slot, whatever its breaker says.
     pub fn in_flight_room(&self) -> bool {
-        self.in_flight() < self.max_in_flight
+        self.in_flight() < self.max_in_flight()
     }
 
     /// A slot under the in-flight limit whatever the breaker says, for panic routing
     /// (every variant ejected and no fallback). Its outcome moves no open breaker.
     pub fn admit_ignoring_breaker(&self) -> Result<Permit<'_>, NotReady> {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(NotReady::Full);
         }
@@ -283,7 +298,7 @@ impl Health {
 
     fn record(&self, outcome: Outcome, probe: bool, now: Instant) {
         let mut inner = self.lock();
-        let s = &self.settings;
+        let s = inner.settings;
         if probe {
             inner.probing = false;
             match outcome {
@@ -351,7 +366,7 @@ impl Health {
     }
 
     fn open(&self, inner: &mut Inner, now: Instant, why: &str) {
-        let s = &self.settings;
+        let s = inner.settings;
         // A breaker that stayed closed for a whole max_ejection starts over at base.
         if inner.state == State::Closed && now.duration_since(inner.closed_since) >= s.max_ejection
         {

@@ -51,9 +51,9 @@ pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
 /// the latency took it from 24 to 32).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
-    /// The model's position in the config's (sorted) list of models.
+    /// The model's key (`table::ModelKeys`): its name and variant list when chosen.
     pub model: u16,
-    /// Index of the chosen variant.
+    /// Index of the chosen variant in that list.
     pub variant: u16,
     /// The probability with which it was chosen (for inverse-propensity estimates).
     pub probability: f32,

@@ -19,6 +19,8 @@ use crate::path::{Protocol, Verb};
 pub struct LocalBackend {
     /// The model behind its batch queue.
     pub batcher: Batcher,
+    /// What it was loaded from (a reload compares it).
+    pub source: crate::table::LocalSource,
     /// Extra latency before answering (experiments).
     pub delay: Option<Duration>,
     /// Share of predictions answered with 500 (experiments).

@@ -227,6 +227,28 @@ impl Metrics {
         })
     }
 
+    /// Removes the series of `model`'s `variant` (a reload removed it).
+    pub fn forget_variant(&self, model: &str, variant: &str) {
+        let labels = [("model", model), ("variant", variant)];
+        forget(&self.requests, &labels);
+        forget(&self.duration, &labels);
+        forget(&self.upstream_errors, &labels);
+        forget(&self.weight, &labels);
+        forget(&self.resilience.state, &labels);
+        forget(&self.resilience.ejections, &labels);
+    }
+
+    /// Removes the series of `model` itself (a reload removed it, or its local
+    /// variant); its variants' and shadows' go with [`Metrics::forget_variant`] and the
+    /// shadow families.
+    pub fn forget_model(&self, model: &str) {
+        let labels = [("model", model)];
+        let r = &self.resilience;
+        for vec in [&r.retries, &r.retries_refused, &r.fallbacks, &r.hedges] {
+            forget(vec, &labels);
+        }
+    }
+
     /// Resolves the handles of one (model, variant) pair.
     pub fn variant(&self, model: &str, variant: &str) -> VariantMetrics {
         let class = |c: &str| self.requests.with_label_values(&[model, variant, c]);
@@ -250,5 +272,26 @@ impl Metrics {
     /// Counts a request refused before a variant was chosen.
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.with_label_values(&[reason]).inc();
+    }
+}
+
+/// Removes every series of `vec` whose labels include all of `labels` (the families'
+/// other labels, a reason or a status class, are whatever was recorded).
+fn forget<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    labels: &[(&str, &str)],
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let pairs: std::collections::HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.iter().all(|(k, v)| pairs.get(k) == Some(v)) {
+                let _ = vec.remove(&pairs);
+            }
+        }
     }
 }

@@ -80,13 +80,21 @@ pub struct Router {
     /// When the last eviction warning was logged (the decision log's clock, plus one).
     eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
-    pub(crate) feedback_limit: u64,
+    /// `max_body_bytes` (feedback and requests to no model); a reload may change it.
+    feedback_limit: std::sync::atomic::AtomicU64,
     feedback_token: Option<crate::auth::Token>,
     /// Longest pause between two pieces of a request body (`client_body_timeout`).
     pub(crate) body_stall_timeout: std::time::Duration,
-    /// Runs mirrors and comparisons; declared last so it stops after the table (and
-    /// the shadow queues in it) is gone.
-    _shadow_runtime: Option<switchyard_shadow::ShadowRuntime>,
+    /// The selectors' seed, kept for the tables of later reloads.
+    seed: u64,
+    /// The keys decisions carry for their model.
+    keys: crate::table::ModelKeys,
+    /// Serialises reloads (two at once would each build from the same live table).
+    reloading: std::sync::Mutex<()>,
+    shadow_thread_start: Option<fn()>,
+    /// Runs mirrors and comparisons, started with the first config that has shadows;
+    /// declared last so it stops after the table (and the shadow queues in it) is gone.
+    shadow_runtime: std::sync::OnceLock<switchyard_shadow::ShadowRuntime>,
 }
 
 impl Router {
@@ -113,21 +121,16 @@ impl Router {
         options: RouterOptions,
     ) -> Result<Arc<Self>, BuildError> {
         let seed = config.seed.unwrap_or_else(random_seed);
-        let shadow_runtime = if config.models.values().any(|m| !m.shadows.is_empty()) {
-            Some(
-                switchyard_shadow::ShadowRuntime::new(options.shadow_thread_start).map_err(
-                    |e| BuildError {
-                        path: "models".into(),
-                        line: 0,
-                        column: 0,
-                        message: format!("cannot start the shadow thread: {e}"),
-                    },
-                )?,
-            )
-        } else {
-            None
-        };
-        let table = RouteTable::build(config, &metrics, seed, shadow_runtime.as_ref())?;
+        let shadow_runtime = std::sync::OnceLock::new();
+        let keys = crate::table::ModelKeys::default();
+        let table = RouteTable::build(
+            config,
+            &metrics,
+            seed,
+            shadow_runtime_for(config, &shadow_runtime, options.shadow_thread_start)?,
+            &keys,
+            None,
+        )?;
         let longest_ttl = config
             .models
             .values()
@@ -149,11 +152,86 @@ impl Router {
             decisions: DecisionLog::new(config.bandit.decision_log_capacity),
             eviction_warned_ms: std::sync::atomic::AtomicU64::new(0),
             sink,
-            feedback_limit: config.max_body_bytes,
+            feedback_limit: config.max_body_bytes.into(),
             feedback_token: options.feedback_token,
             body_stall_timeout: config.client_body_timeout,
-            _shadow_runtime: shadow_runtime,
+            seed,
+            keys,
+            reloading: std::sync::Mutex::new(()),
+            shadow_thread_start: options.shadow_thread_start,
+            shadow_runtime,
         }))
+    }
+
+    /// Reloads `config` (already validated; its restart-only keys unchanged): builds the
+    /// next route table from the live one, lets `prepare` act on it before it goes live
+    /// (the bandits install their weights and pickers there), then swaps it in. Requests
+    /// in flight finish on the table they started with. On an error nothing changes.
+    /// Returns the models and variants that were removed (their metric series are gone).
+    pub fn reload(
+        &self,
+        config: &Config,
+        prepare: impl FnOnce(&RouteTable) -> Result<(), String>,
+    ) -> Result<Vec<String>, String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.table.load_full();
+        let runtime = shadow_runtime_for(config, &self.shadow_runtime, self.shadow_thread_start)
+            .map_err(|e| e.to_string())?;
+        let next = RouteTable::build(
+            config,
+            &self.metrics,
+            self.seed,
+            runtime,
+            &self.keys,
+            Some(&live),
+        )
+        .map_err(|e| e.to_string())?;
+        prepare(&next)?;
+        self.feedback_limit
+            .store(config.max_body_bytes, Ordering::Relaxed);
+        self.table.store(Arc::new(next));
+        let next = self.table.load();
+        let mut removed = Vec::new();
+        for old in live.models() {
+            let kept = next.model(&old.name);
+            for v in old.variants.iter() {
+                if kept.is_none_or(|m| m.variants.iter().all(|n| n.name != v.name)) {
+                    self.metrics.forget_variant(&old.name, &v.name);
+                    removed.push(format!("{}/{}", old.name, v.name));
+                }
+            }
+            if let Some(set) = &old.shadows {
+                let now = kept.and_then(|m| m.shadows.as_ref());
+                for shadow in set.names() {
+                    if now.is_none_or(|n| n.names().all(|x| x != shadow)) {
+                        self.metrics.shadow.forget(&old.name, shadow);
+                    }
+                }
+            }
+            let had_local = |m: &crate::table::ModelRoute| {
+                m.variants
+                    .iter()
+                    .any(|v| matches!(v.backend, crate::table::Backend::Local(_)))
+            };
+            if had_local(old) && !kept.is_some_and(|m| had_local(m)) {
+                self.metrics.local.forget(&old.name);
+            }
+            if kept.is_none() {
+                self.metrics.forget_model(&old.name);
+                removed.push(old.name.clone());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The keys decisions carry, each with its model and variant list.
+    pub fn model_keys(&self) -> Vec<(String, Box<[String]>)> {
+        self.keys.all()
+    }
+
+    /// `max_body_bytes` now.
+    pub(crate) fn feedback_limit(&self) -> u64 {
+        self.feedback_limit.load(Ordering::Relaxed)
     }
 
     /// The decisions waiting for feedback (the bandit tasks expire them).
@@ -314,17 +392,15 @@ impl Router {
                         ));
                     }
                 }
-                let Some(sink) = &self.sink else {
+                let learns = self.table.load().models().any(|m| m.feedback_ttl.is_some());
+                let Some(sink) = self.sink.as_ref().filter(|_| learns) else {
                     return Err(RouterError::UnknownModel(
                         "(feedback is taken only for models with a `bandit`)".into(),
                     ));
                 };
-                let body = LimitedBody::new(
-                    req.into_body(),
-                    self.feedback_limit,
-                    self.body_stall_timeout,
-                );
-                let body = crate::body::collect_limited(body, self.feedback_limit).await?;
+                let limit = self.feedback_limit();
+                let body = LimitedBody::new(req.into_body(), limit, self.body_stall_timeout);
+                let body = crate::body::collect_limited(body, limit).await?;
                 // A batch of up to `max_body_bytes` is parsed, joined and answered off the
                 // async workers.
                 let (status, answer) = {
@@ -581,6 +657,27 @@ impl tower_service::Service<Request<Incoming>> for ProxyService {
         let peer = self.peer.clone();
         Box::pin(async move { Ok(router.handle(req, peer.as_ref()).await) })
     }
+}
+
+/// The shadow runtime, started now if `config` is the first with shadows.
+fn shadow_runtime_for<'a>(
+    config: &Config,
+    cell: &'a std::sync::OnceLock<switchyard_shadow::ShadowRuntime>,
+    on_start: Option<fn()>,
+) -> Result<Option<&'a switchyard_shadow::ShadowRuntime>, BuildError> {
+    if config.models.values().all(|m| m.shadows.is_empty()) {
+        return Ok(cell.get());
+    }
+    if let Some(rt) = cell.get() {
+        return Ok(Some(rt));
+    }
+    let rt = switchyard_shadow::ShadowRuntime::new(on_start).map_err(|e| BuildError {
+        path: "models".into(),
+        line: 0,
+        column: 0,
+        message: format!("cannot start the shadow thread: {e}"),
+    })?;
+    Ok(Some(cell.get_or_init(|| rt)))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! The route table: an immutable snapshot of what the config says, built once and
-//! swapped whole (later, on reload), so requests in flight keep the table they started
-//! with.
+//! The route table: an immutable snapshot of what the config says, built at start and
+//! at each reload and swapped whole, so requests in flight keep the table they started
+//! with. A reload builds the next table from the live one: what a variant or shadow
+//! keeps across it (its breaker, its connection pool, its loaded model, its counters)
+//! is shared between the two tables, so nothing is lost while both are in use.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +37,8 @@ pub struct ModelRoute {
     /// `Some(feedback_ttl)` when a bandit learns from this model's predictions: its
     /// decisions are recorded for feedback.
     pub feedback_ttl: Option<std::time::Duration>,
-    /// The model's position in the config's (sorted) list of models, as decisions and
-    /// the bandits refer to it.
+    /// The model's key in [`ModelKeys`], as decisions and the bandits refer to it: the
+    /// same while the model's name and variant list are.
     pub index: u16,
     /// Chooses per request instead of the weight table when installed (a bandit in
     /// `per_request` mode); returns `None` to defer to the weight table.
@@ -97,21 +99,49 @@ pub struct VariantRoute {
     pub backend: Backend,
     /// Metric handles.
     pub metrics: VariantMetrics,
-    /// Its circuit breaker and in-flight count: whether it is ready.
-    pub health: crate::breaker::Health,
+    /// Its circuit breaker and in-flight count: whether it is ready. Kept by a reload
+    /// (with the new settings) while the variant's name is.
+    pub health: Arc<crate::breaker::Health>,
 }
 
 /// What answers for a variant: a remote model server, or a model run in-process. Both
 /// are chosen by the same selector, so the bandit can weigh them against each other.
-// One per variant, built once per config: the padding is a few hundred bytes in total,
-// while boxing `Upstream` would add a pointer chase to every forwarded request.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
+/// Shared, so a reload that leaves a variant's backend settings as they were keeps its
+/// connection pool or its loaded model and batch threads.
+#[derive(Debug, Clone)]
 pub enum Backend {
     /// A model server reached over HTTP.
-    Remote(Upstream),
+    Remote(Arc<Upstream>),
     /// A model run in-process behind a batch queue.
-    Local(LocalBackend),
+    Local(Arc<LocalBackend>),
+}
+
+/// The keys decisions carry for their model: one per (model name, variant list) ever
+/// routed, never reused, so a decision made before a reload still names the variant
+/// list it was made from (the bandits map it onto the model's current variants).
+#[derive(Debug, Default)]
+pub struct ModelKeys(std::sync::Mutex<Vec<(String, Box<[String]>)>>);
+
+impl ModelKeys {
+    /// The key of `model` with these variants, assigned now if new; `None` once 65,536
+    /// keys are taken (a restart starts over).
+    pub fn key(&self, model: &str, variants: &[String]) -> Option<u16> {
+        let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = keys
+            .iter()
+            .position(|(m, v)| m == model && **v == *variants)
+        {
+            return u16::try_from(i).ok();
+        }
+        let key = u16::try_from(keys.len()).ok()?;
+        keys.push((model.to_string(), variants.into()));
+        Some(key)
+    }
+
+    /// Every key's model and variant list, by key.
+    pub fn all(&self) -> Vec<(String, Box<[String]>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Why a table could not be built from a (validated) config: a model file that cannot
@@ -131,12 +161,16 @@ pub struct BuildError {
 
 impl RouteTable {
     /// Builds the table. `seed` seeds the selectors (each model gets its own stream).
-    /// Must run inside a Tokio runtime (clients spawn their pools there).
+    /// On a reload, `previous` is the live table: what survives in it by name is kept
+    /// (see the module's note). Must run inside a Tokio runtime (clients spawn their
+    /// pools there).
     pub fn build(
         config: &Config,
         metrics: &Metrics,
         seed: u64,
         shadow_runtime: Option<&switchyard_shadow::ShadowRuntime>,
+        keys: &ModelKeys,
+        previous: Option<&RouteTable>,
     ) -> Result<Self, BuildError> {
         let mut models = HashMap::with_capacity(config.models.len());
         for (name, model) in &config.models {
@@ -146,48 +180,70 @@ impl RouteTable {
                 column: 0,
                 message,
             };
+            let old_model = previous.and_then(|p| p.model(name));
             let mut variants = Vec::with_capacity(model.variants.len());
             for (i, v) in model.variants.iter().enumerate() {
+                let old = old_model.and_then(|m| m.variants.iter().find(|o| o.name == v.name));
+                let timeout = v
+                    .request_timeout
+                    .or(model.request_timeout)
+                    .unwrap_or(config.request_timeout);
                 let backend = match (&v.upstream, &v.local) {
-                    (Some(url), _) => Backend::Remote(
-                        Upstream::new(
-                            url,
-                            v.protocol,
-                            v.connect_timeout.unwrap_or(config.connect_timeout),
-                            v.request_timeout
-                                .or(model.request_timeout)
-                                .unwrap_or(config.request_timeout),
-                        )
-                        .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
-                    ),
-                    (None, Some(local)) => Backend::Local(load_local(
-                        name,
-                        &format!("models.{name}.variants[{i}].local.model"),
-                        local,
-                        metrics,
-                        v.request_timeout
-                            .or(model.request_timeout)
-                            .unwrap_or(config.request_timeout),
-                    )?),
+                    (Some(url), _) => {
+                        let connect = v.connect_timeout.unwrap_or(config.connect_timeout);
+                        match old.map(|o| &o.backend) {
+                            Some(Backend::Remote(up))
+                                if up.same_settings(url, v.protocol, connect, timeout) =>
+                            {
+                                Backend::Remote(up.clone())
+                            }
+                            _ => Backend::Remote(Arc::new(
+                                Upstream::new(url, v.protocol, connect, timeout)
+                                    .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
+                            )),
+                        }
+                    }
+                    (None, Some(local)) => {
+                        let source = LocalSource::of(local, timeout);
+                        match old.map(|o| &o.backend) {
+                            Some(Backend::Local(l)) if l.source == source => {
+                                Backend::Local(l.clone())
+                            }
+                            _ => Backend::Local(Arc::new(load_local(
+                                name,
+                                &format!("models.{name}.variants[{i}].local.model"),
+                                local,
+                                metrics,
+                                source,
+                            )?)),
+                        }
+                    }
                     (None, None) => {
                         return Err(err(format!("variant `{}` has no backend", v.name)))
                     }
                 };
                 let families = &metrics.resilience;
-                variants.push(VariantRoute {
-                    name: v.name.clone(),
-                    name_header: HeaderValue::from_str(&v.name).map_err(|e| err(e.to_string()))?,
-                    upstream_model: v.upstream_model.clone().unwrap_or_else(|| name.clone()),
-                    backend,
-                    metrics: metrics.variant(name, &v.name),
-                    health: crate::breaker::Health::new(
+                let health = match old {
+                    Some(o) => {
+                        o.health.reconfigure(&model.breaker, &model.limits);
+                        o.health.clone()
+                    }
+                    None => Arc::new(crate::breaker::Health::new(
                         name,
                         &v.name,
                         &model.breaker,
                         &model.limits,
                         families.state.with_label_values(&[name, &v.name]),
                         families.ejections.with_label_values(&[name, &v.name]),
-                    ),
+                    )),
+                };
+                variants.push(VariantRoute {
+                    name: v.name.clone(),
+                    name_header: HeaderValue::from_str(&v.name).map_err(|e| err(e.to_string()))?,
+                    upstream_model: v.upstream_model.clone().unwrap_or_else(|| name.clone()),
+                    backend,
+                    metrics: metrics.variant(name, &v.name),
+                    health,
                 });
             }
             let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
@@ -212,6 +268,7 @@ impl RouteTable {
                         &model.shadows,
                         &defaults,
                         &metrics.shadow,
+                        old_model.and_then(|m| m.shadows.as_ref()),
                     )
                     .map_err(|e| BuildError {
                         path: format!("models.{name}.shadows"),
@@ -234,6 +291,11 @@ impl RouteTable {
                 }
             }
             let grpc_variants = variants.len() - not_grpc.count_ones() as usize;
+            let variant_names: Vec<String> =
+                model.variants.iter().map(|v| v.name.clone()).collect();
+            let index = keys.key(name, &variant_names).ok_or_else(|| {
+                err("65,536 different variant lists were routed since start: restart to reload further".into())
+            })?;
             let route = ModelRoute {
                 not_grpc,
                 only_grpc,
@@ -244,7 +306,7 @@ impl RouteTable {
                 sticky_header,
                 body_limit: config.body_limit(model),
                 feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
-                index: u16::try_from(models.len()).unwrap_or(u16::MAX),
+                index,
                 picker: arc_swap::ArcSwapOption::empty(),
                 shadows,
                 resilience: Resilience {
@@ -334,14 +396,43 @@ pub fn load_model(
         .map_err(|e| e.to_string())
 }
 
+/// What a local variant was loaded from: a reload loads the model again only when this
+/// changed (its settings, or the file on disk).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSource {
+    /// The variant's `local:` settings, without their position in the file.
+    settings: switchyard_config::Local,
+    /// Its `request_timeout`.
+    timeout: std::time::Duration,
+    /// The model file's length and modification time (`None` for built-in models).
+    file: Option<(u64, Option<std::time::SystemTime>)>,
+}
+
+impl LocalSource {
+    fn of(local: &switchyard_config::Local, timeout: std::time::Duration) -> Self {
+        let mut settings = local.clone();
+        settings.model_at = (0, 0);
+        let file = (!local.model.starts_with("builtin:"))
+            .then(|| std::fs::metadata(&local.model).ok())
+            .flatten()
+            .map(|m| (m.len(), m.modified().ok()));
+        LocalSource {
+            settings,
+            timeout,
+            file,
+        }
+    }
+}
+
 /// Loads a local model (file or built-in) and starts its batch threads.
 fn load_local(
     model: &str,
     path: &str,
     local: &switchyard_config::Local,
     metrics: &Metrics,
-    timeout: std::time::Duration,
+    source: LocalSource,
 ) -> Result<LocalBackend, BuildError> {
+    let timeout = source.timeout;
     let err = |message: String| BuildError {
         path: path.to_string(),
         line: local.model_at.0,
@@ -385,6 +476,7 @@ fn load_local(
     tracing::info!(%model, file = %local.model, threads, runtime, "Local model loaded.");
     Ok(LocalBackend {
         batcher,
+        source,
         delay: local.delay,
         failure_rate: local.failure_rate,
         timeout,

@@ -30,6 +30,7 @@ pub struct Upstream {
     pub protocol: UpstreamProtocol,
     /// Time allowed for the response head.
     pub request_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 /// Why an upstream exchange failed, before it becomes a [`RouterError`].
@@ -62,6 +63,21 @@ impl SendError {
 }
 
 impl Upstream {
+    /// Whether a reloaded variant's settings are this client's: then it is kept, with
+    /// its pooled connections.
+    pub fn same_settings(
+        &self,
+        url: &UpstreamUrl,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> bool {
+        self.url == *url
+            && self.protocol == protocol
+            && self.connect_timeout == connect_timeout
+            && self.request_timeout == request_timeout
+    }
+
     /// A client for `url`. Must be called within a Tokio runtime.
     pub fn new(
         url: &UpstreamUrl,
@@ -91,6 +107,7 @@ impl Upstream {
             url: url.clone(),
             protocol,
             request_timeout,
+            connect_timeout,
         })
     }
 

@@ -162,6 +162,31 @@ impl ShadowMetricFamilies {
         Ok(f)
     }
 
+    /// Removes the series of one shadow of `model` (a reload removed it), so /metrics
+    /// no longer reports a shadow that is gone.
+    pub fn forget(&self, model: &str, shadow: &str) {
+        let two = [model, shadow];
+        let _ = self.mirrored.remove_label_values(&two);
+        for r in DropReason::ALL {
+            let _ = self
+                .dropped
+                .remove_label_values(&[model, shadow, r.as_str()]);
+        }
+        for k in ShadowErrorKind::ALL {
+            let _ = self
+                .errors
+                .remove_label_values(&[model, shadow, k.as_str()]);
+        }
+        for v in Verdict::ALL {
+            let _ = self
+                .compared
+                .remove_label_values(&[model, shadow, v.as_str()]);
+        }
+        let _ = self.agreement.remove_label_values(&two);
+        let _ = self.divergence.remove_label_values(&two);
+        let _ = self.duration.remove_label_values(&two);
+    }
+
     /// The handles for one shadow of `model`.
     pub fn for_shadow(&self, model: &str, shadow: &str) -> ShadowMetrics {
         let two = [model, shadow];

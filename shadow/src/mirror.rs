@@ -104,10 +104,12 @@ pub struct ShadowSet {
     runtime: tokio::runtime::Handle,
 }
 
-#[derive(Debug)]
+/// One shadow: shared between route tables while a reload leaves its settings as
+/// they were (same queue, workers and connections).
+#[derive(Debug, Clone)]
 struct Lane {
     state: Arc<ShadowState>,
-    sampler: Sampler,
+    sampler: Arc<Sampler>,
     queue: mpsc::Sender<Job>,
 }
 
@@ -122,7 +124,9 @@ struct ShadowState {
     timeout: Duration,
     compare_limit: usize,
     in_flight: AtomicUsize,
-    stats: Stats,
+    /// Kept across a reload that changes the shadow's settings but not its name or
+    /// where disagreements go.
+    stats: Arc<Stats>,
 }
 
 /// The request as the primary received it, shared by every mirror of it.
@@ -173,14 +177,33 @@ struct Job {
 impl ShadowSet {
     /// Builds the shadows of `model` and starts their workers. Must run inside a
     /// Tokio runtime.
+    ///
+    /// On a reload, `previous` is the model's live set: a shadow whose name and settings
+    /// are unchanged is kept as it is (queue, workers, counters); one whose settings
+    /// changed gets new workers and keeps its counters.
     pub fn new(
         model: &str,
         specs: &[ShadowSpec],
         defaults: &ShadowDefaults,
         families: &ShadowMetricFamilies,
+        previous: Option<&ShadowSet>,
     ) -> Result<Self, ShadowError> {
+        let compare_limit = usize::try_from(defaults.body_limit).unwrap_or(usize::MAX);
         let mut lanes = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
+            let old =
+                previous.and_then(|p| p.lanes.iter().find(|l| l.state.spec.name == spec.name));
+            if let Some(old) = old {
+                let s = &old.state;
+                if s.spec == *spec
+                    && s.connect_timeout == defaults.connect_timeout
+                    && s.timeout == spec.request_timeout.unwrap_or(defaults.request_timeout)
+                    && s.compare_limit == compare_limit
+                {
+                    lanes.push(old.clone());
+                    continue;
+                }
+            }
             let bad = |message: String| ShadowError::Upstream {
                 shadow: spec.name.clone(),
                 message,
@@ -191,26 +214,36 @@ impl ShadowSet {
                 })?;
             let host_header = HeaderValue::from_str(&spec.upstream.authority)
                 .map_err(|e| bad(format!("bad authority `{}`: {e}", spec.upstream.authority)))?;
-            let log = match &spec.disagreements_file {
-                Some(path) => Some(open_log(path).map_err(|source| ShadowError::Log {
-                    shadow: spec.name.clone(),
-                    path: path.clone(),
-                    source,
-                })?),
-                None => None,
+            let same_log = old.filter(|o| {
+                o.state.spec.disagreements_file == spec.disagreements_file
+                    && o.state.spec.keep_disagreements == spec.keep_disagreements
+            });
+            let stats = match same_log {
+                Some(o) => o.state.stats.clone(),
+                None => {
+                    let log = match &spec.disagreements_file {
+                        Some(path) => Some(open_log(path).map_err(|source| ShadowError::Log {
+                            shadow: spec.name.clone(),
+                            path: path.clone(),
+                            source,
+                        })?),
+                        None => None,
+                    };
+                    Arc::new(Stats::new(
+                        families.for_shadow(model, &spec.name),
+                        spec.keep_disagreements,
+                        log,
+                    ))
+                }
             };
             let state = Arc::new(ShadowState {
                 authority,
                 host_header,
                 connect_timeout: defaults.connect_timeout,
                 timeout: spec.request_timeout.unwrap_or(defaults.request_timeout),
-                compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
+                compare_limit,
                 in_flight: AtomicUsize::new(0),
-                stats: Stats::new(
-                    families.for_shadow(model, &spec.name),
-                    spec.keep_disagreements,
-                    log,
-                ),
+                stats,
                 spec: spec.clone(),
             });
             let (tx, rx) = mpsc::channel(spec.max_queue.max(1));
@@ -220,16 +253,21 @@ impl ShadowSet {
             }
             let seed = defaults.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             lanes.push(Lane {
-                sampler: Sampler::new(spec.sampling, spec.fraction, seed),
+                sampler: Arc::new(Sampler::new(spec.sampling, spec.fraction, seed)),
                 state,
                 queue: tx,
             });
         }
         Ok(ShadowSet {
             lanes: lanes.into(),
-            compare_limit: usize::try_from(defaults.body_limit).unwrap_or(usize::MAX),
+            compare_limit,
             runtime: defaults.runtime.clone(),
         })
+    }
+
+    /// The shadows' names, in config order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.lanes.iter().map(|l| l.state.spec.name.as_str())
     }
 
     /// The shadows that mirror the request with this id, as a bit mask (0: none):

@@ -45,6 +45,9 @@ pub(super) struct Learner {
     pub since_update: u64,
     /// When the evidence was last discounted (`half_life` in time).
     pub decayed_at: tokio::time::Instant,
+    /// Set when a reload moved this state into the model's next bandit: whoever still
+    /// holds this one resolves the model again and learns there.
+    pub moved: bool,
 }
 
 /// One variant's metric handles, resolved once (not per reward).
@@ -92,9 +95,14 @@ impl Model {
     /// Learns `count` rewards of `reward` for `variant` (feedback: 1; expired decisions
     /// under `missing_feedback: zero`: many), republishes the picker's posteriors, and
     /// wakes the update task when `update_every` rewards have come in since the last.
-    fn learn(&self, variant: usize, reward: f64, count: u64, revenue: f64, cost: f64) {
+    /// False, having learned nothing, when a reload moved the bandit (see `moved`).
+    #[must_use]
+    fn learn(&self, variant: usize, reward: f64, count: u64, revenue: f64, cost: f64) -> bool {
         let (republish, due, changed) = {
             let mut l = self.lock();
+            if l.moved {
+                return false;
+            }
             let changes = l.bandit.changes();
             // One observation each: forgetting by observations counts every one.
             for _ in 0..count {
@@ -119,6 +127,7 @@ impl Model {
         m.rewards.inc_by(count);
         m.revenue.inc_by(revenue.max(0.0));
         m.cost.inc_by(cost.max(0.0));
+        true
     }
 
     /// What one prediction of `variant` that took `latency` cost.
@@ -128,10 +137,11 @@ impl Model {
     }
 
     /// `count` decisions of `variant`, which took `latency` in all, expired without
-    /// feedback.
-    pub fn expired(&self, variant: usize, count: u64, latency: Duration) {
+    /// feedback. False, having counted nothing, when a reload moved the bandit.
+    #[must_use]
+    pub fn expired(&self, variant: usize, count: u64, latency: Duration) -> bool {
         if variant >= self.variants.len() {
-            return;
+            return true;
         }
         let total = self.costs[variant] * count as f64
             + self.cost_per_second[variant] * latency.as_secs_f64();
@@ -140,17 +150,25 @@ impl Model {
         match self.missing {
             MissingFeedback::Zero => {
                 let reward = self.objective.missing_reward(cost);
-                self.learn(variant, reward, count, 0.0, total);
+                if !self.learn(variant, reward, count, 0.0, total) {
+                    return false;
+                }
+                // A reload between the two locks finds the reward learned and this count
+                // not yet added: the count is lost to the old state, the reward is not.
                 self.lock().expired[variant] += count;
             }
             MissingFeedback::Ignore => {
                 let mut l = self.lock();
+                if l.moved {
+                    return false;
+                }
                 l.expired[variant] += count;
                 l.cost[variant] += total;
                 drop(l);
                 self.metrics[variant].cost.inc_by(total.max(0.0));
             }
         }
+        true
     }
 
     /// Recomputes and returns the weights: the operator's override (`over`, set by
@@ -200,30 +218,76 @@ impl Model {
 /// teaches it to the model's bandit at once.
 #[derive(Debug)]
 pub struct BanditSink {
-    /// By model position in the config's sorted list (as decisions record it); `None`
-    /// for models without a bandit.
-    pub(super) models: Vec<Option<Arc<Model>>>,
+    /// By the model key decisions carry (`switchyard_router::table::ModelKeys`); `None`
+    /// for keys whose model has no bandit now. Replaced whole by a reload.
+    pub(super) slots: ArcSwap<Vec<Option<Slot>>>,
     /// `bandit.decisions_file`, when set: each settled decision is written there.
     pub(super) export: Option<Arc<super::export::DecisionsFile>>,
+    pub(super) families: super::Families,
 }
 
+/// A model key's bandit now, and where each variant of the key's list is in it.
+#[derive(Debug, Clone)]
+pub(super) struct Slot {
+    pub model: Arc<Model>,
+    /// By the variant index decisions carry: the variant's index in `model`, or `None`
+    /// when a reload removed it.
+    pub variants: Arc<[Option<usize>]>,
+}
+
+/// Tries at resolving a decision's bandit when reloads move it meanwhile.
+const RESOLVE_TRIES: usize = 4;
+
 impl BanditSink {
-    pub(super) fn model(&self, index: u16) -> Option<&Arc<Model>> {
-        self.models.get(usize::from(index)).and_then(Option::as_ref)
+    /// The bandit that learns from a decision of model key `key` and variant `variant`
+    /// now, with the variant's index there.
+    pub(super) fn resolve(
+        &self,
+        key: u16,
+        variant: u16,
+    ) -> Result<(Arc<Model>, usize), &'static str> {
+        let slots = self.slots.load();
+        let slot = slots
+            .get(usize::from(key))
+            .and_then(Option::as_ref)
+            .ok_or("this prediction's model has no bandit")?;
+        let v = slot
+            .variants
+            .get(usize::from(variant))
+            .copied()
+            .flatten()
+            .ok_or("this prediction's variant is no longer in the model's bandit")?;
+        Ok((slot.model.clone(), v))
     }
 }
 
 impl FeedbackSink for BanditSink {
     fn accept(&self, d: &Decision, age: Duration, v: &FeedbackValues) -> Result<(), FeedbackError> {
-        let m = self.model(d.model).ok_or_else(|| {
-            FeedbackError::Invalid("this prediction's model has no bandit".into())
-        })?;
-        let variant = usize::from(d.variant);
-        if variant >= m.variants.len() {
-            return Err(FeedbackError::Invalid(
-                "this prediction's variant is not in the model's bandit".into(),
-            ));
+        for _ in 0..RESOLVE_TRIES {
+            let (m, variant) = self
+                .resolve(d.model, d.variant)
+                .map_err(|e| FeedbackError::Invalid(e.into()))?;
+            match self.teach(&m, variant, d, age, v)? {
+                true => return Ok(()),
+                // A reload moved the bandit between resolving and learning: again.
+                false => continue,
+            }
         }
+        Err(FeedbackError::Busy(
+            "reloads kept moving this model's bandit; send it again".into(),
+        ))
+    }
+}
+
+impl BanditSink {
+    fn teach(
+        &self,
+        m: &Model,
+        variant: usize,
+        d: &Decision,
+        age: Duration,
+        v: &FeedbackValues,
+    ) -> Result<bool, FeedbackError> {
         let fb = Feedback {
             revenue: v.revenue,
             converted: v.converted,
@@ -238,12 +302,14 @@ impl FeedbackSink for BanditSink {
             .revenue
             .or(v.reward)
             .unwrap_or_else(|| f64::from(u8::from(v.converted == Some(true))));
-        m.learn(variant, reward, 1, revenue, cost);
+        if !m.learn(variant, reward, 1, revenue, cost) {
+            return Ok(false);
+        }
         m.delay.observe(age.as_secs_f64());
         if let Some(x) = &self.export {
             x.settled(&m.name, &m.variants[variant], d.probability, reward, true);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -345,10 +411,14 @@ mod tests {
             "models:\n  rec:\n    bandit: {bandit}\n    variants:\n      - {{name: a, upstream: \"http://127.0.0.1:1\", weight: 1}}\n      - {{name: b, upstream: \"http://127.0.0.1:2\", weight: 1}}\n"
         ))
         .unwrap();
-        let sink = super::super::sink(&config, &prometheus::Registry::new())
-            .unwrap()
-            .unwrap();
-        let model = sink.model(0).unwrap().clone();
+        let sink = super::super::sink(&config, &prometheus::Registry::new()).unwrap();
+        let rec = &config.models["rec"];
+        let model =
+            super::super::new_model("rec", rec, rec.bandit.as_ref().unwrap(), &sink.families);
+        sink.slots.store(Arc::new(vec![Some(Slot {
+            model: model.clone(),
+            variants: [Some(0), Some(1)].into(),
+        })]));
         (sink, model)
     }
 
@@ -455,14 +525,14 @@ mod tests {
     #[test]
     fn expired_decisions_count_as_misses_only_when_asked() {
         let (_, model) = sink("{objective: conversion, missing_feedback: zero}");
-        model.expired(0, 10, Duration::ZERO);
+        assert!(model.expired(0, 10, Duration::ZERO));
         let l = model.lock();
         assert_eq!((l.rewards[0], l.expired[0]), (10, 10));
         // Beta(1, 1 + 10).
         assert!((l.bandit.arms()[0].mean() - 1.0 / 12.0).abs() < 1e-9);
         drop(l);
         let (_, model) = sink("{objective: conversion}");
-        model.expired(0, 10, Duration::ZERO);
+        assert!(model.expired(0, 10, Duration::ZERO));
         let l = model.lock();
         assert_eq!((l.rewards[0], l.expired[0]), (0, 10));
     }

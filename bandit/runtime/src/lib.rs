@@ -45,7 +45,7 @@ use switchyard_router::Router;
 use tokio::task::JoinHandle;
 
 pub use learner::BanditSink;
-use learner::{Learner, Model, PickerState, SharedPicker, ThompsonPicker, VariantMetrics};
+use learner::{Learner, Model, PickerState, SharedPicker, Slot, ThompsonPicker, VariantMetrics};
 use state::{override_from, override_json, posterior_from, posterior_json};
 
 /// Posterior draws per P(best) estimate: weights to within about 1.5 points.
@@ -112,8 +112,8 @@ fn objective_name(o: Objective) -> &'static str {
 }
 
 /// The bandit metric families, registered once.
-#[derive(Clone)]
-struct Families {
+#[derive(Clone, Debug)]
+pub(crate) struct Families {
     mean: GaugeVec,
     low: GaugeVec,
     high: GaugeVec,
@@ -159,6 +159,28 @@ impl Families {
         Ok(m)
     }
 
+    /// Removes the series of a model whose bandit a reload removed.
+    fn forget(&self, model: &str, variants: &[String]) {
+        self.forget_variants(model, variants);
+        let _ = self.delay.remove_label_values(&[model]);
+        let _ = self.panics.remove_label_values(&[model]);
+    }
+
+    /// Removes the series of variants a reload removed from a model's bandit.
+    fn forget_variants(&self, model: &str, variants: &[String]) {
+        for v in variants {
+            let l = [model, v.as_str()];
+            for g in [&self.mean, &self.low, &self.high] {
+                let _ = g.remove_label_values(&l);
+            }
+            for c in [&self.rewards, &self.expired, &self.changes] {
+                let _ = c.remove_label_values(&l);
+            }
+            let _ = self.revenue.remove_label_values(&l);
+            let _ = self.cost.remove_label_values(&l);
+        }
+    }
+
     fn variant(&self, model: &str, variant: &str) -> VariantMetrics {
         let l = [model, variant];
         VariantMetrics {
@@ -174,90 +196,100 @@ impl Families {
     }
 }
 
-/// The sink for `config`'s bandits, or `None` if no model has one. Each model's bandit
-/// starts fresh here; [`Bandits::spawn`] restores the state file into it.
-pub fn sink(config: &Config, registry: &Registry) -> Result<Option<Arc<BanditSink>>, String> {
-    if config.models.values().all(|m| m.bandit.is_none()) {
-        return Ok(None);
-    }
+/// The sink the router's feedback goes to; [`Bandits::spawn`] fills it with the
+/// config's bandits (and each reload with the new config's). It exists whether or not a
+/// model has a bandit, so a reload can add the first one.
+pub fn sink(config: &Config, registry: &Registry) -> Result<Arc<BanditSink>, String> {
     let families = Families::new(registry).map_err(|e| format!("bandit metrics: {e}"))?;
-    let mut models = Vec::with_capacity(config.models.len());
-    for (name, model) in &config.models {
-        let Some(b) = &model.bandit else {
-            models.push(None);
-            continue;
-        };
-        let obj = objective(b.objective);
-        let cfg = bandit_config(b);
-        let variants: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
-        let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
-        let n = variants.len();
-        let bandit = Bandit::new(cfg, &weights);
-        let picker = (b.mode == BanditMode::PerRequest).then(|| {
-            Arc::new(ThompsonPicker {
-                // Not steering until the state file is restored and the first update ran.
-                state: ArcSwap::from_pointee(PickerState {
-                    steering: false,
-                    ..PickerState::of(&bandit)
-                }),
-                explore: (b.min_weight * n as f64).min(1.0),
-            })
-        });
-        models.push(Some(Arc::new(Model {
-            name: name.clone(),
-            metrics: variants.iter().map(|v| families.variant(name, v)).collect(),
-            delay: families.delay.with_label_values(&[name]),
-            panics: families.panics.with_label_values(&[name]),
-            objective: obj,
-            costs: model
-                .variants
-                .iter()
-                .map(|v| v.cost_per_1k / 1000.0)
-                .collect(),
-            cost_per_second: model.variants.iter().map(|v| v.cost_per_second).collect(),
-            missing: b.missing_feedback,
-            update_every: b.update_every,
-            update_interval: b.update_interval,
-            time_half_life: match b.half_life {
-                Some(HalfLife::Time(h)) => Some(h),
-                _ => None,
-            },
-            learner: Mutex::new(Learner {
-                bandit,
-                rewards: vec![0; n],
-                revenue: vec![0.0; n],
-                cost: vec![0.0; n],
-                expired: vec![0; n],
-                over: Override::None,
-                since_update: 0,
-                decayed_at: tokio::time::Instant::now(),
-            }),
-            picker,
-            wake: tokio::sync::Notify::new(),
-            variants,
-        })));
-    }
     let export = match &config.bandit.decisions_file {
         Some(path) => Some(export::DecisionsFile::open(path, registry)?),
         None => None,
     };
-    Ok(Some(Arc::new(BanditSink { models, export })))
+    Ok(Arc::new(BanditSink {
+        slots: ArcSwap::from_pointee(Vec::new()),
+        export,
+        families,
+    }))
+}
+
+/// A fresh bandit for the model `name` of the config.
+fn new_model(
+    name: &str,
+    model: &switchyard_config::Model,
+    b: &BanditSpec,
+    families: &Families,
+) -> Arc<Model> {
+    let cfg = bandit_config(b);
+    let variants: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
+    let weights: Vec<f64> = model.variants.iter().map(|v| v.weight).collect();
+    let n = variants.len();
+    let bandit = Bandit::new(cfg, &weights);
+    let picker = (b.mode == BanditMode::PerRequest).then(|| {
+        Arc::new(ThompsonPicker {
+            // Not steering until the state is restored and the first update ran.
+            state: ArcSwap::from_pointee(PickerState {
+                steering: false,
+                ..PickerState::of(&bandit)
+            }),
+            explore: (b.min_weight * n as f64).min(1.0),
+        })
+    });
+    Arc::new(Model {
+        name: name.to_string(),
+        metrics: variants.iter().map(|v| families.variant(name, v)).collect(),
+        delay: families.delay.with_label_values(&[name]),
+        panics: families.panics.with_label_values(&[name]),
+        objective: objective(b.objective),
+        costs: model
+            .variants
+            .iter()
+            .map(|v| v.cost_per_1k / 1000.0)
+            .collect(),
+        cost_per_second: model.variants.iter().map(|v| v.cost_per_second).collect(),
+        missing: b.missing_feedback,
+        update_every: b.update_every,
+        update_interval: b.update_interval,
+        time_half_life: match b.half_life {
+            Some(HalfLife::Time(h)) => Some(h),
+            _ => None,
+        },
+        learner: Mutex::new(Learner {
+            bandit,
+            rewards: vec![0; n],
+            revenue: vec![0.0; n],
+            cost: vec![0.0; n],
+            expired: vec![0; n],
+            over: Override::None,
+            since_update: 0,
+            decayed_at: tokio::time::Instant::now(),
+            moved: false,
+        }),
+        picker,
+        wake: tokio::sync::Notify::new(),
+        variants,
+    })
 }
 
 /// The bandits of a running Switchyard.
 #[derive(Debug)]
 pub struct Bandits {
-    /// By name, for `/admin/state`, the state file and operators' overrides.
-    models: BTreeMap<String, Arc<Model>>,
+    /// By name, for `/admin/state`, the state file and operators' overrides; replaced
+    /// whole by a reload.
+    models: Arc<ArcSwap<BTreeMap<String, Arc<Model>>>>,
+    router: Arc<Router>,
+    sink: Arc<BanditSink>,
+    seed: u64,
     state_file: Option<PathBuf>,
     export: Option<Arc<export::DecisionsFile>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Each model's update task, by model name.
+    updates: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    housekeeping: JoinHandle<()>,
 }
 
 impl Bandits {
     /// Restores the state file (if `config.state_file` names one that exists) into the
-    /// sink's bandits, installs the per-request pickers, and starts a task per model and
-    /// the housekeeping task.
+    /// config's bandits, installs them in the sink, their weights and per-request pickers
+    /// in the route table, and starts a task per model and the housekeeping task.
     pub fn spawn(
         config: &Config,
         router: Arc<Router>,
@@ -276,107 +308,130 @@ impl Bandits {
         let saved: Value = state_file
             .as_ref()
             .map_or(Value::Null, |p| state::read_state(p, &corrupt));
-        let seed = config.seed.unwrap_or(0x5EED);
-        let mut models = BTreeMap::new();
-        let mut tasks = Vec::new();
-        for m in sink.models.iter().flatten() {
-            restore(m, &saved["models"][m.name.as_str()]);
-            if let Some(route) = router.table().model(&m.name) {
-                let _ = route.set_weights(m.lock().bandit.weights());
-                if let Some(p) = &m.picker {
-                    route
-                        .picker
-                        .store(Some(Arc::new(Box::new(SharedPicker(p.clone())))));
-                }
-            }
-            models.insert(m.name.clone(), m.clone());
-            let mut rng = StdRng::seed_from_u64(
-                seed ^ switchyard_router::selector::stable_hash(m.name.as_bytes()),
-            );
-            let (m, router) = (m.clone(), router.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(m.update_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        () = m.wake.notified() => tick.reset(),
-                    }
-                    // One update, caught: a panic in the bandit's arithmetic must not end
-                    // this task (its model would stop publishing weights behind a green
-                    // health check). Counted, logged, tried again at the next tick.
-                    let update = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        m.update(&mut rng)
-                    }));
-                    match update {
-                        Ok(weights) => {
-                            if let Some(route) = router.table().model(&m.name) {
-                                if let Err(e) = route.set_weights(&weights) {
-                                    tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
-                                }
-                            }
-                        }
-                        Err(panic) => {
-                            m.panics.inc();
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
-                            tracing::error!(model = %m.name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
-                        }
-                    }
-                }
-            }));
-        }
-        let export = sink.export.clone();
+        let models: Arc<ArcSwap<BTreeMap<String, Arc<Model>>>> = Arc::default();
         let housekeeping = {
             let (models, file) = (models.clone(), state_file.clone());
+            let (router, sink) = (router.clone(), sink.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 let mut last_write = Instant::now();
                 loop {
                     tick.tick().await;
-                    let mut counts: BTreeMap<(u16, u16), (u64, Duration)> = BTreeMap::new();
-                    for d in router.decisions().expire(Instant::now()) {
-                        let e = counts.entry((d.model, d.variant)).or_default();
-                        e.0 += 1;
-                        e.1 += d.latency();
-                        if let (Some(x), Some(m)) = (&sink.export, sink.model(d.model)) {
-                            let v = usize::from(d.variant);
-                            if let Some(name) = m.variants.get(v) {
-                                let reward = m.objective.missing_reward(m.cost(v, d.latency()));
-                                x.settled(&m.name, name, d.probability, reward, false);
-                            }
-                        }
-                    }
-                    for ((model, variant), (count, latency)) in counts {
-                        if let Some(m) = sink.model(model) {
-                            m.expired(usize::from(variant), count, latency);
-                        }
-                    }
+                    expire(&router, &sink);
                     if let Some(file) = file.as_deref() {
                         if last_write.elapsed() >= PERSIST_EVERY {
-                            state::write_state(file, &render(&models).to_string());
+                            state::write_state(file, &render(&models.load()).to_string());
                             last_write = Instant::now();
                         }
                     }
                 }
             })
         };
-        tasks.push(housekeeping);
-        Ok(Bandits {
+        let bandits = Bandits {
             models,
+            export: sink.export.clone(),
+            router,
+            sink,
+            seed: config.seed.unwrap_or(0x5EED),
             state_file,
-            export,
-            tasks,
-        })
+            updates: Mutex::default(),
+            housekeeping,
+        };
+        bandits.install(config, &bandits.router.table(), &saved["models"]);
+        Ok(bandits)
+    }
+
+    /// Takes a reloaded config's bandits, on the route table about to go live: a model
+    /// whose name survives keeps what its bandit learned (posteriors, totals, override,
+    /// weights) under its new settings, variant by variant (a new variant starts from
+    /// the prior); a new model starts fresh. Feedback for decisions made before the
+    /// reload goes to the same variant in the new bandit.
+    pub fn reload(&self, config: &Config, next: &switchyard_router::table::RouteTable) {
+        self.install(config, next, &Value::Null);
+    }
+
+    fn install(
+        &self,
+        config: &Config,
+        table: &switchyard_router::table::RouteTable,
+        saved: &Value,
+    ) {
+        let mut fresh = BTreeMap::new();
+        for (name, model) in &config.models {
+            if let Some(b) = &model.bandit {
+                fresh.insert(name.clone(), new_model(name, model, b, &self.sink.families));
+            }
+        }
+        let old = self.models.load_full();
+        {
+            // Every live learner locked while its state moves: feedback that resolved an
+            // old bandit waits here, then finds it moved and resolves the new one.
+            let mut guards: Vec<_> = old.values().map(|m| (m, m.lock())).collect();
+            for (m, l) in &mut guards {
+                if let Some(next) = fresh.get(&m.name) {
+                    restore(next, &render_model(m, l));
+                }
+                l.moved = true;
+            }
+            for (name, m) in &fresh {
+                if !old.contains_key(name) {
+                    restore(m, &saved[name.as_str()]);
+                }
+            }
+            let slots = self
+                .router
+                .model_keys()
+                .into_iter()
+                .map(|(name, variants)| {
+                    fresh.get(&name).map(|m| Slot {
+                        model: m.clone(),
+                        variants: variants
+                            .iter()
+                            .map(|v| m.variants.iter().position(|x| x == v))
+                            .collect(),
+                    })
+                })
+                .collect();
+            self.sink.slots.store(Arc::new(slots));
+            self.models.store(Arc::new(fresh.clone()));
+        }
+        for (name, m) in old.iter() {
+            if !fresh.contains_key(name) {
+                self.sink.families.forget(name, &m.variants);
+            } else {
+                let now = &fresh[name].variants;
+                let gone: Vec<String> = m
+                    .variants
+                    .iter()
+                    .filter(|v| !now.contains(v))
+                    .cloned()
+                    .collect();
+                self.sink.families.forget_variants(name, &gone);
+            }
+        }
+        let mut updates = self.updates.lock().unwrap_or_else(|p| p.into_inner());
+        for task in std::mem::take(&mut *updates).into_values() {
+            task.abort();
+        }
+        for (name, m) in fresh {
+            if let Some(route) = table.model(&name) {
+                let _ = route.set_weights(m.lock().bandit.weights());
+                route.picker.store(m.picker.as_ref().map(|p| {
+                    Arc::new(Box::new(SharedPicker(p.clone()))
+                        as Box<dyn switchyard_router::table::Picker>)
+                }));
+            }
+            let rng = StdRng::seed_from_u64(
+                self.seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
+            );
+            updates.insert(name, tokio::spawn(update_task(m, self.router.clone(), rng)));
+        }
     }
 
     /// `/admin/state`: each model's objective and, per variant, its weight, posterior
     /// mean and credible interval, rewards, revenue and cost totals.
     pub fn state(&self) -> Value {
-        render(&self.models)
+        render(&self.models.load())
     }
 
     /// A renderer for the admin listener.
@@ -393,8 +448,8 @@ impl Bandits {
         action: &str,
         variant: Option<&str>,
     ) -> Result<Value, (u16, String)> {
-        let m = self
-            .models
+        let models = self.models.load();
+        let m = models
             .get(model)
             .ok_or((404, format!("model `{model}` has no bandit")))?;
         let over = match (action, variant) {
@@ -423,7 +478,7 @@ impl Bandits {
     /// Writes the state file now (at shutdown).
     pub fn persist(&self) {
         if let Some(file) = &self.state_file {
-            state::write_state(file, &render(&self.models).to_string());
+            state::write_state(file, &render(&self.models.load()).to_string());
         }
         if let Some(x) = &self.export {
             x.finish(Duration::from_secs(2));
@@ -432,8 +487,76 @@ impl Bandits {
 
     /// Stops the tasks.
     pub fn stop(&self) {
-        for t in &self.tasks {
+        self.housekeeping.abort();
+        for t in self
+            .updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             t.abort();
+        }
+    }
+}
+
+/// One model's update task: recomputes its weights every `update_interval`, or sooner
+/// when woken, and publishes them to the model's route in the live table.
+async fn update_task(m: Arc<Model>, router: Arc<Router>, mut rng: StdRng) {
+    let mut tick = tokio::time::interval(m.update_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = m.wake.notified() => tick.reset(),
+        }
+        // One update, caught: a panic in the bandit's arithmetic must not end this task
+        // (its model would stop publishing weights behind a green health check).
+        // Counted, logged, tried again at the next tick.
+        let update = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.update(&mut rng)));
+        match update {
+            Ok(weights) => {
+                if let Some(route) = router.table().model(&m.name) {
+                    if let Err(e) = route.set_weights(&weights) {
+                        tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
+                    }
+                }
+            }
+            Err(panic) => {
+                m.panics.inc();
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(model = %m.name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
+            }
+        }
+    }
+}
+
+/// Expires the decisions past their `feedback_ttl`: each bandit counts them (and, under
+/// `missing_feedback: zero`, learns a zero reward from them); the decisions file gets
+/// them.
+fn expire(router: &Router, sink: &BanditSink) {
+    let mut counts: BTreeMap<(u16, u16), (u64, Duration)> = BTreeMap::new();
+    for d in router.decisions().expire(Instant::now()) {
+        let e = counts.entry((d.model, d.variant)).or_default();
+        e.0 += 1;
+        e.1 += d.latency();
+        if let (Some(x), Ok((m, v))) = (&sink.export, sink.resolve(d.model, d.variant)) {
+            let reward = m.objective.missing_reward(m.cost(v, d.latency()));
+            x.settled(&m.name, &m.variants[v], d.probability, reward, false);
+        }
+    }
+    for ((model, variant), (count, latency)) in counts {
+        // A reload may move the bandit between resolving and counting: then again.
+        for _ in 0..4 {
+            let Ok((m, v)) = sink.resolve(model, variant) else {
+                break;
+            };
+            if m.expired(v, count, latency) {
+                break;
+            }
         }
     }
 }
@@ -442,6 +565,9 @@ impl Bandits {
 /// under the same objective; the weights only if every variant is known.
 fn restore(m: &Model, old: &Value) {
     if old["objective"].as_str() != Some(objective_name(m.objective)) {
+        if let Some(was) = old["objective"].as_str() {
+            tracing::warn!(model = %m.name, was, now = objective_name(m.objective), "The bandit's objective changed: what it learned about the old one is dropped.");
+        }
         return;
     }
     let mut l = m.lock();
@@ -474,40 +600,39 @@ fn restore(m: &Model, old: &Value) {
 fn render(models: &BTreeMap<String, Arc<Model>>) -> Value {
     let models: serde_json::Map<String, Value> = models
         .iter()
-        .map(|(name, m)| {
-            let l = m.lock();
-            let arms = l.bandit.arms();
-            let weights = l.bandit.weights();
-            let variants: serde_json::Map<String, Value> = m
-                .variants
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let (lo, hi) = arms[i].credible_interval();
-                    (
-                        v.clone(),
-                        json!({
-                            "weight": weights[i],
-                            "posterior_mean": arms[i].mean(),
-                            "credible_interval": [lo, hi],
-                            "rewards": l.rewards[i],
-                            "revenue_total": l.revenue[i],
-                            "cost_total": l.cost[i],
-                            "expired_without_feedback": l.expired[i],
-                            "posterior": posterior_json(&arms[i]),
-                        }),
-                    )
-                })
-                .collect();
+        .map(|(name, m)| (name.clone(), render_model(m, &m.lock())))
+        .collect();
+    json!({ "version": 1, "models": models })
+}
+
+/// One model's part of [`render`], from its locked learner.
+fn render_model(m: &Model, l: &Learner) -> Value {
+    let arms = l.bandit.arms();
+    let weights = l.bandit.weights();
+    let variants: serde_json::Map<String, Value> = m
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (lo, hi) = arms[i].credible_interval();
             (
-                name.clone(),
+                v.clone(),
                 json!({
-                    "objective": objective_name(m.objective),
-                    "override": override_json(l.over, &m.variants),
-                    "variants": variants,
+                    "weight": weights[i],
+                    "posterior_mean": arms[i].mean(),
+                    "credible_interval": [lo, hi],
+                    "rewards": l.rewards[i],
+                    "revenue_total": l.revenue[i],
+                    "cost_total": l.cost[i],
+                    "expired_without_feedback": l.expired[i],
+                    "posterior": posterior_json(&arms[i]),
                 }),
             )
         })
         .collect();
-    json!({ "version": 1, "models": models })
+    json!({
+        "objective": objective_name(m.objective),
+        "override": override_json(l.over, &m.variants),
+        "variants": variants,
+    })
 }

@@ -382,7 +382,7 @@ impl Router {
             .models()
             .map(|m| m.body_limit)
             .max()
-            .unwrap_or(self.feedback_limit);
+            .unwrap_or(self.feedback_limit());
         let body = LimitedBody::new(body, limit, self.body_stall_timeout);
         let body = crate::body::collect_limited(body, limit).await?;
         let encoding = parts.headers.get("grpc-encoding");
