@@ -9,6 +9,7 @@
 //! - [`evaluate`]: `switchyard evaluate`, off-policy estimates (IPS, SNIPS, doubly
 //!   robust) of other policies from the decisions file.
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
+//! - [`demo`]: `switchyard demo`, the whole loop on one machine.
 //! - [`reload`]: hot reload (`SIGHUP`, `POST /admin/reload`, `serve --watch`).
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 // One audited call (the shadow thread's priority) needs `unsafe`; nothing else may.
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use switchyard_bandit_runtime as bandits;
+pub mod demo;
 pub mod evaluate;
 pub mod reload;
 pub mod simulate;
@@ -115,6 +117,7 @@ pub struct Running {
     admin: JoinHandle<Drained>,
     bandits: Arc<bandits::Bandits>,
     reloader: Arc<Reloader>,
+    pulse: Arc<switchyard_router::pulse::Pulse>,
 }
 
 impl Running {
@@ -128,6 +131,11 @@ impl Running {
     pub fn persister(&self) -> impl Fn() + Send + 'static {
         let bandits = self.bandits.clone();
         move || bandits.persist()
+    }
+
+    /// The live numbers of the last second (what `/admin/stream` sends).
+    pub fn numbers(&self) -> Arc<serde_json::Value> {
+        self.pulse.latest()
     }
 
     /// Reloads the config file (`SIGHUP`); see [`Reloader::reload`].
@@ -382,7 +390,15 @@ pub fn start_with(
         admin_signal.clone(),
     ));
 
+    let pulse = switchyard_router::pulse::Pulse::new(&registry)
+        .map_err(|e| StartError::Other(format!("metrics: {e}")))?;
+    tokio::spawn(pulse.clone().run(
+        router.clone(),
+        Some(bandits.state_fn()),
+        admin_signal.clone(),
+    ));
     let admin_service = AdminService(Arc::new(AdminState {
+        pulse: Some(pulse.clone()),
         registry,
         router: router.clone(),
         config_json: reloader.config_json(),
@@ -423,6 +439,7 @@ pub fn start_with(
         admin,
         bandits,
         reloader,
+        pulse,
     })
 }
 

@@ -33,6 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole loop on one machine, nothing to install: three model servers, a shadow,
+    /// the sidecar with a profit bandit and a fallback, simulated traffic and revenue; a
+    /// live table here and a dashboard in the browser; half-way, one variant goes down.
+    Demo(switchyard::demo::DemoArgs),
     /// Serve the prediction endpoints and the admin listener until SIGTERM or SIGINT.
     Serve {
         /// YAML configuration file. Without it, the built-in configuration
@@ -197,6 +201,23 @@ impl ModelServerArgs {
     }
 }
 
+fn demo(args: switchyard::demo::DemoArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchyard demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(switchyard::demo::run(args));
+    // Batch threads and connections end with the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
 fn load(args: &switchyard_load::LoadArgs) -> ExitCode {
     use std::io::Write;
     match switchyard_load::run(args) {
@@ -219,14 +240,21 @@ fn load(args: &switchyard_load::LoadArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo's table is the thing to read: its components log warnings only, unless
+    // SWITCHYARD_LOG says otherwise.
+    let level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => validate(file),
         Command::Serve {
@@ -237,6 +265,7 @@ fn main() -> ExitCode {
         } => serve(config, listen, admin_listen, watch),
         Command::ModelServer(args) => model_server(&args),
         Command::Load(args) => load(&args),
+        Command::Demo(args) => demo(args),
         Command::Evaluate {
             log,
             model,

@@ -51,6 +51,19 @@ async fn state_changing_requests_need_their_token_and_reads_do_not() {
     )
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    // The reload is a POST too: refused without the token (here, with it, 409: this
+    // config came from no file).
+    let reload = format!("{admin}/admin/reload");
+    assert_eq!(send(&c, "POST", &reload, &[], "").await.status, 401);
+    let r = send(
+        &c,
+        "POST",
+        &reload,
+        &[("authorization", "Bearer admin-s3cret")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
     // Reads stay open, and say nothing of the tokens.
     for path in [
         "/metrics",

@@ -159,19 +159,23 @@ impl Bandit {
         let target = &self.p_best;
         // Warm-up holds the *configured* weights, not whatever is current: after an
         // operator releases a pin, a variant that got no traffic must get some again.
-        if self.over == Override::None
-            && self
-                .rewards
-                .iter()
-                .any(|r| *r < self.config.guardrails.warmup)
-        {
+        if self.over == Override::None && !self.warmed_up() {
             self.weights.clone_from(&self.configured);
             return &self.weights;
         }
+        // An arm configured at weight 0 gets no traffic, so no rewards: it must not hold
+        // the warm-up open for ever (a fallback variant did, and the bandit never
+        // steered). It counts as warmed up.
+        let rewards: Vec<u64> = self
+            .rewards
+            .iter()
+            .zip(&self.eligible)
+            .map(|(r, e)| if *e { *r } else { u64::MAX })
+            .collect();
         let mut weights = apply_guardrails(
             &self.weights,
             target,
-            &self.rewards,
+            &rewards,
             &self.config.guardrails,
             self.over,
         );
@@ -210,11 +214,15 @@ impl Bandit {
 
     /// True when the guardrails let the bandit steer: warm-up done and no override.
     pub fn steering(&self) -> bool {
-        self.over == Override::None
-            && self
-                .rewards
-                .iter()
-                .all(|r| *r >= self.config.guardrails.warmup)
+        self.over == Override::None && self.warmed_up()
+    }
+
+    /// Whether every arm it may send traffic to has `warmup` rewards.
+    fn warmed_up(&self) -> bool {
+        self.rewards
+            .iter()
+            .zip(&self.eligible)
+            .all(|(r, e)| !e || *r >= self.config.guardrails.warmup)
     }
 
     /// The current weights (sum to 1).
@@ -297,6 +305,37 @@ mod tests {
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{w:?}");
         b.set_override(Override::Pin(2));
         assert_eq!(b.update(&mut rng), [0.0, 0.0, 1.0]);
+    }
+
+    /// A weight-0 variant (a fallback) never gets traffic: the warm-up ends when the
+    /// others have theirs, and the bandit steers.
+    #[test]
+    fn a_weight_zero_variant_does_not_hold_the_warmup_open() {
+        let config = BanditConfig {
+            objective: Objective::Conversion,
+            guardrails: Guardrails {
+                min_weight: 0.0,
+                max_step: 1.0,
+                warmup: 20,
+            },
+            draws: 400,
+            half_life: None,
+            prior: None,
+            detect: None,
+        };
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut b = Bandit::new(config, &[1.0, 1.0, 0.0]);
+        for _ in 0..19 {
+            b.observe(0, 1.0);
+            b.observe(1, 0.0);
+        }
+        assert!(!b.steering(), "arm 1 has 19 of 20 rewards");
+        assert_eq!(b.update(&mut rng), [0.5, 0.5, 0.0]);
+        b.observe(0, 1.0);
+        b.observe(1, 0.0);
+        assert!(b.steering(), "the weight-0 arm must not hold the warm-up");
+        let w = b.update(&mut rng).to_vec();
+        assert!(w[0] > 0.9 && w[2] == 0.0, "{w:?}");
     }
 
     #[test]

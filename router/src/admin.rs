@@ -36,7 +36,55 @@ pub struct AdminState {
     pub control: Option<ControlFn>,
     /// The token every request other than GET and HEAD needs, if any.
     pub token: Option<crate::auth::Token>,
+    /// The live numbers for `/admin/stream` and `/dashboard`.
+    pub pulse: Option<Arc<crate::pulse::Pulse>>,
 }
+
+/// An admin answer's body: whole, or the event stream.
+pub enum AdminBody {
+    /// A complete body.
+    Full(Full<Bytes>),
+    /// `/admin/stream`.
+    Stream(crate::pulse::SseBody),
+}
+
+impl From<Full<Bytes>> for AdminBody {
+    fn from(b: Full<Bytes>) -> Self {
+        AdminBody::Full(b)
+    }
+}
+
+impl http_body::Body for AdminBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            AdminBody::Full(b) => Pin::new(b).poll_frame(cx),
+            AdminBody::Stream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AdminBody::Full(b) => b.is_end_stream(),
+            AdminBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            AdminBody::Full(b) => b.size_hint(),
+            AdminBody::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// The dashboard: one page, its script and styles inline, no network needed.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Applies an operator's override to a model's bandit: `(model, action, variant)` with
 /// action `pin` (with a variant), `freeze` or `release`; `Err((status, message))`.
@@ -64,7 +112,7 @@ pub type StateFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub struct AdminService(pub Arc<AdminState>);
 
 impl tower_service::Service<Request<Incoming>> for AdminService {
-    type Response = Response<Full<Bytes>>;
+    type Response = Response<AdminBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -75,12 +123,26 @@ impl tower_service::Service<Request<Incoming>> for AdminService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         if req.uri().path() == "/admin/reload" && req.method() == Method::POST {
             if let Some(denied) = self.denied(&req) {
-                return Box::pin(std::future::ready(Ok(denied)));
+                return Box::pin(std::future::ready(Ok(denied.map(AdminBody::from))));
             }
             let reload = self.0.reload.clone();
-            return Box::pin(async move { Ok(reload_now(reload).await) });
+            return Box::pin(async move { Ok(reload_now(reload).await.map(AdminBody::from)) });
         }
-        Box::pin(std::future::ready(Ok(self.answer(&req))))
+        if req.uri().path() == "/admin/stream" && req.method() == Method::GET {
+            if let Some(pulse) = &self.0.pulse {
+                let mut resp = Response::new(AdminBody::Stream(pulse.stream()));
+                let h = resp.headers_mut();
+                h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                h.insert(
+                    http::header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-cache"),
+                );
+                return Box::pin(std::future::ready(Ok(resp)));
+            }
+        }
+        Box::pin(std::future::ready(Ok(self
+            .answer(&req)
+            .map(AdminBody::from))))
     }
 }
 
@@ -169,6 +231,15 @@ impl AdminService {
                 }
             }
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/dashboard" | "/dashboard/" => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                self.dashboard().into(),
+            ),
+            "/admin/numbers" => match &self.0.pulse {
+                Some(p) => reply(StatusCode::OK, "application/json", p.latest().to_string().into()),
+                None => reply(StatusCode::NOT_FOUND, "application/json", r#"{"error":"no live numbers here"}"#.into()),
+            },
             "/readyz" => match self.0.router.not_ready() {
                 Some(why) => reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -199,7 +270,7 @@ impl AdminService {
                 StatusCode::NOT_FOUND,
                 "application/json",
                 serde_json::json!({
-                    "error": format!("no admin endpoint `{path}`; try /metrics, /healthz, /readyz, /admin/config, /admin/state or /admin/shadow/{{model}}")
+                    "error": format!("no admin endpoint `{path}`; try /dashboard, /metrics, /healthz, /readyz, /admin/config, /admin/state, /admin/stream, /admin/numbers or /admin/shadow/{{model}}")
                 })
                 .to_string()
                 .into(),
@@ -209,6 +280,19 @@ impl AdminService {
 }
 
 impl AdminService {
+    /// The dashboard with the last two minutes of samples in it, so its charts start
+    /// full and its numbers are there before the stream's first event.
+    fn dashboard(&self) -> String {
+        let history: Vec<serde_json::Value> = self.0.pulse.as_ref().map_or_else(Vec::new, |p| {
+            p.history().iter().map(|s| (**s).clone()).collect()
+        });
+        // `<` escaped: nothing in the JSON can close the script element.
+        let json = serde_json::Value::from(history)
+            .to_string()
+            .replace('<', "\\u003c");
+        DASHBOARD.replacen("/*HISTORY*/[]", &json, 1)
+    }
+
     /// `GET /admin/shadow/{model}`: each shadow's counters, agreement and latest
     /// disagreements.
     fn shadow(&self, model: &str) -> Response<Full<Bytes>> {

@@ -29,7 +29,9 @@
 //! - [`body`]: the streamed, size-limited request body and the response body type.
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`, the reload, the
+//!   dashboard.
+//! - [`pulse`]: the live numbers, once a second, behind `/admin/stream` and `/dashboard`.
 //! - [`auth`]: bearer tokens for the admin listener's POSTs and for feedback.
 //! - [`ids`]: unguessable request ids.
 //! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
@@ -52,6 +54,7 @@ pub mod metrics;
 pub mod offload;
 pub mod path;
 pub mod proxy;
+pub mod pulse;
 pub mod selector;
 pub mod server;
 pub mod split;

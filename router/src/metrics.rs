@@ -121,6 +121,16 @@ pub struct VariantMetrics {
 }
 
 impl VariantMetrics {
+    /// Answers so far, by status class (1xx to 5xx).
+    pub fn counts(&self) -> [u64; 5] {
+        self.by_class.each_ref().map(IntCounter::get)
+    }
+
+    /// The latency histogram (for `pulse`'s percentiles over a window).
+    pub fn duration(&self) -> &Histogram {
+        &self.duration
+    }
+
     /// Counts one answer with `status` that took `seconds` to its response head.
     pub fn record(&self, status: u16, seconds: f64) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
@@ -225,6 +235,21 @@ impl Metrics {
             connections_refused,
             in_flight,
         })
+    }
+
+    /// Requests answered by each model's fallback so far, all reasons together.
+    pub fn fallbacks_by_model(&self) -> std::collections::HashMap<String, u64> {
+        use prometheus::core::Collector;
+        let mut out = std::collections::HashMap::new();
+        for family in self.resilience.fallbacks.collect() {
+            for m in family.get_metric() {
+                if let Some(model) = m.get_label().iter().find(|l| l.name() == "model") {
+                    *out.entry(model.value().to_string()).or_default() +=
+                        m.get_counter().get_value() as u64;
+                }
+            }
+        }
+        out
     }
 
     /// Removes the series of `model`'s `variant` (a reload removed it).
