@@ -536,6 +536,9 @@ async fn run(config: Config, source: String, options: StartOptions, watch: bool)
             return ExitCode::FAILURE;
         }
     };
+    // SIGHUP's handler is in place before anyone learns the addresses: its default
+    // action would end the process.
+    let hangups = hangup_signal();
     // One machine-readable line on stdout (tests and scripts read the ports from it),
     // then a request to paste. Written without `println!`: if whoever reads stdout goes
     // away, a failed write must not take the server down with a panic.
@@ -556,7 +559,7 @@ async fn run(config: Config, source: String, options: StartOptions, watch: bool)
     if watch {
         running.watch(std::time::Duration::from_secs(1));
     }
-    let hangups = tokio::spawn(reload_on_hangup(running.reloader()));
+    let hangups = tokio::spawn(reload_on_hangup(hangups, running.reloader()));
 
     shutdown_signal().await;
     hangups.abort();
@@ -606,18 +609,30 @@ fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener
     socket.listen(backlog)
 }
 
-/// Reloads the config file at each SIGHUP (errors are logged by the reload).
-async fn reload_on_hangup(reloader: std::sync::Arc<switchyard::Reloader>) {
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP, caught from now on.
+fn hangup_signal() -> Hangups {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot watch SIGHUP; reload with POST /admin/reload instead.");
-                return;
+                None
             }
-        };
+        }
+    }
+}
+
+/// Reloads the config file at each SIGHUP (errors are logged by the reload).
+async fn reload_on_hangup(hangups: Hangups, reloader: std::sync::Arc<switchyard::Reloader>) {
+    #[cfg(unix)]
+    if let Some(mut hangups) = hangups {
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config.");
             let r = reloader.clone();
@@ -625,6 +640,7 @@ async fn reload_on_hangup(reloader: std::sync::Arc<switchyard::Reloader>) {
         }
     }
     #[cfg(not(unix))]
+    let _ = (hangups, reloader);
     std::future::pending::<()>().await;
 }
 

@@ -111,19 +111,24 @@ impl Pulse {
                 &mut seen,
                 &mut fallbacks_seen,
             );
-            let event = Bytes::from(format!("data: {sample}\n\n"));
-            let sample = Arc::new(sample);
-            {
-                let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-                if h.len() == HISTORY {
-                    h.pop_front();
-                }
-                h.push_back(sample.clone());
-            }
-            self.latest.store(sample);
-            // No receiver is fine: nobody is watching.
-            let _ = self.feed.send(event);
+            self.publish(sample);
         }
+    }
+
+    /// Makes `sample` the latest, keeps it in the history and sends it to every stream.
+    fn publish(&self, sample: Value) {
+        let event = Bytes::from(format!("data: {sample}\n\n"));
+        let sample = Arc::new(sample);
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(sample.clone());
+        }
+        self.latest.store(sample);
+        // No receiver is fine: nobody is watching.
+        let _ = self.feed.send(event);
     }
 
     /// `GET /admin/stream`'s body: the latest sample at once, then one a second.
@@ -340,7 +345,44 @@ fn quantile(window: &[u64], q: f64) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::*;
+
+    /// A stream client that reads nothing holds at most its queue: later samples are
+    /// dropped for it and counted, publishing never waits, and a client that reads gets
+    /// the newest sample again.
+    #[tokio::test]
+    async fn a_stream_that_is_not_read_loses_events_and_holds_nothing_up() {
+        let pulse = Pulse::new(&Registry::new()).unwrap();
+        let mut body = pulse.stream();
+        // Let the client's task subscribe before anything is published.
+        tokio::task::yield_now().await;
+        for i in 0..50 {
+            pulse.publish(json!({ "n": i }));
+            tokio::task::yield_now().await;
+        }
+        // Bounded: the forwarding task runs on this runtime.
+        for _ in 0..100 {
+            if pulse.dropped.get() >= 40 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let dropped = pulse.dropped.get();
+        assert!(
+            dropped >= 50 - (CLIENT_QUEUE as u64) - 2,
+            "only {dropped} of 50 dropped"
+        );
+        assert_eq!(pulse.history().len(), 50);
+        // What it reads: the first sample it was given, then what its queue held.
+        let mut read = Vec::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) {
+            read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+        }
+        assert!(read.len() <= CLIENT_QUEUE + 1, "{read:?}");
+        assert!(read[0].starts_with("data: {"), "{read:?}");
+    }
 
     /// 100 answers: 50 in (0.5 ms, 1 ms], 49 in (1, 2.5], 1 in (25, 50]: the median is
     /// at the top of the first of them, p99 at the top of the second.
