@@ -999,3 +999,61 @@ async fn config_stats_and_extensions_are_answered_locally_and_forwarded_remotely
     app.shutdown();
     app.wait().await;
 }
+
+/// Where the time goes: a local variant's `server-timing` names its queue, compute and
+/// respond phases, a remote one's its upstream; each is counted per phase in
+/// `switchyard_phase_duration_seconds`, and `/admin/numbers` gives the means.
+#[tokio::test]
+async fn phases_are_timed_per_variant() {
+    let remote = Upstream::echo("remote").await;
+    let app = start(&format!(
+        "models:\n  l:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n  r:\n    variants:\n      - {{name: up, weight: 1, upstream: \"{}\"}}\n",
+        remote.url()
+    ))
+    .await;
+    let c = client();
+    let digit = json!({ "instances": [vec![0.0; 64]] }).to_string();
+    let names = |timing: &str| -> Vec<String> {
+        timing
+            .split(", ")
+            .map(|p| p.split(';').next().unwrap().to_string())
+            .collect()
+    };
+    for _ in 0..3 {
+        let r = send(
+            &c,
+            "POST",
+            &format!("http://{}/v1/models/l:predict", app.data_addr),
+            &[],
+            &digit,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let timing = r.header("server-timing").unwrap();
+        assert_eq!(
+            names(timing),
+            ["routing", "upstream", "queue", "compute", "respond", "total"],
+            "{timing}"
+        );
+    }
+    let r = predict(&c, &format!("http://{}/v1/models/r:predict", app.data_addr)).await;
+    assert_eq!(
+        names(r.header("server-timing").unwrap()),
+        ["routing", "upstream", "total"]
+    );
+    let m = metrics(app.admin_addr).await;
+    let count = |model: &str, phase: &str, variant: &str| {
+        sample(
+            &m,
+            &format!(
+                "switchyard_phase_duration_seconds_count{{model=\"{model}\",phase=\"{phase}\",variant=\"{variant}\"}}"
+            ),
+        )
+    };
+    for phase in ["route", "queue", "compute", "respond"] {
+        assert_eq!(count("l", phase, "cpu"), Some(3.0), "{phase}");
+    }
+    assert_eq!(count("l", "upstream", "cpu"), Some(0.0));
+    assert_eq!(count("r", "upstream", "up"), Some(1.0));
+    assert_eq!(count("r", "compute", "up"), Some(0.0));
+}

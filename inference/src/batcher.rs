@@ -174,7 +174,19 @@ impl LocalMetricFamilies {
     }
 }
 
-type Reply = oneshot::Sender<Result<Vec<f32>, InferenceError>>;
+type Reply = oneshot::Sender<Result<Output, InferenceError>>;
+
+/// A request's outputs, with where its time went (the phases `server-timing` and
+/// `switchyard_phase_duration_seconds` report).
+#[derive(Debug)]
+pub struct Output {
+    /// The output values, row after row.
+    pub values: Vec<f32>,
+    /// From queueing to its batch starting.
+    pub queued: Duration,
+    /// Its batch's run.
+    pub computed: Duration,
+}
 
 struct Job {
     input: Vec<f32>,
@@ -423,7 +435,7 @@ impl Batcher {
     /// Queues `rows` rows (laid out contiguously in `input`) and waits for their output
     /// rows. Refuses at once with [`InferenceError::Overloaded`] when the queue is full.
     pub async fn infer(&self, input: Vec<f32>, rows: usize) -> Result<Vec<f32>, InferenceError> {
-        self.enqueue(input, rows)?.await
+        self.enqueue(input, rows)?.await.map(|o| o.values)
     }
 
     /// Rows waiting in the queue now.
@@ -441,7 +453,7 @@ impl Batcher {
         &self,
         input: Vec<f32>,
         rows: usize,
-    ) -> Result<oneshot::Receiver<Result<Vec<f32>, InferenceError>>, InferenceError> {
+    ) -> Result<oneshot::Receiver<Result<Output, InferenceError>>, InferenceError> {
         let opts = &self.shared.options;
         // Rows and values must agree before a batch thread slices them: a mismatch
         // once made the kernels index past the end (and the thread panic).
@@ -484,10 +496,10 @@ impl Batcher {
 
 /// A queued request's answer.
 #[derive(Debug)]
-pub struct Pending(oneshot::Receiver<Result<Vec<f32>, InferenceError>>);
+pub struct Pending(oneshot::Receiver<Result<Output, InferenceError>>);
 
 impl std::future::Future for Pending {
-    type Output = Result<Vec<f32>, InferenceError>;
+    type Output = Result<Output, InferenceError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -697,12 +709,19 @@ fn run_batch(
             for job in batch {
                 let n = job.rows * per_row;
                 // Checked: an output shorter than promised is an error, not a panic.
-                let answer = output.get(at..at + n).map(<[f32]>::to_vec).ok_or_else(|| {
-                    InferenceError::Run(format!(
-                        "the model gave {} values for {rows} rows",
-                        output.len()
-                    ))
-                });
+                let answer = output
+                    .get(at..at + n)
+                    .map(|values| Output {
+                        values: values.to_vec(),
+                        queued: started.saturating_duration_since(job.enqueued),
+                        computed,
+                    })
+                    .ok_or_else(|| {
+                        InferenceError::Run(format!(
+                            "the model gave {} values for {rows} rows",
+                            output.len()
+                        ))
+                    });
                 answered(&job, answer.is_ok());
                 let _ = job.reply.send(answer);
                 at += n;
@@ -740,7 +759,7 @@ mod tests {
     fn job(
         input: Vec<f32>,
         rows: usize,
-    ) -> (Job, oneshot::Receiver<Result<Vec<f32>, InferenceError>>) {
+    ) -> (Job, oneshot::Receiver<Result<Output, InferenceError>>) {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             input,
@@ -775,7 +794,7 @@ mod tests {
         let mut session = new_session(&shared);
         let (good, mut good_rx) = job(vec![0.5; 128], 2);
         assert!(run_batch(&shared, session.as_mut(), vec![good], 2).is_ok());
-        assert_eq!(good_rx.try_recv().unwrap().unwrap().len(), 20);
+        assert_eq!(good_rx.try_recv().unwrap().unwrap().values.len(), 20);
     }
 
     /// Triton's statistics: a batch of two requests (3 and 2 rows) is one execution,
@@ -874,8 +893,8 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        assert_eq!(rt.block_on(first).unwrap().len(), 10);
-        assert_eq!(rt.block_on(second).unwrap().len(), 10);
+        assert_eq!(rt.block_on(first).unwrap().values.len(), 10);
+        assert_eq!(rt.block_on(second).unwrap().values.len(), 10);
         wait_for(&b, stall, true).unwrap();
 
         // Closed: the threads leave, and the batcher says so.

@@ -30,7 +30,7 @@ pub mod gpu;
 pub mod signature;
 pub mod tract;
 
-pub use batcher::{Batcher, BatchingOptions, Counted, LocalMetrics, NotServing, Stats};
+pub use batcher::{Batcher, BatchingOptions, Counted, LocalMetrics, NotServing, Output, Stats};
 pub use error::InferenceError;
 pub use signature::{Dim, Signature, TensorSpec};
 pub use tract::{Kernels, TractModel};

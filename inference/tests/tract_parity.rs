@@ -231,7 +231,7 @@ async fn dropping_the_batcher_answers_everything_already_queued() {
     let pending = b.enqueue(vec![0.0; 64 * 2], 2).unwrap();
     wait_until_queued(&b, 2).await;
     tokio::task::spawn_blocking(move || drop(b)).await.unwrap();
-    assert_eq!(pending.await.unwrap().len(), 20);
+    assert_eq!(pending.await.unwrap().values.len(), 20);
 }
 
 /// Runs `model` and tract's own plan of the same bytes on the same inputs (1, 7 and 33

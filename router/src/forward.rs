@@ -33,6 +33,7 @@ use tower::ServiceExt;
 use crate::body::{LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
 use crate::feedback;
+use crate::metrics::Phase;
 use crate::path::ModelRequest;
 use crate::proxy::{server_timing, strip_hop_by_hop, Router, SERVER_TIMING, X_SWITCHYARD_VARIANT};
 use crate::selector::Pick;
@@ -216,11 +217,22 @@ impl Router {
         if let Some(answer) = primary_answer {
             resp.body_mut().set_tap(answer.tap(status));
         }
+        let local = resp.extensions().get::<crate::local::Phases>().copied();
+        let m = &variant.metrics;
+        m.phase(Phase::Route, routed - started);
+        match &local {
+            Some(p) => {
+                m.phase(Phase::Queue, p.queue);
+                m.phase(Phase::Compute, p.compute);
+                m.phase(Phase::Respond, p.respond);
+            }
+            None => m.phase(Phase::Upstream, answered - routed),
+        }
         let headers = resp.headers_mut();
         headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
         headers.insert(
             SERVER_TIMING.clone(),
-            server_timing(started, routed, answered),
+            server_timing(started, routed, answered, local.as_ref()),
         );
         let retries = ask.retries.load(Ordering::Relaxed);
         if retries > 0 {

@@ -90,6 +90,7 @@ impl LocalBackend {
         let version = self.version.as_str();
         let sig = self.batcher.model().signature();
         let mut header_length = None;
+        let mut phases = None;
         let answer: Bytes = match (protocol, verb) {
             (_, Verb::Ready) => match self.health() {
                 Ok(()) => json!({ "name": model, "ready": true }).to_string().into(),
@@ -153,8 +154,9 @@ impl LocalBackend {
                 if answered.is_err() {
                     self.batcher.count_failure(arrived.elapsed());
                 }
-                let (bytes, head) = answered?;
+                let (bytes, head, p) = answered?;
                 header_length = head;
+                phases = Some(p);
                 bytes
             }
         };
@@ -173,6 +175,10 @@ impl LocalBackend {
             }
         };
         let mut resp = json_response(StatusCode::OK, answer);
+        if let Some(mut p) = phases {
+            p.respond = p.at.elapsed();
+            resp.extensions_mut().insert(p);
+        }
         let headers = resp.headers_mut();
         if let Some(n) = header_length {
             // JSON first, then the binary tensors: the header says where the JSON ends.
@@ -207,7 +213,7 @@ impl LocalBackend {
         asked: Asked<'_>,
         body: crate::body::LimitedBody,
         body_limit: u64,
-    ) -> Result<(Bytes, Option<usize>), RouterError> {
+    ) -> Result<(Bytes, Option<usize>, Phases), RouterError> {
         let sig = self.batcher.model().signature();
         let coding = crate::encoding::request_coding(asked.content_encoding)?;
         let header_length = match asked.header_length {
@@ -282,16 +288,24 @@ impl LocalBackend {
             Decoded::Tf(input, rows, _) | Decoded::V2(_, input, rows, _) => (input.clone(), *rows),
         };
         let output = self.infer(model, input, rows).await?;
+        let phases = Phases {
+            queue: output.queued,
+            compute: output.computed,
+            respond: Duration::ZERO,
+            at: std::time::Instant::now(),
+        };
+        let output = output.values;
         // The answer is about as large as the request's values.
         let (model, version, sig) = (model.to_string(), self.version.clone(), sig.clone());
-        crate::offload::cpu(size, move || match decoded {
+        let (bytes, head) = crate::offload::cpu(size, move || match decoded {
             Decoded::Tf(_, rows, format) => (tf_output(&output, rows, format), None),
             Decoded::V2(request, _, rows, plan) => {
                 let out = crate::v2::output(&sig, plan, output, rows);
                 crate::v2::http_answer(&model, &version, request.get("id"), &out, plan)
             }
         })
-        .await
+        .await?;
+        Ok((bytes, head, phases))
     }
 
     /// Queues `rows` rows and waits, within `request_timeout`, for their outputs.
@@ -300,7 +314,7 @@ impl LocalBackend {
         model: &str,
         input: Vec<f32>,
         rows: usize,
-    ) -> Result<Vec<f32>, RouterError> {
+    ) -> Result<switchyard_inference::Output, RouterError> {
         let pending = self.batcher.enqueue(input, rows);
         let answered = match pending {
             Ok(p) => tokio::time::timeout(self.timeout, p).await.map_err(|_| {
@@ -319,6 +333,20 @@ impl LocalBackend {
             other => RouterError::Inference(other.to_string()),
         })
     }
+}
+
+/// Where a local prediction's time went after it was routed: waiting for its batch,
+/// its batch's run, and writing the answer (encoding, compression, `local.delay`). On
+/// the response's extensions, for `server-timing` and the phase histogram.
+#[derive(Debug, Clone, Copy)]
+pub struct Phases {
+    /// From queueing to its batch starting.
+    pub queue: Duration,
+    /// Its batch's run.
+    pub compute: Duration,
+    /// From the outputs to the answer.
+    pub respond: Duration,
+    at: std::time::Instant,
 }
 
 /// A decoded prediction request, per protocol.

@@ -24,6 +24,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    phases: HistogramVec,
     upstream_errors: IntCounterVec,
     weight: GaugeVec,
     rejected: IntCounterVec,
@@ -115,12 +116,62 @@ impl ResilienceFamilies {
 pub struct VariantMetrics {
     by_class: [IntCounter; 5],
     duration: Histogram,
+    /// By [`Phase`].
+    phases: [Histogram; 5],
     errors: [IntCounter; 4],
     /// The variant's current share of traffic (a fraction; a model's sum to 1).
     pub weight: Gauge,
 }
 
+/// Where a request's time goes, as `switchyard_phase_duration_seconds` and
+/// `server-timing` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// From the request's arrival to a variant chosen and its body under way.
+    Route = 0,
+    /// Local variants: waiting for a batch.
+    Queue = 1,
+    /// Local variants: the batch's run.
+    Compute = 2,
+    /// Remote variants: from sending upstream to its response head.
+    Upstream = 3,
+    /// Local variants: from the outputs to the answer (encoding, compression).
+    Respond = 4,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 5] = [
+        Phase::Route,
+        Phase::Queue,
+        Phase::Compute,
+        Phase::Upstream,
+        Phase::Respond,
+    ];
+
+    /// The `phase` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Route => "route",
+            Phase::Queue => "queue",
+            Phase::Compute => "compute",
+            Phase::Upstream => "upstream",
+            Phase::Respond => "respond",
+        }
+    }
+}
+
 impl VariantMetrics {
+    /// Counts `d` spent in `phase`.
+    pub fn phase(&self, phase: Phase, d: std::time::Duration) {
+        self.phases[phase as usize].observe(d.as_secs_f64());
+    }
+
+    /// A phase's histogram (for `pulse`'s means over a window).
+    pub fn phase_histogram(&self, phase: Phase) -> &Histogram {
+        &self.phases[phase as usize]
+    }
+
     /// Answers so far, by status class (1xx to 5xx).
     pub fn counts(&self) -> [u64; 5] {
         self.by_class.each_ref().map(IntCounter::get)
@@ -166,6 +217,14 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["model", "variant"],
         )?;
+        let phases = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_phase_duration_seconds",
+                "Where requests' time goes, per model, variant and phase: route, then upstream (remote variants) or queue, compute and respond (local variants).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "variant", "phase"],
+        )?;
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "switchyard_upstream_errors_total",
@@ -206,6 +265,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(phases.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(weight.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
@@ -227,6 +287,7 @@ impl Metrics {
             shadow,
             requests,
             duration,
+            phases,
             upstream_errors,
             weight,
             rejected,
@@ -257,6 +318,7 @@ impl Metrics {
         let labels = [("model", model), ("variant", variant)];
         forget(&self.requests, &labels);
         forget(&self.duration, &labels);
+        forget(&self.phases, &labels);
         forget(&self.upstream_errors, &labels);
         forget(&self.weight, &labels);
         forget(&self.resilience.state, &labels);
@@ -286,6 +348,8 @@ impl Metrics {
                 class("5xx"),
             ],
             duration: self.duration.with_label_values(&[model, variant]),
+            phases: Phase::ALL
+                .map(|p| self.phases.with_label_values(&[model, variant, p.as_str()])),
             errors: UpstreamErrorKind::ALL.map(|k| {
                 self.upstream_errors
                     .with_label_values(&[model, variant, k.as_str()])

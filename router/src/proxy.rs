@@ -561,17 +561,27 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds, µs precision).
+/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds, µs precision);
+/// a local variant's `upstream` is followed by its `queue`, `compute` and `respond`.
 /// Written digit by digit into a stack buffer: float formatting showed up in profiles.
-pub(crate) fn server_timing(started: Instant, routed: Instant, answered: Instant) -> HeaderValue {
-    let mut buf = [0u8; 128];
+pub(crate) fn server_timing(
+    started: Instant,
+    routed: Instant,
+    answered: Instant,
+    local: Option<&crate::local::Phases>,
+) -> HeaderValue {
+    let mut buf = [0u8; 192];
     let mut len = 0;
     let parts = [
-        ("routing;dur=", routed - started),
-        (", upstream;dur=", answered - routed),
-        (", total;dur=", answered - started),
+        ("routing;dur=", Some(routed - started)),
+        (", upstream;dur=", Some(answered - routed)),
+        (", queue;dur=", local.map(|p| p.queue)),
+        (", compute;dur=", local.map(|p| p.compute)),
+        (", respond;dur=", local.map(|p| p.respond)),
+        (", total;dur=", Some(answered - started)),
     ];
     for (label, d) in parts {
+        let Some(d) = d else { continue };
         buf[len..len + label.len()].copy_from_slice(label.as_bytes());
         len += label.len();
         len += write_millis(

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::admin::StateFn;
+use crate::metrics::Phase;
 use crate::proxy::Router;
 
 /// Events each stream client may have waiting before it starts losing them.
@@ -53,6 +54,8 @@ struct Seen {
     /// Cumulative counts per latency bucket (the histogram's upper bounds are
     /// `metrics::LATENCY_BUCKETS`), then +Inf.
     buckets: Vec<u64>,
+    /// Per `metrics::Phase`: seconds and observations so far.
+    phases: [(f64, u64); 5],
 }
 
 impl Pulse {
@@ -211,6 +214,10 @@ fn sample(
             let now = Seen {
                 by_class: v.metrics.counts(),
                 buckets: buckets(v.metrics.duration()),
+                phases: Phase::ALL.map(|p| {
+                    let h = v.metrics.phase_histogram(p);
+                    (h.get_sample_sum(), h.get_sample_count())
+                }),
             };
             let before = seen
                 .insert((model.name.clone(), v.name.clone()), now.clone())
@@ -223,6 +230,15 @@ fn sample(
                 .enumerate()
                 .map(|(i, c)| c.saturating_sub(before.buckets.get(i).copied().unwrap_or(0)))
                 .collect();
+            // Mean milliseconds per phase over the window, for the phases it saw.
+            let mut phases = serde_json::Map::new();
+            for (i, p) in Phase::ALL.iter().enumerate() {
+                let n = now.phases[i].1.saturating_sub(before.phases[i].1);
+                if n > 0 {
+                    let secs = now.phases[i].0 - before.phases[i].0;
+                    phases.insert(p.as_str().into(), json!(secs * 1000.0 / n as f64));
+                }
+            }
             let health = v.health.snapshot();
             let mut out = json!({
                 "name": v.name,
@@ -236,6 +252,7 @@ fn sample(
                 "breaker": health["breaker"],
                 "in_flight": health["in_flight"],
                 "local": matches!(v.backend, crate::table::Backend::Local(_)),
+                "phases_ms": phases,
             });
             if let Some(b) = bandit.and_then(|b| b["variants"].get(&v.name)) {
                 let rewards = b["rewards"].as_f64().unwrap_or(0.0);

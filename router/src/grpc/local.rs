@@ -103,7 +103,7 @@ impl LocalBackend {
         // Decoded (and checked) off the async workers when large.
         let (request, values, rows, plan) =
             crate::offload::cpu(message.len(), move || read_infer(&name, &sig, message)).await??;
-        let output = self.infer(model, values, rows).await?;
+        let output = self.infer(model, values, rows).await?.values;
         let sig = self.batcher.model().signature();
         let out = crate::v2::output(sig, plan, output, rows);
         let raw = out.raw();
@@ -134,7 +134,7 @@ impl LocalBackend {
         let (values, rows) =
             crate::offload::cpu(message.len(), move || read_predict(&name, &sig, message))
                 .await??;
-        let output = self.infer(model, values, rows).await?;
+        let output = self.infer(model, values, rows).await?.values;
         let sig = self.batcher.model().signature();
         let mut shape = sig.output.shape_i64();
         shape[0] = rows as i64;
