@@ -113,13 +113,20 @@ async fn model_server(model: &str, delay: &str) -> Result<crate::Running, String
 }
 
 /// The sidecar's config: a profit bandit over the three servers, the candidate as a
-/// shadow, the local fallback.
-fn sidecar_yaml(servers: &[SocketAddr], candidate: SocketAddr, seed: u64) -> String {
+/// shadow, the local fallback, borderline predictions kept in `borderline`.
+fn sidecar_yaml(
+    servers: &[SocketAddr],
+    candidate: SocketAddr,
+    seed: u64,
+    borderline: &std::path::Path,
+) -> String {
+    let file = serde_json::to_string(&borderline.display().to_string()).unwrap_or_default();
     let mut y = format!(
         r#"seed: {seed}
 models:
   digits:
     bandit: {{objective: profit, warmup: 300, min_weight: 0.02, update_interval: 500ms}}
+    capture: {{margin: 0.5, sample: 1.0, file: {file}, max_bytes: 16MiB}}
     breaker: {{consecutive_failures: 3, base_ejection: 2s, max_ejection: 10s}}
     retry: {{on: []}}
     fallback: fallback
@@ -159,7 +166,11 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     }
     let candidate = model_server("builtin:digits_cnn", "").await?;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.data_addr).collect();
-    let yaml = sidecar_yaml(&addrs, candidate.data_addr, args.seed);
+    // Outside the working directory: the demo leaves nothing behind where it is run.
+    let scratch = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let borderline = scratch.join("borderline.jsonl");
+    let yaml = sidecar_yaml(&addrs, candidate.data_addr, args.seed, &borderline);
     let config = crate::parse_config(&yaml).map_err(|e| e.render("demo sidecar"))?;
     let data = TcpListener::bind("127.0.0.1:0")
         .await
@@ -242,7 +253,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     };
     let report: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
     let numbers = (*sidecar.numbers()).clone();
-    print_summary(&numbers, &timeline, &report, killed);
+    print_summary(&numbers, &timeline, &report, killed, &borderline);
     sidecar.shutdown();
     candidate.shutdown();
     for s in &servers {
@@ -348,6 +359,7 @@ fn print_summary(
     timeline: &[(Duration, Value)],
     report: &Value,
     killed: Option<Duration>,
+    borderline: &std::path::Path,
 ) {
     let best = ARMS
         .iter()
@@ -410,6 +422,12 @@ fn print_summary(
             .as_f64()
             .map_or("-".into(), |a| format!("{:.1}%", 100.0 * a)),
         shadow["compared"]
+    ));
+    // The writer thread may still be finishing its last lines: count what is there.
+    let kept = std::fs::read_to_string(borderline).map_or(0, |t| t.lines().count());
+    out.push_str(&format!(
+        "  borderline predictions kept for relabelling: {kept} in {}\n",
+        borderline.display()
     ));
     if let Some(f) = report.get("feedback") {
         out.push_str(&format!(

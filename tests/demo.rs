@@ -1,5 +1,6 @@
 //! `switchyard demo` as a user runs it: it ends by itself with a summary that names the
-//! winner, the traffic on it, and no failed request through the outage. While it runs,
+//! winner, the traffic on it, no failed request through the outage, and the file of
+//! borderline predictions it kept. While it runs,
 //! the dashboard is served, `/admin/stream` sends numbers at once and as they change,
 //! and (when Chromium is installed, as the test command installs it) a headless browser
 //! shows them changing on the page.
@@ -65,9 +66,10 @@ async fn the_demo_finds_the_winner_survives_the_outage_and_shows_it_live() {
     let mut got = String::new();
     let mut buf = [0u8; 16384];
     let mut events = Vec::new();
-    // Bounded: three events, at most 10 s.
+    let mut predictions = Vec::new();
+    // Bounded: three samples of the numbers and a sampled prediction, at most 10 s.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while events.len() < 3 {
+    while events.len() < 3 || predictions.is_empty() {
         let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
             .await
             .expect("the stream went quiet")
@@ -77,7 +79,12 @@ async fn the_demo_finds_the_winner_survives_the_outage_and_shows_it_live() {
         while let Some(end) = got.find("\n\n") {
             let event: String = got.drain(..end + 2).collect();
             if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
-                events.push(serde_json::from_str::<serde_json::Value>(data).unwrap());
+                let event: serde_json::Value = serde_json::from_str(data).unwrap();
+                match event["type"].as_str() {
+                    Some("numbers") => events.push(event),
+                    Some("prediction") => predictions.push(event),
+                    other => panic!("an event of type {other:?}: {event}"),
+                }
             }
         }
         if events.is_empty() {
@@ -135,6 +142,19 @@ async fn the_demo_finds_the_winner_survives_the_outage_and_shows_it_live() {
         "requests failed through the outage: {summary}"
     );
     assert!(summary.contains("`budget` stopped at"), "{summary}");
+    // The borderline file: named in the summary, not empty, one JSON object a line.
+    let file = summary
+        .lines()
+        .find_map(|l| l.split(" in ").nth(1).filter(|_| l.contains("borderline")))
+        .unwrap_or_else(|| panic!("no borderline file: {summary}"))
+        .trim();
+    let kept = std::fs::read_to_string(file).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(kept.lines().next().expect("empty")).unwrap();
+    assert!(first["margins"][0].as_f64().unwrap() < 0.5, "{first}");
+    assert!(first["inputs"]["instances"].is_array(), "{first}");
+    assert!(first["outputs"]["predictions"].is_array(), "{first}");
+    let _ = std::fs::remove_dir_all(std::path::Path::new(file).parent().unwrap());
 }
 
 /// Headless Chromium loads the dashboard twice, two seconds apart (`--dump-dom` after

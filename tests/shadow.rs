@@ -480,3 +480,92 @@ models:
     let none = admin_json(sy.admin_addr, "/admin/shadow/m").await;
     assert_eq!(none["shadows"], serde_json::json!([]));
 }
+
+/// `capture:` keeps the predictions under the margin, and only those, with their inputs
+/// and outputs, off the request path; the file rotates at `max_bytes` (at most twice it
+/// on disk); the counters say how many were looked at and kept.
+#[tokio::test]
+async fn capture_keeps_borderline_predictions_and_rotates_its_file() {
+    // Even request numbers get a sure answer, odd ones a borderline one (0.52 vs 0.48).
+    let primary = model_server(Duration::ZERO, |_, body| {
+        let n: u64 = serde_json::from_slice::<Value>(body).unwrap()["instances"][0][0]
+            .as_u64()
+            .unwrap();
+        let row = if n.is_multiple_of(2) {
+            "[0.9, 0.1]"
+        } else {
+            "[0.48, 0.52]"
+        };
+        (200, format!(r#"{{"predictions": [{row}]}}"#))
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("switchyard-capture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("borderline.jsonl");
+    let app = start(&format!(
+        "models:\n  m:\n    capture: {{margin: 0.1, file: \"{}\", max_bytes: 4KiB}}\n    variants:\n      - {{name: a, weight: 1, upstream: \"{}\"}}\n",
+        file.display(),
+        primary.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    for n in 0..100u64 {
+        let r = send(
+            &c,
+            "POST",
+            &url,
+            &[],
+            &format!(r#"{{"instances": [[{n}, 1]]}}"#),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // Bounded: the shadow thread and the writer thread finish by themselves.
+    let mut kept = 0.0;
+    for _ in 0..500 {
+        let m = metrics(app.admin_addr).await;
+        kept = sample(&m, r#"switchyard_capture_borderline_total{model="m"}"#).unwrap_or(0.0);
+        if kept >= 50.0 {
+            assert_eq!(
+                sample(&m, r#"switchyard_capture_predictions_total{model="m"}"#),
+                Some(100.0)
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kept, 50.0, "the 50 borderline answers, and only those");
+    let rotated = dir.join("borderline.jsonl.1");
+    let mut lines = Vec::new();
+    for _ in 0..500 {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        lines = read(&rotated)
+            .lines()
+            .chain(read(&file).lines())
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        if std::fs::metadata(&rotated).is_ok() && !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for f in [&file, &rotated] {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 4096, "{} is {len} bytes", f.display());
+    }
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let n = v["inputs"]["instances"][0][0].as_u64().unwrap();
+        assert!(!n.is_multiple_of(2), "a sure prediction was kept: {v}");
+        assert_eq!(v["variant"], "a");
+        assert!(
+            (v["margins"][0].as_f64().unwrap() - 0.04).abs() < 1e-9,
+            "{v}"
+        );
+        assert_eq!(v["outputs"]["predictions"][0][1], 0.52);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -26,7 +26,7 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Config, CpuKernels,
+    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Capture, Config, CpuKernels,
     GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
     ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
 };

@@ -120,6 +120,27 @@ pub struct Model {
     /// long; the first answer wins and the other is cancelled. Default: off.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub hedge_after: Option<Duration>,
+    /// Keep the borderline predictions (top-1 score minus top-2 below `margin`) for
+    /// relabelling, and show sampled predictions on the dashboard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
+}
+
+/// `capture:`: which answered predictions are looked at, which are kept, and where.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Capture {
+    /// A prediction whose top-1 score is within this of the runner-up's is borderline
+    /// and kept. Default 0.1.
+    pub margin: f64,
+    /// Share of answered predictions looked at, 0 to 1 (by request, off the request
+    /// path). Default 1.0.
+    pub sample: f64,
+    /// The JSONL file borderline predictions are appended to (request id, time, variant,
+    /// inputs, outputs, margin).
+    pub file: String,
+    /// When the file would grow past this, it is renamed `<file>.1` (replacing the last
+    /// one) and a new one started: at most twice this on disk. Default 100 MiB.
+    pub max_bytes: u64,
 }
 
 /// A shadow: a candidate model server that gets copies of live requests.
@@ -762,6 +783,7 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
             "limits",
             "retry",
             "hedge_after",
+            "capture",
         ],
     )?;
     let sticky_header = f.optional(cx, "sticky_header", |cx, n, p| {
@@ -784,6 +806,7 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
     let limits = f.optional(cx, "limits", crate::resilience::decode_limits);
     let retry = f.optional(cx, "retry", crate::resilience::decode_retry);
     let hedge_after = f.optional(cx, "hedge_after", decode::duration);
+    let capture = f.optional(cx, "capture", decode_capture);
     let variants = f.required(cx, "variants", decode_variants)?;
     if let (Some(name), Some(node)) = (&fallback, f.get("fallback")) {
         match variants.iter().find(|v| &v.name == name) {
@@ -857,6 +880,38 @@ fn decode_model(cx: &mut Cx, node: &Node, path: &str) -> Option<Model> {
         limits: limits.unwrap_or_default(),
         retry: retry.unwrap_or_default(),
         hedge_after,
+        capture,
+    })
+}
+
+fn decode_capture(cx: &mut Cx, node: &Node, path: &str) -> Option<Capture> {
+    let f = Fields::new(cx, node, path, &["margin", "sample", "file", "max_bytes"])?;
+    let share = |what: &'static str| {
+        move |cx: &mut Cx, n: &Node, p: &str| {
+            let v = decode::f64(cx, n, p)?;
+            if !(0.0..=1.0).contains(&v) {
+                cx.error(n, p, format!("{what} must be from 0 to 1, found {v}"));
+                return None;
+            }
+            Some(v)
+        }
+    };
+    let margin = f.optional(cx, "margin", share("the margin"));
+    let sample = f.optional(cx, "sample", share("the sampled share"));
+    let max_bytes = f.optional(cx, "max_bytes", |cx, n, p| {
+        let v = decode::byte_size(cx, n, p)?;
+        if v < 4096 {
+            cx.error(n, p, format!("must be at least 4KiB, found {v}"));
+            return None;
+        }
+        Some(v)
+    });
+    let file = f.required(cx, "file", decode::string)?;
+    Some(Capture {
+        margin: margin.unwrap_or(0.1),
+        sample: sample.unwrap_or(1.0),
+        file,
+        max_bytes: max_bytes.unwrap_or(100 * 1024 * 1024),
     })
 }
 

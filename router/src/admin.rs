@@ -130,7 +130,8 @@ impl tower_service::Service<Request<Incoming>> for AdminService {
         }
         if req.uri().path() == "/admin/stream" && req.method() == Method::GET {
             if let Some(pulse) = &self.0.pulse {
-                let mut resp = Response::new(AdminBody::Stream(pulse.stream()));
+                let predictions = self.0.router.predictions();
+                let mut resp = Response::new(AdminBody::Stream(pulse.stream(predictions)));
                 let h = resp.headers_mut();
                 h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                 h.insert(

@@ -109,12 +109,14 @@ impl Router {
         let mut primary_answer = None;
         if let Some(shadows) = &model.shadows {
             // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
-            let mask = if model_req.verb.is_prediction() {
+            let predicts = model_req.verb.is_prediction();
+            let mask = if predicts {
                 shadows.select(request_id.as_bytes(), grpc.is_some())
             } else {
                 0
             };
-            if mask != 0 {
+            let capture = predicts && shadows.capture_takes(request_id.as_bytes(), grpc.is_some());
+            if mask != 0 || capture {
                 let head = RequestHead {
                     method: parts.method.clone(),
                     path: parts.uri.path().to_string(),
@@ -125,7 +127,7 @@ impl Router {
                     started,
                     grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
                 };
-                let (mut tap, answer) = shadows.begin(mask, head);
+                let (mut tap, answer) = shadows.begin(mask, capture, head);
                 if grpc.is_some() {
                     // Already read whole: mirrored now.
                     tap.finish();
@@ -215,7 +217,7 @@ impl Router {
             );
         }
         if let Some(answer) = primary_answer {
-            resp.body_mut().set_tap(answer.tap(status));
+            resp.body_mut().set_tap(answer.tap(status, &variant.name));
         }
         let local = resp.extensions().get::<crate::local::Phases>().copied();
         let m = &variant.metrics;

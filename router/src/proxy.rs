@@ -92,6 +92,8 @@ pub struct Router {
     /// Serialises reloads (two at once would each build from the same live table).
     reloading: std::sync::Mutex<()>,
     shadow_thread_start: Option<fn()>,
+    /// Sampled predictions (`capture:`), for the dashboard.
+    predictions: switchyard_shadow::capture::PredictionFeed,
     /// Runs mirrors and comparisons, started with the first config that has shadows;
     /// declared last so it stops after the table (and the shadow queues in it) is gone.
     shadow_runtime: std::sync::OnceLock<switchyard_shadow::ShadowRuntime>,
@@ -123,6 +125,7 @@ impl Router {
         let seed = config.seed.unwrap_or_else(random_seed);
         let shadow_runtime = std::sync::OnceLock::new();
         let keys = crate::table::ModelKeys::default();
+        let (predictions, _) = tokio::sync::broadcast::channel(64);
         let table = RouteTable::build(
             config,
             &metrics,
@@ -130,6 +133,7 @@ impl Router {
             shadow_runtime_for(config, &shadow_runtime, options.shadow_thread_start)?,
             &keys,
             None,
+            &predictions,
         )?;
         let longest_ttl = config
             .models
@@ -159,6 +163,7 @@ impl Router {
             keys,
             reloading: std::sync::Mutex::new(()),
             shadow_thread_start: options.shadow_thread_start,
+            predictions,
             shadow_runtime,
         }))
     }
@@ -184,6 +189,7 @@ impl Router {
             runtime,
             &self.keys,
             Some(&live),
+            &self.predictions,
         )
         .map_err(|e| e.to_string())?;
         prepare(&next)?;
@@ -208,6 +214,14 @@ impl Router {
                     }
                 }
             }
+            let captured = |m: &crate::table::ModelRoute| {
+                m.shadows
+                    .as_ref()
+                    .is_some_and(switchyard_shadow::ShadowSet::captures)
+            };
+            if captured(old) && !kept.is_some_and(|m| captured(m)) {
+                self.metrics.shadow.forget_capture(&old.name);
+            }
             let had_local = |m: &crate::table::ModelRoute| {
                 m.variants
                     .iter()
@@ -222,6 +236,11 @@ impl Router {
             }
         }
         Ok(removed)
+    }
+
+    /// Sampled predictions of models with `capture:`, one JSON object each.
+    pub fn predictions(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
+        self.predictions.subscribe()
     }
 
     /// The keys decisions carry, each with its model and variant list.
@@ -675,7 +694,11 @@ fn shadow_runtime_for<'a>(
     cell: &'a std::sync::OnceLock<switchyard_shadow::ShadowRuntime>,
     on_start: Option<fn()>,
 ) -> Result<Option<&'a switchyard_shadow::ShadowRuntime>, BuildError> {
-    if config.models.values().all(|m| m.shadows.is_empty()) {
+    if config
+        .models
+        .values()
+        .all(|m| m.shadows.is_empty() && m.capture.is_none())
+    {
         return Ok(cell.get());
     }
     if let Some(rt) = cell.get() {

@@ -30,6 +30,9 @@ use crate::proxy::Router;
 /// Events each stream client may have waiting before it starts losing them.
 const CLIENT_QUEUE: usize = 4;
 
+/// Sampled predictions each stream client may have waiting, besides the numbers.
+const PREDICTIONS_QUEUE: usize = 64;
+
 /// Samples kept for a page that opens now (its charts start full): two minutes.
 const HISTORY: usize = 120;
 
@@ -134,28 +137,54 @@ impl Pulse {
         let _ = self.feed.send(event);
     }
 
-    /// `GET /admin/stream`'s body: the latest sample at once, then one a second.
-    pub fn stream(&self) -> SseBody {
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+    /// `GET /admin/stream`'s body: the latest sample at once, then one a second, and
+    /// the sampled `predictions` (`capture:`) as they come.
+    pub fn stream(&self, mut predictions: broadcast::Receiver<Bytes>) -> SseBody {
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE + PREDICTIONS_QUEUE);
         let first = Bytes::from(format!("data: {}\n\n", self.latest()));
         let mut feed = self.feed.subscribe();
         let dropped = self.dropped.clone();
         tokio::spawn(async move {
-            loop {
-                match feed.recv().await {
-                    Ok(event) => {
-                        // A full queue: this client is behind; the event is dropped,
-                        // not waited for.
-                        match tx.try_send(event) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(_)) => dropped.inc(),
-                            Err(mpsc::error::TrySendError::Closed(_)) => return,
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => dropped.inc_by(n),
-                    Err(broadcast::error::RecvError::Closed) => return,
+            // A full queue: this client is behind; the event is dropped, not waited for.
+            let offer = |event: Bytes| match tx.try_send(event) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped.inc();
+                    true
                 }
-                if tx.is_closed() {
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            let mut predicting = true;
+            loop {
+                let open = tokio::select! {
+                    numbers = feed.recv() => match numbers {
+                        Ok(event) => offer(event),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            dropped.inc_by(n);
+                            true
+                        }
+                        Err(broadcast::error::RecvError::Closed) => false,
+                    },
+                    prediction = predictions.recv(), if predicting => match prediction {
+                        Ok(p) => {
+                            let mut event = Vec::with_capacity(p.len() + 8);
+                            event.extend_from_slice(b"data: ");
+                            event.extend_from_slice(&p);
+                            event.extend_from_slice(b"\n\n");
+                            offer(event.into())
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            dropped.inc_by(n);
+                            true
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            predicting = false;
+                            true
+                        }
+                    },
+                    () = tx.closed() => false,
+                };
+                if !open {
                     return;
                 }
             }
@@ -370,26 +399,25 @@ mod tests {
     #[tokio::test]
     async fn a_stream_that_is_not_read_loses_events_and_holds_nothing_up() {
         let pulse = Pulse::new(&Registry::new()).unwrap();
-        let mut body = pulse.stream();
+        let (_predictions, none) = broadcast::channel(1);
+        let mut body = pulse.stream(none);
         // Let the client's task subscribe before anything is published.
         tokio::task::yield_now().await;
-        for i in 0..50 {
+        for i in 0..150 {
             pulse.publish(json!({ "n": i }));
             tokio::task::yield_now().await;
         }
         // Bounded: the forwarding task runs on this runtime.
         for _ in 0..100 {
-            if pulse.dropped.get() >= 40 {
+            if pulse.dropped.get() >= 80 {
                 break;
             }
             tokio::task::yield_now().await;
         }
         let dropped = pulse.dropped.get();
-        assert!(
-            dropped >= 50 - (CLIENT_QUEUE as u64) - 2,
-            "only {dropped} of 50 dropped"
-        );
-        assert_eq!(pulse.history().len(), 50);
+        let queue = (CLIENT_QUEUE + PREDICTIONS_QUEUE) as u64;
+        assert!(dropped >= 150 - queue - 2, "only {dropped} of 150 dropped");
+        assert_eq!(pulse.history().len(), HISTORY);
         // What it reads: the first sample it was given, then what its queue held.
         let mut read = Vec::new();
         let waker = std::task::Waker::noop();
@@ -397,7 +425,10 @@ mod tests {
         while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) {
             read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
         }
-        assert!(read.len() <= CLIENT_QUEUE + 1, "{read:?}");
+        assert!(
+            read.len() <= CLIENT_QUEUE + PREDICTIONS_QUEUE + 1,
+            "{read:?}"
+        );
         assert!(read[0].starts_with("data: {"), "{read:?}");
     }
 

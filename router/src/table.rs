@@ -171,6 +171,7 @@ impl RouteTable {
         shadow_runtime: Option<&switchyard_shadow::ShadowRuntime>,
         keys: &ModelKeys,
         previous: Option<&RouteTable>,
+        feed: &switchyard_shadow::capture::PredictionFeed,
     ) -> Result<Self, BuildError> {
         let mut models = HashMap::with_capacity(config.models.len());
         for (name, model) in &config.models {
@@ -255,19 +256,21 @@ impl RouteTable {
                 None => None,
             };
             let shadows = match shadow_runtime {
-                Some(rt) if !model.shadows.is_empty() => {
+                Some(rt) if !model.shadows.is_empty() || model.capture.is_some() => {
                     let defaults = switchyard_shadow::ShadowDefaults {
                         runtime: rt.handle(),
                         connect_timeout: config.connect_timeout,
                         request_timeout: model.request_timeout.unwrap_or(config.request_timeout),
                         body_limit: config.body_limit(model),
                         seed: seed ^ stable_hash(name.as_bytes()).rotate_left(17),
+                        feed: Some(feed.clone()),
                     };
                     let set = switchyard_shadow::ShadowSet::new(
                         name,
                         &model.shadows,
                         &defaults,
                         &metrics.shadow,
+                        model.capture.as_ref(),
                         old_model.and_then(|m| m.shadows.as_ref()),
                     )
                     .map_err(|e| BuildError {

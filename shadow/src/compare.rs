@@ -377,6 +377,56 @@ fn top1_agrees(r: &[Cell], s: &[Cell]) -> bool {
     }
 }
 
+/// One answered row as a person reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// The top-1 class (index in the row).
+    pub class: usize,
+    /// Its score.
+    pub score: f64,
+    /// Its score minus the runner-up's: small is borderline.
+    pub margin: f64,
+}
+
+/// Each row of an answer's first output (by name) that scores two or more classes: its
+/// top-1, score and margin. Empty for answers without such rows (labels, errors).
+pub fn top_two(body: &[u8]) -> Vec<Scored> {
+    let Extracted::Outputs(outputs) = extract(body) else {
+        return Vec::new();
+    };
+    let Some(first) = outputs
+        .into_iter()
+        .find(|o| o.rows.iter().all(|r| r.len() >= 2))
+    else {
+        return Vec::new();
+    };
+    first
+        .rows
+        .iter()
+        .filter_map(|row| {
+            let class = argmax(row)?;
+            let score = match row[class] {
+                Cell::Num(x) => x,
+                Cell::Text(_) => return None,
+            };
+            let second = row
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != class)
+                .filter_map(|(_, c)| match c {
+                    Cell::Num(x) => Some(*x),
+                    Cell::Text(_) => None,
+                })
+                .fold(f64::NEG_INFINITY, f64::max);
+            Some(Scored {
+                class,
+                score,
+                margin: score - second,
+            })
+        })
+        .collect()
+}
+
 /// Index of the largest number (the first on ties); `None` if a cell is not a number.
 fn argmax(row: &[Cell]) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
@@ -392,6 +442,22 @@ fn argmax(row: &[Cell]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_two_reads_rows_of_both_protocols() {
+        let tf = top_two(br#"{"predictions": [[0.1, 0.7, 0.2], [0.45, 0.55, 0.0]]}"#);
+        assert_eq!(tf.len(), 2);
+        assert_eq!(tf[0].class, 1);
+        assert!((tf[0].margin - 0.5).abs() < 1e-9);
+        assert!((tf[1].margin - 0.1).abs() < 1e-9);
+        let v2 = top_two(
+            br#"{"outputs": [{"name": "p", "shape": [1, 3], "datatype": "FP32", "data": [0.3, 0.3, 0.4]}]}"#,
+        );
+        assert_eq!(v2[0].class, 2);
+        assert!((v2[0].margin - 0.1).abs() < 1e-9);
+        assert!(top_two(br#"{"predictions": [3, 4]}"#).is_empty());
+        assert!(top_two(br#"{"error": "x"}"#).is_empty());
+    }
 
     fn cmp(a: &str, b: &str) -> Comparison {
         compare((200, a.as_bytes()), (200, b.as_bytes()))

@@ -8,11 +8,14 @@
 //! - [`compare`]: pure comparison of two answers (top-1 per row, largest difference,
 //!   shapes, statuses) for TF Serving and KServe V2 outputs, JSON or gRPC (gRPC answers
 //!   are read as the V2 JSON they stand for).
+//! - [`capture`]: `capture:`, borderline predictions kept for relabelling (through the
+//!   same taps), and sampled predictions for the dashboard.
 //! - [`stats`]: counters, means, the latest disagreements, the JSONL log.
 //! - [`metrics`]: the Prometheus families, labelled by model and shadow.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod capture;
 pub mod compare;
 pub mod metrics;
 pub mod mirror;

@@ -69,6 +69,9 @@ impl ShadowErrorKind {
 /// The families; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ShadowMetricFamilies {
+    capture_looked: IntCounterVec,
+    capture_borderline: IntCounterVec,
+    capture_dropped: IntCounterVec,
     mirrored: IntCounterVec,
     dropped: IntCounterVec,
     errors: IntCounterVec,
@@ -94,7 +97,21 @@ impl ShadowMetricFamilies {
     /// Creates the families and registers them on `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let two = ["model", "shadow"];
+        let per_model =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model"]);
         let f = ShadowMetricFamilies {
+            capture_looked: per_model(
+                "switchyard_capture_predictions_total",
+                "Answered predictions `capture` looked at (sampled), per model.",
+            )?,
+            capture_borderline: per_model(
+                "switchyard_capture_borderline_total",
+                "Borderline predictions (top-1 minus top-2 below capture.margin) queued for the capture file.",
+            )?,
+            capture_dropped: per_model(
+                "switchyard_capture_dropped_total",
+                "Borderline predictions not written: the writer's queue was full, or the write failed.",
+            )?,
             mirrored: IntCounterVec::new(
                 Opts::new(
                     "switchyard_shadow_mirrored_total",
@@ -152,6 +169,9 @@ impl ShadowMetricFamilies {
                 &two,
             )?,
         };
+        registry.register(Box::new(f.capture_looked.clone()))?;
+        registry.register(Box::new(f.capture_borderline.clone()))?;
+        registry.register(Box::new(f.capture_dropped.clone()))?;
         registry.register(Box::new(f.mirrored.clone()))?;
         registry.register(Box::new(f.dropped.clone()))?;
         registry.register(Box::new(f.errors.clone()))?;
@@ -160,6 +180,26 @@ impl ShadowMetricFamilies {
         registry.register(Box::new(f.divergence.clone()))?;
         registry.register(Box::new(f.duration.clone()))?;
         Ok(f)
+    }
+
+    /// The capture counters of `model`.
+    pub fn for_capture(&self, model: &str) -> crate::capture::CaptureMetrics {
+        crate::capture::CaptureMetrics {
+            looked: self.capture_looked.with_label_values(&[model]),
+            borderline: self.capture_borderline.with_label_values(&[model]),
+            dropped: self.capture_dropped.with_label_values(&[model]),
+        }
+    }
+
+    /// Removes `model`'s capture series (a reload removed its `capture:`).
+    pub fn forget_capture(&self, model: &str) {
+        for c in [
+            &self.capture_looked,
+            &self.capture_borderline,
+            &self.capture_dropped,
+        ] {
+            let _ = c.remove_label_values(&[model]);
+        }
     }
 
     /// Removes the series of one shadow of `model` (a reload removed it), so /metrics

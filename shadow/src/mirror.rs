@@ -94,6 +94,8 @@ pub struct ShadowDefaults {
     pub body_limit: u64,
     /// Seed for random sampling.
     pub seed: u64,
+    /// Where `capture` sends sampled predictions for the dashboard.
+    pub feed: Option<crate::capture::PredictionFeed>,
 }
 
 /// A model's shadows.
@@ -102,6 +104,7 @@ pub struct ShadowSet {
     lanes: Arc<[Lane]>,
     compare_limit: usize,
     runtime: tokio::runtime::Handle,
+    capture: Option<Arc<crate::capture::Capture>>,
 }
 
 /// One shadow: shared between route tables while a reload leaves its settings as
@@ -186,6 +189,7 @@ impl ShadowSet {
         specs: &[ShadowSpec],
         defaults: &ShadowDefaults,
         families: &ShadowMetricFamilies,
+        capture: Option<&switchyard_config::Capture>,
         previous: Option<&ShadowSet>,
     ) -> Result<Self, ShadowError> {
         let compare_limit = usize::try_from(defaults.body_limit).unwrap_or(usize::MAX);
@@ -258,11 +262,40 @@ impl ShadowSet {
                 queue: tx,
             });
         }
+        let capture = match capture {
+            None => None,
+            Some(spec) => Some(Arc::new(
+                crate::capture::Capture::new(
+                    model,
+                    spec,
+                    defaults.seed.rotate_left(29),
+                    families.for_capture(model),
+                    defaults.feed.clone(),
+                    previous.and_then(|p| p.capture.as_deref()),
+                )
+                .map_err(|source| ShadowError::Log {
+                    shadow: "capture".into(),
+                    path: spec.file.clone(),
+                    source,
+                })?,
+            )),
+        };
         Ok(ShadowSet {
             lanes: lanes.into(),
             compare_limit,
             runtime: defaults.runtime.clone(),
+            capture,
         })
+    }
+
+    /// Whether `capture` looks at the request with this id (HTTP answers only).
+    pub fn capture_takes(&self, request_id: &[u8], grpc: bool) -> bool {
+        !grpc && self.capture.as_ref().is_some_and(|c| c.takes(request_id))
+    }
+
+    /// Whether this model has a `capture:`.
+    pub fn captures(&self) -> bool {
+        self.capture.is_some()
     }
 
     /// The shadows' names, in config order.
@@ -299,10 +332,19 @@ impl ShadowSet {
             .map(|(_, l)| l)
     }
 
-    /// Starts mirroring one request to the shadows in `mask`: the request tap goes on
-    /// the client's body, the exchange later gives the response tap.
-    pub fn begin(&self, mask: u64, head: RequestHead) -> (RequestTap, PrimaryAnswer) {
+    /// Starts mirroring one request to the shadows in `mask` (and, with `capture`,
+    /// keeping it for `capture:`): the request tap goes on the client's body, the
+    /// exchange later gives the response tap.
+    pub fn begin(
+        &self,
+        mask: u64,
+        capture: bool,
+        head: RequestHead,
+    ) -> (RequestTap, PrimaryAnswer) {
         let exchange = Arc::new(Exchange {
+            capture: self.capture.clone().filter(|_| capture),
+            request: std::sync::OnceLock::new(),
+            variant: std::sync::OnceLock::new(),
             grpc: head.grpc.as_ref().map(|g| g.in_spec),
             request_id: String::from_utf8_lossy(head.request_id.as_bytes()).into_owned(),
             started: head.started,
@@ -593,6 +635,12 @@ struct Pair {
 /// Pairs the primary's answer with each shadow's, by request.
 #[derive(Debug)]
 struct Exchange {
+    /// Set when `capture` looks at this request.
+    capture: Option<Arc<crate::capture::Capture>>,
+    /// The request, kept for `capture` once complete.
+    request: std::sync::OnceLock<Arc<MirrorRequest>>,
+    /// The variant that answered.
+    variant: std::sync::OnceLock<String>,
     /// For a gRPC call: whether it is TF Serving's (its answers are read as such).
     grpc: Option<bool>,
     request_id: String,
@@ -624,6 +672,24 @@ impl Exchange {
             match answer {
                 Some(a) => {
                     let a = Arc::new(a);
+                    if let (Some(capture), Some(request)) = (&self.capture, self.request.get()) {
+                        let (capture, request, answer) =
+                            (capture.clone(), request.clone(), a.clone());
+                        let this = self.clone();
+                        // On the shadow thread, off the client's connection.
+                        self.runtime.spawn(async move {
+                            if let Some(body) = &answer.body {
+                                capture.look(
+                                    &this.request_id,
+                                    this.variant.get().map_or("", String::as_str),
+                                    &joined(&request.body),
+                                    answer.status,
+                                    &joined(body),
+                                    answer.latency,
+                                );
+                            }
+                        });
+                    }
                     pair.primary = Slot::Done(a.clone());
                     std::mem::take(&mut pair.waiting)
                         .into_iter()
@@ -733,6 +799,9 @@ impl RequestTap {
             head,
             body: std::mem::take(&mut self.frames),
         });
+        if self.exchange.capture.is_some() {
+            let _ = self.exchange.request.set(request.clone());
+        }
         for (i, lane) in self.lanes.iter().enumerate() {
             if self.mask & (1 << i) == 0 {
                 continue;
@@ -781,10 +850,11 @@ pub struct PrimaryAnswer {
 }
 
 impl PrimaryAnswer {
-    /// The tap for an answer with `status`. Up to the model's body limit of it is kept
-    /// for comparing; a longer answer still streams to the client, uncompared.
-    pub fn tap(self, status: u16) -> ResponseTap {
+    /// The tap for `variant`'s answer with `status`. Up to the model's body limit of
+    /// it is kept for comparing; a longer answer still streams to the client, uncompared.
+    pub fn tap(self, status: u16, variant: &str) -> ResponseTap {
         let limit = self.exchange.compare_limit;
+        let _ = self.exchange.variant.set(variant.to_string());
         ResponseTap {
             exchange: self.exchange,
             status,
