@@ -65,6 +65,19 @@ async fn the_demo_finds_the_winner_survives_the_outage_and_shows_it_live() {
         .unwrap();
     let mut got = String::new();
     let mut buf = [0u8; 16384];
+    // The first event comes at once (the latest sample): within 2 s of connecting.
+    let first_event = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream closed");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if got.contains("data: {") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(first_event.is_ok(), "no event within 2 s: {got:?}");
     let mut events = Vec::new();
     let mut predictions = Vec::new();
     // Bounded: three samples of the numbers and a sampled prediction, at most 10 s.
