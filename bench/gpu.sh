@@ -10,7 +10,7 @@
 #
 #   bench/gpu.sh cpu        # here: the CPU runtime (fused kernels, and tract's plan) at
 #                           # batch 1024 to 65536 (one thread)
-#   bench/gpu.sh prepare    # here: build the release binaries (runtime_bench and
+#   bench/gpu.sh prepare    # here: build the `dist` binaries (runtime_bench and
 #                           # switchyard, stripped: the carry limit is 64 MiB), copy them,
 #                           # the models and libvulkan.so.1 into .device/gpu (git-ignored)
 #   bench/gpu.sh device     # there (no cargo, no network): run both GPU measurements in
@@ -29,20 +29,20 @@ SECONDS_EACH=${SECONDS_EACH:-3}
 DIR=.device/gpu
 case "${1:-}" in
   cpu)
-    cargo build --release --quiet -p switchyard-inference --features gpu --example runtime_bench
+    cargo build --profile dist --quiet -p switchyard-inference --features gpu --example runtime_bench
     # Both CPU references: what Switchyard runs (the fused kernels) and tract's plan.
     for m in mlp cnn; do
       for b in $BATCHES; do
         for kernels in auto tract; do
-          taskset -c 1 target/release/examples/runtime_bench "models/digits_$m.onnx" "$b" "$SECONDS_EACH" "$kernels"
+          taskset -c 1 target/dist/examples/runtime_bench "models/digits_$m.onnx" "$b" "$SECONDS_EACH" "$kernels"
         done
       done
     done ;;
   prepare)
-    cargo build --release --quiet -p switchyard-inference --features gpu --example runtime_bench
-    cargo build --release --quiet
+    cargo build --profile dist --quiet -p switchyard-inference --features gpu --example runtime_bench
+    cargo build --profile dist --quiet
     mkdir -p "$DIR"
-    cp target/release/examples/runtime_bench target/release/switchyard "$DIR/"
+    cp target/dist/examples/runtime_bench target/dist/switchyard "$DIR/"
     strip "$DIR/runtime_bench" "$DIR/switchyard"   # the carry limit is 64 MiB
     cp -L /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$DIR/"
     cp models/digits_mlp.onnx models/digits_cnn.onnx "$DIR/"

@@ -30,9 +30,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r scripts/requirements-models.txt
 fi
-cargo build --release --quiet
-cargo build --release --quiet -p switchyard-inference --example runtime_bench
-BENCH=$PWD/target/release/examples/runtime_bench
+cargo build --profile dist --quiet
+cargo build --profile dist --quiet -p switchyard-inference --example runtime_bench
+BENCH=$PWD/target/dist/examples/runtime_bench
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"; pkill -f "model-server --model .* --listen 127.0.0.1:18501" || true' EXIT
 
@@ -79,7 +79,7 @@ for round in $(seq 1 "$ROUNDS"); do
         if [ "$mode" = unbatched ]; then flags="--max-batch-size 1"; else flags="--max-batch-size 64 --batch-timeout-micros 0"; fi
         log="$OUT/model-server-$model-$runtime-$mode.log"
         # shellcheck disable=SC2046
-        ./target/release/switchyard model-server --model "models/digits_$model.onnx" --listen 127.0.0.1:18501 \
+        ./target/dist/switchyard model-server --model "models/digits_$model.onnx" --listen 127.0.0.1:18501 \
           --admin-listen 127.0.0.1:18502 --num-batch-threads 1 --worker-threads 1 --max-enqueued-batches 1000 \
           $(runtime_flags "$runtime") $flags > "$log" 2>&1 &
         pid=$!

@@ -4,7 +4,7 @@
 # order swapped every round (whichever runs second in a pair tends to read higher).
 # For changes smaller than bench/proxy.sh's run-to-run noise.
 #
-#   bench/proxy-ab.sh OLD_BINARY NEW_BINARY      # e.g. a copy of target/release/switchyard
+#   bench/proxy-ab.sh OLD_BINARY NEW_BINARY      # e.g. a copy of target/dist/switchyard
 #   ROUNDS=10 SECONDS_EACH=4 bench/proxy-ab.sh A B
 #
 # Prints each round and the medians; B/A above 1 means B is faster.
