@@ -333,16 +333,19 @@ async fn state_survives_and_changes_take_effect() {
     );
     // The local model: three predictions.
     let digit = json!({ "instances": [vec![0.0; 64]] }).to_string();
+    let predict_digit = || {
+        let (c, url, digit) = (
+            c.clone(),
+            format!("{base}/v1/models/digits:predict"),
+            digit.clone(),
+        );
+        async move {
+            let r = send(&c, "POST", &url, &[], &digit).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+    };
     for _ in 0..3 {
-        let r = send(
-            &c,
-            "POST",
-            &format!("{base}/v1/models/digits:predict"),
-            &[],
-            &digit,
-        )
-        .await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
+        predict_digit().await;
     }
     let gone = predict(&c, &format!("{base}/v1/models/gone:predict")).await;
     assert_eq!(gone.status, 200);
@@ -389,8 +392,12 @@ async fn state_survives_and_changes_take_effect() {
         "{state}"
     );
     // Shadow counters go on from where they were.
-    let mirrored_after = mirrored(&admin_json(app.admin_addr, "/admin/shadow/rec").await);
-    assert!(mirrored_after >= mirrored_before);
+    let report_after = admin_json(app.admin_addr, "/admin/shadow/rec").await;
+    assert!(mirrored(&report_after) >= mirrored_before);
+    // Its means live in the shadow's own state (not a metric series): kept too.
+    let primary_mean = |r: &Value| r["shadows"][0]["latency_ms"]["primary_mean"].as_f64();
+    assert!(primary_mean(&shadow_report).is_some(), "{shadow_report}");
+    assert!(primary_mean(&report_after).is_some(), "{report_after}");
     // The local model was kept: its statistics go on.
     let stats = |c: hyper_util::client::legacy::Client<_, _>| {
         let url = format!("{base}/v2/models/digits/stats");
@@ -429,15 +436,7 @@ async fn state_survives_and_changes_take_effect() {
     let (status, body) = reload(&app).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(stats(c.clone()).await, 0);
-    let r = send(
-        &c,
-        "POST",
-        &format!("{base}/v1/models/digits:predict"),
-        &[],
-        &digit,
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    predict_digit().await;
     // Variant c removed again: its series leave, its decisions' feedback is refused.
     write(&a2.url(), 2.0, false, 4, false);
     assert_eq!(reload(&app).await.0, 200);

@@ -411,7 +411,7 @@ impl Router {
                         ));
                     }
                 }
-                let learns = self.table.load().models().any(|m| m.feedback_ttl.is_some());
+                let learns = self.table.load().learns();
                 let Some(sink) = self.sink.as_ref().filter(|_| learns) else {
                     return Err(RouterError::UnknownModel(
                         "(feedback is taken only for models with a `bandit`)".into(),

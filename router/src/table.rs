@@ -19,6 +19,9 @@ use crate::upstream::Upstream;
 #[derive(Debug)]
 pub struct RouteTable {
     models: HashMap<String, Arc<ModelRoute>>,
+    /// Whether any model has a bandit (feedback is taken only then), decided once here
+    /// rather than at every feedback request.
+    learns: bool,
 }
 
 /// One model: its variants and how to choose among them.
@@ -330,12 +333,18 @@ impl RouteTable {
             route.publish_weight_gauges();
             models.insert(name.clone(), Arc::new(route));
         }
-        Ok(RouteTable { models })
+        let learns = models.values().any(|m| m.feedback_ttl.is_some());
+        Ok(RouteTable { models, learns })
     }
 
     /// The model clients call `name`.
     pub fn model(&self, name: &str) -> Option<&Arc<ModelRoute>> {
         self.models.get(name)
+    }
+
+    /// Whether any model has a bandit.
+    pub fn learns(&self) -> bool {
+        self.learns
     }
 
     /// All models, in no particular order.
