@@ -26,7 +26,7 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Capture, Config, CpuKernels,
+    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Capture, Config, CpuKernels, Fleet, RedisUrl,
     GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
     ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
 };
@@ -50,6 +50,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "feedback_token_file",
     "bandit.decision_log_capacity",
     "bandit.decisions_file",
+    "fleet",
 ];
 
 /// Which of [`RESTART_KEYS`] differ between the live config and the next one.
@@ -70,6 +71,7 @@ pub fn restart_needed(live: &Config, next: &Config) -> Vec<&'static str> {
         a.feedback_token_file != b.feedback_token_file,
         a.bandit.decision_log_capacity != b.bandit.decision_log_capacity,
         a.bandit.decisions_file != b.bandit.decisions_file,
+        a.fleet != b.fleet,
     ];
     RESTART_KEYS
         .iter()
@@ -141,7 +143,7 @@ mod tests {
         )
         .unwrap();
         type Change = (&'static str, fn(&mut Config));
-        let changes: [Change; 14] = [
+        let changes: [Change; 15] = [
             ("listen", |c| c.listen = "127.0.0.1:1".parse().unwrap()),
             ("admin_listen", |c| {
                 c.admin_listen = "127.0.0.1:2".parse().unwrap()
@@ -165,6 +167,14 @@ mod tests {
             }),
             ("bandit.decisions_file", |c| {
                 c.bandit.decisions_file = Some("d".into())
+            }),
+            ("fleet", |c| {
+                c.fleet = Some(crate::Fleet {
+                    redis: crate::RedisUrl::parse("redis://127.0.0.1").unwrap(),
+                    key_prefix: "p".into(),
+                    sync_interval: std::time::Duration::from_secs(1),
+                    key_file: None,
+                })
             }),
         ];
         assert_eq!(changes.len(), RESTART_KEYS.len());

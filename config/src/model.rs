@@ -77,6 +77,10 @@ pub struct Config {
     pub feedback_token_file: Option<String>,
     /// The bandits' shared runtime settings.
     pub bandit: BanditRuntime,
+    /// Fleet mode: several replicas learn as one through Redis. Default: off (each
+    /// replica learns alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Fleet>,
     /// The models clients can call, by the name they use in URLs.
     pub models: BTreeMap<String, Model>,
 }
@@ -632,6 +636,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "admin_token_file",
             "feedback_token_file",
             "bandit",
+            "fleet",
             "models",
         ],
     )?;
@@ -659,6 +664,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let admin_token_file = f.optional(cx, "admin_token_file", path);
     let feedback_token_file = f.optional(cx, "feedback_token_file", path);
     let bandit = f.optional(cx, "bandit", decode_bandit_runtime);
+    let fleet = f.optional(cx, "fleet", decode_fleet);
     let models = f.required(cx, "models", decode_models);
 
     let listen = listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN));
@@ -688,7 +694,160 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         admin_token_file,
         feedback_token_file,
         bandit: bandit.unwrap_or_default(),
+        fleet,
         models: models?,
+    })
+}
+
+/// `fleet:`: the Redis the replicas of one model server share, and how they use it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fleet {
+    /// `redis://[[user]:password@]host[:port][/db]`; required to enable fleet mode.
+    pub redis: RedisUrl,
+    /// Prefix of every key this fleet writes, so several fleets can share one Redis.
+    /// Default `switchyard`.
+    pub key_prefix: String,
+    /// How often a replica pushes what it learned and reads the fleet's statistics.
+    /// Default `1s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub sync_interval: Duration,
+    /// A file holding the fleet's shared secret (at least 16 bytes), with which request
+    /// ids carry their decision signed (HMAC-SHA256) so any replica can take their
+    /// feedback. Default: a random secret kept in Redis under `<key_prefix>:key`, made
+    /// by the first replica to start.
+    pub key_file: Option<String>,
+}
+
+/// A parsed `redis://` URL. The password is kept, and never shown (`/admin/config`
+/// prints `***`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisUrl {
+    pub host: String,
+    pub port: u16,
+    pub db: u32,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl RedisUrl {
+    /// `host:port`, to connect to.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Parses `redis://[[user]:password@]host[:port][/db]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("`{s}` is not a redis:// URL (rediss:// and unix sockets are not supported)"))?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let (hostport, db) = match rest.split_once('/') {
+            Some((h, d)) if d.is_empty() => (h, 0),
+            Some((h, d)) => (
+                h,
+                d.parse::<u32>()
+                    .map_err(|_| format!("the database `{d}` in `{s}` is not a number"))?,
+            ),
+            None => (rest, 0),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed `[` in `{s}`"))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+        {
+            return Err(format!("`{s}` has no valid host"));
+        }
+        let port = match port {
+            None => 6379,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("the port `{p}` in `{s}` is not a port"))?,
+        };
+        let (username, password) = match auth.map(|a| a.split_once(':')) {
+            None => (None, None),
+            Some(None) => (None, auth.map(str::to_string)),
+            Some(Some((u, p))) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+        };
+        Ok(RedisUrl {
+            host: host.to_string(),
+            port,
+            db,
+            username,
+            password,
+        })
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (None, Some(_)) => ":***@".to_string(),
+            _ => String::new(),
+        };
+        s.serialize_str(&format!("redis://{auth}{}/{}", self.address(), self.db))
+    }
+}
+
+fn decode_fleet(cx: &mut Cx, node: &Node, path: &str) -> Option<Fleet> {
+    let f = Fields::new(
+        cx,
+        node,
+        path,
+        &["redis", "key_prefix", "sync_interval", "key_file"],
+    )?;
+    let redis = f.required(cx, "redis", |cx, n, p| {
+        let s = decode::string(cx, n, p)?;
+        RedisUrl::parse(&s)
+            .map_err(|e| cx.error(n, p, e))
+            .ok()
+    });
+    let key_prefix = f.optional(cx, "key_prefix", |cx, n, p| {
+        let s = decode::string(cx, n, p)?;
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b));
+        if !ok {
+            cx.error(n, p, format!("`{s}`: 1 to 64 letters, digits or `-_.:{{}}`"));
+            return None;
+        }
+        Some(s)
+    });
+    let sync_interval = f.optional(cx, "sync_interval", |cx, n, p| {
+        let d = decode::duration(cx, n, p)?;
+        if d < Duration::from_millis(50) || d > Duration::from_secs(300) {
+            cx.error(n, p, format!("must be from 50ms to 5m, found {d:?}"));
+            return None;
+        }
+        Some(d)
+    });
+    let key_file = f.optional(cx, "key_file", decode::string);
+    Some(Fleet {
+        redis: redis?,
+        key_prefix: key_prefix.unwrap_or_else(|| "switchyard".to_string()),
+        sync_interval: sync_interval.unwrap_or(Duration::from_secs(1)),
+        key_file,
     })
 }
 
@@ -1509,5 +1668,53 @@ mod tests {
         assert!(UpstreamUrl::parse("http://x:0").is_err());
         assert!(UpstreamUrl::parse("http://x:99999").is_err());
         assert!(UpstreamUrl::parse("http://x:1/?a=b").is_err());
+    }
+
+    #[test]
+    fn redis_urls() {
+        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((u.address().as_str(), u.db), ("127.0.0.1:6380", 2));
+        assert_eq!(u.password, None);
+        let u = RedisUrl::parse("redis://:s3cret@cache").unwrap();
+        assert_eq!((u.address().as_str(), u.db), ("cache:6379", 0));
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref()),
+            (None, Some("s3cret"))
+        );
+        let u = RedisUrl::parse("redis://app:pw@[::1]:7000/").unwrap();
+        assert_eq!(u.address(), "[::1]:7000");
+        assert_eq!(u.username.as_deref(), Some("app"));
+        // The password never shows in what the config prints.
+        let shown = serde_json::to_string(&u).unwrap();
+        assert!(!shown.contains("pw") && shown.contains("***"), "{shown}");
+        for bad in [
+            "127.0.0.1:6379",
+            "rediss://x",
+            "redis://",
+            "redis://x:0",
+            "redis://x:1/db",
+            "redis://x y",
+        ] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fleet_section() {
+        let base = "models:\n  m:\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n";
+        let c = crate::from_yaml_str(&format!("fleet: {{redis: \"redis://127.0.0.1:6379/0\"}}\n{base}")).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(f.key_prefix, "switchyard");
+        assert_eq!(f.sync_interval, Duration::from_secs(1));
+        assert_eq!(f.key_file, None);
+        let e = crate::from_yaml_str(&format!(
+            "fleet: {{redis: \"http://x\", sync_interval: 1ms, key_prefix: \"a b\"}}\n{base}"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in ["fleet.redis", "fleet.sync_interval", "fleet.key_prefix"] {
+            assert!(e.contains(key), "{key} in {e}");
+        }
+        assert!(crate::from_yaml_str(base).unwrap().fleet.is_none());
     }
 }
