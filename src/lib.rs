@@ -172,6 +172,8 @@ impl Running {
         let data = self.data.await.unwrap_or(Drained::TimedOut);
         let _ = self.admin.await;
         self.bandits.stop();
+        // In a fleet, what was learned last reaches the others (or the state file).
+        self.bandits.flush().await;
         self.bandits.persist();
         data
     }
@@ -310,6 +312,10 @@ pub fn start_with(
     let metrics =
         Metrics::new(&registry).map_err(|e| StartError::Other(format!("metrics: {e}")))?;
     let sink = bandits::sink(&config, &registry).map_err(StartError::Other)?;
+    let fleet = match &config.fleet {
+        Some(f) => Some(switchyard_fleet::Fleet::new(f, &registry).map_err(StartError::Other)?),
+        None => None,
+    };
     let router = Router::with_options(
         &config,
         metrics.clone(),
@@ -317,12 +323,21 @@ pub fn start_with(
         switchyard_router::proxy::RouterOptions {
             shadow_thread_start: Some(lowest_cpu_priority),
             feedback_token,
+            fleet: fleet
+                .clone()
+                .map(|f| f as Arc<dyn switchyard_router::feedback::FleetDecisions>),
         },
     )
     .map_err(StartError::Config)?;
     let bandits = Arc::new(
-        bandits::Bandits::spawn(&config, router.clone(), sink, &registry)
-            .map_err(StartError::Other)?,
+        bandits::Bandits::spawn_in(
+            &config,
+            router.clone(),
+            sink,
+            &registry,
+            fleet.map(|f| f as Arc<dyn bandits::fleet::Ledger>),
+        )
+        .map_err(StartError::Other)?,
     );
     let data_addr = data
         .local_addr()

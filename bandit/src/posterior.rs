@@ -137,6 +137,47 @@ impl Posterior {
         }
     }
 
+    /// The evidence as three numbers that add up across replicas (fleet mode):
+    /// `[successes, failures, 0]` or `[n, Σx, Σx²]`. The prior is not in it.
+    pub fn evidence(&self) -> [f64; 3] {
+        match *self {
+            Posterior::Beta {
+                successes,
+                failures,
+                ..
+            } => [successes, failures, 0.0],
+            Posterior::Gaussian { n, sum, sum_sq, .. } => [n, sum, sum_sq],
+        }
+    }
+
+    /// The same prior with `e` (see [`Posterior::evidence`]) as its evidence. Counts and
+    /// Σx² below zero (sums of deltas rounded, or a fleet's total shrunk by a change
+    /// found elsewhere) are taken as zero.
+    pub fn with_evidence(&self, e: [f64; 3]) -> Posterior {
+        let pos = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+        let mut p = self.clone();
+        match &mut p {
+            Posterior::Beta {
+                successes,
+                failures,
+                ..
+            } => {
+                *successes = pos(e[0]);
+                *failures = pos(e[1]);
+            }
+            Posterior::Gaussian { n, sum, sum_sq, .. } => {
+                *n = pos(e[0]);
+                *sum = if e[1].is_finite() && *n > 0.0 {
+                    e[1]
+                } else {
+                    0.0
+                };
+                *sum_sq = pos(e[2]);
+            }
+        }
+        p
+    }
+
     /// Effective number of observations.
     pub fn count(&self) -> f64 {
         match self {
@@ -272,6 +313,38 @@ impl Posterior {
 
 #[cfg(test)]
 mod tests {
+
+    /// Rewards seen by two replicas, added as evidence, give the posterior one replica
+    /// seeing them all would have: what fleet mode relies on.
+    #[test]
+    fn evidence_adds_across_replicas() {
+        for prior in [
+            Posterior::beta(1.0, 1.0),
+            Posterior::gaussian(0.0, 1.0, 2.0, 2.0),
+        ] {
+            let (mut one, mut a, mut b) = (prior.clone(), prior.clone(), prior.clone());
+            for i in 0..100 {
+                let r = if i % 3 == 0 {
+                    1.0
+                } else {
+                    0.25 * f64::from(i % 5)
+                };
+                one.observe(r);
+                if i % 2 == 0 {
+                    a.observe(r)
+                } else {
+                    b.observe(r)
+                }
+            }
+            let (ea, eb) = (a.evidence(), b.evidence());
+            let merged = prior.with_evidence([ea[0] + eb[0], ea[1] + eb[1], ea[2] + eb[2]]);
+            assert!((merged.mean() - one.mean()).abs() < 1e-12);
+            assert_eq!(merged.count(), one.count());
+            // A total driven below zero by rounding is no evidence, not negative evidence.
+            assert_eq!(prior.with_evidence([-1e-9, -2.0, -3.0]).count(), 0.0);
+        }
+    }
+
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;

@@ -26,9 +26,9 @@ pub mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Capture, Config, CpuKernels, Fleet, RedisUrl,
-    GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, Shadow,
-    ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
+    BanditMode, BanditObjective, BanditRuntime, BanditSpec, Batching, Capture, Config, CpuKernels,
+    Fleet, GpuAdapter, HalfLife, Local, LocalRuntime, MissingFeedback, Model, Prior, RedisUrl,
+    Shadow, ShadowSampling, UpstreamProtocol, UpstreamUrl, Variant, BUILTIN_MODELS,
 };
 pub use resilience::{Breaker, Limits, Retry, RetryOn};
 

@@ -741,15 +741,15 @@ impl RedisUrl {
 
     /// Parses `redis://[[user]:password@]host[:port][/db]`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("`{s}` is not a redis:// URL (rediss:// and unix sockets are not supported)"))?;
+        let rest = s.strip_prefix("redis://").ok_or_else(|| {
+            format!("`{s}` is not a redis:// URL (rediss:// and unix sockets are not supported)")
+        })?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
         };
         let (hostport, db) = match rest.split_once('/') {
-            Some((h, d)) if d.is_empty() => (h, 0),
+            Some((h, "")) => (h, 0),
             Some((h, d)) => (
                 h,
                 d.parse::<u32>()
@@ -818,9 +818,7 @@ fn decode_fleet(cx: &mut Cx, node: &Node, path: &str) -> Option<Fleet> {
     )?;
     let redis = f.required(cx, "redis", |cx, n, p| {
         let s = decode::string(cx, n, p)?;
-        RedisUrl::parse(&s)
-            .map_err(|e| cx.error(n, p, e))
-            .ok()
+        RedisUrl::parse(&s).map_err(|e| cx.error(n, p, e)).ok()
     });
     let key_prefix = f.optional(cx, "key_prefix", |cx, n, p| {
         let s = decode::string(cx, n, p)?;
@@ -829,7 +827,11 @@ fn decode_fleet(cx: &mut Cx, node: &Node, path: &str) -> Option<Fleet> {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b));
         if !ok {
-            cx.error(n, p, format!("`{s}`: 1 to 64 letters, digits or `-_.:{{}}`"));
+            cx.error(
+                n,
+                p,
+                format!("`{s}`: 1 to 64 letters, digits or `-_.:{{}}`"),
+            );
             return None;
         }
         Some(s)
@@ -1702,7 +1704,10 @@ mod tests {
     #[test]
     fn fleet_section() {
         let base = "models:\n  m:\n    variants:\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n";
-        let c = crate::from_yaml_str(&format!("fleet: {{redis: \"redis://127.0.0.1:6379/0\"}}\n{base}")).unwrap();
+        let c = crate::from_yaml_str(&format!(
+            "fleet: {{redis: \"redis://127.0.0.1:6379/0\"}}\n{base}"
+        ))
+        .unwrap();
         let f = c.fleet.unwrap();
         assert_eq!(f.key_prefix, "switchyard");
         assert_eq!(f.sync_interval, Duration::from_secs(1));

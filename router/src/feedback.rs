@@ -43,6 +43,63 @@ pub trait FeedbackSink: Send + Sync + std::fmt::Debug {
         age: Duration,
         values: &FeedbackValues,
     ) -> Result<(), FeedbackError>;
+
+    /// Whether `accept` would refuse these values for `decision` as
+    /// [`FeedbackError::Invalid`], learning nothing: asked before a fleet-wide claim, so
+    /// a bad value does not use up the decision's one feedback.
+    fn check(&self, _decision: &Decision, _values: &FeedbackValues) -> Result<(), FeedbackError> {
+        Ok(())
+    }
+}
+
+/// A decision as any replica of a fleet can read it: its model by fingerprint
+/// (`table::ModelKeys::fingerprint`) and its time by the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Portable {
+    pub model: u32,
+    pub variant: u16,
+    pub probability: f32,
+    /// Milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub ttl_ms: u32,
+    pub latency_us: u32,
+}
+
+/// What a fleet-wide claim of a decision's feedback found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This is the first feedback for the decision anywhere in the fleet.
+    First,
+    /// Another replica (or this one) already took feedback for it.
+    Taken,
+    /// The fleet's store cannot be reached now.
+    Unreachable,
+}
+
+/// A future the fleet answers.
+pub type FleetFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Fleet mode's side of decisions and feedback (the binary wires Redis here): request
+/// ids that carry their decision, signed, so feedback can reach any replica; and claims
+/// every replica respects, so feedback counts once in the fleet.
+pub trait FleetDecisions: Send + Sync + std::fmt::Debug {
+    /// The token a decision recorded under `id` is answered with (`<id>.<decision and
+    /// signature>`), or `None` while the fleet's key is not known yet.
+    fn seal(&self, id: &[u8], decision: &Portable) -> Option<String>;
+    /// `None` when `token` is not shaped as a token (a plain request id); otherwise the
+    /// id inside it and its decision, or `Err` when the signature does not hold.
+    fn open(&self, token: &str) -> Option<Result<(String, Portable), ()>>;
+    /// Claims each decision (by [`key`]) for `ttl`, in one round trip, within a bound.
+    fn claim(&self, claims: Vec<(u128, Duration)>) -> FleetFuture<'_, Vec<Claim>>;
+    /// Claims to make once the store is back (feedback for this replica's own
+    /// decisions taken while it was not): bounded, overflow counted.
+    fn defer(&self, claims: Vec<(u128, Duration)>);
+    /// Drops claims made for feedback that was then not taken.
+    fn release(&self, keys: Vec<u128>);
+    /// Which of these decisions some replica claimed (`false` for all when the store
+    /// cannot be reached): an expiring decision whose feedback went elsewhere is not
+    /// missing.
+    fn claimed(&self, keys: Vec<u128>) -> FleetFuture<'_, Vec<bool>>;
 }
 
 /// What the router recorded when it chose a variant: 32 bytes, no pointers, so a
@@ -79,10 +136,11 @@ impl Decision {
     }
 }
 
-/// A request id as a map key: our own ids are 128 random bits written in hex, so they
+/// A request id as a map key (and, in a fleet, as the key of its claim in the fleet's
+/// store, the same on every replica): our own ids are 128 random bits written in hex, so they
 /// are parsed back; other ids (a client's) are hashed to 128 bits, where a collision is
 /// about as likely as guessing one of our ids. No allocation, no SipHash per prediction.
-fn key(id: &[u8]) -> u128 {
+pub fn key(id: &[u8]) -> u128 {
     if id.len() == 32 {
         if let Some(k) = std::str::from_utf8(id)
             .ok()
@@ -441,11 +499,39 @@ impl DecisionLog {
         Ok(())
     }
 
+    /// The open decision recorded under `id` and its age, as [`DecisionLog::claim`]
+    /// would find it, claiming nothing.
+    pub fn lookup(&self, id: &[u8], now: Instant) -> Result<(Decision, Duration), FeedbackError> {
+        let now_ms = self.millis(now);
+        let k = key(id);
+        let mut shard = self.shard(k);
+        let Some(d) = shard.find(k).copied() else {
+            if shard.was_evicted(k, now_ms) {
+                return Err(FeedbackError::Evicted {
+                    capacity: self.capacity,
+                });
+            }
+            return Err(FeedbackError::Unknown);
+        };
+        if d.expired(now_ms) {
+            return Err(FeedbackError::Unknown);
+        }
+        if d.rewarded {
+            return Err(FeedbackError::Duplicate);
+        }
+        Ok((d, Duration::from_millis(now_ms.saturating_sub(d.at_ms))))
+    }
+
     /// Returns, once each, the decisions past their expiry that never got feedback, frees
     /// the generations whose decisions have all expired, and sorts what was recorded
     /// since the last call, for lookups. Run about once a second (less often makes
     /// feedback lookups scan longer).
     pub fn expire(&self, now: Instant) -> Vec<Decision> {
+        self.expire_keyed(now).into_iter().map(|(_, d)| d).collect()
+    }
+
+    /// As [`DecisionLog::expire`], with each decision's [`key`].
+    pub fn expire_keyed(&self, now: Instant) -> Vec<(u128, Decision)> {
         let now_ms = self.millis(now);
         let mut missing = Vec::new();
         for shard in &self.shards {
@@ -455,9 +541,9 @@ impl DecisionLog {
                 if g.min_expiry_ms > now_ms {
                     continue;
                 }
-                for Entry { decision: d, .. } in g.entries.iter_mut() {
+                for Entry { key, decision: d } in g.entries.iter_mut() {
                     if d.expired(now_ms) && !d.rewarded {
-                        missing.push(*d);
+                        missing.push((*key, *d));
                         // Settled: an expired decision is refused feedback before its
                         // `rewarded` flag is looked at, so the flag can mark "reported".
                         d.rewarded = true;
@@ -602,6 +688,208 @@ pub fn handle(
             Ok((status, Bytes::from(answer.to_string())))
         }
     }
+}
+
+/// How long a fleet-wide claim outlives its decision's TTL: the deciding replica asks
+/// for claims when its decision expires (about once a second), and must still find
+/// them then.
+const CLAIM_GRACE: Duration = Duration::from_secs(120);
+
+/// Where a feedback item's decision was found, in fleet mode.
+enum Found {
+    /// In this replica's log, under this id.
+    Here(String),
+    /// In the request id itself: another replica decided.
+    Elsewhere(Decision, Duration),
+}
+
+/// A feedback item whose decision was found and whose value the sink can take: it
+/// waits for its fleet-wide claim.
+struct Claimable {
+    at: usize,
+    id: String,
+    values: FeedbackValues,
+    found: Found,
+    key: u128,
+    left: Duration,
+}
+
+/// Finds the decision a feedback item's `id` names: in this replica's log (by the id,
+/// or by the id inside a token), else in the token.
+fn resolve(
+    log: &DecisionLog,
+    fleet: &dyn FleetDecisions,
+    keys: &crate::table::ModelKeys,
+    id: &str,
+    now: Instant,
+    now_unix_ms: u64,
+) -> Result<(Found, Decision, u128, Duration), FeedbackError> {
+    let (inner, portable) = match fleet.open(id) {
+        Some(Ok((inner, p))) => (inner, Some(p)),
+        Some(Err(())) => {
+            return Err(FeedbackError::Invalid(
+                "this request id's decision does not verify: it was altered, forged, or signed with another fleet key".into(),
+            ))
+        }
+        None => (id.to_string(), None),
+    };
+    let k = key(inner.as_bytes());
+    match (log.lookup(inner.as_bytes(), now), portable) {
+        (Ok((d, age)), _) => {
+            let left = Duration::from_millis(u64::from(d.ttl_ms)).saturating_sub(age);
+            Ok((Found::Here(inner), d, k, left))
+        }
+        // Not decided here (or expired here): the token says where and when.
+        (Err(FeedbackError::Unknown), Some(p)) => {
+            let age = now_unix_ms.saturating_sub(p.at_unix_ms);
+            if age >= u64::from(p.ttl_ms) {
+                return Err(FeedbackError::Unknown);
+            }
+            let model = keys.find(p.model).ok_or_else(|| {
+                FeedbackError::Invalid(
+                    "this prediction was made by a replica serving another model or variant list (is the fleet's config the same everywhere?)".into(),
+                )
+            })?;
+            let d = Decision {
+                model,
+                variant: p.variant,
+                probability: p.probability,
+                at_ms: 0,
+                ttl_ms: p.ttl_ms,
+                latency_us: p.latency_us,
+                rewarded: false,
+            };
+            let age = Duration::from_millis(age);
+            let left = Duration::from_millis(u64::from(p.ttl_ms)).saturating_sub(age);
+            Ok((Found::Elsewhere(d, age), d, k, left))
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// [`handle`] in fleet mode: a decision is found in this replica's log or in the
+/// request id (another replica's, signed), its value checked, then claimed fleet-wide
+/// in one round trip for the whole body, and only then learned. The claim waits on
+/// the fleet's store at most its bound; when the store cannot be reached, feedback for
+/// this replica's own decisions is taken (and its claim made later), and feedback for
+/// another replica's is answered 503 (nothing taken: send it again).
+pub async fn handle_fleet(
+    log: &DecisionLog,
+    sink: &dyn FeedbackSink,
+    fleet: &dyn FleetDecisions,
+    keys: &crate::table::ModelKeys,
+    v: Value,
+) -> Result<(u16, Bytes), RouterError> {
+    let (items, batch): (Vec<&Value>, bool) = match v.get("feedback") {
+        Some(Value::Array(items)) => (items.iter().collect(), true),
+        Some(_) => {
+            return Err(RouterError::BadInput(
+                "`feedback` must be a list of items".into(),
+            ))
+        }
+        None => (vec![&v], false),
+    };
+    let refused = |id: Option<&str>, e: &FeedbackError| -> (u16, Value) {
+        let msg = e.message(id.unwrap_or(""));
+        (
+            e.status(),
+            json!({ "request_id": id, "status": e.status(), "error": msg }),
+        )
+    };
+    let (now, now_unix) = (Instant::now(), unix_ms());
+    let mut results: Vec<Option<(u16, Value)>> = vec![None; items.len()];
+    let mut claimable = Vec::new();
+    for (at, item) in items.iter().enumerate() {
+        let (id, values) = match parse_item(item) {
+            Ok(x) => x,
+            Err((id, msg)) => {
+                results[at] = Some((
+                    400,
+                    json!({ "request_id": id, "status": 400, "error": msg }),
+                ));
+                continue;
+            }
+        };
+        match resolve(log, fleet, keys, &id, now, now_unix)
+            .and_then(|(found, d, key, left)| sink.check(&d, &values).map(|()| (found, key, left)))
+        {
+            Ok((found, key, left)) => claimable.push(Claimable {
+                at,
+                id,
+                values,
+                found,
+                key,
+                left,
+            }),
+            Err(e) => results[at] = Some(refused(Some(&id), &e)),
+        }
+    }
+    let claims = if claimable.is_empty() {
+        Vec::new()
+    } else {
+        fleet
+            .claim(
+                claimable
+                    .iter()
+                    .map(|c| (c.key, c.left + CLAIM_GRACE))
+                    .collect(),
+            )
+            .await
+    };
+    let (mut deferred, mut released) = (Vec::new(), Vec::new());
+    for (c, claim) in claimable.into_iter().zip(
+        claims
+            .into_iter()
+            .chain(std::iter::repeat(Claim::Unreachable)),
+    ) {
+        let outcome = match (claim, &c.found) {
+            (Claim::Taken, _) => Err(FeedbackError::Duplicate),
+            (Claim::Unreachable, Found::Elsewhere(..)) => Err(FeedbackError::Busy(format!(
+                "the prediction `{}` was made by another replica, and the fleet's store (Redis) cannot be reached to claim its feedback; nothing was taken: send it again",
+                c.id
+            ))),
+            (_, Found::Here(inner)) => {
+                let r = log.claim(inner.as_bytes(), now, |d, age| sink.accept(d, age, &c.values));
+                if r.is_ok() && claim == Claim::Unreachable {
+                    deferred.push((c.key, c.left + CLAIM_GRACE));
+                }
+                r
+            }
+            (_, Found::Elsewhere(d, age)) => sink.accept(d, *age, &c.values),
+        };
+        if outcome.is_err() && claim == Claim::First {
+            // Claimed but not taken (a reload moved the bandit): the next try must
+            // not find it taken.
+            released.push(c.key);
+        }
+        results[c.at] = Some(match outcome {
+            Ok(()) => (200, json!({ "request_id": c.id, "status": 200 })),
+            Err(e) => refused(Some(&c.id), &e),
+        });
+    }
+    if !deferred.is_empty() {
+        fleet.defer(deferred);
+    }
+    if !released.is_empty() {
+        fleet.release(released);
+    }
+    let mut results: Vec<(u16, Value)> = results
+        .into_iter()
+        .map(|r| r.unwrap_or((500, json!({ "status": 500, "error": "not answered" }))))
+        .collect();
+    if batch {
+        let list: Vec<Value> = results.into_iter().map(|r| r.1).collect();
+        return Ok((200, Bytes::from(json!({ "results": list }).to_string())));
+    }
+    let (status, answer) = results.pop().unwrap_or((500, Value::Null));
+    Ok((status, Bytes::from(answer.to_string())))
 }
 
 #[cfg(test)]

@@ -204,7 +204,7 @@ impl Router {
             resp.status().as_u16()
         };
         if (200..300).contains(&status) {
-            self.record_decision(
+            let sealed = self.record_decision(
                 model,
                 model_req,
                 request_id,
@@ -215,6 +215,9 @@ impl Router {
                 routed,
                 answered.duration_since(routed),
             );
+            if let Some(token) = sealed {
+                resp.extensions_mut().insert(crate::proxy::Sealed(token));
+            }
         }
         if let Some(answer) = primary_answer {
             resp.body_mut().set_tap(answer.tap(status, &variant.name));
@@ -311,7 +314,8 @@ impl Router {
             Err(_) => (None, None),
         }
     }
-    /// Phase *record*: the decision, for the variant that answered.
+    /// Phase *record*: the decision, for the variant that answered; in fleet mode also
+    /// sealed into a token the answer carries (no I/O: an HMAC).
     fn record_decision(
         &self,
         model: &ModelRoute,
@@ -320,12 +324,10 @@ impl Router {
         pick: Pick,
         at: Instant,
         latency: std::time::Duration,
-    ) {
-        let Some(ttl) = model.feedback_ttl else {
-            return;
-        };
+    ) -> Option<HeaderValue> {
+        let ttl = model.feedback_ttl?;
         if !model_req.verb.is_prediction() {
-            return;
+            return None;
         }
         let recorded = self.decisions.record_timed(
             at,
@@ -339,6 +341,17 @@ impl Router {
         if let feedback::Recorded::Evicted(n) = recorded {
             self.evicted(at, n);
         }
+        let fleet = self.fleet.as_ref()?;
+        let portable = feedback::Portable {
+            model: model.fingerprint,
+            variant: u16::try_from(pick.index).unwrap_or(u16::MAX),
+            probability: pick.probability as f32,
+            at_unix_ms: feedback::unix_ms(),
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+        };
+        let token = fleet.seal(request_id.as_bytes(), &portable)?;
+        HeaderValue::try_from(token).ok()
     }
 }
 

@@ -43,6 +43,13 @@ use crate::table::{BuildError, RouteTable, VariantRoute};
 
 /// `x-request-id`: kept from the client or generated.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Fleet mode: the answer's decision, signed (`<request id>.<decision><signature>`):
+/// what feedback names to reach any replica.
+pub static X_DECISION: HeaderName = HeaderName::from_static("x-switchyard-decision");
+
+/// A response extension: the token of the decision recorded for it (fleet mode).
+#[derive(Debug, Clone)]
+pub(crate) struct Sealed(pub HeaderValue);
 /// `x-switchyard-variant`: which variant answered.
 pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -68,6 +75,8 @@ pub struct RouterOptions {
     pub shadow_thread_start: Option<fn()>,
     /// The token `POST /v1/feedback` needs (`feedback_token_file`), if any.
     pub feedback_token: Option<crate::auth::Token>,
+    /// Fleet mode: decisions and feedback shared with the other replicas.
+    pub fleet: Option<Arc<dyn crate::feedback::FleetDecisions>>,
 }
 
 /// The data plane's shared state: the current route table and the metrics.
@@ -80,6 +89,9 @@ pub struct Router {
     /// When the last eviction warning was logged (the decision log's clock, plus one).
     eviction_warned_ms: std::sync::atomic::AtomicU64,
     sink: Option<Arc<dyn FeedbackSink>>,
+    /// Fleet mode (`fleet:`): request ids carry their decision, feedback is claimed
+    /// fleet-wide.
+    pub(crate) fleet: Option<Arc<dyn crate::feedback::FleetDecisions>>,
     /// `max_body_bytes` (feedback and requests to no model); a reload may change it.
     feedback_limit: std::sync::atomic::AtomicU64,
     feedback_token: Option<crate::auth::Token>,
@@ -156,6 +168,7 @@ impl Router {
             decisions: DecisionLog::new(config.bandit.decision_log_capacity),
             eviction_warned_ms: std::sync::atomic::AtomicU64::new(0),
             sink,
+            fleet: options.fleet,
             feedback_limit: config.max_body_bytes.into(),
             feedback_token: options.feedback_token,
             body_stall_timeout: config.client_body_timeout,
@@ -256,6 +269,11 @@ impl Router {
     /// The decisions waiting for feedback (the bandit tasks expire them).
     pub fn decisions(&self) -> &DecisionLog {
         &self.decisions
+    }
+
+    /// Fleet mode's decisions and claims, when `fleet:` is set.
+    pub fn fleet(&self) -> Option<&Arc<dyn crate::feedback::FleetDecisions>> {
+        self.fleet.as_ref()
     }
 
     /// The current route table.
@@ -360,9 +378,9 @@ impl Router {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if ids::acceptable(v) => v.clone(),
-            _ => ids::new_request_id(),
+        let (mut request_id, ours) = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if ids::acceptable(v) => (v.clone(), false),
+            _ => (ids::new_request_id(), true),
         };
         let mut resp = if crate::grpc::is_grpc(req.headers()) {
             self.grpc(req, &request_id, peer, started).await
@@ -375,6 +393,14 @@ impl Router {
                 }
             }
         };
+        if let Some(Sealed(token)) = resp.extensions_mut().remove::<Sealed>() {
+            // Fleet mode: the id carries its decision, so its feedback can go to any
+            // replica. A client's own id is kept as it sent it.
+            if ours {
+                request_id = token.clone();
+            }
+            resp.headers_mut().insert(X_DECISION.clone(), token);
+        }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         resp
     }
@@ -420,6 +446,26 @@ impl Router {
                 let limit = self.feedback_limit();
                 let body = LimitedBody::new(req.into_body(), limit, self.body_stall_timeout);
                 let body = crate::body::collect_limited(body, limit).await?;
+                if let Some(fleet) = &self.fleet {
+                    let v: serde_json::Value = crate::offload::cpu(body.len(), move || {
+                        serde_json::from_slice(&body).map_err(|e| {
+                            RouterError::BadInput(format!(
+                                "the feedback body is not valid JSON: {e}"
+                            ))
+                        })
+                    })
+                    .await??;
+                    let (status, answer) = feedback::handle_fleet(
+                        &self.decisions,
+                        sink.as_ref(),
+                        fleet.as_ref(),
+                        &self.keys,
+                        v,
+                    )
+                    .await?;
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                    return Ok(json_response(status, answer));
+                }
                 // A batch of up to `max_body_bytes` is parsed, joined and answered off the
                 // async workers.
                 let (status, answer) = {

@@ -43,6 +43,8 @@ pub struct ModelRoute {
     /// The model's key in [`ModelKeys`], as decisions and the bandits refer to it: the
     /// same while the model's name and variant list are.
     pub index: u16,
+    /// [`ModelKeys::fingerprint`] of the same: the model as other replicas know it.
+    pub fingerprint: u32,
     /// Chooses per request instead of the weight table when installed (a bandit in
     /// `per_request` mode); returns `None` to defer to the weight table.
     pub picker: arc_swap::ArcSwapOption<Box<dyn Picker>>,
@@ -144,6 +146,27 @@ impl ModelKeys {
     /// Every key's model and variant list, by key.
     pub fn all(&self) -> Vec<(String, Box<[String]>)> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A model name and variant list as every replica of a fleet names them (keys are
+    /// per process): what a decision carried in a request id says it was made from.
+    pub fn fingerprint(model: &str, variants: &[String]) -> u32 {
+        let mut text = model.to_string();
+        for v in variants {
+            text.push('\0');
+            text.push_str(v);
+        }
+        let h = crate::selector::stable_hash(text.as_bytes());
+        (h ^ (h >> 32)) as u32
+    }
+
+    /// The latest key with this fingerprint.
+    pub fn find(&self, fingerprint: u32) -> Option<u16> {
+        let keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let i = keys
+            .iter()
+            .rposition(|(m, v)| Self::fingerprint(m, v) == fingerprint)?;
+        u16::try_from(i).ok()
     }
 }
 
@@ -313,6 +336,7 @@ impl RouteTable {
                 body_limit: config.body_limit(model),
                 feedback_ttl: model.bandit.as_ref().map(|b| b.feedback_ttl),
                 index,
+                fingerprint: ModelKeys::fingerprint(name, &variant_names),
                 picker: arc_swap::ArcSwapOption::empty(),
                 shadows,
                 resilience: Resilience {

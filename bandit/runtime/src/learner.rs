@@ -48,6 +48,38 @@ pub(super) struct Learner {
     /// Set when a reload moved this state into the model's next bandit: whoever still
     /// holds this one resolves the model again and learns there.
     pub moved: bool,
+    /// Fleet mode: where this replica stands with the fleet's statistics.
+    pub fleet: super::fleet::Synced,
+}
+
+impl Learner {
+    /// Variant `i`'s statistics as the fleet adds them.
+    pub fn stats(&self, i: usize) -> super::fleet::ArmStats {
+        super::fleet::ArmStats {
+            evidence: self.bandit.arms()[i].evidence(),
+            rewards: self.rewards[i] as f64,
+            revenue: self.revenue[i],
+            cost: self.cost[i],
+            expired: self.expired[i] as f64,
+        }
+    }
+
+    /// Replaces variant `i`'s statistics (with the fleet's, plus what is pending here).
+    pub fn set_stats(&mut self, i: usize, s: super::fleet::ArmStats) {
+        let count = |x: f64| {
+            if x.is_finite() {
+                x.max(0.0).round() as u64
+            } else {
+                0
+            }
+        };
+        let posterior = self.bandit.arms()[i].with_evidence(s.evidence);
+        self.rewards[i] = count(s.rewards);
+        self.bandit.restore_arm(i, posterior, self.rewards[i]);
+        self.revenue[i] = s.revenue;
+        self.cost[i] = s.cost;
+        self.expired[i] = count(s.expired);
+    }
 }
 
 /// One variant's metric handles, resolved once (not per reward).
@@ -84,6 +116,9 @@ pub(super) struct Model {
     pub metrics: Vec<VariantMetrics>,
     pub delay: Histogram,
     pub panics: IntCounter,
+    /// Fleet mode: the seed the weights are drawn with, so replicas that read the same
+    /// statistics publish the same weights; time's discount is the ledger's, not ours.
+    pub fleet_seed: Option<u64>,
 }
 
 impl Model {
@@ -176,11 +211,14 @@ impl Model {
     /// P(best) estimated from a copy of the posteriors outside the lock, then the
     /// guardrails. Republishes the picker's state and the gauges.
     pub fn update(&self, rng: &mut StdRng) -> Vec<f64> {
+        let mut fleet_rng = None;
         let (arms, eligible, draws) = {
             let mut l = self.lock();
             let over = l.over;
             l.bandit.set_override(over);
-            if let Some(h) = self.time_half_life {
+            // In a fleet the ledger discounts the shared evidence by time, once for all.
+            let local_decay = self.fleet_seed.is_none().then_some(self.time_half_life);
+            if let Some(h) = local_decay.flatten() {
                 let now = tokio::time::Instant::now();
                 let elapsed = now.duration_since(l.decayed_at);
                 l.bandit
@@ -188,11 +226,28 @@ impl Model {
                 l.decayed_at = now;
             }
             l.since_update = 0;
-            (
-                l.bandit.arms().to_vec(),
-                l.bandit.eligible().to_vec(),
-                l.bandit.draws(),
-            )
+            let arms = match (self.fleet_seed, l.fleet.version) {
+                // The fleet's statistics as last read, and a generator seeded by their
+                // version: every replica that read them draws the same P(best).
+                (Some(seed), Some(version)) => {
+                    fleet_rng = Some(StdRng::seed_from_u64(
+                        seed ^ switchyard_router::selector::stable_hash(self.name.as_bytes())
+                            ^ version.rotate_left(17),
+                    ));
+                    l.bandit
+                        .arms()
+                        .iter()
+                        .zip(&l.fleet.totals)
+                        .map(|(a, t)| a.with_evidence(t.evidence))
+                        .collect()
+                }
+                _ => l.bandit.arms().to_vec(),
+            };
+            (arms, l.bandit.eligible().to_vec(), l.bandit.draws())
+        };
+        let rng = match fleet_rng.as_mut() {
+            Some(r) => r,
+            None => rng,
         };
         let target = switchyard_bandit::p_best_among(&arms, &eligible, draws, rng);
         let (weights, state) = {
@@ -277,9 +332,33 @@ impl FeedbackSink for BanditSink {
             "reloads kept moving this model's bandit; send it again".into(),
         ))
     }
+
+    fn check(&self, d: &Decision, v: &FeedbackValues) -> Result<(), FeedbackError> {
+        let (m, variant) = self
+            .resolve(d.model, d.variant)
+            .map_err(|e| FeedbackError::Invalid(e.into()))?;
+        Self::reward(&m, variant, d, v).map(drop)
+    }
 }
 
 impl BanditSink {
+    /// The reward these values make for this decision's model, or why there is none.
+    fn reward(
+        m: &Model,
+        variant: usize,
+        d: &Decision,
+        v: &FeedbackValues,
+    ) -> Result<f64, FeedbackError> {
+        let fb = Feedback {
+            revenue: v.revenue,
+            converted: v.converted,
+            reward: v.reward,
+        };
+        m.objective
+            .reward(&fb, m.cost(variant, d.latency()))
+            .map_err(|err| FeedbackError::Invalid(err.to_string()))
+    }
+
     fn teach(
         &self,
         m: &Model,
@@ -288,16 +367,8 @@ impl BanditSink {
         age: Duration,
         v: &FeedbackValues,
     ) -> Result<bool, FeedbackError> {
-        let fb = Feedback {
-            revenue: v.revenue,
-            converted: v.converted,
-            reward: v.reward,
-        };
         let cost = m.cost(variant, d.latency());
-        let reward = m
-            .objective
-            .reward(&fb, cost)
-            .map_err(|err| FeedbackError::Invalid(err.to_string()))?;
+        let reward = Self::reward(m, variant, d, v)?;
         let revenue = v
             .revenue
             .or(v.reward)
@@ -413,8 +484,13 @@ mod tests {
         .unwrap();
         let sink = super::super::sink(&config, &prometheus::Registry::new()).unwrap();
         let rec = &config.models["rec"];
-        let model =
-            super::super::new_model("rec", rec, rec.bandit.as_ref().unwrap(), &sink.families);
+        let model = super::super::new_model(
+            "rec",
+            rec,
+            rec.bandit.as_ref().unwrap(),
+            &sink.families,
+            None,
+        );
         sink.slots.store(Arc::new(vec![Some(Slot {
             model: model.clone(),
             variants: [Some(0), Some(1)].into(),

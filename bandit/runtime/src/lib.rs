@@ -15,6 +15,9 @@
 //!   `missing_feedback: zero` each counts as no conversion / zero revenue) and writes the
 //!   state file every 10 seconds; [`Bandits::persist`] writes it once more at shutdown.
 //! - [`state`]: the state file and `/admin/state`'s JSON, checked when read back.
+//! - [`fleet`]: the seam fleet mode plugs into (a [`fleet::Ledger`] the replicas share),
+//!   and what each model keeps of its exchanges with it; one task exchanges every
+//!   model's deltas every `sync_interval` when a ledger is given.
 //! - [`export`]: the decisions file (`bandit.decisions_file`) for `switchyard evaluate`.
 //! - [`bandit_config`] / [`simulated`]: the config's `bandit:` keys as the bandit crate's
 //!   settings, for the runtime and for `switchyard simulate` alike.
@@ -23,6 +26,7 @@
 #![deny(rust_2018_idioms)]
 
 mod export;
+pub mod fleet;
 mod learner;
 mod state;
 
@@ -218,6 +222,7 @@ fn new_model(
     model: &switchyard_config::Model,
     b: &BanditSpec,
     families: &Families,
+    fleet_seed: Option<u64>,
 ) -> Arc<Model> {
     let cfg = bandit_config(b);
     let variants: Vec<String> = model.variants.iter().map(|v| v.name.clone()).collect();
@@ -263,7 +268,9 @@ fn new_model(
             since_update: 0,
             decayed_at: tokio::time::Instant::now(),
             moved: false,
+            fleet: fleet::Synced::new(n),
         }),
+        fleet_seed,
         picker,
         wake: tokio::sync::Notify::new(),
         variants,
@@ -284,6 +291,8 @@ pub struct Bandits {
     /// Each model's update task, by model name.
     updates: Mutex<BTreeMap<String, JoinHandle<()>>>,
     housekeeping: JoinHandle<()>,
+    /// Fleet mode: the ledger, this replica's name in it, and the exchange task.
+    fleet: Option<(Arc<dyn fleet::Ledger>, String, JoinHandle<()>)>,
 }
 
 impl Bandits {
@@ -295,6 +304,18 @@ impl Bandits {
         router: Arc<Router>,
         sink: Arc<BanditSink>,
         registry: &Registry,
+    ) -> Result<Self, String> {
+        Self::spawn_in(config, router, sink, registry, None)
+    }
+
+    /// As [`Bandits::spawn`], in a fleet: every model's statistics are exchanged with
+    /// `ledger` every `ledger.interval()` (see [`fleet`]).
+    pub fn spawn_in(
+        config: &Config,
+        router: Arc<Router>,
+        sink: Arc<BanditSink>,
+        registry: &Registry,
+        ledger: Option<Arc<dyn fleet::Ledger>>,
     ) -> Result<Self, String> {
         let state_file = config.state_file.as_ref().map(PathBuf::from);
         let corrupt = IntCounter::new(
@@ -309,25 +330,41 @@ impl Bandits {
             .as_ref()
             .map_or(Value::Null, |p| state::read_state(p, &corrupt));
         let models: Arc<ArcSwap<BTreeMap<String, Arc<Model>>>> = Arc::default();
+        // Kept in the state file, so a restarted replica's pushes keep their numbers.
+        let replica = ledger.as_ref().map(|_| {
+            saved["replica"]
+                .as_str()
+                .filter(|r| !r.is_empty() && r.len() <= 64)
+                .map_or_else(new_replica_name, str::to_string)
+        });
         let housekeeping = {
             let (models, file) = (models.clone(), state_file.clone());
+            let replica = replica.clone();
             let (router, sink) = (router.clone(), sink.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 let mut last_write = Instant::now();
                 loop {
                     tick.tick().await;
-                    expire(&router, &sink);
+                    expire(&router, &sink).await;
                     if let Some(file) = file.as_deref() {
                         if last_write.elapsed() >= PERSIST_EVERY {
-                            state::write_state(file, &render(&models.load()).to_string());
+                            state::write_state(
+                                file,
+                                &render(&models.load(), replica.as_deref()).to_string(),
+                            );
                             last_write = Instant::now();
                         }
                     }
                 }
             })
         };
+        let fleet = ledger.zip(replica).map(|(ledger, replica)| {
+            let task = tokio::spawn(sync_task(models.clone(), ledger.clone(), replica.clone()));
+            (ledger, replica, task)
+        });
         let bandits = Bandits {
+            fleet,
             models,
             export: sink.export.clone(),
             router,
@@ -357,9 +394,13 @@ impl Bandits {
         saved: &Value,
     ) {
         let mut fresh = BTreeMap::new();
+        let fleet_seed = self.fleet.as_ref().map(|_| self.seed);
         for (name, model) in &config.models {
             if let Some(b) = &model.bandit {
-                fresh.insert(name.clone(), new_model(name, model, b, &self.sink.families));
+                fresh.insert(
+                    name.clone(),
+                    new_model(name, model, b, &self.sink.families, fleet_seed),
+                );
             }
         }
         let old = self.models.load_full();
@@ -431,7 +472,27 @@ impl Bandits {
     /// `/admin/state`: each model's objective and, per variant, its weight, posterior
     /// mean and credible interval, rewards, revenue and cost totals.
     pub fn state(&self) -> Value {
-        render(&self.models.load())
+        let mut state = render(&self.models.load(), self.replica());
+        if let Some((ledger, ..)) = &self.fleet {
+            state["fleet"] = ledger.status();
+        }
+        state
+    }
+
+    /// This replica's name in the fleet's ledger.
+    fn replica(&self) -> Option<&str> {
+        self.fleet.as_ref().map(|(_, r, _)| r.as_str())
+    }
+
+    /// Fleet mode: exchanges every model's statistics once more now (at shutdown, so
+    /// what this replica learned last reaches the fleet), each within
+    /// [`fleet::EXCHANGE_TIMEOUT`]. What cannot be pushed stays in the state file.
+    pub async fn flush(&self) {
+        if let Some((ledger, replica, _)) = &self.fleet {
+            for m in self.models.load().values() {
+                let _ = sync_model(m, ledger.as_ref(), replica).await;
+            }
+        }
     }
 
     /// A renderer for the admin listener.
@@ -463,7 +524,12 @@ impl Bandits {
             ("release", _) => Override::None,
             _ => return Err((400, format!("unknown action `{action}`"))),
         };
-        m.lock().over = over;
+        {
+            let mut l = m.lock();
+            l.over = over;
+            // In a fleet it is pushed at the next exchange and becomes every replica's.
+            l.fleet.override_pending = true;
+        }
         m.wake.notify_one();
         tracing::info!(%model, %action, variant = variant.unwrap_or(""), "Bandit override set by an operator.");
         Ok(json!({ "model": model, "override": override_json(over, &m.variants) }))
@@ -478,7 +544,10 @@ impl Bandits {
     /// Writes the state file now (at shutdown).
     pub fn persist(&self) {
         if let Some(file) = &self.state_file {
-            state::write_state(file, &render(&self.models.load()).to_string());
+            state::write_state(
+                file,
+                &render(&self.models.load(), self.replica()).to_string(),
+            );
         }
         if let Some(x) = &self.export {
             x.finish(Duration::from_secs(2));
@@ -488,6 +557,9 @@ impl Bandits {
     /// Stops the tasks.
     pub fn stop(&self) {
         self.housekeeping.abort();
+        if let Some((.., task)) = &self.fleet {
+            task.abort();
+        }
         for t in self
             .updates
             .lock()
@@ -536,10 +608,19 @@ async fn update_task(m: Arc<Model>, router: Arc<Router>, mut rng: StdRng) {
 
 /// Expires the decisions past their `feedback_ttl`: each bandit counts them (and, under
 /// `missing_feedback: zero`, learns a zero reward from them); the decisions file gets
-/// them.
-fn expire(router: &Router, sink: &BanditSink) {
+/// them. In a fleet, a decision whose feedback another replica took is not missing
+/// (the fleet's store is asked, off the request path).
+async fn expire(router: &Router, sink: &BanditSink) {
+    let mut expired = router.decisions().expire_keyed(Instant::now());
+    if let (Some(fleet), false) = (router.fleet(), expired.is_empty()) {
+        let claimed = fleet
+            .claimed(expired.iter().map(|(k, _)| *k).collect())
+            .await;
+        let mut claimed = claimed.into_iter();
+        expired.retain(|_| !claimed.next().unwrap_or(false));
+    }
     let mut counts: BTreeMap<(u16, u16), (u64, Duration)> = BTreeMap::new();
-    for d in router.decisions().expire(Instant::now()) {
+    for (_, d) in expired {
         let e = counts.entry((d.model, d.variant)).or_default();
         e.0 += 1;
         e.1 += d.latency();
@@ -592,17 +673,23 @@ fn restore(m: &Model, old: &Value) {
     let over = override_from(&old["override"], &m.variants);
     l.over = over;
     l.bandit.set_override(over);
+    if old["fleet"].is_object() {
+        l.fleet = fleet::Synced::from_json(&old["fleet"], &m.variants);
+    }
     tracing::info!(model = %m.name, "Bandit state restored.");
 }
 
 /// `/admin/state` and the state file: per model, its objective, override and, per
 /// variant, what its bandit knows. Each model's learner is locked in turn, briefly.
-fn render(models: &BTreeMap<String, Arc<Model>>) -> Value {
+fn render(models: &BTreeMap<String, Arc<Model>>, replica: Option<&str>) -> Value {
     let models: serde_json::Map<String, Value> = models
         .iter()
         .map(|(name, m)| (name.clone(), render_model(m, &m.lock())))
         .collect();
-    json!({ "version": 1, "models": models })
+    match replica {
+        Some(r) => json!({ "version": 1, "replica": r, "models": models }),
+        None => json!({ "version": 1, "models": models }),
+    }
 }
 
 /// One model's part of [`render`], from its locked learner.
@@ -630,9 +717,131 @@ fn render_model(m: &Model, l: &Learner) -> Value {
             )
         })
         .collect();
-    json!({
+    let mut out = json!({
         "objective": objective_name(m.objective),
         "override": override_json(l.over, &m.variants),
         "variants": variants,
-    })
+    });
+    if m.fleet_seed.is_some() {
+        out["fleet"] = l.fleet.to_json(&m.variants);
+    }
+    out
+}
+
+/// A replica's name: 64 random bits in hex.
+fn new_replica_name() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!("{:016x}", u64::from_le_bytes(b))
+}
+
+/// Fleet mode: exchanges every model's statistics with the ledger every interval. A
+/// failed exchange is the ledger's to count and log; what it did not take is sent again
+/// next time.
+async fn sync_task(
+    models: Arc<ArcSwap<BTreeMap<String, Arc<Model>>>>,
+    ledger: Arc<dyn fleet::Ledger>,
+    replica: String,
+) {
+    let mut tick = tokio::time::interval(ledger.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for m in models.load().values() {
+            let _ = sync_model(m, ledger.as_ref(), &replica).await;
+        }
+    }
+}
+
+/// One exchange of `m`'s statistics (two when a push left unanswered went first): see
+/// [`fleet`] for the arithmetic. After it the model holds the fleet's totals plus what
+/// it learned during the exchange, and its update is brought forward.
+async fn sync_model(m: &Model, ledger: &dyn fleet::Ledger, replica: &str) -> Result<(), String> {
+    for _ in 0..2 {
+        let n = m.variants.len();
+        let (push, retry) = {
+            let mut l = m.lock();
+            if l.moved || l.fleet.base.len() != n {
+                return Ok(());
+            }
+            let set_override = std::mem::take(&mut l.fleet.override_pending)
+                .then(|| override_json(l.over, &m.variants));
+            let (seq, deltas, retry) = match l.fleet.unacked.clone() {
+                Some((seq, d)) => (seq, d, true),
+                None => {
+                    let d: Vec<fleet::ArmStats> =
+                        (0..n).map(|i| l.stats(i).minus(&l.fleet.base[i])).collect();
+                    if d.iter().all(fleet::ArmStats::is_zero) {
+                        (0, d, false)
+                    } else {
+                        l.fleet.seq += 1;
+                        let seq = l.fleet.seq;
+                        for (b, x) in l.fleet.base.iter_mut().zip(&d) {
+                            *b = b.plus(x);
+                        }
+                        l.fleet.unacked = Some((seq, d.clone()));
+                        (seq, d, false)
+                    }
+                }
+            };
+            let push = fleet::Push {
+                replica: replica.to_string(),
+                model: m.name.clone(),
+                objective: objective_name(m.objective),
+                variants: m.variants.clone(),
+                seq,
+                deltas,
+                seed: l.fleet.totals.clone(),
+                half_life: m.time_half_life,
+                set_override,
+            };
+            (push, retry)
+        };
+        let (seq, pushed_override) = (push.seq, push.set_override.is_some());
+        let answer = tokio::time::timeout(fleet::EXCHANGE_TIMEOUT, ledger.exchange(push))
+            .await
+            .unwrap_or_else(|_| Err("the exchange timed out".into()));
+        let totals = match answer {
+            Ok(t) if t.arms.len() == n => t,
+            Ok(_) => return Err("the ledger answered another number of variants".into()),
+            Err(e) => {
+                if pushed_override {
+                    m.lock().fleet.override_pending = true;
+                }
+                return Err(e);
+            }
+        };
+        let republish = {
+            let mut l = m.lock();
+            if l.moved {
+                // The next bandit holds the same push, unanswered: it sends it again.
+                return Ok(());
+            }
+            if l.fleet.unacked.as_ref().is_some_and(|(s, _)| *s == seq) {
+                l.fleet.unacked = None;
+            }
+            for (i, total) in totals.arms.iter().enumerate() {
+                let pending = l.stats(i).minus(&l.fleet.base[i]);
+                l.set_stats(i, total.plus(&pending));
+                l.fleet.base[i] = *total;
+            }
+            if l.fleet.version.is_some_and(|v| totals.version < v) {
+                tracing::warn!(model = %m.name, "The fleet's statistics went back in time (its Redis restarted without them?): it starts again from the last totals a replica read, plus what each learned since.");
+            }
+            l.fleet.totals = totals.arms;
+            l.fleet.version = Some(totals.version);
+            if !l.fleet.override_pending {
+                l.over = override_from(&totals.over, &m.variants);
+            }
+            m.picker.as_ref().map(|_| PickerState::of(&l.bandit))
+        };
+        if let (Some(p), Some(state)) = (&m.picker, republish) {
+            p.state.store(Arc::new(state));
+        }
+        m.wake.notify_one();
+        if !retry {
+            break;
+        }
+    }
+    Ok(())
 }
