@@ -11,7 +11,9 @@
 #           draw per request) and with `mode: weights`, vs the same 3-variant split
 #           without one: nginx origin on CPU 0 with wrk, Switchyard (worker_threads: 1)
 #           on CPU 1, wrk 32 connections, rounds in rotating order, median of per-round
-#           ratios. Target: <= 5% lower.
+#           ratios. Target: <= 5% lower. Also the defaults in fleet mode (`fleet:` on a
+#           local redis-server, sync every second): every answer's request id sealed
+#           with an HMAC. Target (#18): <= 5% below the same bandit without a fleet.
 # Over HTTP, beside the simulator: bench/bandit-http.sh (WORLD=conversion|drift).
 # Env: SEEDS (10), ROUNDS (9), SECONDS_EACH (3), SKIP_REGRET=1 runs part 2 only.
 # Needs: nginx, wrk (Debian). Loopback only.
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-9}
 SECONDS_EACH=${SECONDS_EACH:-3}
 source bench/common.sh
-need nginx wrk
+need nginx wrk redis-server
 
 if [ "${SKIP_REGRET:-0}" != 1 ]; then
   for rate in 10 5000; do
@@ -39,16 +41,19 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $WORK;
 CONF
 taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off; user root;' &
 PIDS+=($!)
-port_of() { case $1 in plain) echo 19311 ;; bandit) echo 19321 ;; weights) echo 19331 ;; esac; }
-for mode in plain bandit weights; do
+taskset -c 0 redis-server --port 19399 --bind 127.0.0.1 --save "" --appendonly no > "$WORK/logs/redis.log" 2>&1 &
+PIDS+=($!)
+port_of() { case $1 in plain) echo 19311 ;; bandit) echo 19321 ;; weights) echo 19331 ;; fleet) echo 19341 ;; esac; }
+for mode in plain bandit weights fleet; do
   port=$(port_of $mode)
   {
     echo "listen: 127.0.0.1:$port"
     echo "admin_listen: 127.0.0.1:$((port + 1))"
     echo "worker_threads: 1"
+    [ $mode = fleet ] && printf 'fleet:\n  redis: "redis://127.0.0.1:19399"\n  key_prefix: bench\n'
     echo "models:"
     echo "  mnist:"
-    [ $mode = bandit ] && echo "    bandit: {objective: conversion, feedback_ttl: 2s}"
+    [ $mode = bandit ] || [ $mode = fleet ] && echo "    bandit: {objective: conversion, feedback_ttl: 2s}"
     [ $mode = weights ] && echo "    bandit: {objective: conversion, feedback_ttl: 2s, mode: weights}"
     echo "    variants:"
     echo "      - {name: a, upstream: \"http://127.0.0.1:19301\", weight: 97}"
@@ -64,18 +69,18 @@ echo "## Router throughput, bandit on vs fixed split (req/s, wrk 32 connections,
 # The three run back to back in each round, in an order that rotates from round to round
 # so that drift on the VM does not favour one; each round gives its own ratios, and the
 # median over rounds is the result (the mean is printed too).
-MODES=(plain bandit weights)
+MODES=(plain bandit weights fleet)
 : > "$WORK/ratios"
 for round in $(seq 1 "$ROUNDS"); do
   declare -A RPS=()
-  for k in 0 1 2; do
-    mode=${MODES[$(( (round + k) % 3 ))]}
+  for k in 0 1 2 3; do
+    mode=${MODES[$(( (round + k) % 4 ))]}
     port=$(port_of "$mode")
     RPS[$mode]=$(taskset -c 0 wrk -t1 -c32 -d"${SECONDS_EACH}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/models/mnist:predict" | awk '/Requests\/sec/ {print $2}')
   done
-  awk -v r="$round" -v p="${RPS[plain]}" -v b="${RPS[bandit]}" -v t="${RPS[weights]}" 'BEGIN {
-    printf "round %2d  plain %8.0f  defaults %8.0f (%.3f)  weights %8.0f (%.3f)\n", r, p, b, b / p, t, t / p }'
-  echo "${RPS[plain]} ${RPS[bandit]} ${RPS[weights]}" >> "$WORK/ratios"
+  awk -v r="$round" -v p="${RPS[plain]}" -v b="${RPS[bandit]}" -v t="${RPS[weights]}" -v f="${RPS[fleet]}" 'BEGIN {
+    printf "round %2d  plain %8.0f  defaults %8.0f (%.3f)  weights %8.0f (%.3f)  fleet %8.0f (%.3f of defaults)\n", r, p, b, b / p, t, t / p, f, f / b }'
+  echo "${RPS[plain]} ${RPS[bandit]} ${RPS[weights]} ${RPS[fleet]}" >> "$WORK/ratios"
   unset RPS
 done
 python3 - "$WORK/ratios" <<'PY'
@@ -85,9 +90,12 @@ for i, name in ((1, "bandit, defaults (per_request)"), (2, "bandit, mode: weight
     r = [row[i] / row[0] for row in rows]
     print(f"{name}: median ratio to the fixed split {statistics.median(r):.3f} over {len(r)} rounds "
           f"(mean {statistics.mean(r):.3f}, min {min(r):.3f}, max {max(r):.3f})")
+r = [row[3] / row[1] for row in rows]
+print(f"fleet mode (defaults + fleet:): median ratio to the same bandit alone {statistics.median(r):.3f} "
+      f"(mean {statistics.mean(r):.3f}, min {min(r):.3f}, max {max(r):.3f})")
 print(f"fixed split: median {statistics.median(row[0] for row in rows):.0f} req/s")
 PY
-for port in 19322 19332; do
+for port in 19322 19332 19342; do
   dropped=$(curl -s 127.0.0.1:$port/metrics | awk '/^switchyard_decisions_dropped_total/ {print $2}')
   echo "decisions dropped (log full) on admin $port: ${dropped:-0}"
 done
