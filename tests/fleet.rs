@@ -304,6 +304,26 @@ async fn feedback_through_any_replica_counts_once() {
         assert_eq!(s["fleet"]["key"], "key_file");
         assert_eq!(s["fleet"]["up"], true);
     }
+
+    // An operator's pin on one replica is the fleet's; a release on another, too.
+    let admin = |i: usize, action: &str| format!("http://{}/admin/bandit/m/{action}", r.admin(i));
+    assert_eq!(
+        send(&c, "POST", &admin(0, "pin/b"), &[], "").await.status,
+        200
+    );
+    r.until("the pin on every replica", |s| {
+        s["models"]["m"]["override"] == json!({ "pin": "b" })
+            && s["models"]["m"]["variants"]["b"]["weight"].as_f64() == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        send(&c, "POST", &admin(2, "release"), &[], "").await.status,
+        200
+    );
+    r.until("the release on every replica", |s| {
+        s["models"]["m"]["override"] == "none"
+    })
+    .await;
 }
 
 /// A world where c converts 5× more than a and b; predictions spread over the three
@@ -416,6 +436,11 @@ async fn redis_killed_and_restarted_loses_and_doubles_nothing() {
     }
     let down = r.states().await;
     assert!(down.iter().all(|s| s["fleet"]["up"] == false), "{down:#?}");
+    // Readiness says nothing of Redis: a Service keeps every replica.
+    for i in 0..3 {
+        let ready = send(&c, "GET", &format!("http://{}/readyz", r.admin(i)), &[], "").await;
+        assert_eq!(ready.status, 200, "{:?}", ready.body);
+    }
     redis.restart().await;
     r.until("Redis seen again", |s| {
         s["fleet"]["up"] == true && s["fleet"]["deferred_claims"] == 0

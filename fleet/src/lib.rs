@@ -624,3 +624,65 @@ impl FleetDecisions for Fleet {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(key: &str) -> Arc<Fleet> {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-fleet-key-{}-{key}", std::process::id()));
+        std::fs::write(&dir, key).unwrap();
+        let config = FleetConfig {
+            redis: switchyard_config::RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
+            key_prefix: "t".into(),
+            sync_interval: Duration::from_secs(1),
+            key_file: Some(dir.display().to_string()),
+        };
+        let f = Fleet::new(&config, &Registry::new()).unwrap();
+        let _ = std::fs::remove_file(dir);
+        f
+    }
+
+    /// A sealed decision opens to itself under the same key; any changed digit, or
+    /// another key, fails; a plain id is not a token.
+    #[test]
+    fn tokens_open_only_unaltered_and_under_the_same_key() {
+        let f = fleet("sixteen bytes at least");
+        let d = Portable {
+            model: 0xdead_beef,
+            variant: 2,
+            probability: 0.25,
+            at_unix_ms: 1_790_000_000_000,
+            ttl_ms: 600_000,
+            latency_us: 1234,
+        };
+        let token = f.seal(b"client.id.7", &d).unwrap();
+        assert_eq!(f.open(&token), Some(Ok(("client.id.7".to_string(), d))));
+        let tail = token.len() - TOKEN_TAIL;
+        for at in [0, tail - 2, tail, tail + 20, token.len() - 1] {
+            let mut b = token.clone().into_bytes();
+            b[at] = if b[at] == b'0' { b'1' } else { b'0' };
+            let altered = String::from_utf8(b).unwrap();
+            assert_eq!(f.open(&altered), Some(Err(())), "digit {at}");
+        }
+        assert_eq!(fleet("another key, also long").open(&token), Some(Err(())));
+        assert_eq!(f.open("0123456789abcdef0123456789abcdef"), None);
+        assert_eq!(f.open("a.b"), None);
+    }
+
+    #[test]
+    fn a_short_key_is_refused() {
+        let dir = std::env::temp_dir().join(format!("switchyard-short-key-{}", std::process::id()));
+        std::fs::write(&dir, "short\n").unwrap();
+        let config = FleetConfig {
+            redis: switchyard_config::RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
+            key_prefix: "t".into(),
+            sync_interval: Duration::from_secs(1),
+            key_file: Some(dir.display().to_string()),
+        };
+        let e = Fleet::new(&config, &Registry::new()).unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        let _ = std::fs::remove_file(dir);
+    }
+}
