@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use switchyard_bandit_runtime::fleet::{ArmStats, Exchange, Ledger, Push, Totals, STAT_NAMES};
 use switchyard_config::Fleet as FleetConfig;
-use switchyard_router::feedback::{Claim, FleetDecisions, FleetFuture, Portable};
+use switchyard_router::feedback::{Claim, FleetDecisions, FleetFuture, Portable, Unsealed};
 
 /// Longest a feedback request waits for its claim.
 pub const CLAIM_WAIT: Duration = Duration::from_millis(250);
@@ -487,7 +487,7 @@ impl FleetDecisions for Fleet {
         Some(out)
     }
 
-    fn open(&self, token: &str) -> Option<Result<(String, Portable), ()>> {
+    fn open(&self, token: &str) -> Option<Result<(String, Portable), Unsealed>> {
         let (id, tail) = token.rsplit_once('.')?;
         if tail.len() != TOKEN_TAIL || id.is_empty() {
             return None;
@@ -498,11 +498,10 @@ impl FleetDecisions for Fleet {
         }
         let (payload, tag) = raw.split_at(PAYLOAD);
         let Some(mac) = self.mac(id.as_bytes(), payload) else {
-            // No key yet: nothing can be verified.
-            return Some(Err(()));
+            return Some(Err(Unsealed::KeyUnknown));
         };
         if mac.verify_truncated_left(tag).is_err() {
-            return Some(Err(()));
+            return Some(Err(Unsealed::Forged));
         }
         let u32_at = |i: usize| {
             u32::from_be_bytes([payload[i], payload[i + 1], payload[i + 2], payload[i + 3]])
@@ -664,9 +663,12 @@ mod tests {
             let mut b = token.clone().into_bytes();
             b[at] = if b[at] == b'0' { b'1' } else { b'0' };
             let altered = String::from_utf8(b).unwrap();
-            assert_eq!(f.open(&altered), Some(Err(())), "digit {at}");
+            assert_eq!(f.open(&altered), Some(Err(Unsealed::Forged)), "digit {at}");
         }
-        assert_eq!(fleet("another key, also long").open(&token), Some(Err(())));
+        assert_eq!(
+            fleet("another key, also long").open(&token),
+            Some(Err(Unsealed::Forged))
+        );
         assert_eq!(f.open("0123456789abcdef0123456789abcdef"), None);
         assert_eq!(f.open("a.b"), None);
     }

@@ -76,6 +76,16 @@ pub enum Claim {
     Unreachable,
 }
 
+/// Why a token's decision cannot be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsealed {
+    /// Its signature does not hold: altered, forged, or another fleet's.
+    Forged,
+    /// This replica does not know the fleet's key yet (Redis has not answered since it
+    /// started): nothing can be verified.
+    KeyUnknown,
+}
+
 /// A future the fleet answers.
 pub type FleetFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -87,8 +97,8 @@ pub trait FleetDecisions: Send + Sync + std::fmt::Debug {
     /// signature>`), or `None` while the fleet's key is not known yet.
     fn seal(&self, id: &[u8], decision: &Portable) -> Option<String>;
     /// `None` when `token` is not shaped as a token (a plain request id); otherwise the
-    /// id inside it and its decision, or `Err` when the signature does not hold.
-    fn open(&self, token: &str) -> Option<Result<(String, Portable), ()>>;
+    /// id inside it and its decision, or why it cannot be trusted.
+    fn open(&self, token: &str) -> Option<Result<(String, Portable), Unsealed>>;
     /// Claims each decision (by [`key`]) for `ttl`, in one round trip, within a bound.
     fn claim(&self, claims: Vec<(u128, Duration)>) -> FleetFuture<'_, Vec<Claim>>;
     /// Claims to make once the store is back (feedback for this replica's own
@@ -726,7 +736,12 @@ fn resolve(
 ) -> Result<(Found, Decision, u128, Duration), FeedbackError> {
     let (inner, portable) = match fleet.open(id) {
         Some(Ok((inner, p))) => (inner, Some(p)),
-        Some(Err(())) => {
+        Some(Err(Unsealed::KeyUnknown)) => {
+            return Err(FeedbackError::Busy(
+                "this replica does not know the fleet's key yet (its Redis has not answered since it started): send it again".into(),
+            ))
+        }
+        Some(Err(Unsealed::Forged)) => {
             return Err(FeedbackError::Invalid(
                 "this request id's decision does not verify: it was altered, forged, or signed with another fleet key".into(),
             ))
