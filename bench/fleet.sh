@@ -7,6 +7,8 @@
 #      the claims of feedback taken (SET NX PX, kept TTL + 2 min). Bytes per claim,
 #      measured by writing N of them into a fresh redis-server (INFO memory, before and
 #      after).
+#   3. What a prediction pays in fleet mode (sealing its decision: an HMAC and hex) and a
+#      feedback (opening one): fleet/examples/seal.rs.
 # Fleet mode's cost on the request path is in bench/bandit.sh (part 2).
 # Env: DECISIONS (6000000), CLAIMS (1000000). Needs: redis-server, redis-cli. Loopback only.
 cd "$(dirname "$0")/.."
@@ -17,6 +19,10 @@ CLAIMS=${CLAIMS:-1000000}
 
 echo "## The decision log, $DECISIONS decisions (10,000/s × 10 min)"
 cargo run --quiet --release -p switchyard-router --example decision_log_memory "$DECISIONS"
+
+echo
+echo "## Sealing a decision into its request id, and opening one (no Redis)"
+cargo run --quiet --release -p switchyard-fleet --example seal
 
 echo
 echo "## Redis, $CLAIMS feedback claims"

@@ -140,7 +140,8 @@ enum KeySource {
 #[derive(Debug)]
 pub struct Fleet {
     config: FleetConfig,
-    key: OnceLock<(Vec<u8>, KeySource)>,
+    /// The HMAC keyed once (its inner and outer pads hashed), cloned per token.
+    key: OnceLock<(Hmac<Sha256>, KeySource)>,
     /// Claims (feedback waits on these).
     claims: Slot,
     /// Exchanges, expiry checks, deferred claims, the key.
@@ -181,7 +182,9 @@ impl Fleet {
                     key.len()
                 ));
             }
-            let _ = fleet.key.set((key, KeySource::File));
+            let mac = <Hmac<Sha256> as Mac>::new_from_slice(&key)
+                .map_err(|e| format!("fleet.key_file: {e}"))?;
+            let _ = fleet.key.set((mac, KeySource::File));
         } else {
             let me = fleet.clone();
             tokio::spawn(async move {
@@ -274,8 +277,13 @@ impl Fleet {
         match self.run(&self.background, commands, BACKGROUND_WAIT).await {
             Ok(r) => match r.get(1).and_then(Reply::text) {
                 Some(k) if k.len() >= 16 => {
-                    let _ = self.key.set((k.into_bytes(), KeySource::Redis));
-                    true
+                    match <Hmac<Sha256> as Mac>::new_from_slice(k.as_bytes()) {
+                        Ok(mac) => {
+                            let _ = self.key.set((mac, KeySource::Redis));
+                            true
+                        }
+                        Err(_) => false,
+                    }
                 }
                 _ => false,
             },
@@ -284,8 +292,7 @@ impl Fleet {
     }
 
     fn mac(&self, id: &[u8], payload: &[u8]) -> Option<Hmac<Sha256>> {
-        let (key, _) = self.key.get()?;
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+        let mut mac = self.key.get()?.0.clone();
         mac.update(&(id.len() as u32).to_be_bytes());
         mac.update(id);
         mac.update(payload);
