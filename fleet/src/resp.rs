@@ -175,16 +175,9 @@ impl Conn {
             "-" => Ok(Reply::Error(rest.to_string())),
             ":" => Ok(Reply::Int(number()?)),
             "$" => {
-                let n = number()?;
-                if n < 0 {
+                let Some(n) = length(number()?, MAX_BULK, "string")? else {
                     return Ok(Ok(Reply::Nil));
-                }
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                if n > MAX_BULK {
-                    return Err(format!(
-                        "Redis sent a {n}-byte string; at most {MAX_BULK} are read"
-                    ));
-                }
+                };
                 let mut buf = vec![0u8; n + 2];
                 self.stream
                     .read_exact(&mut buf)
@@ -194,21 +187,28 @@ impl Conn {
                 Ok(Reply::Bulk(buf))
             }
             "*" => {
-                let n = number()?;
-                if n < 0 {
+                let Some(n) = length(number()?, MAX_ARRAY, "array")? else {
                     return Ok(Ok(Reply::Nil));
-                }
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                if n > MAX_ARRAY {
-                    return Err(format!(
-                        "Redis sent an array of {n}; at most {MAX_ARRAY} are read"
-                    ));
-                }
+                };
                 Err(n)
             }
             _ => return Err(format!("Redis sent an unknown reply `{line}`")),
         })
     }
+}
+
+/// An announced length: `None` for RESP's nil (-1), refused above `max`.
+fn length(n: i64, max: usize, what: &str) -> Result<Option<usize>, String> {
+    if n < 0 {
+        return Ok(None);
+    }
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    if n > max {
+        return Err(format!(
+            "Redis sent a {what} of {n}; at most {max} are read"
+        ));
+    }
+    Ok(Some(n))
 }
 
 #[cfg(test)]

@@ -489,13 +489,32 @@ impl DecisionLog {
         let now_ms = self.millis(now);
         let k = key(id);
         let mut shard = self.shard(k);
+        let d = self.open(&mut shard, k, now_ms)?;
+        let age = Duration::from_millis(now_ms.saturating_sub(d.at_ms));
+        accept(d, age)?;
+        d.rewarded = true;
+        Ok(())
+    }
+
+    /// The decision under key `k` in its (locked) shard, if it is still waiting for
+    /// feedback; otherwise why not.
+    fn open<'s>(
+        &self,
+        shard: &'s mut Shard,
+        k: u128,
+        now_ms: u64,
+    ) -> Result<&'s mut Decision, FeedbackError> {
+        // Asked first (usually no evictions to search): the borrow `find` returns
+        // cannot be given back to ask afterwards.
+        let evicted = shard.was_evicted(k, now_ms);
         let Some(d) = shard.find(k) else {
-            if shard.was_evicted(k, now_ms) {
-                return Err(FeedbackError::Evicted {
+            return Err(if evicted {
+                FeedbackError::Evicted {
                     capacity: self.capacity,
-                });
-            }
-            return Err(FeedbackError::Unknown);
+                }
+            } else {
+                FeedbackError::Unknown
+            });
         };
         if d.expired(now_ms) {
             return Err(FeedbackError::Unknown);
@@ -503,10 +522,7 @@ impl DecisionLog {
         if d.rewarded {
             return Err(FeedbackError::Duplicate);
         }
-        let age = Duration::from_millis(now_ms.saturating_sub(d.at_ms));
-        accept(d, age)?;
-        d.rewarded = true;
-        Ok(())
+        Ok(d)
     }
 
     /// The open decision recorded under `id` and its age, as [`DecisionLog::claim`]
@@ -515,20 +531,7 @@ impl DecisionLog {
         let now_ms = self.millis(now);
         let k = key(id);
         let mut shard = self.shard(k);
-        let Some(d) = shard.find(k).copied() else {
-            if shard.was_evicted(k, now_ms) {
-                return Err(FeedbackError::Evicted {
-                    capacity: self.capacity,
-                });
-            }
-            return Err(FeedbackError::Unknown);
-        };
-        if d.expired(now_ms) {
-            return Err(FeedbackError::Unknown);
-        }
-        if d.rewarded {
-            return Err(FeedbackError::Duplicate);
-        }
+        let d = *self.open(&mut shard, k, now_ms)?;
         Ok((d, Duration::from_millis(now_ms.saturating_sub(d.at_ms))))
     }
 
