@@ -482,3 +482,80 @@ async fn redis_killed_and_restarted_loses_and_doubles_nothing() {
         );
     }
 }
+
+/// A replica stopped (SIGTERM) while Redis is down keeps what it took meanwhile in its
+/// state file, and pushes it when it starts again: a replica that never saw any of it
+/// then reads every feedback once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_during_an_outage_loses_nothing() {
+    let mut redis = Redis::start("restart").await;
+    let (_ups, urls) = upstreams().await;
+    let d = dir("restart");
+    let key = d.join("fleet.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let plain = config(&redis.url(), &urls, Some(&key));
+    let kept = d.join("kept.yaml");
+    let state = d.join("state.json");
+    std::fs::write(
+        &kept,
+        plain.replacen(
+            "seed: 11\n",
+            &format!("seed: 11\nstate_file: {}\n", state.display()),
+            1,
+        ),
+    )
+    .unwrap();
+    let alone = d.join("alone.yaml");
+    std::fs::write(&alone, &plain).unwrap();
+    let c = client();
+    let round = |r: &Replicas, n: usize| {
+        let c = c.clone();
+        let data = r.data(0);
+        async move {
+            for i in 0..n {
+                let a = predict(&c, &format!("http://{data}/v1/models/m:predict")).await;
+                let token = a.header("x-request-id").unwrap().to_string();
+                let reply = feedback(&c, data, &token, i % 2 == 0).await;
+                assert_eq!(reply.status, 200, "{:?}", reply.body);
+            }
+        }
+    };
+    let mut first = Replicas::spawn(&kept, 1);
+    round(&first, 20).await;
+    first
+        .until("20 rewards pushed", |s| {
+            s["models"]["m"]["fleet"]["unacked"].is_null()
+                && s["models"]["m"]["fleet"]["version"].as_u64() > Some(0)
+                && rewards(s) == 20
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    round(&first, 10).await;
+    // A graceful stop: the last exchange fails, the state file keeps the share.
+    let (child, ..) = &mut first.0[0];
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the replica did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(rewards(&saved), 30, "{saved:#}");
+    redis.restart().await;
+    let again = Replicas::spawn(&kept, 1);
+    let other = Replicas::spawn(&alone, 1);
+    let states = other
+        .until("the fleet holds all 30, once", |s| rewards(s) == 30)
+        .await;
+    again
+        .until("the restarted replica too", |s| rewards(s) == 30)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rewards(&other.states().await[0]), 30, "{states:#?}");
+}
