@@ -115,7 +115,7 @@ impl Metrics {
         let m = Metrics {
             up: IntGauge::new("switchyard_fleet_up", "1 while the fleet's Redis answers, 0 while it does not (routing and learning go on either way).")?,
             exchanges: IntCounterVec::new(Opts::new("switchyard_fleet_exchanges_total", "Exchanges of a model's statistics with the fleet, by result (ok, failed)."), &["result"])?,
-            claims: IntCounterVec::new(Opts::new("switchyard_fleet_claims_total", "Fleet-wide claims of feedback, by result: first, taken (a duplicate, answered 409), unreachable (Redis down), deferred (taken here while Redis was down, claimed later), late_conflict (a deferred claim found another replica had taken the same feedback)."), &["result"])?,
+            claims: IntCounterVec::new(Opts::new("switchyard_fleet_claims_total", "Fleet-wide claims of feedback, by result: first, taken (a duplicate, answered 409), unreachable (Redis down), slow (Redis up but no answer within 250 ms: answered 503), deferred (taken here while Redis was down, claimed later), late_conflict (a deferred claim found another replica had taken the same feedback)."), &["result"])?,
             deferred: IntGauge::new("switchyard_fleet_deferred_claims", "Claims waiting for Redis to come back.")?,
             overflow: IntCounter::new("switchyard_fleet_deferred_overflow_total", "Claims dropped because too many waited for Redis (their feedback was learned; a duplicate of it elsewhere would not be refused).")?,
         };
@@ -215,7 +215,10 @@ impl Fleet {
 
     /// Runs `commands` on `slot`'s connection within `bound`; a failure or a timeout
     /// drops the connection (taken out of the slot while in use, so a cancelled run
-    /// cannot leave a half-read reply behind) and marks the fleet down.
+    /// cannot leave a half-read reply behind). A failure marks the fleet down; so does a
+    /// timeout, except on the claims' connection, where one slow answer (a busy Redis, a
+    /// starved process) must not turn every feedback for other replicas away until the
+    /// next exchange: the exchanges, with their longer bound, decide that.
     async fn run(
         &self,
         slot: &Slot,
@@ -234,6 +237,9 @@ impl Fleet {
         };
         let result = match tokio::time::timeout(bound, work).await {
             Ok(r) => r,
+            Err(_) if std::ptr::eq(slot, &self.claims) => {
+                return Err(format!("Redis did not answer a claim within {bound:?}"));
+            }
             Err(_) => Err(format!("Redis did not answer within {bound:?}")),
         };
         match &result {
@@ -556,11 +562,20 @@ impl FleetDecisions for Fleet {
                             Claim::First => "first",
                             Claim::Taken => "taken",
                             Claim::Unreachable => "unreachable",
+                            Claim::Slow => "slow",
                         };
                         self.metrics.claims.with_label_values(&[label]).inc();
                         c
                     })
                     .collect(),
+                // A timeout leaves the fleet up (see `run`): slow, not down.
+                _ if self.up.load(Ordering::Relaxed) => {
+                    self.metrics
+                        .claims
+                        .with_label_values(&["slow"])
+                        .inc_by(n as u64);
+                    vec![Claim::Slow; n]
+                }
                 _ => {
                     self.metrics
                         .claims

@@ -74,6 +74,9 @@ pub enum Claim {
     Taken,
     /// The fleet's store cannot be reached now.
     Unreachable,
+    /// The fleet's store answers, but not within the claim's bound this time: nothing
+    /// is taken (the feedback is answered 503, to be sent again), own decision or not.
+    Slow,
 }
 
 /// Why a token's decision cannot be trusted.
@@ -869,6 +872,10 @@ pub async fn handle_fleet(
     ) {
         let outcome = match (claim, &c.found) {
             (Claim::Taken, _) => Err(FeedbackError::Duplicate),
+            (Claim::Slow, _) => Err(FeedbackError::Busy(format!(
+                "the fleet's store (Redis) was slow to claim the feedback for `{}`; nothing was taken: send it again",
+                c.id
+            ))),
             (Claim::Unreachable, Found::Elsewhere(..)) => Err(FeedbackError::Busy(format!(
                 "the prediction `{}` was made by another replica, and the fleet's store (Redis) cannot be reached to claim its feedback; nothing was taken: send it again",
                 c.id
