@@ -411,6 +411,8 @@ impl Bandits {
             for (m, l) in &mut guards {
                 if let Some(next) = fresh.get(&m.name) {
                     restore(next, &render_model(m, l));
+                    // An override not yet pushed to the fleet is still to be pushed.
+                    next.lock().fleet.override_pending = l.fleet.override_pending;
                 }
                 l.moved = true;
             }
