@@ -155,6 +155,13 @@ impl Drop for Replicas {
     }
 }
 
+/// The fleet's key, written to `fleet.key` in `d`.
+fn key_file(d: &Path, key: &str) -> PathBuf {
+    let file = d.join("fleet.key");
+    std::fs::write(&file, key).unwrap();
+    file
+}
+
 fn dir(test: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "switchyard-fleet-cfg-{test}-{}",
@@ -249,8 +256,7 @@ async fn feedback_through_any_replica_counts_once() {
     let redis = Redis::start("once").await;
     let (_ups, urls) = upstreams().await;
     let d = dir("once");
-    let key = d.join("fleet.key");
-    std::fs::write(&key, "a shared secret of the fleet, 41 bytes.\n").unwrap();
+    let key = key_file(&d, "a shared secret of the fleet, 41 bytes.\n");
     let file = d.join("fleet.yaml");
     std::fs::write(&file, config(&redis.url(), &urls, Some(&key))).unwrap();
     let r = Replicas::spawn(&file, 3);
@@ -418,8 +424,7 @@ async fn redis_killed_and_restarted_loses_and_doubles_nothing() {
     let mut redis = Redis::start("outage").await;
     let (_ups, urls) = upstreams().await;
     let d = dir("outage");
-    let key = d.join("fleet.key");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let key = key_file(&d, "0123456789abcdef0123456789abcdef");
     let file = d.join("fleet.yaml");
     std::fs::write(&file, config(&redis.url(), &urls, Some(&key))).unwrap();
     let r = Replicas::spawn(&file, 3);
@@ -530,8 +535,7 @@ async fn a_replica_restarted_during_an_outage_loses_nothing() {
     let mut redis = Redis::start("restart").await;
     let (_ups, urls) = upstreams().await;
     let d = dir("restart");
-    let key = d.join("fleet.key");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let key = key_file(&d, "0123456789abcdef0123456789abcdef");
     let plain = config(&redis.url(), &urls, Some(&key));
     let kept = d.join("kept.yaml");
     let state = d.join("state.json");

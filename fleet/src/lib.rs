@@ -650,19 +650,27 @@ impl FleetDecisions for Fleet {
 mod tests {
     use super::*;
 
-    fn fleet(key: &str) -> Arc<Fleet> {
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-fleet-key-{}-{key}", std::process::id()));
-        std::fs::write(&dir, key).unwrap();
+    /// Joins a fleet whose `key_file` holds `key` (no Redis is asked).
+    fn join(key: &str) -> Result<Arc<Fleet>, String> {
+        let file = std::env::temp_dir().join(format!(
+            "switchyard-fleet-key-{}-{}",
+            std::process::id(),
+            key.len()
+        ));
+        std::fs::write(&file, key).unwrap();
         let config = FleetConfig {
             redis: switchyard_config::RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
             key_prefix: "t".into(),
             sync_interval: Duration::from_secs(1),
-            key_file: Some(dir.display().to_string()),
+            key_file: Some(file.display().to_string()),
         };
-        let f = Fleet::new(&config, &Registry::new()).unwrap();
-        let _ = std::fs::remove_file(dir);
-        f
+        let joined = Fleet::new(&config, &Registry::new());
+        let _ = std::fs::remove_file(file);
+        joined
+    }
+
+    fn fleet(key: &str) -> Arc<Fleet> {
+        join(key).unwrap()
     }
 
     /// A sealed decision opens to itself under the same key; any changed digit, or
@@ -697,16 +705,7 @@ mod tests {
 
     #[test]
     fn a_short_key_is_refused() {
-        let dir = std::env::temp_dir().join(format!("switchyard-short-key-{}", std::process::id()));
-        std::fs::write(&dir, "short\n").unwrap();
-        let config = FleetConfig {
-            redis: switchyard_config::RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
-            key_prefix: "t".into(),
-            sync_interval: Duration::from_secs(1),
-            key_file: Some(dir.display().to_string()),
-        };
-        let e = Fleet::new(&config, &Registry::new()).unwrap_err();
+        let e = join("short\n").unwrap_err();
         assert!(e.contains("at least 16"), "{e}");
-        let _ = std::fs::remove_file(dir);
     }
 }

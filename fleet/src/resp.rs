@@ -215,24 +215,30 @@ fn length(n: i64, max: usize, what: &str) -> Result<Option<usize>, String> {
 mod tests {
     use super::*;
 
-    /// Replies as a server writes them, nested arrays and nils included, read back
-    /// from a real socket.
-    #[tokio::test]
-    async fn replies_are_read_from_the_wire() {
+    /// A connection to a server on a real socket that answers the first thing it reads
+    /// with `replies`, then holds the connection open.
+    async fn talking_to(replies: &'static [u8]) -> Conn {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 1024];
             let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(
-                b"+OK\r\n$-1\r\n:42\r\n*3\r\n$3\r\nabc\r\n*2\r\n:1\r\n*0\r\n$0\r\n\r\n-ERR no\r\n",
-            )
-            .await
-            .unwrap();
+            s.write_all(replies).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let url = switchyard_config::RedisUrl::parse(&format!("redis://{addr}")).unwrap();
-        let mut c = Conn::open(&url, Duration::from_secs(1)).await.unwrap();
+        Conn::open(&url, Duration::from_secs(1)).await.unwrap()
+    }
+
+    /// Replies as a server writes them, nested arrays and nils included, read back
+    /// from a real socket.
+    #[tokio::test]
+    async fn replies_are_read_from_the_wire() {
+        let mut c = talking_to(
+            b"+OK\r\n$-1\r\n:42\r\n*3\r\n$3\r\nabc\r\n*2\r\n:1\r\n*0\r\n$0\r\n\r\n-ERR no\r\n",
+        )
+        .await;
         let cmd = |s: &str| {
             s.split(' ')
                 .map(|a| a.as_bytes().to_vec())
@@ -261,17 +267,7 @@ mod tests {
     /// A server that claims a huge string is refused before anything is allocated.
     #[tokio::test]
     async fn a_huge_length_is_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 1024];
-            let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(b"$99999999999\r\n").await.unwrap();
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        });
-        let url = switchyard_config::RedisUrl::parse(&format!("redis://{addr}")).unwrap();
-        let mut c = Conn::open(&url, Duration::from_secs(1)).await.unwrap();
+        let mut c = talking_to(b"$99999999999\r\n").await;
         let err = c.pipeline(&[vec![b"GET".to_vec()]]).await.unwrap_err();
         assert!(err.contains("at most"), "{err}");
     }

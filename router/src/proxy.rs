@@ -393,7 +393,11 @@ impl Router {
                 }
             }
         };
-        if let Some(Sealed(token)) = resp.extensions_mut().remove::<Sealed>() {
+        let sealed = match self.fleet {
+            Some(_) => resp.extensions_mut().remove::<Sealed>(),
+            None => None,
+        };
+        if let Some(Sealed(token)) = sealed {
             // Fleet mode: the id carries its decision, so its feedback can go to any
             // replica. A client's own id is kept as it sent it.
             if ours {
