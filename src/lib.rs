@@ -227,26 +227,29 @@ fn read_token(
         .and_then(|t| switchyard_router::auth::Token::new(&t)))
 }
 
-/// Closed connections after which freed memory is handed back to the system.
+/// Connections closed or parked after which freed memory is handed back to the system.
 const TRIM_AFTER_CLOSED: u64 = 1_000;
 
-/// Hands the memory of closed connections back to the system.
+/// Hands the memory of closed and parked connections back to the system.
 ///
-/// Each HTTP/1.1 connection holds about 20 KiB (hyper's read and write buffers, its
-/// task); when it closes, glibc's allocator keeps the freed memory inside the heap, where
-/// other allocations pin it: 9,000 idle connections took resident memory from 10 to 193
-/// MiB and it stayed there after they closed (`bench/connections.sh`). `malloc_trim(0)`
-/// returns the free pages inside the heap too. Checked every 5 s; called, off the async
-/// workers, once at least [`TRIM_AFTER_CLOSED`] connections closed since the last call.
+/// An HTTP/1.1 connection in use holds about 20 KiB (hyper's read and write buffers, its
+/// task); when it closes or parks, glibc's allocator keeps the freed memory inside the
+/// heap, where other allocations pin it: 9,000 idle connections took resident memory
+/// from 10 to 193 MiB and it stayed there after they closed (`bench/connections.sh`).
+/// `malloc_trim(0)` returns the free pages inside the heap too. Checked every 5 s;
+/// called, off the async workers, once at least [`TRIM_AFTER_CLOSED`] connections closed
+/// or parked since the last call.
 async fn return_freed_memory(
     accepted: prometheus::IntCounter,
     open: prometheus::IntGauge,
+    parked: prometheus::IntCounter,
     mut done: watch::Receiver<bool>,
 ) {
     let closed = || {
         accepted
             .get()
             .saturating_sub(u64::try_from(open.get()).unwrap_or(0))
+            .saturating_add(parked.get())
     };
     let mut trimmed_at = closed();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -385,6 +388,11 @@ pub fn start_with(
             metrics.connections_total.clone(),
         )),
         refused: Some(metrics.connections_refused.clone()),
+        park_after: server::PARK_AFTER,
+        parked_metrics: Some((
+            metrics.connections_parked.clone(),
+            metrics.connections_parked_total.clone(),
+        )),
     };
     let data = tokio::spawn(async move {
         let drained = server::serve(
@@ -402,6 +410,7 @@ pub fn start_with(
     tokio::spawn(return_freed_memory(
         metrics.connections_total.clone(),
         metrics.connections_open.clone(),
+        metrics.connections_parked_total.clone(),
         admin_signal.clone(),
     ));
 
@@ -437,6 +446,8 @@ pub fn start_with(
         client_header_timeout: config.client_header_timeout,
         connection_metrics: None,
         refused: None,
+        park_after: server::PARK_AFTER,
+        parked_metrics: None,
     };
     let admin = tokio::spawn(server::serve(
         admin,

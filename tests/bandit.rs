@@ -786,6 +786,8 @@ async fn decisions_keep_the_probability_of_their_choice() {
         client_header_timeout: Duration::from_secs(60),
         connection_metrics: None,
         refused: None,
+        park_after: switchyard::router::server::PARK_AFTER,
+        parked_metrics: None,
     };
     tokio::spawn(serve(
         listener,

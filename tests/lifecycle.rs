@@ -377,3 +377,169 @@ async fn idle_h2c_connections_are_closed_after_client_header_timeout() {
     assert_eq!(slow.hits(), 1);
     assert_eq!(up.hits(), 2);
 }
+
+/// A data plane served in-process with `park_after` short, its parking measured; the
+/// shutdown sender drains it, and the handle says how the drain ended.
+struct Parking {
+    addr: std::net::SocketAddr,
+    parked: prometheus::IntGauge,
+    parkings: prometheus::IntCounter,
+    accepted: prometheus::IntCounter,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Drained>,
+}
+
+async fn serve_parking(upstream: &str, client_header_timeout: Duration) -> Parking {
+    use switchyard::router::server::{serve, ServeOptions};
+    let config = switchyard::config::from_yaml_str(&format!(
+        "models:\n  m:\n    variants: [{{name: a, upstream: \"{upstream}\", weight: 1}}]\n"
+    ))
+    .unwrap();
+    let router = switchyard::router::Router::new(
+        &config,
+        switchyard::router::Metrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let parked = prometheus::IntGauge::new("parked", "parked").unwrap();
+    let parkings = prometheus::IntCounter::new("parkings", "parkings").unwrap();
+    let open = prometheus::IntGauge::new("open", "open").unwrap();
+    let accepted = prometheus::IntCounter::new("accepted", "accepted").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = ServeOptions {
+        max_connections: 64,
+        drain_timeout: Duration::from_secs(10),
+        client_header_timeout,
+        connection_metrics: Some((open, accepted.clone())),
+        refused: None,
+        park_after: Duration::from_millis(50),
+        parked_metrics: Some((parked.clone(), parkings.clone())),
+    };
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve(
+        listener,
+        move |p| router.service(Some(p.ip())),
+        async move {
+            let _ = stop.await;
+        },
+        opts,
+    ));
+    Parking {
+        addr,
+        parked,
+        parkings,
+        accepted,
+        shutdown,
+        served,
+    }
+}
+
+/// Waits (bounded) until `what` holds.
+async fn eventually(what: &str, mut holds: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !holds() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}: still not so after 20 s");
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body: its head and its body.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            if got.len() >= end + 4 + len {
+                assert_eq!(got.len(), end + 4 + len, "bytes beyond one response");
+                let body = String::from_utf8_lossy(&got[end + 4..]).into_owned();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("no answer within 20 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+const PREDICT: &[u8] = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n{\"instances\": [[1]]}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_park_and_wake_on_their_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::echo("a").await;
+    let p = serve_parking(&up.url(), Duration::from_secs(30)).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let answered = |head: &str, body: &str| {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let answer: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(answer["upstream"], "a", "{answer}");
+    };
+
+    // Answered, then parked while idle.
+    s.write_all(PREDICT).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    answered(&head, &body);
+    eventually("the idle connection parked", || p.parked.get() == 1).await;
+
+    // Woken by its next request, and answered on the same connection; sent with the
+    // first part of a third request, which the connection holds while it parks again.
+    let (first, rest) = PREDICT.split_at(40);
+    s.write_all(&[PREDICT, first].concat()).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    answered(&head, &body);
+    eventually("parked again, holding part of a request", || {
+        p.parkings.get() >= 2
+    })
+    .await;
+    s.write_all(rest).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    answered(&head, &body);
+    assert_eq!(up.hits(), 3);
+    assert_eq!(p.accepted.get(), 1, "one connection throughout");
+
+    // A drain closes a parked connection at once and is clean.
+    eventually("parked once more", || p.parked.get() == 1).await;
+    p.shutdown.send(()).unwrap();
+    assert!(read_until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .is_empty());
+    assert_eq!(p.served.await.unwrap(), Drained::Clean);
+    assert_eq!(p.parked.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_closed_after_client_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::echo("a").await;
+    let p = serve_parking(&up.url(), Duration::from_secs(2)).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(PREDICT).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Closed while parked: nothing more was said, and nothing forwarded.
+    assert!(read_until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .is_empty());
+    assert_eq!(p.parkings.get(), 1, "it was parked when it was closed");
+    assert_eq!(p.parked.get(), 0);
+    assert_eq!(up.hits(), 1);
+}

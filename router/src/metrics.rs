@@ -34,6 +34,10 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// Connections refused at `max_connections`.
     pub connections_refused: IntCounter,
+    /// Idle HTTP/1.1 connections parked now (held without hyper's buffers).
+    pub connections_parked: IntGauge,
+    /// Times an idle HTTP/1.1 connection was parked, since start.
+    pub connections_parked_total: IntCounter,
     /// Requests being handled now (until their response head is sent).
     pub in_flight: IntGauge,
     /// Decisions evicted from the full decision log before their feedback TTL.
@@ -259,6 +263,17 @@ impl Metrics {
             "Client connections answered 503 and closed because max_connections were open.",
         )?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let connections_parked = IntGauge::new(
+            "switchyard_connections_parked",
+            "Idle HTTP/1.1 client connections parked now: held as bare sockets, without \
+             hyper's buffers, until their next request.",
+        )?;
+        let connections_parked_total = IntCounter::new(
+            "switchyard_connections_parked_total",
+            "Times an idle HTTP/1.1 client connection was parked, since start.",
+        )?;
+        registry.register(Box::new(connections_parked.clone()))?;
+        registry.register(Box::new(connections_parked_total.clone()))?;
         let in_flight = IntGauge::new(
             "switchyard_requests_in_flight",
             "Requests being handled now, until their response head is sent.",
@@ -294,6 +309,8 @@ impl Metrics {
             connections_open,
             connections_total,
             connections_refused,
+            connections_parked,
+            connections_parked_total,
             in_flight,
         })
     }
