@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Memory per connection: Switchyard against nginx and HAProxy as a proxy, one at a time.
 # For each: the proxy's resident memory (VmRSS) at rest, then with N idle keep-alive
-# client connections open (each has sent one prediction and had its answer), then 1 s,
-# 10 s and 30 s after they all closed.
+# client connections open (each has sent one prediction and had its answer): at once,
+# and after HOLD_FOR seconds held idle (Switchyard parks idle connections after 1 s and
+# returns freed memory within 5 s more); then 1 s, 10 s and 30 s after they all closed.
 #
 #   bench/connections.sh              # N=9000
 #   N=2000 AFTER="1 5" bench/connections.sh
@@ -16,6 +17,7 @@
 cd "$(dirname "$0")/.."
 N=${N:-9000}
 AFTER=${AFTER:-1 10 30}
+HOLD_FOR=${HOLD_FOR:-10}  # seconds the connections are held idle before the second sample
 ONLY=${ONLY:-}            # ONLY=switchyard measures one proxy
 source bench/common.sh
 need nginx haproxy python3
@@ -102,30 +104,39 @@ asyncio.run(main())
 PY
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# Anonymous (heap, stacks) and file-backed (the binary's pages) parts of RSS, in MiB.
+rss_parts() { awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2} END {printf "anon %.1f + file %.1f", a / 1024, f / 1024}' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 
 run_one() {
-  local name=$1 port=$2 pid=$3 before held
+  local name=$1 port=$2 pid=$3 before held idle
   wait_port "$port"
   # One request first, so lazily built state (the upstream pool) is in "at rest".
   curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port/v1/models/mnist:predict" > /dev/null
   before=$(rss_kb "$pid")
+  local parts_before
+  parts_before=$(rss_parts "$pid")
   coproc HOLD { python3 "$WORK/hold.py" "$port" "$N" "$BODY"; }
   read -r line <&"${HOLD[0]}"
   [ "$line" = held ] || { echo "$name: the client failed" >&2; exit 1; }
   held=$(rss_kb "$pid")
+  sleep "$HOLD_FOR"
+  idle=$(rss_kb "$pid")
   echo >&"${HOLD[1]}"
   read -r line <&"${HOLD[0]}"
   wait "$HOLD_PID" 2>/dev/null || true
   local after=() t prev=0
   for t in $AFTER; do sleep $((t - prev)); prev=$t; after+=("$(mib "$(rss_kb "$pid")")"); done
-  printf '%-10s %8s %10s %12s %10s   %s\n' "$name" "$(mib "$before")" "$(mib "$held")" \
-    "$(awk -v a="$held" -v b="$before" -v n="$N" 'BEGIN {printf "%.1f", (a - b) / n}')" \
+  printf '%-10s %8s %10s %10s %12s %10s   %s\n' "$name" "$(mib "$before")" "$(mib "$held")" \
+    "$(mib "$idle")" \
+    "$(awk -v a="$idle" -v b="$before" -v n="$N" 'BEGIN {printf "%.1f", (a - b) / n}')" \
     "${after[-1]}" "${after[*]}"
+  PARTS+=("$name: at rest $parts_before; last $(rss_parts "$pid")")
 }
+PARTS=()
 
 echo "Idle keep-alive connections: N=$N; RSS in MiB; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-printf '%-10s %8s %10s %12s %10s   %s\n' proxy "at rest" "N held" "KiB per conn" "last" "after closing ($AFTER s)"
+printf '%-10s %8s %10s %10s %12s %10s   %s\n' proxy "at rest" "N opened" "${HOLD_FOR}s idle" "KiB per conn" "last" "after closing ($AFTER s)"
 if [ -z "$ONLY" ] || [ "$ONLY" = nginx ]; then
   taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; user root;' &
   PIDS+=($!); sleep 0.5
@@ -138,9 +149,13 @@ if [ -z "$ONLY" ] || [ "$ONLY" = haproxy ]; then
   PIDS+=($!)
   run_one haproxy $P_HAPROXY $!
 fi
-[ -n "$ONLY" ] && [ "$ONLY" != switchyard ] && exit 0
-# SY_ENV: extra environment for Switchyard only (allocator experiments), e.g.
-# SY_ENV="MALLOC_ARENA_MAX=1".
-env ${SY_ENV:-} SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
-PIDS+=($!)
-run_one switchyard $P_SY $!
+if [ -z "$ONLY" ] || [ "$ONLY" = switchyard ]; then
+  # SY_ENV: extra environment for Switchyard only (allocator experiments), e.g.
+  # SY_ENV="MALLOC_ARENA_MAX=1".
+  env ${SY_ENV:-} SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
+  PIDS+=($!)
+  run_one switchyard $P_SY $!
+fi
+echo
+echo "RSS in parts, MiB (at rest; at the last sample):"
+printf '  %s\n' "${PARTS[@]}"

@@ -113,15 +113,8 @@ pub async fn serve<F, S, B>(
 ) -> Drained
 where
     F: Fn(SocketAddr) -> S,
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     let mut h1 = http1::Builder::new();
     // hyper enforces its header read timeout only with a timer, and without one a
@@ -255,6 +248,44 @@ impl<F: Future + Unpin> Future for PollWhenWoken<F> {
     }
 }
 
+/// What serves a client connection's requests: made per connection by `serve`'s caller.
+pub trait ClientService<B>:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future: Send + Unpin + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S, B> ClientService<B> for S where
+    S: tower_service::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + Unpin + 'static,
+        > + Clone
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// The body of an answer to a client, as hyper's server takes it.
+pub trait ResponseBody:
+    Body<Data: Send, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: Body<Data: Send, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
 /// The protocol builders, made once per listener.
 struct Builders {
     h1: http1::Builder,
@@ -324,15 +355,8 @@ impl Conn {
     /// would go with it.
     async fn serve<S, B>(self, mut io: ClientIo, mut service: ConnService<S>)
     where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + Unpin
-            + 'static,
-        S::Future: Send + Unpin + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        S: ClientService<B>,
+        B: ResponseBody,
     {
         // No byte goes to hyper before the protocol is known. A client that connects and
         // says nothing (or half of h2c's preface) gets `client_header_timeout` for it,
@@ -382,14 +406,8 @@ impl Conn {
     /// had no open stream for `client_header_timeout`.
     async fn serve_h2<S, B>(&self, io: ClientIo, service: ConnService<S>)
     where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + Unpin + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        S: ClientService<B>,
+        B: ResponseBody,
     {
         let conn = self.builders.h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -443,15 +461,8 @@ impl Conn {
         cut_short: Option<Duration>,
     ) -> Option<(ClientIo, ConnService<S>)>
     where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + Unpin
-            + 'static,
-        S::Future: Send + Unpin + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        S: ClientService<B>,
+        B: ResponseBody,
     {
         let shorter;
         let builder = match cut_short {
