@@ -73,6 +73,7 @@ const TOP: &[&str] = &[
     "admin_listen",
     "max_body_bytes",
     "connect_timeout",
+    "upstream_idle_timeout",
     "request_timeout",
     "drain_timeout",
     "client_header_timeout",
@@ -104,6 +105,7 @@ const VARIANT: &[&str] = &[
     "weight",
     "cost_per_1k",
     "connect_timeout",
+    "upstream_idle_timeout",
     "request_timeout",
     "wieght",
 ];

@@ -17,6 +17,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 /// Most shadows one model may have (the request path keeps them in a 64-bit mask).
 pub const MAX_SHADOWS: usize = 64;
+/// Default `upstream_idle_timeout`: see [`Config::upstream_idle_timeout`].
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default request body limit: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -34,6 +36,13 @@ pub struct Config {
     /// own. Failing to connect in time answers 502. Default `1s`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub connect_timeout: Duration,
+    /// How long a pooled keep-alive connection to an upstream may sit idle before it is
+    /// closed, unless a variant sets its own. Default `4s`: under the 5 s after which
+    /// uvicorn (MLServer, KServe's Python server, BentoML) closes idle connections, so a
+    /// request is not written into a connection the model server is closing; and what a
+    /// burst opened is given back within seconds, not held.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub upstream_idle_timeout: Duration,
     /// Time allowed from sending a request upstream to receiving its response headers,
     /// unless a model or variant sets its own. Exceeding it answers 504. Default `30s`.
     #[serde(serialize_with = "crate::duration::serialize")]
@@ -345,6 +354,9 @@ pub struct Variant {
     /// Overrides `connect_timeout` for this variant.
     #[serde(serialize_with = "crate::duration::serialize_opt")]
     pub connect_timeout: Option<Duration>,
+    /// Overrides `upstream_idle_timeout` for this variant.
+    #[serde(serialize_with = "crate::duration::serialize_opt")]
+    pub upstream_idle_timeout: Option<Duration>,
     /// Overrides the model's and the top-level `request_timeout` for this variant. For a
     /// local variant: the longest a request waits for its batch to run (504 after).
     #[serde(serialize_with = "crate::duration::serialize_opt")]
@@ -624,6 +636,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "admin_listen",
             "max_body_bytes",
             "connect_timeout",
+            "upstream_idle_timeout",
             "request_timeout",
             "drain_timeout",
             "client_header_timeout",
@@ -644,6 +657,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let admin_listen = f.optional(cx, "admin_listen", decode::socket_addr);
     let max_body_bytes = f.optional(cx, "max_body_bytes", positive_u64);
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
+    let upstream_idle_timeout = f.optional(cx, "upstream_idle_timeout", decode::duration);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     let drain_timeout = f.optional(cx, "drain_timeout", decode::duration);
     let client_header_timeout = f.optional(cx, "client_header_timeout", decode::duration);
@@ -682,6 +696,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         admin_listen,
         max_body_bytes: max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(1)),
+        upstream_idle_timeout: upstream_idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
         request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
         drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
         client_header_timeout: client_header_timeout.unwrap_or(Duration::from_secs(60)),
@@ -1312,6 +1327,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
             "cost_per_1k",
             "cost_per_second",
             "connect_timeout",
+            "upstream_idle_timeout",
             "request_timeout",
         ],
     )?;
@@ -1337,7 +1353,12 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
             backend_ok = false;
         }
         (None, Some(_)) => {
-            for key in ["upstream_model", "protocol", "connect_timeout"] {
+            for key in [
+                "upstream_model",
+                "protocol",
+                "connect_timeout",
+                "upstream_idle_timeout",
+            ] {
                 if let Some(n) = f.get(key) {
                     cx.error(
                         n,
@@ -1356,6 +1377,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
     let cost_per_1k = f.optional(cx, "cost_per_1k", non_negative);
     let cost_per_second = f.optional(cx, "cost_per_second", non_negative);
     let connect_timeout = f.optional(cx, "connect_timeout", decode::duration);
+    let upstream_idle_timeout = f.optional(cx, "upstream_idle_timeout", decode::duration);
     let request_timeout = f.optional(cx, "request_timeout", decode::duration);
     if !backend_ok || (upstream.is_none() && local.is_none()) {
         return None;
@@ -1370,6 +1392,7 @@ fn decode_variant(cx: &mut Cx, node: &Node, path: &str) -> Option<Variant> {
         cost_per_1k: cost_per_1k.unwrap_or(0.0),
         cost_per_second: cost_per_second.unwrap_or(0.0),
         connect_timeout,
+        upstream_idle_timeout,
         request_timeout,
     })
 }

@@ -34,6 +34,67 @@ fn the_issue_example_is_accepted_with_defaults() {
     assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
     assert_eq!(c.client_header_timeout, std::time::Duration::from_secs(60));
     assert_eq!(c.client_body_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(c.upstream_idle_timeout, std::time::Duration::from_secs(4));
+    assert_eq!(m.variants[0].upstream_idle_timeout, None);
+}
+
+#[test]
+fn upstream_idle_timeout_is_set_at_the_top_and_per_upstream_variant() {
+    let c = from_yaml_str(
+        r#"
+upstream_idle_timeout: 1500ms
+models:
+  m:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:1", weight: 1, upstream_idle_timeout: 30s}
+      - {name: b, upstream: "http://127.0.0.1:2", weight: 1}
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.upstream_idle_timeout,
+        std::time::Duration::from_millis(1500)
+    );
+    let v = &c.models["m"].variants;
+    assert_eq!(
+        v[0].upstream_idle_timeout,
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(v[1].upstream_idle_timeout, None);
+
+    let errors = from_yaml_str(
+        r#"
+upstream_idle_timeout: 0s
+models:
+  m:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:1", weight: 1, upstream_idle_timeout: soon}
+      - {name: l, local: {model: "builtin:digits_mlp"}, weight: 1, upstream_idle_timeout: 1s}
+"#,
+    )
+    .unwrap_err()
+    .0;
+    let found = |path: &str, words: &str| {
+        errors
+            .iter()
+            .any(|e| e.path == path && e.message.contains(words))
+    };
+    assert!(
+        found("upstream_idle_timeout", "greater than zero"),
+        "{errors:#?}"
+    );
+    assert!(
+        found("models.m.variants[0].upstream_idle_timeout", ""),
+        "{errors:#?}"
+    );
+    assert!(
+        found(
+            "models.m.variants[1].upstream_idle_timeout",
+            "applies to `upstream` variants only"
+        ),
+        "{errors:#?}"
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use switchyard_config::Config;
 use crate::local::LocalBackend;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::selector::{stable_hash, Selector, WeightError, WeightTable};
-use crate::upstream::Upstream;
+use crate::upstream::{Timeouts, Upstream};
 
 /// Models by the name clients use.
 #[derive(Debug)]
@@ -217,15 +217,21 @@ impl RouteTable {
                     .unwrap_or(config.request_timeout);
                 let backend = match (&v.upstream, &v.local) {
                     (Some(url), _) => {
-                        let connect = v.connect_timeout.unwrap_or(config.connect_timeout);
+                        let timeouts = Timeouts {
+                            connect: v.connect_timeout.unwrap_or(config.connect_timeout),
+                            request: timeout,
+                            idle: v
+                                .upstream_idle_timeout
+                                .unwrap_or(config.upstream_idle_timeout),
+                        };
                         match old.map(|o| &o.backend) {
                             Some(Backend::Remote(up))
-                                if up.same_settings(url, v.protocol, connect, timeout) =>
+                                if up.same_settings(url, v.protocol, timeouts) =>
                             {
                                 Backend::Remote(up.clone())
                             }
                             _ => Backend::Remote(Arc::new(
-                                Upstream::new(url, v.protocol, connect, timeout)
+                                Upstream::new(url, v.protocol, timeouts)
                                     .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
                             )),
                         }

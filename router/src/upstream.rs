@@ -9,21 +9,30 @@ use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use switchyard_config::{UpstreamProtocol, UpstreamUrl};
 
 use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody};
 use crate::error::{RouterError, UpstreamErrorKind};
 
-/// How long an idle pooled connection to an upstream is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// How many idle connections to one upstream are kept for reuse. A burst of N concurrent
 /// requests opens N connections (about 28 KiB each in hyper's client); once it is over,
-/// keeping them all for `POOL_IDLE_TIMEOUT` holds memory that steady traffic never uses.
-/// 64 is nginx's usual `keepalive 64`; more than that many in flight still works, the
-/// extra connections are just closed when they finish instead of parked.
+/// keeping them all until `upstream_idle_timeout` holds memory that steady traffic never
+/// uses. 64 is nginx's usual `keepalive 64`; more than that many in flight still works,
+/// the extra connections are just closed when they finish instead of pooled.
 const POOL_MAX_IDLE: usize = 64;
+
+/// An upstream client's time limits (`connect_timeout`, `request_timeout`,
+/// `upstream_idle_timeout`, each after the variant's and model's overrides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Time allowed to open a connection.
+    pub connect: Duration,
+    /// Time allowed for the response head.
+    pub request: Duration,
+    /// How long a pooled connection may sit idle before it is closed.
+    pub idle: Duration,
+}
 
 /// A remote model server and the client that talks to it.
 #[derive(Debug)]
@@ -35,9 +44,7 @@ pub struct Upstream {
     url: UpstreamUrl,
     /// HTTP/1.1 or h2c.
     pub protocol: UpstreamProtocol,
-    /// Time allowed for the response head.
-    pub request_timeout: Duration,
-    connect_timeout: Duration,
+    timeouts: Timeouts,
 }
 
 /// Why an upstream exchange failed, before it becomes a [`RouterError`].
@@ -76,21 +83,16 @@ impl Upstream {
         &self,
         url: &UpstreamUrl,
         protocol: UpstreamProtocol,
-        connect_timeout: Duration,
-        request_timeout: Duration,
+        timeouts: Timeouts,
     ) -> bool {
-        self.url == *url
-            && self.protocol == protocol
-            && self.connect_timeout == connect_timeout
-            && self.request_timeout == request_timeout
+        self.url == *url && self.protocol == protocol && self.timeouts == timeouts
     }
 
     /// A client for `url`. Must be called within a Tokio runtime.
     pub fn new(
         url: &UpstreamUrl,
         protocol: UpstreamProtocol,
-        connect_timeout: Duration,
-        request_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Self, String> {
         let authority: Authority = url
             .authority
@@ -99,11 +101,16 @@ impl Upstream {
         let host_header = HeaderValue::from_str(&url.authority)
             .map_err(|e| format!("bad upstream authority `{}`: {e}", url.authority))?;
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(timeouts.connect));
         // Predictions are small request/response pairs: Nagle would only add latency.
         connector.set_nodelay(true);
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        builder.pool_idle_timeout(timeouts.idle);
+        // Without a timer the pool never sweeps: an idle connection past its timeout is
+        // only noticed when a checkout reaches it, and the pool hands out the most
+        // recently used first, so after a burst the rest stayed open (and held their
+        // memory) for as long as traffic kept coming.
+        builder.pool_timer(TokioTimer::new());
         builder.pool_max_idle_per_host(POOL_MAX_IDLE);
         if protocol.is_http2() {
             builder.http2_only(true);
@@ -114,8 +121,7 @@ impl Upstream {
             host_header,
             url: url.clone(),
             protocol,
-            request_timeout,
-            connect_timeout,
+            timeouts,
         })
     }
 
@@ -141,10 +147,10 @@ impl Upstream {
 
     /// Sends `req` and waits for the response head within the request timeout.
     pub async fn send(&self, req: Request<LimitedBody>) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.timeouts.request, self.client.request(req)).await {
             Err(_) => Err(SendError::Upstream(
                 UpstreamErrorKind::Timeout,
-                format!("no response within {:?}", self.request_timeout),
+                format!("no response within {:?}", self.timeouts.request),
             )),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&e)),
