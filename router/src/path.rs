@@ -150,10 +150,10 @@ pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RouterError> {
 /// upstream verbatim.
 fn check_segment(path: &str, what: &str, segment: &str) -> Result<(), RouterError> {
     let refuse = |why: &str| Err(bad(path, &format!("the {what} {why}")));
-    if segment == "." || segment == ".." {
-        return refuse("cannot be `.` or `..`");
-    }
     let bytes = segment.as_bytes();
+    // Decoded length and whether every decoded byte is a dot: `%2E%2E` is `..` once
+    // decoded. Counted on the way rather than decoded into a string (once per request).
+    let (mut decoded, mut all_dots) = (0usize, true);
     let mut i = 0;
     while i < bytes.len() {
         let b = match bytes[i] {
@@ -175,11 +175,11 @@ fn check_segment(path: &str, what: &str, segment: &str) -> Result<(), RouterErro
         if b.is_ascii_control() {
             return refuse("contains a control character");
         }
+        decoded += 1;
+        all_dots &= b == b'.';
         i += 1;
     }
-    // `%2E%2E` is `..` once decoded.
-    let dots = segment.replace("%2E", ".").replace("%2e", ".");
-    if dots == "." || dots == ".." {
+    if all_dots && (decoded == 1 || decoded == 2) {
         return refuse("cannot be `.` or `..`");
     }
     Ok(())
@@ -501,6 +501,8 @@ mod tests {
             "/v2/models/mnist/versions/..%2F..%2Fsecret/infer",
             "/v2/models/mnist/versions/../infer",
             "/v2/models/mnist/versions/%2e%2E/infer",
+            "/v2/models/mnist/versions/.%2e/infer",
+            "/v2/models/%2E/infer",
             "/v2/models/mnist/versions/1%5C2/infer",
             "/v2/models/mnist/versions/1%00/infer",
             "/v2/models/mnist/versions/1%zz/infer",
@@ -514,6 +516,15 @@ mod tests {
                 matches!(parse(&Method::POST, p), Err(RouterError::BadPath(_))),
                 "{p}"
             );
+        }
+        // Dots are refused only as a whole `.` or `..`, encoded or not.
+        for p in [
+            "/v2/models/m.v2/infer",
+            "/v2/models/.../infer",
+            "/v2/models/%2e%2e%2e/infer",
+            "/v1/models/.a:predict",
+        ] {
+            assert!(parse(&Method::POST, p).is_ok(), "{p}");
         }
         assert!(matches!(
             parse(&Method::GET, "/favicon.ico"),

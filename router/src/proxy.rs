@@ -551,7 +551,7 @@ pub(crate) fn upstream_request(
     } else {
         (model_req.model.clone(), variant.upstream_model.as_str())
     };
-    parts.uri = upstream.uri(parts.uri.path(), model, upstream_model, parts.uri.query())?;
+    parts.uri = upstream.uri(&parts.uri, model, upstream_model)?;
     let headers = &mut parts.headers;
     if grpc {
         // The message goes out re-framed, uncompressed, perhaps longer.

@@ -2,15 +2,18 @@
 //! rewritten URI, and the classification of failures.
 
 use std::error::Error as StdError;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_config::{UpstreamProtocol, UpstreamUrl};
+use tokio::net::TcpStream;
 
 use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody};
 use crate::error::{RouterError, UpstreamErrorKind};
@@ -37,7 +40,7 @@ pub struct Timeouts {
 /// A remote model server and the client that talks to it.
 #[derive(Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, LimitedBody>,
+    client: Client<Connector, LimitedBody>,
     authority: Authority,
     /// `host:port`, sent as `Host` to HTTP/1.1 upstreams.
     pub host_header: HeaderValue,
@@ -116,7 +119,7 @@ impl Upstream {
             builder.http2_only(true);
         }
         Ok(Upstream {
-            client: builder.build(connector),
+            client: builder.build(Connector(connector)),
             authority,
             host_header,
             url: url.clone(),
@@ -125,24 +128,41 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a client `path` whose model name occupies `model`, with
-    /// `upstream_model` substituted and `query` kept.
+    /// The upstream URI for a client's `uri`, whose model name occupies `model` in its
+    /// path, with `upstream_model` substituted and the query kept.
     pub fn uri(
         &self,
-        path: &str,
+        client: &Uri,
         model: std::ops::Range<usize>,
         upstream_model: &str,
-        query: Option<&str>,
     ) -> Result<Uri, RouterError> {
-        let pq = self.url.path_for(path, model, upstream_model, query);
-        let pq = PathAndQuery::try_from(pq)
-            .map_err(|e| RouterError::BadPath(format!("cannot forward path `{path}`: {e}")))?;
+        let path = client.path();
+        let bad = |e: &dyn std::fmt::Display| {
+            RouterError::BadPath(format!("cannot forward path `{path}`: {e}"))
+        };
+        let pq = match client.path_and_query() {
+            // Nothing to rewrite (no prefix, the same model name; gRPC's paths): the
+            // client's own bytes, shared rather than copied.
+            Some(pq)
+                if self.url.prefix.is_empty()
+                    && path.get(model.clone()) == Some(upstream_model) =>
+            {
+                pq.clone()
+            }
+            _ => PathAndQuery::try_from(self.url.path_for(
+                path,
+                model,
+                upstream_model,
+                client.query(),
+            ))
+            .map_err(|e| bad(&e))?,
+        };
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| RouterError::BadPath(format!("cannot forward path `{path}`: {e}")))
+            .map_err(|e| bad(&e))
     }
 
     /// Sends `req` and waits for the response head within the request timeout.
@@ -155,6 +175,82 @@ impl Upstream {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&e)),
         }
+    }
+}
+
+/// hyper-util's `HttpConnector`, minus the connection facts it has the client copy into
+/// every response's extensions (`HttpInfo`: the two addresses): three allocations per
+/// request (`bench/allocations.sh`) for something nothing here reads.
+#[derive(Clone, Debug)]
+struct Connector(HttpConnector);
+
+/// A TCP connection to an upstream, as `HttpConnector` opened it.
+#[derive(Debug)]
+struct Socket(TokioIo<TcpStream>);
+
+type Connecting = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Socket, Box<dyn StdError + Send + Sync>>> + Send>,
+>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Socket;
+    type Error = Box<dyn StdError + Send + Sync>;
+    // Once per new connection, not per request: a box is fine here.
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { Ok(Socket(connecting.await?)) })
+    }
+}
+
+impl Connection for Socket {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Socket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Socket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
 
