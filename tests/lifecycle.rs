@@ -285,13 +285,17 @@ async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     for _ in 0..3 {
         assert_eq!(predict(&c, &url).await.status, 200);
     }
-    // The three went over one pooled connection; nothing more is sent, and the sidecar
-    // closes it on its own. 20 s is a bound far beyond the timeout, not a measurement.
-    let answered = tokio::time::timeout(Duration::from_secs(20), closed_rx.recv())
-        .await
-        .expect("the idle upstream connection is closed by the sidecar")
-        .expect("the upstream reports its closed connection");
-    assert_eq!(answered, 3, "all three requests reused one connection");
+    // Nothing more is sent, and the sidecar closes the pooled connection (one, unless a
+    // busy machine left more than the timeout between two requests) on its own. 20 s
+    // is a bound far beyond the timeout, not a measurement.
+    let mut answered = 0;
+    while answered < 3 {
+        answered += tokio::time::timeout(Duration::from_secs(20), closed_rx.recv())
+            .await
+            .expect("the idle upstream connection is closed by the sidecar")
+            .expect("the upstream reports its closed connection");
+    }
+    assert_eq!(answered, 3, "every connection that answered was closed");
     // The next request opens a new connection and succeeds.
     assert_eq!(predict(&c, &url).await.status, 200);
 }
