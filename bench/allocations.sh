@@ -59,17 +59,7 @@ backend variants
   server b 127.0.0.1:$O2 weight 2
   server c 127.0.0.1:$O3 weight 1
 CONF
-cat > "$WORK/switchyard.yaml" <<CONF
-listen: 127.0.0.1:$P_SY
-admin_listen: 127.0.0.1:$P_SY_ADMIN
-worker_threads: 1
-models:
-  mnist:
-    variants:
-      - {name: a, upstream: "http://127.0.0.1:$O1", weight: 97}
-      - {name: b, upstream: "http://127.0.0.1:$O2", weight: 2}
-      - {name: c, upstream: "http://127.0.0.1:$O3", weight: 1}
-CONF
+split_config "$P_SY" "$P_SY_ADMIN" "$O1" "$O2" "$O3"
 
 # calls NAME PORT REQUESTS CMD...: runs CMD under heaptrack, sends REQUESTS predictions,
 # stops it, and prints the number of allocation calls it made in all.

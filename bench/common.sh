@@ -70,3 +70,21 @@ CONF
   taskset -c 0 nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off; user root;' &
   PIDS+=($!); ORIGIN_PID=$!
 }
+
+# split_config PORT ADMIN_PORT O1 O2 O3 [EXTRA]: writes $WORK/switchyard.yaml, the
+# benches' Switchyard: one worker thread, model `mnist` split 97/2/1 over the origin
+# ports O1, O2 and O3 (as the peers are given the same split); EXTRA, top-level lines
+# ending in a newline, is added before `models:`.
+split_config() {
+  cat > "$WORK/switchyard.yaml" <<CONF
+listen: 127.0.0.1:$1
+admin_listen: 127.0.0.1:$2
+worker_threads: 1
+${6:-}models:
+  mnist:
+    variants:
+      - {name: a, upstream: "http://127.0.0.1:$3", weight: 97}
+      - {name: b, upstream: "http://127.0.0.1:$4", weight: 2}
+      - {name: c, upstream: "http://127.0.0.1:$5", weight: 1}
+CONF
+}

@@ -18,17 +18,7 @@ SECONDS_EACH=${SECONDS_EACH:-5}
 
 O1=19601 O2=19602 O3=19603 P=19613 PA=19614
 start_origin "127.0.0.1:$O1" "127.0.0.1:$O2" "127.0.0.1:$O3"
-cat > "$WORK/switchyard.yaml" <<CONF
-listen: 127.0.0.1:$P
-admin_listen: 127.0.0.1:$PA
-worker_threads: 1
-models:
-  mnist:
-    variants:
-      - {name: a, upstream: "http://127.0.0.1:$O1", weight: 97}
-      - {name: b, upstream: "http://127.0.0.1:$O2", weight: 2}
-      - {name: c, upstream: "http://127.0.0.1:$O3", weight: 1}
-CONF
+split_config "$P" "$PA" "$O1" "$O2" "$O3"
 SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
 SY=$!
 PIDS+=($SY)

@@ -92,17 +92,7 @@ taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/logs/haproxy.log" 2>&1 
 PIDS+=($!); HAPROXY_PID=$!
 
 # --- Switchyard ---------------------------------------------------------------------
-cat > "$WORK/switchyard.yaml" <<CONF
-listen: 127.0.0.1:$P_SY
-admin_listen: 127.0.0.1:$P_SY_ADMIN
-worker_threads: 1
-models:
-  mnist:
-    variants:
-      - {name: a, upstream: "http://127.0.0.1:$O1", weight: 97}
-      - {name: b, upstream: "http://127.0.0.1:$O2", weight: 2}
-      - {name: c, upstream: "http://127.0.0.1:$O3", weight: 1}
-CONF
+split_config "$P_SY" "$P_SY_ADMIN" "$O1" "$O2" "$O3"
 SWITCHYARD_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/switchyard.yaml" > "$WORK/logs/switchyard.out" 2>&1 &
 PIDS+=($!); SY_PID=$!
 
