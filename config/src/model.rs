@@ -512,7 +512,8 @@ impl UpstreamUrl {
         // Exactly the length written: a string whose capacity is its length becomes
         // `Bytes` (the URI's storage) without a second allocation.
         let mut pq = String::with_capacity(
-            self.prefix.len() + path.len() - model.len()
+            self.prefix.len()
+                + path.len().saturating_sub(model.len())
                 + upstream_model.len()
                 + query.map_or(0, |q| q.len() + 1),
         );
