@@ -235,49 +235,11 @@ async fn upstream_connections_are_pooled_and_reused() {
 /// given back rather than held, and none outlives the model server's own keep-alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A model server that answers every request on a connection with a small JSON body
-    // and reports when the sidecar closes the connection.
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let upstream = raw_upstream(move |mut stream| {
-        let closed_tx = closed_tx.clone();
-        async move {
-            let mut answered = 0;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                // One request per complete head and body (the tests' bodies are small).
-                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap_or(0));
-                    if buf.len() < end + 4 + len {
-                        break;
-                    }
-                    buf.drain(..end + 4 + len);
-                    let body = r#"{"predictions": [[1.0]]}"#;
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        break;
-                    }
-                    answered += 1;
-                }
-            }
-            let _ = closed_tx.send(answered);
-        }
-    })
-    .await;
+    use std::sync::atomic::Ordering::SeqCst;
+    let up = Upstream::echo("a").await;
     let app = start(&format!(
-        "upstream_idle_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"http://{upstream}\", weight: 1}}]\n"
+        "upstream_idle_timeout: 300ms\nmodels:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
     ))
     .await;
     let c = client();
@@ -285,19 +247,28 @@ async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     for _ in 0..3 {
         assert_eq!(predict(&c, &url).await.status, 200);
     }
+    assert_eq!(up.hits(), 3);
     // Nothing more is sent, and the sidecar closes the pooled connection (one, unless a
     // busy machine left more than the timeout between two requests) on its own. 20 s
     // is a bound far beyond the timeout, not a measurement.
-    let mut answered = 0;
-    while answered < 3 {
-        answered += tokio::time::timeout(Duration::from_secs(20), closed_rx.recv())
-            .await
-            .expect("the idle upstream connection is closed by the sidecar")
-            .expect("the upstream reports its closed connection");
-    }
-    assert_eq!(answered, 3, "every connection that answered was closed");
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        while up.open.load(SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle upstream connection is closed by the sidecar: {} still open",
+        up.open.load(SeqCst)
+    );
+    assert!(up.connections.load(SeqCst) >= 1);
     // The next request opens a new connection and succeeds.
     assert_eq!(predict(&c, &url).await.status, 200);
+    assert!(
+        up.connections.load(SeqCst) >= 2,
+        "a new connection after the close"
+    );
 }
 
 /// Reads until the server closes the connection (EOF or reset) and returns what came;

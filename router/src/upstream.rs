@@ -188,7 +188,7 @@ struct Connector(HttpConnector);
 #[derive(Debug)]
 struct Socket(TokioIo<TcpStream>);
 
-type Connecting = std::pin::Pin<
+type Connecting = Pin<
     Box<dyn std::future::Future<Output = Result<Socket, Box<dyn StdError + Send + Sync>>> + Send>,
 >;
 

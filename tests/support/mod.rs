@@ -37,6 +37,8 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     /// TCP connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// TCP connections open now (closed by either side: no longer counted).
+    pub open: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -351,15 +353,22 @@ where
     let seen = Arc::new(Mutex::new(Vec::new()));
     let hits = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
     let answer = Arc::new(answer);
-    let (s, h, conns) = (seen.clone(), hits.clone(), connections.clone());
+    let (s, h, conns, now) = (
+        seen.clone(),
+        hits.clone(),
+        connections.clone(),
+        open.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             conns.fetch_add(1, Ordering::SeqCst);
-            let (s, h, answer) = (s.clone(), h.clone(), answer.clone());
+            now.fetch_add(1, Ordering::SeqCst);
+            let (s, h, answer, now) = (s.clone(), h.clone(), answer.clone(), now.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (s, h, answer) = (s.clone(), h.clone(), answer.clone());
@@ -391,6 +400,7 @@ where
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                now.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
@@ -400,6 +410,7 @@ where
         seen,
         hits,
         connections,
+        open,
     }
 }
 
