@@ -210,6 +210,37 @@ models:
     }
 }
 
+/// With nothing to rewrite (no prefix, the same model name) the client's path and query
+/// go upstream byte for byte (the sidecar reuses them rather than rebuilding them);
+/// a second variant of the same model with `upstream_model` still gets its rewrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_with_nothing_to_rewrite_pass_byte_for_byte() {
+    let plain = Upstream::echo("plain").await;
+    let renamed = Upstream::echo("renamed").await;
+    let app = start(&format!(
+        "models:\n  mnist:\n    variants:\n      - {{name: plain, upstream: \"{}\", weight: 1}}\n      - {{name: renamed, upstream: \"{}\", upstream_model: other, weight: 1}}\n",
+        plain.url(),
+        renamed.url()
+    ))
+    .await;
+    let client = client();
+    let base = format!("http://{}", app.data_addr);
+    let path = "/v1/models/mnist/versions/3:classify?trace=1&x=%2Fa%20b";
+    let mut seen = HashSet::new();
+    for _ in 0..40 {
+        let r = send(&client, "POST", &format!("{base}{path}"), &[], "{}").await;
+        assert_eq!(r.status, 200);
+        let upstream = r.json()["upstream"].as_str().unwrap().to_string();
+        let expect = match upstream.as_str() {
+            "plain" => path.to_string(),
+            _ => path.replace("/mnist/", "/other/"),
+        };
+        assert_eq!(r.json()["path"], expect.as_str(), "{upstream}");
+        seen.insert(upstream);
+    }
+    assert_eq!(seen.len(), 2, "both variants answered: {seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_added_kept_and_forwarded_and_bodies_pass_untouched() {
     let up = Upstream::echo("a").await;
