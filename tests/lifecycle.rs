@@ -271,6 +271,97 @@ async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     );
 }
 
+/// HTTP/1.1 upstream connections are kept alive: sequential requests go over one
+/// connection whatever the answer's body (empty, one piece, a megabyte that takes many
+/// reads), since each goes back to the pool when its body has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_whatever_the_answer_body() {
+    use std::sync::atomic::Ordering::SeqCst;
+    for size in [0usize, 100, 1 << 20] {
+        let up = serve(Duration::ZERO, move |_, _| {
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'x';
+                size
+            ])))
+        })
+        .await;
+        let app = start(&format!(
+            "models:\n  m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+            up.url()
+        ))
+        .await;
+        let c = client();
+        let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+        for _ in 0..20 {
+            let r = predict(&c, &url).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), size);
+        }
+        assert_eq!(up.hits(), 20);
+        assert_eq!(
+            up.connections.load(SeqCst),
+            1,
+            "20 sequential requests with {size}-byte answers over one upstream connection"
+        );
+    }
+}
+
+/// An upstream that closes kept-alive connections on its own (its keep-alive timeout is
+/// shorter than ours) does not fail the next request: the closed connection is noticed
+/// when it is taken from the pool, and a new one is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_upstream_closed_while_idle_are_not_used() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    // Answers one request, advertising nothing about keep-alive (HTTP/1.1: kept), then
+    // closes the connection 50 ms later.
+    let addr = raw_upstream(move |mut s| {
+        counted.fetch_add(1, SeqCst);
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let Ok(n) = s.read(&mut buf).await else { return };
+                if n == 0 {
+                    return;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if got.len() >= end + 4 + len {
+                    break;
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let app = start(&format!(
+        "models:\n  m:\n    variants: [{{name: a, upstream: \"http://{addr}\", weight: 1}}]\n"
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    for i in 0..5 {
+        let r = predict(&c, &url).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        // Past the upstream's close (50 ms), well within ours (4 s).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(accepted.load(SeqCst), 5, "one connection per request");
+}
+
 /// Reads until the server closes the connection (EOF or reset) and returns what came;
 /// panics if it is still open after `bound`, far beyond the timeout under test.
 async fn read_until_closed(s: &mut tokio::net::TcpStream, bound: Duration) -> Vec<u8> {

@@ -10,12 +10,14 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use switchyard_shadow::{RequestTap, ResponseTap};
 
+use crate::upstream::UpstreamBody;
+
 /// Every response body: an upstream's answer streamed through untouched, or one we made
 /// (a gRPC answer made here ends with its status in trailers); with a tap that shows it
 /// to the shadow comparison when the request was mirrored.
 #[derive(Debug)]
 pub struct ProxyBody {
-    inner: Either<Incoming, Either<Full<Bytes>, WithTrailers>>,
+    inner: Either<UpstreamBody, Either<Full<Bytes>, WithTrailers>>,
     tap: Option<Box<ResponseTap>>,
 }
 
@@ -51,7 +53,7 @@ impl Body for WithTrailers {
 
 impl ProxyBody {
     /// An upstream's answer.
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: UpstreamBody) -> Self {
         ProxyBody {
             inner: Either::Left(body),
             tap: None,

@@ -344,7 +344,7 @@ where
 
 /// A server on `127.0.0.1:0` answering `answer(request head, body)` after `delay`,
 /// counting connections and requests and keeping what it saw.
-async fn serve<F>(delay: Duration, answer: F) -> Upstream
+pub async fn serve<F>(delay: Duration, answer: F) -> Upstream
 where
     F: Fn(&http::request::Parts, &Bytes) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
