@@ -460,30 +460,43 @@ async fn a_hanging_variant_is_ejected_and_its_share_served_elsewhere() {
 }
 
 /// A local model shedding load (its queue full, 503) is not a broken variant: its
-/// breaker stays closed, and once the burst is over it answers at once.
+/// breaker stays closed, and the next request is answered. The queue is filled without
+/// depending on how fast requests arrive: a 3-row request waits (up to 10 s) for its
+/// 4-row batch to fill, so 2-row requests meanwhile do not fit (the queue holds 4 rows)
+/// and are refused at once; a 1-row request then fills the batch and both are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_shedding_does_not_eject_a_local_model() {
     let app = start(
-        "models:\n  digits:\n    breaker: {consecutive_failures: 2}\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", batching: {max_batch_size: 2, batch_timeout_micros: 200000, num_batch_threads: 1, max_enqueued_batches: 1}}}\n",
+        "models:\n  digits:\n    breaker: {consecutive_failures: 2}\n    variants:\n      - {name: cpu, weight: 1, local: {model: \"builtin:digits_mlp\", batching: {max_batch_size: 4, batch_timeout_micros: 10000000, num_batch_threads: 1, max_enqueued_batches: 1}}}\n",
     )
     .await;
     let url = format!("http://{}/v1/models/digits:predict", app.data_addr);
-    let mut tasks = Vec::new();
-    for _ in 0..40 {
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            send(&client(), "POST", &url, &[], &tf_body()).await.status
-        }));
-    }
-    let mut shed = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => {}
-            503 => shed += 1,
-            other => panic!("status {other}"),
+    let rows = |n: usize| format!(r#"{{"instances": [{}]}}"#, vec![DIGIT; n].join(","));
+    let waiting = {
+        let (url, body) = (url.clone(), rows(3));
+        tokio::spawn(async move { send(&client(), "POST", &url, &[], &body).await })
+    };
+    // Queued: bounded by the batch's own 10 s, far beyond what queueing takes.
+    let mut queued = false;
+    for _ in 0..400 {
+        let m = metrics(app.admin_addr).await;
+        if m.lines()
+            .any(|l| l.starts_with("switchyard_local_queued_rows{") && l.ends_with(" 3"))
+        {
+            queued = true;
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(shed >= 2, "the burst was not shed: {shed}");
+    assert!(queued, "the 3-row request never showed in the queue");
+    for i in 0..3 {
+        let r = send(&client(), "POST", &url, &[], &rows(2)).await;
+        assert_eq!(
+            r.status, 503,
+            "2-row request {i} was not shed: {:?}",
+            r.body
+        );
+    }
     let m = metrics(app.admin_addr).await;
     assert_eq!(
         counter(
@@ -493,8 +506,12 @@ async fn load_shedding_does_not_eject_a_local_model() {
         0.0,
         "shedding opened the breaker"
     );
-    let r = send(&client(), "POST", &url, &[], &tf_body()).await;
+    let r = send(&client(), "POST", &url, &[], &rows(1)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    let first = waiting.await.unwrap();
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let answer: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(answer["predictions"].as_array().map(Vec::len), Some(3));
 }
 
 /// Every variant ejected and no fallback: requests still go to the variants (Envoy's
