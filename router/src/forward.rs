@@ -177,10 +177,17 @@ impl Router {
         // Phases choose, limit/break, forward and retry: tower's Retry over the split.
         let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
         let (first, hedge) = match (res.hedge_after, &replay) {
-            (Some(after), Some(bytes)) => hedged(&ask, retrying.oneshot(body), after, bytes).await,
+            // The rarer paths are boxed (hedging, falling back): each would otherwise
+            // enlarge every request's future, which is moved whole.
+            (Some(after), Some(bytes)) => {
+                Box::pin(hedged(&ask, retrying.oneshot(body), after, bytes)).await
+            }
             _ => (retrying.oneshot(body).await, None),
         };
-        let (answer, fallback) = self.fall_back(&ask, first, replay.as_ref()).await;
+        let (answer, fallback) = match first {
+            Ok(t) if t.failure.is_none() => (Some(t), None),
+            first => Box::pin(self.fall_back(&ask, first, replay.as_ref())).await,
+        };
         let answered = Instant::now();
 
         let Some(tried_last) = answer else {

@@ -383,7 +383,9 @@ impl Router {
             _ => (ids::new_request_id(), true),
         };
         let mut resp = if crate::grpc::is_grpc(req.headers()) {
-            self.grpc(req, &request_id, peer, started).await
+            // Boxed: the gRPC path's future is larger than the HTTP path's, and would
+            // make every HTTP request's future (moved whole) as large.
+            Box::pin(self.grpc(req, &request_id, peer, started)).await
         } else {
             match self.route(req, &request_id, peer, started).await {
                 Ok(resp) => resp,
@@ -409,6 +411,58 @@ impl Router {
         resp
     }
 
+    /// `POST /v1/feedback`: rewards for earlier decisions.
+    async fn feedback(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, RouterError> {
+        if let Some(token) = &self.feedback_token {
+            if !token.allows(req.headers()) {
+                return Err(RouterError::Unauthorized(
+                    "feedback needs `Authorization: Bearer <token>` (feedback_token_file)".into(),
+                ));
+            }
+        }
+        let learns = self.table.load().learns();
+        let Some(sink) = self.sink.as_ref().filter(|_| learns) else {
+            return Err(RouterError::UnknownModel(
+                "(feedback is taken only for models with a `bandit`)".into(),
+            ));
+        };
+        let limit = self.feedback_limit();
+        let body = LimitedBody::new(req.into_body(), limit, self.body_stall_timeout);
+        let body = crate::body::collect_limited(body, limit).await?;
+        if let Some(fleet) = &self.fleet {
+            let v: serde_json::Value = crate::offload::cpu(body.len(), move || {
+                serde_json::from_slice(&body).map_err(|e| {
+                    RouterError::BadInput(format!("the feedback body is not valid JSON: {e}"))
+                })
+            })
+            .await??;
+            let (status, answer) = feedback::handle_fleet(
+                &self.decisions,
+                sink.as_ref(),
+                fleet.as_ref(),
+                &self.keys,
+                v,
+            )
+            .await?;
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            return Ok(json_response(status, answer));
+        }
+        // A batch of up to `max_body_bytes` is parsed, joined and answered off the
+        // async workers.
+        let (status, answer) = {
+            let (router, sink) = (self.clone(), sink.clone());
+            crate::offload::cpu(body.len(), move || {
+                feedback::handle(&router.decisions, sink.as_ref(), &body)
+            })
+            .await??
+        };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        Ok(json_response(status, answer))
+    }
+
     /// Phases *route* and *admit*, then hands over to [`Router::forward`].
     async fn route(
         self: &Arc<Self>,
@@ -432,56 +486,9 @@ impl Router {
                     None => json(StatusCode::OK, r#"{"ready":true}"#),
                 })
             }
-            Endpoint::Feedback => {
-                if let Some(token) = &self.feedback_token {
-                    if !token.allows(req.headers()) {
-                        return Err(RouterError::Unauthorized(
-                            "feedback needs `Authorization: Bearer <token>` (feedback_token_file)"
-                                .into(),
-                        ));
-                    }
-                }
-                let learns = self.table.load().learns();
-                let Some(sink) = self.sink.as_ref().filter(|_| learns) else {
-                    return Err(RouterError::UnknownModel(
-                        "(feedback is taken only for models with a `bandit`)".into(),
-                    ));
-                };
-                let limit = self.feedback_limit();
-                let body = LimitedBody::new(req.into_body(), limit, self.body_stall_timeout);
-                let body = crate::body::collect_limited(body, limit).await?;
-                if let Some(fleet) = &self.fleet {
-                    let v: serde_json::Value = crate::offload::cpu(body.len(), move || {
-                        serde_json::from_slice(&body).map_err(|e| {
-                            RouterError::BadInput(format!(
-                                "the feedback body is not valid JSON: {e}"
-                            ))
-                        })
-                    })
-                    .await??;
-                    let (status, answer) = feedback::handle_fleet(
-                        &self.decisions,
-                        sink.as_ref(),
-                        fleet.as_ref(),
-                        &self.keys,
-                        v,
-                    )
-                    .await?;
-                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                    return Ok(json_response(status, answer));
-                }
-                // A batch of up to `max_body_bytes` is parsed, joined and answered off the
-                // async workers.
-                let (status, answer) = {
-                    let (router, sink) = (self.clone(), sink.clone());
-                    crate::offload::cpu(body.len(), move || {
-                        feedback::handle(&router.decisions, sink.as_ref(), &body)
-                    })
-                    .await??
-                };
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                return Ok(json_response(status, answer));
-            }
+            // Boxed: its futures (the fleet's claims, the offloaded parse) would
+            // otherwise enlarge every prediction's future, which is moved whole.
+            Endpoint::Feedback => return Box::pin(self.feedback(req)).await,
             Endpoint::ServerMetadata => {
                 let body = serde_json::json!({
                     "name": "switchyard",

@@ -361,7 +361,9 @@ impl Pool {
             let was_reused = reused.is_some();
             let mut lease = match reused {
                 Some(lease) => lease,
-                None => self.connect().await?,
+                // Boxed: once per new connection, and it would otherwise enlarge
+                // every request's future.
+                None => Box::pin(self.connect()).await?,
             };
             let answer = {
                 let mut sending = std::pin::pin!(lease.sender.try_send_request(req));

@@ -72,7 +72,8 @@ pub(crate) struct Forward<'a> {
 impl<'a> Service<LimitedBody> for Forward<'a> {
     type Response = Response<ProxyBody>;
     type Error = RouterError;
-    // The one allocation per try: the backends' futures are `async fn`s, unnameable.
+    // The one allocation per remote try: the backends' futures are `async fn`s,
+    // unnameable (a local model's, larger, is boxed again inside).
     type Future = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RouterError>> {
@@ -137,16 +138,17 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
                     .headers
                     .get(&crate::v2::INFERENCE_HEADER_CONTENT_LENGTH),
             };
-            local
-                .handle(
-                    &ask.model.name,
-                    ask.model_req.protocol,
-                    ask.model_req.verb,
-                    asked,
-                    body,
-                    ask.model.body_limit,
-                )
-                .await
+            // Boxed: the local runtime's future is larger than the upstream exchange
+            // and would make every remote try's future (boxed per try) as large.
+            Box::pin(local.handle(
+                &ask.model.name,
+                ask.model_req.protocol,
+                ask.model_req.verb,
+                asked,
+                body,
+                ask.model.body_limit,
+            ))
+            .await
         }
     }
 }
