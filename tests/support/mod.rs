@@ -433,30 +433,39 @@ pub async fn hanging_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
+/// Reads one whole HTTP/1.1 request from `stream`: its head, then as many bytes as its
+/// `content-length` says. `false` if the peer closed or failed first.
+pub async fn read_request(stream: &mut TcpStream) -> bool {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let Ok(n) = stream.read(&mut buf).await else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return true;
+            }
+        }
+    }
+}
+
 /// A server that answers each request's head at once and its body (`{"trickled": true}`)
 /// only after `delay`, then closes the connection.
 pub async fn trickling_upstream(delay: Duration) -> SocketAddr {
     raw_upstream(move |mut stream| async move {
-        // The whole request: its head, then as many bytes as it says.
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let Ok(n) = stream.read(&mut buf).await else { return };
-            if n == 0 {
-                return;
-            }
-            got.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end]
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if got.len() >= end + 4 + length {
-                    break;
-                }
-            }
+        if !read_request(&mut stream).await {
+            return;
         }
         let body = b"{\"trickled\": true}";
         let head = format!(
