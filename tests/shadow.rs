@@ -569,3 +569,52 @@ async fn capture_keeps_borderline_predictions_and_rotates_its_file() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A shadow's idle worker connections are closed after `upstream_idle_timeout`, as the
+/// primary's are: a quiet shadow holds no sockets, and none outlives the model server's
+/// own keep-alive. The next mirror opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_shadow_connections_close_after_upstream_idle_timeout() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let primary = Upstream::echo("m").await;
+    let shadow = Upstream::echo("cand").await;
+    let app = start(&format!(
+        r#"
+upstream_idle_timeout: 300ms
+models:
+  m:
+    variants: [{{name: a, upstream: "{}", weight: 1}}]
+    shadows:
+      - {{name: cand, upstream: "{}", fraction: 1.0, max_concurrency: 2}}
+"#,
+        primary.url(),
+        shadow.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models/m:predict", app.data_addr);
+    for _ in 0..3 {
+        assert_eq!(predict(&c, &url).await.status, 200);
+    }
+    shadow.wait_for_hits(3).await;
+    assert!(shadow.connections.load(SeqCst) >= 1);
+    // 20 s is a bound far beyond the timeout, not a measurement.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        while shadow.open.load(SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the shadow's idle connections are closed by the sidecar: {} still open",
+        shadow.open.load(SeqCst)
+    );
+    let before = shadow.connections.load(SeqCst);
+    assert_eq!(predict(&c, &url).await.status, 200);
+    shadow.wait_for_hits(4).await;
+    assert!(
+        shadow.connections.load(SeqCst) > before,
+        "a new connection for the next mirror"
+    );
+}

@@ -292,6 +292,7 @@ impl RouteTable {
                     let defaults = switchyard_shadow::ShadowDefaults {
                         runtime: rt.handle(),
                         connect_timeout: config.connect_timeout,
+                        idle_timeout: config.upstream_idle_timeout,
                         request_timeout: model.request_timeout.unwrap_or(config.request_timeout),
                         body_limit: config.body_limit(model),
                         seed: seed ^ stable_hash(name.as_bytes()).rotate_left(17),

@@ -87,6 +87,9 @@ pub struct ShadowDefaults {
     pub runtime: tokio::runtime::Handle,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// How long a worker's connection may sit idle before the worker closes it
+    /// (`upstream_idle_timeout`).
+    pub idle_timeout: Duration,
     /// Request timeout when the shadow sets none.
     pub request_timeout: Duration,
     /// The model's body limit: larger requests are not mirrored, and larger answers
@@ -124,6 +127,7 @@ struct ShadowState {
     authority: Authority,
     host_header: HeaderValue,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     timeout: Duration,
     compare_limit: usize,
     in_flight: AtomicUsize,
@@ -201,6 +205,7 @@ impl ShadowSet {
                 let s = &old.state;
                 if s.spec == *spec
                     && s.connect_timeout == defaults.connect_timeout
+                    && s.idle_timeout == defaults.idle_timeout
                     && s.timeout == spec.request_timeout.unwrap_or(defaults.request_timeout)
                     && s.compare_limit == compare_limit
                 {
@@ -244,6 +249,7 @@ impl ShadowSet {
                 authority,
                 host_header,
                 connect_timeout: defaults.connect_timeout,
+                idle_timeout: defaults.idle_timeout,
                 timeout: spec.request_timeout.unwrap_or(defaults.request_timeout),
                 compare_limit,
                 in_flight: AtomicUsize::new(0),
@@ -404,15 +410,30 @@ impl ShadowSet {
 }
 
 /// One of a shadow's `max_concurrency` workers: takes the next job off the shared queue
-/// and runs it on its own connection, kept open between jobs. While every worker is
-/// busy the queue fills, and further mirrors are dropped at the `try_send`: a slow or
-/// dead shadow costs at most `max_concurrency` connections and `max_queue` bodies.
+/// and runs it on its own connection, kept open between jobs for up to
+/// `upstream_idle_timeout` (then closed, as for the primary's upstreams: under the model
+/// server's own keep-alive, and no idle sockets held by a quiet shadow). While every
+/// worker is busy the queue fills, and further mirrors are dropped at the `try_send`: a
+/// slow or dead shadow costs at most `max_concurrency` connections and `max_queue`
+/// bodies.
 async fn worker(state: Arc<ShadowState>, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
     let mut conn = None;
     loop {
         // Holding the lock while waiting is the point: one idle worker waits on the
-        // queue, the others wait their turn on the lock.
-        let job = queue.lock().await.recv().await;
+        // queue, the others wait their turn on the lock. Both waits are cancel-safe, so
+        // the idle limit covers the two together.
+        let next = async { queue.lock().await.recv().await };
+        let job = if conn.is_some() {
+            match tokio::time::timeout(state.idle_timeout, next).await {
+                Ok(job) => job,
+                Err(_) => {
+                    conn = None;
+                    continue;
+                }
+            }
+        } else {
+            next.await
+        };
         let Some(job) = job else {
             return;
         };
@@ -426,6 +447,19 @@ async fn worker(state: Arc<ShadowState>, queue: Arc<tokio::sync::Mutex<mpsc::Rec
 enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// Sends `request` on `conn`; on failure, the request back if it was never written.
+async fn try_send(
+    conn: &mut Option<Conn>,
+    request: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, Option<Request<Full<Bytes>>>> {
+    let sent = match conn {
+        Some(Conn::Http1(s)) => s.try_send_request(request).await,
+        Some(Conn::H2(s)) => s.try_send_request(request).await,
+        None => return Err(Some(request)),
+    };
+    sent.map_err(|mut e| e.take_message())
 }
 
 impl ShadowState {
@@ -470,11 +504,16 @@ impl ShadowState {
         if !reusable {
             *conn = Some(self.connect().await?);
         }
-        let sent = match conn {
-            Some(Conn::Http1(s)) => s.send_request(request).await,
-            Some(Conn::H2(s)) => s.send_request(request).await,
-            None => unreachable!("connected above"),
-        };
+        let mut sent = try_send(conn, request).await;
+        if reusable {
+            if let Err(Some(request)) = sent {
+                // The kept-alive connection closed before the request was written (the
+                // shadow's keep-alive ran out as it was sent): nothing reached it, so
+                // send it once more on a new connection.
+                *conn = Some(self.connect().await?);
+                sent = try_send(conn, request).await;
+            }
+        }
         let resp = sent.map_err(|_| {
             *conn = None;
             ShadowErrorKind::Reset
