@@ -100,6 +100,18 @@ impl Upstream {
         }
         panic!("upstream {} never saw {n} requests", self.name);
     }
+
+    /// Waits until no connection to this upstream is open, at most `bound` (a bound far
+    /// beyond what is under test, not a measurement); whether they all closed.
+    pub async fn all_closed_within(&self, bound: Duration) -> bool {
+        tokio::time::timeout(bound, async {
+            while self.open.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
 }
 
 /// An address where nothing listens (connections are refused).
