@@ -16,8 +16,9 @@ need() {
   done
 }
 
-# SKIP_BUILD=1: the caller brings its own binaries (bench/proxy-ab.sh).
-[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile dist --quiet
+# SKIP_BUILD=1: the caller brings its own binaries (bench/proxy-ab.sh). The benchmarked
+# binary is the release one: `dist` with tract (deploy/Dockerfile builds the same).
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile dist --features tract --quiet
 BIN=${BIN:-$PWD/target/dist/switchyard}
 OUT=$PWD/bench/out
 WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)

@@ -29,7 +29,7 @@ SECONDS_EACH=${SECONDS_EACH:-3}
 DIR=.device/gpu
 case "${1:-}" in
   cpu)
-    cargo build --profile dist --quiet -p switchyard-inference --features gpu --example runtime_bench
+    cargo build --profile dist --quiet -p switchyard-inference --features gpu,tract --example runtime_bench
     # Both CPU references: what Switchyard runs (the fused kernels) and tract's plan.
     for m in mlp cnn; do
       for b in $BATCHES; do
@@ -39,8 +39,8 @@ case "${1:-}" in
       done
     done ;;
   prepare)
-    cargo build --profile dist --quiet -p switchyard-inference --features gpu --example runtime_bench
-    cargo build --profile dist --quiet
+    cargo build --profile dist --quiet -p switchyard-inference --features gpu,tract --example runtime_bench
+    cargo build --profile dist --features tract --quiet
     mkdir -p "$DIR"
     cp target/dist/examples/runtime_bench target/dist/switchyard "$DIR/"
     strip "$DIR/runtime_bench" "$DIR/switchyard"   # the carry limit is 64 MiB

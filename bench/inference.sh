@@ -30,8 +30,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r scripts/requirements-models.txt
 fi
-cargo build --profile dist --quiet
-cargo build --profile dist --quiet -p switchyard-inference --example runtime_bench
+cargo build --profile dist --features tract --quiet
+cargo build --profile dist --quiet -p switchyard-inference --features tract --example runtime_bench
 BENCH=$PWD/target/dist/examples/runtime_bench
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"; pkill -f "model-server --model .* --listen 127.0.0.1:18501" || true' EXIT

@@ -153,7 +153,8 @@ struct ModelServerArgs {
     #[arg(long, default_value = "tract")]
     runtime: String,
     /// With `--runtime tract`: `fused` (our kernels where the graph allows, else tract's
-    /// plan) or `tract` (tract's plan only).
+    /// plan) or `tract` (tract's plan only). tract's plan needs a binary built with
+    /// `--features tract`.
     #[arg(long)]
     cpu_kernels: Option<String>,
     /// With `--runtime wgpu`: `hardware`, or `any` to also accept a software Vulkan

@@ -1,16 +1,17 @@
-//! Times one model on tract, one thread, at a given batch size, the way
+//! Times one model on the CPU runtime, one thread, at a given batch size, the way
 //! `scripts/bench_onnxruntime.py` times onnxruntime: warm up, then run batches of the
 //! bundled test inputs for a fixed time and report the median time per batch.
 //!
-//! cargo run --release -p switchyard-inference --example runtime_bench -- MODEL.onnx BATCH [SECONDS] [auto|tract]
+//! cargo run --release -p switchyard-inference --features tract --example runtime_bench -- MODEL.onnx BATCH [SECONDS] [auto|tract]
 //!
-//! `auto` (default) runs the fused kernels when the graph allows; `tract` forces tract's plan;
+//! `auto` (default) runs the fused kernels when the graph allows; `tract` forces tract's plan
+//! (build with `--features tract`);
 //! `gpu` runs the wgpu kernels on a hardware adapter (build with `--features gpu`; exits 3
 //! without one); `gpu-any` also accepts a software one (lavapipe), for rehearsals.
 
 use std::time::{Duration, Instant};
 
-use switchyard_inference::{Kernels, TractModel};
+use switchyard_inference::{Kernels, OnnxModel};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -32,7 +33,7 @@ fn main() {
     };
     let bytes = std::fs::read(path).expect("model file");
     #[allow(unused_mut)]
-    let mut model = TractModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
+    let mut model = OnnxModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
     if let Some(allow_cpu_adapter) = gpu {
         #[cfg(feature = "gpu")]
         if !model.use_gpu(switchyard_inference::gpu::GpuOptions {

@@ -24,7 +24,7 @@ use prometheus::{
 use tokio::sync::oneshot;
 
 use crate::error::InferenceError;
-use crate::tract::{Session, TractModel};
+use crate::model::{OnnxModel, Session};
 
 /// TF Serving's batching knobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,10 +138,10 @@ impl LocalMetricFamilies {
         })
     }
 
-    /// Records what runs `model` (see [`TractModel::runtime_name`]): a `runtime: wgpu`
+    /// Records what runs `model` (see [`OnnxModel::runtime_name`]): a `runtime: wgpu`
     /// model with no usable GPU runs on the CPU, and this is where that shows.
     pub fn set_runtime(&self, model: &str, runtime: &str) {
-        for name in crate::tract::RUNTIME_NAMES {
+        for name in crate::model::RUNTIME_NAMES {
             self.runtime
                 .with_label_values(&[model, name])
                 .set(i64::from(name == runtime));
@@ -156,7 +156,7 @@ impl LocalMetricFamilies {
         let _ = self.shed.remove_label_values(&[model]);
         let _ = self.queued.remove_label_values(&[model]);
         let _ = self.panics.remove_label_values(&[model]);
-        for name in crate::tract::RUNTIME_NAMES {
+        for name in crate::model::RUNTIME_NAMES {
             let _ = self.runtime.remove_label_values(&[model, name]);
         }
     }
@@ -270,7 +270,7 @@ struct Shared {
     stats: StatCounters,
     ready: Condvar,
     options: BatchingOptions,
-    model: Arc<TractModel>,
+    model: Arc<OnnxModel>,
     metrics: LocalMetrics,
     /// Batch threads inside their supervisor (they leave only when the queue closes).
     live: AtomicUsize,
@@ -291,7 +291,7 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new(options: BatchingOptions, model: Arc<TractModel>, metrics: LocalMetrics) -> Self {
+    fn new(options: BatchingOptions, model: Arc<OnnxModel>, metrics: LocalMetrics) -> Self {
         let threads = options.num_batch_threads.max(1);
         Shared {
             queue: Mutex::new(Queue::default()),
@@ -341,7 +341,7 @@ impl Batcher {
     /// Starts `options.num_batch_threads` threads serving `model`.
     pub fn start(
         name: &str,
-        model: Arc<TractModel>,
+        model: Arc<OnnxModel>,
         options: BatchingOptions,
         metrics: LocalMetrics,
     ) -> std::io::Result<Self> {
@@ -403,7 +403,7 @@ impl Batcher {
     }
 
     /// The model served.
-    pub fn model(&self) -> &TractModel {
+    pub fn model(&self) -> &OnnxModel {
         &self.shared.model
     }
 
@@ -745,7 +745,7 @@ mod tests {
     fn shared() -> (Shared, Registry) {
         let registry = Registry::new();
         let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
-        let model = TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap();
+        let model = OnnxModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap();
         let options = BatchingOptions {
             max_batch_size: 8,
             batch_timeout: Duration::ZERO,
@@ -823,7 +823,7 @@ mod tests {
     fn submit_refuses_rows_that_do_not_match_the_values() {
         let registry = Registry::new();
         let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
-        let model = Arc::new(TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
+        let model = Arc::new(OnnxModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
         let options = BatchingOptions {
             max_batch_size: 8,
             batch_timeout: Duration::ZERO,
@@ -869,7 +869,7 @@ mod tests {
     fn health_turns_false_while_the_threads_are_stuck_and_true_when_they_move() {
         let registry = Registry::new();
         let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
-        let model = Arc::new(TractModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
+        let model = Arc::new(OnnxModel::from_bytes("mlp", crate::builtin::DIGITS_MLP).unwrap());
         let options = BatchingOptions {
             max_batch_size: 1,
             batch_timeout: Duration::ZERO,

@@ -102,6 +102,36 @@ pub(crate) fn conv(cv: &Conv, inp: &[f32], rows: usize, padded: &mut Vec<f32>, o
     conv_at(level, cv, inp, rows, padded, out);
 }
 
+/// `c = a · b` over row-major matrices `a: [rows, k]`, `b: [k, m]`, `c: [rows, m]`:
+/// matrixmultiply's sgemm (packing, runtime AVX/FMA choice), for what the kernels here
+/// do not take.
+pub(crate) fn sgemm(a: &[f32], rows: usize, k: usize, b: &[f32], m: usize, c: &mut [f32]) {
+    assert!(a.len() >= rows * k && b.len() >= k * m && c.len() >= rows * m);
+    let (k_stride, m_stride) = (k as isize, m as isize);
+    #[allow(unsafe_code)]
+    // SAFETY: the assertion above keeps every element sgemm reads or writes, at these
+    // row strides and unit column strides, inside the three slices; `c` is borrowed
+    // mutably, so it overlaps neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            k,
+            m,
+            1.0,
+            a.as_ptr(),
+            k_stride,
+            1,
+            b.as_ptr(),
+            m_stride,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            m_stride,
+            1,
+        )
+    };
+}
+
 /// [`conv`] with the kernels of `level`, which must be one of [`levels`]. AVX-512 takes
 /// output channels in multiples of 16; others fall to AVX2.
 pub(crate) fn conv_at(

@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the small graphs we bundle, where tract's generic plan falls
 //! behind (its convolution is 5–8× slower than onnxruntime's on the digits CNN; see
-//! BENCHMARKS.md). tract stays the front end and the fallback: the ONNX graph is read
-//! through tract's protobuf types, and a graph with any operator outside the set below
-//! is run by tract's plan instead, with one log line naming the operator.
+//! BENCHMARKS.md). The ONNX graph is read with [`crate::onnx`]'s types, so these
+//! kernels need no ONNX crate: they are the whole CPU runtime of a build without the
+//! `tract` feature. A graph with any operator outside the set below is run by tract's
+//! plan instead (feature `tract`), or refused with the operator named (without it).
 //!
 //! The set: `Conv` (2-D, group 1, no dilation), `MaxPool` (2-D, no padding), `Gemm`,
 //! `MatMul` by a constant, `Relu`, `Softmax` (last axis), `Flatten`, `Reshape`, and
@@ -11,15 +12,12 @@
 //! Layout: image tensors are kept channels-last (NHWC) so a convolution is one im2col
 //! and one matrix product over the whole batch (`[N·H·W, k·k·C] × [k·k·C, M]`), with the
 //! bias and a following `Relu` applied in the same pass. Matrix products go through
-//! ndarray's `general_mat_mul` (matrixmultiply's sgemm with runtime AVX/FMA detection).
+//! matrixmultiply's sgemm (runtime AVX/FMA detection) where `direct` has no kernel.
 //! `Flatten` and `Reshape` convert between NHWC and ONNX's NCHW order where it matters.
 
 use std::collections::HashMap;
 
-use tract_onnx::pb;
-use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
-use tract_onnx::prelude::tract_ndarray::{ArrayView2, ArrayViewMut2};
-use tract_onnx::prelude::Framework;
+use crate::onnx as pb;
 
 /// Why a graph cannot run on the fused kernels (it then runs on tract).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,8 +190,7 @@ fn flush(x: f32) -> f32 {
 }
 
 fn tensor_data(t: &pb::TensorProto) -> Result<(Vec<f32>, Vec<i64>), Unsupported> {
-    const FLOAT: i32 = 1;
-    const INT64: i32 = 7;
+    use pb::{FLOAT, INT64};
     match t.data_type {
         FLOAT if !t.raw_data.is_empty() => Ok((
             t.raw_data
@@ -227,9 +224,15 @@ fn usize_of(v: i64, what: &str) -> Result<usize, Unsupported> {
 
 impl FusedPlan {
     /// Compiles `bytes` (an ONNX model with one input `[N, F]` and one output) onto the
-    /// fused kernels, or says which operator or attribute keeps it on tract.
+    /// fused kernels, or says which operator or attribute keeps it off them.
     pub fn from_onnx(bytes: &[u8]) -> Result<Self, Unsupported> {
-        Self::compile(bytes, true)
+        let proto = pb::decode(bytes).map_err(|e| Unsupported(format!("not ONNX: {e}")))?;
+        Self::from_proto(&proto)
+    }
+
+    /// [`FusedPlan::from_onnx`] for a model already decoded.
+    pub fn from_proto(proto: &pb::ModelProto) -> Result<Self, Unsupported> {
+        Self::compile(proto, true)
     }
 
     /// The same plan without the folds into `Gemm` weights: the bundled models then
@@ -237,13 +240,11 @@ impl FusedPlan {
     /// other graphs need, so tests keep them covered.
     #[doc(hidden)]
     pub fn from_onnx_unfolded(bytes: &[u8]) -> Result<Self, Unsupported> {
-        Self::compile(bytes, false)
+        let proto = pb::decode(bytes).map_err(|e| Unsupported(format!("not ONNX: {e}")))?;
+        Self::compile(&proto, false)
     }
 
-    fn compile(bytes: &[u8], fold: bool) -> Result<Self, Unsupported> {
-        let proto = tract_onnx::onnx()
-            .proto_model_for_read(&mut &bytes[..])
-            .map_err(|e| Unsupported(format!("{e:#}")))?;
+    fn compile(proto: &pb::ModelProto, fold: bool) -> Result<Self, Unsupported> {
         let graph = proto
             .graph
             .as_ref()
@@ -766,18 +767,6 @@ fn output_buffer(state: &mut FusedState, dst: usize, len: usize) -> Vec<f32> {
     out
 }
 
-fn matmul(a: &[f32], rows: usize, k: usize, b: &[f32], m: usize, c: &mut [f32]) {
-    // Shapes are checked when the plan is built; these views cannot fail.
-    let (Ok(a), Ok(b), Ok(mut c)) = (
-        ArrayView2::from_shape((rows, k), a),
-        ArrayView2::from_shape((k, m), b),
-        ArrayViewMut2::from_shape((rows, m), c),
-    ) else {
-        return;
-    };
-    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
-}
-
 /// Convolution as im2col plus one sgemm over the whole batch, with bias and the fused
 /// `Relu`: the portable path, and the one for shapes `direct` does not take.
 pub(crate) fn conv_im2col(
@@ -817,7 +806,7 @@ pub(crate) fn conv_im2col(
             }
         }
     }
-    matmul(cols, positions, k, &cv.weights, cv.m, out);
+    crate::direct::sgemm(cols, positions, k, &cv.weights, cv.m, out);
     for px in out.chunks_exact_mut(cv.m) {
         for (v, b) in px.iter_mut().zip(&cv.bias) {
             *v += b;
@@ -903,7 +892,7 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
                 state.buffers[*dst] = out;
                 return;
             }
-            matmul(&state.buffers[*src], rows, *k, weights, *m, &mut out);
+            crate::direct::sgemm(&state.buffers[*src], rows, *k, weights, *m, &mut out);
             if !bias.is_empty() || *relu {
                 for r in out.chunks_exact_mut(*m) {
                     if !bias.is_empty() {

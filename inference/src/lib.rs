@@ -2,10 +2,13 @@
 //!
 //! - [`signature`]: what a model takes and gives (names, shapes with a symbolic batch
 //!   dimension, types).
-//! - [`tract`]: the CPU runtime: tract loads every model (one optimised plan, shared by
-//!   threads) and runs what the fused kernels cannot.
+//! - [`model`]: a loaded model ([`OnnxModel`]) and what runs it: the fused kernels,
+//!   tract's plan (feature `tract`: any graph, one optimised plan shared by threads) or
+//!   the GPU kernels.
+//! - [`onnx`]: the part of ONNX's protobuf schema the fused kernels read.
 //! - [`fused`]: fused CPU kernels (im2col convolution, matrix products, pooling,
-//!   softmax) for graphs made only of the operators they cover.
+//!   softmax) for graphs made only of the operators they cover: without the `tract`
+//!   feature, the only CPU runtime.
 //! - `direct`: AVX2 and AVX-512 kernels (direct convolution, dense layers, pooling,
 //!   softmax) chosen at run time, used by `fused`.
 //! - `gpu` (feature `gpu`): the fused plan's steps as WGSL compute kernels on wgpu
@@ -16,7 +19,7 @@
 //! - [`builtin`]: the bundled digit classifiers, compiled into the binary.
 //! - [`error`]: the crate's error type, [`InferenceError`].
 // `unsafe` appears only in `direct`: calling its AVX2 / AVX-512 kernels after checking
-// the CPU, and their vector loads and stores.
+// the CPU, their vector loads and stores, and matrixmultiply's sgemm.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -27,10 +30,11 @@ pub mod error;
 pub mod fused;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod model;
+pub mod onnx;
 pub mod signature;
-pub mod tract;
 
 pub use batcher::{Batcher, BatchingOptions, Counted, LocalMetrics, NotServing, Output, Stats};
 pub use error::InferenceError;
+pub use model::{Kernels, OnnxModel};
 pub use signature::{Dim, Signature, TensorSpec};
-pub use tract::{Kernels, TractModel};

@@ -7,10 +7,10 @@ mod common;
 
 use switchyard_inference::fused::FusedPlan;
 use switchyard_inference::gpu::{GpuModel, GpuOptions};
-use switchyard_inference::{builtin, TractModel};
+use switchyard_inference::{builtin, OnnxModel};
 
-fn on_gpu(name: &str, bytes: &[u8]) -> TractModel {
-    let mut model = TractModel::from_bytes(name, bytes).unwrap();
+fn on_gpu(name: &str, bytes: &[u8]) -> OnnxModel {
+    let mut model = OnnxModel::from_bytes(name, bytes).unwrap();
     let moved = model.use_gpu(GpuOptions {
         allow_cpu_adapter: true,
         ..Default::default()
@@ -48,7 +48,7 @@ fn cnn_on_the_gpu_matches_onnxruntime_batch_1_64_and_all() {
 #[test]
 fn a_software_adapter_is_not_a_gpu_unless_asked_for() {
     // On a machine whose only Vulkan device is lavapipe (CI), serving stays on the CPU.
-    let mut model = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let mut model = OnnxModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
     let has_hardware = model.use_gpu(GpuOptions::default());
     if has_hardware {
         // Some GPU was taken: it must not be a software one.
@@ -78,10 +78,12 @@ fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
     }
 }
 
-/// The GPU kernels against tract's own plan on 30 generated graphs inside their set
-/// (MLPs and CNNs at odd sizes; the same generator as the CPU parity test), within 1e-4.
+/// The GPU kernels against tract's own plan (or, in a build without tract, the fused
+/// CPU kernels, which tests/runtime.rs holds to tract's plan) on 30 generated graphs
+/// inside their set (MLPs and CNNs at odd sizes; the same generator as the CPU parity
+/// test), within 1e-4.
 #[test]
-fn gpu_kernels_match_tracts_plan_on_generated_graphs() {
+fn gpu_kernels_match_the_cpu_on_generated_graphs() {
     use common::graphs;
     use switchyard_inference::Kernels;
     let mut failures = Vec::new();
@@ -101,11 +103,16 @@ fn gpu_kernels_match_tracts_plan_on_generated_graphs() {
             },
         )
         .unwrap();
-        let tract = TractModel::from_bytes_with("generated", &g.bytes, Kernels::TractOnly).unwrap();
+        let reference = if cfg!(feature = "tract") {
+            Kernels::TractOnly
+        } else {
+            Kernels::Auto
+        };
+        let cpu = OnnxModel::from_bytes_with("generated", &g.bytes, reference).unwrap();
         for rows in [1, 7, 33] {
             let input = rng.floats(rows * g.input_len, 2.0);
             let a = gpu.run(&input, rows).unwrap();
-            let b = tract.run(input, rows).unwrap();
+            let b = cpu.run(input, rows).unwrap();
             if let Err(e) = graphs::close(&a, &b) {
                 failures.push(format!("seed {seed} ({}), {rows} rows: {e}", g.story));
             }

@@ -793,7 +793,7 @@ mod tests {
     /// make whole rows.
     #[test]
     fn arbitrary_bodies_never_panic_and_refusals_are_400() {
-        let model = switchyard_inference::TractModel::from_bytes(
+        let model = switchyard_inference::OnnxModel::from_bytes(
             "mlp",
             switchyard_inference::builtin::DIGITS_MLP,
         )

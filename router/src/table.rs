@@ -406,7 +406,7 @@ impl ModelRoute {
 /// files with the same message.
 pub fn load_model(
     local: &switchyard_config::Local,
-) -> Result<switchyard_inference::TractModel, String> {
+) -> Result<switchyard_inference::OnnxModel, String> {
     let bytes: std::borrow::Cow<'static, [u8]> = match local.model.strip_prefix("builtin:") {
         Some(b) => switchyard_inference::builtin::get(b)
             .ok_or_else(|| format!("no built-in model `{b}`"))?
@@ -435,7 +435,7 @@ pub fn load_model(
         switchyard_config::CpuKernels::Fused => switchyard_inference::Kernels::Auto,
         switchyard_config::CpuKernels::Tract => switchyard_inference::Kernels::TractOnly,
     };
-    switchyard_inference::TractModel::from_bytes_with(&local.model, &bytes, kernels)
+    switchyard_inference::OnnxModel::from_bytes_with(&local.model, &bytes, kernels)
         .map_err(|e| e.to_string())
 }
 

@@ -567,7 +567,7 @@ mod tests {
     use super::*;
 
     fn sig() -> Signature {
-        switchyard_inference::TractModel::from_bytes(
+        switchyard_inference::OnnxModel::from_bytes(
             "mlp",
             switchyard_inference::builtin::DIGITS_MLP,
         )

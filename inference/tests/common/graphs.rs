@@ -1,12 +1,13 @@
-//! Random ONNX graphs inside the fused kernels' operator set, built with tract's
-//! protobuf types: MLPs (Gemm with and without transB, alpha, beta and bias; MatMul;
-//! scalar Mul/Add/Sub/Div; Relu; Softmax) and CNNs (Reshape to NCHW, Conv with odd
-//! channel counts, kernel sizes, strides and pads, Relu, MaxPool, Flatten or Reshape,
-//! Gemm, Softmax), at odd sizes: the shapes the AVX kernels take and those they leave to
-//! im2col and sgemm. Seeded: a failing graph is reproduced from its seed.
+//! Random ONNX graphs inside the fused kernels' operator set, built with the crate's
+//! ONNX types (`switchyard_inference::onnx`): MLPs (Gemm with and without transB,
+//! alpha, beta and bias; MatMul; scalar Mul/Add/Sub/Div; Relu; Softmax) and CNNs
+//! (Reshape to NCHW, Conv with odd channel counts, kernel sizes, strides and pads, Relu,
+//! MaxPool, Flatten or Reshape, Gemm, Softmax), at odd sizes: the shapes the AVX kernels
+//! take and those they leave to im2col and sgemm. Seeded: a failing graph is reproduced
+//! from its seed.
 
 use prost::Message;
-use tract_onnx::pb;
+use switchyard_inference::onnx as pb;
 
 /// SplitMix64: deterministic and dependency-free.
 pub struct Rng(u64);
@@ -98,18 +99,14 @@ pub fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
                     dim: vec![
                         Dimension {
                             value: Some(D::DimParam("N".into())),
-                            ..Default::default()
                         },
                         Dimension {
                             value: Some(D::DimValue(width as i64)),
-                            ..Default::default()
                         },
                     ],
                 }),
             })),
-            ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
@@ -177,7 +174,6 @@ impl Graph {
                 initializer: self.inits,
                 input: vec![value_info("x", input_len)],
                 output: vec![value_info(output, output_len)],
-                ..Default::default()
             }),
             ..Default::default()
         };

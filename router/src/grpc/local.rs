@@ -373,7 +373,7 @@ mod tests {
     /// everything accepted is whole rows of finite values.
     #[test]
     fn arbitrary_grpc_messages_never_panic_and_refusals_are_400() {
-        let model = switchyard_inference::TractModel::from_bytes(
+        let model = switchyard_inference::OnnxModel::from_bytes(
             "mlp",
             switchyard_inference::builtin::DIGITS_MLP,
         )

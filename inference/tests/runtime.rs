@@ -1,5 +1,6 @@
-//! The CPU runtime against onnxruntime's outputs on the bundled test vectors, and the
-//! batcher's semantics.
+//! The CPU runtime against onnxruntime's outputs on the bundled test vectors, against
+//! tract's plan on generated graphs (feature `tract`), what a build without tract
+//! refuses, and the batcher's semantics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,13 +9,14 @@ mod common;
 
 use prometheus::Registry;
 use switchyard_inference::batcher::LocalMetricFamilies;
+use switchyard_inference::onnx as pb;
 use switchyard_inference::{
-    builtin, Batcher, BatchingOptions, Dim, InferenceError, Kernels, TractModel,
+    builtin, Batcher, BatchingOptions, Dim, InferenceError, Kernels, OnnxModel,
 };
 
 /// The CPU runtime with `kernels` against onnxruntime.
 fn check(name: &str, bytes: &[u8], batch: usize, kernels: Kernels) {
-    let model = TractModel::from_bytes_with(name, bytes, kernels).unwrap();
+    let model = OnnxModel::from_bytes_with(name, bytes, kernels).unwrap();
     assert_eq!(
         model.is_fused(),
         kernels == Kernels::Auto,
@@ -23,9 +25,18 @@ fn check(name: &str, bytes: &[u8], batch: usize, kernels: Kernels) {
     common::check_against_onnxruntime(name, batch, |input, rows| model.run(input, rows).unwrap());
 }
 
+/// The kernels this build has: the fused ones, and tract's plan with the `tract` feature.
+fn kernels() -> Vec<Kernels> {
+    let mut all = vec![Kernels::Auto];
+    if cfg!(feature = "tract") {
+        all.push(Kernels::TractOnly);
+    }
+    all
+}
+
 #[test]
 fn mlp_matches_onnxruntime_batch_1_and_64() {
-    for kernels in [Kernels::Auto, Kernels::TractOnly] {
+    for kernels in kernels() {
         check("mlp", builtin::DIGITS_MLP, 1, kernels);
         check("mlp", builtin::DIGITS_MLP, 64, kernels);
     }
@@ -33,16 +44,20 @@ fn mlp_matches_onnxruntime_batch_1_and_64() {
 
 #[test]
 fn cnn_matches_onnxruntime_batch_1_and_64() {
-    for kernels in [Kernels::Auto, Kernels::TractOnly] {
+    for kernels in kernels() {
         check("cnn", builtin::DIGITS_CNN, 1, kernels);
         check("cnn", builtin::DIGITS_CNN, 64, kernels);
     }
 }
 
-/// A one-node ONNX graph `y = Sigmoid(x)`, x: [N, 4], built with tract's protobuf types.
+/// A one-node ONNX graph `y = Sigmoid(x)`, x: [N, 4].
 fn sigmoid_model() -> Vec<u8> {
+    one_node_model("Sigmoid", common::graphs::value_info("x", 4))
+}
+
+/// A one-node graph `y = op(x)`, `y` shaped `[N, 4]`.
+fn one_node_model(op: &str, input: pb::ValueInfoProto) -> Vec<u8> {
     use prost::Message;
-    use tract_onnx::pb;
     let tensor = |name: &str| common::graphs::value_info(name, 4);
     let model = pb::ModelProto {
         ir_version: 8,
@@ -51,14 +66,14 @@ fn sigmoid_model() -> Vec<u8> {
             version: 13,
         }],
         graph: Some(pb::GraphProto {
-            name: "sigmoid".into(),
+            name: "one node".into(),
             node: vec![pb::NodeProto {
                 input: vec!["x".into()],
                 output: vec!["y".into()],
-                op_type: "Sigmoid".into(),
+                op_type: op.into(),
                 ..Default::default()
             }],
-            input: vec![tensor("x")],
+            input: vec![input],
             output: vec![tensor("y")],
             ..Default::default()
         }),
@@ -67,9 +82,10 @@ fn sigmoid_model() -> Vec<u8> {
     model.encode_to_vec()
 }
 
+#[cfg(feature = "tract")]
 #[test]
 fn an_operator_outside_the_fused_set_runs_on_tract() {
-    let model = TractModel::from_bytes("sigmoid", &sigmoid_model()).unwrap();
+    let model = OnnxModel::from_bytes("sigmoid", &sigmoid_model()).unwrap();
     assert!(!model.is_fused());
     let out = model.run(vec![0.0, 1.0, -1.0, 40.0], 1).unwrap();
     let want = [
@@ -83,27 +99,86 @@ fn an_operator_outside_the_fused_set_runs_on_tract() {
     }
 }
 
+/// Without tract, a graph outside the fused set is refused at load, and the message
+/// names the operator and the feature that would run it.
+#[cfg(not(feature = "tract"))]
+#[test]
+fn an_operator_outside_the_fused_set_is_refused_without_tract() {
+    let err = OnnxModel::from_bytes("sigmoid", &sigmoid_model()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, InferenceError::Unsupported { .. }), "{text}");
+    assert!(text.contains("`Sigmoid`"), "{text}");
+    assert!(text.contains("--features tract"), "{text}");
+    let err = OnnxModel::from_bytes_with("mlp", builtin::DIGITS_MLP, Kernels::TractOnly)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cpu_kernels: tract") && err.contains("--features tract"),
+        "{err}"
+    );
+}
+
+/// What the served signature allows is the same with and without tract: these are
+/// refused by both readers (tract's, and the declared shapes a build without it reads).
+#[test]
+fn a_fixed_batch_or_a_non_fp32_input_is_refused() {
+    use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let mut fixed = common::graphs::value_info("x", 4);
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        fixed.r#type.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        unreachable!("value_info builds a tensor type")
+    };
+    let mut int64 = t.clone();
+    t.shape.as_mut().unwrap().dim[0] = Dimension {
+        value: Some(D::DimValue(1)),
+    };
+    int64.elem_type = pb::INT64;
+    let mut wrong_type = fixed.clone();
+    wrong_type.r#type = Some(pb::TypeProto {
+        value: Some(pb::type_proto::Value::TensorType(int64)),
+    });
+    for (what, input, needle) in [
+        ("fixed batch", fixed, "fixed first dimension"),
+        ("int64 input", wrong_type, "only FP32"),
+    ] {
+        let err = OnnxModel::from_bytes(what, &one_node_model("Relu", input)).unwrap_err();
+        assert!(
+            matches!(err, InferenceError::Unsupported { .. }) && err.to_string().contains(needle),
+            "{what}: {err}"
+        );
+    }
+}
+
 #[test]
 fn signature_is_read_from_the_model() {
-    let m = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let m = OnnxModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
     let s = m.signature();
     assert_eq!(s.input.name, "pixels");
     assert_eq!(s.input.shape, vec![Dim::Batch, Dim::Fixed(64)]);
     assert_eq!(s.output.name, "probabilities");
     assert_eq!(s.output.shape, vec![Dim::Batch, Dim::Fixed(10)]);
     assert_eq!(s.input.datatype, "FP32");
+    // With tract, the served signature is tract's reading; the declared one (what a
+    // build without tract serves) must be the same for both bundled models.
+    #[cfg(feature = "tract")]
+    for (name, bytes) in [("mlp", builtin::DIGITS_MLP), ("cnn", builtin::DIGITS_CNN)] {
+        let declared = switchyard_inference::model::declared_signature(name, bytes).unwrap();
+        let tract = OnnxModel::from_bytes_with(name, bytes, Kernels::TractOnly).unwrap();
+        assert_eq!(&declared, tract.signature(), "{name}");
+    }
 }
 
 #[test]
 fn garbage_is_a_load_error_not_a_panic() {
-    let err = TractModel::from_bytes("junk", b"not an onnx file").unwrap_err();
+    let err = OnnxModel::from_bytes("junk", b"not an onnx file").unwrap_err();
     assert!(matches!(err, InferenceError::Load { .. }), "{err}");
 }
 
 fn batcher(options: BatchingOptions) -> (Batcher, Registry) {
     let registry = Registry::new();
     let metrics = LocalMetricFamilies::new(&registry).unwrap().model("mlp");
-    let model = Arc::new(TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap());
+    let model = Arc::new(OnnxModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap());
     (
         Batcher::start("mlp", model, options, metrics).unwrap(),
         registry,
@@ -134,7 +209,7 @@ async fn requests_are_batched_and_each_gets_its_own_rows() {
     });
     let b = Arc::new(b);
     let inputs = common::rows(&common::vectors()["inputs"]);
-    let direct = TractModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
+    let direct = OnnxModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();
     let mut tasks = Vec::new();
     for (i, n) in [(0usize, 3usize), (3, 1), (4, 4)] {
         let (b, input) = (b.clone(), inputs[i..i + n].concat());
@@ -236,17 +311,27 @@ async fn dropping_the_batcher_answers_everything_already_queued() {
 
 /// Runs `model` and tract's own plan of the same bytes on the same inputs (1, 7 and 33
 /// rows); `Err` says where they part.
+#[cfg(feature = "tract")]
 fn against_tract(
     g: &common::graphs::Generated,
     rng: &mut common::graphs::Rng,
 ) -> Result<(), String> {
-    let fused = TractModel::from_bytes_with("generated", &g.bytes, Kernels::Auto)
+    let fused = OnnxModel::from_bytes_with("generated", &g.bytes, Kernels::Auto)
         .map_err(|e| format!("load: {e}"))?;
     if !fused.is_fused() {
         return Err("the graph is inside the fused set but did not compile onto it".into());
     }
-    let tract = TractModel::from_bytes_with("generated", &g.bytes, Kernels::TractOnly)
+    let tract = OnnxModel::from_bytes_with("generated", &g.bytes, Kernels::TractOnly)
         .map_err(|e| format!("tract load: {e}"))?;
+    // The signature a build without tract serves, read from the declared shapes.
+    let declared = switchyard_inference::model::declared_signature("generated", &g.bytes)
+        .map_err(|e| format!("declared signature: {e}"))?;
+    if &declared != tract.signature() {
+        return Err(format!(
+            "signatures: declared {declared:?}, tract {:?}",
+            tract.signature()
+        ));
+    }
     for rows in [1, 7, 33] {
         let input = rng.floats(rows * g.input_len, 2.0);
         let a = fused.run(input.clone(), rows).map_err(|e| e.to_string())?;
@@ -262,6 +347,7 @@ fn against_tract(
 /// The fused CPU kernels against tract's own plan on 80 generated graphs inside their
 /// operator set (40 MLPs, 40 CNNs; odd sizes, channel counts the AVX kernels take and
 /// those left to im2col), within 1e-4.
+#[cfg(feature = "tract")]
 #[test]
 fn fused_kernels_match_tracts_plan_on_generated_graphs() {
     let mut failures = Vec::new();
