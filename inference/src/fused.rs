@@ -189,7 +189,42 @@ fn flush(x: f32) -> f32 {
     }
 }
 
+/// A constant's data, as floats or as integers, holding exactly as many values as its
+/// dims say: the kernels index weights by their dims, so a short or external tensor
+/// must be refused here, not found out of bounds.
 fn tensor_data(t: &pb::TensorProto) -> Result<(Vec<f32>, Vec<i64>), Unsupported> {
+    let count = t
+        .dims
+        .iter()
+        .try_fold(1usize, |n, d| {
+            usize::try_from(*d).ok().and_then(|d| n.checked_mul(d))
+        })
+        .ok_or_else(|| Unsupported(format!("constant `{}` has dims {:?}", t.name, t.dims)))?;
+    let width = match t.data_type {
+        pb::FLOAT => 4,
+        _ => 8,
+    };
+    if !t.raw_data.is_empty() && Some(t.raw_data.len()) != count.checked_mul(width) {
+        return Err(Unsupported(format!(
+            "constant `{}` has {} bytes of data for dims {:?}",
+            t.name,
+            t.raw_data.len(),
+            t.dims
+        )));
+    }
+    let (f, i) = tensor_values(t)?;
+    if f.len() + i.len() != count {
+        return Err(Unsupported(format!(
+            "constant `{}` holds {} values for dims {:?} (data stored outside the file is not read)",
+            t.name,
+            f.len() + i.len(),
+            t.dims
+        )));
+    }
+    Ok((f, i))
+}
+
+fn tensor_values(t: &pb::TensorProto) -> Result<(Vec<f32>, Vec<i64>), Unsupported> {
     use pb::{FLOAT, INT64};
     match t.data_type {
         FLOAT if !t.raw_data.is_empty() => Ok((

@@ -169,6 +169,39 @@ fn signature_is_read_from_the_model() {
     }
 }
 
+/// Weights shorter than their dims say (a truncated file, or data stored outside it):
+/// refused at load, never indexed out of bounds. With tract, tract refuses them first.
+#[test]
+fn weights_that_disagree_with_their_dims_are_refused() {
+    use prost::Message;
+    for model in [builtin::DIGITS_MLP, builtin::DIGITS_CNN] {
+        let original = switchyard_inference::onnx::decode(model).unwrap();
+        let weights = original.graph.as_ref().unwrap().initializer.len();
+        for (i, cut) in (0..weights).flat_map(|i| [(i, 4), (i, usize::MAX)]) {
+            let mut proto = original.clone();
+            let t = &mut proto.graph.as_mut().unwrap().initializer[i];
+            if t.raw_data.is_empty() {
+                t.float_data.pop();
+                t.int64_data.pop();
+            } else {
+                let keep = t.raw_data.len().saturating_sub(cut);
+                t.raw_data.truncate(keep);
+            }
+            let name = format!("initializer {i} cut by {cut}");
+            let err = OnnxModel::from_bytes(&name, &proto.encode_to_vec())
+                .map(|_| ())
+                .expect_err(&name);
+            assert!(
+                matches!(
+                    err,
+                    InferenceError::Unsupported { .. } | InferenceError::Load { .. }
+                ),
+                "{name}: {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn garbage_is_a_load_error_not_a_panic() {
     let err = OnnxModel::from_bytes("junk", b"not an onnx file").unwrap_err();
