@@ -142,8 +142,17 @@ struct Builder<'a> {
     next: usize,
 }
 
+/// A node's `i`th input's name; empty when the node has fewer inputs (then `value` and
+/// `konst` refuse it).
+fn arg(node: &pb::NodeProto, i: usize) -> &str {
+    node.input.get(i).map_or("", String::as_str)
+}
+
 impl<'a> Builder<'a> {
     fn value(&self, name: &str, op: &str) -> Result<(usize, Layout), Unsupported> {
+        if name.is_empty() {
+            return Err(Unsupported(format!("`{op}` without its input")));
+        }
         self.values.get(name).copied().ok_or_else(|| {
             Unsupported(format!(
                 "`{op}` reads `{name}`, which is neither computed nor supported here"
@@ -152,6 +161,9 @@ impl<'a> Builder<'a> {
     }
 
     fn konst(&self, name: &str, op: &str) -> Result<&Const, Unsupported> {
+        if name.is_empty() {
+            return Err(Unsupported(format!("`{op}` without its constant input")));
+        }
         self.consts
             .get(name)
             .ok_or_else(|| Unsupported(format!("`{op}` needs `{name}` to be a constant")))
@@ -331,8 +343,8 @@ impl FusedPlan {
                 });
             let produced = match op {
                 "Mul" | "Div" | "Add" | "Sub" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
-                    let k = b.konst(&node.input[1], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
+                    let k = b.konst(arg(node, 1), op)?;
                     if k.1.len() != 1 {
                         return Err(Unsupported(format!("`{op}` by a non-scalar constant")));
                     }
@@ -348,15 +360,18 @@ impl FusedPlan {
                     (dst, layout)
                 }
                 "Reshape" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
-                    let shape = &b.konst(&node.input[1], op)?.2;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
+                    let shape = &b.konst(arg(node, 1), op)?.2;
                     let total = layout.len();
                     match shape.as_slice() {
                         [_, rest @ ..] if rest.len() == 3 => {
                             let c = usize_of(rest[0], "reshape dim")?;
                             let h = usize_of(rest[1], "reshape dim")?;
                             let w = usize_of(rest[2], "reshape dim")?;
-                            if c * h * w != total {
+                            // Checked: the dims are the file's, and a wrapped product
+                            // could match.
+                            let size = c.checked_mul(h).and_then(|ch| ch.checked_mul(w));
+                            if size != Some(total) {
                                 return Err(Unsupported(
                                     "Reshape that changes the row size".into(),
                                 ));
@@ -386,15 +401,15 @@ impl FusedPlan {
                     if attr_int(node, "axis", 1) != 1 {
                         return Err(Unsupported("Flatten with axis other than 1".into()));
                     }
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     flatten(&mut b, src, layout)
                 }
                 "Conv" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     let Layout::Nhwc { c, h, w } = layout else {
                         return Err(Unsupported("Conv on a non-image".into()));
                     };
-                    let (wd, wf, _) = b.konst(&node.input[1], op)?.clone();
+                    let (wd, wf, _) = b.konst(arg(node, 1), op)?.clone();
                     let [m, wc, kh, kw] = <[i64; 4]>::try_from(wd.as_slice())
                         .map_err(|_| Unsupported("Conv weights of rank ≠ 4".into()))?;
                     let (m, wc, kh, kw) = (
@@ -426,6 +441,12 @@ impl FusedPlan {
                         usize_of(pb_, "pad")?,
                         usize_of(pr, "pad")?,
                     );
+                    // Padding wider than the kernel only adds outputs made of padding,
+                    // and unbounded pads would size buffers at will (the output is at
+                    // most the input plus twice the kernel this way).
+                    if pt > kh || pb_ > kh || pl > kw || pr > kw {
+                        return Err(Unsupported("Conv pads wider than the kernel".into()));
+                    }
                     if stride == 0 || h + pt + pb_ < kh || w + pl + pr < kw {
                         return Err(Unsupported("Conv geometry".into()));
                     }
@@ -471,7 +492,7 @@ impl FusedPlan {
                     (dst, Layout::Nhwc { c: m, h: oh, w: ow })
                 }
                 "MaxPool" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     let Layout::Nhwc { c, h, w } = layout else {
                         return Err(Unsupported("MaxPool on a non-image".into()));
                     };
@@ -510,14 +531,14 @@ impl FusedPlan {
                     (dst, Layout::Nhwc { c, h: oh, w: ow })
                 }
                 "Gemm" | "MatMul" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     let Layout::Flat(k) = layout else {
                         return Err(Unsupported(format!("`{op}` on an image")));
                     };
                     if op == "Gemm" && attr_int(node, "transA", 0) != 0 {
                         return Err(Unsupported("Gemm with transA".into()));
                     }
-                    let (wd, wf, _) = b.konst(&node.input[1], op)?.clone();
+                    let (wd, wf, _) = b.konst(arg(node, 1), op)?.clone();
                     let trans_b = op == "Gemm" && attr_int(node, "transB", 0) != 0;
                     let [r, cdim] = <[i64; 2]>::try_from(wd.as_slice())
                         .map_err(|_| Unsupported(format!("`{op}` weights of rank ≠ 2")))?;
@@ -579,7 +600,7 @@ impl FusedPlan {
                 }
                 "Relu" => {
                     // Already applied by the producing Conv/Gemm when fused.
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     let fused = i > 0
                         && matches!(b.steps.last(), Some(Step::Conv(c)) if c.relu && c.dst == src)
                         || matches!(b.steps.last(), Some(Step::Gemm { relu: true, dst, .. }) if *dst == src);
@@ -592,7 +613,7 @@ impl FusedPlan {
                     }
                 }
                 "Softmax" => {
-                    let (src, layout) = b.value(&node.input[0], op)?;
+                    let (src, layout) = b.value(arg(node, 0), op)?;
                     let Layout::Flat(n) = layout else {
                         return Err(Unsupported("Softmax on an image".into()));
                     };

@@ -132,9 +132,29 @@ impl OnnxModel {
     }
 
     /// Loads the model into tract as well: its plan runs what the fused kernels do not,
-    /// and its signature is the one served.
+    /// and its signature is the one served. tract panics on some damaged files (a
+    /// flipped byte made it look up a missing key: tests/runtime.rs,
+    /// `damaged_model_files_never_panic`); that is a load error here, not the end of a
+    /// process that is loading or reloading its configuration.
     #[cfg(feature = "tract")]
     fn with_tract(
+        name: &str,
+        bytes: &[u8],
+        fused: Result<FusedPlan, Unsupported>,
+    ) -> Result<Self, InferenceError> {
+        std::panic::catch_unwind(|| Self::load_tract(name, bytes, fused)).unwrap_or_else(|panic| {
+            Err(InferenceError::Load {
+                model: name.to_string(),
+                detail: format!(
+                    "tract failed reading the file: {}",
+                    crate::batcher::panic_message(&*panic)
+                ),
+            })
+        })
+    }
+
+    #[cfg(feature = "tract")]
+    fn load_tract(
         name: &str,
         bytes: &[u8],
         fused: Result<FusedPlan, Unsupported>,
