@@ -99,6 +99,60 @@ fn validate_runs_the_checks_serve_runs() {
     }
 }
 
+/// The bundled MLP with its first `Relu` made a `Sigmoid`: a valid ONNX graph with one
+/// operator outside the fused kernels.
+fn mlp_with_a_sigmoid() -> Vec<u8> {
+    use prost::Message;
+    let mut model =
+        switchyard_inference::onnx::decode(include_bytes!("../models/digits_mlp.onnx")).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let relu = graph.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+    relu.op_type = "Sigmoid".into();
+    model.encode_to_vec()
+}
+
+/// A build without the `tract` feature (the default) runs local models on the fused
+/// kernels only: a graph outside them is refused by `validate` and `serve` alike, naming
+/// the operator and the feature; with the feature it loads.
+#[test]
+fn a_graph_outside_the_fused_kernels_needs_the_tract_feature() {
+    let model =
+        std::env::temp_dir().join(format!("switchyard-sigmoid-{}.onnx", std::process::id()));
+    std::fs::write(&model, mlp_with_a_sigmoid()).unwrap();
+    let file = temp_file(
+        "sigmoid.yaml",
+        &format!(
+            "models:\n  m:\n    variants: [{{name: a, weight: 1, local: {{model: {}}}}}]\n",
+            model.display()
+        ),
+    );
+    let out = switchyard().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "tract") {
+        assert_eq!(out.status.code(), Some(0), "{err}");
+    } else {
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        for want in [
+            "models.m.variants[0].local.model",
+            "`Sigmoid`",
+            "--features tract",
+        ] {
+            assert!(err.contains(want), "lacks {want:?}: {err}");
+        }
+    }
+    // With tract, `serve` would serve the model: validate's exit 0 says enough.
+    if !cfg!(feature = "tract") {
+        let out = switchyard()
+            .args(["serve", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features tract"));
+    }
+    std::fs::remove_file(&model).ok();
+}
+
 /// Every problem in one run, from either command: the config's own rules and the model
 /// files, even when both are wrong in one variant.
 #[test]
