@@ -8,6 +8,9 @@
 #   bench/proxy.sh trace           # where the time goes at one connection, nginx vs
 #                                  # Switchyard: system calls per request and the time
 #                                  # between them (perf's raw_syscalls tracepoints; root)
+#   bench/proxy.sh conns           # latency at the fixed RATE over CONNS_LIST connection
+#                                  # counts (default "1 2 8 32"), direct, nginx and
+#                                  # Switchyard interleaved: where an added p50 comes from
 #
 # Origin: nginx returning a fixed TF Serving prediction on three ports (one per
 # variant). Targets: direct to the origin; nginx reverse proxy (upstream keepalive);
@@ -179,6 +182,37 @@ labels = ["requests traced", "system calls", "user: request read → upstream wr
           "user: response read → client writev", "each writev", "whole cycle"]
 for i, label in enumerate(labels):
     print(f"| {label} | " + " | ".join(str(round(r[1][i], 1)) if isinstance(r[1][i], float) else str(r[1][i]) for r in rows) + " |")
+PY
+  exit 0
+fi
+
+if [ "${1:-}" = conns ]; then
+  CONNS_LIST=${CONNS_LIST:-1 2 8 32}
+  : > "$WORK/conns.tsv"
+  for round in $(seq 1 "$ROUNDS"); do
+    for c in $CONNS_LIST; do
+      for t in direct nginx switchyard; do
+        json=$(taskset -c 0 "$OHA" -z "${SECONDS_EACH}s" -c "$c" -q "$RATE" --latency-correction --no-tui --output-format json \
+          -m POST -H 'content-type: application/json' -D "$WORK/body.json" "http://127.0.0.1:${PORT_OF[$t]}$PATH_TF")
+        python3 -c '
+import json, sys
+d = json.loads(sys.argv[4]); p = d["latencyPercentiles"]
+print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], "%.1f" % (p["p50"] * 1e6), "%.1f" % (p["p90"] * 1e6)]))' \
+          "$round" "$c" "$t" "$json" | tee -a "$WORK/conns.tsv" >&2
+      done
+    done
+  done
+  python3 - "$WORK/conns.tsv" "$RATE" "$ROUNDS" "$SECONDS_EACH" <<'PY'
+import sys, statistics as st
+path, rate, rounds, secs = sys.argv[1:]
+rows = [l.split("\t") for l in open(path)]
+med = lambda c, t, i: st.median(float(r[i]) for r in rows if r[1] == c and r[2] == t)
+print(f"oha at a fixed {rate} req/s, coordinated-omission corrected; medians of {rounds} interleaved rounds of {secs} s; µs.\n")
+print("| connections | direct p50 | nginx p50 | switchyard p50 | added p50, nginx | added p50, switchyard | switchyard − nginx | nginx p90 | switchyard p90 |")
+print("|---|---|---|---|---|---|---|---|---|")
+for c in dict.fromkeys(r[1] for r in rows):
+    d, n, s = med(c, "direct", 3), med(c, "nginx", 3), med(c, "switchyard", 3)
+    print(f"| {c} | {d:.0f} | {n:.0f} | {s:.0f} | {n - d:+.0f} | {s - d:+.0f} | {s - n:+.0f} | {med(c, 'nginx', 4):.0f} | {med(c, 'switchyard', 4):.0f} |")
 PY
   exit 0
 fi
