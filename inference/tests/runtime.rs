@@ -57,29 +57,18 @@ fn sigmoid_model() -> Vec<u8> {
 
 /// A one-node graph `y = op(x)`, `y` shaped `[N, 4]`.
 fn one_node_model(op: &str, input: pb::ValueInfoProto) -> Vec<u8> {
-    use prost::Message;
-    let tensor = |name: &str| common::graphs::value_info(name, 4);
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "one node".into(),
-            node: vec![pb::NodeProto {
-                input: vec!["x".into()],
-                output: vec!["y".into()],
-                op_type: op.into(),
-                ..Default::default()
-            }],
-            input: vec![input],
-            output: vec![tensor("y")],
+    common::graphs::encode(pb::GraphProto {
+        name: "one node".into(),
+        node: vec![pb::NodeProto {
+            input: vec!["x".into()],
+            output: vec!["y".into()],
+            op_type: op.into(),
             ..Default::default()
-        }),
+        }],
+        input: vec![input],
+        output: vec![common::graphs::value_info("y", 4)],
         ..Default::default()
-    };
-    model.encode_to_vec()
+    })
 }
 
 #[cfg(feature = "tract")]

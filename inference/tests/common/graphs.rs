@@ -87,6 +87,20 @@ fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
     }
 }
 
+/// `graph` as an ONNX file (IR version 8, operator set 13).
+pub fn encode(graph: pb::GraphProto) -> Vec<u8> {
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
 /// A `[N, width]` FP32 tensor's description, `N` symbolic.
 pub fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
@@ -162,22 +176,14 @@ impl Graph {
     }
 
     fn encode(self, input_len: usize, output: &str, output_len: usize) -> (Vec<u8>, String) {
-        let model = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(pb::GraphProto {
-                name: "generated".into(),
-                node: self.nodes,
-                initializer: self.inits,
-                input: vec![value_info("x", input_len)],
-                output: vec![value_info(output, output_len)],
-            }),
-            ..Default::default()
+        let graph = pb::GraphProto {
+            name: "generated".into(),
+            node: self.nodes,
+            initializer: self.inits,
+            input: vec![value_info("x", input_len)],
+            output: vec![value_info(output, output_len)],
         };
-        (model.encode_to_vec(), self.story.join(" → "))
+        (encode(graph), self.story.join(" → "))
     }
 
     /// A scalar `Mul`/`Add`/`Sub`/`Div` now and then.
