@@ -99,15 +99,15 @@ fn validate_runs_the_checks_serve_runs() {
     }
 }
 
-/// The bundled MLP with its first `Relu` made a `Sigmoid`: a valid ONNX graph with one
+/// The bundled MLP with its first `Relu` made a `Softplus`: a valid ONNX graph with one
 /// operator outside the fused kernels.
-fn mlp_with_a_sigmoid() -> Vec<u8> {
+fn mlp_with_a_softplus() -> Vec<u8> {
     use prost::Message;
     let mut model =
         switchyard_inference::onnx::decode(include_bytes!("../models/digits_mlp.onnx")).unwrap();
     let graph = model.graph.as_mut().unwrap();
     let relu = graph.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
-    relu.op_type = "Sigmoid".into();
+    relu.op_type = "Softplus".into();
     model.encode_to_vec()
 }
 
@@ -117,10 +117,10 @@ fn mlp_with_a_sigmoid() -> Vec<u8> {
 #[test]
 fn a_graph_outside_the_fused_kernels_needs_the_tract_feature() {
     let model =
-        std::env::temp_dir().join(format!("switchyard-sigmoid-{}.onnx", std::process::id()));
-    std::fs::write(&model, mlp_with_a_sigmoid()).unwrap();
+        std::env::temp_dir().join(format!("switchyard-softplus-{}.onnx", std::process::id()));
+    std::fs::write(&model, mlp_with_a_softplus()).unwrap();
     let file = temp_file(
-        "sigmoid.yaml",
+        "softplus.yaml",
         &format!(
             "models:\n  m:\n    variants: [{{name: a, weight: 1, local: {{model: {}}}}}]\n",
             model.display()
@@ -134,7 +134,7 @@ fn a_graph_outside_the_fused_kernels_needs_the_tract_feature() {
         assert_eq!(out.status.code(), Some(64), "{err}");
         for want in [
             "models.m.variants[0].local.model",
-            "`Sigmoid`",
+            "`Softplus`",
             "--features tract",
         ] {
             assert!(err.contains(want), "lacks {want:?}: {err}");

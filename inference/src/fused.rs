@@ -6,8 +6,11 @@
 //! plan instead (feature `tract`), or refused with the operator named (without it).
 //!
 //! The set: `Conv` (2-D, group 1, no dilation), `MaxPool` (2-D, no padding), `Gemm`,
-//! `MatMul` by a constant, `Relu`, `Softmax` (last axis), `Flatten`, `Reshape`, and
-//! `Mul`/`Div`/`Add`/`Sub` by a constant scalar.
+//! `MatMul` by a constant, `Relu`, `LeakyRelu`, `Sigmoid`, `Tanh`, `Softmax` (last
+//! axis), `Flatten`, `Reshape`, `Identity`, `Dropout` (inference: a no-op),
+//! `Mul`/`Div`/`Add`/`Sub` by a constant scalar, and, folded into the `Conv`, `Gemm` or
+//! `MatMul` whose output they alone read, an `Add`/`Sub` of a constant `[M]` vector (a
+//! bias, as exporters write `MatMul` + `Add`) and `BatchNormalization`.
 //!
 //! Layout: image tensors are kept channels-last (NHWC) so a convolution is one im2col
 //! and one matrix product over the whole batch (`[N·H·W, k·k·C] × [k·k·C, M]`), with the
@@ -85,11 +88,42 @@ pub(crate) enum Step {
         src: usize,
         dst: usize,
     },
+    /// An element-wise activation other than `Relu`.
+    Activation {
+        src: usize,
+        dst: usize,
+        kind: Activation,
+    },
     Softmax {
         src: usize,
         dst: usize,
         n: usize,
     },
+}
+
+/// The element-wise activations of [`Step::Activation`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Activation {
+    Sigmoid,
+    Tanh,
+    /// `x` when positive, else `alpha·x`.
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    pub(crate) fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Tanh => x.tanh(),
+            Activation::LeakyRelu(alpha) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    alpha * x
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +361,9 @@ impl FusedPlan {
             .insert(inputs[0].name.clone(), (id, Layout::Flat(input_len)));
 
         let nodes = &graph.node;
+        // The output of the node before, when it is a layer (or a fold into one) whose
+        // weights and bias a following bias or batch normalisation can fold into.
+        let mut layer_output: Option<String> = None;
         for (i, node) in nodes.iter().enumerate() {
             if !node.domain.is_empty() && node.domain != "ai.onnx" {
                 return Err(Unsupported(format!("operator domain `{}`", node.domain)));
@@ -341,23 +378,112 @@ impl FusedPlan {
                         && nodes.iter().filter(|m| m.input.contains(&out_name)).count() == 1
                         && !graph.output.iter().any(|o| o.name == out_name)
                 });
+            // What a fold into the producing step needs: this node's input is the
+            // value a Conv, Gemm or MatMul just computed (or the previous fold into
+            // one), under the name that node gave it (an alias may be read elsewhere),
+            // nothing else reads it, and it is not an output.
+            let sole_reader_of_previous = |input: &str| {
+                layer_output.as_deref() == Some(input)
+                    && nodes
+                        .iter()
+                        .filter(|m| m.input.iter().any(|n| n == input))
+                        .count()
+                        == 1
+                    && !graph.output.iter().any(|o| o.name == input)
+            };
+            let mut folded = false;
             let produced = match op {
                 "Mul" | "Div" | "Add" | "Sub" => {
-                    let (src, layout) = b.value(arg(node, 0), op)?;
-                    let k = b.konst(arg(node, 1), op)?;
-                    if k.1.len() != 1 {
-                        return Err(Unsupported(format!("`{op}` by a non-scalar constant")));
+                    // Add and Mul commute: the constant may come first.
+                    let (x, c) = match op {
+                        "Add" | "Mul" if !b.values.contains_key(arg(node, 0)) => {
+                            (arg(node, 1), arg(node, 0))
+                        }
+                        _ => (arg(node, 0), arg(node, 1)),
+                    };
+                    let (src, layout) = b.value(x, op)?;
+                    let k = b.konst(c, op)?;
+                    let sign = match op {
+                        "Add" => Some(1.0),
+                        "Sub" => Some(-1.0),
+                        _ => None,
+                    };
+                    // `[M]`, `[1, M]` or one value: a bias (broadcast over the channels).
+                    let bias_shaped = k.0.len() <= 1 || (k.0.len() == 2 && k.0[0] == 1);
+                    match sign {
+                        Some(sign) if bias_shaped && sole_reader_of_previous(x) => {
+                            let k = k.1.clone();
+                            add_bias(b.steps.last_mut(), src, &k, sign)?;
+                            folded = true;
+                            (src, layout)
+                        }
+                        _ if k.1.len() == 1 => {
+                            let x = k.1[0];
+                            let (mul, add) = match op {
+                                "Mul" => (x, 0.0),
+                                "Div" => (1.0 / x, 0.0),
+                                "Add" => (1.0, x),
+                                _ => (1.0, -x),
+                            };
+                            let dst = b.fresh();
+                            b.steps.push(Step::Affine { src, dst, mul, add });
+                            (dst, layout)
+                        }
+                        _ => {
+                            return Err(Unsupported(format!(
+                                "`{op}` of a non-scalar constant other than a bias on the \
+                                 Conv, Gemm or MatMul before it"
+                            )))
+                        }
                     }
-                    let x = k.1[0];
-                    let (mul, add) = match op {
-                        "Mul" => (x, 0.0),
-                        "Div" => (1.0 / x, 0.0),
-                        "Add" => (1.0, x),
-                        _ => (1.0, -x),
+                }
+                "Identity" => b.value(arg(node, 0), op)?,
+                "Dropout" => {
+                    // At inference a copy: unless it is asked to train (a third input),
+                    // or its mask is wanted (a second output).
+                    if node.input.get(2).is_some_and(|n| !n.is_empty())
+                        || node.output.get(1).is_some_and(|n| !n.is_empty())
+                    {
+                        return Err(Unsupported(
+                            "Dropout with training_mode or a mask output".into(),
+                        ));
+                    }
+                    b.value(arg(node, 0), op)?
+                }
+                "Sigmoid" | "Tanh" | "LeakyRelu" => {
+                    let (src, layout) = b.value(arg(node, 0), op)?;
+                    let kind = match op {
+                        "Sigmoid" => Activation::Sigmoid,
+                        "Tanh" => Activation::Tanh,
+                        _ => Activation::LeakyRelu(attr_float(node, "alpha", 0.01)),
                     };
                     let dst = b.fresh();
-                    b.steps.push(Step::Affine { src, dst, mul, add });
+                    b.steps.push(Step::Activation { src, dst, kind });
                     (dst, layout)
+                }
+                "BatchNormalization" => {
+                    let x = arg(node, 0);
+                    let (src, layout) = b.value(x, op)?;
+                    if node.output.iter().skip(1).any(|n| !n.is_empty())
+                        || attr_int(node, "training_mode", 0) != 0
+                    {
+                        return Err(Unsupported("BatchNormalization in training mode".into()));
+                    }
+                    if !sole_reader_of_previous(x) {
+                        return Err(Unsupported(
+                            "BatchNormalization other than right after the Conv, Gemm or \
+                             MatMul whose output it alone reads"
+                                .into(),
+                        ));
+                    }
+                    let mut stats = Vec::with_capacity(4);
+                    for j in 1..5 {
+                        stats.push(b.konst(arg(node, j), op)?.1.clone());
+                    }
+                    let epsilon = attr_float(node, "epsilon", 1e-5);
+                    fold_batch_norm(b.steps.last_mut(), src, &stats, epsilon)?;
+                    folded = true;
+                    (src, layout)
                 }
                 "Reshape" => {
                     let (src, layout) = b.value(arg(node, 0), op)?;
@@ -627,6 +753,8 @@ impl FusedPlan {
                 }
                 other => return Err(Unsupported(format!("operator `{other}`"))),
             };
+            let layer = matches!(op, "Conv" | "Gemm" | "MatMul") && !fuse_relu;
+            layer_output = (layer || folded).then(|| out_name.clone());
             b.values.insert(out_name, produced);
         }
         let (output, layout) = b.value(&graph.output[0].name, "output")?;
@@ -679,6 +807,7 @@ fn source(step: &Step) -> usize {
         | Step::MaxPool { src, .. }
         | Step::Gemm { src, .. }
         | Step::Relu { src, .. }
+        | Step::Activation { src, .. }
         | Step::Softmax { src, .. } => *src,
         Step::Conv(cv) => cv.src,
     }
@@ -697,6 +826,83 @@ fn sole_gemm_reader(
         return None;
     };
     (dst != output && matches!(steps[j], Step::Gemm { .. }) && accepts(&steps[j])).then_some(j)
+}
+
+/// The output channels of `step` (a `Conv` or `Gemm` writing `dst` with no fused `Relu`)
+/// as `(weights, bias, m)`: `weights` laid out with `m` columns, one per channel; the
+/// bias filled with zeros when the step had none.
+fn channels(step: Option<&mut Step>, dst: usize) -> Option<(&mut Vec<f32>, &mut Vec<f32>, usize)> {
+    let (weights, bias, m) = match step? {
+        Step::Conv(cv) if cv.dst == dst && !cv.relu => (&mut cv.weights, &mut cv.bias, cv.m),
+        Step::Gemm {
+            dst: d,
+            weights,
+            bias,
+            m,
+            relu: false,
+            ..
+        } if *d == dst => (weights, bias, *m),
+        _ => return None,
+    };
+    if bias.is_empty() {
+        bias.resize(m, 0.0);
+    }
+    Some((weights, bias, m))
+}
+
+/// Folds `+ sign·k` (a constant `[M]` vector, or one value for every channel) into the
+/// bias of the step that wrote `dst`.
+fn add_bias(step: Option<&mut Step>, dst: usize, k: &[f32], sign: f32) -> Result<(), Unsupported> {
+    let (_, bias, m) = channels(step, dst)
+        .ok_or_else(|| Unsupported("a bias `Add` not after a Conv, Gemm or MatMul".into()))?;
+    match k {
+        [one] => bias.iter_mut().for_each(|b| *b += sign * one),
+        _ if k.len() == m => bias.iter_mut().zip(k).for_each(|(b, k)| *b += sign * k),
+        _ => {
+            return Err(Unsupported(format!(
+                "a bias of {} for {m} channels",
+                k.len()
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Folds `BatchNormalization` (`stats`: scale, B, mean, var, one per channel) into the
+/// weights and bias of the step that wrote `dst`: `y = (x − mean)·s + B` with
+/// `s = scale / √(var + ε)` is `x·s + (B − mean·s)`, and `x = W·v + b`.
+fn fold_batch_norm(
+    step: Option<&mut Step>,
+    dst: usize,
+    stats: &[Vec<f32>],
+    epsilon: f32,
+) -> Result<(), Unsupported> {
+    let (weights, bias, m) = channels(step, dst)
+        .ok_or_else(|| Unsupported("BatchNormalization not after a Conv, Gemm or MatMul".into()))?;
+    let [scale, shift, mean, var] = stats else {
+        return Err(Unsupported(
+            "BatchNormalization without its four inputs".into(),
+        ));
+    };
+    if [scale, shift, mean, var].iter().any(|v| v.len() != m) {
+        return Err(Unsupported(format!(
+            "BatchNormalization statistics that are not one per channel ({m})"
+        )));
+    }
+    let s: Vec<f32> = scale
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + epsilon).sqrt())
+        .collect();
+    for row in weights.chunks_exact_mut(m) {
+        for (w, s) in row.iter_mut().zip(&s) {
+            *w = flush(*w * s);
+        }
+    }
+    for j in 0..m {
+        bias[j] = (bias[j] - mean[j]) * s[j] + shift[j];
+    }
+    Ok(())
 }
 
 /// Folds a scalar `x·mul + add` (the models' pixel scaling) into the `Gemm` that alone
@@ -969,6 +1175,13 @@ fn run_step(step: &Step, state: &mut FusedState, rows: usize) {
             let mut out = output_buffer(state, *dst, state.buffers[*src].len());
             for (o, x) in out.iter_mut().zip(&state.buffers[*src]) {
                 *o = x.max(0.0);
+            }
+            state.buffers[*dst] = out;
+        }
+        Step::Activation { src, dst, kind } => {
+            let mut out = output_buffer(state, *dst, state.buffers[*src].len());
+            for (o, x) in out.iter_mut().zip(&state.buffers[*src]) {
+                *o = kind.apply(*x);
             }
             state.buffers[*dst] = out;
         }

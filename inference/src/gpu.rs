@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
 use crate::error::InferenceError;
-use crate::fused::{FusedPlan, Step};
+use crate::fused::{Activation, FusedPlan, Step};
 
 /// How to pick an adapter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -154,6 +154,21 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n:
   let i = flat(g, n);
   if (i >= p.d0.x) { return; }
   dst[i] = max(src[i], 0.0);
+}
+"#;
+
+/// d0 = (elements, kind), f.x = alpha. Kind 0: sigmoid; 1: tanh; 2: leaky ReLU.
+const ACTIVATION: &str = r#"
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+  let i = flat(g, n);
+  if (i >= p.d0.x) { return; }
+  let x = src[i];
+  switch p.d0.y {
+    case 0u: { dst[i] = 1.0 / (1.0 + exp(-x)); }
+    case 1u: { dst[i] = tanh(x); }
+    default: { dst[i] = select(p.f.x * x, x, x >= 0.0); }
+  }
 }
 "#;
 
@@ -372,6 +387,26 @@ impl GpuModel {
                     let len = row_len[*src];
                     (
                         shader(RELU, false),
+                        *src,
+                        *dst,
+                        len,
+                        None,
+                        None,
+                        Dispatch::Elements { per_row: len },
+                    )
+                }
+                Step::Activation { src, dst, kind } => {
+                    dims[0] = match kind {
+                        Activation::Sigmoid => 0,
+                        Activation::Tanh => 1,
+                        Activation::LeakyRelu(alpha) => {
+                            floats[0] = *alpha;
+                            2
+                        }
+                    };
+                    let len = row_len[*src];
+                    (
+                        shader(ACTIVATION, false),
                         *src,
                         *dst,
                         len,

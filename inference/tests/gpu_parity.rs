@@ -79,20 +79,20 @@ fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
 }
 
 /// The GPU kernels against tract's own plan (or, in a build without tract, the fused
-/// CPU kernels, which tests/runtime.rs holds to tract's plan) on 30 generated graphs
-/// inside their set (MLPs and CNNs at odd sizes; the same generator as the CPU parity
-/// test), within 1e-4.
+/// CPU kernels, which tests/runtime.rs holds to tract's plan) on 45 generated graphs
+/// inside their set (MLPs, CNNs and the wider operator set at odd sizes; the same
+/// generators as the CPU parity tests), within 1e-4.
 #[test]
 fn gpu_kernels_match_the_cpu_on_generated_graphs() {
     use common::graphs;
     use switchyard_inference::Kernels;
     let mut failures = Vec::new();
-    for seed in 1000..1030u64 {
+    for seed in 1000..1045u64 {
         let mut rng = graphs::Rng::new(seed);
-        let g = if seed % 2 == 0 {
-            graphs::mlp(&mut rng)
-        } else {
-            graphs::cnn(&mut rng)
+        let g = match seed % 3 {
+            0 => graphs::mlp(&mut rng),
+            1 => graphs::cnn(&mut rng),
+            _ => graphs::wider(&mut rng),
         };
         let plan = FusedPlan::from_onnx(&g.bytes).unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
         let gpu = GpuModel::new(

@@ -385,6 +385,155 @@ pub fn cnn(rng: &mut Rng) -> Generated {
     }
 }
 
+impl Graph {
+    /// A dense layer as exporters also write it: `MatMul` then an `Add` (either operand
+    /// order) or `Sub` of a `[M]` or `[1, M]` bias; otherwise as [`Graph::dense`].
+    fn dense_with_bias_node(&mut self, rng: &mut Rng, x: String, k: usize, m: usize) -> String {
+        if rng.chance(0.4) {
+            return self.dense(rng, x, k, m);
+        }
+        let w = rng.floats(k * m, 1.0 / (k as f64).sqrt());
+        let w = self.floats(&[k, m], w);
+        let y = self.node("MatMul", vec![x, w], vec![]);
+        let b = rng.floats(m, 0.5);
+        let dims: &[usize] = if rng.chance(0.5) { &[m] } else { &[1, m] };
+        let b = self.floats(dims, b);
+        let (op, inputs) = match rng.int(0, 2) {
+            0 => ("Add", vec![y, b]),
+            1 => ("Add", vec![b, y]),
+            _ => ("Sub", vec![y, b]),
+        };
+        self.story
+            .push(format!("MatMul {k}×{m} + {op} bias {dims:?}"));
+        self.node(op, inputs, vec![])
+    }
+
+    /// Now and then a `BatchNormalization` over `channels` (right after the layer that
+    /// made `x`, as exporters leave it).
+    fn maybe_batch_norm(&mut self, rng: &mut Rng, x: String, channels: usize) -> String {
+        if !rng.chance(0.5) {
+            return x;
+        }
+        let scale = rng.floats(channels, 1.5);
+        let shift = rng.floats(channels, 0.5);
+        let mean = rng.floats(channels, 0.5);
+        let var = (0..channels)
+            .map(|_| (0.1 + rng.unit() * 1.9) as f32)
+            .collect();
+        let inputs = vec![
+            x,
+            self.floats(&[channels], scale),
+            self.floats(&[channels], shift),
+            self.floats(&[channels], mean),
+            self.floats(&[channels], var),
+        ];
+        let epsilon = rng.pick(&[1e-5f32, 1e-3]);
+        self.story.push(format!("BatchNormalization ε={epsilon}"));
+        self.node(
+            "BatchNormalization",
+            inputs,
+            vec![attr_float("epsilon", epsilon)],
+        )
+    }
+
+    /// An activation of the wider set, or none.
+    fn activation(&mut self, rng: &mut Rng, x: String) -> String {
+        match rng.int(0, 4) {
+            0 => x,
+            1 => {
+                self.story.push("Sigmoid".into());
+                self.node("Sigmoid", vec![x], vec![])
+            }
+            2 => {
+                self.story.push("Tanh".into());
+                self.node("Tanh", vec![x], vec![])
+            }
+            3 => {
+                let alpha = rng.pick(&[0.01f32, 0.2]);
+                self.story.push(format!("LeakyRelu {alpha}"));
+                self.node("LeakyRelu", vec![x], vec![attr_float("alpha", alpha)])
+            }
+            _ => self.maybe_relu(rng, x),
+        }
+    }
+
+    /// Now and then an `Identity` or an inference `Dropout` (with or without its ratio).
+    fn maybe_no_op(&mut self, rng: &mut Rng, x: String) -> String {
+        match rng.int(0, 3) {
+            0 => {
+                self.story.push("Identity".into());
+                self.node("Identity", vec![x], vec![])
+            }
+            1 => {
+                self.story.push("Dropout".into());
+                self.node("Dropout", vec![x], vec![])
+            }
+            2 => {
+                self.story.push("Dropout ratio 0.5".into());
+                let ratio = self.floats(&[], vec![0.5]);
+                self.node("Dropout", vec![x, ratio], vec![])
+            }
+            _ => x,
+        }
+    }
+}
+
+/// A graph over the operators exporters add around the core set: `MatMul` + `Add`/`Sub`
+/// biases, `BatchNormalization` after a `Conv` or a dense layer, `Sigmoid`, `Tanh`,
+/// `LeakyRelu`, `Identity` and `Dropout`; an MLP or a CNN, as the first draw says.
+pub fn wider(rng: &mut Rng) -> Generated {
+    let mut g = Graph::new();
+    let (input_len, mut x, mut k) = if rng.chance(0.5) {
+        let input_len = rng.int(1, 40);
+        g.story.push(format!("x[N,{input_len}]"));
+        (input_len, "x".to_string(), input_len)
+    } else {
+        let (c, h, w) = (rng.pick(&[1, 2, 3]), rng.int(3, 7), rng.int(3, 7));
+        let input_len = c * h * w;
+        g.story.push(format!("x[N,{input_len}] as [{c},{h},{w}]"));
+        let shape = g.ints(&[-1, c as i64, h as i64, w as i64]);
+        let x = g.node("Reshape", vec!["x".into(), shape], vec![]);
+        let m = rng.pick(&[3, 8, 16]);
+        let (kh, kw) = (rng.int(1, 3.min(h)), rng.int(1, 3.min(w)));
+        let wts = rng.floats(m * c * kh * kw, 1.0 / ((c * kh * kw) as f64).sqrt());
+        let wts = g.floats(&[m, c, kh, kw], wts);
+        let mut inputs = vec![x, wts];
+        if rng.chance(0.5) {
+            let b = rng.floats(m, 0.5);
+            inputs.push(g.floats(&[m], b));
+        }
+        g.story.push(format!("Conv {c}→{m} {kh}×{kw}"));
+        let x = g.node(
+            "Conv",
+            inputs,
+            vec![attr_ints("kernel_shape", &[kh as i64, kw as i64])],
+        );
+        let x = g.maybe_batch_norm(rng, x, m);
+        let x = g.activation(rng, x);
+        let x = g.maybe_no_op(rng, x);
+        let flat = m * (h - kh + 1) * (w - kw + 1);
+        g.story.push("Flatten".into());
+        let x = g.node("Flatten", vec![x], vec![attr_int("axis", 1)]);
+        (input_len, x, flat)
+    };
+    for _ in 0..rng.int(1, 2) {
+        let m = rng.pick(&[1, 5, 8, 13, 24]);
+        x = g.dense_with_bias_node(rng, x, k, m);
+        x = g.maybe_batch_norm(rng, x, m);
+        x = g.activation(rng, x);
+        x = g.maybe_no_op(rng, x);
+        k = m;
+    }
+    let x = g.maybe_softmax(rng, x);
+    let (bytes, story) = g.encode(input_len, &x, k);
+    Generated {
+        bytes,
+        input_len,
+        output_len: k,
+        story,
+    }
+}
+
 /// Compares two runs' outputs: within 1e-4, relative to the value's size above 1.
 pub fn close(a: &[f32], b: &[f32]) -> Result<(), String> {
     if a.len() != b.len() {
