@@ -228,3 +228,72 @@ fn browser_sees_numbers_change(dashboard: &str) {
     ]);
     let _ = std::fs::remove_dir_all(profile);
 }
+
+/// Ctrl-C ends the demo early, as the README says: within a few seconds, exit status 0,
+/// with the summary of what ran so far, and nothing left listening.
+#[test]
+fn ctrl_c_ends_the_demo_early_with_the_summary_so_far() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["demo", "--duration", "120s", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no line while waiting for {what}"))
+    };
+    let first = next("the dashboard address");
+    let admin = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no dashboard address in {first:?}"))
+        .trim_start_matches("http://")
+        .trim_end_matches("/dashboard")
+        .to_string();
+    // Running: a table of the variants has been printed.
+    while !next("a table").contains("mlp") {}
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: signalling a child process this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo was still running 20 s after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // Everything it printed: the reader ends at the pipe's end.
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        rest.push(line);
+    }
+    let rest = rest.join("\n");
+    for want in [
+        "Interrupted: the summary so far.",
+        "Summary",
+        "winner: `mlp`",
+        "failed requests: unknown (interrupted)",
+    ] {
+        assert!(rest.contains(want), "lacks {want:?}:\n{rest}");
+    }
+    assert!(
+        std::net::TcpStream::connect(&admin).is_err(),
+        "the admin listener {admin} still answers after the demo ended"
+    );
+}
