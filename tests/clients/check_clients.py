@@ -141,6 +141,27 @@ def triton(addr, x_all, labels):
                 what = f"grpc {model} rows={rows} {dtype}"
                 check(what + " shape", got.shape == (rows, 10), got.shape)
                 check(what + " top1", (got.argmax(axis=1) == want).all(), f"{got.argmax(axis=1)} vs {want}")
+    # Triton's extensions over gRPC: a local model's config and statistics (what the
+    # HTTP endpoints say, as Triton's messages), and a remote one's forwarded.
+    from tritonclient.grpc import model_config_pb2
+    config = grpc.get_model_config("digits").config
+    check("grpc config name", config.name == "digits", config)
+    check("grpc config input", list(config.input[0].dims) == [64]
+          and model_config_pb2.DataType.Name(config.input[0].data_type) == "TYPE_FP32", config)
+    check("grpc config output", list(config.output[0].dims) == [10] and config.output[0].name == "probabilities", config)
+    check("grpc config max_batch_size", config.max_batch_size == 32, config)
+    check("grpc config batching", config.HasField("dynamic_batching"), config)
+    check("grpc config instances", config.instance_group[0].count > 0
+          and model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU", config)
+    http_config = http.get_model_config("digits")
+    check("grpc config is the http one", config.backend == http_config["backend"]
+          and config.platform == http_config["platform"], (config, http_config))
+    grpc_stats = grpc.get_inference_statistics("digits").model_stats[0]
+    check("grpc stats", grpc_stats.name == "digits" and grpc_stats.inference_count >= int(stats["inference_count"])
+          and grpc_stats.inference_stats.success.count > 0 and grpc_stats.inference_stats.compute_infer.ns > 0, grpc_stats)
+    remote_grpc_config = grpc.get_model_config("remote").config
+    check("grpc remote config forwarded", remote_grpc_config.name == "served", remote_grpc_config)
+
     # Classification through tritonclient: "score:index" strings, top one the label.
     inp = grpcclient.InferInput("pixels", [1, 64], "FP32")
     inp.set_data_from_numpy(x_all[:1])

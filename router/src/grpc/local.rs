@@ -68,14 +68,99 @@ impl LocalBackend {
             }
             Method::ModelInfer => self.timed(self.model_infer(model, call)).await,
             Method::Predict => self.timed(self.tf_predict(model, call)).await,
-            Method::ModelConfig | Method::ModelStatistics => Err(RouterError::Unimplemented(
-                format!(
-                    "model `{model}` is served in-process: its configuration and statistics are at GET /v2/models/{model}/config and /stats over HTTP"
-                ),
-            )),
+            Method::ModelConfig => Ok(ok(&kserve::ModelConfigResponse {
+                config: Some(self.model_config(model)),
+            })),
+            Method::ModelStatistics => Ok(ok(&self.model_statistics(model))),
             Method::ServerLive | Method::ServerReady | Method::ServerMetadata => Err(
                 RouterError::Unimplemented("a server method reached a model".into()),
             ),
+        }
+    }
+
+    /// Triton's `ModelConfig` for this model: what `GET /v2/models/{m}/config` says
+    /// ([`crate::v2::model_config`]), as Triton's message.
+    fn model_config(&self, model: &str) -> kserve::ModelConfig {
+        use kserve::model_version_policy::{Latest, PolicyChoice, Specific};
+        let sig = self.batcher.model().signature();
+        let o = self.batcher.options();
+        let data_type = |s: &switchyard_inference::TensorSpec| {
+            kserve::DataType::from_str_name(&format!("TYPE_{}", s.datatype))
+                .unwrap_or(kserve::DataType::TypeInvalid) as i32
+        };
+        // Triton numbers its versions; one named otherwise is this model's only one.
+        let policy = match self.version.parse::<i64>() {
+            Ok(v) => PolicyChoice::Specific(Specific { versions: vec![v] }),
+            Err(_) => PolicyChoice::Latest(Latest { num_versions: 1 }),
+        };
+        let kind = if self.batcher.model().is_gpu() {
+            kserve::model_instance_group::Kind::Gpu
+        } else {
+            kserve::model_instance_group::Kind::Cpu
+        };
+        kserve::ModelConfig {
+            name: model.into(),
+            platform: crate::v2::PLATFORM.into(),
+            backend: self.batcher.model().runtime_name().into(),
+            version_policy: Some(kserve::ModelVersionPolicy {
+                policy_choice: Some(policy),
+            }),
+            max_batch_size: i32::try_from(o.max_batch_size).unwrap_or(i32::MAX),
+            input: vec![kserve::ModelInput {
+                name: sig.input.name.clone(),
+                data_type: data_type(&sig.input),
+                dims: sig.input.shape_i64()[1..].to_vec(),
+            }],
+            output: vec![kserve::ModelOutput {
+                name: sig.output.name.clone(),
+                data_type: data_type(&sig.output),
+                dims: sig.output.shape_i64()[1..].to_vec(),
+            }],
+            scheduling_choice: Some(kserve::model_config::SchedulingChoice::DynamicBatching(
+                kserve::ModelDynamicBatching {
+                    preferred_batch_size: Vec::new(),
+                    max_queue_delay_microseconds: u64::try_from(o.batch_timeout.as_micros())
+                        .unwrap_or(u64::MAX),
+                },
+            )),
+            instance_group: vec![kserve::ModelInstanceGroup {
+                name: model.into(),
+                kind: kind as i32,
+                count: i32::try_from(o.num_batch_threads).unwrap_or(i32::MAX),
+            }],
+        }
+    }
+
+    /// Triton's `ModelStatistics` from the runtime's counters: what `GET
+    /// /v2/models/{m}/stats` says ([`crate::v2::model_stats`]), as Triton's message.
+    fn model_statistics(&self, model: &str) -> kserve::ModelStatisticsResponse {
+        let s = self.batcher.stats();
+        let d = |c: switchyard_inference::Counted| {
+            Some(kserve::StatisticDuration {
+                count: c.count,
+                ns: c.ns,
+            })
+        };
+        let zero = Some(kserve::StatisticDuration::default());
+        kserve::ModelStatisticsResponse {
+            model_stats: vec![kserve::ModelStatistics {
+                name: model.into(),
+                version: self.version.clone(),
+                last_inference: s.last_inference_ms,
+                inference_count: s.inference_count,
+                execution_count: s.execution_count,
+                inference_stats: Some(kserve::InferStatistics {
+                    success: d(s.success),
+                    fail: d(s.fail),
+                    queue: d(s.queue),
+                    compute_input: zero,
+                    compute_infer: d(s.compute),
+                    compute_output: zero,
+                    cache_hit: zero,
+                    cache_miss: zero,
+                }),
+                batch_stats: Vec::new(),
+            }],
         }
     }
 
