@@ -595,3 +595,58 @@ async fn a_sticky_key_in_grpc_metadata_keeps_the_caller_on_one_variant() {
     app.shutdown();
     app.wait().await;
 }
+
+/// The client's `grpc-timeout` bounds the call, as Triton's and Envoy's clients expect:
+/// past it the answer is `DEADLINE_EXCEEDED` (not the model's answer seconds later),
+/// for a local variant and through a remote gRPC one (whose upstream is told what is
+/// left); a generous deadline changes nothing; a malformed one is `INVALID_ARGUMENT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_grpc_timeout_bounds_the_call() {
+    // A model that takes 5 s to answer, served locally and, through a second sidecar,
+    // as a remote gRPC variant.
+    let slow = "local: {model: \"builtin:digits_mlp\", delay: 5s}";
+    let inner = start(&format!(
+        "models:\n  inner:\n    variants:\n      - {{name: cpu, weight: 1, {slow}}}\n  quick:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n"
+    ))
+    .await;
+    let app = start(&format!(
+        "models:\n  here:\n    variants:\n      - {{name: cpu, weight: 1, {slow}}}\n  far:\n    variants:\n      - {{name: rpc, weight: 1, upstream: \"http://{}\", protocol: grpc, upstream_model: inner}}\n  quick:\n    variants:\n      - {{name: rpc, weight: 1, upstream: \"http://{}\", protocol: grpc}}\n",
+        inner.data_addr, inner.data_addr
+    ))
+    .await;
+    let addr = app.data_addr;
+    let x = pixels(&vectors(), 1);
+    for model in ["here", "far"] {
+        let message = infer_request(model, &x, 1).encode_to_vec();
+        let r = call_raw(addr, INFER, message, &[("grpc-timeout", "300m")], 0).await;
+        assert_eq!(r.status, 4, "{model}: {}", r.message);
+        assert!(r.message.contains("grpc-timeout"), "{model}: {}", r.message);
+    }
+    // Time to spare: answered as without one, through both sidecars.
+    let message = infer_request("quick", &x, 1).encode_to_vec();
+    let r = call_raw(addr, INFER, message.clone(), &[("grpc-timeout", "20S")], 0).await;
+    let resp: kserve::ModelInferResponse = r.decode();
+    assert_eq!(top1(&resp).len(), 1);
+    for bad in ["soon", "300", "123456789m"] {
+        let r = call_raw(addr, INFER, message.clone(), &[("grpc-timeout", bad)], 0).await;
+        assert_eq!(r.status, 3, "{bad}: {}", r.message);
+    }
+    let metrics = send(
+        &client(),
+        "GET",
+        &format!("http://{}/metrics", app.admin_addr),
+        &[],
+        "",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("client_deadline") && !l.starts_with('#')),
+        "no client_deadline count in the metrics"
+    );
+    app.shutdown();
+    app.wait().await;
+    inner.shutdown();
+    inner.wait().await;
+}

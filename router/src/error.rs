@@ -102,6 +102,9 @@ pub enum RouterError {
     /// A local model did not answer within `request_timeout`.
     #[error("{0}")]
     LocalTimeout(String),
+    /// The gRPC client's deadline (`grpc-timeout`) passed before an answer.
+    #[error("{0}")]
+    ClientDeadline(String),
     /// A state-changing request without the configured bearer token (401).
     #[error("{0}")]
     Unauthorized(String),
@@ -136,7 +139,9 @@ impl RouterError {
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            RouterError::LocalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RouterError::LocalTimeout(_) | RouterError::ClientDeadline(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             RouterError::Upstream {
                 kind: UpstreamErrorKind::Timeout,
                 ..
@@ -162,6 +167,7 @@ impl RouterError {
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Inference(_) => "inference",
             RouterError::LocalTimeout(_) => "local_timeout",
+            RouterError::ClientDeadline(_) => "client_deadline",
             RouterError::NotReady(_) => "not_ready",
             RouterError::Unimplemented(_) => "unimplemented",
             RouterError::Unauthorized(_) => "unauthorized",
@@ -185,9 +191,9 @@ impl RouterError {
             RouterError::NotReady(_) => GrpcCode::Unavailable,
             RouterError::Unauthorized(_) => GrpcCode::Unauthenticated,
             RouterError::Inference(_) => GrpcCode::Internal,
-            RouterError::ClientBodyTimeout(_) | RouterError::LocalTimeout(_) => {
-                GrpcCode::DeadlineExceeded
-            }
+            RouterError::ClientBodyTimeout(_)
+            | RouterError::LocalTimeout(_)
+            | RouterError::ClientDeadline(_) => GrpcCode::DeadlineExceeded,
             RouterError::Upstream {
                 kind: UpstreamErrorKind::Timeout,
                 ..

@@ -38,7 +38,7 @@ use crate::error::{error_response, RouterError};
 use crate::feedback::{self, DecisionLog, FeedbackSink};
 use crate::ids;
 use crate::metrics::Metrics;
-use crate::path::{self, Endpoint, ModelRequest};
+use crate::path::{self, Endpoint};
 use crate::table::{BuildError, RouteTable, VariantRoute};
 
 /// `x-request-id`: kept from the client or generated.
@@ -545,12 +545,11 @@ impl Router {
 pub(crate) fn upstream_request(
     variant: &VariantRoute,
     upstream: &crate::upstream::Upstream,
-    model_req: &ModelRequest,
-    mut parts: http::request::Parts,
+    ask: &crate::forward::Ask<'_>,
     body: LimitedBody,
-    request_id: &HeaderValue,
-    peer: Option<&HeaderValue>,
 ) -> Result<Request<LimitedBody>, RouterError> {
+    let model_req = ask.model_req;
+    let mut parts = ask.parts.clone();
     // A gRPC call names its model in its message (rewritten there), not its path.
     let grpc = model_req.protocol == path::Protocol::Grpc;
     let (model, upstream_model) = if grpc {
@@ -575,9 +574,14 @@ pub(crate) fn upstream_request(
             headers.remove(header::HOST);
         }
     }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(ip) = peer {
+    headers.insert(X_REQUEST_ID.clone(), ask.request_id.clone());
+    if let Some(ip) = ask.peer {
         append_forwarded_for(headers, ip);
+    }
+    if let Some(deadline) = ask.grpc.and_then(|call| call.deadline) {
+        // What is left of the client's deadline, not what it first allowed.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        headers.insert("grpc-timeout", crate::grpc::format_timeout(left));
     }
     Ok(Request::from_parts(parts, body))
 }

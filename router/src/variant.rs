@@ -95,15 +95,7 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
                 Some(call) => LimitedBody::replay(call.for_upstream(&variant.upstream_model)),
                 None => body,
             };
-            let up_req = upstream_request(
-                variant,
-                upstream,
-                ask.model_req,
-                ask.parts.clone(),
-                body,
-                ask.request_id,
-                ask.peer,
-            )?;
+            let up_req = upstream_request(variant, upstream, ask, body)?;
             upstream
                 .send(up_req)
                 .await
