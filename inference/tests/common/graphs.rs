@@ -186,6 +186,18 @@ impl Graph {
         (encode(graph), self.story.join(" → "))
     }
 
+    /// Ends the graph at `x` (`k` wide), maybe through a `Softmax`.
+    fn finish(mut self, rng: &mut Rng, x: String, input_len: usize, k: usize) -> Generated {
+        let x = self.maybe_softmax(rng, x);
+        let (bytes, story) = self.encode(input_len, &x, k);
+        Generated {
+            bytes,
+            input_len,
+            output_len: k,
+            story,
+        }
+    }
+
     /// A scalar `Mul`/`Add`/`Sub`/`Div` now and then.
     fn maybe_affine(&mut self, rng: &mut Rng, x: String) -> String {
         if !rng.chance(0.3) {
@@ -292,14 +304,7 @@ pub fn mlp(rng: &mut Rng) -> Generated {
         }
         k = m;
     }
-    let x = g.maybe_softmax(rng, x);
-    let (bytes, story) = g.encode(input_len, &x, k);
-    Generated {
-        bytes,
-        input_len,
-        output_len: k,
-        story,
-    }
+    g.finish(rng, x, input_len, k)
 }
 
 /// A CNN: a flat input reshaped to `[N, C, H, W]`, one or two convolutions (each maybe
@@ -375,14 +380,7 @@ pub fn cnn(rng: &mut Rng) -> Generated {
         x = g.dense(rng, x, k, m2);
         k = m2;
     }
-    let x = g.maybe_softmax(rng, x);
-    let (bytes, story) = g.encode(input_len, &x, k);
-    Generated {
-        bytes,
-        input_len,
-        output_len: k,
-        story,
-    }
+    g.finish(rng, x, input_len, k)
 }
 
 impl Graph {
@@ -524,14 +522,7 @@ pub fn wider(rng: &mut Rng) -> Generated {
         x = g.maybe_no_op(rng, x);
         k = m;
     }
-    let x = g.maybe_softmax(rng, x);
-    let (bytes, story) = g.encode(input_len, &x, k);
-    Generated {
-        bytes,
-        input_len,
-        output_len: k,
-        story,
-    }
+    g.finish(rng, x, input_len, k)
 }
 
 /// Compares two runs' outputs: within 1e-4, relative to the value's size above 1.
