@@ -79,9 +79,9 @@ pub fn load_config(path: &Path) -> Result<Config, LoadError> {
 /// are checked even when the rest of the file has errors, so a variant with two
 /// problems reports both.
 pub fn parse_config(text: &str) -> Result<Config, ConfigErrors> {
-    switchyard_config::from_yaml_str_checked(text, |local| {
-        switchyard_router::table::load_model(local).map(drop)
-    })
+    // The models loaded here are kept for the table build that follows (loaded once).
+    switchyard_router::table::begin_check();
+    switchyard_config::from_yaml_str_checked(text, switchyard_router::table::check_model)
 }
 
 /// Why the server could not start.

@@ -429,3 +429,39 @@ fn flags_help_and_hints() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("builtin:digits_mlp"), "{err}");
 }
+
+/// `serve` checks every local model by loading it, then serves it: loaded once, not
+/// once for the check and again for the table (each load logs which kernels run it).
+#[test]
+fn serve_loads_each_local_model_once() {
+    use std::io::{BufRead, Read};
+    let file = temp_file(
+        "once.yaml",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {name: a, weight: 1, local: {model: \"builtin:digits_mlp\"}}\n      - {name: b, weight: 1, local: {model: \"builtin:digits_cnn\"}}\n",
+    );
+    let mut child = switchyard()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("SWITCHYARD_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("listening"), "{first}");
+    // Listening: every model is loaded. Its log so far is all there is to read.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    for model in ["builtin:digits_mlp", "builtin:digits_cnn"] {
+        let loads = log
+            .lines()
+            .filter(|l| l.contains("Model runs on the fused CPU kernels") && l.contains(model))
+            .count();
+        assert_eq!(loads, 1, "{model} loaded {loads} times:\n{log}");
+    }
+}

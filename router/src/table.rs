@@ -365,6 +365,9 @@ impl RouteTable {
             models.insert(name.clone(), Arc::new(route));
         }
         let learns = models.values().any(|m| m.feedback_ttl.is_some());
+        // What the check loaded and this table did not take (a model a reload kept
+        // running) is not needed any more.
+        checked().clear();
         Ok(RouteTable { models, learns })
     }
 
@@ -440,30 +443,91 @@ pub fn load_model(
 }
 
 /// What a local variant was loaded from: a reload loads the model again only when this
-/// changed (its settings, or the file on disk).
+/// changed (its settings, its timeout, or the file on disk).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalSource {
-    /// The variant's `local:` settings, without their position in the file.
-    settings: switchyard_config::Local,
+    model: ModelSource,
     /// Its `request_timeout`.
     timeout: std::time::Duration,
-    /// The model file's length and modification time (`None` for built-in models).
-    file: Option<(u64, Option<std::time::SystemTime>)>,
 }
 
 impl LocalSource {
     fn of(local: &switchyard_config::Local, timeout: std::time::Duration) -> Self {
+        LocalSource {
+            model: ModelSource::of(local),
+            timeout,
+        }
+    }
+}
+
+/// What a model is loaded from: the variant's `local:` settings, without their position
+/// in the file, and the model file's length and modification time (`None` for built-in
+/// models).
+#[derive(Debug, Clone, PartialEq)]
+struct ModelSource {
+    settings: switchyard_config::Local,
+    file: Option<(u64, Option<std::time::SystemTime>)>,
+}
+
+impl ModelSource {
+    fn of(local: &switchyard_config::Local) -> Self {
         let mut settings = local.clone();
         settings.model_at = (0, 0);
         let file = (!local.model.starts_with("builtin:"))
             .then(|| std::fs::metadata(&local.model).ok())
             .flatten()
             .map(|m| (m.len(), m.modified().ok()));
-        LocalSource {
-            settings,
-            timeout,
-            file,
-        }
+        ModelSource { settings, file }
+    }
+}
+
+/// Models the configuration check loaded ([`check_model`]), kept for the table build
+/// that follows it: `serve`, `model-server`, the demo and a reload check every local
+/// model by loading it, then build the table, and without this each model was loaded
+/// twice (twice the start-up time, for a large graph on tract seconds more). A check
+/// starts it afresh ([`begin_check`]), so it holds at most one configuration's models;
+/// a build takes the ones it uses and drops the rest.
+static CHECKED: std::sync::Mutex<Vec<(ModelSource, switchyard_inference::OnnxModel)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn checked() -> std::sync::MutexGuard<'static, Vec<(ModelSource, switchyard_inference::OnnxModel)>>
+{
+    // A panic while holding it leaves a list of whole entries: still usable.
+    CHECKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts a configuration check: models kept from an earlier one are dropped.
+pub fn begin_check() {
+    checked().clear();
+}
+
+/// The configuration check of a local model: [`load_model`], the model kept for the
+/// build that follows.
+pub fn check_model(local: &switchyard_config::Local) -> Result<(), String> {
+    let model = load_model(local)?;
+    let source = ModelSource::of(local);
+    let mut kept = checked();
+    kept.retain(|(s, _)| *s != source);
+    kept.push((source, model));
+    Ok(())
+}
+
+/// The model the check loaded from `local`'s source, if it kept one; else loads it.
+fn checked_or_load(
+    local: &switchyard_config::Local,
+) -> Result<switchyard_inference::OnnxModel, String> {
+    let source = ModelSource::of(local);
+    let kept = {
+        let mut kept = checked();
+        kept.iter()
+            .position(|(s, _)| *s == source)
+            .map(|i| kept.swap_remove(i).1)
+    };
+    match kept {
+        Some(model) => Ok(model),
+        None => load_model(local),
     }
 }
 
@@ -483,12 +547,12 @@ fn load_local(
         message,
     };
     #[allow(unused_mut)]
-    let mut tract = load_model(local).map_err(err)?;
+    let mut loaded = checked_or_load(local).map_err(err)?;
     if local.runtime == switchyard_config::LocalRuntime::Wgpu {
         // No GPU, or a graph outside the GPU kernels: the model still serves, on the
         // CPU, and the log says why (a sidecar must not refuse to start over it).
         #[cfg(feature = "gpu")]
-        tract.use_gpu(switchyard_inference::gpu::GpuOptions {
+        loaded.use_gpu(switchyard_inference::gpu::GpuOptions {
             allow_cpu_adapter: local.gpu_adapter == switchyard_config::GpuAdapter::Any,
             // A batch the device has not finished by the time its requests have had
             // their 504 is not worth waiting for.
@@ -497,7 +561,7 @@ fn load_local(
         #[cfg(not(feature = "gpu"))]
         tracing::warn!(%model, "runtime wgpu: this binary was built without the `gpu` feature; the model runs on the CPU.");
     }
-    let runtime = tract.runtime_name();
+    let runtime = loaded.runtime_name();
     metrics.local.set_runtime(model, runtime);
     let b = &local.batching;
     let threads = b.num_batch_threads.unwrap_or_else(|| {
@@ -511,7 +575,7 @@ fn load_local(
     };
     let batcher = switchyard_inference::Batcher::start(
         model,
-        Arc::new(tract),
+        Arc::new(loaded),
         options,
         metrics.local.model(model),
     )
