@@ -274,8 +274,8 @@ impl Router {
         replay: Option<&Bytes>,
     ) -> (Option<Tried>, Option<&'static str>) {
         let again = || replay.map(|b| LimitedBody::replay(b.clone()));
+        // Only a failed try or none comes here (`forward` keeps a success).
         let (last, body, reason) = match first {
-            Ok(t) if t.failure.is_none() => return (Some(t), None),
             Ok(t) => {
                 let body = again();
                 (Some(t), body, "failed")
