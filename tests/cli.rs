@@ -456,7 +456,12 @@ fn serve_loads_each_local_model_once() {
     child.kill().unwrap();
     child.wait().unwrap();
     let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     for model in ["builtin:digits_mlp", "builtin:digits_cnn"] {
         let loads = log
             .lines()
@@ -464,4 +469,56 @@ fn serve_loads_each_local_model_once() {
             .count();
         assert_eq!(loads, 1, "{model} loaded {loads} times:\n{log}");
     }
+}
+
+/// A reload that leaves a local model as it was does not load it again, not even to
+/// check it (a second copy of a large model would sit in memory beside the one serving).
+#[test]
+fn a_reload_does_not_load_an_unchanged_model_again() {
+    use std::io::BufRead;
+    let yaml = |weight: u32| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {{name: a, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n      - {{name: b, weight: {weight}, upstream: \"http://127.0.0.1:1\"}}\n"
+        )
+    };
+    let file = temp_file("reload-once.yaml", &yaml(1));
+    let mut child = switchyard()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("SWITCHYARD_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    std::fs::write(&file, yaml(3)).unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: signalling a child process this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("Config reloaded")) {
+        match log.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no reload within 20 s:\n{}", seen.join("\n")),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let loads = seen
+        .iter()
+        .filter(|l| l.contains("Model runs on the fused CPU kernels"))
+        .count();
+    assert_eq!(loads, 1, "loaded {loads} times:\n{}", seen.join("\n"));
 }

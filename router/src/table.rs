@@ -368,6 +368,14 @@ impl RouteTable {
         // What the check loaded and this table did not take (a model a reload kept
         // running) is not needed any more.
         checked().clear();
+        *running() = models
+            .values()
+            .flat_map(|m| m.variants.iter())
+            .filter_map(|v| match &v.backend {
+                Backend::Local(l) => Some(l.source.model.clone()),
+                Backend::Remote(_) => None,
+            })
+            .collect();
         Ok(RouteTable { models, learns })
     }
 
@@ -498,6 +506,17 @@ fn checked() -> std::sync::MutexGuard<'static, Vec<(ModelSource, switchyard_infe
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The sources of the models the last table built runs. A model running unchanged
+/// loaded once already: a reload's check need not load it again (which would hold a
+/// second copy of a large model in memory while the first serves).
+static RUNNING: std::sync::Mutex<Vec<ModelSource>> = std::sync::Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<ModelSource>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Starts a configuration check: models kept from an earlier one are dropped.
 pub fn begin_check() {
     checked().clear();
@@ -506,8 +525,11 @@ pub fn begin_check() {
 /// The configuration check of a local model: [`load_model`], the model kept for the
 /// build that follows.
 pub fn check_model(local: &switchyard_config::Local) -> Result<(), String> {
-    let model = load_model(local)?;
     let source = ModelSource::of(local);
+    if running().contains(&source) {
+        return Ok(());
+    }
+    let model = load_model(local)?;
     let mut kept = checked();
     kept.retain(|(s, _)| *s != source);
     kept.push((source, model));
