@@ -430,18 +430,15 @@ fn flags_help_and_hints() {
     assert!(err.contains("builtin:digits_mlp"), "{err}");
 }
 
-/// `serve` checks every local model by loading it, then serves it: loaded once, not
-/// once for the check and again for the table (each load logs which kernels run it).
-#[test]
-fn serve_loads_each_local_model_once() {
-    use std::io::{BufRead, Read};
-    let file = temp_file(
-        "once.yaml",
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {name: a, weight: 1, local: {model: \"builtin:digits_mlp\"}}\n      - {name: b, weight: 1, local: {model: \"builtin:digits_cnn\"}}\n",
-    );
+/// `serve --config file`, logging at `info`, once it listens; its log lines (stderr) as
+/// they come, read on a thread so the pipe never fills.
+fn serve_with_log(
+    file: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
     let mut child = switchyard()
         .args(["serve", "--config"])
-        .arg(&file)
+        .arg(file)
         .env("SWITCHYARD_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -452,48 +449,6 @@ fn serve_loads_each_local_model_once() {
         .read_line(&mut first)
         .unwrap();
     assert!(first.contains("listening"), "{first}");
-    // Listening: every model is loaded. Its log so far is all there is to read.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    for model in ["builtin:digits_mlp", "builtin:digits_cnn"] {
-        let loads = log
-            .lines()
-            .filter(|l| l.contains("Model runs on the fused CPU kernels") && l.contains(model))
-            .count();
-        assert_eq!(loads, 1, "{model} loaded {loads} times:\n{log}");
-    }
-}
-
-/// A reload that leaves a local model as it was does not load it again, not even to
-/// check it (a second copy of a large model would sit in memory beside the one serving).
-#[test]
-fn a_reload_does_not_load_an_unchanged_model_again() {
-    use std::io::BufRead;
-    let yaml = |weight: u32| {
-        format!(
-            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {{name: a, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n      - {{name: b, weight: {weight}, upstream: \"http://127.0.0.1:1\"}}\n"
-        )
-    };
-    let file = temp_file("reload-once.yaml", &yaml(1));
-    let mut child = switchyard()
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env("SWITCHYARD_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
     let (tx, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -503,6 +458,46 @@ fn a_reload_does_not_load_an_unchanged_model_again() {
             }
         }
     });
+    (child, log)
+}
+
+/// The times the log says a model was loaded (each load logs which kernels run it).
+fn loads(log: &[String], model: &str) -> usize {
+    log.iter()
+        .filter(|l| l.contains("Model runs on the fused CPU kernels") && l.contains(model))
+        .count()
+}
+
+/// `serve` checks every local model by loading it, then serves it: loaded once, not
+/// once for the check and again for the table.
+#[test]
+fn serve_loads_each_local_model_once() {
+    let file = temp_file(
+        "once.yaml",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {name: a, weight: 1, local: {model: \"builtin:digits_mlp\"}}\n      - {name: b, weight: 1, local: {model: \"builtin:digits_cnn\"}}\n",
+    );
+    // Listening: every model is loaded. Its log so far is all there is to read.
+    let (mut child, log) = serve_with_log(&file);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log: Vec<String> = log.iter().collect();
+    for model in ["builtin:digits_mlp", "builtin:digits_cnn"] {
+        let n = loads(&log, model);
+        assert_eq!(n, 1, "{model} loaded {n} times:\n{}", log.join("\n"));
+    }
+}
+
+/// A reload that leaves a local model as it was does not load it again, not even to
+/// check it (a second copy of a large model would sit in memory beside the one serving).
+#[test]
+fn a_reload_does_not_load_an_unchanged_model_again() {
+    let yaml = |weight: u32| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmodels:\n  m:\n    variants:\n      - {{name: a, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n      - {{name: b, weight: {weight}, upstream: \"http://127.0.0.1:1\"}}\n"
+        )
+    };
+    let file = temp_file("reload-once.yaml", &yaml(1));
+    let (mut child, log) = serve_with_log(&file);
     std::fs::write(&file, yaml(3)).unwrap();
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling a child process this test started and has not reaped.
@@ -516,9 +511,6 @@ fn a_reload_does_not_load_an_unchanged_model_again() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let loads = seen
-        .iter()
-        .filter(|l| l.contains("Model runs on the fused CPU kernels"))
-        .count();
-    assert_eq!(loads, 1, "loaded {loads} times:\n{}", seen.join("\n"));
+    let n = loads(&seen, "builtin:digits_mlp");
+    assert_eq!(n, 1, "loaded {n} times:\n{}", seen.join("\n"));
 }
