@@ -1,5 +1,7 @@
 //! The command line: `validate` and `serve` on good and bad files; every example parses.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -430,34 +432,18 @@ fn flags_help_and_hints() {
     assert!(err.contains("builtin:digits_mlp"), "{err}");
 }
 
-/// `serve --config file`, logging at `info`, once it listens; its log lines (stderr) as
-/// they come, read on a thread so the pipe never fills.
+/// `serve --config file`, logging at `info`, once it listens, and its log lines.
 fn serve_with_log(
     file: &std::path::Path,
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    use std::io::BufRead;
-    let mut child = switchyard()
-        .args(["serve", "--config"])
-        .arg(file)
-        .env("SWITCHYARD_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert!(first.contains("listening"), "{first}");
-    let (tx, log) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let (child, _, log) = support::spawn_switchyard_logged(
+        [
+            std::ffi::OsStr::new("serve"),
+            "--config".as_ref(),
+            file.as_os_str(),
+        ],
+        &[("SWITCHYARD_LOG", "info")],
+    );
     (child, log)
 }
 

@@ -35,3 +35,13 @@ pub enum InferenceError {
     #[error("the model is shutting down")]
     Closed,
 }
+
+impl InferenceError {
+    /// [`InferenceError::Load`] for `model`.
+    pub(crate) fn load(model: &str, detail: String) -> Self {
+        InferenceError::Load {
+            model: model.to_string(),
+            detail,
+        }
+    }
+}

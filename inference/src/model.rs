@@ -85,10 +85,8 @@ impl OnnxModel {
         bytes: &[u8],
         kernels: Kernels,
     ) -> Result<Self, InferenceError> {
-        let proto = onnx::decode(bytes).map_err(|e| InferenceError::Load {
-            model: name.to_string(),
-            detail: format!("not an ONNX model: {e}"),
-        })?;
+        let proto = onnx::decode(bytes)
+            .map_err(|e| InferenceError::load(name, format!("not an ONNX model: {e}")))?;
         let fused = match kernels {
             Kernels::TractOnly => Err(Unsupported("`cpu_kernels: tract` chosen".into())),
             Kernels::Auto => FusedPlan::from_proto(&proto),
@@ -143,13 +141,13 @@ impl OnnxModel {
         fused: Result<FusedPlan, Unsupported>,
     ) -> Result<Self, InferenceError> {
         std::panic::catch_unwind(|| Self::load_tract(name, bytes, fused)).unwrap_or_else(|panic| {
-            Err(InferenceError::Load {
-                model: name.to_string(),
-                detail: format!(
+            Err(InferenceError::load(
+                name,
+                format!(
                     "tract failed reading the file: {}",
                     crate::batcher::panic_message(&*panic)
                 ),
-            })
+            ))
         })
     }
 
@@ -159,10 +157,7 @@ impl OnnxModel {
         bytes: &[u8],
         fused: Result<FusedPlan, Unsupported>,
     ) -> Result<Self, InferenceError> {
-        let load = |detail: String| InferenceError::Load {
-            model: name.to_string(),
-            detail,
-        };
+        let load = |detail: String| InferenceError::load(name, detail);
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
             .map_err(|e| load(format!("{e:#}")))?;
@@ -420,10 +415,8 @@ fn signature_of(name: &str, model: &TypedModel) -> Result<Signature, InferenceEr
 /// `[N, width]`; a shape the file declares must agree with it.
 #[doc(hidden)]
 pub fn declared_signature(name: &str, bytes: &[u8]) -> Result<Signature, InferenceError> {
-    let proto = onnx::decode(bytes).map_err(|e| InferenceError::Load {
-        model: name.to_string(),
-        detail: format!("not an ONNX model: {e}"),
-    })?;
+    let proto = onnx::decode(bytes)
+        .map_err(|e| InferenceError::load(name, format!("not an ONNX model: {e}")))?;
     let (input, output) = declared_ends(name, &proto)?;
     let fused = FusedPlan::from_proto(&proto).map_err(|why| InferenceError::Unsupported {
         model: name.to_string(),

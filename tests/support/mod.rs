@@ -316,12 +316,54 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    spawn(args, env, false)
+}
+
+/// As [`spawn_switchyard_env`], also returning its log lines (stderr) as they come,
+/// read on a thread so the pipe never fills.
+pub fn spawn_switchyard_logged<I, S>(
+    args: I,
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    (String, String),
+    std::sync::mpsc::Receiver<String>,
+)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     use std::io::BufRead;
+    let (mut child, addrs) = spawn(args, env, true);
+    let (tx, log) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    (child, addrs, log)
+}
+
+/// Starts the binary and reads its first stdout line; its stderr piped when `log`.
+fn spawn<I, S>(args: I, env: &[(&str, &str)], log: bool) -> (std::process::Child, (String, String))
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::io::BufRead;
+    let stderr = if log {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut first = String::new();
