@@ -1,12 +1,13 @@
 //! The GPU runtime (feature `gpu`): the fused plan's steps (see [`crate::fused`]) run as
-//! WGSL compute kernels through wgpu on Vulkan. tract has already loaded and checked
-//! the model and the fused compiler has lowered it to steps over numbered buffers, so
+//! WGSL compute kernels through wgpu on Vulkan. The model has already been read and
+//! checked and the fused compiler has lowered it to steps over numbered buffers, so
 //! the operator whitelist is the fused one; a model outside it stays on the CPU.
 //!
 //! Weights and biases are uploaded once. Activation buffers are sized for a capacity
 //! of rows (a power of two, at least 64) and reused from batch to batch; a larger batch
-//! grows them. A batch is one command buffer: write the input, one dispatch per step,
-//! copy the output to a mappable buffer, wait, read.
+//! grows them, up to the rows the device's buffer limits allow for the widest buffer.
+//! A batch is one command buffer (a batch past that ceiling, several in turn): write
+//! the input, one dispatch per step, copy the output to a mappable buffer, wait, read.
 //!
 //! Floats cross to and from the GPU as their in-memory bytes (`bytemuck`): WGSL's
 //! storage buffers are little-endian, as is every host wgpu's Vulkan backend runs on.
@@ -30,6 +31,10 @@ pub struct GpuOptions {
     /// Longest wait for the device to finish one batch (default [`DEFAULT_GPU_WAIT`]);
     /// past it the batch fails, so a hung device cannot hold a batch thread forever.
     pub max_wait: Option<std::time::Duration>,
+    /// Most rows sent to the device in one command buffer; a larger batch runs as
+    /// several in turn. Default (and ceiling): what the device's buffer and dispatch
+    /// limits allow for this model's widest buffer.
+    pub max_rows: Option<usize>,
 }
 
 /// The default of [`GpuOptions::max_wait`].
@@ -49,6 +54,16 @@ pub enum GpuUnavailable {
         /// The error.
         detail: String,
     },
+    /// One row of the model's widest buffer is larger than the device's buffer limit.
+    #[error("one row needs {row_bytes} bytes in a buffer; the adapter `{adapter}` allows {limit}")]
+    TooWide {
+        /// The adapter's name.
+        adapter: String,
+        /// Bytes per row in the widest buffer.
+        row_bytes: u64,
+        /// The device's limit on one storage buffer.
+        limit: u64,
+    },
 }
 
 /// A model's steps on one GPU device.
@@ -64,6 +79,8 @@ pub struct GpuModel {
     output_len: usize,
     state: Mutex<Option<Buffers>>,
     max_wait: std::time::Duration,
+    /// Most rows in one command buffer (see [`GpuOptions::max_rows`]).
+    max_rows: usize,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -510,6 +527,32 @@ impl GpuModel {
                 shape,
             });
         }
+        // Buffers are sized for whole batches, so a large enough batch would pass the
+        // device's limits (wgpu then panics on validation): find how many rows fit.
+        let widest = row_len
+            .iter()
+            .copied()
+            .chain([plan.output_len])
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let limits = device.limits();
+        let limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let row_bytes = widest as u64 * 4;
+        let fit = usize::try_from(limit / row_bytes).unwrap_or(usize::MAX);
+        // Also: a tiled dispatch has at most 65,535 workgroups of 16 rows in y, and the
+        // element count travels as a u32.
+        let max_rows = fit.min(65_535 * 16).min(u32::MAX as usize / widest);
+        if max_rows == 0 {
+            return Err(GpuUnavailable::TooWide {
+                adapter: name,
+                row_bytes,
+                limit,
+            });
+        }
+        let max_rows = options.max_rows.map_or(max_rows, |m| m.clamp(1, max_rows));
         Ok(GpuModel {
             device,
             queue,
@@ -521,6 +564,7 @@ impl GpuModel {
             output_len: plan.output_len,
             state: Mutex::new(None),
             max_wait: options.max_wait.unwrap_or(DEFAULT_GPU_WAIT),
+            max_rows,
         })
     }
 
@@ -608,6 +652,11 @@ impl GpuModel {
         }
     }
 
+    /// Most rows one command buffer takes; a larger batch is run in parts.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
     /// Runs `rows` rows (`input` holds `rows × F` numbers); blocks until the GPU is
     /// done. Batches from several threads take turns.
     pub fn run(&self, input: &[f32], rows: usize) -> Result<Vec<f32>, InferenceError> {
@@ -622,8 +671,26 @@ impl GpuModel {
             )));
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if rows <= self.max_rows {
+            return self.run_part(&mut state, input, rows);
+        }
+        let mut out = Vec::with_capacity(rows * self.output_len);
+        for part in input.chunks(self.max_rows * self.input_len) {
+            out.extend(self.run_part(&mut state, part, part.len() / self.input_len)?);
+        }
+        Ok(out)
+    }
+
+    /// One command buffer: `rows` ≤ `max_rows` rows.
+    fn run_part(
+        &self,
+        state: &mut Option<Buffers>,
+        input: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>, InferenceError> {
         if state.as_ref().is_none_or(|b| b.capacity < rows) {
-            *state = Some(self.buffers(rows.next_power_of_two().max(64)));
+            let capacity = rows.next_power_of_two().max(64).min(self.max_rows);
+            *state = Some(self.buffers(capacity));
         }
         let Some(b) = state.as_ref() else {
             unreachable!("buffers were just made")

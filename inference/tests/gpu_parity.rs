@@ -46,6 +46,27 @@ fn cnn_on_the_gpu_matches_onnxruntime_batch_1_64_and_all() {
 }
 
 #[test]
+fn a_batch_past_the_device_limit_runs_in_parts() {
+    // Buffers are sized per batch; past the device's limits a batch runs as several
+    // command buffers. A ceiling of 50 rows makes 360 rows seven parts (the last
+    // short), against onnxruntime's outputs row by row.
+    for (name, bytes) in [("mlp", builtin::DIGITS_MLP), ("cnn", builtin::DIGITS_CNN)] {
+        let plan = FusedPlan::from_onnx(bytes).unwrap();
+        let gpu = GpuModel::new(
+            &plan,
+            GpuOptions {
+                allow_cpu_adapter: true,
+                max_rows: Some(50),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(gpu.max_rows(), 50);
+        common::check_against_onnxruntime(name, 360, |input, rows| gpu.run(&input, rows).unwrap());
+    }
+}
+
+#[test]
 fn a_software_adapter_is_not_a_gpu_unless_asked_for() {
     // On a machine whose only Vulkan device is lavapipe (CI), serving stays on the CPU.
     let mut model = OnnxModel::from_bytes("mlp", builtin::DIGITS_MLP).unwrap();

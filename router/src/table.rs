@@ -579,6 +579,7 @@ fn load_local(
             // A batch the device has not finished by the time its requests have had
             // their 504 is not worth waiting for.
             max_wait: Some(timeout),
+            ..Default::default()
         });
         #[cfg(not(feature = "gpu"))]
         tracing::warn!(%model, "runtime wgpu: this binary was built without the `gpu` feature; the model runs on the CPU.");
