@@ -19,9 +19,16 @@
 #                           # `--gpu-adapter any`), to rehearse the script on a machine
 #                           # without a GPU
 #
-# On the device tool: run(command="bench/gpu.sh device", carry=[".device/gpu"]).
-# Headless NVIDIA setup as in ../shared/GPU.md: the Vulkan loader shipped alongside,
-# /dev/nvidia-modeset created if missing, XDG_RUNTIME_DIR set.
+# On the device tool (as run on 2026-12-04, an H200): once, here, fetch Debian's loader
+# packages into .gl (git-ignored through .git/info/exclude; the recipe is in the device
+# tool's README), then
+#   run(command="for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; bash bench/gpu.sh device",
+#       carry=[".device/gpu", ".gl"])
+# Headless NVIDIA setup as in ../shared/GPU.md: the Vulkan loader and the libraries
+# NVIDIA's driver library needs (glvnd, Xlib) shipped alongside, /dev/nvidia-modeset
+# created if missing, XDG_RUNTIME_DIR set. Without glvnd and Xlib the loader says
+# "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" even with the
+# device node present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCHES=${BATCHES:-1024 4096 16384 65536}
@@ -45,6 +52,12 @@ case "${1:-}" in
     cp target/dist/examples/runtime_bench target/dist/switchyard "$DIR/"
     strip "$DIR/runtime_bench" "$DIR/switchyard"   # the carry limit is 64 MiB
     cp -L /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$DIR/"
+    # NVIDIA's Vulkan driver lives in libGLX_nvidia.so.0, which needs glvnd's dispatch
+    # library and Xlib even headless; a bare GPU image may have neither.
+    for lib in libGLdispatch.so.0 libGLX.so.0 libX11.so.6 libXext.so.6 libxcb.so.1 \
+               libXau.so.6 libXdmcp.so.6 libbsd.so.0 libmd.so.0; do
+      cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$DIR/"
+    done
     cp models/digits_mlp.onnx models/digits_cnn.onnx "$DIR/"
     ls -la "$DIR" ;;
   device)
@@ -54,18 +67,40 @@ case "${1:-}" in
     export WGPU_BACKEND=vulkan
     mode=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo gpu-any || echo gpu)
     adapter=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo any || echo hardware)
-    OUTFILE="${OUT:-$PWD}/gpu-results.jsonl"
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "${OUT:-$PWD}/gpu-name.txt"
+    mkdir -p "${OUT:-bench/out}"
+    OUTFILE="${OUT:-bench/out}/gpu-results.jsonl"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "${OUT:-bench/out}/gpu-name.txt"
+    echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" | tee -a "${OUT:-bench/out}/gpu-name.txt"
+    # Some images keep NVIDIA's ICD outside the loader's search path: probe, then point
+    # the loader at it.
+    if ! "$DIR/runtime_bench" "$DIR/digits_mlp.onnx" 64 0.2 "$mode" >/dev/null; then
+      for f in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+        [ -e "$f" ] && { export VK_DRIVER_FILES="$f"; echo "VK_DRIVER_FILES=$f"; break; }
+      done
+      ls -la /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d /dev/nvidia* 2>&1 || true
+      for icd in /usr/local/nvidia/lib64/libGLX_nvidia.so.0 /usr/lib/x86_64-linux-gnu/libGLX_nvidia.so.0; do
+        [ -e "$icd" ] && ldd "$icd" | grep -i 'not found' || true
+      done
+    fi
     for m in mlp cnn; do
       for b in $BATCHES; do
         "$DIR/runtime_bench" "$DIR/digits_$m.onnx" "$b" "$SECONDS_EACH" "$mode" | tee -a "$OUTFILE"
+      done
+    done
+    # The CPU runtimes on this machine's CPU, one thread, in the same run: the GPU's
+    # ratio against a CPU beside it, next to the one against the development machine.
+    for m in mlp cnn; do
+      for b in $BATCHES; do
+        for kernels in auto tract; do
+          taskset -c 1 "$DIR/runtime_bench" "$DIR/digits_$m.onnx" "$b" "$SECONDS_EACH" "$kernels" | tee -a "$OUTFILE"
+        done
       done
     done
     # Batching over HTTP: the model server with the wgpu runtime, one batch thread.
     port=18601
     for m in mlp cnn; do
       for mb in 1 64; do
-        log="${OUT:-$PWD}/model-server-$m-$mb.log"
+        log="${OUT:-bench/out}/model-server-$m-$mb.log"
         "$DIR/switchyard" model-server --model "$DIR/digits_$m.onnx" --runtime wgpu --gpu-adapter "$adapter" \
           --listen "127.0.0.1:$port" --max-batch-size "$mb" --num-batch-threads 1 > "$log" 2>&1 &
         server=$!

@@ -36,12 +36,23 @@ fn main() {
     let mut model = OnnxModel::from_bytes_with(path, &bytes, kernels).expect("model loads");
     if let Some(allow_cpu_adapter) = gpu {
         #[cfg(feature = "gpu")]
-        if !model.use_gpu(switchyard_inference::gpu::GpuOptions {
-            allow_cpu_adapter,
-            ..Default::default()
-        }) {
-            eprintln!("no usable GPU adapter");
-            std::process::exit(3);
+        {
+            let options = switchyard_inference::gpu::GpuOptions {
+                allow_cpu_adapter,
+                ..Default::default()
+            };
+            if !model.use_gpu(options) {
+                // Say why (use_gpu logs it; this example has no log subscriber).
+                let why = switchyard_inference::fused::FusedPlan::from_onnx(&bytes)
+                    .map_err(|e| format!("{e:?}"))
+                    .and_then(|plan| {
+                        switchyard_inference::gpu::GpuModel::new(&plan, options)
+                            .map(|_| "it opened on a second try".to_string())
+                            .map_err(|e| e.to_string())
+                    });
+                eprintln!("no usable GPU adapter: {}", why.unwrap_or_else(|e| e));
+                std::process::exit(3);
+            }
         }
         #[cfg(not(feature = "gpu"))]
         {
@@ -51,6 +62,10 @@ fn main() {
         }
     }
     let runtime = model.runtime_name();
+    #[cfg(feature = "gpu")]
+    let adapter = model.gpu_adapter().unwrap_or("none").replace('"', "'");
+    #[cfg(not(feature = "gpu"))]
+    let adapter = "none";
     let row = model.signature().input.row_len();
     // Compiled in, so the binary runs anywhere (a GPU machine gets only the binary).
     let vectors: serde_json::Value =
@@ -86,7 +101,7 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2] * 1e6;
     println!(
-        "{{\"runtime\": \"{runtime}\", \"model\": \"{path}\", \"batch\": {batch}, \"runs\": {}, \"median_us\": {median:.2}}}",
+        "{{\"runtime\": \"{runtime}\", \"adapter\": \"{adapter}\", \"model\": \"{path}\", \"batch\": {batch}, \"runs\": {}, \"median_us\": {median:.2}}}",
         times.len()
     );
 }
