@@ -202,25 +202,25 @@ async fn keep_timer_driver_armed(mut done: watch::Receiver<bool>) {
 /// The token in `file` (the config key `key`), or else in the environment variable
 /// `env`; `None` when neither is set. A file that cannot be read or holds nothing is a
 /// configuration error naming the key.
+/// The token `key` names: from its file (kept for reloads to re-read), else from `env`.
 fn read_token(
     file: Option<&str>,
-    key: &str,
+    key: &'static str,
     env: Option<&str>,
+    files: &mut Vec<reload::TokenFile>,
 ) -> Result<Option<switchyard_router::auth::Token>, StartError> {
-    let bad = |message: String| {
-        StartError::Config(switchyard_router::table::BuildError {
-            path: key.to_string(),
-            line: 0,
-            column: 0,
-            message,
-        })
-    };
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad(format!("cannot read the token file `{path}`: {e}")))?;
-        return switchyard_router::auth::Token::new(&text)
-            .map(Some)
-            .ok_or_else(|| bad(format!("the token file `{path}` is empty")));
+        let file = reload::TokenFile::read(key, path.into()).map_err(|message| {
+            StartError::Config(switchyard_router::table::BuildError {
+                path: key.to_string(),
+                line: 0,
+                column: 0,
+                message,
+            })
+        })?;
+        let token = file.token.clone();
+        files.push(file);
+        return Ok(Some(token));
     }
     Ok(env
         .and_then(|v| std::env::var(v).ok())
@@ -301,15 +301,18 @@ pub fn start_with(
     admin: TcpListener,
     options: StartOptions,
 ) -> Result<Running, StartError> {
+    let mut token_files = Vec::new();
     let admin_token = read_token(
         config.admin_token_file.as_deref(),
         "admin_token_file",
         Some("SWITCHYARD_ADMIN_TOKEN"),
+        &mut token_files,
     )?;
     let feedback_token = read_token(
         config.feedback_token_file.as_deref(),
         "feedback_token_file",
         None,
+        &mut token_files,
     )?;
     let registry = Registry::new();
     let metrics =
@@ -365,6 +368,7 @@ pub fn start_with(
             router.clone(),
             bandits.clone(),
             (data_addr, admin_addr),
+            token_files,
             &registry,
         )
         .map_err(StartError::Other)?,

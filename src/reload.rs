@@ -6,9 +6,15 @@
 //! and shadow lanes by name; the bandits move their state into the new bandits) and
 //! swaps it in. Any error leaves the live config as it was, and is logged line by line.
 //! Reloads run one at a time.
+//!
+//! The token files (`admin_token_file`, `feedback_token_file`) are re-read by every
+//! reload and, with `--watch`, whenever their bytes change, so a rotated Kubernetes
+//! Secret takes effect without a restart; which file is a restart key, its contents are
+//! not. A token file that cannot be read, or is empty, refuses the reload (and, under
+//! `--watch`, is logged once): the live token stays.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +23,7 @@ use bytes::Bytes;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{json, Value};
 use switchyard_config::Config;
+use switchyard_router::auth::Token;
 use switchyard_router::Router;
 
 use crate::bandits::Bandits;
@@ -53,8 +60,45 @@ pub fn config_hash(text: &str) -> String {
     )
 }
 
+/// A token file and the token read from it, which the router and the admin listener
+/// hold too ([`Token`]'s clones share the secret).
+pub(crate) struct TokenFile {
+    /// The config key that names the file.
+    key: &'static str,
+    path: PathBuf,
+    /// The live token.
+    pub(crate) token: Token,
+    /// The hash of the live token's text (trimmed).
+    hash: u64,
+}
+
+impl TokenFile {
+    /// Reads the token file `path` that `key` names.
+    pub(crate) fn read(key: &'static str, path: PathBuf) -> Result<Self, String> {
+        let (hash, token) = read_token(&path)?;
+        Ok(TokenFile {
+            key,
+            path,
+            token,
+            hash,
+        })
+    }
+}
+
+/// A token file's token, and the hash of its text.
+fn read_token(path: &Path) -> Result<(u64, Token), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file `{}`: {e}", path.display()))?;
+    let token =
+        Token::new(&text).ok_or_else(|| format!("the token file `{}` is empty", path.display()))?;
+    let hash = switchyard_config::hash::stable_hash(text.trim().as_bytes());
+    Ok((hash, token))
+}
+
+/// A token file that cannot be used: its key, and why.
+type TokenError = (&'static str, String);
+
 /// What is live, and how reloads went.
-#[derive(Debug)]
 struct Live {
     config: Config,
     hash: String,
@@ -62,6 +106,9 @@ struct Live {
     failed: u64,
     /// The hash of the file the last failed reload read (`--watch` tries a file once).
     failed_hash: Option<String>,
+    tokens: Vec<TokenFile>,
+    /// What `--watch` last logged of the token files that cannot be used (logged once).
+    token_errors: Option<Vec<TokenError>>,
 }
 
 /// Reloads the config file into a running Switchyard.
@@ -76,6 +123,7 @@ pub struct Reloader {
     config_json: Arc<ArcSwap<Bytes>>,
     outcomes: IntCounterVec,
     info: IntGaugeVec,
+    rotations: IntCounterVec,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -98,6 +146,7 @@ impl Reloader {
         router: Arc<Router>,
         bandits: Arc<Bandits>,
         addrs: (SocketAddr, SocketAddr),
+        tokens: Vec<TokenFile>,
         registry: &Registry,
     ) -> Result<Self, String> {
         let outcomes = IntCounterVec::new(
@@ -116,6 +165,22 @@ impl Reloader {
             &["hash"],
         )
         .map_err(|e| e.to_string())?;
+        let rotations = IntCounterVec::new(
+            Opts::new(
+                "switchyard_token_rotations_total",
+                "Token files re-read with a new token (result ok), or found unreadable or empty (result error: the live token stayed), by key.",
+            ),
+            &["token", "result"],
+        )
+        .map_err(|e| e.to_string())?;
+        registry
+            .register(Box::new(rotations.clone()))
+            .map_err(|e| e.to_string())?;
+        for t in &tokens {
+            for r in ["ok", "error"] {
+                rotations.with_label_values(&[t.key, r]);
+            }
+        }
         registry
             .register(Box::new(outcomes.clone()))
             .map_err(|e| e.to_string())?;
@@ -138,10 +203,13 @@ impl Reloader {
                 reloads: 0,
                 failed: 0,
                 failed_hash: None,
+                tokens,
+                token_errors: None,
             }),
             config_json: Arc::new(ArcSwap::from_pointee(Bytes::new())),
             outcomes,
             info,
+            rotations,
         };
         let json = me.render(&me.lock())?;
         me.config_json.store(Arc::new(json));
@@ -224,6 +292,19 @@ impl Reloader {
         if !restart.is_empty() {
             return Some(self.refused(&mut live, Some(hash), restart));
         }
+        let tokens = match self.read_tokens(&live) {
+            Ok(t) => t,
+            Err(errors) => {
+                let lines = errors
+                    .iter()
+                    .map(|(key, e)| {
+                        self.rotations.with_label_values(&[key, "error"]).inc();
+                        format!("{source}: `{key}`: {e}; the live token stays")
+                    })
+                    .collect();
+                return Some(self.refused(&mut live, Some(hash), lines));
+            }
+        };
         let bandits = &self.bandits;
         let removed = match self.router.reload(&next, |table| {
             bandits.reload(&next, table);
@@ -241,6 +322,7 @@ impl Reloader {
         live.hash = hash;
         live.reloads += 1;
         live.failed_hash = None;
+        let rotated = self.rotate(&mut live, tokens);
         self.outcomes.with_label_values(&["ok"]).inc();
         match self.render(&live) {
             Ok(json) => self.config_json.store(Arc::new(json)),
@@ -254,7 +336,63 @@ impl Reloader {
             "hash": live.hash,
             "reloads": live.reloads,
             "removed": removed,
+            "tokens_rotated": rotated,
         })))
+    }
+
+    /// Reads every token file: for each, `Some` new token when its text changed, `None`
+    /// when not; `Err` names each file that cannot be used.
+    fn read_tokens(&self, live: &Live) -> Result<Vec<Option<(u64, Token)>>, Vec<TokenError>> {
+        let mut fresh = Vec::new();
+        let mut errors = Vec::new();
+        for t in &live.tokens {
+            match read_token(&t.path) {
+                Ok((hash, _)) if hash == t.hash => fresh.push(None),
+                Ok(read) => fresh.push(Some(read)),
+                Err(e) => errors.push((t.key, e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(fresh)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Puts the tokens [`Reloader::read_tokens`] found new in place; returns their keys.
+    fn rotate(&self, live: &mut Live, fresh: Vec<Option<(u64, Token)>>) -> Vec<&'static str> {
+        let mut rotated = Vec::new();
+        for (t, new) in live.tokens.iter_mut().zip(fresh) {
+            if let Some((hash, token)) = new {
+                t.token.rotate(&token);
+                t.hash = hash;
+                self.rotations.with_label_values(&[t.key, "ok"]).inc();
+                tracing::info!(token = t.key, file = %t.path.display(), "Token file re-read: its new token is in use, the old one is refused.");
+                rotated.push(t.key);
+            }
+        }
+        live.token_errors = None;
+        rotated
+    }
+
+    /// `--watch` between config changes: a token file whose text changed is put in
+    /// place; one that cannot be used is logged (once until it changes).
+    fn rotate_changed_tokens(&self) {
+        let mut live = self.lock();
+        match self.read_tokens(&live) {
+            Ok(fresh) => {
+                self.rotate(&mut live, fresh);
+            }
+            Err(errors) => {
+                if live.token_errors.as_ref() != Some(&errors) {
+                    for (key, e) in &errors {
+                        self.rotations.with_label_values(&[key, "error"]).inc();
+                        tracing::error!(token = key, error = %e, "Token file not usable; the live token stays.");
+                    }
+                    live.token_errors = Some(errors);
+                }
+            }
+        }
     }
 
     fn refused(
@@ -276,8 +414,9 @@ impl Reloader {
     }
 
     /// `serve --watch`: checks the file every `every` and reloads when its bytes changed
-    /// (a Kubernetes ConfigMap volume swaps a symlink; reading the file sees it). A file
-    /// that failed is not tried again until it changes again. Ends when `done` is true.
+    /// (a Kubernetes ConfigMap volume swaps a symlink; reading the file sees it), and the
+    /// token files likewise. A file that failed is not tried again until it changes
+    /// again. Ends when `done` is true.
     pub async fn watch(
         self: Arc<Self>,
         every: Duration,
@@ -292,11 +431,14 @@ impl Reloader {
             }
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                me.reload_if(|live, hash| {
+                let config_changed = me.reload_if(|live, hash| {
                     !hash.is_empty()
                         && hash != live.hash
                         && live.failed_hash.as_deref() != Some(hash)
-                })
+                });
+                if config_changed.is_none() {
+                    me.rotate_changed_tokens();
+                }
             })
             .await;
         }

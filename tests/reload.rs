@@ -502,3 +502,124 @@ async fn sighup_and_watch_reload_the_binary() {
     }
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// A rotated Secret: the token files' new contents take effect at a reload, and under
+/// `--watch` without one; a token file that cannot be used refuses the reload and keeps
+/// the live token; the old token is refused once the new one is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_token_files_take_effect_without_a_restart() {
+    let d = dir("tokens");
+    // As the kubelet updates a Secret volume: the new file is swapped in whole.
+    let put = |name: &str, text: &str| {
+        let tmp = d.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, d.join(name)).unwrap();
+    };
+    put("admin", "admin-old\n");
+    put("feedback", "fb-old");
+    let file = d.join("switchyard.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin_token_file: {}\nfeedback_token_file: {}\nmodels:\n  m:\n    bandit: {{objective: conversion}}\n    variants:\n      - {{name: a, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n",
+            d.join("admin").display(),
+            d.join("feedback").display()
+        ),
+    )
+    .unwrap();
+    let app = start_file(&file).await;
+    let c = client();
+    let admin = format!("http://{}", app.admin_addr);
+    let post_admin = |path: &'static str, token: &'static str| {
+        let (c, url) = (c.clone(), format!("{admin}{path}"));
+        async move {
+            let auth = format!("Bearer {token}");
+            send(&c, "POST", &url, &[("authorization", auth.as_str())], "").await
+        }
+    };
+    let data = format!("http://{}", app.data_addr);
+    let body = json!({ "inputs": [{ "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0; 64] }] }).to_string();
+    // Feedback's status with `token`: 401 refused; 200 taken (each for a new decision).
+    let feedback = |token: &'static str| {
+        let (c, data, body) = (c.clone(), data.clone(), body.clone());
+        async move {
+            let id = send(&c, "POST", &format!("{data}/v2/models/m/infer"), &[], &body)
+                .await
+                .header("x-request-id")
+                .unwrap()
+                .to_string();
+            let auth = format!("Bearer {token}");
+            let fb = json!({ "request_id": id, "converted": true }).to_string();
+            let url = format!("{data}/v1/feedback");
+            send(&c, "POST", &url, &[("authorization", auth.as_str())], &fb)
+                .await
+                .status
+        }
+    };
+    assert_eq!(feedback("fb-old").await, 200);
+
+    // A reload (the admin POST itself still with the old token) puts the new one in.
+    put("admin", "admin-new\n");
+    let r = post_admin("/admin/reload", "admin-old").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["tokens_rotated"], json!(["admin_token_file"]));
+    assert_eq!(post_admin("/admin/bandit/m/freeze", "admin-old").await.status, 401);
+    assert_eq!(post_admin("/admin/bandit/m/freeze", "admin-new").await.status, 200);
+
+    // An emptied token file refuses the reload, naming it; the live token stays.
+    put("feedback", "\n");
+    let r = post_admin("/admin/reload", "admin-new").await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let error = r.json()["errors"][0].as_str().unwrap().to_string();
+    assert!(
+        error.contains("`feedback_token_file`") && error.contains("empty"),
+        "{error}"
+    );
+    assert_eq!(feedback("fb-old").await, 200);
+
+    // `--watch`: the new feedback token goes live with no reload and no config change.
+    app.watch(Duration::from_millis(20));
+    put("feedback", "fb-new\n");
+    let mut rotated = false;
+    for _ in 0..250 {
+        if feedback("fb-old").await == 401 {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotated, "the watched token file never took effect");
+    assert_eq!(feedback("fb-new").await, 200);
+
+    // Emptied again under `--watch`: counted (and logged) once, not at every check.
+    put("feedback", "");
+    let count = |m: &str, result: &str| {
+        sample(
+            m,
+            &format!(
+                "switchyard_token_rotations_total{{result=\"{result}\",token=\"feedback_token_file\"}}"
+            ),
+        )
+    };
+    let mut errors = None;
+    for _ in 0..250 {
+        errors = count(&metrics(app.admin_addr).await, "error");
+        if errors == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(errors, Some(2.0), "the reload's refusal and the watch's, once");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = metrics(app.admin_addr).await;
+    assert_eq!(count(&m, "error"), Some(2.0));
+    assert_eq!(count(&m, "ok"), Some(1.0));
+    assert_eq!(feedback("fb-new").await, 200);
+    // The tokens show nowhere.
+    let config = send(&c, "GET", &format!("{admin}/admin/config"), &[], "").await;
+    let text = String::from_utf8_lossy(&config.body);
+    assert!(!text.contains("fb-new") && !text.contains("admin-new"));
+    app.shutdown();
+    app.wait().await;
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -3,13 +3,19 @@
 //!
 //! The token is compared in constant time (`subtle`), so how long a refusal takes says
 //! nothing of how much of a guess was right; it is never logged, and `Debug` hides it.
+//! A token is a shared handle: the binary re-reads its file at each reload (a rotated
+//! Kubernetes Secret) and [`Token::rotate`] swaps the secret for every holder at once;
+//! a request is checked against the old or the new one, whole.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use http::header::{HeaderMap, AUTHORIZATION};
 use subtle::ConstantTimeEq;
 
-/// A secret a request must present as `Authorization: Bearer <token>`.
+/// A secret a request must present as `Authorization: Bearer <token>`. Clones share it.
 #[derive(Clone)]
-pub struct Token(Box<[u8]>);
+pub struct Token(Arc<ArcSwap<Box<[u8]>>>);
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -22,7 +28,12 @@ impl Token {
     /// file's last newline) removed; `None` when nothing is left.
     pub fn new(text: &str) -> Option<Token> {
         let t = text.trim();
-        (!t.is_empty()).then(|| Token(t.as_bytes().into()))
+        (!t.is_empty()).then(|| Token(Arc::new(ArcSwap::from_pointee(t.as_bytes().into()))))
+    }
+
+    /// Makes `next`'s secret this token's, for every clone of it.
+    pub fn rotate(&self, next: &Token) {
+        self.0.store(next.0.load_full());
     }
 
     /// True when `headers` carry `Authorization: Bearer <this token>`.
@@ -40,7 +51,7 @@ impl Token {
         };
         // `ct_eq` on slices of different lengths is false at once: the length of the
         // token is not the secret, its bytes are.
-        bool::from(given.ct_eq(&self.0))
+        bool::from(given.ct_eq(&self.0.load()))
     }
 }
 
@@ -70,5 +81,13 @@ mod tests {
         assert!(!t.allows(&HeaderMap::new()));
         assert!(Token::new(" \n").is_none());
         assert_eq!(format!("{t:?}"), "Token(…)");
+        // A rotation reaches every clone; the old secret is refused from then on.
+        let held = t.clone();
+        t.rotate(&Token::new("n3w").unwrap());
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "Bearer n3w".parse().unwrap());
+        assert!(held.allows(&h));
+        h.insert(AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
+        assert!(!held.allows(&h));
     }
 }
