@@ -18,6 +18,12 @@
 #                           # also accept lavapipe (runtime_bench `gpu-any`, model-server
 #                           # `--gpu-adapter any`), to rehearse the script on a machine
 #                           # without a GPU
+#   bench/gpu.sh prepare-ab OLD_RUNTIME_BENCH
+#                           # here: the current runtime_bench as `b` beside an older
+#                           # build as `a` (no switchyard binary), in .device/gpu-ab
+#   bench/gpu.sh ab         # there: a and b interleaved, ROUNDS rounds, both models at
+#                           # AB_BATCHES (default 1 64 1024 4096), to see what a change to
+#                           # the GPU runtime does on a real GPU (carry .device/gpu-ab)
 #
 # On the device tool (as run on 2026-12-04, an H200): once, here, fetch Debian's loader
 # packages into .gl (git-ignored through .git/info/exclude; the recipe is in the device
@@ -33,7 +39,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCHES=${BATCHES:-1024 4096 16384 65536}
 SECONDS_EACH=${SECONDS_EACH:-3}
-DIR=.device/gpu
+DIR=${DIR:-.device/gpu}
+# The libraries beside the binaries: the Vulkan loader, and what NVIDIA's Vulkan driver
+# (libGLX_nvidia.so.0) needs even headless (glvnd, Xlib), which a bare image may lack.
+ship_libs() {
+  cp -L /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$1/"
+  for lib in libGLdispatch.so.0 libGLX.so.0 libX11.so.6 libXext.so.6 libxcb.so.1 \
+             libXau.so.6 libXdmcp.so.6 libbsd.so.0 libmd.so.0; do
+    cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$1/"
+  done
+  cp models/digits_mlp.onnx models/digits_cnn.onnx "$1/"
+}
+# The device side's set-up, as in ../shared/GPU.md; also finds NVIDIA's ICD when the
+# image keeps it outside the loader's search path (probing with the binary $1).
+gpu_env() {
+  [ -e /dev/nvidia-modeset ] || mknod -m 666 /dev/nvidia-modeset c 195 254 2>/dev/null || true
+  export LD_LIBRARY_PATH="$PWD/$DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+  export WGPU_BACKEND=vulkan
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "${OUT:-bench/out}/gpu-name.txt"
+  echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" | tee -a "${OUT:-bench/out}/gpu-name.txt"
+  if ! "$1" "$DIR/digits_mlp.onnx" 64 0.2 "$mode" >/dev/null; then
+    for f in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+      [ -e "$f" ] && { export VK_DRIVER_FILES="$f"; echo "VK_DRIVER_FILES=$f"; break; }
+    done
+    ls -la /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d /dev/nvidia* 2>&1 || true
+    for icd in /usr/local/nvidia/lib64/libGLX_nvidia.so.0 /usr/lib/x86_64-linux-gnu/libGLX_nvidia.so.0; do
+      [ -e "$icd" ] && ldd "$icd" | grep -i 'not found' || true
+    done
+  fi
+}
+mode=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo gpu-any || echo gpu)
+adapter=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo any || echo hardware)
+mkdir -p "${OUT:-bench/out}"
 case "${1:-}" in
   cpu)
     cargo build --profile dist --quiet -p switchyard-inference --features gpu,tract --example runtime_bench
@@ -51,37 +89,35 @@ case "${1:-}" in
     mkdir -p "$DIR"
     cp target/dist/examples/runtime_bench target/dist/switchyard "$DIR/"
     strip "$DIR/runtime_bench" "$DIR/switchyard"   # the carry limit is 64 MiB
-    cp -L /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$DIR/"
-    # NVIDIA's Vulkan driver lives in libGLX_nvidia.so.0, which needs glvnd's dispatch
-    # library and Xlib even headless; a bare GPU image may have neither.
-    for lib in libGLdispatch.so.0 libGLX.so.0 libX11.so.6 libXext.so.6 libxcb.so.1 \
-               libXau.so.6 libXdmcp.so.6 libbsd.so.0 libmd.so.0; do
-      cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$DIR/"
-    done
-    cp models/digits_mlp.onnx models/digits_cnn.onnx "$DIR/"
+    ship_libs "$DIR"
     ls -la "$DIR" ;;
+  prepare-ab)
+    old=${2:?usage: bench/gpu.sh prepare-ab OLD_RUNTIME_BENCH}
+    cargo build --profile dist --quiet -p switchyard-inference --features gpu,tract --example runtime_bench
+    DIR=.device/gpu-ab
+    rm -rf "$DIR"; mkdir -p "$DIR"
+    cp "$old" "$DIR/runtime_bench.a"
+    cp target/dist/examples/runtime_bench "$DIR/runtime_bench.b"
+    strip "$DIR/runtime_bench.a" "$DIR/runtime_bench.b"
+    ship_libs "$DIR"
+    ls -la "$DIR" ;;
+  ab)
+    DIR=.device/gpu-ab
+    gpu_env "$DIR/runtime_bench.a"
+    for round in $(seq 1 "${ROUNDS:-3}"); do
+      for m in mlp cnn; do
+        for b in ${AB_BATCHES:-1 64 1024 4096}; do
+          # Order swapped each round.
+          for bin in $([ $((round % 2)) = 1 ] && echo "a b" || echo "b a"); do
+            printf '{"build": "%s", "round": %s, ' "$bin" "$round"
+            "$DIR/runtime_bench.$bin" "$DIR/digits_$m.onnx" "$b" "${SECONDS_EACH:-2}" "$mode" | cut -c2-
+          done
+        done
+      done
+    done | tee "${OUT:-bench/out}/gpu-ab.jsonl" ;;
   device)
-    [ -e /dev/nvidia-modeset ] || mknod -m 666 /dev/nvidia-modeset c 195 254 2>/dev/null || true
-    export LD_LIBRARY_PATH="$PWD/$DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-    export WGPU_BACKEND=vulkan
-    mode=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo gpu-any || echo gpu)
-    adapter=$([ "${ALLOW_SOFTWARE:-0}" = 1 ] && echo any || echo hardware)
-    mkdir -p "${OUT:-bench/out}"
     OUTFILE="${OUT:-bench/out}/gpu-results.jsonl"
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "${OUT:-bench/out}/gpu-name.txt"
-    echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" | tee -a "${OUT:-bench/out}/gpu-name.txt"
-    # Some images keep NVIDIA's ICD outside the loader's search path: probe, then point
-    # the loader at it.
-    if ! "$DIR/runtime_bench" "$DIR/digits_mlp.onnx" 64 0.2 "$mode" >/dev/null; then
-      for f in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
-        [ -e "$f" ] && { export VK_DRIVER_FILES="$f"; echo "VK_DRIVER_FILES=$f"; break; }
-      done
-      ls -la /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d /dev/nvidia* 2>&1 || true
-      for icd in /usr/local/nvidia/lib64/libGLX_nvidia.so.0 /usr/lib/x86_64-linux-gnu/libGLX_nvidia.so.0; do
-        [ -e "$icd" ] && ldd "$icd" | grep -i 'not found' || true
-      done
-    fi
+    gpu_env "$DIR/runtime_bench"
     for m in mlp cnn; do
       for b in $BATCHES; do
         "$DIR/runtime_bench" "$DIR/digits_$m.onnx" "$b" "$SECONDS_EACH" "$mode" | tee -a "$OUTFILE"

@@ -81,6 +81,9 @@ pub struct GpuModel {
     max_wait: std::time::Duration,
     /// Most rows in one command buffer (see [`GpuOptions::max_rows`]).
     max_rows: usize,
+    /// Distance between two kernels' parameter slots: [`PARAM_BYTES`] rounded up to the
+    /// device's uniform offset alignment.
+    param_stride: u64,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -117,10 +120,17 @@ enum Dispatch {
 struct Buffers {
     capacity: usize,
     values: Vec<wgpu::Buffer>,
-    params: Vec<wgpu::Buffer>,
+    /// Every kernel's parameters, one slot of [`GpuModel::param_stride`] bytes each.
+    params: wgpu::Buffer,
+    /// The row count `params` were written for (0: not yet): they depend on nothing
+    /// else, so a batch of the same size as the last writes none.
+    params_rows: usize,
     groups: Vec<wgpu::BindGroup>,
     readback: wgpu::Buffer,
 }
+
+/// Bytes of one kernel's parameters (the WGSL struct `P`).
+const PARAM_BYTES: u64 = 80;
 
 const PRELUDE: &str = r#"
 struct P { d0: vec4<u32>, d1: vec4<u32>, d2: vec4<u32>, d3: vec4<u32>, f: vec4<f32> }
@@ -553,6 +563,8 @@ impl GpuModel {
             });
         }
         let max_rows = options.max_rows.map_or(max_rows, |m| m.clamp(1, max_rows));
+        let param_stride = PARAM_BYTES
+            .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment).max(1));
         Ok(GpuModel {
             device,
             queue,
@@ -565,6 +577,7 @@ impl GpuModel {
             state: Mutex::new(None),
             max_wait: options.max_wait.unwrap_or(DEFAULT_GPU_WAIT),
             max_rows,
+            param_stride,
         })
     }
 
@@ -589,27 +602,27 @@ impl GpuModel {
                 })
             })
             .collect();
-        let params: Vec<wgpu::Buffer> = self
-            .kernels
-            .iter()
-            .map(|_| {
-                self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: 80,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            })
-            .collect();
+        // One buffer for every kernel's parameters: a batch writes them with one copy,
+        // not one per kernel (each write is a staging buffer of its own in wgpu).
+        let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: self.param_stride * self.kernels.len().max(1) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         let groups = self
             .kernels
             .iter()
-            .zip(&params)
-            .map(|(k, p)| {
+            .enumerate()
+            .map(|(i, k)| {
                 let mut entries = vec![
                     wgpu::BindGroupEntry {
                         binding: 0,
-                        resource: p.as_entire_binding(),
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params,
+                            offset: self.param_stride * i as u64,
+                            size: std::num::NonZeroU64::new(PARAM_BYTES),
+                        }),
                     },
                     wgpu::BindGroupEntry {
                         binding: 1,
@@ -647,6 +660,7 @@ impl GpuModel {
             capacity,
             values,
             params,
+            params_rows: 0,
             groups,
             readback,
         }
@@ -692,7 +706,7 @@ impl GpuModel {
             let capacity = rows.next_power_of_two().max(64).min(self.max_rows);
             *state = Some(self.buffers(capacity));
         }
-        let Some(b) = state.as_ref() else {
+        let Some(b) = state.as_mut() else {
             unreachable!("buffers were just made")
         };
         // Straight from the caller's floats into wgpu's staging memory: a batch of 16k MLP
@@ -700,31 +714,34 @@ impl GpuModel {
         // included) cost about as much as the CPU runtime's whole batch.
         self.queue
             .write_buffer(&b.values[0], 0, bytemuck::cast_slice(input));
+        if b.params_rows != rows {
+            let slot = (self.param_stride / 4) as usize;
+            let mut words = vec![0u32; slot * self.kernels.len()];
+            for (k, w) in self.kernels.iter().zip(words.chunks_mut(slot)) {
+                // The row-dependent count goes first; the rest are the step's dims.
+                w[0] = match k.shape {
+                    Dispatch::Elements { per_row } => u(rows * per_row),
+                    Dispatch::Tiles { .. } => u(rows),
+                };
+                w[1..16].copy_from_slice(&k.dims);
+                for (j, f) in k.floats.iter().enumerate() {
+                    w[16 + j] = f.to_bits();
+                }
+            }
+            self.queue
+                .write_buffer(&b.params, 0, bytemuck::cast_slice(&words));
+            b.params_rows = rows;
+        }
         let mut encoder = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for (i, k) in self.kernels.iter().enumerate() {
-                // The row-dependent count goes first; the rest are the step's dims.
-                let mut words = [0u32; 20];
-                let (count, groups) = match k.shape {
-                    Dispatch::Elements { per_row } => {
-                        let n = rows * per_row;
-                        (u(n), n.div_ceil(64))
-                    }
-                    Dispatch::Tiles { .. } => (u(rows), 0),
-                };
-                words[0] = count;
-                words[1..16].copy_from_slice(&k.dims);
-                for (j, f) in k.floats.iter().enumerate() {
-                    words[16 + j] = f.to_bits();
-                }
-                self.queue
-                    .write_buffer(&b.params[i], 0, bytemuck::cast_slice(&words));
                 pass.set_pipeline(&k.pipeline);
                 pass.set_bind_group(0, &b.groups[i], &[]);
                 match k.shape {
-                    Dispatch::Elements { .. } => {
+                    Dispatch::Elements { per_row } => {
                         // At most 65,535 workgroups per dimension: wrap into y.
+                        let groups = (rows * per_row).div_ceil(64);
                         let x = groups.clamp(1, 65_535);
                         pass.dispatch_workgroups(u(x), u(groups.div_ceil(x)), 1);
                     }
