@@ -563,8 +563,18 @@ async fn rotated_token_files_take_effect_without_a_restart() {
     let r = post_admin("/admin/reload", "admin-old").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["tokens_rotated"], json!(["admin_token_file"]));
-    assert_eq!(post_admin("/admin/bandit/m/freeze", "admin-old").await.status, 401);
-    assert_eq!(post_admin("/admin/bandit/m/freeze", "admin-new").await.status, 200);
+    assert_eq!(
+        post_admin("/admin/bandit/m/freeze", "admin-old")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        post_admin("/admin/bandit/m/freeze", "admin-new")
+            .await
+            .status,
+        200
+    );
 
     // An emptied token file refuses the reload, naming it; the live token stays.
     put("feedback", "\n");
@@ -609,7 +619,11 @@ async fn rotated_token_files_take_effect_without_a_restart() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(errors, Some(2.0), "the reload's refusal and the watch's, once");
+    assert_eq!(
+        errors,
+        Some(2.0),
+        "the reload's refusal and the watch's, once"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = metrics(app.admin_addr).await;
     assert_eq!(count(&m, "error"), Some(2.0));
