@@ -138,6 +138,17 @@ impl ChangeDetector {
         Some(self.blocks.iter().fold(Stats::default(), |a, b| a.plus(*b)))
     }
 
+    /// Takes over `from`'s window of rewards (a reload's new bandit from the old one), so
+    /// a change that straddles the reload is still found; nothing when the two model
+    /// different kinds of reward. The confidence stays this detector's.
+    pub fn carry(&mut self, from: &ChangeDetector) {
+        if from.family == self.family {
+            self.blocks.clone_from(&from.blocks);
+            self.current = from.current;
+            self.in_current = from.in_current;
+        }
+    }
+
     /// Forgets everything (after another arm's change, or a restore).
     pub fn clear(&mut self) {
         self.blocks.clear();

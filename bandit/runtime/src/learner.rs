@@ -517,6 +517,45 @@ mod tests {
         }
     }
 
+    /// A reload that reorders the variants: each detector's window goes to the variant
+    /// of the same name, so a change in `a` begun before the reload (0.6 to 0.4, 100
+    /// rewards in: too few to call) is found in `a` after it, and `b` finds none.
+    #[test]
+    fn a_reload_carries_each_variants_change_detector_by_name() {
+        use rand::{RngExt, SeedableRng};
+        let (sink, old) = sink("{objective: conversion, warmup: 0}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for p in std::iter::repeat_n(0.6, 3_000).chain(std::iter::repeat_n(0.4, 100)) {
+            let yes = rng.random::<f64>() < p;
+            sink.accept(&decision(0), Duration::ZERO, &converted(yes))
+                .unwrap();
+        }
+        assert_eq!(old.lock().bandit.changes(), 0, "found before the reload");
+        let config = switchyard_config::from_yaml_str(
+            "models:\n  rec:\n    bandit: {objective: conversion, warmup: 0}\n    variants:\n      - {name: b, upstream: \"http://127.0.0.1:2\", weight: 1}\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n",
+        )
+        .unwrap();
+        let rec = &config.models["rec"];
+        let next = super::super::new_model(
+            "rec",
+            rec,
+            rec.bandit.as_ref().unwrap(),
+            &sink.families,
+            None,
+        );
+        let mut n = next.lock();
+        super::super::carry_detectors(&next, &mut n, &old, &old.lock());
+        for _ in 0..2_000 {
+            n.bandit.observe(1, f64::from(rng.random::<f64>() < 0.4));
+        }
+        let found = n.bandit.changes();
+        assert!(found >= 1, "`a`'s change, carried to index 1");
+        for _ in 0..2_000 {
+            n.bandit.observe(0, f64::from(rng.random::<f64>() < 0.4));
+        }
+        assert_eq!(n.bandit.changes(), found, "`b` saw no change of its own");
+    }
+
     /// A feedback is in the posterior the moment it is taken, and the per-request
     /// picker samples from it: nothing waits for an update task (none runs here).
     #[test]

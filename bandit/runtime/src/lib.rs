@@ -380,8 +380,8 @@ impl Bandits {
 
     /// Takes a reloaded config's bandits, on the route table about to go live: a model
     /// whose name survives keeps what its bandit learned (posteriors, totals, override,
-    /// weights) under its new settings, variant by variant (a new variant starts from
-    /// the prior); a new model starts fresh. Feedback for decisions made before the
+    /// weights, each change detector's recent rewards) under its new settings, variant
+    /// by variant (a new variant starts from the prior); a new model starts fresh. Feedback for decisions made before the
     /// reload goes to the same variant in the new bandit.
     pub fn reload(&self, config: &Config, next: &switchyard_router::table::RouteTable) {
         self.install(config, next, &Value::Null);
@@ -411,8 +411,10 @@ impl Bandits {
             for (m, l) in &mut guards {
                 if let Some(next) = fresh.get(&m.name) {
                     restore(next, &render_model(m, l));
+                    let mut n = next.lock();
                     // An override not yet pushed to the fleet is still to be pushed.
-                    next.lock().fleet.override_pending = l.fleet.override_pending;
+                    n.fleet.override_pending = l.fleet.override_pending;
+                    carry_detectors(next, &mut n, m, l);
                 }
                 l.moved = true;
             }
@@ -646,6 +648,20 @@ async fn expire(router: &Router, sink: &BanditSink) {
 
 /// Restores what the saved state `old` knows of the model's variants that still exist,
 /// under the same objective; the weights only if every variant is known.
+/// A reload: each surviving variant's change detector takes over the old one's window
+/// of recent rewards, so a change that straddles the reload is still found. (Not in
+/// the state file: a few thousand rewards per variant, which a restart forgoes.)
+fn carry_detectors(next: &Model, into: &mut Learner, old: &Model, from: &Learner) {
+    if objective_name(next.objective) != objective_name(old.objective) {
+        return;
+    }
+    for (i, v) in next.variants.iter().enumerate() {
+        if let Some(j) = old.variants.iter().position(|x| x == v) {
+            into.bandit.carry_detector(i, &from.bandit, j);
+        }
+    }
+}
+
 fn restore(m: &Model, old: &Value) {
     if old["objective"].as_str() != Some(objective_name(m.objective)) {
         if let Some(was) = old["objective"].as_str() {
