@@ -9,6 +9,19 @@ use switchyard_inference::fused::FusedPlan;
 use switchyard_inference::gpu::{GpuModel, GpuOptions};
 use switchyard_inference::{builtin, OnnxModel};
 
+/// `plan` on the GPU, a software adapter allowed; at most `max_rows` per command buffer.
+fn gpu(plan: &FusedPlan, max_rows: Option<usize>) -> GpuModel {
+    GpuModel::new(
+        plan,
+        GpuOptions {
+            allow_cpu_adapter: true,
+            max_rows,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn on_gpu(name: &str, bytes: &[u8]) -> OnnxModel {
     let mut model = OnnxModel::from_bytes(name, bytes).unwrap();
     let moved = model.use_gpu(GpuOptions {
@@ -51,16 +64,7 @@ fn a_batch_past_the_device_limit_runs_in_parts() {
     // command buffers. A ceiling of 50 rows makes 360 rows seven parts (the last
     // short), against onnxruntime's outputs row by row.
     for (name, bytes) in [("mlp", builtin::DIGITS_MLP), ("cnn", builtin::DIGITS_CNN)] {
-        let plan = FusedPlan::from_onnx(bytes).unwrap();
-        let gpu = GpuModel::new(
-            &plan,
-            GpuOptions {
-                allow_cpu_adapter: true,
-                max_rows: Some(50),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let gpu = gpu(&FusedPlan::from_onnx(bytes).unwrap(), Some(50));
         assert_eq!(gpu.max_rows(), 50);
         common::check_against_onnxruntime(name, 360, |input, rows| gpu.run(&input, rows).unwrap());
     }
@@ -86,15 +90,7 @@ fn steps_the_plan_folds_away_still_match_onnxruntime_on_the_gpu() {
     // The bundled models' plans fold the input scaling and the CNN's Flatten into Gemm
     // weights; other graphs keep those steps, so their kernels are run here unfolded.
     for (name, bytes) in [("mlp", builtin::DIGITS_MLP), ("cnn", builtin::DIGITS_CNN)] {
-        let plan = FusedPlan::from_onnx_unfolded(bytes).unwrap();
-        let gpu = GpuModel::new(
-            &plan,
-            GpuOptions {
-                allow_cpu_adapter: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let gpu = gpu(&FusedPlan::from_onnx_unfolded(bytes).unwrap(), None);
         common::check_against_onnxruntime(name, 64, |input, rows| gpu.run(&input, rows).unwrap());
     }
 }
@@ -116,14 +112,7 @@ fn gpu_kernels_match_the_cpu_on_generated_graphs() {
             _ => graphs::wider(&mut rng),
         };
         let plan = FusedPlan::from_onnx(&g.bytes).unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
-        let gpu = GpuModel::new(
-            &plan,
-            GpuOptions {
-                allow_cpu_adapter: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let gpu = gpu(&plan, None);
         let reference = if cfg!(feature = "tract") {
             Kernels::TractOnly
         } else {

@@ -477,20 +477,32 @@ impl Picker for SharedPicker {
 mod tests {
     use super::*;
 
-    fn sink(bandit: &str) -> (Arc<BanditSink>, Arc<Model>) {
-        let config = switchyard_config::from_yaml_str(&format!(
-            "models:\n  rec:\n    bandit: {bandit}\n    variants:\n      - {{name: a, upstream: \"http://127.0.0.1:1\", weight: 1}}\n      - {{name: b, upstream: \"http://127.0.0.1:2\", weight: 1}}\n"
-        ))
-        .unwrap();
-        let sink = super::super::sink(&config, &prometheus::Registry::new()).unwrap();
+    /// Model `rec`'s config: `bandit`, and variants `a` and `b` in `order`.
+    fn config(bandit: &str, order: [&str; 2]) -> switchyard_config::Config {
+        let mut yaml = format!("models:\n  rec:\n    bandit: {bandit}\n    variants:\n");
+        for v in order {
+            yaml +=
+                &format!("      - {{name: {v}, upstream: \"http://127.0.0.1:1\", weight: 1}}\n");
+        }
+        switchyard_config::from_yaml_str(&yaml).unwrap()
+    }
+
+    /// Model `rec`'s learner, as a (re)load builds it.
+    fn model(config: &switchyard_config::Config, sink: &BanditSink) -> Arc<Model> {
         let rec = &config.models["rec"];
-        let model = super::super::new_model(
+        super::super::new_model(
             "rec",
             rec,
             rec.bandit.as_ref().unwrap(),
             &sink.families,
             None,
-        );
+        )
+    }
+
+    fn sink(bandit: &str) -> (Arc<BanditSink>, Arc<Model>) {
+        let config = config(bandit, ["a", "b"]);
+        let sink = super::super::sink(&config, &prometheus::Registry::new()).unwrap();
+        let model = model(&config, &sink);
         sink.slots.store(Arc::new(vec![Some(Slot {
             model: model.clone(),
             variants: [Some(0), Some(1)].into(),
@@ -531,17 +543,9 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(old.lock().bandit.changes(), 0, "found before the reload");
-        let config = switchyard_config::from_yaml_str(
-            "models:\n  rec:\n    bandit: {objective: conversion, warmup: 0}\n    variants:\n      - {name: b, upstream: \"http://127.0.0.1:2\", weight: 1}\n      - {name: a, upstream: \"http://127.0.0.1:1\", weight: 1}\n",
-        )
-        .unwrap();
-        let rec = &config.models["rec"];
-        let next = super::super::new_model(
-            "rec",
-            rec,
-            rec.bandit.as_ref().unwrap(),
-            &sink.families,
-            None,
+        let next = model(
+            &config("{objective: conversion, warmup: 0}", ["b", "a"]),
+            &sink,
         );
         let mut n = next.lock();
         super::super::carry_detectors(&next, &mut n, &old, &old.lock());
