@@ -645,3 +645,120 @@ async fn the_clients_grpc_timeout_bounds_the_call() {
     inner.shutdown();
     inner.wait().await;
 }
+
+/// `capture:` keeps gRPC predictions too, as the V2 JSON they stand for: KServe's raw
+/// tensors and TF Serving's typed ones, inputs as sent and outputs as answered. With
+/// `margin: 1` every answer whose top two scores are not exactly 1 and 0 is kept (all
+/// seven here: the model's softmax never saturates on these digits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_keeps_grpc_predictions_as_json() {
+    let dir = std::env::temp_dir().join(format!("switchyard-grpc-capture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kept.jsonl");
+    let app = start(&format!(
+        "models:\n  digits:\n    capture: {{margin: 1.0, file: \"{}\"}}\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n",
+        file.display()
+    ))
+    .await;
+    let v = vectors();
+    let x = pixels(&v, 8);
+    let mut answers = Vec::new();
+    for row in x.chunks(64).take(6) {
+        let r = call(app.data_addr, INFER, &infer_request("digits", row, 1)).await;
+        let resp: kserve::ModelInferResponse = r.decode();
+        let raw = &resp.raw_output_contents[0];
+        answers.push(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<f32>>(),
+        );
+    }
+    // TF Serving's Predict, typed values.
+    let mut inputs = HashMap::new();
+    inputs.insert(
+        "pixels".to_string(),
+        tf::TensorProto {
+            dtype: tf::DataType::DtFloat as i32,
+            tensor_shape: Some(tf::TensorShapeProto {
+                dim: [1, 64]
+                    .iter()
+                    .map(|&size| tf::tensor_shape_proto::Dim {
+                        size,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            float_val: x[6 * 64..7 * 64].to_vec(),
+            ..Default::default()
+        },
+    );
+    let predict = tf::serving::PredictRequest {
+        model_spec: Some(tf::serving::ModelSpec {
+            name: "digits".into(),
+            ..Default::default()
+        }),
+        inputs,
+        ..Default::default()
+    };
+    assert_eq!(call(app.data_addr, PREDICT, &predict).await.status, 0);
+
+    let (mut looked, mut kept) = (0.0, 0.0);
+    for _ in 0..500 {
+        let m = metrics(app.admin_addr).await;
+        looked = sample(
+            &m,
+            r#"switchyard_capture_predictions_total{model="digits"}"#,
+        )
+        .unwrap_or(0.0);
+        kept = sample(&m, r#"switchyard_capture_borderline_total{model="digits"}"#).unwrap_or(0.0);
+        let lines = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        if looked == 7.0 && lines as f64 == kept {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(looked, 7.0, "every gRPC prediction looked at");
+    assert_eq!(kept, 7.0, "every one kept at margin 1");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        let l: Value = serde_json::from_str(line).unwrap();
+        let input = &l["inputs"]["inputs"][0];
+        assert_eq!(input["name"], "pixels", "{l}");
+        assert_eq!(input["datatype"], "FP32", "{l}");
+        assert_eq!(input["shape"], json!([1, 64]), "{l}");
+        let sent: Vec<f32> = input["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_f64().unwrap() as f32)
+            .collect();
+        let i = x
+            .chunks(64)
+            .position(|r| r == sent)
+            .expect("the inputs as sent");
+        let out: Vec<f32> = l["outputs"]["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(out.len(), 10, "{l}");
+        assert_eq!(l["classes"][0], argmax(&out), "{l}");
+        if i < 6 {
+            assert_eq!(out, answers[i], "the outputs as answered");
+        }
+        assert_eq!(l["variant"], "cpu");
+        seen.push(i);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2, 3, 4, 5, 6], "each call once");
+    app.shutdown();
+    app.wait().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

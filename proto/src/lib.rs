@@ -31,6 +31,41 @@ pub use prost;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+/// The V2 datatype name of a TensorFlow `DataType` (`DT_STRING` is `BYTES`), if it has one.
+pub fn v2_datatype_of_tf(dtype: i32) -> Option<&'static str> {
+    use tensorflow::DataType as D;
+    Some(match D::try_from(dtype).ok()? {
+        D::DtFloat => "FP32",
+        D::DtDouble => "FP64",
+        D::DtHalf => "FP16",
+        D::DtInt8 => "INT8",
+        D::DtInt16 => "INT16",
+        D::DtInt32 => "INT32",
+        D::DtInt64 => "INT64",
+        D::DtUint8 => "UINT8",
+        D::DtUint16 => "UINT16",
+        D::DtUint32 => "UINT32",
+        D::DtUint64 => "UINT64",
+        D::DtBool => "BOOL",
+        D::DtString => "BYTES",
+        D::DtInvalid => return None,
+    })
+}
+
+/// IEEE 754 half precision (the protocols' `FP16`) to `f32`: subnormals, infinities and
+/// NaN included. Written here rather than taking the `half` crate for one conversion.
+pub fn half_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let frac = f32::from(h & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f32.powi(-24),
+        31 if frac == 0.0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        e => sign * (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
 /// One uncompressed message in gRPC's length-prefixed framing.
 pub fn frame(message: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + message.len());

@@ -115,7 +115,7 @@ impl Router {
             } else {
                 0
             };
-            let capture = predicts && shadows.capture_takes(request_id.as_bytes(), grpc.is_some());
+            let capture = predicts && shadows.capture_takes(request_id.as_bytes());
             if mask != 0 || capture {
                 let head = RequestHead {
                     method: parts.method.clone(),

@@ -519,7 +519,9 @@ impl Datatype {
         let mut w = [0u8; 8];
         w[..b.len().min(8)].copy_from_slice(&b[..b.len().min(8)]);
         match self {
-            Datatype::Fp16 => self.finite(f64::from(half_to_f32(u16::from_le_bytes([w[0], w[1]])))),
+            Datatype::Fp16 => self.finite(f64::from(switchyard_proto::half_to_f32(
+                u16::from_le_bytes([w[0], w[1]]),
+            ))),
             Datatype::Fp32 => self.finite(f64::from(f32::from_le_bytes([w[0], w[1], w[2], w[3]]))),
             Datatype::Fp64 => self.finite(f64::from_le_bytes(w)),
             Datatype::Int { bits, signed } => {
@@ -614,20 +616,6 @@ impl Datatype {
                 })
             }
         }
-    }
-}
-
-/// IEEE 754 half precision to `f32` (subnormals, infinities and NaN included). Written
-/// here rather than taking the `half` crate for one conversion.
-pub(crate) fn half_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = i32::from((h >> 10) & 0x1f);
-    let frac = f32::from(h & 0x3ff);
-    match exp {
-        0 => sign * frac * 2f32.powi(-24),
-        31 if frac == 0.0 => sign * f32::INFINITY,
-        31 => f32::NAN,
-        e => sign * (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
     }
 }
 

@@ -7,7 +7,8 @@
 //!   the pairing of answers.
 //! - [`compare`]: pure comparison of two answers (top-1 per row, largest difference,
 //!   shapes, statuses) for TF Serving and KServe V2 outputs, JSON or gRPC (gRPC answers
-//!   are read as the V2 JSON they stand for).
+//!   are read as the V2 JSON they stand for, [`tensors`]).
+//! - [`tensors`]: gRPC requests and answers as the V2 JSON they stand for, by datatype.
 //! - [`capture`]: `capture:`, borderline predictions kept for relabelling (through the
 //!   same taps), and sampled predictions for the dashboard.
 //! - [`stats`]: counters, means, the latest disagreements, the JSONL log.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod sample;
 mod stats;
+pub mod tensors;
 
 pub use metrics::ShadowMetricFamilies;
 pub use mirror::{

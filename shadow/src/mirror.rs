@@ -294,9 +294,9 @@ impl ShadowSet {
         })
     }
 
-    /// Whether `capture` looks at the request with this id (HTTP answers only).
-    pub fn capture_takes(&self, request_id: &[u8], grpc: bool) -> bool {
-        !grpc && self.capture.as_ref().is_some_and(|c| c.takes(request_id))
+    /// Whether `capture` looks at the request with this id.
+    pub fn capture_takes(&self, request_id: &[u8]) -> bool {
+        self.capture.as_ref().is_some_and(|c| c.takes(request_id))
     }
 
     /// Whether this model has a `capture:`.
@@ -718,12 +718,26 @@ impl Exchange {
                         // On the shadow thread, off the client's connection.
                         self.runtime.spawn(async move {
                             if let Some(body) = &answer.body {
+                                // A gRPC call is kept as the V2 JSON it stands for.
+                                let (asked, answered) = match &request.head.grpc {
+                                    Some(call) => (
+                                        Cow::Owned(crate::tensors::request_json(
+                                            &call.message,
+                                            call.in_spec,
+                                        )),
+                                        Cow::Owned(crate::tensors::answer_json(
+                                            &joined(body),
+                                            call.in_spec,
+                                        )),
+                                    ),
+                                    None => (joined(&request.body), joined(body)),
+                                };
                                 capture.look(
                                     &this.request_id,
                                     this.variant.get().map_or("", String::as_str),
-                                    &joined(&request.body),
+                                    &asked,
                                     answer.status,
-                                    &joined(body),
+                                    &answered,
                                     answer.latency,
                                 );
                             }
@@ -770,8 +784,8 @@ impl Exchange {
                 } else if let Some(in_spec) = self.grpc {
                     // Each answer read as the V2 JSON it stands for.
                     let (p, s) = (
-                        crate::compare::grpc_as_json(&p, in_spec),
-                        crate::compare::grpc_as_json(&s, in_spec),
+                        crate::tensors::answer_json(&p, in_spec),
+                        crate::tensors::answer_json(&s, in_spec),
                     );
                     compare((primary.status, &p), (shadow.status, &s))
                 } else {

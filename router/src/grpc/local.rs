@@ -15,9 +15,10 @@ use super::pb::tensorflow as tf;
 use super::{ok, Call, Method};
 use crate::body::ProxyBody;
 use crate::error::RouterError;
-use crate::local::{half_to_f32, LocalBackend};
+use crate::local::LocalBackend;
 use crate::path::Verb;
 use crate::v2::{Data, Input, Plan, Requested};
+use switchyard_proto::half_to_f32;
 
 fn bad(m: String) -> RouterError {
     RouterError::BadInput(m)
@@ -407,25 +408,13 @@ fn typed_contents(
 
 /// The V2 name of a TensorFlow dtype the model can take.
 fn tf_datatype(dtype: i32) -> Result<&'static str, RouterError> {
-    use tf::DataType as D;
-    Ok(match D::try_from(dtype) {
-        Ok(D::DtFloat) => "FP32",
-        Ok(D::DtDouble) => "FP64",
-        Ok(D::DtHalf) => "FP16",
-        Ok(D::DtInt8) => "INT8",
-        Ok(D::DtInt16) => "INT16",
-        Ok(D::DtInt32) => "INT32",
-        Ok(D::DtInt64) => "INT64",
-        Ok(D::DtUint8) => "UINT8",
-        Ok(D::DtUint16) => "UINT16",
-        Ok(D::DtUint32) => "UINT32",
-        Ok(D::DtUint64) => "UINT64",
-        _ => {
-            return Err(bad(format!(
+    switchyard_proto::v2_datatype_of_tf(dtype)
+        .filter(|d| !matches!(*d, "BOOL" | "BYTES"))
+        .ok_or_else(|| {
+            bad(format!(
                 "tensor dtype {dtype} is not numeric; the model takes DT_FLOAT (numeric dtypes are converted)"
-            )))
-        }
-    })
+            ))
+        })
 }
 
 /// A TensorProto's typed values, whichever list its dtype uses.
