@@ -199,10 +199,10 @@ async fn keep_timer_driver_armed(mut done: watch::Receiver<bool>) {
     }
 }
 
-/// The token in `file` (the config key `key`), or else in the environment variable
-/// `env`; `None` when neither is set. A file that cannot be read or holds nothing is a
-/// configuration error naming the key.
-/// The token `key` names: from its file (kept for reloads to re-read), else from `env`.
+/// The token in `file` (the config key `key`; the file goes into `files`, for reloads
+/// to read again), or else in the environment variable `env`; `None` when neither is
+/// set. A file that cannot be read or holds nothing is a configuration error naming the
+/// key.
 fn read_token(
     file: Option<&str>,
     key: &'static str,

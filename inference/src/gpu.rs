@@ -714,7 +714,7 @@ impl GpuModel {
         // included) cost about as much as the CPU runtime's whole batch.
         self.queue
             .write_buffer(&b.values[0], 0, bytemuck::cast_slice(input));
-        if b.params_rows != rows {
+        if b.params_rows != rows && !self.kernels.is_empty() {
             let slot = (self.param_stride / 4) as usize;
             let mut words = vec![0u32; slot * self.kernels.len()];
             for (k, w) in self.kernels.iter().zip(words.chunks_mut(slot)) {

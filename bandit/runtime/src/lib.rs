@@ -381,8 +381,9 @@ impl Bandits {
     /// Takes a reloaded config's bandits, on the route table about to go live: a model
     /// whose name survives keeps what its bandit learned (posteriors, totals, override,
     /// weights, each change detector's recent rewards) under its new settings, variant
-    /// by variant (a new variant starts from the prior); a new model starts fresh. Feedback for decisions made before the
-    /// reload goes to the same variant in the new bandit.
+    /// by variant (a new variant starts from the prior); a new model starts fresh.
+    /// Feedback for decisions made before the reload goes to the same variant in the new
+    /// bandit.
     pub fn reload(&self, config: &Config, next: &switchyard_router::table::RouteTable) {
         self.install(config, next, &Value::Null);
     }
