@@ -297,3 +297,89 @@ fn ctrl_c_ends_the_demo_early_with_the_summary_so_far() {
         "the admin listener {admin} still answers after the demo ended"
     );
 }
+
+/// `--open` hands the dashboard's address to the desktop's opener (`xdg-open`, else
+/// `open`), as a user's browser would get it, and the page is there at that address;
+/// with neither opener, the demo says where to look and runs on. The openers here are
+/// scripts on a PATH of the test's own that write down what they were given.
+#[test]
+fn open_hands_the_dashboard_to_the_browser() {
+    let dir = std::env::temp_dir().join(format!("switchyard-open-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let got = dir.join("opened");
+    for with_opener in [true, false] {
+        let bin = dir.join(format!("bin-{with_opener}"));
+        std::fs::create_dir_all(&bin).unwrap();
+        if with_opener {
+            let opener = bin.join("xdg-open");
+            std::fs::write(
+                &opener,
+                format!("#!/bin/sh\necho \"$1\" > {}\n", got.display()),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "demo",
+                "--open",
+                "--duration",
+                "30s",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .env("PATH", &bin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = out.next().unwrap().unwrap();
+        let dashboard = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no dashboard address in {first:?}"))
+            .to_string();
+        if with_opener {
+            let mut opened = String::new();
+            for _ in 0..300 {
+                opened = std::fs::read_to_string(&got).unwrap_or_default();
+                if !opened.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(opened.trim(), dashboard, "what the opener got");
+            // The page is at that address.
+            let addr = dashboard
+                .trim_start_matches("http://")
+                .trim_end_matches("/dashboard");
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(
+                &mut s,
+                b"GET /dashboard HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+            let mut page = String::new();
+            s.read_to_string(&mut page).unwrap();
+            assert!(
+                page.starts_with("HTTP/1.1 200"),
+                "{}",
+                &page[..page.len().min(200)]
+            );
+            assert!(page.contains("<html"), "not the dashboard page");
+        } else {
+            let next = out.next().unwrap().unwrap();
+            assert_eq!(
+                next,
+                format!("(could not open a browser: visit {dashboard})"),
+                "with no opener on PATH"
+            );
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
