@@ -38,8 +38,9 @@ pub const RUNTIME_NAMES: [&str; 3] = ["wgpu", "fused", "tract"];
 /// plan.
 pub struct OnnxModel {
     name: String,
+    /// tract's plan: loaded only for what the fused kernels do not run.
     #[cfg(feature = "tract")]
-    plan: Plan,
+    plan: Option<Plan>,
     fused: Option<FusedPlan>,
     #[cfg(feature = "gpu")]
     gpu: Option<Arc<crate::gpu::GpuModel>>,
@@ -92,7 +93,29 @@ impl OnnxModel {
             Kernels::Auto => FusedPlan::from_proto(&proto),
         };
         #[cfg(feature = "tract")]
-        return Self::with_tract(name, bytes, fused);
+        {
+            // A graph the fused kernels run is served as a build without tract serves
+            // it (its declared signature, no tract plan): the same model the same way
+            // whichever features, and no second copy of its weights in tract's form.
+            // Only what they do not run (or a signature only tract can infer) is
+            // loaded into tract.
+            if let Ok(plan) = &fused {
+                let declared = declared_ends(name, &proto)
+                    .and_then(|(input, output)| signature_of_fused(name, input, output, plan));
+                if let Ok(signature) = declared {
+                    tracing::info!(model = %name, "Model runs on the fused CPU kernels.");
+                    return Ok(OnnxModel {
+                        name: name.to_string(),
+                        plan: None,
+                        fused: fused.ok(),
+                        #[cfg(feature = "gpu")]
+                        gpu: None,
+                        signature,
+                    });
+                }
+            }
+            Self::with_tract(name, bytes, fused)
+        }
         #[cfg(not(feature = "tract"))]
         {
             let unsupported = |detail: String| InferenceError::Unsupported {
@@ -191,7 +214,7 @@ impl OnnxModel {
         };
         Ok(OnnxModel {
             name: name.to_string(),
-            plan,
+            plan: Some(plan),
             fused,
             #[cfg(feature = "gpu")]
             gpu: None,
@@ -225,6 +248,14 @@ impl OnnxModel {
     #[cfg(feature = "gpu")]
     pub fn gpu_adapter(&self) -> Option<&str> {
         self.gpu.as_deref().map(crate::gpu::GpuModel::adapter)
+    }
+
+    /// Whether tract's plan was loaded (only for a graph outside the fused kernels, or
+    /// `cpu_kernels: tract`).
+    #[cfg(feature = "tract")]
+    #[doc(hidden)]
+    pub fn has_tract_plan(&self) -> bool {
+        self.plan.is_some()
     }
 
     /// True when batches run on the GPU.
@@ -274,8 +305,10 @@ impl OnnxModel {
 
     #[cfg(feature = "tract")]
     fn tract_session(&self) -> Result<Session, InferenceError> {
-        let state = self
-            .plan
+        let plan = self.plan.as_ref().ok_or_else(|| {
+            InferenceError::Run("no kernels for this model (neither fused nor tract's)".into())
+        })?;
+        let state = plan
             .spawn()
             .map_err(|e| InferenceError::Run(format!("{e:#}")))?;
         let row_shape = self.signature.input.shape[1..]

@@ -84,6 +84,25 @@ fn an_operator_outside_the_fused_set_runs_on_tract() {
     }
 }
 
+/// In a build with tract, tract loads only what the fused kernels do not run: a fused
+/// graph is served from its declared signature with no tract plan (no second copy of
+/// its weights), as a build without tract serves it; `cpu_kernels: tract` and a graph
+/// outside the fused set get tract's plan. The served signature is the same either way.
+#[cfg(feature = "tract")]
+#[test]
+fn tract_loads_only_what_the_fused_kernels_do_not_run() {
+    use switchyard_inference::Kernels;
+    for bytes in [builtin::DIGITS_MLP, builtin::DIGITS_CNN] {
+        let fused = OnnxModel::from_bytes("m", bytes).unwrap();
+        assert!(fused.is_fused() && !fused.has_tract_plan());
+        let tract = OnnxModel::from_bytes_with("m", bytes, Kernels::TractOnly).unwrap();
+        assert!(!tract.is_fused() && tract.has_tract_plan());
+        assert_eq!(fused.signature(), tract.signature());
+    }
+    let outside = OnnxModel::from_bytes("softplus", &softplus_model()).unwrap();
+    assert!(outside.has_tract_plan());
+}
+
 /// Without tract, a graph outside the fused set is refused at load, and the message
 /// names the operator and the feature that would run it.
 #[cfg(not(feature = "tract"))]
