@@ -25,58 +25,65 @@ pub fn answer_json(body: &[u8], in_spec: bool) -> Vec<u8> {
         return body.to_vec();
     };
     let outputs = if in_spec {
-        let Ok(r) = PredictResponse::decode(message) else {
-            return body.to_vec();
-        };
-        tf_tensors(r.outputs)
+        PredictResponse::decode(message).map(|r| tf_tensors(r.outputs))
     } else {
-        let Ok(r) = ModelInferResponse::decode(message) else {
-            return body.to_vec();
-        };
-        r.outputs
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                v2_tensor(
-                    &t.name,
-                    &t.datatype,
-                    &t.shape,
-                    r.raw_output_contents.get(i).map(|b| &b[..]),
+        ModelInferResponse::decode(message).map(|r| {
+            let tensors = r.outputs.iter().map(|t| {
+                (
+                    &t.name[..],
+                    &t.datatype[..],
+                    &t.shape[..],
                     t.contents.as_ref(),
                 )
-            })
-            .collect()
+            });
+            kserve_tensors(tensors, &r.raw_output_contents)
+        })
     };
-    json!({ "outputs": outputs }).to_string().into_bytes()
+    outputs.map_or_else(
+        |_| body.to_vec(),
+        |o| json!({ "outputs": o }).to_string().into_bytes(),
+    )
 }
 
 /// A gRPC request message (unframed: `ModelInferRequest`, or TF Serving's
 /// `PredictRequest` when `in_spec`) as `{"inputs": [...]}`; other bytes as they are.
 pub fn request_json(message: &[u8], in_spec: bool) -> Vec<u8> {
     let inputs = if in_spec {
-        let Ok(r) = PredictRequest::decode(message) else {
-            return message.to_vec();
-        };
-        tf_tensors(r.inputs)
+        PredictRequest::decode(message).map(|r| tf_tensors(r.inputs))
     } else {
-        let Ok(r) = ModelInferRequest::decode(message) else {
-            return message.to_vec();
-        };
-        r.inputs
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                v2_tensor(
-                    &t.name,
-                    &t.datatype,
-                    &t.shape,
-                    r.raw_input_contents.get(i).map(|b| &b[..]),
+        ModelInferRequest::decode(message).map(|r| {
+            let tensors = r.inputs.iter().map(|t| {
+                (
+                    &t.name[..],
+                    &t.datatype[..],
+                    &t.shape[..],
                     t.contents.as_ref(),
                 )
-            })
-            .collect()
+            });
+            kserve_tensors(tensors, &r.raw_input_contents)
+        })
     };
-    json!({ "inputs": inputs }).to_string().into_bytes()
+    inputs.map_or_else(
+        |_| message.to_vec(),
+        |i| json!({ "inputs": i }).to_string().into_bytes(),
+    )
+}
+
+/// A KServe tensor: name, datatype, shape and typed contents.
+type KserveTensor<'a> = (&'a str, &'a str, &'a [i64], Option<&'a InferTensorContents>);
+
+/// KServe's tensors in V2's form, the i-th one's values from the message's i-th raw
+/// contents when it has them.
+fn kserve_tensors<'a>(
+    tensors: impl Iterator<Item = KserveTensor<'a>>,
+    raw: &[bytes::Bytes],
+) -> Vec<Value> {
+    tensors
+        .enumerate()
+        .map(|(i, (name, datatype, shape, contents))| {
+            v2_tensor(name, datatype, shape, raw.get(i).map(|b| &b[..]), contents)
+        })
+        .collect()
 }
 
 fn v2_tensor(
