@@ -32,9 +32,9 @@
 #       carry=[".device/gpu", ".gl"])
 # Headless NVIDIA setup as in ../shared/GPU.md: the Vulkan loader and the libraries
 # NVIDIA's driver library needs (glvnd, Xlib) shipped alongside, /dev/nvidia-modeset
-# created if missing, XDG_RUNTIME_DIR set. Without glvnd and Xlib the loader says
-# "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" even with the
-# device node present.
+# created if missing, XDG_RUNTIME_DIR set. With the loader alone it said "Could not get
+# 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" (device node present); with the
+# packages and libraries above it found the H200 (which one was missing: not isolated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCHES=${BATCHES:-1024 4096 16384 65536}
