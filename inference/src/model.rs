@@ -99,22 +99,15 @@ impl OnnxModel {
             // whichever features, and no second copy of its weights in tract's form.
             // Only what they do not run (or a signature only tract can infer) is
             // loaded into tract.
-            if let Ok(plan) = &fused {
-                let declared = declared_ends(name, &proto)
-                    .and_then(|(input, output)| signature_of_fused(name, input, output, plan));
-                if let Ok(signature) = declared {
-                    tracing::info!(model = %name, "Model runs on the fused CPU kernels.");
-                    return Ok(OnnxModel {
-                        name: name.to_string(),
-                        plan: None,
-                        fused: fused.ok(),
-                        #[cfg(feature = "gpu")]
-                        gpu: None,
-                        signature,
-                    });
-                }
+            let declared = fused.as_ref().ok().and_then(|plan| {
+                declared_ends(name, &proto)
+                    .and_then(|(input, output)| signature_of_fused(name, input, output, plan))
+                    .ok()
+            });
+            match (fused, declared) {
+                (Ok(plan), Some(signature)) => Ok(Self::on_fused(name, plan, signature)),
+                (fused, _) => Self::with_tract(name, bytes, fused),
             }
-            Self::with_tract(name, bytes, fused)
         }
         #[cfg(not(feature = "tract"))]
         {
@@ -141,14 +134,22 @@ impl OnnxModel {
             let (input, output) = declared_ends(name, &proto)?;
             let fused = fused.map_err(outside)?;
             let signature = signature_of_fused(name, input, output, &fused)?;
-            tracing::info!(model = %name, "Model runs on the fused CPU kernels.");
-            Ok(OnnxModel {
-                name: name.to_string(),
-                fused: Some(fused),
-                #[cfg(feature = "gpu")]
-                gpu: None,
-                signature,
-            })
+            Ok(Self::on_fused(name, fused, signature))
+        }
+    }
+
+    /// A model the fused kernels run, served with `signature` (read from its declared
+    /// ends), with no tract plan in either build.
+    fn on_fused(name: &str, fused: FusedPlan, signature: Signature) -> Self {
+        tracing::info!(model = %name, "Model runs on the fused CPU kernels.");
+        OnnxModel {
+            name: name.to_string(),
+            #[cfg(feature = "tract")]
+            plan: None,
+            fused: Some(fused),
+            #[cfg(feature = "gpu")]
+            gpu: None,
+            signature,
         }
     }
 
