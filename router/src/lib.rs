@@ -19,6 +19,8 @@
 //! - [`selector`]: weighted and sticky variant choice over an atomically replaceable
 //!   weight table; the seam the bandit will drive.
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
+//! - [`h1`]: our HTTP/1.1 codec to upstreams: request heads written from borrowed
+//!   headers, answers parsed with httparse, bodies as slices of a reused buffer.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
 //! - [`grpc`]: gRPC on the data port (KServe V2 / Triton, TF Serving): calls read,
 //!   routed like HTTP requests, forwarded frame for frame or answered in-process.
@@ -48,6 +50,7 @@ pub mod error;
 pub mod feedback;
 pub mod forward;
 pub mod grpc;
+pub mod h1;
 pub mod ids;
 pub mod local;
 pub mod metrics;

@@ -541,7 +541,9 @@ impl Router {
     }
 }
 
-/// Builds the upstream request: rewritten URI, cleaned headers, limited body.
+/// Builds the upstream request for an h2c or gRPC upstream: rewritten URI, cleaned
+/// headers, limited body. (HTTP/1.1 upstreams: [`send_http1`], which does not copy the
+/// client's headers.)
 pub(crate) fn upstream_request(
     variant: &VariantRoute,
     upstream: &crate::upstream::Upstream,
@@ -564,19 +566,11 @@ pub(crate) fn upstream_request(
         headers.remove(header::CONTENT_LENGTH);
         headers.remove("grpc-encoding");
     }
-    match upstream.protocol {
-        UpstreamProtocol::Http1 => {
-            parts.version = Version::HTTP_11;
-            headers.insert(header::HOST, upstream.host_header.clone());
-        }
-        UpstreamProtocol::H2c | UpstreamProtocol::Grpc => {
-            parts.version = Version::HTTP_2;
-            headers.remove(header::HOST);
-        }
-    }
-    headers.insert(X_REQUEST_ID.clone(), ask.request_id.clone());
-    if let Some(ip) = ask.peer {
-        append_forwarded_for(headers, ip);
+    parts.version = Version::HTTP_2;
+    headers.remove(header::HOST);
+    let forwarded = forwarded_for(ask);
+    for (name, value) in set_fields(upstream, ask, &forwarded) {
+        headers.insert(name.clone(), value.clone());
     }
     if let Some(deadline) = ask.grpc.and_then(|call| call.deadline) {
         // What is left of the client's deadline, not what it first allowed.
@@ -586,17 +580,68 @@ pub(crate) fn upstream_request(
     Ok(Request::from_parts(parts, body))
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+/// Sends a try to an HTTP/1.1 upstream: the same request as [`upstream_request`] would
+/// build, written out from the client's borrowed head.
+pub(crate) async fn send_http1(
+    variant: &VariantRoute,
+    upstream: &crate::upstream::Upstream,
+    ask: &crate::forward::Ask<'_>,
+    body: LimitedBody,
+) -> Result<Response<crate::upstream::UpstreamBody>, RouterError> {
+    let uri = upstream.uri(
+        &ask.parts.uri,
+        ask.model_req.model.clone(),
+        &variant.upstream_model,
+    )?;
+    let forwarded = forwarded_for(ask);
+    let mut set = [(&X_REQUEST_ID, ask.request_id); 3];
+    let mut n = 0;
+    for field in set_fields(upstream, ask, &forwarded) {
+        set[n] = field;
+        n += 1;
+    }
+    let head = crate::h1::RequestHead {
+        method: &ask.parts.method,
+        target: uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        headers: &ask.parts.headers,
+        set: &set[..n],
+    };
+    upstream
+        .send_http1(&head, body)
+        .await
+        .map_err(|e| e.into_router_error(&variant.name))
+}
+
+/// The fields this hop sets on an upstream request, replacing the client's: `host`
+/// (the upstream's; HTTP/1.1 only, HTTP/2 has `:authority`), `x-request-id`, and
+/// `x-forwarded-for` as [`forwarded_for`] made it.
+fn set_fields<'a>(
+    upstream: &'a crate::upstream::Upstream,
+    ask: &'a crate::forward::Ask<'_>,
+    forwarded: &'a Option<HeaderValue>,
+) -> impl Iterator<Item = (&'static HeaderName, &'a HeaderValue)> {
+    let host = (upstream.protocol == UpstreamProtocol::Http1).then_some(&upstream.host_header);
+    host.map(|h| (&header::HOST, h))
+        .into_iter()
+        .chain([(&X_REQUEST_ID, ask.request_id)])
+        .chain(forwarded.as_ref().map(|f| (&X_FORWARDED_FOR, f)))
+}
+
+/// The `x-forwarded-for` to send: the client's peer address after the client's first
+/// value; `None` when there is no peer address, or the two do not make a valid value
+/// (then the client's passes as it is).
+fn forwarded_for(ask: &crate::forward::Ask<'_>) -> Option<HeaderValue> {
+    let ip = ask.peer?;
+    match ask
+        .parts
+        .headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prior) => {
-            let value = format!("{prior}, {}", ip.to_str().unwrap_or_default());
-            if let Ok(v) = HeaderValue::try_from(value) {
-                headers.insert(X_FORWARDED_FOR.clone(), v);
-            }
+            HeaderValue::try_from(format!("{prior}, {}", ip.to_str().unwrap_or_default())).ok()
         }
-        None => {
-            headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
-        }
+        None => Some(ip.clone()),
     }
 }
 

@@ -1,17 +1,16 @@
 //! Phase 6, *forward*, for remote variants: a pooled keep-alive client per variant, the
 //! rewritten URI, and the classification of failures.
 //!
-//! HTTP/1.1 upstreams have a pool of our own over hyper's `client::conn::http1`: each
-//! connection is driven by the task of the request that holds it, then by the answer's
-//! body as the client reads it, and goes back to the pool when that body ends. No task
-//! per connection, no hand-off between tasks per request (hyper-util's legacy client
-//! spawns each connection and talks to it through a channel; 6–8% of the proxy's
-//! samples in the profile, BENCHMARKS.md). h2c and gRPC upstreams multiplex many
+//! HTTP/1.1 upstreams have a pool of our own over our own codec ([`crate::h1`]): each
+//! connection is read and written by the task of the request that holds it, then by
+//! the answer's body as the client reads it, and goes back to the pool when that body
+//! ends. No task per connection, no hand-off between tasks per request (hyper-util's
+//! legacy client spawns each connection and talks to it through a channel; 6–8% of the
+//! proxy's samples in the profile, BENCHMARKS.md). h2c and gRPC upstreams multiplex many
 //! requests over one connection, which needs a task of its own: they keep hyper-util's
 //! client.
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -22,7 +21,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,9 +29,10 @@ use tokio::net::TcpStream;
 
 use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody};
 use crate::error::{RouterError, UpstreamErrorKind};
+use crate::h1;
 
 /// How many idle connections to one upstream are kept for reuse. A burst of N concurrent
-/// requests opens N connections (about 28 KiB each in hyper's client); once it is over,
+/// requests opens N connections (each keeps a read buffer of 8 KiB or more); once it is over,
 /// keeping them all until `upstream_idle_timeout` holds memory that steady traffic never
 /// uses. 64 is nginx's usual `keepalive 64`; more than that many in flight still works,
 /// the extra connections are just closed when they finish instead of pooled.
@@ -184,28 +183,55 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` and waits for the response head within the request timeout.
+    /// Whether requests go out over HTTP/1.1 ([`Upstream::send_http1`]) rather than
+    /// h2c ([`Upstream::send`]).
+    pub fn is_http1(&self) -> bool {
+        matches!(self.client, Clients::Http1(_))
+    }
+
+    fn timed_out(&self) -> SendError {
+        SendError::Upstream(
+            UpstreamErrorKind::Timeout,
+            format!("no response within {:?}", self.timeouts.request),
+        )
+    }
+
+    /// Sends a request to an HTTP/1.1 upstream and waits for the response head within
+    /// the request timeout.
+    pub async fn send_http1(
+        &self,
+        head: &h1::RequestHead<'_>,
+        body: LimitedBody,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let Clients::Http1(pool) = &self.client else {
+            return Err(SendError::Upstream(
+                UpstreamErrorKind::Protocol,
+                "this upstream speaks HTTP/2".into(),
+            ));
+        };
+        tokio::time::timeout(self.timeouts.request, pool.send(head, body))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    /// Sends `req` to an h2c or gRPC upstream and waits for the response head within
+    /// the request timeout.
     pub async fn send(
         &self,
         req: Request<LimitedBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let timed_out = || {
-            SendError::Upstream(
-                UpstreamErrorKind::Timeout,
-                format!("no response within {:?}", self.timeouts.request),
-            )
+        let Clients::Multiplexed(client) = &self.client else {
+            return Err(SendError::Upstream(
+                UpstreamErrorKind::Protocol,
+                "this upstream speaks HTTP/1.1".into(),
+            ));
         };
-        match &self.client {
-            Clients::Http1(pool) => tokio::time::timeout(self.timeouts.request, pool.send(req))
-                .await
-                .unwrap_or_else(|_| Err(timed_out())),
-            Clients::Multiplexed(client) => {
-                match tokio::time::timeout(self.timeouts.request, client.request(req)).await {
-                    Err(_) => Err(timed_out()),
-                    Ok(Ok(resp)) => Ok(resp.map(|body| UpstreamBody { body, held: None })),
-                    Ok(Err(e)) => Err(classify(&e, e.is_connect())),
-                }
-            }
+        match tokio::time::timeout(self.timeouts.request, client.request(req)).await {
+            Err(_) => Err(self.timed_out()),
+            Ok(Ok(resp)) => Ok(resp.map(|body| UpstreamBody {
+                inner: Inner::Multiplexed(body),
+            })),
+            Ok(Err(e)) => Err(classify(&e, e.is_connect())),
         }
     }
 }
@@ -219,39 +245,6 @@ enum Clients {
     Multiplexed(Box<Client<Connector, LimitedBody>>),
 }
 
-type Http1Connection = http1::Connection<TokioIo<TcpStream>, LimitedBody>;
-
-/// An HTTP/1.1 connection to an upstream: the handle requests are sent through, and
-/// the connection itself, which makes progress only while someone polls it.
-struct Lease {
-    sender: http1::SendRequest<LimitedBody>,
-    // Boxed once per connection (not per request): it moves between the pool, a
-    // request and an answer's body. `None` once it has ended.
-    connection: Option<Pin<Box<Http1Connection>>>,
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").finish_non_exhaustive()
-    }
-}
-
-impl Lease {
-    /// Lets the connection read and write what it can; `false` once it has closed (the
-    /// upstream hung up, or a protocol error). A closed connection is dropped at once:
-    /// that fails a request still queued on it, handing the request back unsent.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(connection) = &mut self.connection else {
-            return false;
-        };
-        if connection.as_mut().poll(cx).is_pending() {
-            return true;
-        }
-        self.connection = None;
-        false
-    }
-}
-
 /// The idle keep-alive connections to one HTTP/1.1 upstream, most recently used last.
 #[derive(Debug)]
 struct Pool {
@@ -263,7 +256,7 @@ struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    lease: Lease,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -286,39 +279,30 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection that is still open and ready for a
-    /// request; those closed or idle too long are dropped (which closes them).
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<Lease> {
+    /// The most recently used idle connection that is still open; those closed by the
+    /// upstream or idle too long are dropped (which closes them).
+    fn checkout(&self) -> Option<h1::Conn> {
         loop {
-            let Idle { mut lease, since } = self.lock().pop()?;
-            // Polling it reads what came while it sat idle: an upstream that closed it
-            // (or sent something unasked) shows here, before a request is written to it.
-            if since.elapsed() < self.timeouts.idle && lease.drive(cx) && lease.sender.is_ready() {
-                return Some(lease);
+            let Idle { conn, since } = self.lock().pop()?;
+            if since.elapsed() < self.timeouts.idle && conn.is_open() {
+                return Some(conn);
             }
         }
     }
 
-    /// Puts a connection whose exchange has ended back, unless the pool is full or the
-    /// connection cannot take another request.
-    fn give_back(&self, mut lease: Lease) {
-        // One more turn lets hyper finish the exchange (the end of the answer was read)
-        // and ask for the next request; no task waits on it here, hence the no-op waker.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        if !lease.drive(&mut cx) || !lease.sender.is_ready() {
-            return;
-        }
+    /// Puts a connection whose exchange has ended back, unless the pool is full.
+    fn give_back(&self, conn: h1::Conn) {
         let mut idle = self.lock();
         if idle.len() < POOL_MAX_IDLE {
             idle.push(Idle {
-                lease,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
     /// Opens a connection within the connect timeout.
-    async fn connect(&self) -> Result<Lease, SendError> {
+    async fn connect(&self) -> Result<h1::Conn, SendError> {
         let failed = |detail: String| SendError::Upstream(UpstreamErrorKind::Connect, detail);
         let stream =
             match tokio::time::timeout(self.timeouts.connect, TcpStream::connect(&*self.authority))
@@ -339,60 +323,42 @@ impl Pool {
         stream
             .set_nodelay(true)
             .map_err(|e| failed(format!("cannot set TCP_NODELAY: {e}")))?;
-        // Nothing is exchanged yet: this only sets the connection up.
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| failed(error_chain(&e)))?;
-        Ok(Lease {
-            sender,
-            connection: Some(Box::pin(connection)),
-        })
+        Ok(h1::Conn::new(stream))
     }
 
-    /// Sends `req` over an idle connection, or a new one, driving the connection here
-    /// until the answer's head has come; the answer's body drives it from then on.
+    /// Sends a request over an idle connection, or a new one, and reads the answer's
+    /// head; the answer's body reads the rest and gives the connection back.
     async fn send(
         self: &Arc<Self>,
-        mut req: Request<LimitedBody>,
+        head: &h1::RequestHead<'_>,
+        body: LimitedBody,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let mut unsent = h1::Unsent {
+            first: None,
+            body: Some(body),
+        };
         loop {
-            let reused = std::future::poll_fn(|cx| Poll::Ready(self.checkout(cx))).await;
+            let reused = self.checkout();
             let was_reused = reused.is_some();
-            let mut lease = match reused {
-                Some(lease) => lease,
+            let conn = match reused {
+                Some(conn) => conn,
                 // Boxed: once per new connection, and it would otherwise enlarge
                 // every request's future.
                 None => Box::pin(self.connect()).await?,
             };
-            let answer = {
-                let mut sending = std::pin::pin!(lease.sender.try_send_request(req));
-                std::future::poll_fn(|cx| {
-                    // The connection writes the request and reads the answer; when it
-                    // closes, hyper fails the request, so `sending` always ends.
-                    lease.drive(cx);
-                    sending.as_mut().poll(cx)
-                })
-                .await
-            };
-            match answer {
+            match conn.exchange(head, unsent, was_reused).await {
                 Ok(resp) => {
-                    let held = lease.connection.is_some().then(|| Held {
-                        lease,
-                        pool: Arc::clone(self),
-                    });
-                    return Ok(resp.map(|body| UpstreamBody { body, held }));
+                    return Ok(resp.map(|answer| UpstreamBody {
+                        inner: Inner::Http1 {
+                            answer,
+                            pool: Some(Arc::clone(self)),
+                        },
+                    }))
                 }
-                Err(mut e) => match e.take_message() {
-                    // A kept-alive connection the upstream closed before the request was
-                    // written (the keep-alive race): nothing reached the upstream, so
-                    // send it again, on another connection or a new one.
-                    Some(back) if was_reused => req = back,
-                    _ => {
-                        let err = e.into_error();
-                        return Err(classify(&err, false));
-                    }
-                },
+                // A kept-alive connection the upstream had closed: nothing reached the
+                // upstream, so send it again, on another connection or a new one.
+                Err(h1::Failed::Stale(back)) => unsent = back,
+                Err(h1::Failed::Error(e)) => return Err(h1_error(e)),
             }
         }
     }
@@ -421,75 +387,80 @@ async fn sweep(pool: Weak<Pool>, timeout: Duration) {
     }
 }
 
-/// A connection lent to an answer until its body ends.
-#[derive(Debug)]
-struct Held {
-    lease: Lease,
-    pool: Arc<Pool>,
-}
-
-/// An upstream's answer body. Over HTTP/1.1 it drives its connection as it is read, and
+/// An upstream's answer body. Over HTTP/1.1 it reads its connection as it is read, and
 /// gives the connection back to the pool once it has ended; dropped before its end, it
 /// closes the connection (nothing else could be sent on it).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    body: Incoming,
-    held: Option<Held>,
+    inner: Inner,
 }
+
+#[derive(Debug)]
+enum Inner {
+    Http1 {
+        answer: h1::Answer,
+        /// Where the connection goes back to; `None` once it has.
+        pool: Option<Arc<Pool>>,
+    },
+    Multiplexed(Incoming),
+}
+
+/// Errors of an answer's body, as the server that passes it on takes them.
+pub type BodyError = Box<dyn StdError + Send + Sync>;
 
 impl UpstreamBody {
     fn give_back(&mut self) {
-        if let Some(Held { lease, pool }) = self.held.take() {
-            pool.give_back(lease);
+        if let Inner::Http1 { answer, pool } = &mut self.inner {
+            if let (Some(conn), Some(pool)) = (answer.reusable(), pool.take()) {
+                pool.give_back(conn);
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending() {
-            if let Some(held) = &mut this.held {
-                // The body asked for more: let the connection read it, then look again.
-                if !held.lease.drive(cx) {
-                    this.held = None;
+        match &mut this.inner {
+            Inner::Multiplexed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Http1 { answer, .. } => {
+                let polled = Pin::new(&mut *answer).poll_frame(cx);
+                // The server stops polling once a body says it has ended.
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Ok(_))))
+                    && answer.is_end_stream()
+                {
+                    this.give_back();
                 }
-                polled = Pin::new(&mut this.body).poll_frame(cx);
+                polled.map_err(Into::into)
             }
         }
-        match &polled {
-            Poll::Ready(None) => this.give_back(),
-            // hyper stops polling once a body says it has ended.
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
-            // A broken answer: the connection is not reused.
-            Poll::Ready(Some(Err(_))) => this.held = None,
-            _ => {}
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::Http1 { answer, .. } => answer.is_end_stream(),
+            Inner::Multiplexed(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::Http1 { answer, .. } => answer.size_hint(),
+            Inner::Multiplexed(body) => body.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // An empty body (or one whose end nobody polled for) has still ended.
-        if self.body.is_end_stream() {
-            self.give_back();
-        }
+        self.give_back();
     }
 }
 
@@ -574,18 +545,8 @@ impl hyper::rt::Write for Socket {
 fn classify(err: &(dyn StdError + 'static), connecting: bool) -> SendError {
     let detail = error_chain(err);
     // The client's own body failures travel inside the client error: find them first.
-    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(b) = e.downcast_ref::<BodyTooLarge>() {
-            return SendError::BodyTooLarge(b.limit);
-        }
-        if e.downcast_ref::<ClientBodyError>().is_some() {
-            return SendError::ClientBody(detail);
-        }
-        if let Some(t) = e.downcast_ref::<ClientBodyTimeout>() {
-            return SendError::ClientBodyTimeout(t.to_string());
-        }
-        source = e.source();
+    if let Some(e) = client_body_error(err, &detail) {
+        return e;
     }
     // A connect timeout is a connect failure (502, safe to retry elsewhere), not the
     // request timeout (504): nothing reached the upstream.
@@ -608,6 +569,38 @@ fn classify(err: &(dyn StdError + 'static), connecting: bool) -> SendError {
         source = e.source();
     }
     SendError::Upstream(UpstreamErrorKind::Reset, detail)
+}
+
+/// The client's body failure somewhere in `err`'s chain, if that is what failed.
+fn client_body_error(err: &(dyn StdError + 'static), detail: &str) -> Option<SendError> {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(b) = e.downcast_ref::<BodyTooLarge>() {
+            return Some(SendError::BodyTooLarge(b.limit));
+        }
+        if e.downcast_ref::<ClientBodyError>().is_some() {
+            return Some(SendError::ClientBody(detail.to_string()));
+        }
+        if let Some(t) = e.downcast_ref::<ClientBodyTimeout>() {
+            return Some(SendError::ClientBodyTimeout(t.to_string()));
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Sorts an HTTP/1.1 exchange's failure like [`classify`] does hyper's.
+fn h1_error(err: h1::H1Error) -> SendError {
+    let detail = error_chain(&err);
+    match err {
+        h1::H1Error::Io(_) | h1::H1Error::Closed(_) => {
+            SendError::Upstream(UpstreamErrorKind::Reset, detail)
+        }
+        h1::H1Error::Malformed(_) => SendError::Upstream(UpstreamErrorKind::Protocol, detail),
+        h1::H1Error::ClientBody(e) => {
+            client_body_error(&*e, &detail).unwrap_or(SendError::ClientBody(detail))
+        }
+    }
 }
 
 /// `a: b: c` from an error and its sources, for messages.

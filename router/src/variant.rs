@@ -24,7 +24,7 @@ use crate::body::{LimitedBody, ProxyBody};
 use crate::breaker::{failure_kind, Guard, GuardLayer};
 use crate::error::RouterError;
 use crate::forward::Ask;
-use crate::proxy::{strip_hop_by_hop, upstream_request};
+use crate::proxy::{send_http1, strip_hop_by_hop, upstream_request};
 use crate::table::{Backend, VariantRoute};
 
 /// A variant's stack, as [`stack`] builds it.
@@ -90,6 +90,11 @@ impl<'a> Service<LimitedBody> for Forward<'a> {
 /// One request to one variant.
 async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answer {
     match &variant.backend {
+        Backend::Remote(upstream) if upstream.is_http1() && ask.grpc.is_none() => {
+            send_http1(variant, upstream, ask, body)
+                .await
+                .map(|resp| answer(resp.map(ProxyBody::upstream)))
+        }
         Backend::Remote(upstream) => {
             let body = match ask.grpc {
                 Some(call) => LimitedBody::replay(call.for_upstream(&variant.upstream_model)),
@@ -100,12 +105,7 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
                 .send(up_req)
                 .await
                 .map_err(|e| e.into_router_error(&variant.name))
-                .map(|resp| {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    parts.version = Version::HTTP_11;
-                    Response::from_parts(parts, ProxyBody::upstream(body))
-                })
+                .map(|resp| answer(resp.map(ProxyBody::upstream)))
         }
         Backend::Local(local) => {
             let path = ask.parts.uri.path();
@@ -143,6 +143,15 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
             .await
         }
     }
+}
+
+/// An upstream's answer as the client gets it: its hop-by-hop fields removed (ours are
+/// the server's to set), in HTTP/1.1 terms whatever the upstream spoke.
+fn answer(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, body)
 }
 
 /// Counts every answer of a variant in its metrics (status, latency, upstream error

@@ -1,0 +1,1353 @@
+//! HTTP/1.1 to upstreams, with a codec of our own (RFC 9112), used by the pool in
+//! [`crate::upstream`].
+//!
+//! - The request head is written straight from the client's headers (borrowed, not
+//!   cloned per try) into a buffer the connection keeps, and goes out with the body's
+//!   first frame in one `writev`.
+//! - The answer's head is parsed with `httparse` out of a read buffer the connection
+//!   keeps; header values and body frames are slices of that buffer, not copies.
+//! - It all runs in the task of the request that holds the connection: no task per
+//!   connection, no channels, no callbacks.
+//!
+//! Why not hyper's `client::conn::http1`: its HTTP/1.1 handling was 14% of the proxy's
+//! user time on the upstream leg alone, with five allocations per request (a body
+//! channel, a response callback, read buffers re-reserved; BENCHMARKS.md). The upstream
+//! leg is the one where we choose the peer, so it is where a codec of our own is
+//! cheapest to get right; clients still meet hyper's server.
+//!
+//! What an answer must be to be read (anything else fails the try as a protocol error,
+//! and the connection is closed):
+//! - A head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields, valid to httparse.
+//! - Interim answers (`100 Continue`, `103 Early Hints`) are read and dropped; `101` was
+//!   never asked for and is refused.
+//! - Framing as RFC 9112 §6.3 orders it: no body for `HEAD`, `204` and `304`; then
+//!   `transfer-encoding` (chunked last, else read to the close; a `content-length` beside
+//!   it is removed and the connection not reused); then `content-length` (every value
+//!   the same number); else read to the close. HTTP/1.0 with `transfer-encoding` is
+//!   refused (§6.1: faulty framing).
+//! - Chunk-size lines of at most [`MAX_CHUNK_LINE`] bytes; trailers bounded like heads,
+//!   and passed on as a trailers frame.
+//!
+//! A connection is reused only when the answer said nothing against it (`connection:
+//! close`, HTTP/1.0 without `keep-alive`, a body read to the close), the whole request
+//! was sent, and nothing came after the answer's end.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::body::LimitedBody;
+
+/// Largest answer head (status line and fields), and largest trailer section. nginx
+/// refuses upstream heads over 4–8 KiB (`proxy_buffer_size`); model servers send a
+/// handful of fields.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most fields in an answer head or a trailer section (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+pub const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// What a read asks the kernel for at least; the buffer is reused between answers.
+const READ_SIZE: usize = 8 * 1024;
+/// Most a body read asks for at once: larger bodies pass as frames of this size.
+const BODY_READ: usize = 64 * 1024;
+
+/// An error of the HTTP/1.1 exchange, before it becomes a [`crate::upstream::SendError`].
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// Reading or writing the connection failed.
+    #[error("connection to the upstream failed: {0}")]
+    Io(#[source] io::Error),
+    /// The upstream closed the connection early; says when.
+    #[error("the upstream closed the connection {0}")]
+    Closed(&'static str),
+    /// The upstream's answer broke HTTP/1.1.
+    #[error("malformed answer from the upstream: {0}")]
+    Malformed(String),
+    /// The client's body failed (too large, stalled, broken): told apart by its type.
+    #[error("{0}")]
+    ClientBody(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<io::Error> for H1Error {
+    fn from(e: io::Error) -> Self {
+        H1Error::Io(e)
+    }
+}
+
+/// One keep-alive connection to an upstream, with the buffers it keeps between
+/// exchanges.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+/// A request head, borrowed: `headers` are the client's (hop-by-hop already removed);
+/// `set` are written first and replace the client's fields of the same names.
+#[derive(Debug)]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// Origin form: `/path?query`.
+    pub target: &'a str,
+    /// The client's fields.
+    pub headers: &'a HeaderMap,
+    /// Fields this hop sets (`host`, `x-request-id`, ...).
+    pub set: &'a [(&'a HeaderName, &'a HeaderValue)],
+}
+
+/// A request whose bytes have not reached the connection: what a stale keep-alive
+/// connection hands back to be sent on another one.
+#[derive(Debug)]
+pub struct Unsent {
+    /// The body's first frame, already taken from it.
+    pub first: Option<Bytes>,
+    /// The rest of the body; `None` once it has ended.
+    pub body: Option<LimitedBody>,
+}
+
+/// How an exchange failed.
+#[derive(Debug)]
+pub enum Failed {
+    /// A reused connection failed before any byte of the request was written: the
+    /// upstream had closed it (the keep-alive race). The request may go again.
+    Stale(Unsent),
+    /// Anything else.
+    Error(H1Error),
+}
+
+impl From<H1Error> for Failed {
+    fn from(e: H1Error) -> Self {
+        Failed::Error(e)
+    }
+}
+
+impl Conn {
+    /// A fresh connection.
+    pub fn new(io: TcpStream) -> Self {
+        Conn {
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: the upstream has not closed it
+    /// and sent nothing unasked. Costs a system call only when the socket has become
+    /// readable since it went idle.
+    pub fn is_open(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends the request and reads the answer's head. `reused`: the connection has
+    /// carried an exchange before, so a failure to write anything is the keep-alive race
+    /// ([`Failed::Stale`]).
+    pub async fn exchange(
+        mut self,
+        head: &RequestHead<'_>,
+        unsent: Unsent,
+        reused: bool,
+    ) -> Result<Response<Answer>, Failed> {
+        let body_hint = match (&unsent.first, &unsent.body) {
+            (first, Some(body)) => {
+                let hint = body.size_hint();
+                hint.exact()
+                    .map(|n| n + first.as_ref().map_or(0, |f| f.len() as u64))
+            }
+            (Some(first), None) => Some(first.len() as u64),
+            (None, None) => Some(0),
+        };
+        let chunked = body_hint.is_none();
+        self.write.clear();
+        encode_head(&mut self.write, head, body_hint);
+        let mut writer = Writer {
+            sent: unsent.first.as_ref().map_or(0, |f| f.len() as u64),
+            data: unsent.first.unwrap_or_default(),
+            tail: b"",
+            body: unsent.body,
+            chunked,
+            declared: body_hint,
+            pos: 0,
+            written: false,
+            ended: false,
+        };
+        let head_request = head.method == Method::HEAD;
+        let parsed = std::future::poll_fn(|cx| {
+            if !writer.done() {
+                match writer.poll_write(&mut self, cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        if reused && !writer.written && matches!(e, H1Error::Io(_)) {
+                            return Poll::Ready(Err(Failed::Stale(writer.take_unsent())));
+                        }
+                        return Poll::Ready(Err(Failed::Error(e)));
+                    }
+                    // Still sending: an upstream may answer before it has read the whole
+                    // request (an early 413, say); look for that.
+                    Poll::Pending => {
+                        return match self.poll_head(cx, head_request) {
+                            Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
+                            // A failure to read shows as a failure to write soon enough;
+                            // that one says more.
+                            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+                        };
+                    }
+                }
+            }
+            self.poll_head(cx, head_request).map_err(Failed::Error)
+        })
+        .await?;
+        let (parts, framing, mut keep) = parsed;
+        // An answer that came before the whole request went out: the rest of the
+        // request can never be sent on this connection.
+        keep &= writer.done();
+        Ok(Response::from_parts(
+            parts,
+            Answer {
+                conn: Some(self),
+                framing,
+                keep,
+            },
+        ))
+    }
+
+    /// Reads until a whole final head has come; drops interim answers.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<(http::response::Parts, Framing, bool), H1Error>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(parsed) = parse_head(&mut self.read, head_request)? {
+                    return Poll::Ready(Ok(parsed));
+                }
+                if self.read.len() >= MAX_HEAD {
+                    return Poll::Ready(Err(H1Error::Malformed(format!(
+                        "answer head larger than {MAX_HEAD} bytes"
+                    ))));
+                }
+            }
+            if ready!(self.poll_fill(cx, READ_SIZE))? == 0 {
+                return Poll::Ready(Err(H1Error::Closed(if self.read.is_empty() {
+                    "before answering"
+                } else {
+                    "in the middle of the answer's head"
+                })));
+            }
+        }
+    }
+
+    /// Reads what the kernel has into the read buffer, with room for at least `want`
+    /// more (at most [`BODY_READ`]); `0` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let want = want.clamp(1, BODY_READ);
+        if self.read.capacity() - self.read.len() < want {
+            // Reclaims the buffer in place when every slice of it handed out before has
+            // been dropped (the usual case: the last answer was written to the client).
+            self.read.reserve(want.max(READ_SIZE.min(BODY_READ)));
+        }
+        let read = std::pin::pin!(self.io.read_buf(&mut self.read));
+        std::future::Future::poll(read, cx)
+    }
+}
+
+/// Writes the request line and fields into `out`; the framing field from `length`
+/// (`None`: chunked).
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, length: Option<u64>) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in head.set {
+        field(name, value);
+    }
+    for (name, value) in head.headers {
+        // Framing is this hop's: from the body as it will be sent. `host` is the
+        // upstream's. Hop-by-hop fields were removed before.
+        if name == CONTENT_LENGTH
+            || name == TRANSFER_ENCODING
+            || name == HOST
+            || head.set.iter().any(|(set, _)| *set == name)
+        {
+            continue;
+        }
+        field(name, value);
+    }
+    match length {
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // A body-less request of a method that carries none says nothing (as curl
+        // and hyper do); the others say 0.
+        Some(0) if !matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) => {}
+        Some(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, without an allocation.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The request going out: the head in the connection's write buffer, then the body
+/// frame by frame (chunked when its length is unknown).
+struct Writer {
+    body: Option<LimitedBody>,
+    chunked: bool,
+    /// The length the head declared, checked against what the body yields.
+    declared: Option<u64>,
+    sent: u64,
+    /// What of the connection's write buffer has gone out.
+    pos: usize,
+    /// The frame being written, then `tail` (a chunk's CRLF).
+    data: Bytes,
+    tail: &'static [u8],
+    /// Some byte reached the connection.
+    written: bool,
+    /// The body has ended and its end is in the write buffer.
+    ended: bool,
+}
+
+impl Writer {
+    fn done(&self) -> bool {
+        self.ended && self.data.is_empty() && self.tail.is_empty() && self.pos == 0
+    }
+
+    /// What has not been sent, for another connection (only before any byte went out).
+    fn take_unsent(&mut self) -> Unsent {
+        let data = std::mem::take(&mut self.data);
+        Unsent {
+            first: (!data.is_empty()).then_some(data),
+            body: self.body.take(),
+        }
+    }
+
+    fn poll_write(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
+        loop {
+            // The next frame once the last is out (so that a chunk's size line never
+            // overtakes its predecessor's CRLF).
+            if self.data.is_empty() && self.tail.is_empty() && !self.ended {
+                match self.poll_frame(cx) {
+                    Poll::Ready(Ok(Some(data))) => {
+                        if self.chunked {
+                            let mut hex = [0u8; 16];
+                            conn.write.extend_from_slice(hex_len(data.len(), &mut hex));
+                            conn.write.extend_from_slice(b"\r\n");
+                            self.tail = b"\r\n";
+                        }
+                        self.data = data;
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        self.ended = true;
+                        if self.chunked {
+                            conn.write.extend_from_slice(b"0\r\n\r\n");
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    // The client has not sent more yet: write what there is meanwhile.
+                    Poll::Pending if conn.write.len() == self.pos => return Poll::Pending,
+                    Poll::Pending => {}
+                }
+            }
+            let buffered = &conn.write[self.pos..];
+            if buffered.is_empty() && self.data.is_empty() && self.tail.is_empty() {
+                conn.write.clear();
+                self.pos = 0;
+                if self.ended {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let slices = [
+                IoSlice::new(buffered),
+                IoSlice::new(&self.data),
+                IoSlice::new(self.tail),
+            ];
+            let mut n = ready!(Pin::new(&mut conn.io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
+            }
+            self.written = true;
+            let from_head = n.min(buffered.len());
+            self.pos += from_head;
+            n -= from_head;
+            let from_data = n.min(self.data.len());
+            self.data.advance(from_data);
+            n -= from_data;
+            self.tail = &self.tail[n..];
+            if self.pos == conn.write.len() {
+                conn.write.clear();
+                self.pos = 0;
+            }
+        }
+    }
+
+    /// The body's next data frame (`None` at its end), its length checked against the
+    /// head's.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, H1Error>> {
+        let Some(body) = &mut self.body else {
+            return Poll::Ready(Ok(None));
+        };
+        loop {
+            match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers of a client's body are not passed on over HTTP/1.1.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.sent += data.len() as u64;
+                    if self.declared.is_some_and(|d| self.sent > d) {
+                        return Poll::Ready(Err(H1Error::ClientBody(
+                            "the request body is longer than its content-length".into(),
+                        )));
+                    }
+                    return Poll::Ready(Ok(Some(data)));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::ClientBody(e))),
+                None => {
+                    self.body = None;
+                    if self.declared.is_some_and(|d| self.sent != d) {
+                        return Poll::Ready(Err(H1Error::ClientBody(
+                            "the request body is shorter than its content-length".into(),
+                        )));
+                    }
+                    return Poll::Ready(Ok(None));
+                }
+            }
+        }
+    }
+}
+
+/// `n` in lower-case hex, without an allocation.
+fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// How an answer's body is delimited, and how far it has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes left.
+    Length(u64),
+    /// Chunked, before a chunk-size line.
+    ChunkSize,
+    /// Chunked, this many bytes of the current chunk left.
+    ChunkData(u64),
+    /// Chunked, the CRLF after a chunk's data.
+    ChunkEnd,
+    /// Chunked, after the last chunk: trailers or the final CRLF.
+    Trailers,
+    /// Until the upstream closes.
+    Close,
+    /// Ended.
+    Done,
+    /// Broke off; nothing more will be read.
+    Failed,
+}
+
+/// Parses a final answer head out of `buf`, dropping interim answers before it; `None`
+/// while incomplete. Returns the head, its framing and whether the connection may be
+/// reused after it.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
+    loop {
+        // Offsets of each field's name and value: the fields borrow `buf`, which is
+        // split off below.
+        let mut spans = [[0u32; 4]; MAX_HEADERS];
+        let (len, code, version, count) = {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let len = match parsed.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(H1Error::Malformed(format!("bad answer head: {e}"))),
+            };
+            let base = buf.as_ptr() as usize;
+            for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let name = field.name.as_ptr() as usize - base;
+                let value = field.value.as_ptr() as usize - base;
+                *span = [
+                    name as u32,
+                    field.name.len() as u32,
+                    value as u32,
+                    field.value.len() as u32,
+                ];
+            }
+            // httparse returns these for every complete head.
+            let code = parsed.code.unwrap_or_default();
+            let version = parsed.version.unwrap_or_default();
+            (len, code, version, parsed.headers.len())
+        };
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(H1Error::Malformed(
+                    "101 Switching Protocols, which was not asked for".into(),
+                ));
+            }
+            // `100 Continue`, `103 Early Hints`: the final answer follows.
+            buf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &[name, name_len, value, value_len] in &spans[..count] {
+            let name = &head[name as usize..(name + name_len) as usize];
+            let name = HeaderName::from_bytes(name)
+                .map_err(|_| H1Error::Malformed("bad field name".into()))?;
+            let value = head.slice(value as usize..(value + value_len) as usize);
+            let value = HeaderValue::from_maybe_shared(value)
+                .map_err(|_| H1Error::Malformed(format!("bad value of field `{name}`")))?;
+            headers.append(name, value);
+        }
+        let version = if version == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let (framing, keep) = framing(status, version, &mut headers, head_request)?;
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some((parts, framing, keep)));
+    }
+}
+
+/// RFC 9112 §6.3, for an answer; removes a `content-length` that `transfer-encoding`
+/// overrides, so that it is not passed on.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+    head_request: bool,
+) -> Result<(Framing, bool), H1Error> {
+    let (mut close, mut keep_alive) = (false, false);
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    let mut keep = !close && (version == Version::HTTP_11 || keep_alive);
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, keep));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(H1Error::Malformed(
+                "transfer-encoding in an HTTP/1.0 answer".into(),
+            ));
+        }
+        if headers.remove(CONTENT_LENGTH).is_some() {
+            keep = false;
+        }
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => (Framing::ChunkSize, keep),
+            _ => (Framing::Close, false),
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for n in value.as_bytes().split(|&b| b == b',') {
+            let n = n.trim_ascii();
+            let parsed = (!n.is_empty() && n.len() <= 19 && n.iter().all(u8::is_ascii_digit))
+                .then(|| n.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')));
+            match (parsed, length) {
+                (None, _) => {
+                    return Err(H1Error::Malformed(format!(
+                        "bad content-length `{}`",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )))
+                }
+                (Some(n), Some(l)) if n != l => {
+                    return Err(H1Error::Malformed("content-length values differ".into()))
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, keep),
+        Some(n) => (Framing::Length(n), keep),
+        None => (Framing::Close, false),
+    })
+}
+
+/// An answer's body, read off its connection as it is polled. Once it has ended, a
+/// reusable connection can be taken back ([`Answer::reusable`]).
+#[derive(Debug)]
+pub struct Answer {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep: bool,
+}
+
+impl Answer {
+    /// The connection, once the body has ended and when nothing speaks against reusing
+    /// it; `None` otherwise (then it is closed when the answer is dropped).
+    pub fn reusable(&mut self) -> Option<Conn> {
+        if self.framing != Framing::Done || !self.keep {
+            return None;
+        }
+        // Bytes after the answer's end were never asked for.
+        self.conn.take().filter(|c| c.read.is_empty())
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.framing = Framing::Failed;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Reads more, or fails the body if the upstream closed it before its end.
+    fn fill(&mut self, cx: &mut Context<'_>, want: u64) -> Poll<Result<(), H1Error>> {
+        let Some(conn) = &mut self.conn else {
+            return Poll::Ready(Err(H1Error::Closed("before the end of the answer")));
+        };
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        match ready!(conn.poll_fill(cx, want)) {
+            Ok(0) => Poll::Ready(Err(H1Error::Closed("before the end of the answer"))),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(H1Error::Io(e))),
+        }
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = &mut *self;
+        loop {
+            let buffered = this.conn.as_ref().map_or(0, |c| c.read.len());
+            match this.framing {
+                Framing::Done | Framing::Failed => return Poll::Ready(None),
+                Framing::Length(left) | Framing::ChunkData(left) if buffered > 0 => {
+                    let take = left.min(buffered as u64);
+                    let conn = this.conn.as_mut().expect("bytes are buffered");
+                    let data = conn.read.split_to(take as usize).freeze();
+                    this.framing = match this.framing {
+                        Framing::Length(_) if take == left => Framing::Done,
+                        Framing::Length(_) => Framing::Length(left - take),
+                        _ if take == left => Framing::ChunkEnd,
+                        _ => Framing::ChunkData(left - take),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Length(left) | Framing::ChunkData(left) => {
+                    if let Err(e) = ready!(this.fill(cx, left)) {
+                        return this.fail(e);
+                    }
+                }
+                Framing::Close if buffered > 0 => {
+                    let conn = this.conn.as_mut().expect("bytes are buffered");
+                    let data = conn.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    let Some(conn) = &mut this.conn else {
+                        return Poll::Ready(None);
+                    };
+                    match ready!(conn.poll_fill(cx, BODY_READ)) {
+                        Ok(0) => {
+                            this.framing = Framing::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(H1Error::Io(e)),
+                    }
+                }
+                Framing::ChunkSize => {
+                    let conn = this
+                        .conn
+                        .as_mut()
+                        .expect("a chunked body has its connection");
+                    let line = httparse::parse_chunk_size(&conn.read);
+                    let too_long = match line {
+                        Ok(httparse::Status::Complete((used, _))) => used > MAX_CHUNK_LINE,
+                        Ok(httparse::Status::Partial) => buffered > MAX_CHUNK_LINE,
+                        Err(_) => false,
+                    };
+                    if too_long {
+                        return this.fail(H1Error::Malformed(format!(
+                            "chunk-size line longer than {MAX_CHUNK_LINE} bytes"
+                        )));
+                    }
+                    match line {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            conn.read.advance(used);
+                            this.framing = if size == 0 {
+                                Framing::Trailers
+                            } else {
+                                Framing::ChunkData(size)
+                            };
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            if let Err(e) = ready!(this.fill(cx, READ_SIZE as u64)) {
+                                return this.fail(e);
+                            }
+                        }
+                        Err(_) => return this.fail(H1Error::Malformed("bad chunk size".into())),
+                    }
+                }
+                Framing::ChunkEnd => {
+                    if buffered < 2 {
+                        if let Err(e) = ready!(this.fill(cx, 2)) {
+                            return this.fail(e);
+                        }
+                        continue;
+                    }
+                    let conn = this.conn.as_mut().expect("bytes are buffered");
+                    if &conn.read[..2] != b"\r\n" {
+                        return this
+                            .fail(H1Error::Malformed("chunk data longer than its size".into()));
+                    }
+                    conn.read.advance(2);
+                    this.framing = Framing::ChunkSize;
+                }
+                Framing::Trailers => {
+                    let conn = this
+                        .conn
+                        .as_mut()
+                        .expect("a chunked body has its connection");
+                    if conn.read.starts_with(b"\r\n") {
+                        conn.read.advance(2);
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    match parse_trailers(&mut conn.read) {
+                        Ok(Some(trailers)) => {
+                            this.framing = Framing::Done;
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(None) if buffered >= MAX_HEAD => {
+                            return this.fail(H1Error::Malformed(format!(
+                                "trailers larger than {MAX_HEAD} bytes"
+                            )));
+                        }
+                        Ok(None) => {
+                            if let Err(e) = ready!(this.fill(cx, READ_SIZE as u64)) {
+                                return this.fail(e);
+                            }
+                        }
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A trailer section out of `buf` (consumed with its final CRLF); `None` while
+/// incomplete.
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, H1Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete((len, fields))) => {
+            let mut trailers = HeaderMap::with_capacity(fields.len());
+            for field in fields {
+                let name = HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| H1Error::Malformed("bad trailer name".into()))?;
+                let value = HeaderValue::from_bytes(field.value)
+                    .map_err(|_| H1Error::Malformed(format!("bad value of trailer `{name}`")))?;
+                trailers.append(name, value);
+            }
+            (len, trailers)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(H1Error::Malformed(format!("bad trailers: {e}"))),
+    };
+    buf.advance(len);
+    Ok(Some(trailers))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Every wait in these tests: none should come near it.
+    const BOUND: Duration = Duration::from_secs(10);
+
+    /// What the raw upstream does after reading a request.
+    enum Then {
+        /// Writes these bytes and waits for the next request.
+        Answer(&'static [u8]),
+        /// Writes these bytes and closes.
+        AnswerAndClose(&'static [u8]),
+        /// Writes these bytes without reading the body, then holds the connection until
+        /// the test lets it go.
+        AnswerEarly(&'static [u8], tokio::sync::oneshot::Receiver<()>),
+        /// Resets the connection at once (`SO_LINGER` 0), without reading anything.
+        Reset,
+    }
+
+    /// What the upstream saw.
+    #[derive(Debug, Default)]
+    struct Seen {
+        accepts: usize,
+        requests: Vec<Vec<u8>>,
+    }
+
+    /// A raw upstream on 127.0.0.1:0 that plays `script`, one step per request,
+    /// accepting a new connection whenever the last one closed.
+    async fn upstream(script: Vec<Then>) -> (SocketAddr, tokio::task::JoinHandle<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let mut stream: Option<TcpStream> = None;
+            for step in script {
+                let s = match &mut stream {
+                    Some(s) => s,
+                    None => {
+                        seen.accepts += 1;
+                        stream.insert(listener.accept().await.unwrap().0)
+                    }
+                };
+                if let Then::Reset = step {
+                    s.set_zero_linger().unwrap();
+                    stream = None;
+                    continue;
+                }
+                let early = matches!(step, Then::AnswerEarly(..));
+                let Some(request) = read_request(s, !early).await else {
+                    stream = None;
+                    continue;
+                };
+                seen.requests.push(request);
+                match step {
+                    Then::Answer(bytes) => s.write_all(bytes).await.unwrap(),
+                    Then::AnswerAndClose(bytes) => {
+                        s.write_all(bytes).await.unwrap();
+                        stream = None;
+                    }
+                    Then::AnswerEarly(bytes, hold) => {
+                        s.write_all(bytes).await.unwrap();
+                        let _ = hold.await;
+                        stream = None;
+                    }
+                    Then::Reset => unreachable!(),
+                }
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    /// One request's head and (`with_body`) its `content-length` body; `None` if the
+    /// client closed first.
+    async fn read_request(s: &mut TcpStream, with_body: bool) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |n| n.trim().parse().unwrap());
+        if with_body {
+            while got.len() < head_end + length {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request body broke off");
+                got.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            got.truncate(head_end);
+        }
+        Some(got)
+    }
+
+    static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+    /// The client's head: fields the hop replaces or drops, and one it passes on.
+    fn client_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("client-host"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-id"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h
+    }
+
+    /// Sends `method` with `body` over `conn`, as the proxy would.
+    async fn send(
+        conn: Conn,
+        method: Method,
+        body: &'static [u8],
+        reused: bool,
+    ) -> Result<Response<Answer>, Failed> {
+        let headers = client_headers();
+        let host = HeaderValue::from_static("up:1");
+        let id = HeaderValue::from_static("r1");
+        let set = [(&HOST, &host), (&X_REQUEST_ID, &id)];
+        let head = RequestHead {
+            method: &method,
+            target: "/v1/models/m:predict",
+            headers: &headers,
+            set: &set,
+        };
+        let unsent = Unsent {
+            first: None,
+            body: Some(LimitedBody::replay(Bytes::from_static(body))),
+        };
+        tokio::time::timeout(BOUND, conn.exchange(&head, unsent, reused))
+            .await
+            .expect("the exchange ended")
+    }
+
+    async fn connect(addr: SocketAddr) -> Conn {
+        Conn::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// The whole body (data, trailers), or the error that ended it.
+    async fn read_body(answer: &mut Answer) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = tokio::time::timeout(BOUND, answer.frame())
+            .await
+            .expect("the body ended")
+        {
+            match frame?.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok((data, trailers))
+    }
+
+    fn ok<T>(r: Result<T, Failed>) -> T {
+        match r {
+            Ok(t) => t,
+            Err(Failed::Stale(_)) => panic!("stale"),
+            Err(Failed::Error(e)) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_by_length_keep_the_connection_for_the_next_request() {
+        let (addr, seen) = upstream(vec![
+            Then::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-model: a\r\n\r\nhello"),
+            Then::Answer(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nworld"),
+        ])
+        .await;
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{\"a\":1}", false).await);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-model"], "a");
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"hello");
+        let conn = resp.body_mut().reusable().expect("kept alive");
+        let mut resp = ok(send(conn, Method::POST, b"{}", true).await);
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"world");
+        assert!(resp.body_mut().reusable().is_some());
+        drop(resp);
+        let seen = seen.await.unwrap();
+        assert_eq!(seen.accepts, 1);
+        let first = String::from_utf8(seen.requests[0].clone()).unwrap();
+        assert!(
+            first.starts_with(
+                "POST /v1/models/m:predict HTTP/1.1\r\nhost: up:1\r\nx-request-id: r1\r\n"
+            ),
+            "{first}"
+        );
+        assert!(
+            first.contains("\r\ncontent-type: application/json\r\n"),
+            "{first}"
+        );
+        // Framing from the body as sent, not the client's stale field.
+        assert!(
+            first.ends_with("\r\ncontent-length: 7\r\n\r\n{\"a\":1}"),
+            "{first}"
+        );
+        assert!(!first.contains("client-"), "{first}");
+        assert!(!first.contains("999"), "{first}");
+        assert_eq!(first.matches("host:").count(), 1, "{first}");
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_are_decoded_with_their_trailers() {
+        let (addr, _seen) = upstream(vec![Then::Answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 42\r\n\r\n",
+        )])
+        .await;
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        let (data, trailers) = read_body(resp.body_mut()).await.unwrap();
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.expect("trailers")["x-checksum"], "42");
+        assert!(resp.body_mut().reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_to_the_close_ends_there_and_is_not_reused() {
+        let (addr, _seen) = upstream(vec![Then::AnswerAndClose(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the close",
+        )])
+        .await;
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        assert_eq!(
+            read_body(resp.body_mut()).await.unwrap().0,
+            b"until the close"
+        );
+        assert!(resp.body_mut().reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_passed_over() {
+        let (addr, _seen) = upstream(vec![Then::Answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )])
+        .await;
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!resp.headers().contains_key("link"));
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_answers_have_no_body_whatever_they_declare() {
+        let (addr, seen) = upstream(vec![
+            Then::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"),
+            Then::Answer(b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n"),
+            Then::Answer(b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Then::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast"),
+        ])
+        .await;
+        let mut conn = connect(addr).await;
+        for (method, status) in [(Method::HEAD, 200), (Method::GET, 204), (Method::GET, 304)] {
+            let mut resp = ok(send(conn, method, b"", false).await);
+            assert_eq!(resp.status().as_u16(), status);
+            assert!(read_body(resp.body_mut()).await.unwrap().0.is_empty());
+            conn = resp.body_mut().reusable().expect("kept alive");
+        }
+        // Had any of them been read as having a body, this answer would be taken for it.
+        let mut resp = ok(send(conn, Method::GET, b"", true).await);
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"last");
+        drop(resp);
+        let seen = seen.await.unwrap();
+        assert_eq!(seen.accepts, 1);
+        // A GET without a body says nothing of its length.
+        let get = String::from_utf8(seen.requests[1].clone()).unwrap();
+        assert!(get.starts_with("GET "), "{get}");
+        assert!(!get.contains("content-length"), "{get}");
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_content_length_and_the_connection_is_closed() {
+        let (addr, _seen) = upstream(vec![Then::Answer(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )])
+        .await;
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        // Not passed on: the client would wait for 100 bytes.
+        assert!(!resp.headers().contains_key(CONTENT_LENGTH));
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
+        assert!(resp.body_mut().reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn what_the_answer_says_of_the_connection_is_obeyed() {
+        for (answer, kept) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"[..],
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: foo, Close\r\ncontent-length: 2\r\n\r\nok",
+                false,
+            ),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+                true,
+            ),
+            // Bytes after the answer's end were never asked for.
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+                false,
+            ),
+        ] {
+            let (addr, _seen) = upstream(vec![Then::Answer(answer)]).await;
+            let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+            assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
+            let shown = String::from_utf8_lossy(answer);
+            assert_eq!(resp.body_mut().reusable().is_some(), kept, "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_heads_fail_the_exchange() {
+        let many_fields: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+                "x-f: 1\r\n".repeat(MAX_HEADERS + 1)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let huge: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+                "a".repeat(MAX_HEAD)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        for (answer, says) in [
+            (
+                &b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n"[..],
+                "101",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+                "differ",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
+                "content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello",
+                "differ",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+                "content-length",
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "HTTP/1.0",
+            ),
+            (b"HTTX/1.1 200 OK\r\n\r\n", "head"),
+            (b"HTTP/1.1 200 OK\r\nbad field\r\n\r\n", "head"),
+            (many_fields, "head"),
+            (huge, "larger than"),
+        ] {
+            let (addr, _seen) = upstream(vec![Then::Answer(answer)]).await;
+            let shown = String::from_utf8_lossy(&answer[..answer.len().min(60)]);
+            match send(connect(addr).await, Method::POST, b"{}", false).await {
+                Err(Failed::Error(H1Error::Malformed(e))) => {
+                    assert!(e.contains(says), "{shown}: {e}")
+                }
+                other => panic!("{shown}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_or_cut_bodies_fail_the_body() {
+        let long_extension: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;{}\r\nhello\r\n0\r\n\r\n",
+                "e".repeat(MAX_CHUNK_LINE + 1)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        for (answer, malformed) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"[..],
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokk\r\n0\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\n",
+                true,
+            ),
+            (long_extension, true),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", false),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+                false,
+            ),
+        ] {
+            let (addr, _seen) = upstream(vec![Then::AnswerAndClose(answer)]).await;
+            let shown = String::from_utf8_lossy(&answer[..answer.len().min(70)]);
+            let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+            match read_body(resp.body_mut()).await {
+                Err(H1Error::Malformed(_)) if malformed => {}
+                Err(H1Error::Closed(_)) if !malformed => {}
+                other => panic!("{shown}: {other:?}"),
+            }
+            assert!(resp.body_mut().reusable().is_none(), "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_the_upstream_reset_hands_the_request_back() {
+        let (addr, _seen) = upstream(vec![Then::Reset]).await;
+        let conn = connect(addr).await;
+        // Until the reset has come, the connection looks idle and open.
+        tokio::time::timeout(BOUND, conn.io.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!conn.is_open());
+        match send(conn, Method::POST, b"{\"a\":1}", true).await {
+            Err(Failed::Stale(unsent)) => {
+                // The body's one frame, taken out before the write failed, comes back.
+                assert_eq!(unsent.first.as_deref(), Some(&b"{\"a\":1}"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A new connection that fails is a failure, not a race to retry.
+        let (addr, _seen) = upstream(vec![Then::Reset]).await;
+        let conn = connect(addr).await;
+        tokio::time::timeout(BOUND, conn.io.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        match send(conn, Method::POST, b"{}", false).await {
+            Err(Failed::Error(H1Error::Io(_) | H1Error::Closed(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_request_is_taken_and_the_connection_not_reused() {
+        let (release, hold) = tokio::sync::oneshot::channel();
+        let (addr, _seen) = upstream(vec![Then::AnswerEarly(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\n\r\ntoo big",
+            hold,
+        )])
+        .await;
+        // Far more than the loopback socket buffers take while the upstream reads nothing.
+        let body: &'static [u8] = Box::leak(vec![b'x'; 64 << 20].into_boxed_slice());
+        let mut resp = ok(send(connect(addr).await, Method::POST, body, false).await);
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"too big");
+        // The rest of the request can never go on this connection.
+        assert!(resp.body_mut().reusable().is_none());
+        let _ = release.send(());
+    }
+
+    #[test]
+    fn heads_frame_the_body_by_what_it_is() {
+        let headers = client_headers();
+        let id = HeaderValue::from_static("r1");
+        let set = [(&X_REQUEST_ID, &id)];
+        let head = |method: &'static Method| RequestHead {
+            method,
+            target: "/p?q=1",
+            headers: &headers,
+            set: &set,
+        };
+        let encoded = |method, length| {
+            let mut out = Vec::new();
+            encode_head(&mut out, &head(method), length);
+            String::from_utf8(out).unwrap()
+        };
+        let chunked = encoded(&Method::POST, None);
+        assert!(chunked.starts_with("POST /p?q=1 HTTP/1.1\r\nx-request-id: r1\r\n"));
+        assert!(
+            chunked.ends_with("\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{chunked}"
+        );
+        assert!(!chunked.contains("content-length"), "{chunked}");
+        assert!(encoded(&Method::POST, Some(0)).ends_with("\r\ncontent-length: 0\r\n\r\n"));
+        assert!(encoded(&Method::PUT, Some(12345678901))
+            .ends_with("\r\ncontent-length: 12345678901\r\n\r\n"));
+        let get = encoded(&Method::GET, Some(0));
+        assert!(!get.contains("content-length"), "{get}");
+        // The client's `host` goes whatever the set fields are; so do the replaced ones.
+        assert!(!get.contains("client-"), "{get}");
+        assert!(
+            get.contains("\r\ncontent-type: application/json\r\n"),
+            "{get}"
+        );
+        assert!(get.ends_with("\r\n\r\n") && !get.ends_with("\r\n\r\n\r\n"));
+    }
+
+    #[test]
+    fn numbers_are_written_in_their_bases() {
+        for n in [0u64, 7, 10, 255, 4096, u64::MAX] {
+            assert_eq!(itoa(n, &mut [0; 20]), n.to_string().as_bytes());
+            let n = n as usize;
+            assert_eq!(hex_len(n, &mut [0; 16]), format!("{n:x}").as_bytes());
+        }
+    }
+}
