@@ -102,6 +102,9 @@ pub struct RequestHead<'a> {
     pub headers: &'a HeaderMap,
     /// Fields this hop sets (`host`, `x-request-id`, ...).
     pub set: &'a [(&'a HeaderName, &'a HeaderValue)],
+    /// How many fields the caller will add to the answer's head: its map is made with
+    /// room for them, so that adding them does not grow it (two allocations).
+    pub answer_room: usize,
 }
 
 /// A request whose bytes have not reached the connection: what a stale keep-alive
@@ -184,6 +187,7 @@ impl Conn {
             ended: false,
         };
         let head_request = head.method == Method::HEAD;
+        let room = head.answer_room;
         let parsed = std::future::poll_fn(|cx| {
             if !writer.done() {
                 match writer.poll_write(&mut self, cx) {
@@ -197,7 +201,7 @@ impl Conn {
                     // Still sending: an upstream may answer before it has read the whole
                     // request (an early 413, say); look for that.
                     Poll::Pending => {
-                        return match self.poll_head(cx, head_request) {
+                        return match self.poll_head(cx, head_request, room) {
                             Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
                             // A failure to read shows as a failure to write soon enough;
                             // that one says more.
@@ -206,7 +210,8 @@ impl Conn {
                     }
                 }
             }
-            self.poll_head(cx, head_request).map_err(Failed::Error)
+            self.poll_head(cx, head_request, room)
+                .map_err(Failed::Error)
         })
         .await?;
         let (parts, framing, mut keep) = parsed;
@@ -228,10 +233,11 @@ impl Conn {
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
+        room: usize,
     ) -> Poll<Result<(http::response::Parts, Framing, bool), H1Error>> {
         loop {
             if !self.read.is_empty() {
-                if let Some(parsed) = parse_head(&mut self.read, head_request)? {
+                if let Some(parsed) = parse_head(&mut self.read, head_request, room)? {
                     return Poll::Ready(Ok(parsed));
                 }
                 if self.read.len() >= MAX_HEAD {
@@ -491,6 +497,7 @@ enum Framing {
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
+    room: usize,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
     loop {
         // Offsets of each field's name and value: the fields borrow `buf`, which is
@@ -533,7 +540,7 @@ fn parse_head(
         let status = StatusCode::from_u16(code)
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = HeaderMap::with_capacity(count + room);
         for &[name, name_len, value, value_len] in &spans[..count] {
             let name = &head[name as usize..(name + name_len) as usize];
             let name = HeaderName::from_bytes(name)
@@ -1001,6 +1008,7 @@ mod tests {
             target: "/v1/models/m:predict",
             headers: &headers,
             set: &set,
+            answer_room: 0,
         };
         let unsent = Unsent {
             first: None,
@@ -1515,6 +1523,7 @@ mod tests {
             target: "/p?q=1",
             headers: &headers,
             set: &set,
+            answer_room: 0,
         };
         let encoded = |method, length| {
             let mut out = Vec::new();

@@ -54,6 +54,10 @@ pub(crate) struct Sealed(pub HeaderValue);
 pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// Fields the *respond* phase adds to most answers (`x-switchyard-variant`,
+/// `server-timing`, `x-request-id`), and one for the rarer ones: upstream answers are
+/// parsed into maps with this much room.
+const ANSWER_FIELDS: usize = 4;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that must not be forwarded.
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -605,6 +609,7 @@ pub(crate) async fn send_http1(
         target: uri.path_and_query().map_or("/", |pq| pq.as_str()),
         headers: &ask.parts.headers,
         set: &set[..n],
+        answer_room: ANSWER_FIELDS,
     };
     upstream
         .send_http1(&head, body)
