@@ -32,7 +32,7 @@
 //! close`, HTTP/1.0 without `keep-alive`, a body read to the close), the whole request
 //! was sent, and nothing came after the answer's end.
 
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -305,24 +305,11 @@ fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, length: Option<u64>) {
         Some(0) if !matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) => {}
         Some(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal, without an allocation.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// The request going out: the head in the connection's write buffer, then the body
@@ -366,9 +353,8 @@ impl Writer {
                 match self.poll_frame(cx) {
                     Poll::Ready(Ok(Some(data))) => {
                         if self.chunked {
-                            let mut hex = [0u8; 16];
-                            conn.write.extend_from_slice(hex_len(data.len(), &mut hex));
-                            conn.write.extend_from_slice(b"\r\n");
+                            // Into a Vec: cannot fail.
+                            let _ = write!(conn.write, "{:x}\r\n", data.len());
                             self.tail = b"\r\n";
                         }
                         self.data = data;
@@ -453,19 +439,6 @@ impl Writer {
                     return Poll::Ready(Ok(None));
                 }
             }
-        }
-    }
-}
-
-/// `n` in lower-case hex, without an allocation.
-fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-        if n == 0 {
-            return &buf[i..];
         }
     }
 }
@@ -1019,6 +992,12 @@ mod tests {
             .expect("the exchange ended")
     }
 
+    /// An upstream that plays `then` once, and the exchange of a POST with it.
+    async fn post_to(then: Then) -> Result<Response<Answer>, Failed> {
+        let (addr, _seen) = upstream(vec![then]).await;
+        send(connect(addr).await, Method::POST, b"{}", false).await
+    }
+
     async fn connect(addr: SocketAddr) -> Conn {
         Conn::new(TcpStream::connect(addr).await.unwrap())
     }
@@ -1089,11 +1068,9 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_answers_are_decoded_with_their_trailers() {
-        let (addr, _seen) = upstream(vec![Then::Answer(
+        let mut resp = ok(post_to(Then::Answer(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 42\r\n\r\n",
-        )])
-        .await;
-        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        )).await);
         let (data, trailers) = read_body(resp.body_mut()).await.unwrap();
         assert_eq!(data, b"hello world");
         assert_eq!(trailers.expect("trailers")["x-checksum"], "42");
@@ -1102,11 +1079,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_read_to_the_close_ends_there_and_is_not_reused() {
-        let (addr, _seen) = upstream(vec![Then::AnswerAndClose(
+        let mut resp = ok(post_to(Then::AnswerAndClose(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the close",
-        )])
-        .await;
-        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        ))
+        .await);
         assert_eq!(
             read_body(resp.body_mut()).await.unwrap().0,
             b"until the close"
@@ -1116,11 +1092,9 @@ mod tests {
 
     #[tokio::test]
     async fn interim_answers_are_passed_over() {
-        let (addr, _seen) = upstream(vec![Then::Answer(
+        let mut resp = ok(post_to(Then::Answer(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-        )])
-        .await;
-        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        )).await);
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(!resp.headers().contains_key("link"));
         assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
@@ -1156,11 +1130,9 @@ mod tests {
 
     #[tokio::test]
     async fn transfer_encoding_overrides_content_length_and_the_connection_is_closed() {
-        let (addr, _seen) = upstream(vec![Then::Answer(
+        let mut resp = ok(post_to(Then::Answer(
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-        )])
-        .await;
-        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        )).await);
         // Not passed on: the client would wait for 100 bytes.
         assert!(!resp.headers().contains_key(CONTENT_LENGTH));
         assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
@@ -1189,8 +1161,7 @@ mod tests {
                 false,
             ),
         ] {
-            let (addr, _seen) = upstream(vec![Then::Answer(answer)]).await;
-            let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+            let mut resp = ok(post_to(Then::Answer(answer)).await);
             assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"ok");
             let shown = String::from_utf8_lossy(answer);
             assert_eq!(resp.body_mut().reusable().is_some(), kept, "{shown}");
@@ -1245,9 +1216,8 @@ mod tests {
             (many_fields, "head"),
             (huge, "larger than"),
         ] {
-            let (addr, _seen) = upstream(vec![Then::Answer(answer)]).await;
             let shown = String::from_utf8_lossy(&answer[..answer.len().min(60)]);
-            match send(connect(addr).await, Method::POST, b"{}", false).await {
+            match post_to(Then::Answer(answer)).await {
                 Err(Failed::Error(H1Error::Malformed(e))) => {
                     assert!(e.contains(says), "{shown}: {e}")
                 }
@@ -1291,9 +1261,8 @@ mod tests {
                 false,
             ),
         ] {
-            let (addr, _seen) = upstream(vec![Then::AnswerAndClose(answer)]).await;
             let shown = String::from_utf8_lossy(&answer[..answer.len().min(70)]);
-            let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+            let mut resp = ok(post_to(Then::AnswerAndClose(answer)).await);
             match read_body(resp.body_mut()).await {
                 Err(H1Error::Malformed(_)) if malformed => {}
                 Err(H1Error::Closed(_)) if !malformed => {}
@@ -1549,14 +1518,5 @@ mod tests {
             "{get}"
         );
         assert!(get.ends_with("\r\n\r\n") && !get.ends_with("\r\n\r\n\r\n"));
-    }
-
-    #[test]
-    fn numbers_are_written_in_their_bases() {
-        for n in [0u64, 7, 10, 255, 4096, u64::MAX] {
-            assert_eq!(itoa(n, &mut [0; 20]), n.to_string().as_bytes());
-            let n = n as usize;
-            assert_eq!(hex_len(n, &mut [0; 16]), format!("{n:x}").as_bytes());
-        }
     }
 }

@@ -724,18 +724,8 @@ pub(crate) fn server_timing(
 
 /// Writes `micros` as milliseconds with three decimals; returns the bytes written.
 fn write_millis(out: &mut [u8], micros: u64) -> usize {
-    let mut digits = [0u8; 20];
-    let mut n = micros / 1000;
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let int = &digits[i..];
+    let mut digits = itoa::Buffer::new();
+    let int = digits.format(micros / 1000).as_bytes();
     out[..int.len()].copy_from_slice(int);
     let frac = micros % 1000;
     let at = int.len();
