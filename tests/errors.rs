@@ -175,6 +175,59 @@ async fn upstream_failures_map_to_502_and_504_and_are_counted() {
     }
 }
 
+/// A raw upstream that reads each request and writes `answer` back, then closes.
+async fn answering(answer: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    raw_upstream(move |mut stream| async move {
+        if read_request(&mut stream).await {
+            let _ = stream.write_all(answer).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_that_break_http_are_502_and_their_framing_never_passed_on() {
+    // Two lengths: which one is the body's? Refused, not guessed.
+    let broken =
+        answering(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!").await;
+    // Chunked and a length: the chunks frame the body (RFC 9112 6.3), and the stale
+    // length must not reach the client, who would wait for 100 bytes.
+    let both = answering(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    .await;
+    let up = Upstream::echo("a").await;
+    let app = app_with(&format!(
+        "  broken:\n    variants: [{{name: b, upstream: \"http://{broken}\", weight: 1}}]\n\
+         \x20 both:\n    variants: [{{name: t, upstream: \"http://{both}\", weight: 1}}]\n\
+         \x20 m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let base = format!("http://{}", app.data_addr);
+
+    let r = predict(&c, &format!("{base}/v1/models/broken:predict")).await;
+    assert_eq!(r.status, 502);
+    assert!(error_of(&r).contains("(protocol)"), "{:?}", r.body);
+
+    let r = predict(&c, &format!("{base}/v1/models/both:predict")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"ok");
+    assert_ne!(r.header("content-length"), Some("100"));
+    assert!(r
+        .header("transfer-encoding")
+        .is_none_or(|te| te == "chunked"));
+
+    let m = metrics(app.admin_addr).await;
+    let series = r#"switchyard_upstream_errors_total{kind="protocol",model="broken",variant="b"}"#;
+    assert_eq!(sample(&m, series), Some(1.0), "{series}");
+    // And the next request is served as ever.
+    let r = predict(&c, &format!("{base}/v1/models/m:predict")).await;
+    assert_eq!(r.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_wire_does_not_stop_the_server() {
     let up = Upstream::echo("a").await;

@@ -582,8 +582,10 @@ fn framing(
         });
     }
     let mut length: Option<u64> = None;
+    let mut values = 0;
     for value in headers.get_all(CONTENT_LENGTH) {
         for n in value.as_bytes().split(|&b| b == b',') {
+            values += 1;
             let n = n.trim_ascii();
             let parsed = if n.is_empty() {
                 None
@@ -606,6 +608,11 @@ fn framing(
                 (Some(n), _) => length = Some(n),
             }
         }
+    }
+    if let (Some(n), true) = (length, values > 1) {
+        // Repeated, equal: passed on once (a client's parser may read a list as an
+        // error, and hyper's server would send the first field only by luck).
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(match length {
         Some(0) => (Framing::Done, keep),
@@ -1126,6 +1133,20 @@ mod tests {
         let get = String::from_utf8(seen.requests[1].clone()).unwrap();
         assert!(get.starts_with("GET "), "{get}");
         assert!(!get.contains("content-length"), "{get}");
+    }
+
+    #[tokio::test]
+    async fn a_length_given_twice_alike_is_passed_on_once() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3 , 3\r\n\r\nabc",
+        ] {
+            let mut resp = ok(post_to(Then::Answer(answer)).await);
+            let lengths: Vec<_> = resp.headers().get_all(CONTENT_LENGTH).iter().collect();
+            assert_eq!(lengths, ["3"], "{}", String::from_utf8_lossy(answer));
+            assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"abc");
+            assert!(resp.body_mut().reusable().is_some());
+        }
     }
 
     #[tokio::test]
