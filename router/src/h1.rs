@@ -960,6 +960,11 @@ mod tests {
         Some(got)
     }
 
+    /// `bytes` for the rest of the test process: the raw upstream's script is `'static`.
+    fn leak(bytes: Vec<u8>) -> &'static [u8] {
+        Box::leak(bytes.into_boxed_slice())
+    }
+
     static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
     /// The client's head: fields the hop replaces or drops, and one it passes on.
@@ -1191,21 +1196,19 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_heads_fail_the_exchange() {
-        let many_fields: &'static [u8] = Box::leak(
+        let many_fields: &'static [u8] = leak(
             format!(
                 "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
                 "x-f: 1\r\n".repeat(MAX_HEADERS + 1)
             )
-            .into_bytes()
-            .into_boxed_slice(),
+            .into_bytes(),
         );
-        let huge: &'static [u8] = Box::leak(
+        let huge: &'static [u8] = leak(
             format!(
                 "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
                 "a".repeat(MAX_HEAD)
             )
-            .into_bytes()
-            .into_boxed_slice(),
+            .into_bytes(),
         );
         for (answer, says) in [
             (
@@ -1249,13 +1252,12 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_or_cut_bodies_fail_the_body() {
-        let long_extension: &'static [u8] = Box::leak(
+        let long_extension: &'static [u8] = leak(
             format!(
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;{}\r\nhello\r\n0\r\n\r\n",
                 "e".repeat(MAX_CHUNK_LINE + 1)
             )
-            .into_bytes()
-            .into_boxed_slice(),
+            .into_bytes(),
         );
         for (answer, malformed) in [
             (
@@ -1332,7 +1334,7 @@ mod tests {
         )])
         .await;
         // Far more than the loopback socket buffers take while the upstream reads nothing.
-        let body: &'static [u8] = Box::leak(vec![b'x'; 64 << 20].into_boxed_slice());
+        let body: &'static [u8] = leak(vec![b'x'; 64 << 20]);
         let mut resp = ok(send(connect(addr).await, Method::POST, body, false).await);
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"too big");
@@ -1452,7 +1454,7 @@ mod tests {
         let (mut agreed, mut refused_both, mut differed) = (0, 0, Vec::new());
         for case in 0..CASES {
             let template = TEMPLATES[case % TEMPLATES.len()];
-            let answer: &'static [u8] = Box::leak(mutate(template, &mut rng).into_boxed_slice());
+            let answer: &'static [u8] = leak(mutate(template, &mut rng));
             let (a, _) = upstream(vec![Then::AnswerAndClose(answer)]).await;
             let (b, _) = upstream(vec![Then::AnswerAndClose(answer)]).await;
             let (hyper, ours) = tokio::time::timeout(BOUND, async {
