@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::inbound::RequestBody;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::proxy::Router;
@@ -111,7 +111,7 @@ pub type StateFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct AdminService(pub Arc<AdminState>);
 
-impl tower_service::Service<Request<Incoming>> for AdminService {
+impl tower_service::Service<Request<RequestBody>> for AdminService {
     type Response = Response<AdminBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -120,7 +120,7 @@ impl tower_service::Service<Request<Incoming>> for AdminService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         if req.uri().path() == "/admin/reload" && req.method() == Method::POST {
             if let Some(denied) = self.denied(&req) {
                 return Box::pin(std::future::ready(Ok(denied.map(AdminBody::from))));
@@ -184,7 +184,7 @@ async fn reload_now(reload: Option<ReloadFn>) -> Response<Full<Bytes>> {
 
 impl AdminService {
     /// 401 for a request that changes state without the admin token (when one is set).
-    fn denied(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    fn denied(&self, req: &Request<RequestBody>) -> Option<Response<Full<Bytes>>> {
         let reads = req.method() == Method::GET || req.method() == Method::HEAD;
         let token = self.0.token.as_ref().filter(|_| !reads)?;
         if token.allows(req.headers()) {
@@ -202,7 +202,7 @@ impl AdminService {
         Some(resp)
     }
 
-    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn answer(&self, req: &Request<RequestBody>) -> Response<Full<Bytes>> {
         let (method, path) = (req.method(), req.uri().path());
         let reads = method == Method::GET || method == Method::HEAD;
         if let Some(denied) = self.denied(req) {

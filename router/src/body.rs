@@ -4,10 +4,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::inbound::RequestBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use switchyard_shadow::{RequestTap, ResponseTap};
 
 use crate::upstream::UpstreamBody;
@@ -174,7 +174,7 @@ pub struct ClientBodyTimeout {
 /// The error a [`LimitedBody`] yields when reading the client's body fails.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ClientBodyError(#[source] pub hyper::Error);
+pub struct ClientBodyError(#[source] pub crate::inbound::BodyError);
 
 /// Streams the client's body upstream frame by frame (no buffering, no re-serialising),
 /// failing once more than `limit` bytes have passed, or when the client pauses longer
@@ -198,7 +198,7 @@ pub struct LimitedBody {
 #[derive(Debug)]
 enum Source {
     /// The client's connection.
-    Stream(Incoming),
+    Stream(RequestBody),
     /// A body read whole before (to be sent again on a retry, a hedge or to the
     /// fallback), sent as one frame.
     Replay(Option<Bytes>),
@@ -206,7 +206,7 @@ enum Source {
 
 impl LimitedBody {
     /// Wraps `inner` with a limit of `limit` bytes and a longest pause between frames.
-    pub fn new(inner: Incoming, limit: u64, stall_timeout: std::time::Duration) -> Self {
+    pub fn new(inner: RequestBody, limit: u64, stall_timeout: std::time::Duration) -> Self {
         LimitedBody {
             inner: Source::Stream(inner),
             remaining: limit,

@@ -22,10 +22,10 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::inbound::RequestBody;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use switchyard_shadow::RequestHead;
 use tower::retry::budget::Budget;
 use tower::ServiceExt;
@@ -51,7 +51,7 @@ pub static X_SWITCHYARD_HEDGE: HeaderName = HeaderName::from_static("x-switchyar
 /// What a request brings: an HTTP body still streaming, or a gRPC call already read.
 #[derive(Debug)]
 pub(crate) enum Payload {
-    Http(Incoming),
+    Http(RequestBody),
     Grpc(std::sync::Arc<crate::grpc::Call>),
 }
 

@@ -21,6 +21,9 @@
 //! - [`upstream`]: pooled clients to remote model servers; failure classification.
 //! - [`h1`]: our HTTP/1.1 codec to upstreams: request heads written from borrowed
 //!   headers, answers parsed with httparse, bodies as slices of a reused buffer.
+//! - [`inbound`]: HTTP/1.1 from clients on the same codec (heads parsed with httparse,
+//!   bodies read as the service polls them), and [`inbound::RequestBody`], the body of
+//!   every client request.
 //! - [`local`]: variants answered in-process (the protocol codec over a batched model).
 //! - [`grpc`]: gRPC on the data port (KServe V2 / Triton, TF Serving): calls read,
 //!   routed like HTTP requests, forwarded frame for frame or answered in-process.
@@ -52,6 +55,7 @@ pub mod forward;
 pub mod grpc;
 pub mod h1;
 pub mod ids;
+pub mod inbound;
 pub mod local;
 pub mod metrics;
 pub mod offload;
@@ -81,3 +85,44 @@ pub(crate) fn test_rng(seed: u64) -> impl FnMut() -> u64 {
 pub use error::RouterError;
 pub use metrics::Metrics;
 pub use proxy::Router;
+
+/// `template` with up to three mutations: a range cut out, a range repeated, bytes
+/// inserted from an alphabet that matters to the grammar, a number replaced, the end
+/// cut off.
+#[cfg(test)]
+pub(crate) fn mutate(template: &[u8], rng: &mut impl FnMut() -> u64) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"0123456789abcdefABCDEF\r\n:;, \t-+x\x00\x7f\xff";
+    let mut out = template.to_vec();
+    for _ in 0..rng() % 4 {
+        let at = (rng() as usize) % (out.len() + 1);
+        let len = 1 + (rng() as usize) % 8;
+        match rng() % 5 {
+            0 if at < out.len() => {
+                out.drain(at..(at + len).min(out.len()));
+            }
+            1 if at < out.len() => {
+                let piece = out[at..(at + len).min(out.len())].to_vec();
+                out.splice(at..at, piece);
+            }
+            2 => {
+                let piece: Vec<u8> = (0..len)
+                    .map(|_| ALPHABET[(rng() as usize) % ALPHABET.len()])
+                    .collect();
+                out.splice(at..at, piece);
+            }
+            3 => {
+                // A number where a digit was: lengths, chunk sizes, the status.
+                if let Some(d) = out[at..].iter().position(u8::is_ascii_digit) {
+                    let n = match rng() % 3 {
+                        0 => rng() % 10,
+                        1 => rng() % 100_000,
+                        _ => rng(),
+                    };
+                    out.splice(at + d..at + d + 1, n.to_string().into_bytes());
+                }
+            }
+            _ => out.truncate(at),
+        }
+    }
+    out
+}

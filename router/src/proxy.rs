@@ -26,11 +26,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::inbound::RequestBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use switchyard_config::{Config, UpstreamProtocol};
 
 use crate::body::{json_response, LimitedBody, ProxyBody};
@@ -377,7 +377,7 @@ impl Router {
     /// Handles one request end to end; never fails (errors become responses).
     pub async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: Option<&HeaderValue>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -418,7 +418,7 @@ impl Router {
     /// `POST /v1/feedback`: rewards for earlier decisions.
     async fn feedback(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, RouterError> {
         if let Some(token) = &self.feedback_token {
             if !token.allows(req.headers()) {
@@ -470,7 +470,7 @@ impl Router {
     /// Phases *route* and *admit*, then hands over to [`Router::forward`].
     async fn route(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
         started: Instant,
@@ -773,7 +773,7 @@ pub struct ProxyService {
     peer: Option<HeaderValue>,
 }
 
-impl tower_service::Service<Request<Incoming>> for ProxyService {
+impl tower_service::Service<Request<RequestBody>> for ProxyService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
@@ -782,7 +782,7 @@ impl tower_service::Service<Request<Incoming>> for ProxyService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let router = self.router.clone();
         let peer = self.peer.clone();
         Box::pin(async move { Ok(router.handle(req, peer.as_ref()).await) })

@@ -597,7 +597,7 @@ fn h1_error(err: h1::H1Error) -> SendError {
             SendError::Upstream(UpstreamErrorKind::Reset, detail)
         }
         h1::H1Error::Malformed(_) => SendError::Upstream(UpstreamErrorKind::Protocol, detail),
-        h1::H1Error::ClientBody(e) => {
+        h1::H1Error::Body(e) => {
             client_body_error(&*e, &detail).unwrap_or(SendError::ClientBody(detail))
         }
     }

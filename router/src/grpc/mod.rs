@@ -24,11 +24,11 @@ pub(crate) mod local;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::inbound::RequestBody;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use prost::Message;
 
 use crate::body::{LimitedBody, ProxyBody};
@@ -388,7 +388,7 @@ impl Router {
     /// statuses).
     pub(crate) async fn grpc(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
         started: Instant,
@@ -405,7 +405,7 @@ impl Router {
 
     async fn grpc_call(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
         started: Instant,
@@ -446,7 +446,7 @@ impl Router {
     async fn grpc_call_within(
         self: &Arc<Self>,
         method: Method,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         deadline: Option<Instant>,
         request_id: &HeaderValue,
         peer: Option<&HeaderValue>,
