@@ -293,7 +293,7 @@ pub(crate) async fn serve<S, B>(
                     Writer::<http_body_util::Empty<Bytes>>::new(None, None, Some(0), false);
                 let _ =
                     std::future::poll_fn(|cx| writer.poll_write(&mut out, &mut write, cx)).await;
-                linger(out, Some(reader)).await;
+                Box::pin(linger(out, Some(reader))).await;
                 return;
             }
         };
@@ -408,7 +408,7 @@ pub(crate) async fn serve<S, B>(
             },
         };
         if !keep || reader.framing != Framing::Done {
-            linger(out, Some(reader)).await;
+            Box::pin(linger(out, Some(reader))).await;
             return;
         }
         reader.cont = Continue::No;
@@ -759,6 +759,9 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Closes the connection: FIN first, then what the client still sends is read and
 /// dropped (bounded), so that the kernel does not answer it with a reset that could
 /// destroy our last answer before the client has read it.
+///
+/// Called boxed: its 4 KiB sink would otherwise be part of every connection's task, idle
+/// or not.
 async fn linger(mut out: OwnedWriteHalf, reader: Option<Reader>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = out.shutdown().await;
