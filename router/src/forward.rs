@@ -259,6 +259,8 @@ impl Router {
         if let Some(h) = hedge {
             headers.insert(X_SWITCHYARD_HEDGE.clone(), HeaderValue::from_static(h));
         }
+        // Every try is done with the client's fields: their map can hold the next head.
+        crate::h1::recycle(std::mem::take(&mut parts.headers));
         resp
     }
 

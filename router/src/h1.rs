@@ -551,7 +551,7 @@ fn parse_head(
         let status = StatusCode::from_u16(code)
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count + room);
+        let mut headers = header_map(count + room);
         for &[name, name_len, value, value_len] in &spans[..count] {
             let name = &head[name as usize..(name + name_len) as usize];
             let name = HeaderName::from_bytes(name)
@@ -608,6 +608,72 @@ fn framing(
         Some(n) => (Framing::Length(n), keep),
         None => (Framing::Close, false),
     })
+}
+
+/// Most header maps kept per thread for reuse.
+const POOLED_MAPS: usize = 64;
+/// Larger maps are let go, not kept: one odd message must not pin its memory.
+const POOLED_MAP_CAPACITY: usize = 64;
+
+thread_local! {
+    /// Header maps of messages already passed on, emptied, for the next heads parsed on
+    /// this thread: a map is two allocations (its index and its entries), and every
+    /// request parses two heads (the client's, the upstream's answer).
+    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `capacity` fields: a pooled one when this thread has
+/// one.
+pub(crate) fn header_map(capacity: usize) -> HeaderMap {
+    match MAPS.with_borrow_mut(Vec::pop) {
+        Some(mut map) => {
+            map.reserve(capacity);
+            map
+        }
+        None => HeaderMap::with_capacity(capacity),
+    }
+}
+
+/// Gives a header map that is done with back to this thread's pool (emptied; `clear`
+/// also drops a map's DoS-resistant hashing back to the fast one).
+pub(crate) fn recycle(mut map: HeaderMap) {
+    if map.capacity() > POOLED_MAP_CAPACITY {
+        return;
+    }
+    map.clear();
+    MAPS.with_borrow_mut(|maps| {
+        if maps.len() < POOLED_MAPS {
+            maps.push(map);
+        }
+    });
+}
+
+/// The field names of the last head read on a connection, by position. A client sends
+/// the same fields in the same order request after request, and a name `http` does not
+/// know (`x-request-id`, `x-model-version`) costs an allocation each time it is made;
+/// taken from here, it costs a reference count.
+#[derive(Debug, Default)]
+pub(crate) struct Names(Vec<HeaderName>);
+
+impl Names {
+    /// Most positions remembered.
+    const MOST: usize = 32;
+
+    /// The name spelled `raw` (any case) at position `i` of a head.
+    pub(crate) fn name(&mut self, i: usize, raw: &[u8]) -> Option<HeaderName> {
+        if let Some(known) = self.0.get(i) {
+            if known.as_str().as_bytes().eq_ignore_ascii_case(raw) {
+                return Some(known.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if i < self.0.len() {
+            self.0[i] = name.clone();
+        } else if i == self.0.len() && i < Self::MOST {
+            self.0.push(name.clone());
+        }
+        Some(name)
+    }
 }
 
 /// Whether the connection may carry another message after this one, by its `connection`
@@ -1547,6 +1613,57 @@ mod tests {
         assert!(
             refused_both > CASES / 10 && agreed - refused_both > CASES / 10,
             "{agreed} {refused_both}"
+        );
+    }
+
+    #[test]
+    fn names_of_the_last_head_are_reused_by_position_in_any_case() {
+        let mut names = Names::default();
+        let first = names.name(0, b"X-Model-Version").unwrap();
+        assert_eq!(first.as_str(), "x-model-version");
+        // The same name at the same place, in another case: the one made before (its
+        // bytes shared, not made again).
+        let again = names.name(0, b"x-MODEL-version").unwrap();
+        assert_eq!(again, first);
+        assert_eq!(again.as_str().as_ptr(), first.as_str().as_ptr());
+        // Another name there replaces it; a bad one is refused and changes nothing.
+        let other = names.name(0, b"x-other").unwrap();
+        assert_eq!(other.as_str(), "x-other");
+        assert!(names.name(1, b"bad name").is_none());
+        assert_eq!(
+            names.name(0, b"X-Other").unwrap().as_str().as_ptr(),
+            other.as_str().as_ptr()
+        );
+        assert_ne!(
+            names.name(0, b"x-model-version").unwrap().as_str().as_ptr(),
+            first.as_str().as_ptr()
+        );
+    }
+
+    #[test]
+    fn header_maps_done_with_are_reused_empty_and_large_ones_let_go() {
+        let mut map = header_map(8);
+        for i in 0..8 {
+            map.append(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from(i),
+            );
+        }
+        let capacity = map.capacity();
+        recycle(map);
+        let reused = header_map(4);
+        assert!(reused.is_empty());
+        assert_eq!(
+            reused.capacity(),
+            capacity,
+            "the recycled map, its room kept"
+        );
+        let mut large = header_map(POOLED_MAP_CAPACITY * 2);
+        large.insert(HOST, HeaderValue::from_static("x"));
+        recycle(large);
+        assert!(
+            header_map(0).capacity() < POOLED_MAP_CAPACITY,
+            "a large map is not kept"
         );
     }
 

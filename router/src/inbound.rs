@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::{IntCounter, IntGauge};
@@ -50,7 +50,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::h1::{self, Fill, Framing, H1Error, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
+use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
 
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -149,6 +149,8 @@ struct Reader {
     /// The connection's task, woken when the body wants `100 Continue` (the body may be
     /// polled in another task).
     task: Option<Waker>,
+    /// The last head's field names.
+    names: Names,
 }
 
 impl Fill for Reader {
@@ -266,6 +268,7 @@ pub(crate) async fn serve<S, B>(
         framing: Framing::Done,
         cont: Continue::No,
         task: None,
+        names: Names::default(),
     };
     let mut write: Vec<u8> = Vec::new();
     // One timer for the connection's life, reset for each head.
@@ -366,7 +369,7 @@ pub(crate) async fn serve<S, B>(
         .await;
         drop(answer);
         let Ok(answer) = answered;
-        let (head, body) = answer.into_parts();
+        let (mut head, body) = answer.into_parts();
         // The request's body read to its end: the next bytes are the next request's.
         let body_read = match &holder {
             Holder::Own(_) => true,
@@ -385,6 +388,8 @@ pub(crate) async fn serve<S, B>(
             version,
             &mut keep,
         );
+        // Written: the map can hold the next head's fields.
+        h1::recycle(std::mem::take(&mut head.headers));
         let mut writer = match framing {
             AnswerFraming::None => Writer::new(None, None, Some(0), false),
             AnswerFraming::Length(n) => Writer::new(None, Some(body), Some(n), false),
@@ -433,7 +438,7 @@ async fn read_head(
     let mut drain = std::pin::pin!(closing.wait_for(|c| *c));
     let head = std::future::poll_fn(|cx| loop {
         if !reader.buf.is_empty() {
-            match parse_request(&mut reader.buf) {
+            match parse_request(&mut reader.buf, &mut reader.names) {
                 Ok(Some(parsed)) => return Poll::Ready(Ok(Some(parsed))),
                 Ok(None) if reader.buf.len() >= MAX_HEAD => {
                     return Poll::Ready(Err(Refusal(
@@ -503,6 +508,7 @@ async fn read_head(
         if !parked {
             parked = true;
             reader.buf = BytesMut::from(&reader.buf[..]);
+            reader.names = Names::default();
             *write = Vec::new();
             if let Some((now, total)) = &opts.parked {
                 now.inc();
@@ -521,7 +527,7 @@ async fn read_head(
 }
 
 /// Parses a request head out of `buf` (consumed); `None` while incomplete.
-fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
+fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>, Refusal> {
     let bad = |m: String| Refusal(StatusCode::BAD_REQUEST, m);
     // Offsets of the target and of each field's name and value: they borrow `buf`,
     // which is split off below.
@@ -572,10 +578,11 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
     let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for &[name, name_len, value, value_len] in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name as usize..(name + name_len) as usize])
-            .map_err(|_| bad("bad field name".into()))?;
+    let mut headers = h1::header_map(count + 2);
+    for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
+        let name = names
+            .name(i, &head[name as usize..(name + name_len) as usize])
+            .ok_or_else(|| bad("bad field name".into()))?;
         let value = HeaderValue::from_maybe_shared(
             head.slice(value as usize..(value + value_len) as usize),
         )
