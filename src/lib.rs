@@ -387,6 +387,7 @@ pub fn start_with(
         max_connections: config.max_connections,
         drain_timeout: config.drain_timeout,
         client_header_timeout: config.client_header_timeout,
+        client_send_timeout: config.client_send_timeout,
         connection_metrics: Some((
             metrics.connections_open.clone(),
             metrics.connections_total.clone(),
@@ -448,6 +449,7 @@ pub fn start_with(
         max_connections: 256,
         drain_timeout: std::time::Duration::from_secs(1),
         client_header_timeout: config.client_header_timeout,
+        client_send_timeout: config.client_send_timeout,
         connection_metrics: None,
         refused: None,
         park_after: server::PARK_AFTER,

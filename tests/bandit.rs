@@ -784,6 +784,7 @@ async fn decisions_keep_the_probability_of_their_choice() {
         max_connections: 64,
         drain_timeout: Duration::from_secs(1),
         client_header_timeout: Duration::from_secs(60),
+        client_send_timeout: Duration::from_secs(60),
         connection_metrics: None,
         refused: None,
         park_after: switchyard::router::server::PARK_AFTER,

@@ -717,7 +717,9 @@ async fn capture_keeps_grpc_predictions_as_json() {
             .unwrap_or_default()
             .lines()
             .count();
-        if looked == 7.0 && lines as f64 == kept {
+        // Counted as looked at before it is counted as kept: wait for the kept count
+        // and the file to reach the seventh too (bounded), not just to agree.
+        if looked == 7.0 && kept == 7.0 && lines == 7 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -498,6 +498,7 @@ async fn serve_parking(upstream: &str, client_header_timeout: Duration) -> Parki
         max_connections: 64,
         drain_timeout: Duration::from_secs(10),
         client_header_timeout,
+        client_send_timeout: Duration::from_secs(60),
         connection_metrics: Some((open, accepted.clone())),
         refused: None,
         park_after: Duration::from_millis(50),

@@ -78,6 +78,7 @@ const TOP: &[&str] = &[
     "drain_timeout",
     "client_header_timeout",
     "client_body_timeout",
+    "client_send_timeout",
     "max_connections",
     "listen_backlog",
     "worker_threads",

@@ -43,6 +43,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "listen_backlog",
     "client_header_timeout",
     "client_body_timeout",
+    "client_send_timeout",
     "drain_timeout",
     "seed",
     "state_file",
@@ -64,6 +65,7 @@ pub fn restart_needed(live: &Config, next: &Config) -> Vec<&'static str> {
         a.listen_backlog != b.listen_backlog,
         a.client_header_timeout != b.client_header_timeout,
         a.client_body_timeout != b.client_body_timeout,
+        a.client_send_timeout != b.client_send_timeout,
         a.drain_timeout != b.drain_timeout,
         a.seed != b.seed,
         a.state_file != b.state_file,
@@ -143,7 +145,7 @@ mod tests {
         )
         .unwrap();
         type Change = (&'static str, fn(&mut Config));
-        let changes: [Change; 15] = [
+        let changes: [Change; 16] = [
             ("listen", |c| c.listen = "127.0.0.1:1".parse().unwrap()),
             ("admin_listen", |c| {
                 c.admin_listen = "127.0.0.1:2".parse().unwrap()
@@ -153,6 +155,7 @@ mod tests {
             ("listen_backlog", |c| c.listen_backlog += 1),
             ("client_header_timeout", |c| c.client_header_timeout *= 2),
             ("client_body_timeout", |c| c.client_body_timeout *= 2),
+            ("client_send_timeout", |c| c.client_send_timeout *= 2),
             ("drain_timeout", |c| c.drain_timeout *= 2),
             ("seed", |c| c.seed = Some(7)),
             ("state_file", |c| c.state_file = Some("s".into())),

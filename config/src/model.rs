@@ -61,6 +61,11 @@ pub struct Config {
     /// that stalls longer gets 408. Default `60s`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub client_body_timeout: Duration,
+    /// Longest an answer to an HTTP/1.1 client may wait for the client to take any of it
+    /// (its socket full, the client not reading); then the connection is closed (nginx's
+    /// `send_timeout`). Default `60s`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub client_send_timeout: Duration,
     /// Most client connections served at once on the data plane; a connection beyond
     /// it is answered 503 at once and closed. Default 10000.
     pub max_connections: usize,
@@ -643,6 +648,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
             "drain_timeout",
             "client_header_timeout",
             "client_body_timeout",
+            "client_send_timeout",
             "max_connections",
             "listen_backlog",
             "worker_threads",
@@ -664,6 +670,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
     let drain_timeout = f.optional(cx, "drain_timeout", decode::duration);
     let client_header_timeout = f.optional(cx, "client_header_timeout", decode::duration);
     let client_body_timeout = f.optional(cx, "client_body_timeout", decode::duration);
+    let client_send_timeout = f.optional(cx, "client_send_timeout", decode::duration);
     let max_connections = f.optional(cx, "max_connections", positive_usize);
     let listen_backlog = f.optional(cx, "listen_backlog", positive_u64);
     let worker_threads = f.optional(cx, "worker_threads", positive_usize);
@@ -703,6 +710,7 @@ pub fn decode_config(cx: &mut Cx, root: &Node) -> Option<Config> {
         drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
         client_header_timeout: client_header_timeout.unwrap_or(Duration::from_secs(60)),
         client_body_timeout: client_body_timeout.unwrap_or(Duration::from_secs(60)),
+        client_send_timeout: client_send_timeout.unwrap_or(Duration::from_secs(60)),
         max_connections: max_connections.unwrap_or(10_000),
         listen_backlog: listen_backlog.map_or(4096, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         worker_threads,

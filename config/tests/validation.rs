@@ -34,6 +34,7 @@ fn the_issue_example_is_accepted_with_defaults() {
     assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
     assert_eq!(c.client_header_timeout, std::time::Duration::from_secs(60));
     assert_eq!(c.client_body_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(c.client_send_timeout, std::time::Duration::from_secs(60));
     assert_eq!(c.upstream_idle_timeout, std::time::Duration::from_secs(4));
     assert_eq!(m.variants[0].upstream_idle_timeout, None);
 }

@@ -329,6 +329,10 @@ pub(crate) struct Writer<B> {
     tail: &'static [u8],
     /// Some byte reached the connection.
     pub(crate) written: bool,
+    /// Bytes that reached the connection.
+    pub(crate) progress: u64,
+    /// The last `Pending` was the connection's (its send buffer full), not the body's.
+    pub(crate) io_pending: bool,
     /// The body has ended and its end is in the write buffer.
     ended: bool,
 }
@@ -368,6 +372,8 @@ where
             declared,
             pos: 0,
             written: false,
+            progress: 0,
+            io_pending: false,
             ended: false,
         }
     }
@@ -404,8 +410,11 @@ where
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    // The client has not sent more yet: write what there is meanwhile.
-                    Poll::Pending if write.len() == self.pos => return Poll::Pending,
+                    // The body has no more yet: write what there is meanwhile.
+                    Poll::Pending if write.len() == self.pos => {
+                        self.io_pending = false;
+                        return Poll::Pending;
+                    }
                     Poll::Pending => {}
                 }
             }
@@ -423,7 +432,10 @@ where
                 IoSlice::new(&self.data),
                 IoSlice::new(self.tail),
             ];
-            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            let written = Pin::new(&mut *io).poll_write_vectored(cx, &slices);
+            self.io_pending = written.is_pending();
+            let mut n = ready!(written)?;
+            self.progress += n as u64;
             if n == 0 {
                 return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
             }

@@ -198,6 +198,8 @@ pub(crate) struct Options {
     pub peer: std::net::SocketAddr,
     /// `client_header_timeout`.
     pub header_timeout: Duration,
+    /// `client_send_timeout`.
+    pub send_timeout: Duration,
     /// How long an idle connection keeps its buffers.
     pub park_after: Duration,
     /// Gauge of parked connections and counter of parkings, if measured.
@@ -396,8 +398,30 @@ pub(crate) async fn serve<S, B>(
             AnswerFraming::Chunked => Writer::new(None, Some(body), None, false),
             AnswerFraming::Close => Writer::new(None, Some(body), None, true),
         };
-        if let Err(e) = std::future::poll_fn(|cx| writer.poll_write(&mut out, &mut write, cx)).await
-        {
+        // The timer bounds a client that takes none of its answer for `send_timeout`
+        // (armed only while the socket is full; an upstream slow with its body is the
+        // request's business, not this one's).
+        let mut stalled_at: Option<u64> = None;
+        let written = std::future::poll_fn(|cx| {
+            let done = writer.poll_write(&mut out, &mut write, cx);
+            if done.is_ready() || !writer.io_pending {
+                stalled_at = None;
+                return done.map(|r| r.map_err(|e| e.to_string()));
+            }
+            if stalled_at != Some(writer.progress) {
+                stalled_at = Some(writer.progress);
+                timer.as_mut().reset(Instant::now() + opts.send_timeout);
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(format!(
+                    "the client took none of its answer for {:?} (client_send_timeout)",
+                    opts.send_timeout
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        if let Err(e) = written {
             // The answer is cut short; only closing tells the client.
             tracing::debug!(peer = %opts.peer, error = %e, "Answer broke off; closing.");
             return;
@@ -868,6 +892,7 @@ mod tests {
                 let opts = Options {
                     peer,
                     header_timeout: Duration::from_secs(2),
+                    send_timeout: Duration::from_millis(300),
                     park_after: Duration::from_secs(1),
                     parked: None,
                 };
@@ -1191,6 +1216,53 @@ mod tests {
         assert_eq!(status, 413);
         assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
         assert_eq!(body, b"too large");
+    }
+
+    /// Answers with 32 MiB, more than loopback's socket buffers hold.
+    #[derive(Clone)]
+    struct Large;
+
+    const LARGE: usize = 32 << 20;
+
+    impl tower_service::Service<Request<RequestBody>> for Large {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Full::new(Bytes::from(vec![b'x'; LARGE])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_none_of_its_answer_is_closed_after_client_send_timeout() {
+        // The servers here have a 300 ms `client_send_timeout`.
+        let (addr, _closing) = ours(Large).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Not reading, for well past the timeout: the server's writes block.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, s.read_to_end(&mut got))
+            .await
+            .expect("the server closed the connection")
+            .unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{:?}",
+            &got[..got.len().min(64)]
+        );
+        assert!(
+            got.len() < LARGE,
+            "the answer was cut short: {} bytes",
+            got.len()
+        );
     }
 
     #[tokio::test]

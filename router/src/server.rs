@@ -54,6 +54,9 @@ pub struct ServeOptions {
     /// or a silent close when it sent nothing); an h2c one,
     /// from opening or from the end of its last stream, to open a stream.
     pub client_header_timeout: Duration,
+    /// How long an answer to an HTTP/1.1 client may wait for the client to take any of
+    /// it before the connection is closed.
+    pub client_send_timeout: Duration,
     /// Gauge of open connections and counter of accepted ones, if this listener is
     /// measured.
     pub connection_metrics: Option<(IntGauge, IntCounter)>,
@@ -158,6 +161,7 @@ where
             h2: h2.clone(),
             closing: closing_rx.clone(),
             idle_timeout: opts.client_header_timeout,
+            send_timeout: opts.client_send_timeout,
             park_after: opts.park_after,
             parked: opts.parked_metrics.clone(),
             _open: open,
@@ -277,6 +281,7 @@ struct Conn {
     /// is over when no receiver is left.
     closing: watch::Receiver<bool>,
     idle_timeout: Duration,
+    send_timeout: Duration,
     park_after: Duration,
     parked: Option<(IntGauge, IntCounter)>,
     /// Counted open until the connection's task ends.
@@ -340,6 +345,7 @@ impl Conn {
         let opts = crate::inbound::Options {
             peer: self.peer,
             header_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             park_after: self.park_after,
             parked: self.parked.clone(),
         };
