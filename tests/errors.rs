@@ -282,3 +282,49 @@ async fn a_request_body_that_stalls_gets_408_and_the_server_keeps_serving() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+/// An upstream that sends its answer's head and a tenth of its body, then nothing, and
+/// holds the connection: the client gets what came and then the close, within
+/// `request_timeout` (300 ms here) of the pause, not whenever the upstream gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stalling = raw_upstream(|mut stream| async move {
+        if read_request(&mut stream).await {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    })
+    .await;
+    let up = Upstream::echo("a").await;
+    let app = app_with(&format!(
+        "  stalls:\n    variants: [{{name: s, upstream: \"http://{stalling}\", weight: 1}}]\n\
+         \x20 m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
+        up.url()
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    s.write_all(b"POST /v1/models/stalls:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("closed long before the upstream's 60 s")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(
+        got.ends_with("\r\n\r\n0123456789"),
+        "what came, and no more: {got}"
+    );
+    // The next request is served as ever.
+    let r = predict(
+        &client(),
+        &format!("http://{}/v1/models/m:predict", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

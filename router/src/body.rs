@@ -186,12 +186,57 @@ pub struct LimitedBody {
     remaining: u64,
     limit: u64,
     tap: Option<Box<RequestTap>>,
-    stall_timeout: std::time::Duration,
-    /// Armed only when a frame is not ready: a body that arrives with its head (most
-    /// predictions) never touches the timer.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A frame came since the stall timer was last set.
+    stall: Stall,
+}
+
+/// A bound on the pause between two frames of a body. Its timer is made only when a
+/// frame is not ready: a body that arrives with its head (most predictions, most
+/// answers) never touches it.
+#[derive(Debug)]
+pub(crate) struct Stall {
+    after: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
     progressed: bool,
+}
+
+impl Stall {
+    /// Pauses of at most `after`.
+    pub(crate) fn new(after: std::time::Duration) -> Self {
+        Stall {
+            after,
+            timer: None,
+            progressed: false,
+        }
+    }
+
+    /// The bound.
+    pub(crate) fn after(&self) -> std::time::Duration {
+        self.after
+    }
+
+    /// A frame came.
+    pub(crate) fn progressed(&mut self) {
+        self.progressed = true;
+    }
+
+    /// On a frame that is not ready: the timer, set from now if a frame came since it
+    /// was last set; `true` once the body has been silent for the bound.
+    pub(crate) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let progressed = std::mem::take(&mut self.progressed);
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if progressed {
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.after);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(self.after))),
+        };
+        std::future::Future::poll(timer.as_mut(), cx).is_ready()
+    }
 }
 
 /// Where a [`LimitedBody`]'s bytes come from.
@@ -212,9 +257,7 @@ impl LimitedBody {
             remaining: limit,
             limit,
             tap: None,
-            stall_timeout,
-            stall: None,
-            progressed: false,
+            stall: Stall::new(stall_timeout),
         }
     }
 
@@ -226,9 +269,7 @@ impl LimitedBody {
             remaining: len,
             limit: len,
             tap: None,
-            stall_timeout: std::time::Duration::MAX,
-            stall: None,
-            progressed: false,
+            stall: Stall::new(std::time::Duration::MAX),
         }
     }
 
@@ -239,25 +280,6 @@ impl LimitedBody {
             Source::Replay(Some(bytes)) => Some(LimitedBody::replay(bytes.clone())),
             _ => None,
         }
-    }
-
-    /// On a frame that is not ready: the stall timer, set from now if a frame came since
-    /// it was last set; ready once the client has been silent too long.
-    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let progressed = std::mem::take(&mut self.progressed);
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if progressed {
-                    let deadline = tokio::time::Instant::now() + self.stall_timeout;
-                    stall.as_mut().reset(deadline);
-                }
-                stall
-            }
-            None => self
-                .stall
-                .insert(Box::pin(tokio::time::sleep(self.stall_timeout))),
-        };
-        std::future::Future::poll(stall.as_mut(), cx).is_ready()
     }
 
     /// Shows the frames to a shadow mirror as they pass; it gets the whole body once
@@ -294,7 +316,7 @@ impl Body for LimitedBody {
         };
         match Pin::new(stream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                self.progressed = true;
+                self.stall.progressed();
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.remaining {
@@ -322,8 +344,8 @@ impl Body for LimitedBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             Poll::Pending => {
-                if self.stalled(cx) {
-                    let after = self.stall_timeout;
+                if self.stall.expired(cx) {
+                    let after = self.stall.after();
                     return Poll::Ready(Some(Err(Box::new(ClientBodyTimeout { after }))));
                 }
                 Poll::Pending

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_config::{UpstreamProtocol, UpstreamUrl};
 use tokio::net::TcpStream;
 
-use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody};
+use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody, Stall};
 use crate::error::{RouterError, UpstreamErrorKind};
 use crate::h1;
 
@@ -230,6 +230,7 @@ impl Upstream {
             Err(_) => Err(self.timed_out()),
             Ok(Ok(resp)) => Ok(resp.map(|body| UpstreamBody {
                 inner: Inner::Multiplexed(body),
+                stall: Stall::new(self.timeouts.request),
             })),
             Ok(Err(e)) => Err(classify(&e, e.is_connect())),
         }
@@ -353,6 +354,7 @@ impl Pool {
                             answer,
                             pool: Some(Arc::clone(self)),
                         },
+                        stall: Stall::new(self.timeouts.request),
                     }))
                 }
                 // A kept-alive connection the upstream had closed: nothing reached the
@@ -389,11 +391,19 @@ async fn sweep(pool: Weak<Pool>, timeout: Duration) {
 
 /// An upstream's answer body. Over HTTP/1.1 it reads its connection as it is read, and
 /// gives the connection back to the pool once it has ended; dropped before its end, it
-/// closes the connection (nothing else could be sent on it).
+/// closes the connection (nothing else could be sent on it). An upstream that pauses
+/// longer than `request_timeout` between two pieces of it (nginx's
+/// `proxy_read_timeout`) fails it with [`AnswerStalled`].
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Inner,
+    stall: Stall,
 }
+
+/// An upstream paused its answer's body longer than `request_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing more of its answer for {0:?} (request_timeout)")]
+pub struct AnswerStalled(pub Duration);
 
 #[derive(Debug)]
 enum Inner {
@@ -427,7 +437,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match &mut this.inner {
+        let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
             Inner::Multiplexed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Http1 { answer, .. } => {
                 let polled = Pin::new(&mut *answer).poll_frame(cx);
@@ -439,7 +449,15 @@ impl Body for UpstreamBody {
                 }
                 polled.map_err(Into::into)
             }
+        };
+        match polled {
+            Poll::Ready(Some(Ok(_))) => this.stall.progressed(),
+            Poll::Pending if this.stall.expired(cx) => {
+                return Poll::Ready(Some(Err(Box::new(AnswerStalled(this.stall.after())))));
+            }
+            _ => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
