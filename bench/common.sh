@@ -89,3 +89,29 @@ ${6:-}models:
       - {name: c, upstream: "http://127.0.0.1:$5", weight: 1}
 CONF
 }
+
+# nginx_split_config PORT O1 O2 O3: nginx as a proxy on 127.0.0.1:PORT, one worker, the
+# 97/2/1 split over the three origin ports with pooled keep-alive upstream connections,
+# written to $WORK/nginx/nginx.conf.
+nginx_split_config() {
+  local port=$1 o1=$2 o2=$3 o3=$4
+  mkdir -p "$WORK/nginx"
+  cat > "$WORK/nginx/nginx.conf" <<CONF
+master_process off;
+daemon off;
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/logs/nginx.err warn;
+events { worker_connections 1024; }
+http {
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;
+  upstream variants {
+    server 127.0.0.1:$o1 weight=97; server 127.0.0.1:$o2 weight=2; server 127.0.0.1:$o3 weight=1;
+    keepalive 64;
+  }
+  server { listen 127.0.0.1:$port;
+    location / { proxy_pass http://variants; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+CONF
+}

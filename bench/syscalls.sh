@@ -13,25 +13,7 @@ need nginx wrk perf
 
 O1=19701 O2=19702 O3=19703 P_NGINX=19711 P_SY=19713 P_SY_ADMIN=19714
 start_origin "127.0.0.1:$O1" "127.0.0.1:$O2" "127.0.0.1:$O3"
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-master_process off;
-daemon off;
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/logs/nginx.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;
-  upstream variants {
-    server 127.0.0.1:$O1 weight=97; server 127.0.0.1:$O2 weight=2; server 127.0.0.1:$O3 weight=1;
-    keepalive 64;
-  }
-  server { listen 127.0.0.1:$P_NGINX;
-    location / { proxy_pass http://variants; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-CONF
+nginx_split_config "$P_NGINX" "$O1" "$O2" "$O3"
 split_config "$P_SY" "$P_SY_ADMIN" "$O1" "$O2" "$O3"
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" > /dev/null 2>&1 &
 PIDS+=($!)

@@ -1117,28 +1117,38 @@ mod tests {
         }
     }
 
-    /// Answers with a body of unknown length.
-    #[derive(Clone)]
-    struct Unsized;
+    /// Answers every request with what its function makes, without reading the request.
+    struct Fixed<B>(fn() -> Response<B>);
 
-    impl tower_service::Service<Request<RequestBody>> for Unsized {
-        type Response = Response<Frames>;
+    impl<B> Clone for Fixed<B> {
+        fn clone(&self) -> Self {
+            Fixed(self.0)
+        }
+    }
+
+    impl<B> tower_service::Service<Request<RequestBody>> for Fixed<B> {
+        type Response = Response<B>;
         type Error = Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        type Future = std::future::Ready<Result<Response<B>, Infallible>>;
 
         fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
             Poll::Ready(Ok(()))
         }
 
         fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
-            let frames = [Bytes::from_static(b"abc"), Bytes::from_static(b"def")];
-            std::future::ready(Ok(Response::new(Frames(frames.into()))))
+            std::future::ready(Ok((self.0)()))
         }
+    }
+
+    /// A body of unknown length.
+    fn unsized_answer() -> Response<Frames> {
+        let frames = [Bytes::from_static(b"abc"), Bytes::from_static(b"def")];
+        Response::new(Frames(frames.into()))
     }
 
     #[tokio::test]
     async fn answers_of_unknown_length_are_chunked_and_to_http_1_0_end_with_the_close() {
-        let (addr, _closing) = ours(Unsized).await;
+        let (addr, _closing) = ours(Fixed(unsized_answer)).await;
         let chunked = exchange(addr, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
         let chunked = String::from_utf8(chunked).unwrap();
         assert!(
@@ -1170,29 +1180,16 @@ mod tests {
         );
     }
 
-    /// Answers at once, without reading the body.
-    #[derive(Clone)]
-    struct Early;
-
-    impl tower_service::Service<Request<RequestBody>> for Early {
-        type Response = Response<Full<Bytes>>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
-            let mut resp = Response::new(Full::new(Bytes::from_static(b"too large")));
-            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-            std::future::ready(Ok(resp))
-        }
+    /// An answer given at once, before the body is read.
+    fn early_answer() -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"too large")));
+        *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        resp
     }
 
     #[tokio::test]
     async fn an_answer_before_the_body_closes_the_connection_after_it_and_reaches_the_client() {
-        let (addr, _closing) = ours(Early).await;
+        let (addr, _closing) = ours(Fixed(early_answer)).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         // A body the server never reads, larger than what the kernel buffers at once.
         s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n")
@@ -1218,30 +1215,17 @@ mod tests {
         assert_eq!(body, b"too large");
     }
 
-    /// Answers with 32 MiB, more than loopback's socket buffers hold.
-    #[derive(Clone)]
-    struct Large;
-
     const LARGE: usize = 32 << 20;
 
-    impl tower_service::Service<Request<RequestBody>> for Large {
-        type Response = Response<Full<Bytes>>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
-            std::future::ready(Ok(Response::new(Full::new(Bytes::from(vec![b'x'; LARGE])))))
-        }
+    /// 32 MiB, more than loopback's socket buffers hold.
+    fn large_answer() -> Response<Full<Bytes>> {
+        Response::new(Full::new(Bytes::from(vec![b'x'; LARGE])))
     }
 
     #[tokio::test]
     async fn a_client_that_takes_none_of_its_answer_is_closed_after_client_send_timeout() {
         // The servers here have a 300 ms `client_send_timeout`.
-        let (addr, _closing) = ours(Large).await;
+        let (addr, _closing) = ours(Fixed(large_answer)).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
