@@ -183,7 +183,7 @@ impl Conn {
                 match writer.poll_write(&mut self.io, &mut self.write, cx) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => {
-                        if reused && !writer.written && matches!(e, H1Error::Io(_)) {
+                        if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
                             return Poll::Ready(Err(Failed::Stale(writer.take_unsent())));
                         }
                         return Poll::Ready(Err(Failed::Error(e)));
@@ -327,8 +327,6 @@ pub(crate) struct Writer<B> {
     /// The frame being written, then `tail` (a chunk's CRLF).
     data: Bytes,
     tail: &'static [u8],
-    /// Some byte reached the connection.
-    pub(crate) written: bool,
     /// Bytes that reached the connection.
     pub(crate) progress: u64,
     /// The last `Pending` was the connection's (its send buffer full), not the body's.
@@ -371,7 +369,6 @@ where
             chunked: declared.is_none() && !close_delimited,
             declared,
             pos: 0,
-            written: false,
             progress: 0,
             io_pending: false,
             ended: false,
@@ -439,7 +436,6 @@ where
             if n == 0 {
                 return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
             }
-            self.written = true;
             let from_head = n.min(buffered.len());
             self.pos += from_head;
             n -= from_head;

@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
+use crate::server::{ClientService, ResponseBody};
 
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -206,28 +207,6 @@ pub(crate) struct Options {
     pub parked: Option<(IntGauge, IntCounter)>,
 }
 
-/// What the service is: a tower service from client requests to answers, made per
-/// connection.
-pub(crate) trait Service<B>:
-    tower_service::Service<
-    Request<RequestBody>,
-    Response = Response<B>,
-    Error = std::convert::Infallible,
-    Future: Unpin,
->
-{
-}
-
-impl<S, B> Service<B> for S where
-    S: tower_service::Service<
-        Request<RequestBody>,
-        Response = Response<B>,
-        Error = std::convert::Infallible,
-        Future: Unpin,
-    >
-{
-}
-
 /// Where the read side is while a request is served.
 enum Holder {
     /// The connection's own (no body, or a body that came whole).
@@ -257,9 +236,8 @@ pub(crate) async fn serve<S, B>(
     opts: Options,
     mut closing: watch::Receiver<bool>,
 ) where
-    S: Service<B>,
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BodyError>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     let (io, mut out) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_SIZE.max(unread.len()));
@@ -294,11 +272,8 @@ pub(crate) async fn serve<S, B>(
                 tracing::debug!(peer = %opts.peer, %status, %message, "Request head refused.");
                 write.clear();
                 encode_refusal(&mut write, status, &message);
-                let mut writer =
-                    Writer::<http_body_util::Empty<Bytes>>::new(None, None, Some(0), false);
-                let _ =
-                    std::future::poll_fn(|cx| writer.poll_write(&mut out, &mut write, cx)).await;
-                Box::pin(linger(out, Some(reader))).await;
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut out, &write).await;
+                Box::pin(linger(out, reader.io)).await;
                 return;
             }
         };
@@ -437,7 +412,7 @@ pub(crate) async fn serve<S, B>(
             },
         };
         if !keep || reader.framing != Framing::Done {
-            Box::pin(linger(out, Some(reader))).await;
+            Box::pin(linger(out, reader.io)).await;
             return;
         }
         reader.cont = Continue::No;
@@ -793,17 +768,14 @@ const LINGER: Duration = Duration::from_secs(1);
 ///
 /// Called boxed: its 4 KiB sink would otherwise be part of every connection's task, idle
 /// or not.
-async fn linger(mut out: OwnedWriteHalf, reader: Option<Reader>) {
+pub(crate) async fn linger(mut out: OwnedWriteHalf, mut io: OwnedReadHalf) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = out.shutdown().await;
-    let Some(mut reader) = reader else {
-        return;
-    };
     let drain = async {
         let mut sink = [0u8; 4096];
         let mut left = LINGER_BYTES;
         while left > 0 {
-            match reader.io.read(&mut sink).await {
+            match io.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => left -= n.min(left),
             }
@@ -879,10 +851,8 @@ mod tests {
     /// returned sender) a listener that never closes.
     async fn ours<S, B>(service: S) -> (SocketAddr, watch::Sender<bool>)
     where
-        S: Service<B> + Clone + Send + 'static,
-        S::Future: Send,
-        B: Body<Data = Bytes> + Unpin + Send + 'static,
-        B::Error: Into<BodyError>,
+        S: ClientService<B>,
+        B: ResponseBody,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -32,14 +32,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-
-use crate::inbound::RequestBody;
 use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use crate::inbound::RequestBody;
 
 /// Limits and counters of one listener.
 #[derive(Clone, Debug)]
@@ -79,24 +79,15 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// What a connection beyond `max_connections` is told before it is closed.
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 70\r\nconnection: close\r\nretry-after: 1\r\n\r\n{\"error\":\"too many connections (max_connections); try again shortly\"}\n";
 
-/// Answers `stream` with [`OVER_CAPACITY`] and closes it. What the client already sent
-/// is read and discarded (bounded in bytes and time) after our answer, so the close is a
-/// FIN, not a reset that could destroy the answer before the client reads it.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let bounded = async {
-        let _ = stream.write_all(OVER_CAPACITY).await;
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left -= n.min(left),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), bounded).await;
+/// Answers `stream` with [`OVER_CAPACITY`] and closes it, as the HTTP/1.1 server closes
+/// any connection ([`crate::inbound::linger`]: what the client already sent is read and
+/// dropped, bounded, so the close is a FIN, not a reset that could destroy the answer).
+async fn refuse(stream: tokio::net::TcpStream) {
+    let (io, mut out) = stream.into_split();
+    let written = tokio::io::AsyncWriteExt::write_all(&mut out, OVER_CAPACITY);
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), written).await {
+        crate::inbound::linger(out, io).await;
+    }
 }
 
 /// How a drain ended.
