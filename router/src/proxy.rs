@@ -374,13 +374,17 @@ impl Router {
         }
     }
 
-    /// Handles one request end to end; never fails (errors become responses).
+    /// Handles one request end to end; never fails (errors become responses). Takes
+    /// its arguments owned so that its future is the connection's whole request future:
+    /// each `async fn` awaited inside another is built and then moved into its caller's
+    /// state, so every level of nesting is one more copy of a future of kilobytes.
     pub async fn handle(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         req: Request<RequestBody>,
-        peer: Option<&HeaderValue>,
-    ) -> Response<ProxyBody> {
+        peer: Option<HeaderValue>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
+        let peer = peer.as_ref();
         let _in_flight = InFlight::new(&self.metrics);
         let (mut request_id, ours) = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if ids::acceptable(v) => (v.clone(), false),
@@ -391,13 +395,20 @@ impl Router {
             // make every HTTP request's future (moved whole) as large.
             Box::pin(self.grpc(req, &request_id, peer, started)).await
         } else {
-            match self.route(req, &request_id, peer, started).await {
-                Ok(resp) => resp,
-                Err(err) => {
-                    self.metrics.rejected(err.reject_reason());
-                    error_response(&err)
-                }
-            }
+            let routed = match self.route(req, &request_id) {
+                Ok(Routed::Answer(resp)) => Ok(resp),
+                // Boxed: its futures (the fleet's claims, the offloaded parse) would
+                // otherwise enlarge every prediction's future.
+                Ok(Routed::Feedback(req)) => Box::pin(self.feedback(req)).await,
+                Ok(Routed::Model(model, model_req, req)) => Ok(self
+                    .forward(&model, &model_req, req, &request_id, peer, started)
+                    .await),
+                Err(err) => Err(err),
+            };
+            routed.unwrap_or_else(|err| {
+                self.metrics.rejected(err.reject_reason());
+                error_response(&err)
+            })
         };
         let sealed = match self.fleet {
             Some(_) => resp.extensions_mut().remove::<Sealed>(),
@@ -412,7 +423,7 @@ impl Router {
             resp.headers_mut().insert(X_DECISION.clone(), token);
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        resp
+        Ok(resp)
     }
 
     /// `POST /v1/feedback`: rewards for earlier decisions.
@@ -467,20 +478,21 @@ impl Router {
         Ok(json_response(status, answer))
     }
 
-    /// Phases *route* and *admit*, then hands over to [`Router::forward`].
-    async fn route(
-        self: &Arc<Self>,
+    /// Phases *route* and *admit*: what answers the request (synchronous, so that a
+    /// prediction's future holds [`Router::forward`]'s directly).
+    fn route(
+        &self,
         req: Request<RequestBody>,
         request_id: &HeaderValue,
-        peer: Option<&HeaderValue>,
-        started: Instant,
-    ) -> Result<Response<ProxyBody>, RouterError> {
+    ) -> Result<Routed, RouterError> {
         let endpoint = path::parse(req.method(), req.uri().path())?;
         let model_req = match endpoint {
             Endpoint::Model(m) => m,
-            Endpoint::ServerLive => return Ok(json(StatusCode::OK, r#"{"live":true}"#)),
+            Endpoint::ServerLive => {
+                return Ok(Routed::Answer(json(StatusCode::OK, r#"{"live":true}"#)))
+            }
             Endpoint::ServerReady => {
-                return Ok(match self.not_ready() {
+                return Ok(Routed::Answer(match self.not_ready() {
                     Some(why) => json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         serde_json::json!({ "ready": false, "error": why })
@@ -488,18 +500,19 @@ impl Router {
                             .into(),
                     ),
                     None => json(StatusCode::OK, r#"{"ready":true}"#),
-                })
+                }))
             }
-            // Boxed: its futures (the fleet's claims, the offloaded parse) would
-            // otherwise enlarge every prediction's future, which is moved whole.
-            Endpoint::Feedback => return Box::pin(self.feedback(req)).await,
+            Endpoint::Feedback => return Ok(Routed::Feedback(req)),
             Endpoint::ServerMetadata => {
                 let body = serde_json::json!({
                     "name": "switchyard",
                     "version": env!("CARGO_PKG_VERSION"),
                     "extensions": crate::v2::EXTENSIONS,
                 });
-                return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+                return Ok(Routed::Answer(json_response(
+                    StatusCode::OK,
+                    Bytes::from(body.to_string()),
+                )));
             }
             Endpoint::RepositoryIndex => {
                 // The models as clients name them: the variants behind a name are
@@ -509,13 +522,13 @@ impl Router {
                     .models()
                     .map(|m| serde_json::json!({ "name": m.name, "state": "READY" }))
                     .collect();
-                return Ok(json_response(
+                return Ok(Routed::Answer(json_response(
                     StatusCode::OK,
                     Bytes::from(serde_json::Value::from(index).to_string()),
-                ));
+                )));
             }
         };
-        let table = self.table.load_full();
+        let table = self.table.load();
         let name = &req.uri().path()[model_req.model.clone()];
         let model = table
             .model(name)
@@ -539,10 +552,22 @@ impl Router {
             )));
         }
         let req = req.map(crate::forward::Payload::Http);
-        Ok(self
-            .forward(model, &model_req, req, request_id, peer, started)
-            .await)
+        Ok(Routed::Model(model.clone(), model_req, req))
     }
+}
+
+/// What [`Router::route`] found answers a request.
+enum Routed {
+    /// Answered already (health, metadata, the repository index).
+    Answer(Response<ProxyBody>),
+    /// `POST /v1/feedback`.
+    Feedback(Request<RequestBody>),
+    /// A model's: forwarded to its variants.
+    Model(
+        Arc<crate::table::ModelRoute>,
+        crate::path::ModelRequest,
+        Request<crate::forward::Payload>,
+    ),
 }
 
 /// Builds the upstream request for an h2c or gRPC upstream: rewritten URI, cleaned
@@ -783,9 +808,7 @@ impl tower_service::Service<Request<RequestBody>> for ProxyService {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let router = self.router.clone();
-        let peer = self.peer.clone();
-        Box::pin(async move { Ok(router.handle(req, peer.as_ref()).await) })
+        Box::pin(self.router.clone().handle(req, self.peer.clone()))
     }
 }
 
