@@ -227,13 +227,13 @@ impl Stall {
         let timer = match &mut self.timer {
             Some(timer) => {
                 if progressed {
-                    timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.after);
+                    timer.as_mut().reset(crate::clock::now() + self.after);
                 }
                 timer
             }
-            None => self.timer.insert(Box::pin(tokio::time::sleep(self.after))),
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(
+                crate::clock::now() + self.after,
+            ))),
         };
         std::future::Future::poll(timer.as_mut(), cx).is_ready()
     }

@@ -133,7 +133,7 @@ impl Permit<'_> {
     /// Tells the breaker how the request ended.
     pub fn record(mut self, outcome: Outcome) {
         self.recorded = true;
-        self.health.record(outcome, self.probe, Instant::now());
+        self.health.record(outcome, self.probe, crate::clock::now());
     }
 }
 
@@ -156,7 +156,7 @@ impl Health {
         gauge: IntGauge,
         ejections: IntCounter,
     ) -> Self {
-        let now = Instant::now();
+        let now = crate::clock::now();
         gauge.set(State::Closed as i64);
         Health {
             model: model.to_string(),
@@ -787,7 +787,7 @@ where
             let admitted = if self.layer.ignore_breaker {
                 health.admit_ignoring_breaker()
             } else {
-                health.admit(Instant::now())
+                health.admit(crate::clock::now())
             };
             // Not ready is an answer, not a wait: the split chooses another variant
             // at once, as linkerd's balancer skips unready endpoints.

@@ -173,7 +173,7 @@ impl Router {
             retries: AtomicU32::new(0),
         };
 
-        let routed = Instant::now();
+        let routed = crate::clock::now_std();
         // Phases choose, limit/break, forward and retry: tower's Retry over the split.
         let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
         let (first, hedge) = match (res.hedge_after, &replay) {
@@ -188,7 +188,7 @@ impl Router {
             Ok(t) if t.failure.is_none() => (Some(t), None),
             first => Box::pin(self.fall_back(&ask, first, replay.as_ref())).await,
         };
-        let answered = Instant::now();
+        let answered = crate::clock::now_std();
 
         let Some(tried_last) = answer else {
             // Nothing was tried and there is no fallback: every variant is ejected or

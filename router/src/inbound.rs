@@ -253,7 +253,7 @@ pub(crate) async fn serve<S, B>(
     let mut write: Vec<u8> = Vec::new();
     // One timer for the connection's life, reset for each head.
     let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
-    let mut idle_since = Instant::now();
+    let mut idle_since = crate::clock::now();
     loop {
         let parsed = match read_head(
             &mut reader,
@@ -417,7 +417,7 @@ pub(crate) async fn serve<S, B>(
         }
         reader.cont = Continue::No;
         reader.task = None;
-        idle_since = Instant::now();
+        idle_since = crate::clock::now();
     }
 }
 

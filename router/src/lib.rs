@@ -39,6 +39,8 @@
 //! - [`pulse`]: the live numbers, once a second, behind `/admin/stream` and `/dashboard`.
 //! - [`auth`]: bearer tokens for the admin listener's POSTs and for feedback.
 //! - [`ids`]: unguessable request ids.
+//! - [`clock`]: the time, read once per turn of a connection's task (nginx's cached
+//!   time).
 //! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
 //!   [`feedback::FeedbackSink`] the binary provides (the bandit).
 #![forbid(unsafe_code)]
@@ -48,6 +50,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod breaker;
+pub mod clock;
 pub mod encoding;
 pub mod error;
 pub mod feedback;

@@ -383,7 +383,7 @@ impl Router {
         req: Request<RequestBody>,
         peer: Option<HeaderValue>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let started = Instant::now();
+        let started = crate::clock::now_std();
         let peer = peer.as_ref();
         let _in_flight = InFlight::new(&self.metrics);
         let (mut request_id, ours) = match req.headers().get(&X_REQUEST_ID) {

@@ -160,8 +160,8 @@ where
         };
         // The connection's own future, not wrapped in another: every level of async
         // nesting keeps its own copy of the arguments, in every parked connection.
-        let fut = conn.serve(stream, service);
-        tokio::spawn(fut);
+        // Each poll reads the clock once for everything in it ([`crate::clock`]).
+        tokio::spawn(crate::clock::Turns::new(conn.serve(stream, service)));
     }
     let _ = closing.send(true);
     drop(listener);

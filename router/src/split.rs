@@ -48,7 +48,7 @@ pub(crate) fn bit(index: usize) -> u64 {
 /// the picker or the weights; `None` when none is ready.
 pub(crate) fn choose(ask: &Ask<'_>, tried: u64, first: bool) -> Option<Pick> {
     let model = ask.model;
-    let now = tokio::time::Instant::now();
+    let now = crate::clock::now();
     let usable = |i: usize| tried & bit(i) == 0 && model.variants[i].health.ready(now).is_ok();
     if let Some(key) = ask.sticky.as_ref().filter(|_| first) {
         return model.selector.pick_sticky_among(key.as_bytes(), &usable);
@@ -275,7 +275,7 @@ struct Bucket {
 impl RetryBudget {
     /// `budget` retries per request, plus `min_per_second`.
     pub fn new(budget: f64, min_per_second: u32) -> Self {
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::now();
         RetryBudget {
             // The config bounds `budget` to 0..=1; the cast saturates regardless.
             per_request: (budget * TOKEN as f64).round() as u64,
@@ -293,7 +293,7 @@ impl RetryBudget {
     /// Brings the bucket to now: the time's tokens, the request window moved on, and
     /// the cap applied.
     fn settle<'a>(&self, b: &'a mut std::sync::MutexGuard<'_, Bucket>) -> &'a mut Bucket {
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::now();
         let second = std::time::Duration::from_secs(1);
         let mut moved = 0;
         while now.duration_since(b.slot_start) >= second && moved < SLOTS {

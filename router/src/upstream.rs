@@ -209,7 +209,8 @@ impl Upstream {
                 "this upstream speaks HTTP/2".into(),
             ));
         };
-        tokio::time::timeout(self.timeouts.request, pool.send(head, body))
+        let deadline = crate::clock::now() + self.timeouts.request;
+        tokio::time::timeout_at(deadline, pool.send(head, body))
             .await
             .unwrap_or_else(|_| Err(self.timed_out()))
     }
@@ -285,7 +286,8 @@ impl Pool {
     fn checkout(&self) -> Option<h1::Conn> {
         loop {
             let Idle { conn, since } = self.lock().pop()?;
-            if since.elapsed() < self.timeouts.idle && conn.is_open() {
+            let idle = crate::clock::now_std().saturating_duration_since(since);
+            if idle < self.timeouts.idle && conn.is_open() {
                 return Some(conn);
             }
         }
@@ -297,7 +299,7 @@ impl Pool {
         if idle.len() < POOL_MAX_IDLE {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::clock::now_std(),
             });
         }
     }

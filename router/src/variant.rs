@@ -196,7 +196,7 @@ where
         ObserveFuture {
             inner: self.inner.call(req),
             layer: self.layer,
-            started: Instant::now(),
+            started: crate::clock::now_std(),
         }
     }
 }
@@ -227,9 +227,12 @@ impl<F: Future<Output = Answer>> Future for ObserveFuture<'_, F> {
                 e.status().as_u16()
             }
         };
-        variant
-            .metrics
-            .record(status, this.started.elapsed().as_secs_f64());
+        variant.metrics.record(
+            status,
+            crate::clock::now_std()
+                .saturating_duration_since(*this.started)
+                .as_secs_f64(),
+        );
         if let (Some(kind), Err(e)) = (failure_kind(&result), &result) {
             tracing::debug!(model = %this.layer.model, variant = %variant.name, kind, error = %e, "A try failed.");
         }
