@@ -124,9 +124,13 @@ pub fn http_status_for(code: u32) -> u16 {
     }
 }
 
+/// The field that carries a gRPC status. A `HeaderName` made once: looking a field up by
+/// `&str` parses the name on every lookup.
+pub static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// A gRPC answer's `grpc-status`, read from headers or trailers.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use prost::Message;
+use switchyard_proto::GRPC_STATUS;
 
 use crate::body::{LimitedBody, ProxyBody};
 use crate::error::{GrpcCode, RouterError};
@@ -318,7 +319,7 @@ fn grpc_head(resp: &mut Response<ProxyBody>) {
 /// A successful answer: `message`, then `grpc-status: 0` in trailers.
 pub fn ok(message: &impl Message) -> Response<ProxyBody> {
     let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
     let mut resp = Response::new(ProxyBody::with_trailers(frame(message), trailers));
     grpc_head(&mut resp);
     resp
@@ -329,7 +330,10 @@ pub fn status(code: GrpcCode, message: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
     grpc_head(&mut resp);
     let h = resp.headers_mut();
-    h.insert("grpc-status", HeaderValue::from(u16::from(code as u8)));
+    h.insert(
+        GRPC_STATUS.clone(),
+        HeaderValue::from(u16::from(code as u8)),
+    );
     h.insert("grpc-message", grpc_message(message));
     resp
 }
@@ -339,7 +343,7 @@ pub fn status(code: GrpcCode, message: &str) -> Response<ProxyBody> {
 pub(crate) fn failed(resp: &Response<ProxyBody>) -> bool {
     const SERVER_SIDE: [&[u8]; 4] = [b"2", b"4", b"13", b"14"]; // UNKNOWN, DEADLINE, INTERNAL, UNAVAILABLE
     resp.headers()
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .is_some_and(|s| SERVER_SIDE.contains(&s.as_bytes()))
 }
 
