@@ -37,7 +37,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -289,10 +289,13 @@ fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, length: Option<u64>) {
     }
     for (name, value) in head.headers {
         // Framing is this hop's: from the body as it will be sent. `host` is the
-        // upstream's. Hop-by-hop fields were removed before.
+        // upstream's. Hop-by-hop fields were removed before, but for `te: trailers`,
+        // kept for h2c and gRPC upstreams: over HTTP/1.1 it would need `connection:
+        // te` (RFC 9110 §10.1.4), and an HTTP/1.1 answer's trailers are not passed on.
         if name == CONTENT_LENGTH
             || name == TRANSFER_ENCODING
             || name == HOST
+            || name == TE
             || head.set.iter().any(|(set, _)| *set == name)
         {
             continue;
@@ -1133,6 +1136,7 @@ mod tests {
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-id"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
         h
     }
 
@@ -1706,6 +1710,7 @@ mod tests {
         assert!(!get.contains("content-length"), "{get}");
         // The client's `host` goes whatever the set fields are; so do the replaced ones.
         assert!(!get.contains("client-"), "{get}");
+        assert!(!get.contains("te:"), "no te without connection: te: {get}");
         assert!(
             get.contains("\r\ncontent-type: application/json\r\n"),
             "{get}"
