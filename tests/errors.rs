@@ -298,9 +298,19 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
         }
     })
     .await;
+    // Sends part of its answer's body and closes the connection.
+    let breaking = raw_upstream(|mut stream| async move {
+        if read_request(&mut stream).await {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+        }
+    })
+    .await;
     let up = Upstream::echo("a").await;
     let app = app_with(&format!(
         "  stalls:\n    variants: [{{name: s, upstream: \"http://{stalling}\", weight: 1}}]\n\
+         \x20 breaks:\n    variants: [{{name: b, upstream: \"http://{breaking}\", weight: 1}}]\n\
          \x20 m:\n    variants: [{{name: a, upstream: \"{}\", weight: 1}}]\n",
         up.url()
     ))
@@ -320,6 +330,29 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
         got.ends_with("\r\n\r\n0123456789"),
         "what came, and no more: {got}"
     );
+    // An answer broken off by the upstream's close: the client gets what came too.
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    s.write_all(b"POST /v1/models/breaks:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("closed once the upstream closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).ends_with("\r\n\r\n0123456789"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Both count as the variant's upstream failures, by kind, though their heads came.
+    let m = metrics(app.admin_addr).await;
+    for (model, variant, kind) in [("stalls", "s", "timeout"), ("breaks", "b", "reset")] {
+        let series = format!(
+            r#"switchyard_upstream_errors_total{{kind="{kind}",model="{model}",variant="{variant}"}}"#
+        );
+        assert_eq!(sample(&m, &series), Some(1.0), "{series}");
+    }
     // The next request is served as ever.
     let r = predict(
         &client(),
@@ -327,4 +360,63 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
     )
     .await;
     assert_eq!(r.status, 200);
+}
+
+/// An answer body that sends one piece and then nothing, ever.
+struct Trickle(bool);
+
+impl hyper::body::Body for Trickle {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(
+            bytes::Bytes::from_static(b"0123456789"),
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upstream_that_stalls_inside_its_answer_is_cut_off_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalling = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Trickle(false)))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let app = app_with(&format!(
+        "  stalls:\n    variants: [{{name: s, upstream: \"http://{stalling}\", protocol: h2c, weight: 1}}]\n"
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
+    s.write_all(b"POST /v1/models/stalls:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("closed long before the client would give up")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    // Chunked (its length unknown): the piece that came, and no last chunk.
+    assert!(got.contains("\r\n\r\na\r\n0123456789\r\n"), "{got}");
+    assert!(!got.ends_with("0\r\n\r\n"), "not ended as if whole: {got}");
+    let m = metrics(app.admin_addr).await;
+    let series = r#"switchyard_upstream_errors_total{kind="timeout",model="stalls",variant="s"}"#;
+    assert_eq!(sample(&m, series), Some(1.0), "{series}");
 }

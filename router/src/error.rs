@@ -14,11 +14,13 @@ use crate::body::{json_response, ProxyBody};
 pub enum UpstreamErrorKind {
     /// TCP connect refused, unreachable or timed out.
     Connect,
-    /// No response headers within the request timeout.
+    /// No response headers within the request timeout, or an answer's body paused
+    /// longer than it.
     Timeout,
-    /// The connection was reset or closed before a full response head arrived.
+    /// The connection was reset or closed before a full response head arrived, or
+    /// before the answer's body ended.
     Reset,
-    /// The upstream broke the HTTP protocol.
+    /// The upstream broke the HTTP protocol (in the head or the body).
     Protocol,
 }
 

@@ -122,7 +122,7 @@ pub struct VariantMetrics {
     duration: Histogram,
     /// By [`Phase`].
     phases: [Histogram; 5],
-    errors: [IntCounter; 4],
+    errors: UpstreamErrors,
     /// The variant's current share of traffic (a fraction; a model's sum to 1).
     pub weight: Gauge,
 }
@@ -195,11 +195,29 @@ impl VariantMetrics {
 
     /// Counts one upstream failure.
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.errors.inc(kind);
+    }
+
+    /// The variant's `switchyard_upstream_errors_total` handles, for its upstream client
+    /// to count the failures of answer bodies, which come after the try is over.
+    pub fn upstream_errors(&self) -> &UpstreamErrors {
+        &self.errors
+    }
+}
+
+/// One variant's `switchyard_upstream_errors_total` handles, by kind; cheap to clone
+/// (one `Arc`).
+#[derive(Debug, Clone)]
+pub struct UpstreamErrors(std::sync::Arc<[IntCounter; 4]>);
+
+impl UpstreamErrors {
+    /// Counts one failure of `kind`.
+    pub fn inc(&self, kind: UpstreamErrorKind) {
         let i = UpstreamErrorKind::ALL
             .iter()
             .position(|k| *k == kind)
             .unwrap_or_default();
-        self.errors[i].inc();
+        self.0[i].inc();
     }
 }
 
@@ -232,7 +250,7 @@ impl Metrics {
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "switchyard_upstream_errors_total",
-                "Upstream failures per model and variant, by kind (connect, timeout, reset, protocol).",
+                "Upstream failures per model and variant, by kind (connect, timeout, reset, protocol), of a try or of an answer's body after its head.",
             ),
             &["model", "variant", "kind"],
         )?;
@@ -367,10 +385,10 @@ impl Metrics {
             duration: self.duration.with_label_values(&[model, variant]),
             phases: Phase::ALL
                 .map(|p| self.phases.with_label_values(&[model, variant, p.as_str()])),
-            errors: UpstreamErrorKind::ALL.map(|k| {
+            errors: UpstreamErrors(std::sync::Arc::new(UpstreamErrorKind::ALL.map(|k| {
                 self.upstream_errors
                     .with_label_values(&[model, variant, k.as_str()])
-            }),
+            }))),
             weight: self.weight.with_label_values(&[model, variant]),
         }
     }

@@ -215,6 +215,7 @@ impl RouteTable {
                     .request_timeout
                     .or(model.request_timeout)
                     .unwrap_or(config.request_timeout);
+                let variant_metrics = metrics.variant(name, &v.name);
                 let backend = match (&v.upstream, &v.local) {
                     (Some(url), _) => {
                         let timeouts = Timeouts {
@@ -231,8 +232,13 @@ impl RouteTable {
                                 Backend::Remote(up.clone())
                             }
                             _ => Backend::Remote(Arc::new(
-                                Upstream::new(url, v.protocol, timeouts)
-                                    .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
+                                Upstream::new(
+                                    url,
+                                    v.protocol,
+                                    timeouts,
+                                    variant_metrics.upstream_errors().clone(),
+                                )
+                                .map_err(|m| err(format!("variant `{}`: {m}", v.name)))?,
                             )),
                         }
                     }
@@ -275,7 +281,7 @@ impl RouteTable {
                     name_header: HeaderValue::from_str(&v.name).map_err(|e| err(e.to_string()))?,
                     upstream_model: v.upstream_model.clone().unwrap_or_else(|| name.clone()),
                     backend,
-                    metrics: metrics.variant(name, &v.name),
+                    metrics: variant_metrics,
                     health,
                 });
             }

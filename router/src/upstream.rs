@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use crate::body::{BodyTooLarge, ClientBodyError, ClientBodyTimeout, LimitedBody, Stall};
 use crate::error::{RouterError, UpstreamErrorKind};
 use crate::h1;
+use crate::metrics::UpstreamErrors;
 
 /// How many idle connections to one upstream are kept for reuse. A burst of N concurrent
 /// requests opens N connections (each keeps a read buffer of 8 KiB or more); once it is over,
@@ -61,6 +62,9 @@ pub struct Upstream {
     /// HTTP/1.1 or h2c.
     pub protocol: UpstreamProtocol,
     timeouts: Timeouts,
+    /// The variant's `switchyard_upstream_errors_total`, for failures of answer bodies
+    /// (the head's are counted where the try ends).
+    errors: UpstreamErrors,
 }
 
 /// Why an upstream exchange failed, before it becomes a [`RouterError`].
@@ -104,11 +108,13 @@ impl Upstream {
         self.url == *url && self.protocol == protocol && self.timeouts == timeouts
     }
 
-    /// A client for `url`. Must be called within a Tokio runtime.
+    /// A client for `url` that counts its answer bodies' failures in `errors`. Must be
+    /// called within a Tokio runtime.
     pub fn new(
         url: &UpstreamUrl,
         protocol: UpstreamProtocol,
         timeouts: Timeouts,
+        errors: UpstreamErrors,
     ) -> Result<Self, String> {
         let authority: Authority = url
             .authority
@@ -130,7 +136,7 @@ impl Upstream {
             builder.http2_only(true);
             Clients::Multiplexed(Box::new(builder.build(Connector(connector))))
         } else {
-            Clients::Http1(Pool::new(url.authority.clone(), timeouts))
+            Clients::Http1(Pool::new(url.authority.clone(), timeouts, errors.clone()))
         };
         Ok(Upstream {
             client,
@@ -139,6 +145,7 @@ impl Upstream {
             url: url.clone(),
             protocol,
             timeouts,
+            errors,
         })
     }
 
@@ -230,7 +237,7 @@ impl Upstream {
         match tokio::time::timeout(self.timeouts.request, client.request(req)).await {
             Err(_) => Err(self.timed_out()),
             Ok(Ok(resp)) => Ok(resp.map(|body| UpstreamBody {
-                inner: Inner::Multiplexed(body),
+                inner: Inner::Multiplexed(body, self.errors.clone()),
                 stall: Stall::new(self.timeouts.request),
             })),
             Ok(Err(e)) => Err(classify(&e, e.is_connect())),
@@ -254,6 +261,9 @@ struct Pool {
     authority: String,
     timeouts: Timeouts,
     idle: Mutex<Vec<Idle>>,
+    /// Its upstream's [`Upstream::errors`], reached by answer bodies through the pool
+    /// they hold until they end.
+    errors: UpstreamErrors,
 }
 
 #[derive(Debug)]
@@ -266,11 +276,12 @@ impl Pool {
     /// A pool, and the task that closes its connections once idle past
     /// `upstream_idle_timeout` (it ends when the pool is dropped, on a reload that
     /// changes the upstream).
-    fn new(authority: String, timeouts: Timeouts) -> Arc<Self> {
+    fn new(authority: String, timeouts: Timeouts, errors: UpstreamErrors) -> Arc<Self> {
         let pool = Arc::new(Pool {
             authority,
             timeouts,
             idle: Mutex::new(Vec::new()),
+            errors,
         });
         tokio::spawn(sweep(Arc::downgrade(&pool), timeouts.idle));
         pool
@@ -395,7 +406,9 @@ async fn sweep(pool: Weak<Pool>, timeout: Duration) {
 /// gives the connection back to the pool once it has ended; dropped before its end, it
 /// closes the connection (nothing else could be sent on it). An upstream that pauses
 /// longer than `request_timeout` between two pieces of it (nginx's
-/// `proxy_read_timeout`) fails it with [`AnswerStalled`].
+/// `proxy_read_timeout`) fails it with [`AnswerStalled`]. Its failures count in the
+/// variant's `switchyard_upstream_errors_total`: a stall as `timeout`, a broken
+/// connection as `reset`, a malformed body as `protocol`.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Inner,
@@ -414,11 +427,21 @@ enum Inner {
         /// Where the connection goes back to; `None` once it has.
         pool: Option<Arc<Pool>>,
     },
-    Multiplexed(Incoming),
+    Multiplexed(Incoming, UpstreamErrors),
 }
 
 /// Errors of an answer's body, as the server that passes it on takes them.
 pub type BodyError = Box<dyn StdError + Send + Sync>;
+
+impl Inner {
+    /// Where a failure is counted; `None` once an HTTP/1.1 answer has ended.
+    fn errors(&self) -> Option<&UpstreamErrors> {
+        match self {
+            Inner::Http1 { pool, .. } => pool.as_deref().map(|p| &p.errors),
+            Inner::Multiplexed(_, errors) => Some(errors),
+        }
+    }
+}
 
 impl UpstreamBody {
     fn give_back(&mut self) {
@@ -440,9 +463,24 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
-            Inner::Multiplexed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Inner::Http1 { answer, .. } => {
+            Inner::Multiplexed(body, errors) => Pin::new(body).poll_frame(cx).map_err(|e| {
+                let kind = if e.is_parse() || e.is_user() {
+                    UpstreamErrorKind::Protocol
+                } else {
+                    UpstreamErrorKind::Reset
+                };
+                errors.inc(kind);
+                e.into()
+            }),
+            Inner::Http1 { answer, pool } => {
                 let polled = Pin::new(&mut *answer).poll_frame(cx);
+                if let (Poll::Ready(Some(Err(e))), Some(pool)) = (&polled, pool) {
+                    let kind = match e {
+                        h1::H1Error::Malformed(_) => UpstreamErrorKind::Protocol,
+                        _ => UpstreamErrorKind::Reset,
+                    };
+                    pool.errors.inc(kind);
+                }
                 // The server stops polling once a body says it has ended.
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Ok(_))))
                     && answer.is_end_stream()
@@ -455,6 +493,9 @@ impl Body for UpstreamBody {
         match polled {
             Poll::Ready(Some(Ok(_))) => this.stall.progressed(),
             Poll::Pending if this.stall.expired(cx) => {
+                if let Some(errors) = this.inner.errors() {
+                    errors.inc(UpstreamErrorKind::Timeout);
+                }
                 return Poll::Ready(Some(Err(Box::new(AnswerStalled(this.stall.after())))));
             }
             _ => {}
@@ -465,14 +506,14 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Http1 { answer, .. } => answer.is_end_stream(),
-            Inner::Multiplexed(body) => body.is_end_stream(),
+            Inner::Multiplexed(body, _) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Http1 { answer, .. } => answer.size_hint(),
-            Inner::Multiplexed(body) => body.size_hint(),
+            Inner::Multiplexed(body, _) => body.size_hint(),
         }
     }
 }
