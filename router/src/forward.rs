@@ -25,7 +25,7 @@ use std::time::Instant;
 use crate::inbound::RequestBody;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
-use http::{Request, Response};
+use http::Response;
 use switchyard_shadow::RequestHead;
 use tower::retry::budget::Budget;
 use tower::ServiceExt;
@@ -75,193 +75,201 @@ pub(crate) struct Ask<'a> {
 }
 
 impl Router {
-    /// Phases *choose* to *record* (see the module map).
-    pub(crate) async fn forward(
-        &self,
-        model: &ModelRoute,
-        model_req: &ModelRequest,
-        req: Request<Payload>,
-        request_id: &HeaderValue,
-        peer: Option<&HeaderValue>,
+    /// Phases *choose* to *record* (see the module map), for a request's head and what
+    /// it brings. An `async move` block, not an `async fn`: an `async fn` keeps its
+    /// arguments twice in its future (as passed, and moved into its body), and this future
+    /// is copied whole into its caller's; for the same reason the head comes apart from
+    /// its payload, so that nothing unpacks a request inside.
+    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub(crate) fn forward<'a>(
+        &'a self,
+        model: &'a ModelRoute,
+        model_req: &'a ModelRequest,
+        mut parts: http::request::Parts,
+        payload: Payload,
+        request_id: &'a HeaderValue,
+        peer: Option<&'a HeaderValue>,
         started: Instant,
-    ) -> Response<ProxyBody> {
-        let res = &model.resilience;
-        let sticky = model
-            .sticky_header
-            .as_ref()
-            .and_then(|h| req.headers().get(h))
-            .cloned();
-        let (mut parts, payload) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let (mut body, grpc, excluded) = match payload {
-            Payload::Http(body) => (
-                LimitedBody::new(body, model.body_limit, self.body_stall_timeout),
-                None,
-                model.only_grpc,
-            ),
-            // Already read: each try sends its own frame ([`crate::grpc::Call::for_upstream`]).
-            Payload::Grpc(call) => (
-                LimitedBody::replay(Bytes::new()),
-                Some(call),
-                model.not_grpc,
-            ),
-        };
-        let mut primary_answer = None;
-        if let Some(shadows) = &model.shadows {
-            // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
-            let predicts = model_req.verb.is_prediction();
-            let mask = if predicts {
-                shadows.select(request_id.as_bytes(), grpc.is_some())
-            } else {
-                0
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + 'a {
+        async move {
+            let res = &model.resilience;
+            let sticky = model
+                .sticky_header
+                .as_ref()
+                .and_then(|h| parts.headers.get(h))
+                .cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            let (mut body, grpc, excluded) = match payload {
+                Payload::Http(body) => (
+                    LimitedBody::new(body, model.body_limit, self.body_stall_timeout),
+                    None,
+                    model.only_grpc,
+                ),
+                // Already read: each try sends its own frame ([`crate::grpc::Call::for_upstream`]).
+                Payload::Grpc(call) => (
+                    LimitedBody::replay(Bytes::new()),
+                    Some(call),
+                    model.not_grpc,
+                ),
             };
-            let capture = predicts && shadows.capture_takes(request_id.as_bytes());
-            if mask != 0 || capture {
-                let head = RequestHead {
-                    method: parts.method.clone(),
-                    path: parts.uri.path().to_string(),
-                    model: model_req.model.clone(),
-                    query: parts.uri.query().map(str::to_string),
-                    headers: parts.headers.clone(),
-                    request_id: request_id.clone(),
-                    started,
-                    grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
-                };
-                let (mut tap, answer) = shadows.begin(mask, capture, head);
-                if grpc.is_some() {
-                    // Already read whole: mirrored now.
-                    tap.finish();
+            let mut primary_answer = None;
+            if let Some(shadows) = &model.shadows {
+                // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
+                let predicts = model_req.verb.is_prediction();
+                let mask = if predicts {
+                    shadows.select(request_id.as_bytes(), grpc.is_some())
                 } else {
-                    body.set_tap(tap);
+                    0
+                };
+                let capture = predicts && shadows.capture_takes(request_id.as_bytes());
+                if mask != 0 || capture {
+                    let head = RequestHead {
+                        method: parts.method.clone(),
+                        path: parts.uri.path().to_string(),
+                        model: model_req.model.clone(),
+                        query: parts.uri.query().map(str::to_string),
+                        headers: parts.headers.clone(),
+                        request_id: request_id.clone(),
+                        started,
+                        grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
+                    };
+                    let (mut tap, answer) = shadows.begin(mask, capture, head);
+                    if grpc.is_some() {
+                        // Already read whole: mirrored now.
+                        tap.finish();
+                    } else {
+                        body.set_tap(tap);
+                    }
+                    primary_answer = Some(answer);
                 }
-                primary_answer = Some(answer);
             }
-        }
-        // A body that may have to be sent twice is read first, when it is small enough
-        // to keep (its declared length says so); larger ones stream to one variant.
-        let on = &res.retry.on;
-        let resends = on.connect || on.reset || on.timeout || on.status_5xx;
-        let switchable = (model.variants.len() > 1 && (resends || res.hedge_after.is_some()))
-            || res.fallback.is_some();
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let keep = switchable && declared.is_some_and(|n| n <= res.retry.max_body_bytes);
-        let (replay, body) = if grpc.is_some() {
-            (Some(Bytes::new()), body)
-        } else if keep {
-            match crate::body::collect_limited(body, model.body_limit).await {
-                Ok(bytes) => (Some(bytes.clone()), LimitedBody::replay(bytes)),
-                Err(e) => return error_response(&e),
-            }
-        } else {
-            (None, body)
-        };
-        res.budget.deposit();
-        let ask = Ask {
-            model,
-            model_req,
-            parts: &parts,
-            grpc: grpc.as_deref(),
-            request_id,
-            peer,
-            sticky,
-            // Variants that do not speak the request's protocol count as tried.
-            tried: AtomicU64::new(excluded),
-            retries: AtomicU32::new(0),
-        };
+            // A body that may have to be sent twice is read first, when it is small enough
+            // to keep (its declared length says so); larger ones stream to one variant.
+            let on = &res.retry.on;
+            let resends = on.connect || on.reset || on.timeout || on.status_5xx;
+            let switchable = (model.variants.len() > 1 && (resends || res.hedge_after.is_some()))
+                || res.fallback.is_some();
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let keep = switchable && declared.is_some_and(|n| n <= res.retry.max_body_bytes);
+            let (replay, body) = if grpc.is_some() {
+                (Some(Bytes::new()), body)
+            } else if keep {
+                match crate::body::collect_limited(body, model.body_limit).await {
+                    Ok(bytes) => (Some(bytes.clone()), LimitedBody::replay(bytes)),
+                    Err(e) => return error_response(&e),
+                }
+            } else {
+                (None, body)
+            };
+            res.budget.deposit();
+            let ask = Ask {
+                model,
+                model_req,
+                parts: &parts,
+                grpc: grpc.as_deref(),
+                request_id,
+                peer,
+                sticky,
+                // Variants that do not speak the request's protocol count as tried.
+                tried: AtomicU64::new(excluded),
+                retries: AtomicU32::new(0),
+            };
 
-        let routed = crate::clock::now_std();
-        // Phases choose, limit/break, forward and retry: tower's Retry over the split.
-        let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
-        let (first, hedge) = match (res.hedge_after, &replay) {
-            // The rarer paths are boxed (hedging, falling back): each would otherwise
-            // enlarge every request's future, which is moved whole.
-            (Some(after), Some(bytes)) => {
-                Box::pin(hedged(&ask, retrying.oneshot(body), after, bytes)).await
-            }
-            _ => (retrying.oneshot(body).await, None),
-        };
-        let (answer, fallback) = match first {
-            Ok(t) if t.failure.is_none() => (Some(t), None),
-            first => Box::pin(self.fall_back(&ask, first, replay.as_ref())).await,
-        };
-        let answered = crate::clock::now_std();
+            let routed = crate::clock::now_std();
+            // Phases choose, limit/break, forward and retry: tower's Retry over the split.
+            let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
+            let (first, hedge) = match (res.hedge_after, &replay) {
+                // The rarer paths are boxed (hedging, falling back): each would otherwise
+                // enlarge every request's future, which is moved whole.
+                (Some(after), Some(bytes)) => {
+                    Box::pin(hedged(&ask, retrying.oneshot(body), after, bytes)).await
+                }
+                _ => (retrying.oneshot(body).await, None),
+            };
+            let (answer, fallback) = match first {
+                Ok(t) if t.failure.is_none() => (Some(t), None),
+                first => Box::pin(self.fall_back(&ask, first, replay.as_ref())).await,
+            };
+            let answered = crate::clock::now_std();
 
-        let Some(tried_last) = answer else {
-            // Nothing was tried and there is no fallback: every variant is ejected or
-            // full.
-            let err = RouterError::Overloaded(format!(
+            let Some(tried_last) = answer else {
+                // Nothing was tried and there is no fallback: every variant is ejected or
+                // full.
+                let err = RouterError::Overloaded(format!(
                 "no variant of model `{}` can take the request now (ejected by their circuit breakers or at limits.max_in_flight), and the model has no fallback",
                 model.name
             ));
-            return error_response(&err);
-        };
-        let variant = &model.variants[tried_last.index];
-        let mut resp = match tried_last.result {
-            Ok(resp) => resp,
-            Err(err) => error_response(&err),
-        };
-        // A gRPC answer's status may be in its headers; an HTTP answer's is its status.
-        let status = if grpc.is_some() {
-            crate::grpc::status_of(&resp)
-        } else {
-            resp.status().as_u16()
-        };
-        if (200..300).contains(&status) {
-            let sealed = self.record_decision(
-                model,
-                model_req,
-                request_id,
-                Pick {
-                    index: tried_last.index,
-                    probability: tried_last.probability,
-                },
-                routed,
-                answered.duration_since(routed),
-            );
-            if let Some(token) = sealed {
-                resp.extensions_mut().insert(crate::proxy::Sealed(token));
+                return error_response(&err);
+            };
+            let variant = &model.variants[tried_last.index];
+            let mut resp = match tried_last.result {
+                Ok(resp) => resp,
+                Err(err) => error_response(&err),
+            };
+            // A gRPC answer's status may be in its headers; an HTTP answer's is its status.
+            let status = if grpc.is_some() {
+                crate::grpc::status_of(&resp)
+            } else {
+                resp.status().as_u16()
+            };
+            if (200..300).contains(&status) {
+                let sealed = self.record_decision(
+                    model,
+                    model_req,
+                    request_id,
+                    Pick {
+                        index: tried_last.index,
+                        probability: tried_last.probability,
+                    },
+                    routed,
+                    answered.duration_since(routed),
+                );
+                if let Some(token) = sealed {
+                    resp.extensions_mut().insert(crate::proxy::Sealed(token));
+                }
             }
-        }
-        if let Some(answer) = primary_answer {
-            resp.body_mut().set_tap(answer.tap(status, &variant.name));
-        }
-        let local = resp.extensions().get::<crate::local::Phases>().copied();
-        let m = &variant.metrics;
-        m.phase(Phase::Route, routed - started);
-        match &local {
-            Some(p) => {
-                m.phase(Phase::Queue, p.queue);
-                m.phase(Phase::Compute, p.compute);
-                m.phase(Phase::Respond, p.respond);
+            if let Some(answer) = primary_answer {
+                resp.body_mut().set_tap(answer.tap(status, &variant.name));
             }
-            None => m.phase(Phase::Upstream, answered - routed),
-        }
-        let headers = resp.headers_mut();
-        headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
-        headers.insert(
-            SERVER_TIMING.clone(),
-            server_timing(started, routed, answered, local.as_ref()),
-        );
-        let retries = ask.retries.load(Ordering::Relaxed);
-        if retries > 0 {
-            headers.insert(X_SWITCHYARD_RETRIES.clone(), HeaderValue::from(retries));
-        }
-        if let Some(reason) = fallback.filter(|_| tried_last.failure.is_none()) {
+            let local = resp.extensions().get::<crate::local::Phases>().copied();
+            let m = &variant.metrics;
+            m.phase(Phase::Route, routed - started);
+            match &local {
+                Some(p) => {
+                    m.phase(Phase::Queue, p.queue);
+                    m.phase(Phase::Compute, p.compute);
+                    m.phase(Phase::Respond, p.respond);
+                }
+                None => m.phase(Phase::Upstream, answered - routed),
+            }
+            let headers = resp.headers_mut();
+            headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
             headers.insert(
-                X_SWITCHYARD_FALLBACK.clone(),
-                HeaderValue::from_static(reason),
+                SERVER_TIMING.clone(),
+                server_timing(started, routed, answered, local.as_ref()),
             );
+            let retries = ask.retries.load(Ordering::Relaxed);
+            if retries > 0 {
+                headers.insert(X_SWITCHYARD_RETRIES.clone(), HeaderValue::from(retries));
+            }
+            if let Some(reason) = fallback.filter(|_| tried_last.failure.is_none()) {
+                headers.insert(
+                    X_SWITCHYARD_FALLBACK.clone(),
+                    HeaderValue::from_static(reason),
+                );
+            }
+            if let Some(h) = hedge {
+                headers.insert(X_SWITCHYARD_HEDGE.clone(), HeaderValue::from_static(h));
+            }
+            // Every try is done with the client's fields: their map can hold the next head.
+            crate::h1::recycle(std::mem::take(&mut parts.headers));
+            resp
         }
-        if let Some(h) = hedge {
-            headers.insert(X_SWITCHYARD_HEDGE.clone(), HeaderValue::from_static(h));
-        }
-        // Every try is done with the client's fields: their map can hold the next head.
-        crate::h1::recycle(std::mem::take(&mut parts.headers));
-        resp
     }
 
     /// Phase *fall back*: the model's local fallback answers when no variant could take

@@ -158,64 +158,72 @@ impl Conn {
     /// Sends the request and reads the answer's head. `reused`: the connection has
     /// carried an exchange before, so a failure to write anything is the keep-alive race
     /// ([`Failed::Stale`]).
-    pub async fn exchange(
+    ///
+    /// An `async move` block, not an `async fn`, which would keep a second copy of the
+    /// connection and the unsent body in its future: the request's whole try is one
+    /// boxed future of such nested ones, each copied into the one that awaits it.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn exchange<'a, 'b>(
         mut self,
-        head: &RequestHead<'_>,
+        head: &'a RequestHead<'b>,
         unsent: Unsent,
         reused: bool,
-    ) -> Result<Response<Answer>, Failed> {
-        let body_hint = match (&unsent.first, &unsent.body) {
-            (first, Some(body)) => {
-                let hint = body.size_hint();
-                hint.exact()
-                    .map(|n| n + first.as_ref().map_or(0, |f| f.len() as u64))
-            }
-            (Some(first), None) => Some(first.len() as u64),
-            (None, None) => Some(0),
-        };
-        self.write.clear();
-        encode_head(&mut self.write, head, body_hint);
-        let mut writer = Writer::new(unsent.first, unsent.body, body_hint, false);
-        let head_request = head.method == Method::HEAD;
-        let room = head.answer_room;
-        let parsed = std::future::poll_fn(|cx| {
-            if !writer.done() {
-                match writer.poll_write(&mut self.io, &mut self.write, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
-                            return Poll::Ready(Err(Failed::Stale(writer.take_unsent())));
+    ) -> impl std::future::Future<Output = Result<Response<Answer>, Failed>> + Send + use<'a, 'b>
+    {
+        async move {
+            let body_hint = match (&unsent.first, &unsent.body) {
+                (first, Some(body)) => {
+                    let hint = body.size_hint();
+                    hint.exact()
+                        .map(|n| n + first.as_ref().map_or(0, |f| f.len() as u64))
+                }
+                (Some(first), None) => Some(first.len() as u64),
+                (None, None) => Some(0),
+            };
+            self.write.clear();
+            encode_head(&mut self.write, head, body_hint);
+            let mut writer = Writer::new(unsent.first, unsent.body, body_hint, false);
+            let head_request = head.method == Method::HEAD;
+            let room = head.answer_room;
+            let parsed = std::future::poll_fn(|cx| {
+                if !writer.done() {
+                    match writer.poll_write(&mut self.io, &mut self.write, cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => {
+                            if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
+                                return Poll::Ready(Err(Failed::Stale(writer.take_unsent())));
+                            }
+                            return Poll::Ready(Err(Failed::Error(e)));
                         }
-                        return Poll::Ready(Err(Failed::Error(e)));
-                    }
-                    // Still sending: an upstream may answer before it has read the whole
-                    // request (an early 413, say); look for that.
-                    Poll::Pending => {
-                        return match self.poll_head(cx, head_request, room) {
-                            Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
-                            // A failure to read shows as a failure to write soon enough;
-                            // that one says more.
-                            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
-                        };
+                        // Still sending: an upstream may answer before it has read the whole
+                        // request (an early 413, say); look for that.
+                        Poll::Pending => {
+                            return match self.poll_head(cx, head_request, room) {
+                                Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
+                                // A failure to read shows as a failure to write soon enough;
+                                // that one says more.
+                                Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+                            };
+                        }
                     }
                 }
-            }
-            self.poll_head(cx, head_request, room)
-                .map_err(Failed::Error)
-        })
-        .await?;
-        let (parts, framing, mut keep) = parsed;
-        // An answer that came before the whole request went out: the rest of the
-        // request can never be sent on this connection.
-        keep &= writer.done();
-        Ok(Response::from_parts(
-            parts,
-            Answer {
-                conn: Some(self),
-                framing,
-                keep,
-            },
-        ))
+                self.poll_head(cx, head_request, room)
+                    .map_err(Failed::Error)
+            })
+            .await?;
+            let (parts, framing, mut keep) = parsed;
+            // An answer that came before the whole request went out: the rest of the
+            // request can never be sent on this connection.
+            keep &= writer.done();
+            Ok(Response::from_parts(
+                parts,
+                Answer {
+                    conn: Some(self),
+                    framing,
+                    keep,
+                },
+            ))
+        }
     }
 
     /// Reads until a whole final head has come; drops interim answers.

@@ -374,42 +374,84 @@ impl Router {
         }
     }
 
-    /// Handles one request end to end; never fails (errors become responses). Takes
-    /// its arguments owned so that its future is the connection's whole request future:
-    /// each `async fn` awaited inside another is built and then moved into its caller's
-    /// state, so every level of nesting is one more copy of a future of kilobytes.
-    pub async fn handle(
+    /// Handles one request end to end; never fails (errors become responses). Its
+    /// future is the connection's whole request future, kept small, because futures are
+    /// moved whole: each `async fn` awaited inside another is built, then copied into its
+    /// caller's state. So: arguments owned (no wrapper around it); an `async move` block
+    /// rather than an `async fn`, which would keep a second copy of every argument;
+    /// routing synchronous, and done with before the prediction is awaited, so that
+    /// neither its result nor its temporaries sit beside [`Router::forward`]'s future.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn handle(
         self: Arc<Self>,
         req: Request<RequestBody>,
         peer: Option<HeaderValue>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let started = crate::clock::now_std();
-        let peer = peer.as_ref();
-        let _in_flight = InFlight::new(&self.metrics);
-        let (mut request_id, ours) = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if ids::acceptable(v) => (v.clone(), false),
-            _ => (ids::new_request_id(), true),
-        };
-        let mut resp = if crate::grpc::is_grpc(req.headers()) {
-            // Boxed: the gRPC path's future is larger than the HTTP path's, and would
-            // make every HTTP request's future (moved whole) as large.
-            Box::pin(self.grpc(req, &request_id, peer, started)).await
-        } else {
-            let routed = match self.route(req, &request_id) {
-                Ok(Routed::Answer(resp)) => Ok(resp),
-                // Boxed: its futures (the fleet's claims, the offloaded parse) would
-                // otherwise enlarge every prediction's future.
-                Ok(Routed::Feedback(req)) => Box::pin(self.feedback(req)).await,
-                Ok(Routed::Model(model, model_req, req)) => Ok(self
-                    .forward(&model, &model_req, req, &request_id, peer, started)
-                    .await),
-                Err(err) => Err(err),
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+        async move {
+            let started = crate::clock::now_std();
+            let _in_flight = InFlight::new(&self.metrics);
+            let (request_id, ours) = match req.headers().get(&X_REQUEST_ID) {
+                Some(v) if ids::acceptable(v) => (v.clone(), false),
+                _ => (ids::new_request_id(), true),
             };
-            routed.unwrap_or_else(|err| {
-                self.metrics.rejected(err.reject_reason());
-                error_response(&err)
-            })
-        };
+            if crate::grpc::is_grpc(req.headers()) {
+                // Boxed: the gRPC path's future is larger than the HTTP path's, and would
+                // make every HTTP request's future as large.
+                let resp = Box::pin(self.grpc(req, &request_id, peer.as_ref(), started)).await;
+                return Ok(self.finish(resp, request_id, ours));
+            }
+            // In a block of its own, so that nothing of routing is kept in the state
+            // that awaits the prediction (a partly moved local would be).
+            let (model, model_req, parts, body) = {
+                let routed = match self.route(req, &request_id) {
+                    Ok(Routed::Model(model, model_req, parts, body)) => {
+                        Ok((model, model_req, parts, body))
+                    }
+                    Ok(Routed::Feedback(req)) => Err(req),
+                    Ok(Routed::Answer(resp)) => return Ok(self.finish(resp, request_id, ours)),
+                    Err(err) => return Ok(self.finish(self.reject(&err), request_id, ours)),
+                };
+                match routed {
+                    Ok(model) => model,
+                    // Boxed: its futures (the fleet's claims, the offloaded parse) would
+                    // otherwise enlarge every prediction's future.
+                    Err(feedback) => {
+                        let resp = Box::pin(self.feedback(feedback))
+                            .await
+                            .unwrap_or_else(|err| self.reject(&err));
+                        return Ok(self.finish(resp, request_id, ours));
+                    }
+                }
+            };
+            let resp = self
+                .forward(
+                    &model,
+                    &model_req,
+                    parts,
+                    crate::forward::Payload::Http(body),
+                    &request_id,
+                    peer.as_ref(),
+                    started,
+                )
+                .await;
+            Ok(self.finish(resp, request_id, ours))
+        }
+    }
+
+    /// A request refused before a variant was chosen: counted, and its answer.
+    fn reject(&self, err: &RouterError) -> Response<ProxyBody> {
+        self.metrics.rejected(err.reject_reason());
+        error_response(err)
+    }
+
+    /// Phase *respond*'s last step for every answer: the request id (and in fleet mode
+    /// the decision token) on it.
+    fn finish(
+        &self,
+        mut resp: Response<ProxyBody>,
+        mut request_id: HeaderValue,
+        ours: bool,
+    ) -> Response<ProxyBody> {
         let sealed = match self.fleet {
             Some(_) => resp.extensions_mut().remove::<Sealed>(),
             None => None,
@@ -423,7 +465,7 @@ impl Router {
             resp.headers_mut().insert(X_DECISION.clone(), token);
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        Ok(resp)
+        resp
     }
 
     /// `POST /v1/feedback`: rewards for earlier decisions.
@@ -551,8 +593,8 @@ impl Router {
                 model.name
             )));
         }
-        let req = req.map(crate::forward::Payload::Http);
-        Ok(Routed::Model(model.clone(), model_req, req))
+        let (parts, body) = req.into_parts();
+        Ok(Routed::Model(model.clone(), model_req, parts, body))
     }
 }
 
@@ -562,11 +604,12 @@ enum Routed {
     Answer(Response<ProxyBody>),
     /// `POST /v1/feedback`.
     Feedback(Request<RequestBody>),
-    /// A model's: forwarded to its variants.
+    /// A model's: forwarded to its variants (the request's head and body).
     Model(
         Arc<crate::table::ModelRoute>,
         crate::path::ModelRequest,
-        Request<crate::forward::Payload>,
+        http::request::Parts,
+        RequestBody,
     ),
 }
 
@@ -610,13 +653,13 @@ pub(crate) fn upstream_request(
 }
 
 /// Sends a try to an HTTP/1.1 upstream: the same request as [`upstream_request`] would
-/// build, written out from the client's borrowed head.
+/// build, written out from the client's borrowed head; its answer as the client gets it.
 pub(crate) async fn send_http1(
     variant: &VariantRoute,
     upstream: &crate::upstream::Upstream,
     ask: &crate::forward::Ask<'_>,
     body: LimitedBody,
-) -> Result<Response<crate::upstream::UpstreamBody>, RouterError> {
+) -> crate::variant::Answer {
     let uri = upstream.uri(
         &ask.parts.uri,
         ask.model_req.model.clone(),
@@ -639,6 +682,7 @@ pub(crate) async fn send_http1(
     upstream
         .send_http1(&head, body)
         .await
+        .map(|resp| crate::variant::answer(resp.map(ProxyBody::upstream)))
         .map_err(|e| e.into_router_error(&variant.name))
 }
 

@@ -525,9 +525,9 @@ impl Router {
             version: None,
             label: None,
         };
-        let req = Request::from_parts(parts, crate::forward::Payload::Grpc(call));
+        let payload = crate::forward::Payload::Grpc(call);
         Ok(self
-            .forward(model, &model_req, req, request_id, peer, started)
+            .forward(model, &model_req, parts, payload, request_id, peer, started)
             .await)
     }
 }
