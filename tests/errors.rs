@@ -288,7 +288,7 @@ async fn a_request_body_that_stalls_gets_408_and_the_server_keeps_serving() {
 /// `request_timeout` (300 ms here) of the pause, not whenever the upstream gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let stalling = raw_upstream(|mut stream| async move {
         if read_request(&mut stream).await {
             let _ = stream
@@ -315,36 +315,15 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
         up.url()
     ))
     .await;
-    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
-    s.write_all(b"POST /v1/models/stalls:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
-        .await
-        .expect("closed long before the upstream's 60 s")
-        .unwrap();
-    let got = String::from_utf8_lossy(&got);
+    let got = predict_until_closed(app.data_addr, "stalls").await;
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
     assert!(
         got.ends_with("\r\n\r\n0123456789"),
         "what came, and no more: {got}"
     );
     // An answer broken off by the upstream's close: the client gets what came too.
-    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
-    s.write_all(b"POST /v1/models/breaks:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
-        .await
-        .expect("closed once the upstream closed")
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&got).ends_with("\r\n\r\n0123456789"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    let got = predict_until_closed(app.data_addr, "breaks").await;
+    assert!(got.ends_with("\r\n\r\n0123456789"), "{got}");
     // Both count as the variant's upstream failures, by kind, though their heads came.
     let m = metrics(app.admin_addr).await;
     for (model, variant, kind) in [("stalls", "s", "timeout"), ("breaks", "b", "reset")] {
@@ -360,6 +339,22 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
     )
     .await;
     assert_eq!(r.status, 200);
+}
+
+/// A prediction for `model` over a raw HTTP/1.1 connection, and all that came back until
+/// the server closed it (within 20 s: far beyond the 300 ms request timeout under test,
+/// long before the upstreams' or a client's patience).
+async fn predict_until_closed(addr: std::net::SocketAddr, model: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("POST /v1/models/{model}:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("the connection closed")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// An answer body that sends one piece and then nothing, ever.
@@ -384,7 +379,6 @@ impl hyper::body::Body for Trickle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_upstream_that_stalls_inside_its_answer_is_cut_off_and_counted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stalling = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -402,16 +396,7 @@ async fn an_h2c_upstream_that_stalls_inside_its_answer_is_cut_off_and_counted() 
         "  stalls:\n    variants: [{{name: s, upstream: \"http://{stalling}\", protocol: h2c, weight: 1}}]\n"
     ))
     .await;
-    let mut s = tokio::net::TcpStream::connect(app.data_addr).await.unwrap();
-    s.write_all(b"POST /v1/models/stalls:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
-        .await
-        .expect("closed long before the client would give up")
-        .unwrap();
-    let got = String::from_utf8_lossy(&got);
+    let got = predict_until_closed(app.data_addr, "stalls").await;
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
     // Chunked (its length unknown): the piece that came, and no last chunk.
     assert!(got.contains("\r\n\r\na\r\n0123456789\r\n"), "{got}");
