@@ -299,14 +299,7 @@ async fn an_upstream_that_stalls_inside_its_answer_is_cut_off_at_request_timeout
     })
     .await;
     // Sends part of its answer's body and closes the connection.
-    let breaking = raw_upstream(|mut stream| async move {
-        if read_request(&mut stream).await {
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
-                .await;
-        }
-    })
-    .await;
+    let breaking = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
     let up = Upstream::echo("a").await;
     let app = app_with(&format!(
         "  stalls:\n    variants: [{{name: s, upstream: \"http://{stalling}\", weight: 1}}]\n\
