@@ -467,9 +467,19 @@ impl Bandits {
                         as Box<dyn switchyard_router::table::Picker>)
                 }));
             }
-            let rng = StdRng::seed_from_u64(
+            let mut rng = StdRng::seed_from_u64(
                 self.seed ^ switchyard_router::selector::stable_hash(name.as_bytes()),
             );
+            // The first update now, on the table about to go live, rather than as the
+            // task's first tick: a task first polled after feedback had begun to come in
+            // would count those rewards into it, and the next `update_every` would then
+            // take that many more.
+            if let (Some(weights), Some(route)) = (update_caught(&m, &mut rng), table.model(&name))
+            {
+                if let Err(e) = route.set_weights(&weights) {
+                    tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
+                }
+            }
             updates.insert(name, tokio::spawn(update_task(m, self.router.clone(), rng)));
         }
     }
@@ -576,37 +586,44 @@ impl Bandits {
     }
 }
 
-/// One model's update task: recomputes its weights every `update_interval`, or sooner
-/// when woken, and publishes them to the model's route in the live table.
+/// One model's update task: recomputes its weights every `update_interval` (the first
+/// made as the task was), or sooner when woken, and publishes them to the model's route
+/// in the live table.
 async fn update_task(m: Arc<Model>, router: Arc<Router>, mut rng: StdRng) {
-    let mut tick = tokio::time::interval(m.update_interval);
+    let first = tokio::time::Instant::now() + m.update_interval;
+    let mut tick = tokio::time::interval_at(first, m.update_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = m.wake.notified() => tick.reset(),
         }
-        // One update, caught: a panic in the bandit's arithmetic must not end this task
-        // (its model would stop publishing weights behind a green health check).
-        // Counted, logged, tried again at the next tick.
-        let update = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.update(&mut rng)));
-        match update {
-            Ok(weights) => {
-                if let Some(route) = router.table().model(&m.name) {
-                    if let Err(e) = route.set_weights(&weights) {
-                        tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
-                    }
-                }
+        let Some(weights) = update_caught(&m, &mut rng) else {
+            continue;
+        };
+        if let Some(route) = router.table().model(&m.name) {
+            if let Err(e) = route.set_weights(&weights) {
+                tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
             }
-            Err(panic) => {
-                m.panics.inc();
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(model = %m.name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
-            }
+        }
+    }
+}
+
+/// One update, caught: a panic in the bandit's arithmetic must not end its task (its
+/// model would stop publishing weights behind a green health check). Counted, logged,
+/// tried again at the next update.
+fn update_caught(m: &Model, rng: &mut StdRng) -> Option<Vec<f64>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.update(rng))) {
+        Ok(weights) => Some(weights),
+        Err(panic) => {
+            m.panics.inc();
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(model = %m.name, panic = %what, "A bandit update panicked; the bandit goes on at its next update.");
+            None
         }
     }
 }
