@@ -464,22 +464,15 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         let polled: Poll<Option<Result<Frame<Bytes>, BodyError>>> = match &mut this.inner {
             Inner::Multiplexed(body, errors) => Pin::new(body).poll_frame(cx).map_err(|e| {
-                let kind = if e.is_parse() || e.is_user() {
-                    UpstreamErrorKind::Protocol
-                } else {
-                    UpstreamErrorKind::Reset
-                };
-                errors.inc(kind);
+                errors.inc(hyper_kind(&e));
                 e.into()
             }),
             Inner::Http1 { answer, pool } => {
                 let polled = Pin::new(&mut *answer).poll_frame(cx);
                 if let (Poll::Ready(Some(Err(e))), Some(pool)) = (&polled, pool) {
-                    let kind = match e {
-                        h1::H1Error::Malformed(_) => UpstreamErrorKind::Protocol,
-                        _ => UpstreamErrorKind::Reset,
-                    };
-                    pool.errors.inc(kind);
+                    if let Some(kind) = h1_kind(e) {
+                        pool.errors.inc(kind);
+                    }
                 }
                 // The server stops polling once a body says it has ended.
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Ok(_))))
@@ -617,12 +610,7 @@ fn classify(err: &(dyn StdError + 'static), connecting: bool) -> SendError {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            let kind = if h.is_parse() || h.is_parse_status() || h.is_user() {
-                UpstreamErrorKind::Protocol
-            } else {
-                UpstreamErrorKind::Reset
-            };
-            return SendError::Upstream(kind, detail);
+            return SendError::Upstream(hyper_kind(h), detail);
         }
         if e.downcast_ref::<std::io::Error>().is_some() {
             return SendError::Upstream(UpstreamErrorKind::Reset, detail);
@@ -654,13 +642,30 @@ fn client_body_error(err: &(dyn StdError + 'static), detail: &str) -> Option<Sen
 fn h1_error(err: h1::H1Error) -> SendError {
     let detail = error_chain(&err);
     match err {
-        h1::H1Error::Io(_) | h1::H1Error::Closed(_) => {
-            SendError::Upstream(UpstreamErrorKind::Reset, detail)
-        }
-        h1::H1Error::Malformed(_) => SendError::Upstream(UpstreamErrorKind::Protocol, detail),
         h1::H1Error::Body(e) => {
             client_body_error(&*e, &detail).unwrap_or(SendError::ClientBody(detail))
         }
+        // Every other error is the upstream's.
+        err => SendError::Upstream(h1_kind(&err).unwrap_or(UpstreamErrorKind::Reset), detail),
+    }
+}
+
+/// The upstream's failure an HTTP/1.1 error is, by kind; `None` for a failure of the
+/// body being sent (the client's request body: its business, not the upstream's).
+fn h1_kind(err: &h1::H1Error) -> Option<UpstreamErrorKind> {
+    match err {
+        h1::H1Error::Io(_) | h1::H1Error::Closed(_) => Some(UpstreamErrorKind::Reset),
+        h1::H1Error::Malformed(_) => Some(UpstreamErrorKind::Protocol),
+        h1::H1Error::Body(_) => None,
+    }
+}
+
+/// The upstream's failure a hyper error on an open connection is, by kind.
+fn hyper_kind(err: &hyper::Error) -> UpstreamErrorKind {
+    if err.is_parse() || err.is_parse_status() || err.is_user() {
+        UpstreamErrorKind::Protocol
+    } else {
+        UpstreamErrorKind::Reset
     }
 }
 
