@@ -116,9 +116,13 @@ impl Upstream {
 
 /// An address where nothing listens (connections are refused).
 pub async fn refused_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
+    // Bound and never listening, and kept so for the test process's life: a port only
+    // freed could be taken at once by another test's listener running alongside, and
+    // then connections to it would be accepted.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     a
 }
 
