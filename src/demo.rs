@@ -182,6 +182,9 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     };
     let sidecar = crate::start(config, data, admin).map_err(|e| e.to_string())?;
+    // Before the address is printed: a Ctrl-C from then on ends the demo with its
+    // summary, wherever the loop below is.
+    let mut stop = crate::signals::Stop::catch();
     let dashboard = format!("http://{}/dashboard", sidecar.admin_addr);
     println!(
         "switchyard demo: {} of traffic at {}/s; the dashboard is at {dashboard}",
@@ -234,7 +237,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let report = loop {
         tokio::select! {
             r = &mut done_rx => break r.map_err(|_| "the load generator stopped".to_string())?.map_err(|e| e.to_string())?,
-            _ = tokio::signal::ctrl_c() => {
+            () = stop.next() => {
                 println!("\nInterrupted: the summary so far.");
                 break Value::Null.to_string();
             }

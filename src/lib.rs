@@ -11,6 +11,7 @@
 //! - [`simulate`]: `switchyard simulate`, the bandit against seeded worlds.
 //! - [`demo`]: `switchyard demo`, the whole loop on one machine.
 //! - [`reload`]: hot reload (`SIGHUP`, `POST /admin/reload`, `serve --watch`).
+//! - [`signals`]: SIGTERM and SIGINT, caught once and never missed between waits.
 //! - `main.rs`: the command line (`serve`, `validate`, `model-server`) and signals.
 // One audited call (the shadow thread's priority) needs `unsafe`; nothing else may.
 #![deny(unsafe_code)]
@@ -33,6 +34,7 @@ pub use switchyard_bandit_runtime as bandits;
 pub mod demo;
 pub mod evaluate;
 pub mod reload;
+pub mod signals;
 pub mod simulate;
 
 pub use reload::{Overrides, Reloader};

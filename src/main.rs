@@ -537,9 +537,10 @@ async fn run(config: Config, source: String, options: StartOptions, watch: bool)
             return ExitCode::FAILURE;
         }
     };
-    // SIGHUP's handler is in place before anyone learns the addresses: its default
-    // action would end the process.
+    // SIGHUP's, SIGTERM's and SIGINT's handlers are in place before anyone learns the
+    // addresses: their default actions would end the process without a drain.
     let hangups = hangup_signal();
+    let mut stop = switchyard::signals::Stop::catch();
     // One machine-readable line on stdout (tests and scripts read the ports from it),
     // then a request to paste. Written without `println!`: if whoever reads stdout goes
     // away, a failed write must not take the server down with a panic.
@@ -562,7 +563,7 @@ async fn run(config: Config, source: String, options: StartOptions, watch: bool)
     }
     let hangups = tokio::spawn(reload_on_hangup(hangups, running.reloader()));
 
-    shutdown_signal().await;
+    stop.next().await;
     hangups.abort();
     tracing::info!(
         "Shutdown signal received; draining in-flight requests (a second signal exits at once)."
@@ -580,7 +581,7 @@ async fn run(config: Config, source: String, options: StartOptions, watch: bool)
                 ExitCode::from(EXIT_DRAIN_CUT)
             }
         },
-        () = shutdown_signal() => {
+        () = stop.next() => {
             tracing::warn!("Second shutdown signal; saving bandit state and exiting without waiting for the drain.");
             state();
             ExitCode::from(EXIT_SECOND_SIGNAL)
@@ -643,27 +644,4 @@ async fn reload_on_hangup(hangups: Hangups, reloader: std::sync::Arc<switchyard:
     #[cfg(not(unix))]
     let _ = (hangups, reloader);
     std::future::pending::<()>().await;
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot watch SIGTERM; only SIGINT will stop the server.");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
