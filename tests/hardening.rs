@@ -477,3 +477,135 @@ async fn local_variants_answer_only_their_version_and_signature() {
         assert_eq!(r.status, status, "signature_name {sig}: {:?}", r.body);
     }
 }
+
+/// An h2c client that asks for a large answer and then takes none of it (its stream's
+/// flow-control window spent, never opened again) has its connection closed after
+/// `client_send_timeout`, as an HTTP/1.1 one does, and the upstream answer behind it is
+/// let go: otherwise each such stream holds an upstream connection, and a slot of the
+/// variant's `max_in_flight`, for as long as the client likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_that_takes_none_of_its_answer_is_closed_after_client_send_timeout() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // More than the client's window (hyper's 2 MiB) and both loopback sockets' buffers
+    // together: the upstream's writing ends only when the sidecar lets its answer go.
+    const TOTAL: usize = 64 << 20;
+    let released = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = released.clone();
+    let upstream = raw_upstream(move |mut stream| {
+        let flag = flag.clone();
+        async move {
+            if !read_request(&mut stream).await {
+                return;
+            }
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {TOTAL}\r\n\r\n");
+            let chunk = vec![b' '; 64 << 10];
+            let mut sent = stream.write_all(head.as_bytes()).await.is_ok();
+            let mut n = 0;
+            while sent && n < TOTAL {
+                sent = stream.write_all(&chunk).await.is_ok();
+                n += chunk.len();
+            }
+            // Written whole (not expected) or cut off: either way, no longer held.
+            flag.store(true, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let app = start(&format!(
+        "client_send_timeout: 300ms\nrequest_timeout: 60s\nmodels:\n  big:\n    variants: [{{name: a, upstream: \"http://{upstream}\", weight: 1}}]\n"
+    ))
+    .await;
+    let h2 = h2_client();
+    let url = format!("http://{}/v1/models/big:predict", app.data_addr);
+    let req = http::Request::post(&url)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"instances": [[1.0]]}"#,
+        )))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The answer's body is held and never read.
+    let (_parts, body) = resp.into_parts();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !released.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream's answer was still held 20 s after the client stopped reading (client_send_timeout 300ms)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the client finally reads breaks off: its connection was closed.
+    let read = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the stalled stream neither ended nor broke off");
+    assert!(read.is_err(), "the whole answer came after the stall");
+    // And the sidecar serves the next client.
+    let r = predict(
+        &client(),
+        &format!("http://{}/v1/models/none:predict", app.data_addr),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+/// What `client_send_timeout` does not cut over h2c: a client that reads slowly, pausing
+/// for less than the timeout each time its small window is spent, and an upstream that
+/// pauses for longer than it between pieces of its answer (the upstream's pauses are
+/// `request_timeout`'s business). The whole answer arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_that_reads_slowly_gets_its_whole_answer() {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    const PIECE: usize = 1 << 20;
+    const PIECES: usize = 3;
+    let upstream = raw_upstream(|mut stream| async move {
+        if !read_request(&mut stream).await {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            PIECE * PIECES
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        for _ in 0..PIECES {
+            // Longer than twice client_send_timeout.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            if stream.write_all(&vec![b' '; PIECE]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let app = start(&format!(
+        "client_send_timeout: 400ms\nrequest_timeout: 10s\nmodels:\n  big:\n    variants: [{{name: a, upstream: \"http://{upstream}\", weight: 1}}]\n"
+    ))
+    .await;
+    // A 64 KiB window, so the sidecar waits on this client at each pause.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(65_535)
+        .http2_adaptive_window(false)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{}/v1/models/big:predict", app.data_addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"instances": [[1.0]]}"#,
+        )))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut got, mut since_pause) = (0, 0);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|e| panic!("cut off after {got} bytes: {e:?}"));
+        let n = frame.data_ref().map_or(0, bytes::Bytes::len);
+        got += n;
+        since_pause += n;
+        if since_pause >= 256 << 10 {
+            since_pause = 0;
+            // Shorter than client_send_timeout.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(got, PIECE * PIECES);
+}

@@ -9,6 +9,9 @@
 //! A connection that has nothing to do is closed after `client_header_timeout`: by
 //! [`crate::inbound`]'s head timer for HTTP/1.1, and by [`Exchanges`] for h2c, whose
 //! connections hyper would otherwise keep open, idle, for as long as the client likes.
+//! A client that takes none of an answer for `client_send_timeout` has its connection
+//! closed: by [`crate::inbound`]'s send timer for HTTP/1.1, and by [`Exchanges`]'
+//! stalled streams for h2c (hyper's h2 has no send timeout).
 //!
 //! Each connection is one task ([`Conn`]): it reads the first bytes itself to tell h2c
 //! from HTTP/1.1 ([`sniff`]), then serves HTTP/1.1 with our own codec
@@ -296,6 +299,8 @@ enum Told {
     Drain,
     /// An idle h2c connection: GOAWAY, then close.
     Idle,
+    /// An h2c answer the client has taken nothing of for `client_send_timeout`: close.
+    Stalled,
 }
 
 impl Conn {
@@ -358,15 +363,18 @@ impl Conn {
         tokio::pin!(conn);
         let mut closing = self.closing.clone();
         let idle_timeout = self.idle_timeout;
+        let send_timeout = self.send_timeout;
         // Told to close (drain, or idle): hyper sends GOAWAY, finishes the streams in
         // flight, and waits for the answer to a PING before its last GOAWAY. That takes
         // the client's part, so an idle connection gets the idle timeout again and is
         // then dropped. A drain is bounded as a whole by `serve` (the drain timeout,
-        // reported TimedOut).
+        // reported TimedOut). A stalled stream's connection is dropped at once: a
+        // graceful close would wait for that very stream.
         let told = PollWhenWoken::new(Box::pin(async move {
             tokio::select! {
                 _ = closing.wait_for(|c| *c) => Told::Drain,
                 () = exchanges.idle_h2(idle_timeout) => Told::Idle,
+                () = exchanges.stalled_h2(send_timeout) => Told::Stalled,
             }
         }));
         // Biased, connection first: it is what wakes this task for every request.
@@ -374,6 +382,16 @@ impl Conn {
             biased;
             ended = conn.as_mut() => ended,
             told = told => {
+                if matches!(told, Told::Stalled) {
+                    // Dropping hyper's connection ends each of its streams with an
+                    // error, so their answers' bodies, and what they hold upstream,
+                    // are let go.
+                    tracing::debug!(
+                        peer = %self.peer,
+                        "An answer's stream took nothing for client_send_timeout ({send_timeout:?}); closing the connection."
+                    );
+                    return;
+                }
                 conn.as_mut().graceful_shutdown();
                 if matches!(told, Told::Drain) {
                     conn.await
@@ -475,15 +493,23 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// One h2c connection's streams: how many are open, and when it last had none; for its
-/// idle timer. Atomics, because the service that counts lives in hyper's hands while
-/// the connection task reads them.
+/// One h2c connection's streams: how many are open, and when it last had none, for its
+/// idle timer; which answers wait on the client, for its send timer. Atomics, because
+/// the service that counts lives in hyper's hands while the connection task reads them.
 #[derive(Debug)]
 struct Exchanges {
     open: AtomicUsize,
     /// When `open` last fell to zero, in milliseconds after `start`.
     idle_since_ms: AtomicU64,
     start: Instant,
+    /// The send timer's period, counted from 0 by [`Exchanges::stalled_h2`].
+    epoch: AtomicU64,
+    /// Answers' bodies that handed hyper a frame and have not been asked for the next
+    /// one since, by the parity of the epoch they handed it in. hyper asks for the next
+    /// frame only once the stream's flow-control window has room, so one waiting a whole
+    /// period is one whose client has taken none of it. (Two counts, not a time per
+    /// stream: the check costs two atomic adds per frame, and no list of streams.)
+    waiting: [AtomicUsize; 2],
 }
 
 impl Exchanges {
@@ -492,7 +518,38 @@ impl Exchanges {
             open: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             start: Instant::now(),
+            epoch: AtomicU64::new(0),
+            waiting: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
+    }
+
+    /// Resolves once an answer's body has waited on the client for at least `timeout`
+    /// (and at most twice it): at each period's end, bodies still waiting since the
+    /// period before have waited one whole period.
+    async fn stalled_h2(&self, timeout: Duration) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + timeout, timeout);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let epoch = self.epoch.load(Ordering::Acquire);
+            // The other parity than this period's: the period before, or older.
+            if self.waiting[slot(epoch + 1)].load(Ordering::Acquire) > 0 {
+                return;
+            }
+            self.epoch.store(epoch + 1, Ordering::Release);
+        }
+    }
+
+    /// A body handed hyper a frame: waiting from now. Returns the epoch to give back.
+    fn begin_wait(&self) -> u64 {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.waiting[slot(epoch)].fetch_add(1, Ordering::AcqRel);
+        epoch
+    }
+
+    /// A body was asked for its next frame, or dropped: no longer waiting.
+    fn end_wait(&self, epoch: u64) {
+        self.waiting[slot(epoch)].fetch_sub(1, Ordering::AcqRel);
     }
 
     fn idle_since(&self) -> Instant {
@@ -514,6 +571,11 @@ impl Exchanges {
             tokio::time::sleep_until(deadline).await;
         }
     }
+}
+
+/// An epoch's count in [`Exchanges::waiting`].
+fn slot(epoch: u64) -> usize {
+    usize::from(epoch % 2 == 1)
 }
 
 /// One open exchange: counted from the request until its response body is done with.
@@ -587,7 +649,8 @@ where
                 let guard = this.guard.take();
                 Poll::Ready(Ok(resp.map(|inner| CountedBody {
                     inner,
-                    _guard: guard,
+                    guard,
+                    waiting: None,
                 })))
             }
             Poll::Ready(Err(never)) => match never {},
@@ -595,11 +658,14 @@ where
     }
 }
 
-/// A response body that keeps its exchange open until hyper drops it.
+/// A response body that keeps its exchange open until hyper drops it, and tells the
+/// send timer when it waits on the client ([`Exchanges::waiting`]).
 #[derive(Debug)]
 struct CountedBody<B> {
     inner: B,
-    _guard: Option<ExchangeGuard>,
+    guard: Option<ExchangeGuard>,
+    /// The epoch it began waiting in, while it waits.
+    waiting: Option<u64>,
 }
 
 impl<B: Body + Unpin> Body for CountedBody<B> {
@@ -610,7 +676,20 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        let Some(guard) = &this.guard else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        if let Some(epoch) = this.waiting.take() {
+            guard.0.end_wait(epoch);
+        }
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        // A frame handed over with more to come: hyper asks again once the client has
+        // made room. (After the last one hyper asks nothing more, and drops the body.)
+        if matches!(frame, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            this.waiting = Some(guard.0.begin_wait());
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -619,5 +698,13 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for CountedBody<B> {
+    fn drop(&mut self) {
+        if let (Some(guard), Some(epoch)) = (&self.guard, self.waiting) {
+            guard.0.end_wait(epoch);
+        }
     }
 }
