@@ -8,6 +8,8 @@
 #   bench/proxy.sh trace           # where the time goes at one connection, nginx vs
 #                                  # Switchyard: system calls per request and the time
 #                                  # between them (perf's raw_syscalls tracepoints; root)
+#   bench/proxy.sh syscalls        # system calls per request at CONNS connections,
+#                                  # nginx, HAProxy and Switchyard (perf tracepoints; root)
 #   bench/proxy.sh conns           # latency at the fixed RATE over CONNS_LIST connection
 #                                  # counts (default "1 2 8 32"), direct, nginx and
 #                                  # Switchyard interleaved: where an added p50 comes from
@@ -182,6 +184,54 @@ labels = ["requests traced", "system calls", "user: request read → upstream wr
           "user: response read → client writev", "each writev", "whole cycle"]
 for i, label in enumerate(labels):
     print(f"| {label} | " + " | ".join(str(round(r[1][i], 1)) if isinstance(r[1][i], float) else str(r[1][i]) for r in rows) + " |")
+PY
+  exit 0
+fi
+
+if [ "${1:-}" = syscalls ]; then
+  # System calls per request under load (CONNS connections, wrk), each proxy's process
+  # counted by perf's syscall tracepoints over 3 s of a 6 s run; requests in that window
+  # from wrk's steady rate. Medians over ROUNDS interleaved rounds.
+  need perf
+  : > "$WORK/syscalls.tsv"
+  EVENTS=raw_syscalls:sys_enter
+  for sc in recvfrom read readv sendto write writev sendmsg epoll_wait epoll_ctl; do
+    EVENTS="$EVENTS,syscalls:sys_enter_$sc"
+  done
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in nginx haproxy switchyard; do
+      case $t in
+        nginx) port=$P_NGINX; pid=$(pgrep -P "$NGINX_PID") ;;
+        haproxy) port=$P_HAPROXY; pid=$HAPROXY_PID ;;
+        switchyard) port=$P_SY; pid=$SY_PID ;;
+      esac
+      taskset -c 0 wrk -t1 -c"$CONNS" -d6s -s "$WORK/post.lua" "http://127.0.0.1:$port$PATH_TF" > "$WORK/wrk.$t" &
+      load=$!
+      sleep 1.5
+      perf stat -x, -e "$EVENTS" -p "$pid" -o "$WORK/perf.$t" -- sleep 3 > /dev/null 2>&1
+      wait "$load"
+      rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.$t")
+      awk -F, -v t="$t" -v r="$round" -v rps="$rps" '$3 ~ /sys_enter/ {n=$3; sub(/.*sys_enter_?/, "", n); if (n == "") n = "all"; printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/syscalls.tsv"
+      echo "round $round $t: $rps req/s" >&2
+    done
+  done
+  python3 - "$WORK/syscalls.tsv" <<'PY'
+import collections, statistics as st, sys
+v = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r, t, n, x = line.split("\t")
+    v[(t, n)].append(float(x))
+ts = ["nginx", "haproxy", "switchyard"]
+names = ["all"] + sorted({n for (_, n) in v if n != "all"})
+print("| system calls per request (median of rounds) | " + " | ".join(ts) + " |")
+print("|---|" + "---|" * len(ts))
+for n in names:
+    if all(st.median(v[(t, n)]) < 0.005 for t in ts if (t, n) in v):
+        continue
+    print(f"| {n} | " + " | ".join(f"{st.median(v[(t, n)]):.2f}" if (t, n) in v else "" for t in ts) + " |")
+# Whatever is not named above (perf counts only the tracepoints it was given).
+other = {t: st.median(v[(t, "all")]) - sum(st.median(v[(t, n)]) for n in names[1:] if (t, n) in v) for t in ts}
+print("| others | " + " | ".join(f"{other[t]:.2f}" for t in ts) + " |")
 PY
   exit 0
 fi
