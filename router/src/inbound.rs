@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
-use crate::server::{ClientService, ResponseBody};
+use crate::server::{ClientService, PollWhenWoken, ResponseBody};
 
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -234,7 +234,7 @@ pub(crate) async fn serve<S, B>(
     unread: &[u8],
     mut service: S,
     opts: Options,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) where
     S: ClientService<B>,
     B: ResponseBody,
@@ -251,6 +251,15 @@ pub(crate) async fn serve<S, B>(
         names: Names::default(),
     };
     let mut write: Vec<u8> = Vec::new();
+    // The listener's closing, watched once for the connection's life: a wait made for
+    // each head put a waiter on the watch's list, under its lock, and took it off again,
+    // for every request.
+    let mut drain: Drain = PollWhenWoken::new(Box::pin({
+        let mut closing = closing.clone();
+        async move {
+            let _ = closing.wait_for(|c| *c).await;
+        }
+    }));
     // One timer for the connection's life, reset for each head.
     let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
     let mut idle_since = crate::clock::now();
@@ -259,7 +268,7 @@ pub(crate) async fn serve<S, B>(
             &mut reader,
             &mut write,
             &opts,
-            &mut closing,
+            &mut drain,
             timer.as_mut(),
             idle_since,
         )
@@ -421,20 +430,22 @@ pub(crate) async fn serve<S, B>(
     }
 }
 
+/// Resolves when the listener closes (or is gone); polled only after it was woken.
+type Drain = PollWhenWoken<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
 /// Reads until a whole request head is buffered (within `header_timeout` of
 /// `idle_since`), parking the connection while it is idle.
 async fn read_head(
     reader: &mut Reader,
     write: &mut Vec<u8>,
     opts: &Options,
-    closing: &mut watch::Receiver<bool>,
+    drain: &mut Drain,
     mut timer: Pin<&mut tokio::time::Sleep>,
     idle_since: Instant,
 ) -> Result<Option<Parsed>, Refusal> {
     let deadline = idle_since + opts.header_timeout;
     let park_at = (idle_since + opts.park_after).min(deadline);
     let (mut parked, mut armed) = (false, false);
-    let mut drain = std::pin::pin!(closing.wait_for(|c| *c));
     let head = std::future::poll_fn(|cx| loop {
         if !reader.buf.is_empty() {
             match parse_request(&mut reader.buf, &mut reader.names) {
@@ -450,7 +461,7 @@ async fn read_head(
             }
         }
         // Idle (nothing of a head yet): the listener closing ends it.
-        if reader.buf.is_empty() && drain.as_mut().poll(cx).is_ready() {
+        if reader.buf.is_empty() && Pin::new(&mut *drain).poll(cx).is_ready() {
             return Poll::Ready(Ok(None));
         }
         if parked {
