@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
-use crate::server::{ClientService, PollWhenWoken, ResponseBody};
+use crate::server::{ClientService, ResponseBody};
 
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -234,7 +234,7 @@ pub(crate) async fn serve<S, B>(
     unread: &[u8],
     mut service: S,
     opts: Options,
-    closing: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
 ) where
     S: ClientService<B>,
     B: ResponseBody,
@@ -251,15 +251,6 @@ pub(crate) async fn serve<S, B>(
         names: Names::default(),
     };
     let mut write: Vec<u8> = Vec::new();
-    // The listener's closing, watched once for the connection's life: a wait made for
-    // each head put a waiter on the watch's list, under its lock, and took it off again,
-    // for every request.
-    let mut drain: Drain = PollWhenWoken::new(Box::pin({
-        let mut closing = closing.clone();
-        async move {
-            let _ = closing.wait_for(|c| *c).await;
-        }
-    }));
     // One timer for the connection's life, reset for each head.
     let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
     let mut idle_since = crate::clock::now();
@@ -268,7 +259,7 @@ pub(crate) async fn serve<S, B>(
             &mut reader,
             &mut write,
             &opts,
-            &mut drain,
+            &mut closing,
             timer.as_mut(),
             idle_since,
         )
@@ -430,22 +421,20 @@ pub(crate) async fn serve<S, B>(
     }
 }
 
-/// Resolves when the listener closes (or is gone); polled only after it was woken.
-type Drain = PollWhenWoken<Pin<Box<dyn Future<Output = ()> + Send>>>;
-
 /// Reads until a whole request head is buffered (within `header_timeout` of
 /// `idle_since`), parking the connection while it is idle.
 async fn read_head(
     reader: &mut Reader,
     write: &mut Vec<u8>,
     opts: &Options,
-    drain: &mut Drain,
+    closing: &mut watch::Receiver<bool>,
     mut timer: Pin<&mut tokio::time::Sleep>,
     idle_since: Instant,
 ) -> Result<Option<Parsed>, Refusal> {
     let deadline = idle_since + opts.header_timeout;
     let park_at = (idle_since + opts.park_after).min(deadline);
     let (mut parked, mut armed) = (false, false);
+    let mut drain = std::pin::pin!(closing.wait_for(|c| *c));
     let head = std::future::poll_fn(|cx| loop {
         if !reader.buf.is_empty() {
             match parse_request(&mut reader.buf, &mut reader.names) {
@@ -461,7 +450,7 @@ async fn read_head(
             }
         }
         // Idle (nothing of a head yet): the listener closing ends it.
-        if reader.buf.is_empty() && Pin::new(&mut *drain).poll(cx).is_ready() {
+        if reader.buf.is_empty() && drain.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(None));
         }
         if parked {
@@ -865,6 +854,19 @@ mod tests {
         S: ClientService<B>,
         B: ResponseBody,
     {
+        ours_idle(service, Duration::from_secs(2), Duration::from_secs(1)).await
+    }
+
+    /// As [`ours`], with the given header timeout and `park_after`.
+    async fn ours_idle<S, B>(
+        service: S,
+        header_timeout: Duration,
+        park_after: Duration,
+    ) -> (SocketAddr, watch::Sender<bool>)
+    where
+        S: ClientService<B>,
+        B: ResponseBody,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (closing, closing_rx) = watch::channel(false);
@@ -872,9 +874,9 @@ mod tests {
             while let Ok((stream, peer)) = listener.accept().await {
                 let opts = Options {
                     peer,
-                    header_timeout: Duration::from_secs(2),
+                    header_timeout,
                     send_timeout: Duration::from_millis(300),
-                    park_after: Duration::from_secs(1),
+                    park_after,
                     parked: None,
                 };
                 tokio::spawn(serve(
@@ -1306,5 +1308,29 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+
+    /// The listener closing closes a keep-alive connection waiting for its next head,
+    /// busy (not parked) or parked, at once: neither waits for the client, the header
+    /// timeout or parking (all a minute here).
+    #[tokio::test]
+    async fn the_listener_closing_closes_idle_connections_busy_or_parked() {
+        for park_after in [Duration::from_secs(60), Duration::from_millis(50)] {
+            let (addr, closing) = ours_idle(Echo, Duration::from_secs(60), park_after).await;
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            let (status, _, _) = answer(&mut idle, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            assert_eq!(status, 200);
+            if park_after < Duration::from_secs(1) {
+                // Parked by now.
+                tokio::time::sleep(park_after * 4).await;
+            }
+            closing.send(true).unwrap();
+            let mut rest = Vec::new();
+            tokio::time::timeout(BOUND, idle.read_to_end(&mut rest))
+                .await
+                .unwrap_or_else(|_| panic!("still open (park_after {park_after:?})"))
+                .unwrap();
+            assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        }
     }
 }

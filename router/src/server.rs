@@ -178,7 +178,7 @@ where
 /// A future polled only after its own waker fired. A connection's task is woken for
 /// every request, and polling its drain and idle watches each time as well cost about 1%
 /// of proxy throughput (`bench/proxy-ab.sh`, BENCHMARKS.md).
-pub(crate) struct PollWhenWoken<F> {
+struct PollWhenWoken<F> {
     inner: F,
     flag: Arc<WakeFlag>,
     waker: Waker,
@@ -203,7 +203,7 @@ impl Wake for WakeFlag {
 }
 
 impl<F: Future + Unpin> PollWhenWoken<F> {
-    pub(crate) fn new(inner: F) -> Self {
+    fn new(inner: F) -> Self {
         let flag = Arc::new(WakeFlag::default());
         // Polled the first time round, to arm whatever it waits on.
         flag.woken.store(true, Ordering::Relaxed);
