@@ -620,14 +620,11 @@ type Hangups = ();
 fn hangup_signal() -> Hangups {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot watch SIGHUP; reload with POST /admin/reload instead.");
-                None
-            }
-        }
+        switchyard::signals::catch(
+            tokio::signal::unix::SignalKind::hangup(),
+            "SIGHUP",
+            "reload with POST /admin/reload instead",
+        )
     }
 }
 

@@ -25,17 +25,11 @@ impl Stop {
     pub fn catch() -> Self {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{signal, SignalKind};
-            let catch = |kind: SignalKind, name: &str| match signal(kind) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot watch {name}; it keeps its default action.");
-                    None
-                }
-            };
+            use tokio::signal::unix::SignalKind;
+            let instead = "it keeps its default action";
             Self {
-                term: catch(SignalKind::terminate(), "SIGTERM"),
-                int: catch(SignalKind::interrupt(), "SIGINT"),
+                term: catch(SignalKind::terminate(), "SIGTERM", instead),
+                int: catch(SignalKind::interrupt(), "SIGINT", instead),
             }
         }
         #[cfg(not(unix))]
@@ -63,6 +57,24 @@ impl Stop {
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `kind` (called `name`) caught from now on (in a tokio runtime), or `None` when its
+/// handler cannot be installed: logged, with what happens `instead`.
+#[cfg(unix)]
+#[must_use]
+pub fn catch(
+    kind: tokio::signal::unix::SignalKind,
+    name: &str,
+    instead: &str,
+) -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot watch {name}; {instead}.");
+            None
         }
     }
 }
