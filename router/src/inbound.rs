@@ -229,195 +229,206 @@ struct Parsed {
 
 /// Serves HTTP/1.1 on `stream` (`unread`: bytes already read from it) until the client
 /// or the listener (`closing`) closes it.
-pub(crate) async fn serve<S, B>(
+///
+/// An `async move` block, not an `async fn`, which keeps its arguments twice: this future
+/// is part of every connection's task, idle ones too.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub(crate) fn serve<S, B>(
     stream: TcpStream,
     unread: &[u8],
     mut service: S,
     opts: Options,
     mut closing: watch::Receiver<bool>,
-) where
+) -> impl Future<Output = ()> + '_
+where
     S: ClientService<B>,
     B: ResponseBody,
 {
-    let (io, mut out) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(READ_SIZE.max(unread.len()));
-    buf.extend_from_slice(unread);
-    let mut reader = Reader {
-        io,
-        buf,
-        framing: Framing::Done,
-        cont: Continue::No,
-        task: None,
-        names: Names::default(),
-    };
-    let mut write: Vec<u8> = Vec::new();
-    // One timer for the connection's life, reset for each head.
-    let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
-    let mut idle_since = crate::clock::now();
-    loop {
-        let parsed = match read_head(
-            &mut reader,
-            &mut write,
-            &opts,
-            &mut closing,
-            timer.as_mut(),
-            idle_since,
-        )
-        .await
-        {
-            Ok(Some(parsed)) => parsed,
-            // Nothing to answer: the client closed, stayed idle, or the listener is closing.
-            Ok(None) => return,
-            Err(Refusal(status, message)) => {
-                tracing::debug!(peer = %opts.peer, %status, %message, "Request head refused.");
+    async move {
+        let (io, mut out) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(READ_SIZE.max(unread.len()));
+        buf.extend_from_slice(unread);
+        let mut reader = Reader {
+            io,
+            buf,
+            framing: Framing::Done,
+            cont: Continue::No,
+            task: None,
+            names: Names::default(),
+        };
+        let mut write: Vec<u8> = Vec::new();
+        // One timer for the connection's life, reset for each head.
+        let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
+        let mut idle_since = crate::clock::now();
+        loop {
+            let Parsed {
+                mut parts,
+                framing,
+                keep,
+                expect_continue,
+            } = match read_head(
+                &mut reader,
+                &mut write,
+                &opts,
+                &mut closing,
+                timer.as_mut(),
+                idle_since,
+            )
+            .await
+            {
+                Ok(Some(parsed)) => parsed,
+                // Nothing to answer: the client closed, stayed idle, or the listener is closing.
+                Ok(None) => return,
+                Err(Refusal(status, message)) => {
+                    tracing::debug!(peer = %opts.peer, %status, %message, "Request head refused.");
+                    write.clear();
+                    encode_refusal(&mut write, status, &message);
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut out, &write).await;
+                    Box::pin(linger(out, reader.io)).await;
+                    return;
+                }
+            };
+            let head_request = parts.method == Method::HEAD;
+            let version = parts.version;
+            let (body, holder) = match framing {
+                Framing::Done => (RequestBody::empty(), Holder::Own(reader)),
+                Framing::Length(n) if reader.buf.len() as u64 >= n => {
+                    let bytes = reader.buf.split_to(n as usize).freeze();
+                    (RequestBody::full(bytes), Holder::Own(reader))
+                }
+                framing => {
+                    reader.framing = framing;
+                    reader.cont = if expect_continue && version == Version::HTTP_11 {
+                        Continue::Expected
+                    } else {
+                        Continue::No
+                    };
+                    let shared = Arc::new(Mutex::new(reader));
+                    (
+                        RequestBody(Kind::Streamed(shared.clone())),
+                        Holder::Shared(shared),
+                    )
+                }
+            };
+            if expect_continue {
+                // Answered here, or not at all: the upstream gets the body without asking.
+                parts.headers.remove(EXPECT);
+            }
+            // The service is always ready (it answers 503 itself), but is asked.
+            if let Err(never) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+                match never {}
+            }
+            let mut answer = service.call(Request::from_parts(parts, body));
+            let mut sent = 0;
+            // Scoped, as the answer's head is below: a local still in scope across the
+            // answer's writing keeps its room in every connection's task, idle ones too.
+            let (framing, body, keep) = {
+                let answered = std::future::poll_fn(|cx| {
+                    if let Holder::Shared(shared) = &holder {
+                        let mut r = lock(shared);
+                        if r.cont == Continue::Expected && r.task.is_none() {
+                            r.task = Some(cx.waker().clone());
+                        }
+                    }
+                    if let Poll::Ready(answered) = Pin::new(&mut answer).poll(cx) {
+                        return Poll::Ready(answered);
+                    }
+                    if let Holder::Shared(shared) = &holder {
+                        let mut r = lock(shared);
+                        while r.cont == Continue::Wanted {
+                            match Pin::new(&mut out).poll_write(cx, &CONTINUE[sent..]) {
+                                Poll::Ready(Ok(n)) if n > 0 => {
+                                    sent += n;
+                                    if sent == CONTINUE.len() {
+                                        r.cont = Continue::No;
+                                    }
+                                }
+                                // The client is gone: the body will fail, and with it the answer.
+                                Poll::Ready(_) => r.cont = Continue::No,
+                                Poll::Pending => break,
+                            }
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                drop(answer);
+                let Ok(answer) = answered;
+                let (mut head, body) = answer.into_parts();
+                // The request's body read to its end: the next bytes are the next request's.
+                let body_read = match &holder {
+                    Holder::Own(_) => true,
+                    Holder::Shared(shared) => lock(shared).framing == Framing::Done,
+                };
+                let mut keep = keep
+                    && body_read
+                    && h1::persistent(&head.headers, Version::HTTP_11)
+                    && !*closing.borrow();
                 write.clear();
-                encode_refusal(&mut write, status, &message);
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut out, &write).await;
+                let framing = encode_answer(
+                    &mut write,
+                    &head,
+                    body.size_hint(),
+                    head_request,
+                    version,
+                    &mut keep,
+                );
+                // Written: the map can hold the next head's fields.
+                h1::recycle(std::mem::take(&mut head.headers));
+                (framing, body, keep)
+            };
+            let mut writer = match framing {
+                AnswerFraming::None => Writer::new(None, None, Some(0), false),
+                AnswerFraming::Length(n) => Writer::new(None, Some(body), Some(n), false),
+                AnswerFraming::Chunked => Writer::new(None, Some(body), None, false),
+                AnswerFraming::Close => Writer::new(None, Some(body), None, true),
+            };
+            // The timer bounds a client that takes none of its answer for `send_timeout`
+            // (armed only while the socket is full; an upstream slow with its body is the
+            // request's business, not this one's).
+            let mut stalled_at: Option<u64> = None;
+            let written = std::future::poll_fn(|cx| {
+                let done = writer.poll_write(&mut out, &mut write, cx);
+                if done.is_ready() || !writer.io_pending {
+                    stalled_at = None;
+                    return done.map(|r| r.map_err(|e| e.to_string()));
+                }
+                if stalled_at != Some(writer.progress) {
+                    stalled_at = Some(writer.progress);
+                    timer.as_mut().reset(Instant::now() + opts.send_timeout);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(format!(
+                        "the client took none of its answer for {:?} (client_send_timeout)",
+                        opts.send_timeout
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            if let Err(e) = written {
+                // The answer is cut short; only closing tells the client.
+                tracing::debug!(peer = %opts.peer, error = %e, "Answer broke off; closing.");
+                return;
+            }
+            drop(writer);
+            reader = match holder {
+                Holder::Own(reader) => reader,
+                Holder::Shared(shared) => match Arc::try_unwrap(shared) {
+                    Ok(reader) => reader.into_inner().unwrap_or_else(|p| p.into_inner()),
+                    // The body is still held (a mirror, a task sending it upstream): the
+                    // rest of the stream is not ours to read.
+                    Err(_) => return,
+                },
+            };
+            if !keep || reader.framing != Framing::Done {
                 Box::pin(linger(out, reader.io)).await;
                 return;
             }
-        };
-        let Parsed {
-            mut parts,
-            framing,
-            keep,
-            expect_continue,
-        } = parsed;
-        let head_request = parts.method == Method::HEAD;
-        let version = parts.version;
-        let (body, holder) = match framing {
-            Framing::Done => (RequestBody::empty(), Holder::Own(reader)),
-            Framing::Length(n) if reader.buf.len() as u64 >= n => {
-                let bytes = reader.buf.split_to(n as usize).freeze();
-                (RequestBody::full(bytes), Holder::Own(reader))
-            }
-            framing => {
-                reader.framing = framing;
-                reader.cont = if expect_continue && version == Version::HTTP_11 {
-                    Continue::Expected
-                } else {
-                    Continue::No
-                };
-                let shared = Arc::new(Mutex::new(reader));
-                (
-                    RequestBody(Kind::Streamed(shared.clone())),
-                    Holder::Shared(shared),
-                )
-            }
-        };
-        if expect_continue {
-            // Answered here, or not at all: the upstream gets the body without asking.
-            parts.headers.remove(EXPECT);
+            reader.cont = Continue::No;
+            reader.task = None;
+            idle_since = crate::clock::now();
         }
-        // The service is always ready (it answers 503 itself), but is asked.
-        if let Err(never) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
-            match never {}
-        }
-        let mut answer = service.call(Request::from_parts(parts, body));
-        let mut sent = 0;
-        let answered = std::future::poll_fn(|cx| {
-            if let Holder::Shared(shared) = &holder {
-                let mut r = lock(shared);
-                if r.cont == Continue::Expected && r.task.is_none() {
-                    r.task = Some(cx.waker().clone());
-                }
-            }
-            if let Poll::Ready(answered) = Pin::new(&mut answer).poll(cx) {
-                return Poll::Ready(answered);
-            }
-            if let Holder::Shared(shared) = &holder {
-                let mut r = lock(shared);
-                while r.cont == Continue::Wanted {
-                    match Pin::new(&mut out).poll_write(cx, &CONTINUE[sent..]) {
-                        Poll::Ready(Ok(n)) if n > 0 => {
-                            sent += n;
-                            if sent == CONTINUE.len() {
-                                r.cont = Continue::No;
-                            }
-                        }
-                        // The client is gone: the body will fail, and with it the answer.
-                        Poll::Ready(_) => r.cont = Continue::No,
-                        Poll::Pending => break,
-                    }
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        drop(answer);
-        let Ok(answer) = answered;
-        let (mut head, body) = answer.into_parts();
-        // The request's body read to its end: the next bytes are the next request's.
-        let body_read = match &holder {
-            Holder::Own(_) => true,
-            Holder::Shared(shared) => lock(shared).framing == Framing::Done,
-        };
-        let mut keep = keep
-            && body_read
-            && h1::persistent(&head.headers, Version::HTTP_11)
-            && !*closing.borrow();
-        write.clear();
-        let framing = encode_answer(
-            &mut write,
-            &head,
-            body.size_hint(),
-            head_request,
-            version,
-            &mut keep,
-        );
-        // Written: the map can hold the next head's fields.
-        h1::recycle(std::mem::take(&mut head.headers));
-        let mut writer = match framing {
-            AnswerFraming::None => Writer::new(None, None, Some(0), false),
-            AnswerFraming::Length(n) => Writer::new(None, Some(body), Some(n), false),
-            AnswerFraming::Chunked => Writer::new(None, Some(body), None, false),
-            AnswerFraming::Close => Writer::new(None, Some(body), None, true),
-        };
-        // The timer bounds a client that takes none of its answer for `send_timeout`
-        // (armed only while the socket is full; an upstream slow with its body is the
-        // request's business, not this one's).
-        let mut stalled_at: Option<u64> = None;
-        let written = std::future::poll_fn(|cx| {
-            let done = writer.poll_write(&mut out, &mut write, cx);
-            if done.is_ready() || !writer.io_pending {
-                stalled_at = None;
-                return done.map(|r| r.map_err(|e| e.to_string()));
-            }
-            if stalled_at != Some(writer.progress) {
-                stalled_at = Some(writer.progress);
-                timer.as_mut().reset(Instant::now() + opts.send_timeout);
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(format!(
-                    "the client took none of its answer for {:?} (client_send_timeout)",
-                    opts.send_timeout
-                ))),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        if let Err(e) = written {
-            // The answer is cut short; only closing tells the client.
-            tracing::debug!(peer = %opts.peer, error = %e, "Answer broke off; closing.");
-            return;
-        }
-        drop(writer);
-        reader = match holder {
-            Holder::Own(reader) => reader,
-            Holder::Shared(shared) => match Arc::try_unwrap(shared) {
-                Ok(reader) => reader.into_inner().unwrap_or_else(|p| p.into_inner()),
-                // The body is still held (a mirror, a task sending it upstream): the
-                // rest of the stream is not ours to read.
-                Err(_) => return,
-            },
-        };
-        if !keep || reader.framing != Framing::Done {
-            Box::pin(linger(out, reader.io)).await;
-            return;
-        }
-        reader.cont = Continue::No;
-        reader.task = None;
-        idle_since = crate::clock::now();
     }
 }
 

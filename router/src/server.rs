@@ -304,48 +304,53 @@ enum Told {
 }
 
 impl Conn {
-    /// Sniffs the protocol, then serves the connection until it closes.
-    async fn serve<S, B>(self, mut stream: TcpStream, service: S)
+    /// Sniffs the protocol, then serves the connection until it closes. An `async move`
+    /// block, not an `async fn`, which keeps its arguments twice: this future is every
+    /// connection's task, idle ones too.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn serve<S, B>(self, mut stream: TcpStream, service: S) -> impl Future<Output = ()>
     where
         S: ClientService<B>,
         B: ResponseBody,
     {
-        // No byte is served before the protocol is known. A client that connects and
-        // says nothing (or half of h2c's preface) gets `client_header_timeout` for it,
-        // and nothing once the listener is closing.
-        let sniffed = Box::pin(async {
-            let mut closing = self.closing.clone();
-            tokio::select! {
-                sniffed = tokio::time::timeout(self.idle_timeout, sniff(&mut stream)) => {
-                    sniffed.ok().flatten()
+        async move {
+            // No byte is served before the protocol is known. A client that connects and
+            // says nothing (or half of h2c's preface) gets `client_header_timeout` for it,
+            // and nothing once the listener is closing.
+            let sniffed = Box::pin(async {
+                let mut closing = self.closing.clone();
+                tokio::select! {
+                    sniffed = tokio::time::timeout(self.idle_timeout, sniff(&mut stream)) => {
+                        sniffed.ok().flatten()
+                    }
+                    _ = closing.wait_for(|c| *c) => None,
                 }
-                _ = closing.wait_for(|c| *c) => None,
+            })
+            .await;
+            let Some((h2, unread)) = sniffed else {
+                tracing::debug!(peer = %self.peer, "Connection closed before its first byte.");
+                return;
+            };
+            if h2 {
+                let exchanges = Arc::new(Exchanges::new());
+                let service = TowerToHyperService::new(CountExchanges {
+                    inner: service,
+                    exchanges: exchanges.clone(),
+                });
+                let io = ClientIo { unread, stream };
+                // Boxed: hyper's h2 state would otherwise size every connection's task.
+                Box::pin(self.serve_h2(io, service, exchanges)).await;
+                return;
             }
-        })
-        .await;
-        let Some((h2, unread)) = sniffed else {
-            tracing::debug!(peer = %self.peer, "Connection closed before its first byte.");
-            return;
-        };
-        if h2 {
-            let exchanges = Arc::new(Exchanges::new());
-            let service = TowerToHyperService::new(CountExchanges {
-                inner: service,
-                exchanges: exchanges.clone(),
-            });
-            let io = ClientIo { unread, stream };
-            // Boxed: hyper's h2 state would otherwise size every connection's task.
-            Box::pin(self.serve_h2(io, service, exchanges)).await;
-            return;
+            let opts = crate::inbound::Options {
+                peer: self.peer,
+                header_timeout: self.idle_timeout,
+                send_timeout: self.send_timeout,
+                park_after: self.park_after,
+                parked: self.parked.clone(),
+            };
+            crate::inbound::serve(stream, &unread, service, opts, self.closing.clone()).await;
         }
-        let opts = crate::inbound::Options {
-            peer: self.peer,
-            header_timeout: self.idle_timeout,
-            send_timeout: self.send_timeout,
-            park_after: self.park_after,
-            parked: self.parked.clone(),
-        };
-        crate::inbound::serve(stream, &unread, service, opts, self.closing.clone()).await;
     }
 
     /// h2c: hyper until the client closes, the listener closes, or the connection has
