@@ -474,11 +474,8 @@ impl Bandits {
             // task's first tick: a task first polled after feedback had begun to come in
             // would count those rewards into it, and the next `update_every` would then
             // take that many more.
-            if let (Some(weights), Some(route)) = (update_caught(&m, &mut rng), table.model(&name))
-            {
-                if let Err(e) = route.set_weights(&weights) {
-                    tracing::warn!(model = %name, error = %e, "Bandit weights refused.");
-                }
+            if let Some(weights) = update_caught(&m, &mut rng) {
+                publish(table, &name, &weights);
             }
             updates.insert(name, tokio::spawn(update_task(m, self.router.clone(), rng)));
         }
@@ -601,10 +598,15 @@ async fn update_task(m: Arc<Model>, router: Arc<Router>, mut rng: StdRng) {
         let Some(weights) = update_caught(&m, &mut rng) else {
             continue;
         };
-        if let Some(route) = router.table().model(&m.name) {
-            if let Err(e) = route.set_weights(&weights) {
-                tracing::warn!(model = %m.name, error = %e, "Bandit weights refused.");
-            }
+        publish(&router.table(), &m.name, &weights);
+    }
+}
+
+/// Publishes a model's new weights to its route in `table`, if it has one.
+fn publish(table: &switchyard_router::table::RouteTable, model: &str, weights: &[f64]) {
+    if let Some(route) = table.model(model) {
+        if let Err(e) = route.set_weights(weights) {
+            tracing::warn!(model = %model, error = %e, "Bandit weights refused.");
         }
     }
 }
