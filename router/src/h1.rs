@@ -89,6 +89,8 @@ pub struct Conn {
     io: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// The names of the last answer's fields: the next answer's are the same.
+    names: Names,
 }
 
 /// A request head, borrowed: `headers` are the client's (hop-by-hop already removed);
@@ -141,6 +143,7 @@ impl Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
+            names: Names::default(),
         }
     }
 
@@ -237,7 +240,9 @@ impl Conn {
     ) -> Poll<Result<(http::response::Parts, Framing, bool), H1Error>> {
         loop {
             if !self.read.is_empty() {
-                if let Some(parsed) = parse_head(&mut self.read, head_request, room)? {
+                if let Some(parsed) =
+                    parse_head(&mut self.read, &mut self.names, head_request, room)?
+                {
                     return Poll::Ready(Ok(parsed));
                 }
                 if self.read.len() >= MAX_HEAD {
@@ -567,6 +572,7 @@ pub(crate) enum Framing {
 /// reused after it.
 fn parse_head(
     buf: &mut BytesMut,
+    names: &mut Names,
     head_request: bool,
     room: usize,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
@@ -612,10 +618,10 @@ fn parse_head(
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
         let mut headers = header_map(count + room);
-        for &[name, name_len, value, value_len] in &spans[..count] {
-            let name = &head[name as usize..(name + name_len) as usize];
-            let name = HeaderName::from_bytes(name)
-                .map_err(|_| H1Error::Malformed("bad field name".into()))?;
+        for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
+            let name = names
+                .name(i, &head[name as usize..(name + name_len) as usize])
+                .ok_or_else(|| H1Error::Malformed("bad field name".into()))?;
             let value = head.slice(value as usize..(value + value_len) as usize);
             let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| H1Error::Malformed(format!("bad value of field `{name}`")))?;
@@ -708,12 +714,53 @@ pub(crate) fn recycle(mut map: HeaderMap) {
     });
 }
 
-/// The field names of the last head read on a connection, by position. A client sends
-/// the same fields in the same order request after request, and a name `http` does not
-/// know (`x-request-id`, `x-model-version`) costs an allocation each time it is made;
-/// taken from here, it costs a reference count.
+/// The field names of the last head read on a connection, by position, each with the
+/// spelling it came in. A client (or an upstream) sends the same fields in the same
+/// order and spelling message after message: such a name then costs a comparison of its
+/// bytes and a reference count, where making it again costs a case-folding parse (and an
+/// allocation for a name `http` does not know: `x-request-id`, `x-model-version`), and
+/// comparing it without case to the name made before cost 2% of the proxy's instructions
+/// (`bench/instructions.sh`).
 #[derive(Debug, Default)]
-pub(crate) struct Names(Vec<HeaderName>);
+pub(crate) struct Names(Vec<Known>);
+
+/// A name at one position, and its last spelling when that is short enough to keep.
+#[derive(Debug)]
+struct Known {
+    name: HeaderName,
+    spelling: [u8; Known::SPELLING],
+    /// `0`: no spelling kept (a longer name is compared without case).
+    spelled: u8,
+}
+
+impl Known {
+    /// Longest spelling kept: the common names fit (`content-length`, `x-request-id`,
+    /// `x-forwarded-for`), and a position costs 64 bytes with its name.
+    const SPELLING: usize = 30;
+
+    fn new(name: HeaderName, raw: &[u8]) -> Self {
+        let mut known = Known {
+            name,
+            spelling: [0; Known::SPELLING],
+            spelled: 0,
+        };
+        known.spell(raw);
+        known
+    }
+
+    fn spell(&mut self, raw: &[u8]) {
+        if raw.len() <= Known::SPELLING {
+            self.spelling[..raw.len()].copy_from_slice(raw);
+            self.spelled = raw.len() as u8;
+        } else {
+            self.spelled = 0;
+        }
+    }
+
+    fn spelled_as(&self, raw: &[u8]) -> bool {
+        self.spelled != 0 && &self.spelling[..usize::from(self.spelled)] == raw
+    }
+}
 
 impl Names {
     /// Most positions remembered.
@@ -721,16 +768,20 @@ impl Names {
 
     /// The name spelled `raw` (any case) at position `i` of a head.
     pub(crate) fn name(&mut self, i: usize, raw: &[u8]) -> Option<HeaderName> {
-        if let Some(known) = self.0.get(i) {
-            if known.as_str().as_bytes().eq_ignore_ascii_case(raw) {
-                return Some(known.clone());
+        if let Some(known) = self.0.get_mut(i) {
+            if known.spelled_as(raw) {
+                return Some(known.name.clone());
+            }
+            if known.name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
+                known.spell(raw);
+                return Some(known.name.clone());
             }
         }
         let name = HeaderName::from_bytes(raw).ok()?;
         if i < self.0.len() {
-            self.0[i] = name.clone();
+            self.0[i] = Known::new(name.clone(), raw);
         } else if i == self.0.len() && i < Self::MOST {
-            self.0.push(name.clone());
+            self.0.push(Known::new(name.clone(), raw));
         }
         Some(name)
     }
@@ -1699,6 +1750,12 @@ mod tests {
             names.name(0, b"x-model-version").unwrap().as_str().as_ptr(),
             first.as_str().as_ptr()
         );
+        // A name too long for its spelling to be kept is still reused, in any case.
+        let long = names.name(1, b"X-A-Name-Longer-Than-Thirty-Bytes").unwrap();
+        assert_eq!(long.as_str(), "x-a-name-longer-than-thirty-bytes");
+        let again = names.name(1, b"x-a-name-longer-than-thirty-bytes").unwrap();
+        assert_eq!(again.as_str().as_ptr(), long.as_str().as_ptr());
+        assert_eq!(names.name(1, b"x-b").unwrap().as_str(), "x-b");
     }
 
     #[test]
