@@ -12,8 +12,10 @@
 #   bench/instructions.sh                       # nginx, HAProxy, the dist build
 #   SKIP_BUILD=1 bench/instructions.sh A B      # Switchyard binaries A and B (an A/B)
 #   N=20000 ANNOTATE=1 bench/instructions.sh    # also where the instructions go
-#                                               # (bench/out/instructions-*.txt; use a
-#                                               # --release build for its line tables)
+#                                               # (bench/out/instructions-*.txt, and the
+#                                               # callgrind files for callgrind_annotate
+#                                               # --tree=caller; use a --release build
+#                                               # for its line tables)
 #   PEERS=0 ...                                 # Switchyard only
 #
 # Needs: valgrind, nginx, haproxy, oha (cargo install --locked oha). Loopback only.
@@ -85,6 +87,7 @@ count() {
   awk -v n="$N" -v name="$name" '/^summary:/ {printf "%s\t%.0f\n", name, $2 / n}' "$out" >> "$WORK/counts.tsv"
   if [ "${ANNOTATE:-0}" = 1 ]; then
     callgrind_annotate --inclusive=yes --threshold=99 "$out" > "$OUT/instructions-$name.txt" 2>/dev/null || true
+    cp "$out" "$OUT/callgrind-$name.out"
   fi
 }
 
