@@ -456,6 +456,14 @@ mod tests {
                 "grpc-status {code}"
             );
         }
+        // gRPC is HTTP/2's: an HTTP/1.1 answer's `grpc-status` field is not a status.
+        let unavailable = || crate::grpc::status(crate::error::GrpcCode::Unavailable, "x");
+        assert!(failure_kind(&Ok(unavailable())).is_some());
+        assert_eq!(crate::grpc::status_of(&unavailable()), 503);
+        let mut resp = unavailable();
+        *resp.version_mut() = http::Version::HTTP_11;
+        assert_eq!(crate::grpc::status_of(&resp), 200);
+        assert!(failure_kind(&Ok(resp)).is_none());
     }
 
     fn health(settings: Breaker, max_in_flight: usize) -> Health {
