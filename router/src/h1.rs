@@ -91,6 +91,12 @@ pub struct Conn {
     write: Vec<u8>,
     /// The names of the last answer's fields: the next answer's are the same.
     names: Names,
+    /// Bounds each exchange's wait for its answer ([`Conn::exchange`]'s deadline). One
+    /// timer for the connection's life, set again for each exchange: a timer made and
+    /// dropped per request took a lock on the runtime's timer wheel twice (to register
+    /// and to remove it), where moving a registered one to a later time does not. Made
+    /// at the first wait, boxed so that the connection moves freely.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A request head, borrowed: `headers` are the client's (hop-by-hop already removed);
@@ -126,6 +132,8 @@ pub enum Failed {
     /// A reused connection failed before any byte of the request was written: the
     /// upstream had closed it (the keep-alive race). The request may go again.
     Stale(Unsent),
+    /// No answer's head by the deadline.
+    TimedOut,
     /// Anything else.
     Error(H1Error),
 }
@@ -137,14 +145,17 @@ impl From<H1Error> for Failed {
 }
 
 impl Conn {
-    /// A fresh connection.
-    pub fn new(io: TcpStream) -> Self {
-        Conn {
+    /// A fresh connection. Boxed: it moves from the pool into an exchange, into the
+    /// answer's body and back, and an answer is moved through every layer of a
+    /// request's stack; by its box that is 8 bytes, not 120.
+    pub fn new(io: TcpStream) -> Box<Self> {
+        Box::new(Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
             names: Names::default(),
-        }
+            timer: None,
+        })
     }
 
     /// Whether an idle connection can take a request: the upstream has not closed it
@@ -158,19 +169,20 @@ impl Conn {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends the request and reads the answer's head. `reused`: the connection has
-    /// carried an exchange before, so a failure to write anything is the keep-alive race
-    /// ([`Failed::Stale`]).
+    /// Sends the request and reads the answer's head, by `deadline` ([`Failed::TimedOut`]
+    /// past it). `reused`: the connection has carried an exchange before, so a failure to
+    /// write anything is the keep-alive race ([`Failed::Stale`]).
     ///
     /// An `async move` block, not an `async fn`, which would keep a second copy of the
     /// connection and the unsent body in its future: the request's whole try is one
     /// boxed future of such nested ones, each copied into the one that awaits it.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     pub fn exchange<'a, 'b>(
-        mut self,
+        mut self: Box<Self>,
         head: &'a RequestHead<'b>,
         unsent: Unsent,
         reused: bool,
+        deadline: tokio::time::Instant,
     ) -> impl std::future::Future<Output = Result<Response<Answer>, Failed>> + Send + use<'a, 'b>
     {
         async move {
@@ -188,32 +200,13 @@ impl Conn {
             let mut writer = Writer::new(unsent.first, unsent.body, body_hint, false);
             let head_request = head.method == Method::HEAD;
             let room = head.answer_room;
+            let mut armed = false;
             let parsed = std::future::poll_fn(|cx| {
-                if !writer.done() {
-                    match writer.poll_write(&mut self.io, &mut self.write, cx) {
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(e)) => {
-                            if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
-                                return Poll::Ready(Err(Failed::Stale(
-                                    writer.take_unsent(&self.write),
-                                )));
-                            }
-                            return Poll::Ready(Err(Failed::Error(e)));
-                        }
-                        // Still sending: an upstream may answer before it has read the whole
-                        // request (an early 413, say); look for that.
-                        Poll::Pending => {
-                            return match self.poll_head(cx, head_request, room) {
-                                Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
-                                // A failure to read shows as a failure to write soon enough;
-                                // that one says more.
-                                Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
-                            };
-                        }
-                    }
+                let polled = self.poll_exchange(cx, &mut writer, reused, head_request, room);
+                if polled.is_pending() && self.expired(cx, deadline, &mut armed) {
+                    return Poll::Ready(Err(Failed::TimedOut));
                 }
-                self.poll_head(cx, head_request, room)
-                    .map_err(Failed::Error)
+                polled
             })
             .await?;
             let (parts, framing, mut keep) = parsed;
@@ -229,6 +222,69 @@ impl Conn {
                 },
             ))
         }
+    }
+
+    /// One turn of an exchange: writes what it can of the request, and reads what has
+    /// come of the answer's head.
+    fn poll_exchange(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut Writer<LimitedBody>,
+        reused: bool,
+        head_request: bool,
+        room: usize,
+    ) -> Poll<Result<(http::response::Parts, Framing, bool), Failed>> {
+        {
+            if !writer.done() {
+                match writer.poll_write(&mut self.io, &mut self.write, cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
+                            return Poll::Ready(Err(Failed::Stale(
+                                writer.take_unsent(&self.write),
+                            )));
+                        }
+                        return Poll::Ready(Err(Failed::Error(e)));
+                    }
+                    // Still sending: an upstream may answer before it has read the whole
+                    // request (an early 413, say); look for that.
+                    Poll::Pending => {
+                        return match self.poll_head(cx, head_request, room) {
+                            Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
+                            // A failure to read shows as a failure to write soon enough;
+                            // that one says more.
+                            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+                        };
+                    }
+                }
+            }
+            self.poll_head(cx, head_request, room)
+                .map_err(Failed::Error)
+        }
+    }
+
+    /// Whether `deadline` has passed, the timer set to it (and this task woken then)
+    /// if not. Set once per exchange (`armed`): a deadline later than the timer's moves
+    /// it without a lock on the timer wheel.
+    fn expired(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadline: tokio::time::Instant,
+        armed: &mut bool,
+    ) -> bool {
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !*armed {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        *armed = true;
+        std::future::Future::poll(timer.as_mut(), cx).is_ready()
     }
 
     /// Reads until a whole final head has come; drops interim answers.
@@ -854,7 +910,7 @@ pub(crate) fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, Str
 /// reusable connection can be taken back ([`Answer::reusable`]).
 #[derive(Debug)]
 pub struct Answer {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Framing,
     keep: bool,
 }
@@ -862,7 +918,7 @@ pub struct Answer {
 impl Answer {
     /// The connection, once the body has ended and when nothing speaks against reusing
     /// it; `None` otherwise (then it is closed when the answer is dropped).
-    pub fn reusable(&mut self) -> Option<Conn> {
+    pub fn reusable(&mut self) -> Option<Box<Conn>> {
         if self.framing != Framing::Done || !self.keep {
             return None;
         }
@@ -893,7 +949,7 @@ impl Body for Answer {
         let Some(conn) = &mut this.conn else {
             return Poll::Ready(None);
         };
-        let frame = ready!(poll_decode(&mut this.framing, conn, cx));
+        let frame = ready!(poll_decode(&mut this.framing, &mut **conn, cx));
         if let Some(Err(_)) = &frame {
             this.conn = None;
         }
@@ -1135,6 +1191,8 @@ mod tests {
         AnswerEarly(&'static [u8], tokio::sync::oneshot::Receiver<()>),
         /// Resets the connection at once (`SO_LINGER` 0), without reading anything.
         Reset,
+        /// Reads the request and answers nothing until the test lets it go.
+        Silent(tokio::sync::oneshot::Receiver<()>),
     }
 
     /// What the upstream saw.
@@ -1179,6 +1237,10 @@ mod tests {
                     }
                     Then::AnswerEarly(bytes, hold) => {
                         s.write_all(bytes).await.unwrap();
+                        let _ = hold.await;
+                        stream = None;
+                    }
+                    Then::Silent(hold) => {
                         let _ = hold.await;
                         stream = None;
                     }
@@ -1242,10 +1304,23 @@ mod tests {
 
     /// Sends `method` with `body` over `conn`, as the proxy would.
     async fn send(
-        conn: Conn,
+        conn: Box<Conn>,
         method: Method,
         body: &'static [u8],
         reused: bool,
+    ) -> Result<Response<Answer>, Failed> {
+        // Past the test's own bound: an exchange that waits for it fails the test.
+        let deadline = tokio::time::Instant::now() + 2 * BOUND;
+        send_by(conn, method, body, reused, deadline).await
+    }
+
+    /// [`send`] with the exchange's deadline.
+    async fn send_by(
+        conn: Box<Conn>,
+        method: Method,
+        body: &'static [u8],
+        reused: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<Answer>, Failed> {
         let headers = client_headers();
         let host = HeaderValue::from_static("up:1");
@@ -1262,7 +1337,7 @@ mod tests {
             first: None,
             body: Some(LimitedBody::replay(Bytes::from_static(body))),
         };
-        tokio::time::timeout(BOUND, conn.exchange(&head, unsent, reused))
+        tokio::time::timeout(BOUND, conn.exchange(&head, unsent, reused, deadline))
             .await
             .expect("the exchange ended")
     }
@@ -1273,7 +1348,7 @@ mod tests {
         send(connect(addr).await, Method::POST, b"{}", false).await
     }
 
-    async fn connect(addr: SocketAddr) -> Conn {
+    async fn connect(addr: SocketAddr) -> Box<Conn> {
         Conn::new(TcpStream::connect(addr).await.unwrap())
     }
 
@@ -1297,6 +1372,7 @@ mod tests {
         match r {
             Ok(t) => t,
             Err(Failed::Stale(_)) => panic!("stale"),
+            Err(Failed::TimedOut) => panic!("timed out"),
             Err(Failed::Error(e)) => panic!("{e}"),
         }
     }
@@ -1339,6 +1415,37 @@ mod tests {
         assert!(!first.contains("client-"), "{first}");
         assert!(!first.contains("999"), "{first}");
         assert_eq!(first.matches("host:").count(), 1, "{first}");
+    }
+
+    /// The connection's one timer bounds each exchange by that exchange's deadline: one
+    /// earlier than the last exchange's, and one after the timer went off while the
+    /// connection was idle.
+    #[tokio::test]
+    async fn each_exchange_is_bounded_by_its_own_deadline() {
+        let (release, hold) = tokio::sync::oneshot::channel();
+        let (addr, _seen) = upstream(vec![
+            Then::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+            Then::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+            Then::Silent(hold),
+        ])
+        .await;
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(200);
+        let mut resp = ok(send(connect(addr).await, Method::POST, b"{}", false).await);
+        read_body(resp.body_mut()).await.unwrap();
+        let conn = resp.body_mut().reusable().expect("kept alive");
+        // Earlier than the first exchange's deadline, and answered in time.
+        let mut resp = ok(send_by(conn, Method::POST, b"{}", true, soon()).await);
+        read_body(resp.body_mut()).await.unwrap();
+        let conn = resp.body_mut().reusable().expect("kept alive");
+        // Idle past that deadline: the timer goes off with no exchange waiting.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        match send_by(conn, Method::POST, b"{}", true, soon()).await {
+            Err(Failed::TimedOut) => {}
+            Ok(r) => panic!("answered: {}", r.status()),
+            Err(Failed::Stale(_)) => panic!("stale"),
+            Err(Failed::Error(e)) => panic!("{e}"),
+        }
+        drop(release);
     }
 
     #[tokio::test]

@@ -196,13 +196,6 @@ impl Upstream {
         matches!(self.client, Clients::Http1(_))
     }
 
-    fn timed_out(&self) -> SendError {
-        SendError::Upstream(
-            UpstreamErrorKind::Timeout,
-            format!("no response within {:?}", self.timeouts.request),
-        )
-    }
-
     /// Sends a request to an HTTP/1.1 upstream and waits for the response head within
     /// the request timeout.
     pub async fn send_http1(
@@ -216,10 +209,8 @@ impl Upstream {
                 "this upstream speaks HTTP/2".into(),
             ));
         };
-        let deadline = crate::clock::now() + self.timeouts.request;
-        tokio::time::timeout_at(deadline, pool.send(head, body))
+        pool.send(head, body, crate::clock::now() + self.timeouts.request)
             .await
-            .unwrap_or_else(|_| Err(self.timed_out()))
     }
 
     /// Sends `req` to an h2c or gRPC upstream and waits for the response head within
@@ -235,7 +226,7 @@ impl Upstream {
             ));
         };
         match tokio::time::timeout(self.timeouts.request, client.request(req)).await {
-            Err(_) => Err(self.timed_out()),
+            Err(_) => Err(timed_out(self.timeouts.request)),
             Ok(Ok(resp)) => Ok(resp.map(|body| UpstreamBody {
                 inner: Inner::Multiplexed(body, self.errors.clone()),
                 stall: Stall::new(self.timeouts.request),
@@ -268,7 +259,7 @@ struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    conn: h1::Conn,
+    conn: Box<h1::Conn>,
     since: Instant,
 }
 
@@ -294,7 +285,7 @@ impl Pool {
 
     /// The most recently used idle connection that is still open; those closed by the
     /// upstream or idle too long are dropped (which closes them).
-    fn checkout(&self) -> Option<h1::Conn> {
+    fn checkout(&self) -> Option<Box<h1::Conn>> {
         loop {
             let Idle { conn, since } = self.lock().pop()?;
             let idle = crate::clock::now_std().saturating_duration_since(since);
@@ -305,7 +296,7 @@ impl Pool {
     }
 
     /// Puts a connection whose exchange has ended back, unless the pool is full.
-    fn give_back(&self, conn: h1::Conn) {
+    fn give_back(&self, conn: Box<h1::Conn>) {
         let mut idle = self.lock();
         if idle.len() < POOL_MAX_IDLE {
             idle.push(Idle {
@@ -316,7 +307,7 @@ impl Pool {
     }
 
     /// Opens a connection within the connect timeout.
-    async fn connect(&self) -> Result<h1::Conn, SendError> {
+    async fn connect(&self) -> Result<Box<h1::Conn>, SendError> {
         let failed = |detail: String| SendError::Upstream(UpstreamErrorKind::Connect, detail);
         let stream =
             match tokio::time::timeout(self.timeouts.connect, TcpStream::connect(&*self.authority))
@@ -341,11 +332,13 @@ impl Pool {
     }
 
     /// Sends a request over an idle connection, or a new one, and reads the answer's
-    /// head; the answer's body reads the rest and gives the connection back.
+    /// head by `deadline`; the answer's body reads the rest and gives the connection
+    /// back.
     async fn send(
         self: &Arc<Self>,
         head: &h1::RequestHead<'_>,
         body: LimitedBody,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let mut unsent = h1::Unsent {
             first: None,
@@ -358,9 +351,11 @@ impl Pool {
                 Some(conn) => conn,
                 // Boxed: once per new connection, and it would otherwise enlarge
                 // every request's future.
-                None => Box::pin(self.connect()).await?,
+                None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(self.timeouts.request)))?,
             };
-            match conn.exchange(head, unsent, was_reused).await {
+            match conn.exchange(head, unsent, was_reused, deadline).await {
                 Ok(resp) => {
                     return Ok(resp.map(|answer| UpstreamBody {
                         inner: Inner::Http1 {
@@ -373,10 +368,19 @@ impl Pool {
                 // A kept-alive connection the upstream had closed: nothing reached the
                 // upstream, so send it again, on another connection or a new one.
                 Err(h1::Failed::Stale(back)) => unsent = back,
+                Err(h1::Failed::TimedOut) => return Err(timed_out(self.timeouts.request)),
                 Err(h1::Failed::Error(e)) => return Err(h1_error(e)),
             }
         }
     }
+}
+
+/// No answer's head within the request timeout.
+fn timed_out(after: Duration) -> SendError {
+    SendError::Upstream(
+        UpstreamErrorKind::Timeout,
+        format!("no response within {after:?}"),
+    )
 }
 
 /// Closes idle connections past the timeout, checking a few times per timeout; ends with
