@@ -47,9 +47,9 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::closing::Watch;
 use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
 use crate::server::{ClientService, ResponseBody};
 
@@ -233,13 +233,13 @@ struct Parsed {
 /// An `async move` block, not an `async fn`, which keeps its arguments twice: this future
 /// is part of every connection's task, idle ones too.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-pub(crate) fn serve<S, B>(
+pub(crate) fn serve<'a, S, B>(
     stream: TcpStream,
-    unread: &[u8],
+    unread: &'a [u8],
     mut service: S,
     opts: Options,
-    mut closing: watch::Receiver<bool>,
-) -> impl Future<Output = ()> + '_
+    closing: &'a Watch,
+) -> impl Future<Output = ()> + 'a
 where
     S: ClientService<B>,
     B: ResponseBody,
@@ -270,7 +270,7 @@ where
                 &mut reader,
                 &mut write,
                 &opts,
-                &mut closing,
+                closing,
                 timer.as_mut(),
                 idle_since,
             )
@@ -363,7 +363,7 @@ where
                 let mut keep = keep
                     && body_read
                     && h1::persistent(&head.headers, Version::HTTP_11)
-                    && !*closing.borrow();
+                    && !closing.is_closed();
                 write.clear();
                 let framing = encode_answer(
                     &mut write,
@@ -438,14 +438,13 @@ async fn read_head(
     reader: &mut Reader,
     write: &mut Vec<u8>,
     opts: &Options,
-    closing: &mut watch::Receiver<bool>,
+    closing: &Watch,
     mut timer: Pin<&mut tokio::time::Sleep>,
     idle_since: Instant,
 ) -> Result<Option<Parsed>, Refusal> {
     let deadline = idle_since + opts.header_timeout;
     let park_at = (idle_since + opts.park_after).min(deadline);
     let (mut parked, mut armed) = (false, false);
-    let mut drain = std::pin::pin!(closing.wait_for(|c| *c));
     let head = std::future::poll_fn(|cx| loop {
         if !reader.buf.is_empty() {
             match parse_request(&mut reader.buf, &mut reader.names) {
@@ -461,7 +460,7 @@ async fn read_head(
             }
         }
         // Idle (nothing of a head yet): the listener closing ends it.
-        if reader.buf.is_empty() && drain.as_mut().poll(cx).is_ready() {
+        if reader.buf.is_empty() && closing.poll_closed(cx).is_ready() {
             return Poll::Ready(Ok(None));
         }
         if parked {
@@ -805,6 +804,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::closing::Closing;
 
     /// Every wait in these tests: none should come near it.
     const BOUND: Duration = Duration::from_secs(10);
@@ -858,9 +858,9 @@ mod tests {
         }
     }
 
-    /// Our server on 127.0.0.1:0 with `service`, a 2 s header timeout and (held by the
-    /// returned sender) a listener that never closes.
-    async fn ours<S, B>(service: S) -> (SocketAddr, watch::Sender<bool>)
+    /// Our server on 127.0.0.1:0 with `service`, a 2 s header timeout and a listener
+    /// that closes only when the returned [`Closing`] says so.
+    async fn ours<S, B>(service: S) -> (SocketAddr, Closing)
     where
         S: ClientService<B>,
         B: ResponseBody,
@@ -873,14 +873,15 @@ mod tests {
         service: S,
         header_timeout: Duration,
         park_after: Duration,
-    ) -> (SocketAddr, watch::Sender<bool>)
+    ) -> (SocketAddr, Closing)
     where
         S: ClientService<B>,
         B: ResponseBody,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (closing, closing_rx) = watch::channel(false);
+        let closing = Closing::new();
+        let watches = closing.clone();
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
                 let opts = Options {
@@ -890,13 +891,8 @@ mod tests {
                     park_after,
                     parked: None,
                 };
-                tokio::spawn(serve(
-                    stream,
-                    &[],
-                    service.clone(),
-                    opts,
-                    closing_rx.clone(),
-                ));
+                let (service, watch) = (service.clone(), watches.watch());
+                tokio::spawn(async move { serve(stream, &[], service, opts, &watch).await });
             }
         });
         (addr, closing)
@@ -1335,7 +1331,7 @@ mod tests {
                 // Parked by now.
                 tokio::time::sleep(park_after * 4).await;
             }
-            closing.send(true).unwrap();
+            closing.close();
             let mut rest = Vec::new();
             tokio::time::timeout(BOUND, idle.read_to_end(&mut rest))
                 .await

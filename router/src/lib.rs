@@ -2,7 +2,8 @@
 //!
 //! The life of a request, module by module:
 //! - [`server`]: accepts connections (HTTP/1.1 and h2c), limits them, closes idle ones,
-//!   drains on shutdown.
+//!   drains on shutdown; [`closing`], the listener's closing as each connection waits
+//!   for it.
 //! - [`proxy`]: the [`Router`] and its tower service; the request phases in order
 //!   (route → admit → choose → forward → respond → record).
 //! - [`path`]: parses TF Serving and V2 paths into an [`path::Endpoint`].
@@ -51,6 +52,7 @@ pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod clock;
+pub mod closing;
 pub mod encoding;
 pub mod error;
 pub mod feedback;

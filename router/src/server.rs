@@ -39,9 +39,10 @@ use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::closing::{Closing, Watch};
 use crate::inbound::RequestBody;
 
 /// Limits and counters of one listener.
@@ -116,9 +117,9 @@ where
     B: ResponseBody,
 {
     let h2 = Arc::new(http2::Builder::new(TokioExecutor::new()));
-    // Tells connections that the listener is closing; each holds a receiver until it
-    // has closed, so the drain is over when none is left.
-    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    // Tells connections that the listener is closing; each holds a watch until it has
+    // closed, so the drain is over when none is left.
+    let closing = Closing::new();
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -153,7 +154,7 @@ where
         let conn = Conn {
             peer,
             h2: h2.clone(),
-            closing: closing_rx.clone(),
+            closing: closing.watch(),
             idle_timeout: opts.client_header_timeout,
             send_timeout: opts.client_send_timeout,
             park_after: opts.park_after,
@@ -166,10 +167,9 @@ where
         // Each poll reads the clock once for everything in it ([`crate::clock`]).
         tokio::spawn(crate::clock::Turns::new(conn.serve(stream, service)));
     }
-    let _ = closing.send(true);
+    closing.close();
     drop(listener);
-    drop(closing_rx);
-    match tokio::time::timeout(opts.drain_timeout, closing.closed()).await {
+    match tokio::time::timeout(opts.drain_timeout, closing.drained()).await {
         Ok(()) => Drained::Clean,
         Err(_) => Drained::TimedOut,
     }
@@ -272,8 +272,8 @@ struct Conn {
     peer: SocketAddr,
     h2: Arc<http2::Builder<TokioExecutor>>,
     /// Tells of the listener closing. Held until the connection has closed: the drain
-    /// is over when no receiver is left.
-    closing: watch::Receiver<bool>,
+    /// is over when no watch is left.
+    closing: Watch,
     idle_timeout: Duration,
     send_timeout: Duration,
     park_after: Duration,
@@ -318,12 +318,11 @@ impl Conn {
             // says nothing (or half of h2c's preface) gets `client_header_timeout` for it,
             // and nothing once the listener is closing.
             let sniffed = Box::pin(async {
-                let mut closing = self.closing.clone();
                 tokio::select! {
                     sniffed = tokio::time::timeout(self.idle_timeout, sniff(&mut stream)) => {
                         sniffed.ok().flatten()
                     }
-                    _ = closing.wait_for(|c| *c) => None,
+                    () = self.closing.closed() => None,
                 }
             })
             .await;
@@ -349,7 +348,7 @@ impl Conn {
                 park_after: self.park_after,
                 parked: self.parked.clone(),
             };
-            crate::inbound::serve(stream, &unread, service, opts, self.closing.clone()).await;
+            crate::inbound::serve(stream, &unread, service, opts, &self.closing).await;
         }
     }
 
@@ -366,7 +365,7 @@ impl Conn {
     {
         let conn = self.h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let mut closing = self.closing.clone();
+        let closing = &self.closing;
         let idle_timeout = self.idle_timeout;
         let send_timeout = self.send_timeout;
         // Told to close (drain, or idle): hyper sends GOAWAY, finishes the streams in
@@ -377,7 +376,7 @@ impl Conn {
         // graceful close would wait for that very stream.
         let told = PollWhenWoken::new(Box::pin(async move {
             tokio::select! {
-                _ = closing.wait_for(|c| *c) => Told::Drain,
+                () = closing.closed() => Told::Drain,
                 () = exchanges.idle_h2(idle_timeout) => Told::Idle,
                 () = exchanges.stalled_h2(send_timeout) => Told::Stalled,
             }
