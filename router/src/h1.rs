@@ -234,33 +234,29 @@ impl Conn {
         head_request: bool,
         room: usize,
     ) -> Poll<Result<(http::response::Parts, Framing, bool), Failed>> {
-        {
-            if !writer.done() {
-                match writer.poll_write(&mut self.io, &mut self.write, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
-                            return Poll::Ready(Err(Failed::Stale(
-                                writer.take_unsent(&self.write),
-                            )));
-                        }
-                        return Poll::Ready(Err(Failed::Error(e)));
+        if !writer.done() {
+            match writer.poll_write(&mut self.io, &mut self.write, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    if reused && writer.progress == 0 && matches!(e, H1Error::Io(_)) {
+                        return Poll::Ready(Err(Failed::Stale(writer.take_unsent(&self.write))));
                     }
-                    // Still sending: an upstream may answer before it has read the whole
-                    // request (an early 413, say); look for that.
-                    Poll::Pending => {
-                        return match self.poll_head(cx, head_request, room) {
-                            Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
-                            // A failure to read shows as a failure to write soon enough;
-                            // that one says more.
-                            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
-                        };
-                    }
+                    return Poll::Ready(Err(Failed::Error(e)));
+                }
+                // Still sending: an upstream may answer before it has read the whole
+                // request (an early 413, say); look for that.
+                Poll::Pending => {
+                    return match self.poll_head(cx, head_request, room) {
+                        Poll::Ready(Ok(parsed)) => Poll::Ready(Ok(parsed)),
+                        // A failure to read shows as a failure to write soon enough;
+                        // that one says more.
+                        Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+                    };
                 }
             }
-            self.poll_head(cx, head_request, room)
-                .map_err(Failed::Error)
         }
+        self.poll_head(cx, head_request, room)
+            .map_err(Failed::Error)
     }
 
     /// Whether `deadline` has passed, the timer set to it (and this task woken then)
