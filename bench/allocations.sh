@@ -23,24 +23,7 @@ P_NGINX=19411 P_HAPROXY=19412 P_SY=19413 P_SY_ADMIN=19414
 start_origin "127.0.0.1:$O1" "127.0.0.1:$O2" "127.0.0.1:$O3"
 
 nginx_split_config "$P_NGINX" "$O1" "$O2" "$O3"
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$P_HAPROXY
-  default_backend variants
-backend variants
-  balance random
-  server a 127.0.0.1:$O1 weight 97
-  server b 127.0.0.1:$O2 weight 2
-  server c 127.0.0.1:$O3 weight 1
-CONF
+haproxy_split_config "$P_HAPROXY" "$O1" "$O2" "$O3"
 split_config "$P_SY" "$P_SY_ADMIN" "$O1" "$O2" "$O3"
 
 # calls NAME PORT REQUESTS CMD...: runs CMD under heaptrack, sends REQUESTS predictions,

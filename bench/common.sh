@@ -90,6 +90,33 @@ ${6:-}models:
 CONF
 }
 
+# haproxy_split_config PORT O1 O2 O3 [MAXCONN] [CLIENT_TIMEOUT]: HAProxy as a proxy on
+# 127.0.0.1:PORT, one thread, the 97/2/1 split over the three origin ports with server
+# connections reused (`http-reuse always`), written to $WORK/haproxy.cfg; clients idle
+# up to CLIENT_TIMEOUT (default 30s) are kept, at most MAXCONN (default 8000).
+haproxy_split_config() {
+  cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn ${5:-8000}
+defaults
+  mode http
+  timeout connect 1s
+  timeout client ${6:-30s}
+  timeout server 30s
+  timeout http-keep-alive ${6:-30s}
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$1
+  default_backend variants
+backend variants
+  balance random
+  server a 127.0.0.1:$2 weight 97
+  server b 127.0.0.1:$3 weight 2
+  server c 127.0.0.1:$4 weight 1
+CONF
+}
+
 # nginx_split_config PORT O1 O2 O3: nginx as a proxy on 127.0.0.1:PORT, one worker, the
 # 97/2/1 split over the three origin ports with pooled keep-alive upstream connections,
 # written to $WORK/nginx/nginx.conf.

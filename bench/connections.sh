@@ -44,26 +44,7 @@ http {
     location / { proxy_pass http://variants; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 CONF
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 9990
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 300s
-  timeout server 30s
-  timeout http-keep-alive 300s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$P_HAPROXY
-  default_backend variants
-backend variants
-  balance random
-  server a 127.0.0.1:$O1 weight 97
-  server b 127.0.0.1:$O2 weight 2
-  server c 127.0.0.1:$O3 weight 1
-CONF
+haproxy_split_config "$P_HAPROXY" "$O1" "$O2" "$O3" 9990 300s
 split_config "$P_SY" "$P_SY_ADMIN" "$O1" "$O2" "$O3" $'max_connections: 20000\nclient_header_timeout: 5m\n'
 
 # The client: opens N connections, one prediction on each, holds them until told, closes.

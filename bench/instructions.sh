@@ -35,25 +35,7 @@ O1=19801 O2=19802 O3=19803 P=19811 PA=19812
 start_origin "127.0.0.1:$O1" "127.0.0.1:$O2" "127.0.0.1:$O3"
 
 nginx_split_config "$P" "$O1" "$O2" "$O3"
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$P
-  default_backend variants
-backend variants
-  balance random
-  server a 127.0.0.1:$O1 weight 97
-  server b 127.0.0.1:$O2 weight 2
-  server c 127.0.0.1:$O3 weight 1
-CONF
+haproxy_split_config "$P" "$O1" "$O2" "$O3"
 split_config "$P" "$PA" "$O1" "$O2" "$O3"
 
 # load N: N requests over 32 connections; fails unless every one got a 200.

@@ -74,25 +74,7 @@ taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off; 
 PIDS+=($!); NGINX_PID=$!
 
 # --- HAProxy ------------------------------------------------------------------------
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$P_HAPROXY
-  default_backend variants
-backend variants
-  balance random
-  server a 127.0.0.1:$O1 weight 97
-  server b 127.0.0.1:$O2 weight 2
-  server c 127.0.0.1:$O3 weight 1
-CONF
+haproxy_split_config "$P_HAPROXY" "$O1" "$O2" "$O3"
 taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/logs/haproxy.log" 2>&1 &
 PIDS+=($!); HAPROXY_PID=$!
 
