@@ -166,9 +166,9 @@ mod tests {
         let (a, b) = (closing.watch(), closing.watch());
         closing.close();
         let mut drained = std::pin::pin!(closing.drained());
-        assert!(futures_poll_once(drained.as_mut()).await.is_pending());
+        assert!(poll_once(drained.as_mut()).await.is_pending());
         drop(a);
-        assert!(futures_poll_once(drained.as_mut()).await.is_pending());
+        assert!(poll_once(drained.as_mut()).await.is_pending());
         drop(b);
         tokio::time::timeout(BOUND, drained)
             .await
@@ -180,7 +180,7 @@ mod tests {
     }
 
     /// Polls `fut` once.
-    async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
         std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut fut).poll(cx))).await
     }
 }
