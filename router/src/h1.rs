@@ -670,10 +670,12 @@ fn parse_head(
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
         let mut headers = header_map(count + room);
+        let mut present = Present::default();
         for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
-            let name = names
+            let (name, bit) = names
                 .name(i, &head[name as usize..(name + name_len) as usize])
                 .ok_or_else(|| H1Error::Malformed("bad field name".into()))?;
+            present |= bit;
             let value = head.slice(value as usize..(value + value_len) as usize);
             let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| H1Error::Malformed(format!("bad value of field `{name}`")))?;
@@ -684,7 +686,7 @@ fn parse_head(
         } else {
             Version::HTTP_11
         };
-        let (framing, keep) = framing(status, version, &mut headers, head_request)?;
+        let (framing, keep) = framing(status, version, &mut headers, present, head_request)?;
         let mut parts = Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -699,13 +701,14 @@ fn framing(
     status: StatusCode,
     version: Version,
     headers: &mut HeaderMap,
+    present: Present,
     head_request: bool,
 ) -> Result<(Framing, bool), H1Error> {
-    let mut keep = persistent(headers, version);
+    let mut keep = persistent(headers, version, present);
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, keep));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if present.has(Present::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(H1Error::Malformed(
                 "transfer-encoding in an HTTP/1.0 answer".into(),
@@ -720,7 +723,11 @@ fn framing(
             (Framing::Close, false)
         });
     }
-    let length = content_length(headers).map_err(H1Error::Malformed)?;
+    let length = if present.has(Present::CONTENT_LENGTH) {
+        content_length(headers).map_err(H1Error::Malformed)?
+    } else {
+        None
+    };
     Ok(match length {
         Some(0) => (Framing::Done, keep),
         Some(n) => (Framing::Length(n), keep),
@@ -780,6 +787,8 @@ pub(crate) struct Names(Vec<Known>);
 #[derive(Debug)]
 struct Known {
     name: HeaderName,
+    /// The name's [`Present`] bit.
+    present: Present,
     spelling: [u8; Known::SPELLING],
     /// `0`: no spelling kept (a longer name is compared without case).
     spelled: u8,
@@ -792,6 +801,7 @@ impl Known {
 
     fn new(name: HeaderName, raw: &[u8]) -> Self {
         let mut known = Known {
+            present: Present::of(&name),
             name,
             spelling: [0; Known::SPELLING],
             spelled: 0,
@@ -818,39 +828,95 @@ impl Names {
     /// Most positions remembered.
     const MOST: usize = 32;
 
-    /// The name spelled `raw` (any case) at position `i` of a head.
-    pub(crate) fn name(&mut self, i: usize, raw: &[u8]) -> Option<HeaderName> {
+    /// The name spelled `raw` (any case) at position `i` of a head, and its [`Present`]
+    /// bit.
+    pub(crate) fn name(&mut self, i: usize, raw: &[u8]) -> Option<(HeaderName, Present)> {
         if let Some(known) = self.0.get_mut(i) {
             if known.spelled_as(raw) {
-                return Some(known.name.clone());
+                return Some((known.name.clone(), known.present));
             }
             if known.name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
                 known.spell(raw);
-                return Some(known.name.clone());
+                return Some((known.name.clone(), known.present));
             }
         }
         let name = HeaderName::from_bytes(raw).ok()?;
+        let known = Known::new(name.clone(), raw);
+        let present = known.present;
         if i < self.0.len() {
-            self.0[i] = Known::new(name.clone(), raw);
+            self.0[i] = known;
         } else if i == self.0.len() && i < Self::MOST {
-            self.0.push(Known::new(name.clone(), raw));
+            self.0.push(known);
         }
-        Some(name)
+        Some((name, present))
+    }
+}
+
+/// Which of the fields a head's framing depends on it has, noted as its names are
+/// parsed (each name's bit is found once, when [`Names`] first meets it): a head without
+/// one skips its lookup, a hash and a probe of the map each (`connection`,
+/// `transfer-encoding` and `expect` are absent from most heads).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Present(u8);
+
+impl Present {
+    pub(crate) const CONNECTION: Present = Present(1);
+    pub(crate) const TRANSFER_ENCODING: Present = Present(1 << 1);
+    pub(crate) const CONTENT_LENGTH: Present = Present(1 << 2);
+    pub(crate) const EXPECT: Present = Present(1 << 3);
+
+    /// `name`'s bit; none for the other names.
+    fn of(name: &HeaderName) -> Present {
+        if name == CONNECTION {
+            Present::CONNECTION
+        } else if name == TRANSFER_ENCODING {
+            Present::TRANSFER_ENCODING
+        } else if name == CONTENT_LENGTH {
+            Present::CONTENT_LENGTH
+        } else if name == http::header::EXPECT {
+            Present::EXPECT
+        } else {
+            Present(0)
+        }
+    }
+
+    /// Whether the head had a field of `name`'s bit.
+    pub(crate) fn has(self, name: Present) -> bool {
+        self.0 & name.0 != 0
+    }
+}
+
+impl std::ops::BitOrAssign for Present {
+    fn bitor_assign(&mut self, other: Present) {
+        self.0 |= other.0;
     }
 }
 
 /// Whether the connection may carry another message after this one, by its `connection`
 /// field and version (RFC 9112 §9.3).
-pub(crate) fn persistent(headers: &HeaderMap, version: Version) -> bool {
+/// `present`: the head's framing fields (without a `connection` field, the version
+/// decides).
+pub(crate) fn persistent(headers: &HeaderMap, version: Version, present: Present) -> bool {
     let (mut close, mut keep_alive) = (false, false);
-    for value in headers.get_all(CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    if present.has(Present::CONNECTION) {
+        for value in headers.get_all(CONNECTION) {
+            let (c, k) = connection_options(value);
+            close |= c;
+            keep_alive |= k;
         }
     }
     !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// Whether a `connection` field's `value` names `close`, and `keep-alive`.
+pub(crate) fn connection_options(value: &HeaderValue) -> (bool, bool) {
+    let (mut close, mut keep_alive) = (false, false);
+    for token in value.as_bytes().split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    (close, keep_alive)
 }
 
 /// Whether the last coding of the last `transfer-encoding` field is chunked (hyper's
@@ -1834,31 +1900,73 @@ mod tests {
     #[test]
     fn names_of_the_last_head_are_reused_by_position_in_any_case() {
         let mut names = Names::default();
-        let first = names.name(0, b"X-Model-Version").unwrap();
+        let first = names.name(0, b"X-Model-Version").unwrap().0;
         assert_eq!(first.as_str(), "x-model-version");
         // The same name at the same place, in another case: the one made before (its
         // bytes shared, not made again).
-        let again = names.name(0, b"x-MODEL-version").unwrap();
+        let again = names.name(0, b"x-MODEL-version").unwrap().0;
         assert_eq!(again, first);
         assert_eq!(again.as_str().as_ptr(), first.as_str().as_ptr());
         // Another name there replaces it; a bad one is refused and changes nothing.
-        let other = names.name(0, b"x-other").unwrap();
+        let other = names.name(0, b"x-other").unwrap().0;
         assert_eq!(other.as_str(), "x-other");
         assert!(names.name(1, b"bad name").is_none());
         assert_eq!(
-            names.name(0, b"X-Other").unwrap().as_str().as_ptr(),
+            names.name(0, b"X-Other").unwrap().0.as_str().as_ptr(),
             other.as_str().as_ptr()
         );
         assert_ne!(
-            names.name(0, b"x-model-version").unwrap().as_str().as_ptr(),
+            names
+                .name(0, b"x-model-version")
+                .unwrap()
+                .0
+                .as_str()
+                .as_ptr(),
             first.as_str().as_ptr()
         );
         // A name too long for its spelling to be kept is still reused, in any case.
-        let long = names.name(1, b"X-A-Name-Longer-Than-Thirty-Bytes").unwrap();
+        let long = names
+            .name(1, b"X-A-Name-Longer-Than-Thirty-Bytes")
+            .unwrap()
+            .0;
         assert_eq!(long.as_str(), "x-a-name-longer-than-thirty-bytes");
-        let again = names.name(1, b"x-a-name-longer-than-thirty-bytes").unwrap();
+        let again = names
+            .name(1, b"x-a-name-longer-than-thirty-bytes")
+            .unwrap()
+            .0;
         assert_eq!(again.as_str().as_ptr(), long.as_str().as_ptr());
-        assert_eq!(names.name(1, b"x-b").unwrap().as_str(), "x-b");
+        assert_eq!(names.name(1, b"x-b").unwrap().0.as_str(), "x-b");
+    }
+
+    #[test]
+    fn names_say_which_framing_fields_a_head_has() {
+        let mut names = Names::default();
+        let mut present = Present::default();
+        for (i, raw) in [&b"Host"[..], b"Content-Length", b"x-other"]
+            .iter()
+            .enumerate()
+        {
+            present |= names.name(i, raw).unwrap().1;
+        }
+        assert!(present.has(Present::CONTENT_LENGTH));
+        for absent in [
+            Present::CONNECTION,
+            Present::TRANSFER_ENCODING,
+            Present::EXPECT,
+        ] {
+            assert!(!present.has(absent), "{absent:?}");
+        }
+        // The bit comes with a name reused (in another case), and with one made anew.
+        for (i, raw, bit) in [
+            (0, &b"CONNECTION"[..], Present::CONNECTION),
+            (1, b"content-LENGTH", Present::CONTENT_LENGTH),
+            (2, b"Transfer-Encoding", Present::TRANSFER_ENCODING),
+            (3, b"expect", Present::EXPECT),
+            (4, b"x-other", Present::default()),
+        ] {
+            assert_eq!(names.name(i, raw).unwrap().1, bit, "{raw:?}");
+            assert_eq!(names.name(i, raw).unwrap().1, bit, "{raw:?} again");
+        }
     }
 
     #[test]

@@ -50,7 +50,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::closing::Watch;
-use crate::h1::{self, Fill, Framing, H1Error, Names, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE};
+use crate::h1::{
+    self, Fill, Framing, H1Error, Names, Present, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE,
+};
 use crate::server::{ClientService, ResponseBody};
 
 /// An error of a request body, or of an answer's body.
@@ -360,10 +362,7 @@ where
                     Holder::Own(_) => true,
                     Holder::Shared(shared) => lock(shared).framing == Framing::Done,
                 };
-                let mut keep = keep
-                    && body_read
-                    && h1::persistent(&head.headers, Version::HTTP_11)
-                    && !closing.is_closed();
+                let mut keep = keep && body_read && !closing.is_closed();
                 write.clear();
                 let framing = encode_answer(
                     &mut write,
@@ -588,10 +587,12 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
     let mut headers = h1::header_map(count + 2);
+    let mut present = Present::default();
     for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
-        let name = names
+        let (name, bit) = names
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| bad("bad field name".into()))?;
+        present |= bit;
         let value = HeaderValue::from_maybe_shared(
             head.slice(value as usize..(value + value_len) as usize),
         )
@@ -603,9 +604,9 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
     } else {
         Version::HTTP_11
     };
-    let mut keep = h1::persistent(&headers, version) && method != Method::CONNECT;
+    let mut keep = h1::persistent(&headers, version, present) && method != Method::CONNECT;
     // RFC 9112 §6.3.
-    let framing = if headers.contains_key(TRANSFER_ENCODING) {
+    let framing = if present.has(Present::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(bad("transfer-encoding in an HTTP/1.0 request".into()));
         }
@@ -619,15 +620,18 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
             keep = false;
         }
         Framing::ChunkSize
-    } else {
+    } else if present.has(Present::CONTENT_LENGTH) {
         match h1::content_length(&mut headers).map_err(bad)? {
             None | Some(0) => Framing::Done,
             Some(n) => Framing::Length(n),
         }
+    } else {
+        Framing::Done
     };
-    let expect_continue = headers
-        .get(EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue = present.has(Present::EXPECT)
+        && headers
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
@@ -653,7 +657,8 @@ enum AnswerFraming {
 
 /// Writes the answer's status line and fields into `out`, its framing from the body
 /// (`hint`), `connection` from `keep` (cleared when the body must end with the
-/// connection), and `date` unless the service set one.
+/// connection, or the answer's own `connection` field says `close`), and `date` unless
+/// the service set one.
 fn encode_answer(
     out: &mut Vec<u8>,
     head: &http::response::Parts,
@@ -685,11 +690,19 @@ fn encode_answer(
     // A bodiless answer to a HEAD, or a 304, says the length the body would have.
     let keep_length = matches!(framing, AnswerFraming::None)
         && (head_request || status == StatusCode::NOT_MODIFIED);
-    let mut has_length = false;
+    let (mut has_length, mut has_date) = (false, false);
+    // One pass over the fields, which also finds what would otherwise be looked up.
     for (name, value) in &head.headers {
-        if name == CONNECTION || name == TRANSFER_ENCODING {
+        if name == CONNECTION {
+            if h1::connection_options(value).0 {
+                *keep = false;
+            }
             continue;
         }
+        if name == TRANSFER_ENCODING {
+            continue;
+        }
+        has_date |= name == DATE;
         if name == CONTENT_LENGTH {
             if !keep_length || has_length {
                 continue;
@@ -701,7 +714,7 @@ fn encode_answer(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !head.headers.contains_key(DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         date(out);
         out.extend_from_slice(b"\r\n");
@@ -855,6 +868,29 @@ mod tests {
 
         fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
             Box::pin(async move { Ok(echo(req).await) })
+        }
+    }
+
+    /// Answers every request `ok`, with the fields it was made with.
+    #[derive(Clone)]
+    struct Fields(&'static [(&'static str, &'static str)]);
+
+    impl tower_service::Service<Request<RequestBody>> for Fields {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+            for (name, value) in self.0 {
+                resp.headers_mut()
+                    .append(*name, HeaderValue::from_static(value));
+            }
+            std::future::ready(Ok(resp))
         }
     }
 
@@ -1039,6 +1075,39 @@ mod tests {
         })
         .await
         .expect("answered")
+    }
+
+    /// A service's own `date` is sent instead of ours, and its `connection: close` (an
+    /// option among others, in any case) ends the connection after the answer.
+    #[tokio::test]
+    async fn an_answers_own_date_and_connection_close_are_heeded() {
+        const DATE: &str = "Sat, 05 Dec 2026 00:00:00 GMT";
+        const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (addr, _closing) = ours(Fields(&[("date", DATE), ("connection", "x-a, Close")])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (status, head, body) = answer(&mut s, GET).await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        assert_eq!(head.matches("\r\ndate: ").count(), 1, "{head}");
+        // (The helper gives the head in lower case.)
+        let date = DATE.to_ascii_lowercase();
+        assert!(head.contains(&format!("\r\ndate: {date}\r\n")), "{head}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(BOUND, s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "closed after the answer: {read:?}"
+        );
+
+        // Without it, the connection carries the next request.
+        let (addr, _closing) = ours(Fields(&[("connection", "x-a")])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            let (status, head, _) = answer(&mut s, GET).await;
+            assert_eq!(status, 200);
+            assert!(!head.contains("connection"), "{head}");
+            assert_eq!(head.matches("\r\ndate: ").count(), 1, "{head}");
+        }
     }
 
     #[tokio::test]
