@@ -150,11 +150,10 @@ async fn send(ask: &Ask<'_>, variant: &VariantRoute, body: LimitedBody) -> Answe
 
 /// An upstream's answer as the client gets it: its hop-by-hop fields removed (ours are
 /// the server's to set), in HTTP/1.1 terms whatever the upstream spoke.
-pub(crate) fn answer(resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    Response::from_parts(parts, body)
+pub(crate) fn answer(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    strip_hop_by_hop(resp.headers_mut());
+    *resp.version_mut() = Version::HTTP_11;
+    resp
 }
 
 /// Counts every answer of a variant in its metrics (status, latency, upstream error
