@@ -51,6 +51,13 @@ impl Body for WithTrailers {
     }
 }
 
+/// An empty answer made here (what is left where one was taken).
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::full(Bytes::new())
+    }
+}
+
 impl ProxyBody {
     /// An upstream's answer.
     pub fn upstream(body: UpstreamBody) -> Self {
@@ -375,53 +382,82 @@ impl Body for LimitedBody {
 /// comes in one piece, as most prediction bodies do (one allocation per request,
 /// `bench/allocations.sh`). Here one piece is returned as it came, without a copy; a
 /// second starts one buffer sized from what the body says is left.
-pub async fn collect_limited<B>(body: B, limit: u64) -> Result<Bytes, crate::RouterError>
+pub fn collect_limited<B>(body: B, limit: u64) -> CollectLimited<B> {
+    CollectLimited {
+        body,
+        first: None,
+        joined: None,
+        len: 0,
+        limit,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`collect_limited`]'s future, named and no larger than its state: an `async fn`
+    /// kept the body twice (as passed, and pinned), and a forwarded request's future
+    /// holds this one while a body that may be resent is read.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct CollectLimited<B> {
+        #[pin]
+        body: B,
+        first: Option<Bytes>,
+        joined: Option<bytes::BytesMut>,
+        len: u64,
+        limit: u64,
+    }
+}
+
+impl<B> std::future::Future for CollectLimited<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    use http_body_util::BodyExt;
-    let mut body = std::pin::pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<bytes::BytesMut> = None;
-    let mut len: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
-            if let Some(b) = e.downcast_ref::<BodyTooLarge>() {
-                crate::RouterError::BodyTooLarge { limit: b.limit }
-            } else if e.is::<ClientBodyTimeout>() {
-                crate::RouterError::ClientBodyTimeout(e.to_string())
-            } else {
-                crate::RouterError::ClientBody(e.to_string())
+    type Output = Result<Bytes, crate::RouterError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let Some(frame) = std::task::ready!(this.body.as_mut().poll_frame(cx)) else {
+                return Poll::Ready(Ok(match (this.joined.take(), this.first.take()) {
+                    (Some(buf), _) => buf.freeze(),
+                    (None, Some(one)) => one,
+                    (None, None) => Bytes::new(),
+                }));
+            };
+            let frame = frame.map_err(|e| {
+                let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                if let Some(b) = e.downcast_ref::<BodyTooLarge>() {
+                    crate::RouterError::BodyTooLarge { limit: b.limit }
+                } else if e.is::<ClientBodyTimeout>() {
+                    crate::RouterError::ClientBodyTimeout(e.to_string())
+                } else {
+                    crate::RouterError::ClientBody(e.to_string())
+                }
+            })?;
+            // Trailers carry nothing a JSON body needs.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            *this.len = this.len.saturating_add(data.len() as u64);
+            let (len, limit) = (*this.len, *this.limit);
+            if len > limit {
+                return Poll::Ready(Err(crate::RouterError::BodyTooLarge { limit }));
             }
-        })?;
-        // Trailers carry nothing a JSON body needs.
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        len = len.saturating_add(data.len() as u64);
-        if len > limit {
-            return Err(crate::RouterError::BodyTooLarge { limit });
-        }
-        match (&mut joined, first.take()) {
-            (Some(buf), _) => buf.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(head)) => {
-                let left = body.size_hint().lower();
-                let want = len.saturating_add(left).min(limit);
-                let mut buf = bytes::BytesMut::with_capacity(usize::try_from(want).unwrap_or(0));
-                buf.extend_from_slice(&head);
-                buf.extend_from_slice(&data);
-                joined = Some(buf);
+            match (&mut *this.joined, this.first.take()) {
+                (Some(buf), _) => buf.extend_from_slice(&data),
+                (None, None) => *this.first = Some(data),
+                (None, Some(head)) => {
+                    let left = this.body.size_hint().lower();
+                    let want = len.saturating_add(left).min(limit);
+                    let mut buf =
+                        bytes::BytesMut::with_capacity(usize::try_from(want).unwrap_or(0));
+                    buf.extend_from_slice(&head);
+                    buf.extend_from_slice(&data);
+                    *this.joined = Some(buf);
+                }
             }
         }
     }
-    Ok(match (joined, first) {
-        (Some(buf), _) => buf.freeze(),
-        (None, Some(one)) => one,
-        (None, None) => Bytes::new(),
-    })
 }
 
 #[cfg(test)]

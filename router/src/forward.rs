@@ -79,14 +79,15 @@ impl Router {
     /// it brings. An `async move` block, not an `async fn`: an `async fn` keeps its
     /// arguments twice in its future (as passed, and moved into its body), and this future
     /// is copied whole into its caller's; for the same reason the head comes apart from
-    /// its payload, so that nothing unpacks a request inside.
+    /// its payload, so that nothing unpacks a request inside, and is borrowed, not moved:
+    /// its owner's future holds it once.
     #[allow(clippy::too_many_arguments)]
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     pub(crate) fn forward<'a>(
         &'a self,
         model: &'a ModelRoute,
         model_req: &'a ModelRequest,
-        mut parts: http::request::Parts,
+        parts: &'a mut http::request::Parts,
         payload: Payload,
         request_id: &'a HeaderValue,
         peer: Option<&'a HeaderValue>,
@@ -103,53 +104,59 @@ impl Router {
             // The body's declared length, as the body knows it (its framing read it from
             // `content-length`): nothing read of it yet, so what is left is all of it.
             let mut declared = None;
-            let (mut body, grpc, excluded) = match payload {
-                Payload::Http(body) => {
-                    declared = http_body::Body::size_hint(&body).exact();
-                    (
-                        LimitedBody::new(body, model.body_limit, self.body_stall_timeout),
-                        None,
-                        model.only_grpc,
-                    )
-                }
-                // Already read: each try sends its own frame ([`crate::grpc::Call::for_upstream`]).
-                Payload::Grpc(call) => (
-                    LimitedBody::replay(Bytes::new()),
-                    Some(call),
-                    model.not_grpc,
-                ),
-            };
-            let mut primary_answer = None;
-            if let Some(shadows) = &model.shadows {
-                // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
-                let predicts = model_req.verb.is_prediction();
-                let mask = if predicts {
-                    shadows.select(request_id.as_bytes(), grpc.is_some())
-                } else {
-                    0
-                };
-                let capture = predicts && shadows.capture_takes(request_id.as_bytes());
-                if mask != 0 || capture {
-                    let head = RequestHead {
-                        method: parts.method.clone(),
-                        path: parts.uri.path().to_string(),
-                        model: model_req.model.clone(),
-                        query: parts.uri.query().map(str::to_string),
-                        headers: parts.headers.clone(),
-                        request_id: request_id.clone(),
-                        started,
-                        grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
-                    };
-                    let (mut tap, answer) = shadows.begin(mask, capture, head);
-                    if grpc.is_some() {
-                        // Already read whole: mirrored now.
-                        tap.finish();
-                    } else {
-                        body.set_tap(tap);
+            // In a block: a local once borrowed keeps its room in the future until its
+            // scope ends, even moved out; the body is borrowed here (its tap), so the
+            // binding that is awaited on later must be another.
+            let (grpc, excluded, primary_answer, body) = {
+                let (mut body, grpc, excluded) = match payload {
+                    Payload::Http(body) => {
+                        declared = http_body::Body::size_hint(&body).exact();
+                        (
+                            LimitedBody::new(body, model.body_limit, self.body_stall_timeout),
+                            None,
+                            model.only_grpc,
+                        )
                     }
-                    primary_answer = Some(answer);
+                    // Already read: each try sends its own frame ([`crate::grpc::Call::for_upstream`]).
+                    Payload::Grpc(call) => (
+                        LimitedBody::replay(Bytes::new()),
+                        Some(call),
+                        model.not_grpc,
+                    ),
+                };
+                let mut primary_answer = None;
+                if let Some(shadows) = &model.shadows {
+                    // gRPC calls go to the `protocol: grpc` shadows, HTTP requests to the others.
+                    let predicts = model_req.verb.is_prediction();
+                    let mask = if predicts {
+                        shadows.select(request_id.as_bytes(), grpc.is_some())
+                    } else {
+                        0
+                    };
+                    let capture = predicts && shadows.capture_takes(request_id.as_bytes());
+                    if mask != 0 || capture {
+                        let head = RequestHead {
+                            method: parts.method.clone(),
+                            path: parts.uri.path().to_string(),
+                            model: model_req.model.clone(),
+                            query: parts.uri.query().map(str::to_string),
+                            headers: parts.headers.clone(),
+                            request_id: request_id.clone(),
+                            started,
+                            grpc: grpc.as_deref().map(crate::grpc::Call::shadow_head),
+                        };
+                        let (mut tap, answer) = shadows.begin(mask, capture, head);
+                        if grpc.is_some() {
+                            // Already read whole: mirrored now.
+                            tap.finish();
+                        } else {
+                            body.set_tap(tap);
+                        }
+                        primary_answer = Some(answer);
+                    }
                 }
-            }
+                (grpc, excluded, primary_answer, body)
+            };
             // A body that may have to be sent twice is read first, when it is small enough
             // to keep (its declared length says so); larger ones stream to one variant.
             let on = &res.retry.on;
@@ -171,7 +178,7 @@ impl Router {
             let ask = Ask {
                 model,
                 model_req,
-                parts: &parts,
+                parts,
                 grpc: grpc.as_deref(),
                 request_id,
                 peer,
@@ -192,9 +199,23 @@ impl Router {
                 }
                 _ => (retrying.oneshot(body).await, None),
             };
-            let (answer, fallback) = match first {
-                Ok(t) if t.failure.is_none() => (Some(t), None),
-                first => Box::pin(self.fall_back(&ask, first, replay.as_ref())).await,
+            // Nothing of `first` may keep its room (280 bytes) in the future while
+            // falling back. A local keeps it once borrowed (a guard borrows; so does
+            // assigning to a declared local, which drops the old value in place), or when
+            // only its inside is moved out (a match). So it is taken apart in one
+            // statement into two new locals, and the answer-so-far moved out whole before
+            // the wait.
+            let (answer, fallback) = {
+                let (done, failed) = succeeded(first);
+                let later =
+                    failed.map(|first| Box::pin(self.fall_back(&ask, first, replay.as_ref())));
+                match later {
+                    Some(fall_back) => {
+                        drop(done);
+                        fall_back.await
+                    }
+                    None => (done, None),
+                }
             };
             let answered = crate::clock::now_std();
             // Each span once: an `Instant`'s subtraction is checked and normalised (9 of
@@ -373,6 +394,14 @@ impl Router {
         };
         let token = fleet.seal(request_id.as_bytes(), &portable)?;
         HeaderValue::try_from(token).ok()
+    }
+}
+
+/// The try that answered, or else what to fall back from: a failed try, or none.
+fn succeeded(first: Result<Tried, Unrouted>) -> (Option<Tried>, Option<Result<Tried, Unrouted>>) {
+    match first {
+        Ok(t) if t.failure.is_none() => (Some(t), None),
+        first => (None, Some(first)),
     }
 }
 

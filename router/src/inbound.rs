@@ -72,6 +72,13 @@ enum Kind {
     H2(Incoming),
 }
 
+/// No body (what is left where one was taken).
+impl Default for RequestBody {
+    fn default() -> Self {
+        RequestBody::empty()
+    }
+}
+
 impl RequestBody {
     /// No body.
     pub fn empty() -> Self {

@@ -196,21 +196,60 @@ impl Upstream {
         matches!(self.client, Clients::Http1(_))
     }
 
-    /// Sends a request to an HTTP/1.1 upstream and waits for the response head within
-    /// the request timeout.
-    pub async fn send_http1(
-        &self,
-        head: &h1::RequestHead<'_>,
+    /// Sends a request to an HTTP/1.1 upstream over an idle connection, or a new one,
+    /// and reads the answer's head within the request timeout; the answer's body reads
+    /// the rest and gives the connection back.
+    ///
+    /// One `async move` block, not an `async fn` calling the pool's: each level kept its
+    /// own copy of the body it passed down, and a try's future is boxed once per
+    /// request, where size matters (see [`crate::proxy::Router::handle`]).
+    pub fn send_http1<'a, 'b>(
+        &'a self,
+        head: &'a h1::RequestHead<'b>,
         body: LimitedBody,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let Clients::Http1(pool) = &self.client else {
-            return Err(SendError::Upstream(
-                UpstreamErrorKind::Protocol,
-                "this upstream speaks HTTP/2".into(),
-            ));
+    ) -> impl std::future::Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + use<'a, 'b>
+    {
+        let deadline = crate::clock::now() + self.timeouts.request;
+        let mut unsent = h1::Unsent {
+            first: None,
+            body: Some(body),
         };
-        pool.send(head, body, crate::clock::now() + self.timeouts.request)
-            .await
+        async move {
+            let Clients::Http1(pool) = &self.client else {
+                return Err(SendError::Upstream(
+                    UpstreamErrorKind::Protocol,
+                    "this upstream speaks HTTP/2".into(),
+                ));
+            };
+            loop {
+                let reused = pool.checkout();
+                let was_reused = reused.is_some();
+                let conn = match reused {
+                    Some(conn) => conn,
+                    // Boxed: once per new connection, and it would otherwise enlarge
+                    // every request's future.
+                    None => tokio::time::timeout_at(deadline, Box::pin(pool.connect()))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out(self.timeouts.request)))?,
+                };
+                match conn.exchange(head, unsent, was_reused, deadline).await {
+                    Ok(resp) => {
+                        return Ok(resp.map(|answer| UpstreamBody {
+                            inner: Inner::Http1 {
+                                answer,
+                                pool: Some(Arc::clone(pool)),
+                            },
+                            stall: Stall::new(self.timeouts.request),
+                        }))
+                    }
+                    // A kept-alive connection the upstream had closed: nothing reached
+                    // the upstream, so send it again, on another connection or a new one.
+                    Err(h1::Failed::Stale(back)) => unsent = back,
+                    Err(h1::Failed::TimedOut) => return Err(timed_out(self.timeouts.request)),
+                    Err(h1::Failed::Error(e)) => return Err(h1_error(e)),
+                }
+            }
+        }
     }
 
     /// Sends `req` to an h2c or gRPC upstream and waits for the response head within
@@ -329,49 +368,6 @@ impl Pool {
             .set_nodelay(true)
             .map_err(|e| failed(format!("cannot set TCP_NODELAY: {e}")))?;
         Ok(h1::Conn::new(stream))
-    }
-
-    /// Sends a request over an idle connection, or a new one, and reads the answer's
-    /// head by `deadline`; the answer's body reads the rest and gives the connection
-    /// back.
-    async fn send(
-        self: &Arc<Self>,
-        head: &h1::RequestHead<'_>,
-        body: LimitedBody,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let mut unsent = h1::Unsent {
-            first: None,
-            body: Some(body),
-        };
-        loop {
-            let reused = self.checkout();
-            let was_reused = reused.is_some();
-            let conn = match reused {
-                Some(conn) => conn,
-                // Boxed: once per new connection, and it would otherwise enlarge
-                // every request's future.
-                None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out(self.timeouts.request)))?,
-            };
-            match conn.exchange(head, unsent, was_reused, deadline).await {
-                Ok(resp) => {
-                    return Ok(resp.map(|answer| UpstreamBody {
-                        inner: Inner::Http1 {
-                            answer,
-                            pool: Some(Arc::clone(self)),
-                        },
-                        stall: Stall::new(self.timeouts.request),
-                    }))
-                }
-                // A kept-alive connection the upstream had closed: nothing reached the
-                // upstream, so send it again, on another connection or a new one.
-                Err(h1::Failed::Stale(back)) => unsent = back,
-                Err(h1::Failed::TimedOut) => return Err(timed_out(self.timeouts.request)),
-                Err(h1::Failed::Error(e)) => return Err(h1_error(e)),
-            }
-        }
     }
 }
 

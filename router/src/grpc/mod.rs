@@ -468,7 +468,7 @@ impl Router {
         peer: Option<&HeaderValue>,
         started: Instant,
     ) -> Result<Response<ProxyBody>, RouterError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         // The model is named inside the message: while reading it, the largest body limit
         // of any model holds; the model's own is checked once it is known.
         let limit = self
@@ -539,7 +539,9 @@ impl Router {
         };
         let payload = crate::forward::Payload::Grpc(call);
         Ok(self
-            .forward(model, &model_req, parts, payload, request_id, peer, started)
+            .forward(
+                model, &model_req, &mut parts, payload, request_id, peer, started,
+            )
             .await)
     }
 }
