@@ -346,7 +346,8 @@ pub struct Phases {
     pub compute: Duration,
     /// From the outputs to the answer.
     pub respond: Duration,
-    at: std::time::Instant,
+    /// When the outputs were ready (`respond` is measured from it).
+    pub(crate) at: std::time::Instant,
 }
 
 /// A decoded prediction request, per protocol.
