@@ -378,7 +378,7 @@ impl Router {
     /// future is the connection's whole request future, boxed once per request, so kept
     /// small: glibc hands out blocks of up to 1,032 bytes from a per-thread cache, larger
     /// ones from its heap at several hundred instructions more (this future and the
-    /// upstream try's, 1,408 and 1,104 bytes, were brought to 992 each: −466 instructions
+    /// upstream try's, 1,408 and 1,104 bytes, were brought to 992 each: −487 instructions
     /// per request, `bench/instructions.sh`). Futures are moved whole, and a value moved
     /// into an inner future keeps its room in the outer one too. So: routing is done
     /// here, synchronously, before the future is made, and the future holds what it
