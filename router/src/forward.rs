@@ -219,8 +219,8 @@ impl Router {
             };
             let answered = crate::clock::now_std();
             // Each span once: an `Instant`'s subtraction is checked and normalised (a
-            // request's nine, ours and tokio's, were 1.5% of the proxy's instructions;
-            // six were these).
+            // request's fourteen, ours and tokio's, were 1.5% of the proxy's
+            // instructions; six were these).
             let spans = crate::proxy::Spans {
                 route: routed.saturating_duration_since(started),
                 upstream: answered.saturating_duration_since(routed),
