@@ -669,18 +669,8 @@ fn parse_head(
         let status = StatusCode::from_u16(code)
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
-        let mut headers = header_map(count + room);
-        let mut present = Present::default();
-        for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
-            let (name, bit) = names
-                .name(i, &head[name as usize..(name + name_len) as usize])
-                .ok_or_else(|| H1Error::Malformed("bad field name".into()))?;
-            present |= bit;
-            let value = head.slice(value as usize..(value + value_len) as usize);
-            let value = HeaderValue::from_maybe_shared(value)
-                .map_err(|_| H1Error::Malformed(format!("bad value of field `{name}`")))?;
-            headers.append(name, value);
-        }
+        let (mut headers, present) =
+            fields(&head, &spans[..count], names, count + room).map_err(H1Error::Malformed)?;
         let version = if version == 0 {
             Version::HTTP_10
         } else {
@@ -693,6 +683,34 @@ fn parse_head(
         parts.headers = headers;
         return Ok(Some((parts, framing, keep)));
     }
+}
+
+/// The fields of a `head` (split off its buffer; `spans`: each field's name and value
+/// as offsets and lengths in it, as httparse found them) in a map with room for
+/// `capacity`, names reused from `names`; and which framing fields it had. An error
+/// says which field is bad. Requests' heads and answers' are read by it alike.
+// Inlined into both callers, each on every request's path: as a call returning its map it
+// measured +200 to +300 instructions per request (`bench/instructions.sh`), inlined +56.
+#[inline(always)]
+pub(crate) fn fields(
+    head: &Bytes,
+    spans: &[[u32; 4]],
+    names: &mut Names,
+    capacity: usize,
+) -> Result<(HeaderMap, Present), String> {
+    let mut headers = header_map(capacity);
+    let mut present = Present::default();
+    for (i, &[name, name_len, value, value_len]) in spans.iter().enumerate() {
+        let (name, bit) = names
+            .name(i, &head[name as usize..(name + name_len) as usize])
+            .ok_or_else(|| "bad field name".to_string())?;
+        present |= bit;
+        let value = head.slice(value as usize..(value + value_len) as usize);
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| format!("bad value of field `{name}`"))?;
+        headers.append(name, value);
+    }
+    Ok((headers, present))
 }
 
 /// RFC 9112 §6.3, for an answer; removes a `content-length` that `transfer-encoding`

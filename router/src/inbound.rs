@@ -593,19 +593,8 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
     let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
-    let mut headers = h1::header_map(count + 2);
-    let mut present = Present::default();
-    for (i, &[name, name_len, value, value_len]) in spans[..count].iter().enumerate() {
-        let (name, bit) = names
-            .name(i, &head[name as usize..(name + name_len) as usize])
-            .ok_or_else(|| bad("bad field name".into()))?;
-        present |= bit;
-        let value = HeaderValue::from_maybe_shared(
-            head.slice(value as usize..(value + value_len) as usize),
-        )
-        .map_err(|_| bad(format!("bad value of field `{name}`")))?;
-        headers.append(name, value);
-    }
+    let (mut headers, present) =
+        h1::fields(&head, &spans[..count], names, count + 2).map_err(bad)?;
     let version = if version == 0 {
         Version::HTTP_10
     } else {
