@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use switchyard_shadow::{RequestTap, ResponseTap};
 
+use crate::stamp::Stamp;
 use crate::upstream::UpstreamBody;
 
 /// Every response body: an upstream's answer streamed through untouched, or one we made
@@ -19,6 +20,10 @@ use crate::upstream::UpstreamBody;
 pub struct ProxyBody {
     inner: Either<UpstreamBody, Either<Full<Bytes>, WithTrailers>>,
     tap: Option<Box<ResponseTap>>,
+    /// Our own fields for the answer's head ([`crate::stamp`]), once a phase sets one.
+    /// Boxed: inline, its 104 bytes made each move of an answer up through the layers
+    /// dearer, +920 instructions of copying per request against an allocation's ~120.
+    stamp: Option<Box<Stamp>>,
 }
 
 /// One data frame, then trailers.
@@ -64,6 +69,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Left(body),
             tap: None,
+            stamp: None,
         }
     }
 
@@ -72,6 +78,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Right(Either::Left(Full::new(body))),
             tap: None,
+            stamp: None,
         }
     }
 
@@ -83,12 +90,24 @@ impl ProxyBody {
                 trailers: Some(trailers),
             })),
             tap: None,
+            stamp: None,
         }
+    }
+
+    /// Our own fields for the answer's head, to set (written with it).
+    pub fn stamp_mut(&mut self) -> &mut Stamp {
+        self.stamp.get_or_insert_default()
     }
 
     /// Shows the frames to `tap` as they pass.
     pub fn set_tap(&mut self, tap: ResponseTap) {
         self.tap = Some(Box::new(tap));
+    }
+}
+
+impl crate::server::ResponseBody for ProxyBody {
+    fn stamp(&mut self) -> Option<&mut Stamp> {
+        self.stamp.as_deref_mut()
     }
 }
 

@@ -35,9 +35,10 @@ use crate::error::{error_response, RouterError};
 use crate::feedback;
 use crate::metrics::Phase;
 use crate::path::ModelRequest;
-use crate::proxy::{server_timing, strip_hop_by_hop, Router, SERVER_TIMING, X_SWITCHYARD_VARIANT};
+use crate::proxy::{strip_hop_by_hop, Router};
 use crate::selector::Pick;
 use crate::split::{bit, choose, Budgeted, Split, Tried, TryFuture, Unrouted};
+use crate::stamp::Timing;
 use crate::table::ModelRoute;
 use crate::variant::{stack, try_ready};
 
@@ -276,9 +277,10 @@ impl Router {
                 }
                 None => m.phase(Phase::Upstream, spans.upstream),
             }
+            let stamp = resp.body_mut().stamp_mut();
+            stamp.variant = Some(variant.name_header.clone());
+            stamp.timing = Some(Timing::new(spans.route, spans.upstream, local.as_ref()));
             let headers = resp.headers_mut();
-            headers.insert(X_SWITCHYARD_VARIANT.clone(), variant.name_header.clone());
-            headers.insert(SERVER_TIMING.clone(), server_timing(spans, local.as_ref()));
             let retries = ask.retries.load(Ordering::Relaxed);
             if retries > 0 {
                 headers.insert(X_SWITCHYARD_RETRIES.clone(), HeaderValue::from(retries));

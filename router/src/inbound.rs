@@ -54,6 +54,7 @@ use crate::h1::{
     self, Fill, Framing, H1Error, Names, Present, Writer, MAX_HEAD, MAX_HEADERS, READ_SIZE,
 };
 use crate::server::{ClientService, ResponseBody};
+use crate::stamp::Stamp;
 
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -363,7 +364,7 @@ where
                 .await;
                 drop(answer);
                 let Ok(answer) = answered;
-                let (mut head, body) = answer.into_parts();
+                let (mut head, mut body) = answer.into_parts();
                 // The request's body read to its end: the next bytes are the next request's.
                 let body_read = match &holder {
                     Holder::Own(_) => true,
@@ -371,10 +372,12 @@ where
                 };
                 let mut keep = keep && body_read && !closing.is_closed();
                 write.clear();
+                let hint = body.size_hint();
                 let framing = encode_answer(
                     &mut write,
                     &head,
-                    body.size_hint(),
+                    body.stamp().map(|s| &*s),
+                    hint,
                     head_request,
                     version,
                     &mut keep,
@@ -658,6 +661,7 @@ enum AnswerFraming {
 fn encode_answer(
     out: &mut Vec<u8>,
     head: &http::response::Parts,
+    stamp: Option<&Stamp>,
     hint: SizeHint,
     head_request: bool,
     version: Version,
@@ -698,6 +702,9 @@ fn encode_answer(
         if name == TRANSFER_ENCODING {
             continue;
         }
+        if stamp.is_some_and(|s| s.replaces(name)) {
+            continue;
+        }
         has_date |= name == DATE;
         if name == CONTENT_LENGTH {
             if !keep_length || has_length {
@@ -709,6 +716,9 @@ fn encode_answer(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(stamp) = stamp {
+        stamp.write(out);
     }
     if !has_date {
         out.extend_from_slice(b"date: ");
@@ -751,6 +761,7 @@ fn encode_refusal(out: &mut Vec<u8>, status: StatusCode, message: &str) {
     encode_answer(
         out,
         &head,
+        None,
         SizeHint::with_exact(body.len() as u64),
         false,
         Version::HTTP_11,
@@ -1160,6 +1171,8 @@ mod tests {
     /// Data frames whose total length is not known before the last.
     struct Frames(std::collections::VecDeque<Bytes>);
 
+    impl ResponseBody for Frames {}
+
     impl Body for Frames {
         type Data = Bytes;
         type Error = Infallible;
@@ -1193,6 +1206,50 @@ mod tests {
         fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
             std::future::ready(Ok((self.0)()))
         }
+    }
+
+    /// An answer with fields of our stamp's names in its map, and a stamp with two set.
+    fn stamped_answer() -> Response<crate::body::ProxyBody> {
+        let mut resp = Response::new(crate::body::ProxyBody::full(Bytes::from_static(b"ok")));
+        let h = resp.headers_mut();
+        h.insert("x-request-id", HeaderValue::from_static("upstream-id"));
+        h.insert("server-timing", HeaderValue::from_static("db;dur=1.5"));
+        h.insert(
+            "x-switchyard-variant",
+            HeaderValue::from_static("upstream-variant"),
+        );
+        let stamp = resp.body_mut().stamp_mut();
+        stamp.request_id = Some(HeaderValue::from_static("ours-1"));
+        stamp.variant = Some(HeaderValue::from_static("blue"));
+        resp
+    }
+
+    #[tokio::test]
+    async fn a_stamp_is_written_with_the_head_and_replaces_the_maps_fields_it_sets() {
+        let (addr, _closing) = ours(Fixed(stamped_answer)).await;
+        let answer = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let answer = String::from_utf8(answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let mut fields: Vec<&str> = head.lines().skip(1).collect();
+        fields.sort_unstable();
+        fields.retain(|f| !f.starts_with("date: "));
+        assert_eq!(
+            fields,
+            [
+                "connection: close",
+                "content-length: 2",
+                // Not set in the stamp: the map's is kept.
+                "server-timing: db;dur=1.5",
+                "x-request-id: ours-1",
+                "x-switchyard-variant: blue",
+            ],
+            "{answer}"
+        );
+        assert_eq!(body, "ok");
     }
 
     /// A body of unknown length.

@@ -33,6 +33,8 @@
 //! - [`encoding`]: gzip and deflate bodies for local variants, bounded when inflated.
 //! - [`offload`]: large JSON decoding and encoding off the async workers.
 //! - [`body`]: the streamed, size-limited request body and the response body type.
+//! - [`stamp`]: the fields we add to every answer, kept as values until its head is
+//!   written.
 //! - [`error`]: [`RouterError`] and the one function that turns errors into responses.
 //! - [`metrics`]: Prometheus families registered on a registry passed in.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/config`, the reload, the
@@ -70,6 +72,7 @@ pub mod pulse;
 pub mod selector;
 pub mod server;
 pub mod split;
+pub mod stamp;
 pub mod table;
 pub mod upstream;
 pub mod v2;

@@ -54,10 +54,10 @@ pub(crate) struct Sealed(pub HeaderValue);
 pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
-/// Fields the *respond* phase adds to most answers (`x-switchyard-variant`,
-/// `server-timing`, `x-request-id`), and one for the rarer ones: upstream answers are
-/// parsed into maps with this much room.
-const ANSWER_FIELDS: usize = 4;
+/// Room for a field the *respond* phase adds to some answers (`x-switchyard-retries`,
+/// `-fallback`, `-hedge`, `-decision`): upstream answers are parsed into maps with this
+/// much more. The fields on every answer are not in the map ([`crate::stamp`]).
+const ANSWER_FIELDS: usize = 1;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that must not be forwarded.
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -460,7 +460,7 @@ impl Router {
             }
             resp.headers_mut().insert(X_DECISION.clone(), token);
         }
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        resp.body_mut().stamp_mut().request_id = Some(request_id);
         resp
     }
 
@@ -798,44 +798,6 @@ pub(crate) struct Spans {
     pub upstream: std::time::Duration,
 }
 
-/// `routing;dur=0.012, upstream;dur=1.204, total;dur=1.216` (milliseconds, µs precision);
-/// a local variant's `upstream` is followed by its `queue`, `compute` and `respond`.
-/// Written digit by digit into a stack buffer: float formatting showed up in profiles
-/// (and so did a table of the six parts, most of them absent, built per request).
-pub(crate) fn server_timing(spans: Spans, local: Option<&crate::local::Phases>) -> HeaderValue {
-    let mut buf = [0u8; 192];
-    let mut len = 0;
-    let mut part = |label: &str, d: std::time::Duration| {
-        buf[len..len + label.len()].copy_from_slice(label.as_bytes());
-        len += label.len();
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        len += write_millis(&mut buf[len..], micros);
-    };
-    part("routing;dur=", spans.route);
-    part(", upstream;dur=", spans.upstream);
-    if let Some(p) = local {
-        part(", queue;dur=", p.queue);
-        part(", compute;dur=", p.compute);
-        part(", respond;dur=", p.respond);
-    }
-    part(", total;dur=", spans.route.saturating_add(spans.upstream));
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("total"))
-}
-
-/// Writes `micros` as milliseconds with three decimals; returns the bytes written.
-fn write_millis(out: &mut [u8], micros: u64) -> usize {
-    let mut digits = itoa::Buffer::new();
-    let int = digits.format(micros / 1000).as_bytes();
-    out[..int.len()].copy_from_slice(int);
-    let frac = micros % 1000;
-    let at = int.len();
-    out[at] = b'.';
-    out[at + 1] = b'0' + (frac / 100) as u8;
-    out[at + 2] = b'0' + (frac / 10 % 10) as u8;
-    out[at + 3] = b'0' + (frac % 10) as u8;
-    at + 4
-}
-
 fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     json_response(status, Bytes::from_static(body.as_bytes()))
 }
@@ -916,20 +878,6 @@ fn shadow_runtime_for<'a>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn millis_are_written_with_three_decimals() {
-        let mut buf = [0u8; 32];
-        for (micros, text) in [
-            (0, "0.000"),
-            (7, "0.007"),
-            (1_204, "1.204"),
-            (30_000_123, "30000.123"),
-        ] {
-            let n = write_millis(&mut buf, micros);
-            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), text);
-        }
-    }
-
     /// The request's future is boxed once per request; above 1,032 bytes glibc serves
     /// it from its heap instead of a per-thread cache (BENCHMARKS.md, "The second
     /// round"). Held here, so that a change that grows it is seen.
@@ -948,30 +896,6 @@ mod tests {
         let size = std::mem::size_of_val(&future);
         println!("the request future: {size} bytes");
         assert!(size <= 1032, "the request future is {size} bytes");
-    }
-
-    #[test]
-    fn server_timing_names_each_span_in_milliseconds() {
-        use std::time::Duration;
-        let spans = Spans {
-            route: Duration::from_micros(12),
-            upstream: Duration::from_nanos(1_204_999),
-        };
-        assert_eq!(
-            server_timing(spans, None),
-            "routing;dur=0.012, upstream;dur=1.204, total;dur=1.216"
-        );
-        let local = crate::local::Phases {
-            queue: Duration::from_micros(100),
-            compute: Duration::from_millis(1),
-            respond: Duration::from_micros(3),
-            at: std::time::Instant::now(),
-        };
-        assert_eq!(
-            server_timing(spans, Some(&local)),
-            "routing;dur=0.012, upstream;dur=1.204, queue;dur=0.100, \
-             compute;dur=1.000, respond;dur=0.003, total;dur=1.216"
-        );
     }
 
     #[test]

@@ -44,6 +44,7 @@ use tokio::time::Instant;
 
 use crate::closing::{Closing, Watch};
 use crate::inbound::RequestBody;
+use crate::stamp::Stamp;
 
 /// Limits and counters of one listener.
 #[derive(Clone, Debug)]
@@ -260,12 +261,16 @@ impl<S, B> ClientService<B> for S where
 pub trait ResponseBody:
     Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + Unpin + 'static
 {
+    /// Fields for the answer's head kept out of its map ([`crate::stamp`]): written
+    /// after the map's, replacing its fields of the same names.
+    fn stamp(&mut self) -> Option<&mut Stamp> {
+        None
+    }
 }
 
-impl<B> ResponseBody for B where
-    B: Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + Unpin + 'static
-{
-}
+impl ResponseBody for crate::admin::AdminBody {}
+
+impl ResponseBody for http_body_util::Full<Bytes> {}
 
 /// One client connection: what its task needs besides its socket and its service.
 struct Conn {
@@ -615,6 +620,7 @@ impl<S, B> tower_service::Service<Request<Incoming>> for CountExchanges<S>
 where
     S: tower_service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
     S::Future: Unpin,
+    B: ResponseBody,
 {
     type Response = Response<CountedBody<B>>;
     type Error = Infallible;
@@ -642,6 +648,7 @@ struct CountedFuture<F> {
 impl<F, B> Future for CountedFuture<F>
 where
     F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
+    B: ResponseBody,
 {
     type Output = Result<Response<CountedBody<B>>, Infallible>;
 
@@ -650,12 +657,17 @@ where
         match Pin::new(&mut this.inner).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(resp)) => {
-                let guard = this.guard.take();
-                Poll::Ready(Ok(resp.map(|inner| CountedBody {
+                // hyper writes the head from its map alone.
+                let (mut head, mut inner) = resp.into_parts();
+                if let Some(stamp) = inner.stamp() {
+                    stamp.to_headers(&mut head.headers);
+                }
+                let body = CountedBody {
                     inner,
-                    guard,
+                    guard: this.guard.take(),
                     waiting: None,
-                })))
+                };
+                Poll::Ready(Ok(Response::from_parts(head, body)))
             }
             Poll::Ready(Err(never)) => match never {},
         }
