@@ -669,14 +669,14 @@ fn parse_head(
         let status = StatusCode::from_u16(code)
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
-        let (mut headers, present) =
+        let (mut headers, facts) =
             fields(&head, &spans[..count], names, count + room).map_err(H1Error::Malformed)?;
         let version = if version == 0 {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
-        let (framing, keep) = framing(status, version, &mut headers, present, head_request)?;
+        let (framing, keep) = framing(status, version, &mut headers, facts, head_request)?;
         let mut parts = Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -687,8 +687,8 @@ fn parse_head(
 
 /// The fields of a `head` (split off its buffer; `spans`: each field's name and value
 /// as offsets and lengths in it, as httparse found them) in a map with room for
-/// `capacity`, names reused from `names`; and which framing fields it had. An error
-/// says which field is bad. Requests' heads and answers' are read by it alike.
+/// `capacity`, names reused from `names`; and what its framing fields say ([`Facts`]).
+/// An error says which field is bad. Requests' heads and answers' are read by it alike.
 // Inlined into both callers, each on every request's path: as a call returning its map it
 // measured +200 to +300 instructions per request (`bench/instructions.sh`), inlined +56.
 #[inline(always)]
@@ -697,20 +697,100 @@ pub(crate) fn fields(
     spans: &[[u32; 4]],
     names: &mut Names,
     capacity: usize,
-) -> Result<(HeaderMap, Present), String> {
+) -> Result<(HeaderMap, Facts), String> {
     let mut headers = header_map(capacity);
-    let mut present = Present::default();
+    let mut facts = Facts::default();
     for (i, &[name, name_len, value, value_len]) in spans.iter().enumerate() {
         let (name, bit) = names
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| "bad field name".to_string())?;
-        present |= bit;
+        facts.present |= bit;
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("bad value of field `{name}`"))?;
+        if bit == Present::CONNECTION {
+            let (close, keep_alive) = connection_options(&value);
+            facts.close |= close;
+            facts.keep_alive |= keep_alive;
+        } else if bit == Present::CONTENT_LENGTH {
+            facts.length.add(value.as_bytes());
+        }
         headers.append(name, value);
     }
-    Ok((headers, present))
+    Ok((headers, facts))
+}
+
+/// What a head's framing fields say, read as its fields are put in their map: each
+/// would otherwise be a hashed lookup after (`connection` and `content-length` are in
+/// most heads).
+#[derive(Debug, Default)]
+pub(crate) struct Facts {
+    /// Which framing fields the head has.
+    pub present: Present,
+    /// A `connection` field names `close`.
+    pub close: bool,
+    /// A `connection` field names `keep-alive`.
+    pub keep_alive: bool,
+    /// The `content-length` fields.
+    pub length: Length,
+}
+
+/// The `content-length` of a head, field by field: every value, in every field, must be
+/// the same number of at most 20 digits.
+#[derive(Debug, Default)]
+pub(crate) struct Length {
+    value: Option<u64>,
+    /// Values seen (a field may hold a list).
+    values: usize,
+    /// What is wrong, at the first value that is.
+    bad: Option<String>,
+}
+
+impl Length {
+    fn add(&mut self, field: &[u8]) {
+        if self.bad.is_some() {
+            return;
+        }
+        for n in field.split(|&b| b == b',') {
+            self.values += 1;
+            let n = n.trim_ascii();
+            let parsed = if n.is_empty() {
+                None
+            } else {
+                n.iter().try_fold(0u64, |acc, &d| {
+                    d.is_ascii_digit().then_some(())?;
+                    acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                })
+            };
+            match (parsed, self.value) {
+                (None, _) => {
+                    self.bad = Some(format!(
+                        "bad content-length `{}`",
+                        String::from_utf8_lossy(field)
+                    ));
+                    return;
+                }
+                (Some(n), Some(l)) if n != l => {
+                    self.bad = Some("content-length values differ".into());
+                    return;
+                }
+                (Some(n), _) => self.value = Some(n),
+            }
+        }
+    }
+
+    /// The length, if any, or an error saying what is wrong. Repeated equal values are
+    /// left as one field in `headers` (a client's parser may read a list as an error,
+    /// and hyper's server would send the first field only by luck).
+    pub(crate) fn resolve(self, headers: &mut HeaderMap) -> Result<Option<u64>, String> {
+        if let Some(bad) = self.bad {
+            return Err(bad);
+        }
+        if let (Some(n), true) = (self.value, self.values > 1) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        Ok(self.value)
+    }
 }
 
 /// RFC 9112 §6.3, for an answer; removes a `content-length` that `transfer-encoding`
@@ -719,10 +799,11 @@ fn framing(
     status: StatusCode,
     version: Version,
     headers: &mut HeaderMap,
-    present: Present,
+    facts: Facts,
     head_request: bool,
 ) -> Result<(Framing, bool), H1Error> {
-    let mut keep = persistent(headers, version, present);
+    let present = facts.present;
+    let mut keep = persistent(&facts, version);
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, keep));
     }
@@ -742,7 +823,7 @@ fn framing(
         });
     }
     let length = if present.has(Present::CONTENT_LENGTH) {
-        content_length(headers).map_err(H1Error::Malformed)?
+        facts.length.resolve(headers).map_err(H1Error::Malformed)?
     } else {
         None
     };
@@ -911,19 +992,9 @@ impl std::ops::BitOrAssign for Present {
 }
 
 /// Whether the connection may carry another message after this one, by its `connection`
-/// field and version (RFC 9112 §9.3).
-/// `present`: the head's framing fields (without a `connection` field, the version
-/// decides).
-pub(crate) fn persistent(headers: &HeaderMap, version: Version, present: Present) -> bool {
-    let (mut close, mut keep_alive) = (false, false);
-    if present.has(Present::CONNECTION) {
-        for value in headers.get_all(CONNECTION) {
-            let (c, k) = connection_options(value);
-            close |= c;
-            keep_alive |= k;
-        }
-    }
-    !close && (version == Version::HTTP_11 || keep_alive)
+/// fields (as [`fields`] read them) and version (RFC 9112 §9.3).
+pub(crate) fn persistent(facts: &Facts, version: Version) -> bool {
+    !facts.close && (version == Version::HTTP_11 || facts.keep_alive)
 }
 
 /// Whether a `connection` field's `value` names `close`, and `keep-alive`.
@@ -947,43 +1018,6 @@ pub(crate) fn chunked(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-}
-
-/// The `content-length`, if any: every value, in every field, the same number of at
-/// most 20 digits, or an error saying what is wrong. Repeated equal values are left as
-/// one field (a client's parser may read a list as an error, and hyper's server would
-/// send the first field only by luck).
-pub(crate) fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, String> {
-    let mut length: Option<u64> = None;
-    let mut values = 0;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for n in value.as_bytes().split(|&b| b == b',') {
-            values += 1;
-            let n = n.trim_ascii();
-            let parsed = if n.is_empty() {
-                None
-            } else {
-                n.iter().try_fold(0u64, |acc, &d| {
-                    d.is_ascii_digit().then_some(())?;
-                    acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-                })
-            };
-            match (parsed, length) {
-                (None, _) => {
-                    return Err(format!(
-                        "bad content-length `{}`",
-                        String::from_utf8_lossy(value.as_bytes())
-                    ))
-                }
-                (Some(n), Some(l)) if n != l => return Err("content-length values differ".into()),
-                (Some(n), _) => length = Some(n),
-            }
-        }
-    }
-    if let (Some(n), true) = (length, values > 1) {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
-    }
-    Ok(length)
 }
 
 /// An answer's body, read off its connection as it is polled. Once it has ended, a

@@ -596,14 +596,14 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
     let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
-    let (mut headers, present) =
-        h1::fields(&head, &spans[..count], names, count + 2).map_err(bad)?;
+    let (mut headers, facts) = h1::fields(&head, &spans[..count], names, count + 2).map_err(bad)?;
+    let present = facts.present;
     let version = if version == 0 {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
-    let mut keep = h1::persistent(&headers, version, present) && method != Method::CONNECT;
+    let mut keep = h1::persistent(&facts, version) && method != Method::CONNECT;
     // RFC 9112 §6.3.
     let framing = if present.has(Present::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
@@ -620,7 +620,7 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
         }
         Framing::ChunkSize
     } else if present.has(Present::CONTENT_LENGTH) {
-        match h1::content_length(&mut headers).map_err(bad)? {
+        match facts.length.resolve(&mut headers).map_err(bad)? {
             None | Some(0) => Framing::Done,
             Some(n) => Framing::Length(n),
         }
