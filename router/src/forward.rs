@@ -33,6 +33,7 @@ use tower::ServiceExt;
 use crate::body::{LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
 use crate::feedback;
+use crate::h1::Present;
 use crate::metrics::Phase;
 use crate::path::ModelRequest;
 use crate::proxy::{strip_hop_by_hop, Router};
@@ -67,6 +68,8 @@ pub(crate) struct Ask<'a> {
     pub grpc: Option<&'a crate::grpc::Call>,
     pub request_id: &'a HeaderValue,
     pub peer: Option<&'a HeaderValue>,
+    /// Which fields the client's head may have ([`crate::inbound::RequestBody::may_have`]).
+    pub fields: Present,
     /// The sticky key's value, when the model has a sticky header and the client sent it.
     pub sticky: Option<HeaderValue>,
     /// The variants tried so far, as a set of bits (a model has at most 64).
@@ -101,7 +104,13 @@ impl Router {
                 .as_ref()
                 .and_then(|h| parts.headers.get(h))
                 .cloned();
-            strip_hop_by_hop(&mut parts.headers);
+            let fields = match &payload {
+                Payload::Http(body) => body.fields(),
+                Payload::Grpc(_) => Present::ALL,
+            };
+            if fields.has(Present::HOP_BY_HOP) {
+                strip_hop_by_hop(&mut parts.headers);
+            }
             // The body's declared length, as the body knows it (its framing read it from
             // `content-length`): nothing read of it yet, so what is left is all of it.
             let mut declared = None;
@@ -183,6 +192,7 @@ impl Router {
                 grpc: grpc.as_deref(),
                 request_id,
                 peer,
+                fields,
                 sticky,
                 // Variants that do not speak the request's protocol count as tried.
                 tried: AtomicU64::new(excluded),

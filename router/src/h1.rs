@@ -37,7 +37,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -708,12 +708,14 @@ pub(crate) fn fields(
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("bad value of field `{name}`"))?;
-        if bit == Present::CONNECTION {
+        if bit.has(Present::CONNECTION) {
             let (close, keep_alive) = connection_options(&value);
             facts.close |= close;
             facts.keep_alive |= keep_alive;
-        } else if bit == Present::CONTENT_LENGTH {
+        } else if bit.has(Present::CONTENT_LENGTH) {
             facts.length.add(value.as_bytes());
+        } else if name == CONTENT_TYPE && value.as_bytes().starts_with(b"application/grpc") {
+            facts.present |= Present::GRPC;
         }
         headers.append(name, value);
     }
@@ -955,18 +957,32 @@ impl Names {
 /// parsed (each name's bit is found once, when [`Names`] first meets it): a head without
 /// one skips its lookup, a hash and a probe of the map each (`connection`,
 /// `transfer-encoding` and `expect` are absent from most heads).
+///
+/// A request's are kept with it ([`crate::inbound::RequestBody::may_have`]) for the
+/// lookups the proxy would make of it: `x-request-id`, `x-forwarded-for`, the
+/// `content-type` that tells gRPC, and the hop-by-hop fields it removes. A head not
+/// parsed here (h2c's) has [`Present::ALL`]: every lookup is made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Present(u8);
+pub struct Present(u16);
 
 impl Present {
     pub(crate) const CONNECTION: Present = Present(1);
     pub(crate) const TRANSFER_ENCODING: Present = Present(1 << 1);
     pub(crate) const CONTENT_LENGTH: Present = Present(1 << 2);
     pub(crate) const EXPECT: Present = Present(1 << 3);
+    pub(crate) const X_REQUEST_ID: Present = Present(1 << 4);
+    pub(crate) const X_FORWARDED_FOR: Present = Present(1 << 5);
+    /// Any hop-by-hop field ([`crate::proxy::strip_hop_by_hop`]'s).
+    pub(crate) const HOP_BY_HOP: Present = Present(1 << 6);
+    /// A `content-type` that says gRPC (`application/grpc…`): the only bit set by a
+    /// value, in [`fields`].
+    pub(crate) const GRPC: Present = Present(1 << 7);
+    /// What is not known: every bit.
+    pub const ALL: Present = Present(u16::MAX);
 
-    /// `name`'s bit; none for the other names.
+    /// `name`'s bits; none for the other names.
     fn of(name: &HeaderName) -> Present {
-        if name == CONNECTION {
+        let own = if name == CONNECTION {
             Present::CONNECTION
         } else if name == TRANSFER_ENCODING {
             Present::TRANSFER_ENCODING
@@ -974,8 +990,17 @@ impl Present {
             Present::CONTENT_LENGTH
         } else if name == http::header::EXPECT {
             Present::EXPECT
+        } else if name == crate::proxy::X_REQUEST_ID {
+            Present::X_REQUEST_ID
+        } else if name == crate::proxy::X_FORWARDED_FOR {
+            Present::X_FORWARDED_FOR
         } else {
             Present(0)
+        };
+        if crate::proxy::is_hop_by_hop(name.as_str()) {
+            Present(own.0 | Present::HOP_BY_HOP.0)
+        } else {
+            own
         }
     }
 
@@ -2009,16 +2034,66 @@ mod tests {
             assert!(!present.has(absent), "{absent:?}");
         }
         // The bit comes with a name reused (in another case), and with one made anew.
+        let both = |a: Present, b: Present| Present(a.0 | b.0);
         for (i, raw, bit) in [
-            (0, &b"CONNECTION"[..], Present::CONNECTION),
+            (
+                0,
+                &b"CONNECTION"[..],
+                both(Present::CONNECTION, Present::HOP_BY_HOP),
+            ),
             (1, b"content-LENGTH", Present::CONTENT_LENGTH),
-            (2, b"Transfer-Encoding", Present::TRANSFER_ENCODING),
+            (
+                2,
+                b"Transfer-Encoding",
+                both(Present::TRANSFER_ENCODING, Present::HOP_BY_HOP),
+            ),
             (3, b"expect", Present::EXPECT),
             (4, b"x-other", Present::default()),
+            (5, b"X-Request-Id", Present::X_REQUEST_ID),
+            (6, b"x-forwarded-for", Present::X_FORWARDED_FOR),
+            (7, b"Keep-Alive", Present::HOP_BY_HOP),
+            (8, b"te", Present::HOP_BY_HOP),
+            (9, b"content-type", Present::default()),
         ] {
             assert_eq!(names.name(i, raw).unwrap().1, bit, "{raw:?}");
             assert_eq!(names.name(i, raw).unwrap().1, bit, "{raw:?} again");
         }
+    }
+
+    /// The one bit a value sets: a `content-type` that says gRPC.
+    #[test]
+    fn a_grpc_content_type_is_noted_with_the_fields() {
+        let facts = |head: &'static [u8]| {
+            let head = Bytes::from_static(head);
+            let mut raw = [httparse::EMPTY_HEADER; 4];
+            let mut parsed = httparse::Request::new(&mut raw);
+            parsed.parse(&head).unwrap();
+            let base = head.as_ptr() as usize;
+            let spans: Vec<[u32; 4]> = parsed
+                .headers
+                .iter()
+                .map(|f| {
+                    [
+                        (f.name.as_ptr() as usize - base) as u32,
+                        f.name.len() as u32,
+                        (f.value.as_ptr() as usize - base) as u32,
+                        f.value.len() as u32,
+                    ]
+                })
+                .collect();
+            fields(&head, &spans, &mut Names::default(), 4).unwrap().1
+        };
+        let grpc = facts(b"POST /a HTTP/1.1\r\ncontent-type: application/grpc+proto\r\n\r\n");
+        assert!(grpc.present.has(Present::GRPC));
+        let json = facts(b"POST /a HTTP/1.1\r\ncontent-type: application/json\r\nx-grpc: application/grpc\r\n\r\n");
+        assert!(!json.present.has(Present::GRPC));
+        assert!(!json.present.has(Present::HOP_BY_HOP));
+        let closing =
+            facts(b"GET / HTTP/1.1\r\nconnection: x-a, Close\r\ncontent-length: 2, 2\r\n\r\n");
+        assert!(closing.close && !closing.keep_alive);
+        let mut map = HeaderMap::new();
+        assert_eq!(closing.length.resolve(&mut map), Ok(Some(2)));
+        assert_eq!(map[CONTENT_LENGTH], "2");
     }
 
     #[test]

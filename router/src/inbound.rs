@@ -59,9 +59,10 @@ use crate::stamp::Stamp;
 /// An error of a request body, or of an answer's body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body of a client's request, whichever protocol brought it.
+/// The body of a client's request, whichever protocol brought it; and which fields its
+/// head may have, as far as it was parsed here (the lookups of the others are skipped).
 #[derive(Debug)]
-pub struct RequestBody(Kind);
+pub struct RequestBody(Kind, Present);
 
 #[derive(Debug)]
 enum Kind {
@@ -83,18 +84,34 @@ impl Default for RequestBody {
 impl RequestBody {
     /// No body.
     pub fn empty() -> Self {
-        RequestBody(Kind::Full(None))
+        RequestBody(Kind::Full(None), Present::ALL)
     }
 
     /// A body already whole.
     pub fn full(bytes: Bytes) -> Self {
-        RequestBody(Kind::Full((!bytes.is_empty()).then_some(bytes)))
+        RequestBody(
+            Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            Present::ALL,
+        )
+    }
+}
+
+impl RequestBody {
+    /// Whether the request's head may have a field of `bit` ([`Present`]): `false` only
+    /// when its head was parsed here and has none.
+    pub(crate) fn may_have(&self, bit: Present) -> bool {
+        self.1.has(bit)
+    }
+
+    /// The same, as the head's bits.
+    pub(crate) fn fields(&self) -> Present {
+        self.1
     }
 }
 
 impl From<Incoming> for RequestBody {
     fn from(body: Incoming) -> Self {
-        RequestBody(Kind::H2(body))
+        RequestBody(Kind::H2(body), Present::ALL)
     }
 }
 
@@ -235,6 +252,8 @@ struct Parsed {
     /// Nothing in the request speaks against another one on this connection.
     keep: bool,
     expect_continue: bool,
+    /// Which fields the head has ([`RequestBody::may_have`]).
+    present: Present,
 }
 
 /// Serves HTTP/1.1 on `stream` (`unread`: bytes already read from it) until the client
@@ -276,6 +295,7 @@ where
                 framing,
                 keep,
                 expect_continue,
+                present,
             } = match read_head(
                 &mut reader,
                 &mut write,
@@ -300,7 +320,7 @@ where
             };
             let head_request = parts.method == Method::HEAD;
             let version = parts.version;
-            let (body, holder) = match framing {
+            let (mut body, holder) = match framing {
                 Framing::Done => (RequestBody::empty(), Holder::Own(reader)),
                 Framing::Length(n) if reader.buf.len() as u64 >= n => {
                     let bytes = reader.buf.split_to(n as usize).freeze();
@@ -315,11 +335,12 @@ where
                     };
                     let shared = Arc::new(Mutex::new(reader));
                     (
-                        RequestBody(Kind::Streamed(shared.clone())),
+                        RequestBody(Kind::Streamed(shared.clone()), Present::ALL),
                         Holder::Shared(shared),
                     )
                 }
             };
+            body.1 = present;
             if expect_continue {
                 // Answered here, or not at all: the upstream gets the body without asking.
                 parts.headers.remove(EXPECT);
@@ -641,6 +662,7 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
         framing,
         keep,
         expect_continue,
+        present,
     }))
 }
 

@@ -36,6 +36,7 @@ use switchyard_config::{Config, UpstreamProtocol};
 use crate::body::{json_response, LimitedBody, ProxyBody};
 use crate::error::{error_response, RouterError};
 use crate::feedback::{self, DecisionLog, FeedbackSink};
+use crate::h1::Present;
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::path::{self, Endpoint};
@@ -52,7 +53,7 @@ pub static X_DECISION: HeaderName = HeaderName::from_static("x-switchyard-decisi
 pub(crate) struct Sealed(pub HeaderValue);
 /// `x-switchyard-variant`: which variant answered.
 pub static X_SWITCHYARD_VARIANT: HeaderName = HeaderName::from_static("x-switchyard-variant");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// Room for a field the *respond* phase adds to some answers (`x-switchyard-retries`,
 /// `-fallback`, `-hedge`, `-decision`): upstream answers are parsed into maps with this
@@ -392,16 +393,23 @@ impl Router {
         peer: Option<HeaderValue>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
         let started = crate::clock::now_std();
-        let (request_id, ours) = match req.headers().get(&X_REQUEST_ID) {
+        // Each lookup only when the head may have the field (most have neither).
+        let client_id = if req.body().may_have(Present::X_REQUEST_ID) {
+            req.headers().get(&X_REQUEST_ID)
+        } else {
+            None
+        };
+        let (request_id, ours) = match client_id {
             Some(v) if ids::acceptable(v) => (v.clone(), false),
             _ => (ids::new_request_id(), true),
         };
-        let mut routed = if crate::grpc::is_grpc(req.headers()) {
-            Routed::Grpc(req)
-        } else {
-            self.route(req, &request_id)
-                .unwrap_or_else(|err| Routed::Answer(self.reject(&err)))
-        };
+        let mut routed =
+            if req.body().may_have(Present::GRPC) && crate::grpc::is_grpc(req.headers()) {
+                Routed::Grpc(req)
+            } else {
+                self.route(req, &request_id)
+                    .unwrap_or_else(|err| Routed::Answer(self.reject(&err)))
+            };
         async move {
             let _in_flight = InFlight::new(&self.metrics);
             let resp = match &mut routed {
@@ -706,12 +714,12 @@ fn set_fields<'a>(
 /// (then the client's passes as it is).
 fn forwarded_for(ask: &crate::forward::Ask<'_>) -> Option<HeaderValue> {
     let ip = ask.peer?;
-    match ask
-        .parts
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
+    let prior = if ask.fields.has(Present::X_FORWARDED_FOR) {
+        ask.parts.headers.get(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    match prior.and_then(|v| v.to_str().ok()) {
         Some(prior) => {
             HeaderValue::try_from(format!("{prior}, {}", ip.to_str().unwrap_or_default())).ok()
         }
@@ -785,6 +793,11 @@ fn hop_by_hop_bit(name: &str) -> u8 {
         "te" => TE_BIT,
         _ => 0,
     }
+}
+
+/// Whether `name` is a hop-by-hop field's.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    hop_by_hop_bit(name) != 0
 }
 
 const CONNECTION_BIT: u8 = 1 << HOP_BY_HOP.len();
