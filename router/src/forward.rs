@@ -68,7 +68,7 @@ pub(crate) struct Ask<'a> {
     pub grpc: Option<&'a crate::grpc::Call>,
     pub request_id: &'a HeaderValue,
     pub peer: Option<&'a HeaderValue>,
-    /// Which fields the client's head may have ([`crate::inbound::RequestBody::may_have`]).
+    /// Which fields the client's head may have ([`crate::inbound::RequestBody::fields`]).
     pub fields: Present,
     /// The sticky key's value, when the model has a sticky header and the client sent it.
     pub sticky: Option<HeaderValue>,

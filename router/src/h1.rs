@@ -958,12 +958,12 @@ impl Names {
 /// one skips its lookup, a hash and a probe of the map each (`connection`,
 /// `transfer-encoding` and `expect` are absent from most heads).
 ///
-/// A request's are kept with it ([`crate::inbound::RequestBody::may_have`]) for the
+/// A request's are kept with it ([`crate::inbound::RequestBody::fields`]) for the
 /// lookups the proxy would make of it: `x-request-id`, `x-forwarded-for`, the
 /// `content-type` that tells gRPC, and the hop-by-hop fields it removes. A head not
 /// parsed here (h2c's) has [`Present::ALL`]: every lookup is made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Present(u16);
+pub(crate) struct Present(u16);
 
 impl Present {
     pub(crate) const CONNECTION: Present = Present(1);
@@ -978,7 +978,7 @@ impl Present {
     /// value, in [`fields`].
     pub(crate) const GRPC: Present = Present(1 << 7);
     /// What is not known: every bit.
-    pub const ALL: Present = Present(u16::MAX);
+    pub(crate) const ALL: Present = Present(u16::MAX);
 
     /// `name`'s bits; none for the other names.
     fn of(name: &HeaderName) -> Present {

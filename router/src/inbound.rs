@@ -97,13 +97,8 @@ impl RequestBody {
 }
 
 impl RequestBody {
-    /// Whether the request's head may have a field of `bit` ([`Present`]): `false` only
-    /// when its head was parsed here and has none.
-    pub(crate) fn may_have(&self, bit: Present) -> bool {
-        self.1.has(bit)
-    }
-
-    /// The same, as the head's bits.
+    /// Which fields the request's head may have ([`Present`]): a bit is clear only when
+    /// its head was parsed here and has no such field.
     pub(crate) fn fields(&self) -> Present {
         self.1
     }
@@ -252,7 +247,7 @@ struct Parsed {
     /// Nothing in the request speaks against another one on this connection.
     keep: bool,
     expect_continue: bool,
-    /// Which fields the head has ([`RequestBody::may_have`]).
+    /// Which fields the head has ([`RequestBody::fields`]).
     present: Present,
 }
 

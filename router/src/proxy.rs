@@ -394,7 +394,7 @@ impl Router {
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
         let started = crate::clock::now_std();
         // Each lookup only when the head may have the field (most have neither).
-        let client_id = if req.body().may_have(Present::X_REQUEST_ID) {
+        let client_id = if req.body().fields().has(Present::X_REQUEST_ID) {
             req.headers().get(&X_REQUEST_ID)
         } else {
             None
@@ -404,7 +404,7 @@ impl Router {
             _ => (ids::new_request_id(), true),
         };
         let mut routed =
-            if req.body().may_have(Present::GRPC) && crate::grpc::is_grpc(req.headers()) {
+            if req.body().fields().has(Present::GRPC) && crate::grpc::is_grpc(req.headers()) {
                 Routed::Grpc(req)
             } else {
                 self.route(req, &request_id)
