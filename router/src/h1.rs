@@ -629,33 +629,22 @@ fn parse_head(
     room: usize,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
     loop {
-        // Offsets of each field's name and value: the fields borrow `buf`, which is
-        // split off below.
-        let mut spans = [[0u32; 4]; MAX_HEADERS];
-        let (len, code, version, count) = {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut fields);
-            let len = match parsed.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(H1Error::Malformed(format!("bad answer head: {e}"))),
+        let (len, code, version, spans) =
+            {
+                let mut fields = field_room();
+                let mut parsed = httparse::Response::new(&mut []);
+                let len = match httparse::ParserConfig::default()
+                    .parse_response_with_uninit_headers(&mut parsed, buf, &mut fields)
+                {
+                    Ok(httparse::Status::Complete(len)) => len,
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(e) => return Err(H1Error::Malformed(format!("bad answer head: {e}"))),
+                };
+                // httparse returns these for every complete head.
+                let code = parsed.code.unwrap_or_default();
+                let version = parsed.version.unwrap_or_default();
+                (len, code, version, Spans::of(buf, parsed.headers))
             };
-            let base = buf.as_ptr() as usize;
-            for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-                let name = field.name.as_ptr() as usize - base;
-                let value = field.value.as_ptr() as usize - base;
-                *span = [
-                    name as u32,
-                    field.name.len() as u32,
-                    value as u32,
-                    field.value.len() as u32,
-                ];
-            }
-            // httparse returns these for every complete head.
-            let code = parsed.code.unwrap_or_default();
-            let version = parsed.version.unwrap_or_default();
-            (len, code, version, parsed.headers.len())
-        };
         if (100..200).contains(&code) {
             if code == 101 {
                 return Err(H1Error::Malformed(
@@ -670,7 +659,7 @@ fn parse_head(
             .map_err(|_| H1Error::Malformed(format!("bad status code {code}")))?;
         let head = buf.split_to(len).freeze();
         let (mut headers, facts) =
-            fields(&head, &spans[..count], names, count + room).map_err(H1Error::Malformed)?;
+            fields(&head, &spans, names, spans.len() + room).map_err(H1Error::Malformed)?;
         let version = if version == 0 {
             Version::HTTP_10
         } else {
@@ -694,13 +683,13 @@ fn parse_head(
 #[inline(always)]
 pub(crate) fn fields(
     head: &Bytes,
-    spans: &[[u32; 4]],
+    spans: &Spans,
     names: &mut Names,
     capacity: usize,
 ) -> Result<(HeaderMap, Facts), String> {
     let mut headers = header_map(capacity);
     let mut facts = Facts::default();
-    for (i, &[name, name_len, value, value_len]) in spans.iter().enumerate() {
+    for (i, &[name, name_len, value, value_len]) in spans.0.iter().enumerate() {
         let (name, bit) = names
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| "bad field name".to_string())?;
@@ -836,6 +825,52 @@ fn framing(
         Some(n) => (Framing::Length(n), keep),
         None => (Framing::Close, false),
     })
+}
+
+thread_local! {
+    /// The offsets of the last head's fields parsed on this thread, kept for the next:
+    /// an array for the most a head may have (1.6 KiB, zeroed), beside httparse's for its
+    /// fields (3.2 KiB, filled), was written for every head parsed, twice per request,
+    /// where a head has a handful of fields.
+    static SPANS: std::cell::Cell<Vec<[u32; 4]>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where each field of a head parsed from a buffer lies in it: the name's offset and
+/// length, then the value's. Offsets, not the fields httparse gives, because those
+/// borrow the buffer, which is split off after. Goes back to this thread when dropped.
+pub(crate) struct Spans(Vec<[u32; 4]>);
+
+impl Spans {
+    /// The fields httparse found in `buf`, as offsets into it.
+    pub(crate) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
+        let mut spans = SPANS.take();
+        spans.clear();
+        let base = buf.as_ptr() as usize;
+        spans.extend(fields.iter().map(|field| {
+            [
+                (field.name.as_ptr() as usize - base) as u32,
+                field.name.len() as u32,
+                (field.value.as_ptr() as usize - base) as u32,
+                field.value.len() as u32,
+            ]
+        }));
+        Spans(spans)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Drop for Spans {
+    fn drop(&mut self) {
+        SPANS.set(std::mem::take(&mut self.0));
+    }
+}
+
+/// Room for httparse to write a head's fields into, left unwritten until it does.
+pub(crate) fn field_room<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
 /// Most header maps kept per thread for reuse.
@@ -2068,6 +2103,24 @@ mod tests {
         }
     }
 
+    /// A head's offsets are its own: the buffer the thread keeps for them starts empty
+    /// for each head (offsets counted by hand from the text).
+    #[test]
+    fn spans_are_each_heads_own() {
+        let spans_of = |head: &'static [u8]| {
+            let mut room = field_room();
+            let mut parsed = httparse::Request::new(&mut []);
+            parsed.parse_with_uninit_headers(head, &mut room).unwrap();
+            Spans::of(head, parsed.headers).0.clone()
+        };
+        let two = spans_of(b"GET / HTTP/1.1\r\na: 1\r\nbb: 22\r\n\r\n");
+        assert_eq!(two, [[16, 1, 19, 1], [22, 2, 26, 2]]);
+        let one = spans_of(b"GET / HTTP/1.1\r\nccc: 3\r\n\r\n");
+        assert_eq!(one, [[16, 3, 21, 1]]);
+        let none = spans_of(b"GET / HTTP/1.1\r\n\r\n");
+        assert!(none.is_empty());
+    }
+
     /// The one bit a value sets: a `content-type` that says gRPC.
     #[test]
     fn a_grpc_content_type_is_noted_with_the_fields() {
@@ -2076,19 +2129,7 @@ mod tests {
             let mut raw = [httparse::EMPTY_HEADER; 4];
             let mut parsed = httparse::Request::new(&mut raw);
             parsed.parse(&head).unwrap();
-            let base = head.as_ptr() as usize;
-            let spans: Vec<[u32; 4]> = parsed
-                .headers
-                .iter()
-                .map(|f| {
-                    [
-                        (f.name.as_ptr() as usize - base) as u32,
-                        f.name.len() as u32,
-                        (f.value.as_ptr() as usize - base) as u32,
-                        f.value.len() as u32,
-                    ]
-                })
-                .collect();
+            let spans = Spans::of(&head, parsed.headers);
             fields(&head, &spans, &mut Names::default(), 4).unwrap().1
         };
         let grpc = facts(b"POST /a HTTP/1.1\r\ncontent-type: application/grpc+proto\r\n\r\n");

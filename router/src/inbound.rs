@@ -563,13 +563,11 @@ async fn read_head(
 /// Parses a request head out of `buf` (consumed); `None` while incomplete.
 fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>, Refusal> {
     let bad = |m: String| Refusal(StatusCode::BAD_REQUEST, m);
-    // Offsets of the target and of each field's name and value: they borrow `buf`,
-    // which is split off below.
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
-    let (len, method, target, version, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut fields);
-        let len = match parsed.parse(buf) {
+    // The target's and the fields' offsets: they borrow `buf`, which is split off below.
+    let (len, method, target, version, spans) = {
+        let mut fields = h1::field_room();
+        let mut parsed = httparse::Request::new(&mut []);
+        let len = match parsed.parse_with_uninit_headers(buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -580,26 +578,17 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
             }
             Err(e) => return Err(bad(format!("bad request head: {e}"))),
         };
-        let base = buf.as_ptr() as usize;
-        for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-            *span = [
-                (field.name.as_ptr() as usize - base) as u32,
-                field.name.len() as u32,
-                (field.value.as_ptr() as usize - base) as u32,
-                field.value.len() as u32,
-            ];
-        }
         // httparse returns these for every complete head.
         let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
             .map_err(|_| bad("bad method".into()))?;
         let path = parsed.path.unwrap_or_default();
-        let target = (path.as_ptr() as usize - base, path.len());
+        let target = (path.as_ptr() as usize - buf.as_ptr() as usize, path.len());
         (
             len,
             method,
             target,
             parsed.version.unwrap_or_default(),
-            parsed.headers.len(),
+            h1::Spans::of(buf, parsed.headers),
         )
     };
     if len > MAX_HEAD {
@@ -612,7 +601,7 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
     let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
-    let (mut headers, facts) = h1::fields(&head, &spans[..count], names, count + 2).map_err(bad)?;
+    let (mut headers, facts) = h1::fields(&head, &spans, names, spans.len() + 2).map_err(bad)?;
     let present = facts.present;
     let version = if version == 0 {
         Version::HTTP_10
