@@ -35,6 +35,31 @@ pub fn now_std() -> std::time::Instant {
     now().into_std()
 }
 
+/// Whether `deadline` has passed; if not, `timer` wakes the task by then. The timer is
+/// moved only when it would be late: one set earlier fires early and is set again then.
+/// A deadline that moves on with each request (an idle connection's, a request's
+/// timeout on a reused connection) so costs a timer-wheel update once per timeout,
+/// not once per request (`bench/instructions.sh`: −191 instructions per request, 0.6%).
+pub fn due(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        // It fired for its deadline: ours too, unless that was earlier.
+        if timer.deadline() >= deadline {
+            return true;
+        }
+        timer.as_mut().reset(deadline);
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A future whose every poll is one turn: the clock is read as the poll begins.
     pub struct Turns<F> {
@@ -75,6 +100,38 @@ mod tests {
     /// Blocks the thread long enough for the clock to move on.
     fn pass_time() {
         std::thread::sleep(Duration::from_millis(2));
+    }
+
+    /// When a wait for `deadline` ends, on tokio's paused clock (which jumps to the
+    /// next timer when every task waits): at the deadline, whatever the timer was set to.
+    async fn woken_after(timer: &mut Pin<Box<tokio::time::Sleep>>, deadline: Instant) -> Duration {
+        let start = Instant::now();
+        std::future::poll_fn(|cx| {
+            if due(timer.as_mut(), deadline, cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        Instant::now() - start
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_is_met_by_a_timer_set_earlier_later_or_long_past() {
+        let s = Duration::from_secs;
+        let start = Instant::now();
+        let mut timer = Box::pin(tokio::time::sleep_until(start + s(1)));
+        // Set earlier: it fires at 1 s, is not due, and is set again for 3 s.
+        assert_eq!(woken_after(&mut timer, start + s(3)).await, s(3));
+        assert_eq!(timer.deadline(), start + s(3));
+        // Set later (10 s): moved back to the deadline.
+        timer.as_mut().reset(start + s(10));
+        assert_eq!(woken_after(&mut timer, start + s(5)).await, s(2));
+        // Fired long ago (5 s): set again from it, not taken for the new deadline.
+        assert_eq!(woken_after(&mut timer, start + s(12)).await, s(7));
+        // A deadline already past is due at once.
+        assert_eq!(woken_after(&mut timer, start + s(4)).await, s(0));
     }
 
     #[tokio::test]

@@ -200,10 +200,9 @@ impl Conn {
             let mut writer = Writer::new(unsent.first, unsent.body, body_hint, false);
             let head_request = head.method == Method::HEAD;
             let room = head.answer_room;
-            let mut armed = false;
             let parsed = std::future::poll_fn(|cx| {
                 let polled = self.poll_exchange(cx, &mut writer, reused, head_request, room);
-                if polled.is_pending() && self.expired(cx, deadline, &mut armed) {
+                if polled.is_pending() && self.expired(cx, deadline) {
                     return Poll::Ready(Err(Failed::TimedOut));
                 }
                 polled
@@ -259,28 +258,14 @@ impl Conn {
             .map_err(Failed::Error)
     }
 
-    /// Whether `deadline` has passed, the timer set to it (and this task woken then)
-    /// if not. Set once per exchange (`armed`): a deadline later than the timer's moves
-    /// it without a lock on the timer wheel.
-    fn expired(
-        &mut self,
-        cx: &mut Context<'_>,
-        deadline: tokio::time::Instant,
-        armed: &mut bool,
-    ) -> bool {
-        let timer = match &mut self.timer {
-            Some(timer) => {
-                if !*armed {
-                    timer.as_mut().reset(deadline);
-                }
-                timer
-            }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        *armed = true;
-        std::future::Future::poll(timer.as_mut(), cx).is_ready()
+    /// Whether `deadline` has passed, the timer set to wake this task by then if not
+    /// ([`crate::clock::due`]: the connection's timer, left from its last exchange,
+    /// is moved only when it would be late).
+    fn expired(&mut self, cx: &mut Context<'_>, deadline: tokio::time::Instant) -> bool {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        crate::clock::due(timer.as_mut(), deadline, cx)
     }
 
     /// Reads until a whole final head has come; drops interim answers.

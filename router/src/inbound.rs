@@ -469,7 +469,7 @@ async fn read_head(
 ) -> Result<Option<Parsed>, Refusal> {
     let deadline = idle_since + opts.header_timeout;
     let park_at = (idle_since + opts.park_after).min(deadline);
-    let (mut parked, mut armed) = (false, false);
+    let mut parked = false;
     let head = std::future::poll_fn(|cx| loop {
         if !reader.buf.is_empty() {
             match parse_request(&mut reader.buf, &mut reader.names) {
@@ -515,16 +515,13 @@ async fn read_head(
                 Poll::Pending => {}
             }
         }
-        // Armed only once there is a wait: a head already buffered (pipelined, or
-        // come with the last answer's read) never touches the timer.
-        if !armed {
-            armed = true;
-            timer.as_mut().reset(park_at);
-        }
-        if timer.as_mut().poll(cx).is_pending() {
+        // Only a wait touches the timer: a head already buffered (pipelined, or come
+        // with the last answer's read) never does.
+        let wanted = if parked { deadline } else { park_at };
+        if !crate::clock::due(timer.as_mut(), wanted, cx) {
             return Poll::Pending;
         }
-        if Instant::now() >= deadline {
+        if wanted == deadline {
             if reader.buf.is_empty() {
                 tracing::debug!(peer = %opts.peer, "Closing an idle connection.");
                 return Poll::Ready(Ok(None));
@@ -539,17 +536,15 @@ async fn read_head(
         }
         // Idle for `park_after`: give the buffers back, keep the socket (and what the
         // client sent of its next head, in a buffer its size).
-        if !parked {
-            parked = true;
-            reader.buf = BytesMut::from(&reader.buf[..]);
-            reader.names = Names::default();
-            *write = Vec::new();
-            if let Some((now, total)) = &opts.parked {
-                now.inc();
-                total.inc();
-            }
+        // (Not parked yet: a parked connection waits for `deadline`.)
+        parked = true;
+        reader.buf = BytesMut::from(&reader.buf[..]);
+        reader.names = Names::default();
+        *write = Vec::new();
+        if let Some((now, total)) = &opts.parked {
+            now.inc();
+            total.inc();
         }
-        timer.as_mut().reset(deadline);
     })
     .await;
     if parked {
