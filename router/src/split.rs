@@ -269,7 +269,9 @@ struct Bucket {
     refilled: tokio::time::Instant,
     requests: [u64; SLOTS],
     slot: usize,
-    slot_start: tokio::time::Instant,
+    /// When the current slot's second ends: an instant to compare with, where a
+    /// duration since its start is a checked, normalised subtraction per request.
+    slot_ends: tokio::time::Instant,
 }
 
 impl RetryBudget {
@@ -285,7 +287,7 @@ impl RetryBudget {
                 refilled: now,
                 requests: [0; SLOTS],
                 slot: 0,
-                slot_start: now,
+                slot_ends: now + std::time::Duration::from_secs(1),
             }),
         }
     }
@@ -296,19 +298,22 @@ impl RetryBudget {
         let now = crate::clock::now();
         let second = std::time::Duration::from_secs(1);
         let mut moved = 0;
-        while now.duration_since(b.slot_start) >= second && moved < SLOTS {
+        while now >= b.slot_ends && moved < SLOTS {
             b.slot = (b.slot + 1) % SLOTS;
             let slot = b.slot;
             b.requests[slot] = 0;
-            b.slot_start += second;
+            b.slot_ends += second;
             moved += 1;
         }
         if moved == SLOTS {
-            b.slot_start = now;
+            b.slot_ends = now + second;
         }
-        let micros = now.duration_since(b.refilled).as_micros();
-        let earned = u64::try_from(micros.saturating_mul(u128::from(self.per_second)) / 1_000_000)
-            .unwrap_or(u64::MAX);
+        // In u64 (a u128 division was a library call per request); past its range
+        // (centuries of microseconds), as many tokens as there can be: the cap holds.
+        let micros = u64::try_from(now.duration_since(b.refilled).as_micros()).unwrap_or(u64::MAX);
+        let earned = micros
+            .checked_mul(self.per_second)
+            .map_or(u64::MAX, |n| n / 1_000_000);
         let recent: u64 = b.requests.iter().sum();
         let cap = self
             .per_request
