@@ -678,15 +678,25 @@ pub(crate) fn fields(
         let (name, bit) = names
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| "bad field name".to_string())?;
-        facts.present |= bit;
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("bad value of field `{name}`"))?;
         if bit.has(Present::CONNECTION) {
-            let (close, keep_alive) = connection_options(&value);
-            facts.close |= close;
-            facts.keep_alive |= keep_alive;
-        } else if bit.has(Present::CONTENT_LENGTH) {
+            let options = connection_options(&value);
+            facts.close |= options.close;
+            facts.keep_alive |= options.keep_alive;
+            if !options.other {
+                // Only `close` and `keep-alive`, both now in the facts: the field is this
+                // hop's and stays out of the map, so that nothing has to find it there and
+                // remove it (`connection: keep-alive` on nearly every upstream answer:
+                // 2% of the proxy's instructions). One that names other fields goes in,
+                // for `strip_hop_by_hop` to remove them with it.
+                facts.present |= Present::CONNECTION;
+                continue;
+            }
+        }
+        facts.present |= bit;
+        if bit.has(Present::CONTENT_LENGTH) {
             facts.length.add(value.as_bytes());
         } else if bit.has(Present::CONTENT_TYPE)
             && value.as_bytes().starts_with(b"application/grpc")
@@ -1049,15 +1059,29 @@ pub(crate) fn persistent(facts: &Facts, version: Version) -> bool {
     !facts.close && (version == Version::HTTP_11 || facts.keep_alive)
 }
 
-/// Whether a `connection` field's `value` names `close`, and `keep-alive`.
-pub(crate) fn connection_options(value: &HeaderValue) -> (bool, bool) {
-    let (mut close, mut keep_alive) = (false, false);
+/// What a `connection` field names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Options {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// Any other option: a field of that name is this hop's too.
+    pub other: bool,
+}
+
+/// What a `connection` field's `value` names.
+pub(crate) fn connection_options(value: &HeaderValue) -> Options {
+    let mut options = Options::default();
     for token in value.as_bytes().split(|&b| b == b',') {
         let token = token.trim_ascii();
-        close |= token.eq_ignore_ascii_case(b"close");
-        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        if token.eq_ignore_ascii_case(b"close") {
+            options.close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            options.keep_alive = true;
+        } else if !token.is_empty() {
+            options.other = true;
+        }
     }
-    (close, keep_alive)
+    options
 }
 
 /// Whether the last coding of the last `transfer-encoding` field is chunked (hyper's
@@ -2104,6 +2128,32 @@ mod tests {
         assert_eq!(one, [[16, 3, 21, 1]]);
         let none = spans_of(b"GET / HTTP/1.1\r\n\r\n");
         assert!(none.is_empty());
+    }
+
+    /// A `connection` field naming only `close` or `keep-alive` is read into the facts
+    /// and left out of the map; one naming another field goes in, and counts as
+    /// hop-by-hop, for that field to be removed with it.
+    #[test]
+    fn a_connection_field_naming_only_framing_stays_out_of_the_map() {
+        let parsed = |head: &'static [u8]| {
+            let head = Bytes::from_static(head);
+            let mut room = field_room();
+            let mut parsed = httparse::Request::new(&mut []);
+            parsed.parse_with_uninit_headers(&head, &mut room).unwrap();
+            let spans = Spans::of(&head, parsed.headers);
+            fields(&head, &spans, &mut Names::default(), 4).unwrap()
+        };
+        let (map, facts) = parsed(b"GET / HTTP/1.1\r\nConnection: Keep-Alive\r\nx-a: 1\r\n\r\n");
+        assert_eq!(map.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-a"]);
+        assert!(facts.keep_alive && !facts.close);
+        assert!(facts.present.has(Present::CONNECTION));
+        assert!(!facts.present.has(Present::HOP_BY_HOP));
+        let (map, facts) = parsed(b"GET / HTTP/1.1\r\nconnection: close,\r\n\r\n");
+        assert!(map.is_empty() && facts.close);
+        let (map, facts) =
+            parsed(b"GET / HTTP/1.1\r\nconnection: keep-alive, x-private\r\nx-private: 1\r\n\r\n");
+        assert_eq!(map["connection"], "keep-alive, x-private");
+        assert!(facts.keep_alive && facts.present.has(Present::HOP_BY_HOP));
     }
 
     /// The one bit a value sets: a `content-type` that says gRPC.
