@@ -114,6 +114,19 @@ for t in "${TARGETS[@]}"; do
   curl -sf -X POST -d "$BODY" "http://127.0.0.1:$port$PATH_TF" >/dev/null || { echo "port $port is not answering" >&2; cat "$WORK"/logs/* >&2; exit 1; }
 done
 
+# under_load T CMD...: wrk at CONNS connections against target T for 6 s, and CMD run
+# 1.5 s in (it measures for 3 s); sets RPS to wrk's rate.
+under_load() {
+  local t=$1 load
+  shift
+  taskset -c 0 wrk -t1 -c"$CONNS" -d6s -s "$WORK/post.lua" "http://127.0.0.1:${PORT_OF[$t]}$PATH_TF" > "$WORK/wrk.$t" &
+  load=$!
+  sleep 1.5
+  "$@" > /dev/null 2>&1
+  wait "$load"
+  RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.$t")
+}
+
 if [ "${1:-}" = c1 ]; then
   # The p50 at one connection (wrk, one request at a time), over ROUNDS short interleaved
   # rounds (SECONDS_EACH each), and each proxy's difference from nginx's within a round:
@@ -224,17 +237,11 @@ if [ "${1:-}" = syscalls ]; then
   done
   for round in $(seq 1 "$ROUNDS"); do
     for t in nginx haproxy switchyard; do
-      case $t in
-        nginx) port=$P_NGINX; pid=$(pgrep -P "$NGINX_PID") ;;
-        haproxy) port=$P_HAPROXY; pid=$HAPROXY_PID ;;
-        switchyard) port=$P_SY; pid=$SY_PID ;;
-      esac
-      taskset -c 0 wrk -t1 -c"$CONNS" -d6s -s "$WORK/post.lua" "http://127.0.0.1:$port$PATH_TF" > "$WORK/wrk.$t" &
-      load=$!
-      sleep 1.5
-      perf stat -x, -e "$EVENTS" -p "$pid" -o "$WORK/perf.$t" -- sleep 3 > /dev/null 2>&1
-      wait "$load"
-      rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.$t")
+      # nginx's requests are its worker's.
+      pid=${PID_OF[$t]}
+      [ "$t" != nginx ] || pid=$(pgrep -P "$NGINX_PID")
+      under_load "$t" perf stat -x, -e "$EVENTS" -p "$pid" -o "$WORK/perf.$t" -- sleep 3
+      rps=$RPS
       awk -F, -v t="$t" -v r="$round" -v rps="$rps" '$3 ~ /sys_enter/ {n=$3; sub(/.*sys_enter_?/, "", n); if (n == "") n = "all"; printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/syscalls.tsv"
       echo "round $round $t: $rps req/s" >&2
     done
@@ -271,13 +278,8 @@ if [ "${1:-}" = kernel ]; then
   EVENTS=net:net_dev_xmit,sched:sched_wakeup,sched:sched_switch,ipi:ipi_send_cpu,sched:sched_wake_idle_without_ipi,irq_vectors:call_function_single_entry,irq_vectors:reschedule_entry,tcp:tcp_retransmit_skb
   for round in $(seq 1 "$ROUNDS"); do
     for t in nginx haproxy switchyard; do
-      port=${PORT_OF[$t]}
-      taskset -c 0 wrk -t1 -c"$CONNS" -d6s -s "$WORK/post.lua" "http://127.0.0.1:$port$PATH_TF" > "$WORK/wrk.$t" &
-      load=$!
-      sleep 1.5
-      perf stat -a -x, -e "$EVENTS" -o "$WORK/perf.$t" -- sleep 3 > /dev/null 2>&1
-      wait "$load"
-      rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.$t")
+      under_load "$t" perf stat -a -x, -e "$EVENTS" -o "$WORK/perf.$t" -- sleep 3
+      rps=$RPS
       awk -F, -v t="$t" -v r="$round" -v rps="$rps" 'NF > 3 && $1 ~ /^[0-9]/ {n=$3; sub(/.*:/, "", n); printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/kernel.tsv"
       echo "round $round $t: $rps req/s" >&2
     done
@@ -308,17 +310,13 @@ if [ "${1:-}" = profile ]; then
   TOP=${TOP:-25}
   for round in $(seq 1 "$ROUNDS"); do
     for t in nginx haproxy switchyard; do
-      port=${PORT_OF[$t]}
-      taskset -c 0 wrk -t1 -c"$CONNS" -d6s -s "$WORK/post.lua" "http://127.0.0.1:$port$PATH_TF" > "$WORK/wrk.$t" &
-      load=$!
-      sleep 1.5
-      perf record -q -F 2999 -C 1 ${PROFILE_ARGS:-} -o "$WORK/prof.$t.$round" -- sleep 3 > /dev/null 2>&1
-      wait "$load"
-      rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.$t")
+      # shellcheck disable=SC2086 # PROFILE_ARGS is options, split on purpose
+      under_load "$t" perf record -q -F 2999 -C 1 ${PROFILE_ARGS:-} -o "$WORK/prof.$t.$round" -- sleep 3
+      rps=$RPS
       perf report -i "$WORK/prof.$t.$round" -n --no-children -g none --sort sym --stdio 2>/dev/null |
         awk -v t="$t" -v r="$round" -v rps="$rps" '$1 ~ /%$/ && $2 ~ /^[0-9]+$/ {s=$0; sub(/.*\] /, "", s); printf "%s\t%s\t%s\t%.1f\n", r, t, s, $2 / 2999 / (rps * 3) * 1e9}' >> "$WORK/profile.tsv"
       perf report -i "$WORK/prof.$t.$round" -n --no-children -g none --sort dso --stdio 2>/dev/null |
-        awk -v t="$t" -v r="$round" -v rps="$rps" '$1 ~ /%$/ && $2 ~ /^[0-9]+$/ {d=$3; if (d ~ /kernel/) d="the kernel"; else if (d ~ /^libc/) d="libc"; else if (d ~ /^(nginx|haproxy|switchyard|sy-|base-|exp-)/ || d == "[unknown]") d="the proxy"; else d="other"; printf "%s\t%s\t(%s)\t%.1f\n", r, t, d, $2 / 2999 / (rps * 3) * 1e9}' >> "$WORK/profile.tsv"
+        awk -v t="$t" -v r="$round" -v rps="$rps" '$1 ~ /%$/ && $2 ~ /^[0-9]+$/ {d=$3; if (d ~ /kernel/) d="the kernel"; else if (d ~ /^libc/) d="libc"; else next; printf "%s\t%s\t(%s)\t%.1f\n", r, t, d, $2 / 2999 / (rps * 3) * 1e9}' >> "$WORK/profile.tsv"
       echo "round $round $t: $rps req/s" >&2
     done
   done
@@ -334,7 +332,7 @@ ts = ["nginx", "haproxy", "switchyard"]
 def med(t, n):
     d = v.get((t, n), {})
     return st.median([d.get(r, 0.0) for r in rounds])
-# Functions, and "(the kernel)", "(the proxy)", "(libc)", "(other)": where they live.
+# Functions, and "(the kernel)" and "(libc)": the sums of their functions.
 parts = sorted({n for (_, n) in v if n.startswith("(")})
 names = {n for (_, n) in v if not n.startswith("(")}
 diff = sorted(names, key=lambda n: -abs(med("switchyard", n) - med("haproxy", n)))
@@ -345,6 +343,9 @@ for n in diff[:int(sys.argv[2])]:
 tot = {t: st.median([sum(v[(t, n)].get(r, 0.0) for n in names if (t, n) in v) for r in rounds]) for t in ts}
 for n in parts:
     print(f"| {n} | " + " | ".join(f"{med(t, n):.0f}" for t in ts) + f" | {med('switchyard', n) - med('haproxy', n):+.0f} |")
+# What is neither: the proxy's own code, with the odd other library.
+rest = {t: tot[t] - sum(med(t, n) for n in parts) for t in ts}
+print("| (the rest: the proxy's own code) | " + " | ".join(f"{rest[t]:.0f}" for t in ts) + f" | {rest['switchyard'] - rest['haproxy']:+.0f} |")
 print("| all | " + " | ".join(f"{tot[t]:.0f}" for t in ts) + f" | {tot['switchyard'] - tot['haproxy']:+.0f} |")
 PY
   exit 0
