@@ -12,6 +12,9 @@
 //! What it costs: a time taken inside a poll is the time the poll began, early by the
 //! CPU work done before it in the same poll (microseconds; nothing here waits inside a
 //! poll). Deadlines set from it are as early.
+//!
+//! [`due`] is the other half of a request's time: a deadline waited for with a timer
+//! that is moved only when it would be late.
 
 use std::cell::Cell;
 use std::future::Future;

@@ -43,7 +43,7 @@
 //! - [`auth`]: bearer tokens for the admin listener's POSTs and for feedback.
 //! - [`ids`]: unguessable request ids.
 //! - [`clock`]: the time, read once per turn of a connection's task (nginx's cached
-//!   time).
+//!   time), and deadlines whose timers move only when they would be late.
 //! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
 //!   [`feedback::FeedbackSink`] the binary provides (the bandit).
 #![forbid(unsafe_code)]
