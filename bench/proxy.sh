@@ -225,78 +225,68 @@ PY
   exit 0
 fi
 
-if [ "${1:-}" = syscalls ]; then
-  # System calls per request under load (CONNS connections, wrk), each proxy's process
-  # counted by perf's syscall tracepoints over 3 s of a 6 s run; requests in that window
-  # from wrk's steady rate. Medians over ROUNDS interleaved rounds.
+# stat_per_request SCOPE EVENTS TITLE: perf stat's counts of EVENTS per request while
+# each proxy is under load (CONNS connections, wrk), 3 s of a 6 s run, over ROUNDS
+# interleaved rounds; the medians as a table. SCOPE "process": the proxy's own (nginx's
+# worker's); "machine": every CPU's. Requests in the window are from wrk's steady rate.
+stat_per_request() {
+  local scope=$1 events=$2 title=$3 round t pid
   need perf
-  : > "$WORK/syscalls.tsv"
+  : > "$WORK/counts.tsv"
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in nginx haproxy switchyard; do
+      if [ "$scope" = process ]; then
+        pid=${PID_OF[$t]}
+        [ "$t" != nginx ] || pid=$(pgrep -P "$NGINX_PID")
+        under_load "$t" perf stat -x, -e "$events" -p "$pid" -o "$WORK/perf.$t" -- sleep 3
+      else
+        under_load "$t" perf stat -a -x, -e "$events" -o "$WORK/perf.$t" -- sleep 3
+      fi
+      # A counter by its event's name ("syscalls:sys_enter_recvfrom" is "recvfrom", and
+      # "raw_syscalls:sys_enter", every system call, is "all").
+      awk -F, -v t="$t" -v r="$round" -v rps="$RPS" 'NF > 3 && $1 ~ /^[0-9]/ {n=$3; sub(/.*:/, "", n); sub(/^sys_enter_?/, "", n); if (n == "") n = "all"; printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/counts.tsv"
+      echo "round $round $t: $RPS req/s" >&2
+    done
+  done
+  python3 - "$WORK/counts.tsv" "$title" <<'PY'
+import collections, statistics as st, sys
+v = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r, t, n, x = line.split("\t")
+    v[(t, n)].append(float(x))
+ts = ["nginx", "haproxy", "switchyard"]
+med = {k: st.median(x) for k, x in v.items()}
+names = sorted({n for (_, n) in v}, key=lambda n: (n != "all", n))
+print(f"| {sys.argv[2]} (median of rounds) | " + " | ".join(ts) + " |")
+print("|---|" + "---|" * len(ts))
+for n in names:
+    if all(med[(t, n)] < 0.005 for t in ts if (t, n) in med):
+        continue
+    print(f"| {n} | " + " | ".join(f"{med[(t, n)]:.3f}" if (t, n) in med else "" for t in ts) + " |")
+if names and names[0] == "all":
+    # Whatever is not named above (perf counts only the tracepoints it was given).
+    other = {t: med[(t, "all")] - sum(med.get((t, n), 0) for n in names[1:]) for t in ts}
+    print("| others | " + " | ".join(f"{other[t]:.3f}" for t in ts) + " |")
+PY
+}
+
+if [ "${1:-}" = syscalls ]; then
+  # System calls per request, each proxy's own.
   EVENTS=raw_syscalls:sys_enter
   for sc in recvfrom read readv sendto write writev sendmsg epoll_wait epoll_ctl; do
     EVENTS="$EVENTS,syscalls:sys_enter_$sc"
   done
-  for round in $(seq 1 "$ROUNDS"); do
-    for t in nginx haproxy switchyard; do
-      # nginx's requests are its worker's.
-      pid=${PID_OF[$t]}
-      [ "$t" != nginx ] || pid=$(pgrep -P "$NGINX_PID")
-      under_load "$t" perf stat -x, -e "$EVENTS" -p "$pid" -o "$WORK/perf.$t" -- sleep 3
-      rps=$RPS
-      awk -F, -v t="$t" -v r="$round" -v rps="$rps" '$3 ~ /sys_enter/ {n=$3; sub(/.*sys_enter_?/, "", n); if (n == "") n = "all"; printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/syscalls.tsv"
-      echo "round $round $t: $rps req/s" >&2
-    done
-  done
-  python3 - "$WORK/syscalls.tsv" <<'PY'
-import collections, statistics as st, sys
-v = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    r, t, n, x = line.split("\t")
-    v[(t, n)].append(float(x))
-ts = ["nginx", "haproxy", "switchyard"]
-names = ["all"] + sorted({n for (_, n) in v if n != "all"})
-print("| system calls per request (median of rounds) | " + " | ".join(ts) + " |")
-print("|---|" + "---|" * len(ts))
-for n in names:
-    if all(st.median(v[(t, n)]) < 0.005 for t in ts if (t, n) in v):
-        continue
-    print(f"| {n} | " + " | ".join(f"{st.median(v[(t, n)]):.2f}" if (t, n) in v else "" for t in ts) + " |")
-# Whatever is not named above (perf counts only the tracepoints it was given).
-other = {t: st.median(v[(t, "all")]) - sum(st.median(v[(t, n)]) for n in names[1:] if (t, n) in v) for t in ts}
-print("| others | " + " | ".join(f"{other[t]:.2f}" for t in ts) + " |")
-PY
+  stat_per_request process "$EVENTS" "system calls per request"
   exit 0
 fi
 
 if [ "${1:-}" = kernel ]; then
-  # What the kernel does per request, machine-wide, while one proxy is under load
-  # (CONNS connections, wrk): packets on loopback (four carry the request and its answer;
-  # the rest are bare ACKs), wake-ups, context switches and inter-processor interrupts
-  # (a wake-up of a task on the other, idle CPU; each is a VM exit in a guest). Counted
-  # by perf's tracepoints over 3 s of a 6 s run; medians over ROUNDS interleaved rounds.
-  need perf
-  : > "$WORK/kernel.tsv"
-  EVENTS=net:net_dev_xmit,sched:sched_wakeup,sched:sched_switch,ipi:ipi_send_cpu,sched:sched_wake_idle_without_ipi,irq_vectors:call_function_single_entry,irq_vectors:reschedule_entry,tcp:tcp_retransmit_skb
-  for round in $(seq 1 "$ROUNDS"); do
-    for t in nginx haproxy switchyard; do
-      under_load "$t" perf stat -a -x, -e "$EVENTS" -o "$WORK/perf.$t" -- sleep 3
-      rps=$RPS
-      awk -F, -v t="$t" -v r="$round" -v rps="$rps" 'NF > 3 && $1 ~ /^[0-9]/ {n=$3; sub(/.*:/, "", n); printf "%s\t%s\t%s\t%.3f\n", r, t, n, $1 / (rps * 3)}' "$WORK/perf.$t" >> "$WORK/kernel.tsv"
-      echo "round $round $t: $rps req/s" >&2
-    done
-  done
-  python3 - "$WORK/kernel.tsv" <<'PY'
-import collections, statistics as st, sys
-v = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    r, t, n, x = line.split("\t")
-    v[(t, n)].append(float(x))
-ts = ["nginx", "haproxy", "switchyard"]
-names = sorted({n for (_, n) in v})
-print("| per request, machine-wide (median of rounds) | " + " | ".join(ts) + " |")
-print("|---|" + "---|" * len(ts))
-for n in names:
-    print(f"| {n} | " + " | ".join(f"{st.median(v[(t, n)]):.3f}" if (t, n) in v else "" for t in ts) + " |")
-PY
+  # What the kernel does per request, machine-wide: packets on loopback (four carry the
+  # request and its answer; the rest are bare ACKs), wake-ups, context switches and
+  # inter-processor interrupts (a wake-up of a task on the other, idle CPU; each is a VM
+  # exit in a guest).
+  stat_per_request machine net:net_dev_xmit,sched:sched_wakeup,sched:sched_switch,ipi:ipi_send_cpu,sched:sched_wake_idle_without_ipi,irq_vectors:call_function_single_entry,irq_vectors:reschedule_entry,tcp:tcp_retransmit_skb \
+    "per request, machine-wide"
   exit 0
 fi
 
