@@ -202,13 +202,17 @@ impl Router {
             let routed = crate::clock::now_std();
             // Phases choose, limit/break, forward and retry: tower's Retry over the split.
             let retrying = tower::retry::Retry::new(Budgeted::new(&ask), Split::new(&ask));
-            let (first, hedge) = match (res.hedge_after, &replay) {
+            let mut hedge = None;
+            let first = match (res.hedge_after, &replay) {
                 // The rarer paths are boxed (hedging, falling back): each would otherwise
                 // enlarge every request's future, which is moved whole.
                 (Some(after), Some(bytes)) => {
-                    Box::pin(hedged(&ask, retrying.oneshot(body), after, bytes)).await
+                    let (first, h) =
+                        Box::pin(hedged(&ask, retrying.oneshot(body), after, bytes)).await;
+                    hedge = h;
+                    first
                 }
-                _ => (retrying.oneshot(body).await, None),
+                _ => retrying.oneshot(body).await,
             };
             // Nothing of `first` may keep its room (280 bytes) in the future while
             // falling back. A local keeps it once borrowed (a guard borrows; so does
