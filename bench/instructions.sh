@@ -17,6 +17,9 @@
 #                                               # --tree=caller; use a --release build
 #                                               # for its line tables)
 #   PEERS=0 ...                                 # Switchyard only
+#   CACHE=1 ...                                 # also simulated cache misses per
+#                                               # request (callgrind --cache-sim: L1
+#                                               # data and last-level, reads and writes)
 #
 # Needs: valgrind, nginx, haproxy, oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
@@ -50,7 +53,8 @@ count() {
   local name=$1 pid out
   shift
   rm -f "$WORK/cg.$name".*
-  taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$name.%p" "$@" > "$WORK/logs/$name.log" 2>&1 &
+  # shellcheck disable=SC2046 # the option, or nothing
+  taskset -c 1 valgrind --tool=callgrind $([ "${CACHE:-0}" = 1 ] && echo --cache-sim=yes) ${CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/cg.$name.%p" "$@" > "$WORK/logs/$name.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   # Under valgrind a start takes seconds.
@@ -67,6 +71,8 @@ count() {
   # The dump after the zeroing is the highest-numbered part.
   out=$(ls -v "$WORK/cg.$name".*.* | tail -1)
   awk -v n="$N" -v name="$name" '/^summary:/ {printf "%s\t%.0f\n", name, $2 / n}' "$out" >> "$WORK/counts.tsv"
+  # With --cache-sim the events are Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+  awk -v n="$N" -v name="$name" '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i} /^summary:/ && ("D1mr" in col) {printf "%s\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\n", name, $col["Dr"] / n + $col["Dw"] / n, $col["D1mr"] / n, $col["D1mw"] / n, $col["DLmr"] / n, $col["DLmw"] / n}' "$out" >> "$WORK/cache.tsv"
   if [ "${ANNOTATE:-0}" = 1 ]; then
     callgrind_annotate --inclusive=yes --threshold=99 "$out" > "$OUT/instructions-$name.txt" 2>/dev/null || true
     cp "$out" "$OUT/callgrind-$name.out"
@@ -74,6 +80,7 @@ count() {
 }
 
 : > "$WORK/counts.tsv"
+: > "$WORK/cache.tsv"
 if [ "$PEERS" != 0 ]; then
   count nginx nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'user root;'
   count haproxy haproxy -f "$WORK/haproxy.cfg" -db
@@ -104,3 +111,11 @@ if len(bins) == 2:
     a, b = counts["switchyard-1"], counts["switchyard-2"]
     print(f"\nB/A: {b / a:.4f} ({b - a:+,} instructions per request)")
 PY
+if [ -s "$WORK/cache.tsv" ]; then
+  echo
+  echo "Simulated cache misses per request (callgrind --cache-sim; valgrind's model of this CPU's caches):"
+  echo
+  echo "| proxy | data reads and writes | L1 read misses | L1 write misses | last-level read misses | last-level write misses |"
+  echo "|---|---|---|---|---|---|"
+  awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6}' "$WORK/cache.tsv"
+fi

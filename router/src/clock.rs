@@ -13,8 +13,8 @@
 //! CPU work done before it in the same poll (microseconds; nothing here waits inside a
 //! poll). Deadlines set from it are as early.
 //!
-//! [`due`] is the other half of a request's time: a deadline waited for with a timer
-//! that is moved only when it would be late.
+//! [`Alarm`] is the other half of a request's time: a deadline waited for with a timer
+//! that is moved only when it would be late, and polled only when it must be.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -22,6 +22,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+
+use crate::wake::Registered;
 
 thread_local! {
     static TURN: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -38,28 +40,61 @@ pub fn now_std() -> std::time::Instant {
     now().into_std()
 }
 
-/// Whether `deadline` has passed; if not, `timer` wakes the task by then. The timer is
-/// moved only when it would be late: one set earlier fires early and is set again then.
-/// A deadline that moves on with each request (an idle connection's, a request's
-/// timeout on a reused connection) so costs a timer-wheel update once per timeout,
-/// not once per request (`bench/instructions.sh`: −191 instructions per request, 0.6%).
-pub fn due(
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    deadline: Instant,
-    cx: &mut Context<'_>,
-) -> bool {
-    if timer.deadline() > deadline {
-        timer.as_mut().reset(deadline);
+pin_project_lite::pin_project! {
+    /// A task's timer for deadlines that move on (a connection's, request after
+    /// request), waited for with [`Alarm::due`].
+    #[derive(Debug)]
+    pub struct Alarm {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // The waker the timer holds since it was last set, if this task's.
+        held: Registered,
     }
-    loop {
-        if timer.as_mut().poll(cx).is_pending() {
+}
+
+impl Alarm {
+    /// A timer set for `deadline`.
+    pub fn until(deadline: Instant) -> Self {
+        Alarm {
+            sleep: tokio::time::sleep_until(deadline),
+            held: Registered::default(),
+        }
+    }
+
+    /// Where the timer is set.
+    pub fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+
+    /// Whether `deadline` has passed; if not, the timer wakes the task by then. The
+    /// timer is moved only when it would be late: one set earlier fires early and is
+    /// set again then. A deadline that moves on with each request (an idle
+    /// connection's, a request's timeout on a reused connection) so costs a
+    /// timer-wheel update once per timeout, not once per request (`bench/instructions.sh`:
+    /// −191 instructions per request, 0.6%). A timer already holding this task's waker
+    /// and not gone off is not polled at all ([`crate::wake`]; with the closing watch's
+    /// registration made once too, −8 locked instructions and −197 others per request).
+    pub fn due(self: Pin<&mut Self>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let mut this = self.project();
+        if this.sleep.deadline() > deadline {
+            this.sleep.as_mut().reset(deadline);
+            this.held.clear();
+        }
+        if this.held.holds(cx.waker()) && !this.sleep.is_elapsed() {
             return false;
         }
-        // It fired for its deadline: ours too, unless that was earlier.
-        if timer.deadline() >= deadline {
-            return true;
+        loop {
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                this.held.set(cx.waker());
+                return false;
+            }
+            this.held.clear();
+            // It fired for its deadline: ours too, unless that was earlier.
+            if this.sleep.deadline() >= deadline {
+                return true;
+            }
+            this.sleep.as_mut().reset(deadline);
         }
-        timer.as_mut().reset(deadline);
     }
 }
 
@@ -98,6 +133,7 @@ impl Drop for Turn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wake::Woken;
     use std::time::Duration;
 
     /// Blocks the thread long enough for the clock to move on.
@@ -106,17 +142,20 @@ mod tests {
     }
 
     /// When a wait for `deadline` ends, on tokio's paused clock (which jumps to the
-    /// next timer when every task waits): at the deadline, whatever the timer was set to.
-    async fn woken_after(timer: &mut Pin<Box<tokio::time::Sleep>>, deadline: Instant) -> Duration {
+    /// next timer when every task waits): at the deadline, whatever the timer was set
+    /// to. A wait no timer ends fails after a minute.
+    async fn woken_after(timer: &mut Pin<Box<Alarm>>, deadline: Instant) -> Duration {
         let start = Instant::now();
-        std::future::poll_fn(|cx| {
-            if due(timer.as_mut(), deadline, cx) {
+        let waited = std::future::poll_fn(|cx| {
+            if timer.as_mut().due(deadline, cx) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
             }
-        })
-        .await;
+        });
+        tokio::time::timeout(Duration::from_secs(60), waited)
+            .await
+            .expect("the timer never woke the task");
         Instant::now() - start
     }
 
@@ -124,17 +163,52 @@ mod tests {
     async fn a_deadline_is_met_by_a_timer_set_earlier_later_or_long_past() {
         let s = Duration::from_secs;
         let start = Instant::now();
-        let mut timer = Box::pin(tokio::time::sleep_until(start + s(1)));
+        let mut timer = Box::pin(Alarm::until(start + s(1)));
         // Set earlier: it fires at 1 s, is not due, and is set again for 3 s.
         assert_eq!(woken_after(&mut timer, start + s(3)).await, s(3));
         assert_eq!(timer.deadline(), start + s(3));
-        // Set later (10 s): moved back to the deadline.
-        timer.as_mut().reset(start + s(10));
+        // Gone off already (at 3 s): set again, not taken for the new deadline.
         assert_eq!(woken_after(&mut timer, start + s(5)).await, s(2));
-        // Fired long ago (5 s): set again from it, not taken for the new deadline.
-        assert_eq!(woken_after(&mut timer, start + s(12)).await, s(7));
+        // Set later (10 s): moved back to the deadline.
+        let mut later = Box::pin(Alarm::until(start + s(10)));
+        assert_eq!(woken_after(&mut later, start + s(8)).await, s(3));
         // A deadline already past is due at once.
         assert_eq!(woken_after(&mut timer, start + s(4)).await, s(0));
+    }
+
+    /// A timer polled again by the task it holds is not polled (nothing to see from
+    /// outside but that it still wakes that task); polled by another task, it wakes
+    /// that one.
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_wakes_the_task_that_waited_last() {
+        let s = Duration::from_secs;
+        let start = Instant::now();
+        let mut timer = Box::pin(Alarm::until(start + s(1)));
+        let (a, b) = (Woken::new(), Woken::new());
+        let (wa, wb) = (a.waker(), b.waker());
+        for _ in 0..3 {
+            assert!(!timer
+                .as_mut()
+                .due(start + s(1), &mut Context::from_waker(&wa)));
+        }
+        tokio::time::sleep(s(2)).await;
+        assert_eq!(a.count(), 1, "the task that waited is woken once");
+        // It went off: polled again, it is due (the task is not told again).
+        assert!(timer
+            .as_mut()
+            .due(start + s(1), &mut Context::from_waker(&wa)));
+        // Waited for again by one task, then another: the other is woken.
+        assert!(!timer
+            .as_mut()
+            .due(start + s(5), &mut Context::from_waker(&wa)));
+        assert!(!timer
+            .as_mut()
+            .due(start + s(5), &mut Context::from_waker(&wb)));
+        tokio::time::sleep(s(4)).await;
+        assert_eq!((a.count(), b.count()), (1, 1), "the last to wait is woken");
+        assert!(timer
+            .as_mut()
+            .due(start + s(5), &mut Context::from_waker(&wb)));
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@
 //! `tokio::sync::watch` receiver each such wait put the task in a list under a lock and
 //! took it out again (2% of the proxy's instructions per request, `bench/instructions.sh`).
 //! Here a connection registers once, when its [`Watch`] is made, and a wait is an
-//! atomic registration of its task's waker in its own slot: the closing wakes every
-//! slot. The drain's end ([`Closing::drained`]) is the last watch dropped.
+//! atomic registration of its task's waker in its own slot, made again only for
+//! another task's waker ([`crate::wake`]): the closing wakes every slot. The drain's
+//! end ([`Closing::drained`]) is the last watch dropped.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use slab::Slab;
+
+use crate::wake::Registered;
 
 /// The listener's side: closes, and tells when every connection has gone. Its clones
 /// are the same listener's.
@@ -53,6 +56,7 @@ impl Closing {
         Watch {
             shared: self.shared.clone(),
             slot,
+            held: Registered::default(),
             key,
         }
     }
@@ -85,6 +89,8 @@ impl Closing {
 pub struct Watch {
     shared: Arc<Shared>,
     slot: Arc<AtomicWaker>,
+    /// Whose waker `slot` holds.
+    held: Registered,
     key: usize,
 }
 
@@ -97,8 +103,13 @@ impl Watch {
     /// Ready once the listener is closing; until then the task is woken when it does.
     /// One task's waker at a time: the last to poll is the one woken.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        // Registered before the check, so a closing in between is not missed.
-        self.slot.register(cx.waker());
+        // Registered before the check, so a closing in between is not missed. Held
+        // already, it stays held until the closing takes it, which it does after
+        // marking the listener closed: then the check sees that.
+        if !self.held.holds(cx.waker()) {
+            self.slot.register(cx.waker());
+            self.held.set(cx.waker());
+        }
         if self.is_closed() {
             Poll::Ready(())
         } else {
@@ -177,6 +188,36 @@ mod tests {
         tokio::time::timeout(BOUND, Closing::new().drained())
             .await
             .expect("nothing to drain");
+    }
+
+    /// A watch waited on again by its task registers nothing new, and still wakes it;
+    /// waited on by another task, it wakes that one.
+    #[test]
+    fn the_closing_wakes_the_task_that_waited_last() {
+        let closing = Closing::new();
+        let (a, b) = (crate::wake::Woken::new(), crate::wake::Woken::new());
+        let (wa, wb) = (a.waker(), b.waker());
+        let first = closing.watch();
+        for _ in 0..3 {
+            assert!(first
+                .poll_closed(&mut Context::from_waker(&wa))
+                .is_pending());
+        }
+        let second = closing.watch();
+        assert!(second
+            .poll_closed(&mut Context::from_waker(&wa))
+            .is_pending());
+        assert!(second
+            .poll_closed(&mut Context::from_waker(&wb))
+            .is_pending());
+        closing.close();
+        assert_eq!(
+            (a.count(), b.count()),
+            (1, 1),
+            "each watch wakes the last to wait"
+        );
+        assert!(first.poll_closed(&mut Context::from_waker(&wa)).is_ready());
+        assert!(second.poll_closed(&mut Context::from_waker(&wb)).is_ready());
     }
 
     /// Polls `fut` once.

@@ -96,7 +96,7 @@ pub struct Conn {
     /// dropped per request took a lock on the runtime's timer wheel twice (to register
     /// and to remove it), where moving a registered one to a later time does not. Made
     /// at the first wait, boxed so that the connection moves freely.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Pin<Box<crate::clock::Alarm>>>,
 }
 
 /// A request head, borrowed: `headers` are the client's (hop-by-hop already removed);
@@ -259,13 +259,13 @@ impl Conn {
     }
 
     /// Whether `deadline` has passed, the timer set to wake this task by then if not
-    /// ([`crate::clock::due`]: the connection's timer, left from its last exchange,
+    /// ([`crate::clock::Alarm::due`]: the connection's timer, left from its last exchange,
     /// is moved only when it would be late).
     fn expired(&mut self, cx: &mut Context<'_>, deadline: tokio::time::Instant) -> bool {
         let timer = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        crate::clock::due(timer.as_mut(), deadline, cx)
+            .get_or_insert_with(|| Box::pin(crate::clock::Alarm::until(deadline)));
+        timer.as_mut().due(deadline, cx)
     }
 
     /// Reads until a whole final head has come; drops interim answers.

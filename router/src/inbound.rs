@@ -282,7 +282,9 @@ where
         };
         let mut write: Vec<u8> = Vec::new();
         // One timer for the connection's life, reset for each head.
-        let mut timer = std::pin::pin!(tokio::time::sleep(opts.header_timeout));
+        let mut timer = std::pin::pin!(crate::clock::Alarm::until(
+            Instant::now() + opts.header_timeout
+        ));
         let mut idle_since = crate::clock::now();
         loop {
             let Parsed {
@@ -409,26 +411,31 @@ where
                 AnswerFraming::Close => Writer::new(None, Some(body), None, true),
             };
             // The timer bounds a client that takes none of its answer for `send_timeout`
-            // (armed only while the socket is full; an upstream slow with its body is the
-            // request's business, not this one's).
-            let mut stalled_at: Option<u64> = None;
+            // (waited for only while the socket is full; an upstream slow with its body
+            // is the request's business, not this one's): where the answer stalled, the
+            // bytes written by then, and when.
+            let mut stalled: Option<(u64, Instant)> = None;
             let written = std::future::poll_fn(|cx| {
                 let done = writer.poll_write(&mut out, &mut write, cx);
                 if done.is_ready() || !writer.io_pending {
-                    stalled_at = None;
+                    stalled = None;
                     return done.map(|r| r.map_err(|e| e.to_string()));
                 }
-                if stalled_at != Some(writer.progress) {
-                    stalled_at = Some(writer.progress);
-                    timer.as_mut().reset(Instant::now() + opts.send_timeout);
-                }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(format!(
+                let since = match stalled {
+                    Some((progress, since)) if progress == writer.progress => since,
+                    _ => {
+                        let now = crate::clock::now();
+                        stalled = Some((writer.progress, now));
+                        now
+                    }
+                };
+                if timer.as_mut().due(since + opts.send_timeout, cx) {
+                    return Poll::Ready(Err(format!(
                         "the client took none of its answer for {:?} (client_send_timeout)",
                         opts.send_timeout
-                    ))),
-                    Poll::Pending => Poll::Pending,
+                    )));
                 }
+                Poll::Pending
             })
             .await;
             if let Err(e) = written {
@@ -464,7 +471,7 @@ async fn read_head(
     write: &mut Vec<u8>,
     opts: &Options,
     closing: &Watch,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    mut timer: Pin<&mut crate::clock::Alarm>,
     idle_since: Instant,
 ) -> Result<Option<Parsed>, Refusal> {
     let deadline = idle_since + opts.header_timeout;
@@ -518,7 +525,7 @@ async fn read_head(
         // Only a wait touches the timer: a head already buffered (pipelined, or come
         // with the last answer's read) never does.
         let wanted = if parked { deadline } else { park_at };
-        if !crate::clock::due(timer.as_mut(), wanted, cx) {
+        if !timer.as_mut().due(wanted, cx) {
             return Poll::Pending;
         }
         if wanted == deadline {

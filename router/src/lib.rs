@@ -44,6 +44,8 @@
 //! - [`ids`]: unguessable request ids.
 //! - [`clock`]: the time, read once per turn of a connection's task (nginx's cached
 //!   time), and deadlines whose timers move only when they would be late.
+//! - `wake`: whether a registration already holds this task's waker (a connection's
+//!   timer and closing watch register it once, not per request).
 //! - [`feedback`]: the decision log and `POST /v1/feedback`; rewards go to a
 //!   [`feedback::FeedbackSink`] the binary provides (the bandit).
 #![forbid(unsafe_code)]
@@ -77,6 +79,7 @@ pub mod table;
 pub mod upstream;
 pub mod v2;
 pub(crate) mod variant;
+pub(crate) mod wake;
 
 /// A seeded xorshift64* stream for the property tests: deterministic, no dependency.
 #[cfg(test)]
