@@ -675,12 +675,15 @@ pub(crate) fn fields(
     let mut headers = header_map(capacity);
     let mut facts = Facts::default();
     for (i, &[name, name_len, value, value_len]) in spans.0.iter().enumerate() {
-        let (name, bit) = names
+        let (name, bit, list) = names
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| "bad field name".to_string())?;
-        let value = head.slice(value as usize..(value + value_len) as usize);
-        let value = HeaderValue::from_maybe_shared(value)
-            .map_err(|_| format!("bad value of field `{name}`"))?;
+        let range = value as usize..(value + value_len) as usize;
+        let value = match list.and_then(|list| Values::get(list, &head[range.clone()])) {
+            Some(kept) => kept,
+            None => HeaderValue::from_maybe_shared(head.slice(range))
+                .map_err(|_| format!("bad value of field `{name}`"))?,
+        };
         if bit.has(Present::CONNECTION) {
             let options = connection_options(&value);
             facts.close |= options.close;
@@ -922,6 +925,8 @@ struct Known {
     name: HeaderName,
     /// The name's [`Present`] bit.
     present: Present,
+    /// Its values' list in this thread's [`Values`], for a name whose values repeat.
+    values: Option<u8>,
     spelling: [u8; Known::SPELLING],
     /// `0`: no spelling kept (a longer name is compared without case).
     spelled: u8,
@@ -929,13 +934,14 @@ struct Known {
 
 impl Known {
     /// Longest spelling kept: the common names fit (`content-length`, `x-request-id`,
-    /// `x-forwarded-for`), and a position costs 64 bytes with its name and its two bytes
-    /// of [`Present`] (`-Zprint-type-sizes`).
-    const SPELLING: usize = 29;
+    /// `x-forwarded-for`), and a position costs 64 bytes with its name, its two bytes
+    /// of [`Present`] and its values' list (`-Zprint-type-sizes`).
+    const SPELLING: usize = 27;
 
     fn new(name: HeaderName, raw: &[u8]) -> Self {
         let mut known = Known {
             present: Present::of(&name),
+            values: Values::of(&name),
             name,
             spelling: [0; Known::SPELLING],
             spelled: 0,
@@ -962,27 +968,97 @@ impl Names {
     /// Most positions remembered.
     const MOST: usize = 32;
 
-    /// The name spelled `raw` (any case) at position `i` of a head, and its [`Present`]
-    /// bit.
-    pub(crate) fn name(&mut self, i: usize, raw: &[u8]) -> Option<(HeaderName, Present)> {
+    /// The name spelled `raw` (any case) at position `i` of a head, its [`Present`]
+    /// bit, and its values' list in [`Values`] if it has one.
+    pub(crate) fn name(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+    ) -> Option<(HeaderName, Present, Option<u8>)> {
         if let Some(known) = self.0.get_mut(i) {
             if known.spelled_as(raw) {
-                return Some((known.name.clone(), known.present));
+                return Some((known.name.clone(), known.present, known.values));
             }
             if known.name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
                 known.spell(raw);
-                return Some((known.name.clone(), known.present));
+                return Some((known.name.clone(), known.present, known.values));
             }
         }
         let name = HeaderName::from_bytes(raw).ok()?;
         let known = Known::new(name.clone(), raw);
-        let present = known.present;
+        let (present, values) = (known.present, known.values);
         if i < self.0.len() {
             self.0[i] = known;
         } else if i == self.0.len() && i < Self::MOST {
             self.0.push(known);
         }
-        Some((name, present))
+        Some((name, present, values))
+    }
+}
+
+/// The values of the fields whose values repeat, kept per thread once seen: a value made
+/// from its head (a slice of the read buffer) is checked byte by byte and holds a count
+/// on the buffer, taken and given back with two locked instructions (some 5 ns each on
+/// the benchmark's machine, against a fraction of one for a plain instruction); a kept
+/// one is compared and copied, and counts nothing. A client sends the same
+/// `content-type`, `accept`, `user-agent` and `host`, and an upstream the same
+/// `server` and `content-type`, message after message.
+///
+/// `http`'s values count nothing only when `'static`: each kept value is leaked, so they
+/// are bounded: [`Values::NAMES`] only (none carries a secret, or a value that changes
+/// with each message as `date` and `content-length` do), at most [`Values::EACH`]
+/// values of each, of at most [`Values::LONGEST`] bytes, first come first kept: 3.5 KiB
+/// per thread at most. A value not kept is made from its head as before.
+#[derive(Default)]
+struct Values([Vec<HeaderValue>; Values::LISTS]);
+
+thread_local! {
+    static VALUES: std::cell::RefCell<Values> = std::cell::RefCell::default();
+}
+
+impl Values {
+    const LISTS: usize = 7;
+    const NAMES: [HeaderName; Values::LISTS] = [
+        http::header::CONTENT_TYPE,
+        http::header::ACCEPT,
+        http::header::ACCEPT_ENCODING,
+        http::header::CONTENT_ENCODING,
+        http::header::USER_AGENT,
+        HOST,
+        http::header::SERVER,
+    ];
+    const EACH: usize = 8;
+    const LONGEST: usize = 64;
+
+    /// `name`'s list, if its values are kept.
+    fn of(name: &HeaderName) -> Option<u8> {
+        Values::NAMES
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as u8)
+    }
+
+    /// The value `raw` of list `list`: the one kept, or one kept now if there is room;
+    /// `None` if neither (made from its head then, and checked there).
+    fn get(list: u8, raw: &[u8]) -> Option<HeaderValue> {
+        VALUES.with_borrow_mut(|values| {
+            let kept = &mut values.0[usize::from(list)];
+            if let Some(v) = kept.iter().find(|v| v.as_bytes() == raw) {
+                return Some(v.clone());
+            }
+            // `from_static` takes visible ASCII and tabs; other bytes (`obs-text`)
+            // are left to the head's value, and bad ones to its error.
+            if kept.len() >= Values::EACH
+                || raw.len() > Values::LONGEST
+                || !raw.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+            {
+                return None;
+            }
+            let text = std::str::from_utf8(raw).ok()?;
+            let value = HeaderValue::from_static(Box::leak(text.into()));
+            kept.push(value.clone());
+            Some(value)
+        })
     }
 }
 
@@ -2128,6 +2204,74 @@ mod tests {
         assert_eq!(one, [[16, 3, 21, 1]]);
         let none = spans_of(b"GET / HTTP/1.1\r\n\r\n");
         assert!(none.is_empty());
+    }
+
+    /// A repeating field's values are kept once each, per thread, up to the bounds;
+    /// past them, and for bytes `from_static` does not take, a value is read from its
+    /// head as before, alike to what is kept, and a bad one is still refused.
+    #[test]
+    fn repeating_values_are_kept_within_bounds_and_read_alike() {
+        // A thread of its own: its lists start empty.
+        std::thread::spawn(|| {
+            let parsed = |head: Vec<u8>| {
+                let head = Bytes::from(head);
+                let mut room = field_room();
+                let mut parsed = httparse::Request::new(&mut []);
+                parsed
+                    .parse_with_uninit_headers(&head, &mut room)
+                    .map_err(|e| e.to_string())?;
+                let spans = Spans::of(&head, parsed.headers);
+                fields(&head, &spans, &mut Names::default(), 4).map(|(map, _)| map)
+            };
+            let agent = |value: &[u8]| {
+                let mut head = b"GET / HTTP/1.1\r\nUser-Agent: ".to_vec();
+                head.extend_from_slice(value);
+                head.extend_from_slice(b"\r\nDate: x\r\n\r\n");
+                parsed(head)
+            };
+            let first = agent(b"curl/8.5").unwrap();
+            let again = agent(b"curl/8.5").unwrap();
+            assert_eq!(first["user-agent"], "curl/8.5");
+            assert_eq!(
+                first["user-agent"].as_bytes().as_ptr(),
+                again["user-agent"].as_bytes().as_ptr(),
+                "kept once, and the same value given again"
+            );
+            assert!(
+                Values::of(&http::header::DATE).is_none(),
+                "dates change: not kept"
+            );
+            let list = Values::of(&http::header::USER_AGENT).unwrap();
+            // Too long, and obs-text (a good value `from_static` would not take): read
+            // from the head, not kept.
+            let long = vec![b'a'; Values::LONGEST + 1];
+            assert_eq!(agent(&long).unwrap()["user-agent"].as_bytes(), &long[..]);
+            assert_eq!(
+                agent(b"caf\xc3\xa9").unwrap()["user-agent"].as_bytes(),
+                b"caf\xc3\xa9"
+            );
+            assert_eq!(VALUES.with_borrow(|v| v.0[usize::from(list)].len()), 1);
+            for i in 1..Values::EACH + 3 {
+                let value = format!("agent/{i}");
+                assert_eq!(
+                    agent(value.as_bytes()).unwrap()["user-agent"],
+                    value.as_str()
+                );
+            }
+            assert_eq!(
+                VALUES.with_borrow(|v| v.0[usize::from(list)].len()),
+                Values::EACH,
+                "first come first kept, up to the bound"
+            );
+            // (httparse refuses a control byte before the fields are read.)
+            assert!(agent(b"bad\x01value").is_err(), "a control byte is refused");
+            assert_eq!(
+                VALUES.with_borrow(|v| v.0[usize::from(list)].len()),
+                Values::EACH
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     /// A `connection` field naming only `close` or `keep-alive` is read into the facts
