@@ -20,6 +20,11 @@
 #   CACHE=1 ...                                 # also simulated cache misses per
 #                                               # request (callgrind --cache-sim: L1
 #                                               # data and last-level, reads and writes)
+#   LOCKS=1 ...                                 # also locked instructions (atomic
+#                                               # read-modify-writes) per request in
+#                                               # each proxy's own binary, and where
+#                                               # (bench/locked.py; bench/out/locked-*)
+#   CALLGRIND_ARGS=...                          # more callgrind options
 #
 # Needs: valgrind, nginx, haproxy, oha (cargo install --locked oha). Loopback only.
 cd "$(dirname "$0")/.."
@@ -54,7 +59,7 @@ count() {
   shift
   rm -f "$WORK/cg.$name".*
   # shellcheck disable=SC2046 # the option, or nothing
-  taskset -c 1 valgrind --tool=callgrind $([ "${CACHE:-0}" = 1 ] && echo --cache-sim=yes) ${CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/cg.$name.%p" "$@" > "$WORK/logs/$name.log" 2>&1 &
+  taskset -c 1 valgrind --tool=callgrind $([ "${CACHE:-0}" = 1 ] && echo --cache-sim=yes) $([ "${LOCKS:-0}" = 1 ] && echo --dump-instr=yes) ${CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/cg.$name.%p" "$@" > "$WORK/logs/$name.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   # Under valgrind a start takes seconds.
@@ -73,6 +78,10 @@ count() {
   awk -v n="$N" -v name="$name" '/^summary:/ {printf "%s\t%.0f\n", name, $2 / n}' "$out" >> "$WORK/counts.tsv"
   # With --cache-sim the events are Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
   awk -v n="$N" -v name="$name" '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i} /^summary:/ && ("D1mr" in col) {printf "%s\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\n", name, $col["Dr"] / n + $col["Dw"] / n, $col["D1mr"] / n, $col["D1mw"] / n, $col["DLmr"] / n, $col["DLmw"] / n}' "$out" >> "$WORK/cache.tsv"
+  if [ "${LOCKS:-0}" = 1 ]; then
+    python3 bench/locked.py "$out" "$(command -v "$1")" "$N" 25 > "$OUT/locked-$name.txt"
+    printf '%s\t%s\n' "$name" "$(head -1 "$OUT/locked-$name.txt")" >> "$WORK/locks.tsv"
+  fi
   if [ "${ANNOTATE:-0}" = 1 ]; then
     callgrind_annotate --inclusive=yes --threshold=99 "$out" > "$OUT/instructions-$name.txt" 2>/dev/null || true
     cp "$out" "$OUT/callgrind-$name.out"
@@ -81,6 +90,7 @@ count() {
 
 : > "$WORK/counts.tsv"
 : > "$WORK/cache.tsv"
+: > "$WORK/locks.tsv"
 if [ "$PEERS" != 0 ]; then
   count nginx nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'user root;'
   count haproxy haproxy -f "$WORK/haproxy.cfg" -db
@@ -118,4 +128,12 @@ if [ -s "$WORK/cache.tsv" ]; then
   echo "| proxy | data reads and writes | L1 read misses | L1 write misses | last-level read misses | last-level write misses |"
   echo "|---|---|---|---|---|---|"
   awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6}' "$WORK/cache.tsv"
+fi
+if [ -s "$WORK/locks.tsv" ]; then
+  echo
+  echo "Locked instructions per request, in each proxy's own binary (bench/locked.py; where: bench/out/locked-*.txt):"
+  echo
+  echo "| proxy | locked instructions per request |"
+  echo "|---|---|"
+  awk -F'\t' '{printf "| %s | %s |\n", $1, $2}' "$WORK/locks.tsv"
 fi
