@@ -281,7 +281,8 @@ where
             names: Names::default(),
         };
         let mut write: Vec<u8> = Vec::new();
-        // One timer for the connection's life, reset for each head.
+        // One timer for the connection's life, for the head, park and send deadlines in
+        // turn (`Alarm::due`: moved only when it would be late).
         let mut timer = std::pin::pin!(crate::clock::Alarm::until(
             Instant::now() + opts.header_timeout
         ));
