@@ -22,9 +22,11 @@
 //!   never asked for and is refused.
 //! - Framing as RFC 9112 §6.3 orders it: no body for `HEAD`, `204` and `304`; then
 //!   `transfer-encoding` (chunked last, else read to the close; a `content-length` beside
-//!   it is removed and the connection not reused); then `content-length` (every value
+//!   it is dropped and the connection not reused); then `content-length` (every value
 //!   the same number); else read to the close. HTTP/1.0 with `transfer-encoding` is
-//!   refused (§6.1: faulty framing).
+//!   refused (§6.1: faulty framing). `content-length` is framing, not a field passed
+//!   on: the body's size hint carries it, and the map has it only where the body does
+//!   not carry the length it says (HEAD, 204, 304).
 //! - Chunk-size lines of at most [`MAX_CHUNK_LINE`] bytes; trailers bounded like heads,
 //!   and passed on as a trailers frame.
 //!
@@ -679,13 +681,12 @@ pub(crate) fn fields(
             .name(i, &head[name as usize..(name + name_len) as usize])
             .ok_or_else(|| "bad field name".to_string())?;
         let range = value as usize..(value + value_len) as usize;
-        let value = match list.and_then(|list| Values::get(list, &head[range.clone()])) {
-            Some(kept) => kept,
-            None => HeaderValue::from_maybe_shared(head.slice(range))
-                .map_err(|_| format!("bad value of field `{name}`"))?,
-        };
+        let raw = &head[range.clone()];
+        // The framing fields are read from the head's bytes, before (or instead of) a
+        // value of their own: a value is a slice of the head, whose reference count is
+        // an atomic add and subtract (`bench/instructions.sh`, `LOCKS=1`).
         if bit.has(Present::CONNECTION) {
-            let options = connection_options(&value);
+            let options = connection_options(raw);
             facts.close |= options.close;
             facts.keep_alive |= options.keep_alive;
             if !options.other {
@@ -700,10 +701,19 @@ pub(crate) fn fields(
         }
         facts.present |= bit;
         if bit.has(Present::CONTENT_LENGTH) {
-            facts.length.add(value.as_bytes());
-        } else if bit.has(Present::CONTENT_TYPE)
-            && value.as_bytes().starts_with(b"application/grpc")
-        {
+            // Kept out of the map: the length is the body's (its size hint), which each
+            // writer frames by (ours, and hyper's h2, which adds the field from the
+            // hint), and where the body carries none (an answer to HEAD, a 304) the
+            // framing puts the field back ([`Length::restore`]).
+            facts.length.add(raw);
+            continue;
+        }
+        let value = match list.and_then(|list| Values::get(list, raw)) {
+            Some(kept) => kept,
+            None => HeaderValue::from_maybe_shared(head.slice(range))
+                .map_err(|_| format!("bad value of field `{name}`"))?,
+        };
+        if bit.has(Present::CONTENT_TYPE) && value.as_bytes().starts_with(b"application/grpc") {
             facts.present |= Present::GRPC;
         }
         headers.append(name, value);
@@ -770,22 +780,28 @@ impl Length {
         }
     }
 
-    /// The length, if any, or an error saying what is wrong. Repeated equal values are
-    /// left as one field in `headers` (a client's parser may read a list as an error,
-    /// and hyper's server would send the first field only by luck).
-    pub(crate) fn resolve(self, headers: &mut HeaderMap) -> Result<Option<u64>, String> {
-        if let Some(bad) = self.bad {
-            return Err(bad);
+    /// The length, if any, or an error saying what is wrong. (Not in the head's map:
+    /// see [`fields`]. Repeated equal values so become one field as the body's length
+    /// is written: a client's parser may read a list as an error.)
+    pub(crate) fn resolve(self) -> Result<Option<u64>, String> {
+        match self.bad {
+            Some(bad) => Err(bad),
+            None => Ok(self.value),
         }
-        if let (Some(n), true) = (self.value, self.values > 1) {
+    }
+
+    /// Puts the field back in `headers` for a message whose body does not carry the
+    /// length it says (an answer to HEAD, a 204 or 304): as one field, when its values
+    /// agree; left out when they do not, as nothing is framed by it.
+    fn restore(self, headers: &mut HeaderMap) {
+        if let Ok(Some(n)) = self.resolve() {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
         }
-        Ok(self.value)
     }
 }
 
-/// RFC 9112 §6.3, for an answer; removes a `content-length` that `transfer-encoding`
-/// overrides, so that it is not passed on.
+/// RFC 9112 §6.3, for an answer; puts `content-length` back in the map of an answer
+/// whose body does not carry that length ([`Length::restore`]).
 fn framing(
     status: StatusCode,
     version: Version,
@@ -796,6 +812,9 @@ fn framing(
     let present = facts.present;
     let mut keep = persistent(&facts, version);
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        if present.has(Present::CONTENT_LENGTH) {
+            facts.length.restore(headers);
+        }
         return Ok((Framing::Done, keep));
     }
     if present.has(Present::TRANSFER_ENCODING) {
@@ -804,7 +823,8 @@ fn framing(
                 "transfer-encoding in an HTTP/1.0 answer".into(),
             ));
         }
-        if headers.remove(CONTENT_LENGTH).is_some() {
+        // The length was never put in the map (see [`fields`]), so it is not passed on.
+        if present.has(Present::CONTENT_LENGTH) {
             keep = false;
         }
         return Ok(if chunked(headers) {
@@ -814,7 +834,7 @@ fn framing(
         });
     }
     let length = if present.has(Present::CONTENT_LENGTH) {
-        facts.length.resolve(headers).map_err(H1Error::Malformed)?
+        facts.length.resolve().map_err(H1Error::Malformed)?
     } else {
         None
     };
@@ -1145,9 +1165,9 @@ pub(crate) struct Options {
 }
 
 /// What a `connection` field's `value` names.
-pub(crate) fn connection_options(value: &HeaderValue) -> Options {
+pub(crate) fn connection_options(value: &[u8]) -> Options {
     let mut options = Options::default();
-    for token in value.as_bytes().split(|&b| b == b',') {
+    for token in value.split(|&b| b == b',') {
         let token = token.trim_ascii();
         if token.eq_ignore_ascii_case(b"close") {
             options.close = true;
@@ -1758,9 +1778,20 @@ mod tests {
         ])
         .await;
         let mut conn = connect(addr).await;
-        for (method, status) in [(Method::HEAD, 200), (Method::GET, 204), (Method::GET, 304)] {
+        for (method, status, declared) in [
+            (Method::HEAD, 200, Some("10")),
+            (Method::GET, 204, Some("3")),
+            (Method::GET, 304, None),
+        ] {
             let mut resp = ok(send(conn, method, b"", false).await);
             assert_eq!(resp.status().as_u16(), status);
+            // The body does not carry the length such an answer says: the field does.
+            assert_eq!(
+                resp.headers()
+                    .get(CONTENT_LENGTH)
+                    .map(|v| v.to_str().unwrap()),
+                declared
+            );
             assert!(read_body(resp.body_mut()).await.unwrap().0.is_empty());
             conn = resp.body_mut().reusable().expect("kept alive");
         }
@@ -1777,14 +1808,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_length_given_twice_alike_is_passed_on_once() {
+    async fn a_length_given_twice_alike_is_the_bodys_length() {
         for answer in [
             &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: 3 , 3\r\n\r\nabc",
         ] {
             let mut resp = ok(post_to(Then::Answer(answer)).await);
-            let lengths: Vec<_> = resp.headers().get_all(CONTENT_LENGTH).iter().collect();
-            assert_eq!(lengths, ["3"], "{}", String::from_utf8_lossy(answer));
+            // Framing, not a field: what passes it on writes it once, from the body.
+            assert!(!resp.headers().contains_key(CONTENT_LENGTH));
+            let hint = http_body::Body::size_hint(resp.body());
+            assert_eq!(hint.exact(), Some(3), "{}", String::from_utf8_lossy(answer));
             assert_eq!(read_body(resp.body_mut()).await.unwrap().0, b"abc");
             assert!(resp.body_mut().reusable().is_some());
         }
@@ -2319,9 +2352,7 @@ mod tests {
         let closing =
             facts(b"GET / HTTP/1.1\r\nconnection: x-a, Close\r\ncontent-length: 2, 2\r\n\r\n");
         assert!(closing.close && !closing.keep_alive);
-        let mut map = HeaderMap::new();
-        assert_eq!(closing.length.resolve(&mut map), Ok(Some(2)));
-        assert_eq!(map[CONTENT_LENGTH], "2");
+        assert_eq!(closing.length.resolve(), Ok(Some(2)));
     }
 
     #[test]
