@@ -1026,9 +1026,10 @@ impl Names {
 ///
 /// `http`'s values count nothing only when `'static`: each kept value is leaked, so they
 /// are bounded: [`Values::NAMES`] only (none carries a secret, or a value that changes
-/// with each message as `date` and `content-length` do), at most [`Values::EACH`]
-/// values of each, of at most [`Values::LONGEST`] bytes, first come first kept: 3.5 KiB
-/// per thread at most. A value not kept is made from its head as before.
+/// with each message as `date` does; `content-length` is not a value: see [`fields`]),
+/// at most [`Values::EACH`] values of each, of at most [`Values::LONGEST`] bytes, first
+/// come first kept: 3.5 KiB per thread at most. A value not kept is made from its head
+/// as before. (The request target is kept alike: `crate::inbound`'s `Targets`.)
 #[derive(Default)]
 struct Values([Vec<HeaderValue>; Values::LISTS]);
 

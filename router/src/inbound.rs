@@ -601,7 +601,7 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
         ));
     }
     let head = buf.split_to(len).freeze();
-    let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+    let uri = Targets::uri(&head, target.0..target.0 + target.1)
         .map_err(|e| bad(format!("bad request target: {e}")))?;
     // Room for the fields the proxy adds to what it passes on.
     let (headers, facts) = h1::fields(&head, &spans, names, spans.len() + 2).map_err(bad)?;
@@ -651,6 +651,57 @@ fn parse_request(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Parsed>
         expect_continue,
         present,
     }))
+}
+
+/// The request targets kept per thread once seen, as [`h1`]'s kept field values are: a
+/// client asks for the same few paths (`/v1/models/NAME:predict`, `/v2/models/NAME/infer`)
+/// request after request, and a target made from its head is checked byte by byte and
+/// holds a count on the read buffer (two locked instructions, taken and given back); a
+/// kept one is compared and copied. Each is leaked (`http` counts nothing on a `'static`
+/// one), so they are bounded: origin-form paths only, without a query (which may carry
+/// a key, and changes from request to request), at most [`Targets::MOST`] of at most
+/// [`Targets::LONGEST`] bytes, first come first kept: 0.5 KiB of text per thread. A
+/// target not kept is made from its head as before.
+struct Targets;
+
+thread_local! {
+    static TARGETS: std::cell::RefCell<Vec<http::Uri>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Targets {
+    const MOST: usize = 8;
+    const LONGEST: usize = 64;
+
+    /// The target at `range` of `head`: a kept one, or one kept now if there is room,
+    /// else one made from the head.
+    fn uri(
+        head: &Bytes,
+        range: std::ops::Range<usize>,
+    ) -> Result<http::Uri, http::uri::InvalidUri> {
+        let raw = &head[range.clone()];
+        // A target with a query is not kept: its path is not all of it (below).
+        if raw.len() > Targets::LONGEST || raw.first() != Some(&b'/') {
+            return http::Uri::from_maybe_shared(head.slice(range));
+        }
+        TARGETS.with_borrow_mut(|kept| {
+            if let Some(uri) = kept.iter().find(|uri| uri.path().as_bytes() == raw) {
+                return Ok(uri.clone());
+            }
+            let uri = http::Uri::from_maybe_shared(head.slice(range))?;
+            // Kept (and leaked) only once it has been read as a target, and only when its
+            // path is all of it (not with a query, nor a `#` that ends the path before
+            // it), so that a kept one is found by the bytes it was made from, and nothing
+            // that is not kept is leaked.
+            if kept.len() < Targets::MOST && uri.path().as_bytes() == raw {
+                let text: &'static [u8] = Box::leak(raw.into());
+                if let Ok(keep) = http::Uri::from_maybe_shared(Bytes::from_static(text)) {
+                    kept.push(keep.clone());
+                    return Ok(keep);
+                }
+            }
+            Ok(uri)
+        })
+    }
 }
 
 /// How an answer's body goes out.
@@ -837,6 +888,55 @@ mod tests {
 
     /// Every wait in these tests: none should come near it.
     const BOUND: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn repeating_targets_are_kept_within_bounds_and_read_alike() {
+        // A thread of its own: its list starts empty.
+        std::thread::spawn(|| {
+            let target = |t: &str| {
+                let mut buf =
+                    BytesMut::from(format!("GET {t} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes());
+                parse_request(&mut buf, &mut Names::default())
+                    .map(|p| p.expect("a whole head").parts.uri)
+                    .map_err(|r| r.1)
+            };
+            let kept = || TARGETS.with_borrow(|t| t.len());
+            let first = target("/v1/models/m:predict").unwrap();
+            let again = target("/v1/models/m:predict").unwrap();
+            assert_eq!(first.path(), "/v1/models/m:predict");
+            assert_eq!(
+                first.path().as_ptr(),
+                again.path().as_ptr(),
+                "kept once, and the same target given again"
+            );
+            assert_eq!(kept(), 1);
+            // With a query, too long, a fragment, not a path, bad: read from the head as
+            // any target is, and not kept.
+            let queried = target("/v1/models/m:predict?key=secret").unwrap();
+            assert_eq!(
+                (queried.path(), queried.query()),
+                ("/v1/models/m:predict", Some("key=secret"))
+            );
+            let long = format!("/{}", "a".repeat(Targets::LONGEST));
+            assert_eq!(target(&long).unwrap().path(), long);
+            assert_eq!(target("/a#b").unwrap().path(), "/a");
+            assert_eq!(target("*").unwrap().path(), "*");
+            assert!(target("/a\x7f").is_err());
+            // httparse takes `<`, `http` does not: refused, seen before or not.
+            assert!(target("/a<b").is_err() && target("/a<b").is_err());
+            assert_eq!(kept(), 1);
+            // First come first kept, up to the bound; the others still read alike.
+            for i in 0..2 * Targets::MOST {
+                let path = format!("/v2/models/m{i}/infer");
+                assert_eq!(target(&path).unwrap().path(), path);
+                assert_eq!(target(&path).unwrap().path(), path);
+            }
+            assert_eq!(kept(), Targets::MOST);
+            assert_eq!(target("/v1/models/m:predict").unwrap(), first);
+        })
+        .join()
+        .unwrap();
+    }
 
     /// What the echo service answers: the request's method, target, version and fields
     /// (all but the framing ones, which each server may rewrite), then its body; `422` if
