@@ -596,6 +596,64 @@ async fn a_sticky_key_in_grpc_metadata_keeps_the_caller_on_one_variant() {
     app.wait().await;
 }
 
+/// A gRPC shadow tells its upstream its own deadline (its `request_timeout`, 300 ms,
+/// from when it sends), not the client's, which was the primary's (20 s, from when the
+/// call came), nor nothing when the client gave none. Its upstream here is an h2c server
+/// that keeps the `grpc-timeout` of each call, and answers `UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_shadow_says_its_own_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shadow_addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let keep = keep.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let timeout = req
+                        .headers()
+                        .get("grpc-timeout")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    keep.lock().unwrap().push(timeout);
+                    async {
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", "14")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let app = start(&format!(
+        "models:\n  digits:\n    variants:\n      - {{name: cpu, weight: 1, local: {{model: \"builtin:digits_mlp\"}}}}\n    shadows:\n      - {{name: peer, upstream: \"http://{shadow_addr}\", protocol: grpc, fraction: 1, request_timeout: 300ms}}\n"
+    ))
+    .await;
+    let x = pixels(&vectors(), 1);
+    let message = infer_request("digits", &x, 1).encode_to_vec();
+    for deadline in [Some("20S"), None] {
+        let headers: Vec<(&str, &str)> =
+            deadline.map(|d| ("grpc-timeout", d)).into_iter().collect();
+        let r = call_raw(app.data_addr, INFER, message.clone(), &headers, 0).await;
+        assert_eq!(r.status, 0, "{}", r.message);
+    }
+    shadow_settled(app.admin_addr, "digits", "peer", 2).await;
+    let seen = seen.lock().unwrap().clone();
+    // 300 ms in the finest unit that fits 8 digits: 300,000 µs.
+    assert_eq!(
+        seen,
+        [Some("300000u".to_string()), Some("300000u".to_string())]
+    );
+    app.shutdown();
+    app.wait().await;
+}
+
 /// The client's `grpc-timeout` bounds the call, as Triton's and Envoy's clients expect:
 /// past it the answer is `DEADLINE_EXCEEDED` (not the model's answer seconds later),
 /// for a local variant and through a remote gRPC one (whose upstream is told what is

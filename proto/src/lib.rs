@@ -6,8 +6,9 @@
 //! - [`tensorflow`]: TensorFlow's `TensorProto`; [`tensorflow::serving`]: TF Serving's
 //!   `Predict` and `GetModelStatus` messages.
 //!
-//! Also the unary framing and the model-name rewrite ([`framed_for_model`]) that the
-//! router and the shadows both use. Used by the router (serving), the shadows
+//! Also the unary framing, the model-name rewrite ([`framed_for_model`]) and the
+//! `grpc-timeout` value ([`parse_timeout`], [`format_timeout`]) that the router and the
+//! shadows both use. Used by the router (serving), the shadows
 //! (mirroring), `switchyard load --grpc` (a client) and the tests.
 #![forbid(unsafe_code)]
 
@@ -133,6 +134,49 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
+/// The most digits `grpc-timeout` may have (gRPC over HTTP/2, "TimeoutValue").
+const TIMEOUT_DIGITS: usize = 8;
+
+/// A `grpc-timeout` value (a call's deadline, from when it is received): up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.as_bytes().split_last().map(|(u, d)| (d, *u))?;
+    if digits.is_empty() || digits.len() > TIMEOUT_DIGITS || !digits.iter().all(u8::is_ascii_digit)
+    {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `left` as a `grpc-timeout` value, in the finest unit that fits 8 digits (rounded
+/// down: an upstream must not be told it has longer than the client gave).
+pub fn format_timeout(left: std::time::Duration) -> http::HeaderValue {
+    let limit = 10u128.pow(TIMEOUT_DIGITS as u32);
+    let units: [(u128, char); 6] = [
+        (left.as_nanos(), 'n'),
+        (left.as_micros(), 'u'),
+        (left.as_millis(), 'm'),
+        (u128::from(left.as_secs()), 'S'),
+        (u128::from(left.as_secs() / 60), 'M'),
+        (u128::from(left.as_secs() / 3600), 'H'),
+    ];
+    let (n, unit) = units
+        .into_iter()
+        .find(|(n, _)| *n < limit)
+        .unwrap_or((limit - 1, 'H'));
+    http::HeaderValue::from_str(&format!("{n}{unit}"))
+        .unwrap_or(http::HeaderValue::from_static("0n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +213,66 @@ mod tests {
             ("tf", "serving_default")
         );
         assert!(unframe(&framed[..framed.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        use std::time::Duration;
+        let parse = |s: &str| parse_timeout(&http::HeaderValue::from_str(s).unwrap());
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in [
+            "",
+            "m",
+            "100",
+            "100x",
+            "123456789m",
+            "-1S",
+            "1.5S",
+            " 1S",
+            "1s",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    /// What an upstream is told: at most 8 digits, never longer than what is left, and
+    /// as fine a unit as fits (within one unit of the truth).
+    #[test]
+    fn what_is_left_is_written_in_the_finest_unit_that_fits() {
+        use std::time::Duration;
+        for left in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(1_500),
+            Duration::from_millis(250),
+            Duration::from_secs(99),
+            Duration::from_secs(100),
+            Duration::from_secs(86_400 * 30),
+            Duration::from_secs(u64::MAX / 4),
+        ] {
+            let v = format_timeout(left);
+            let text = v.to_str().unwrap();
+            assert!(text.len() <= 9, "{text}");
+            let back = parse_timeout(&v).unwrap_or_else(|| panic!("{text} does not parse"));
+            assert!(back <= left, "{text} is more than {left:?}");
+            let unit = match text.as_bytes()[text.len() - 1] {
+                b'n' => Duration::from_nanos(1),
+                b'u' => Duration::from_micros(1),
+                b'm' => Duration::from_millis(1),
+                b'S' => Duration::from_secs(1),
+                b'M' => Duration::from_secs(60),
+                _ => Duration::from_secs(3600),
+            };
+            let fits = left < Duration::from_secs(99_999_999 * 3600);
+            assert!(!fits || left - back < unit, "{text} for {left:?}");
+        }
+        // 250 ms is 250,000,000 ns: nine digits, so microseconds.
+        assert_eq!(format_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(format_timeout(Duration::from_secs(100)), "100000m");
     }
 }

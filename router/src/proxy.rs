@@ -655,7 +655,7 @@ pub(crate) fn upstream_request(
     if let Some(deadline) = ask.grpc.and_then(|call| call.deadline) {
         // What is left of the client's deadline, not what it first allowed.
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        headers.insert("grpc-timeout", crate::grpc::format_timeout(left));
+        headers.insert("grpc-timeout", switchyard_proto::format_timeout(left));
     }
     Ok(Request::from_parts(parts, body))
 }

@@ -38,6 +38,7 @@ use crate::ShadowError;
 /// `x-switchyard-shadow: 1` marks a mirrored request.
 pub static X_SWITCHYARD_SHADOW: HeaderName = HeaderName::from_static("x-switchyard-shadow");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The thread that runs every mirror, its client connections and the comparisons, so
 /// that shadow work never queues behind or ahead of a primary request on the data
@@ -633,6 +634,13 @@ impl ShadowState {
             // Re-framed, uncompressed, perhaps longer.
             headers.remove(http::header::CONTENT_LENGTH);
             headers.remove("grpc-encoding");
+            // The client's deadline (if it gave one) was the primary's, from when the
+            // call came; the shadow's is its own `request_timeout`, from now, and it
+            // says so, so that its upstream gives up when it stops waiting.
+            headers.insert(
+                GRPC_TIMEOUT.clone(),
+                switchyard_proto::format_timeout(self.timeout),
+            );
         }
         headers.insert(X_SWITCHYARD_SHADOW.clone(), HeaderValue::from_static("1"));
         headers.insert(X_REQUEST_ID.clone(), head.request_id.clone());

@@ -200,48 +200,6 @@ impl Call {
     }
 }
 
-/// The most digits `grpc-timeout` may have (gRPC over HTTP/2, "TimeoutValue").
-const TIMEOUT_DIGITS: usize = 8;
-
-/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
-pub(crate) fn parse_timeout(value: &HeaderValue) -> Option<std::time::Duration> {
-    use std::time::Duration;
-    let (digits, unit) = value.as_bytes().split_last().map(|(u, d)| (d, *u))?;
-    if digits.is_empty() || digits.len() > TIMEOUT_DIGITS || !digits.iter().all(u8::is_ascii_digit)
-    {
-        return None;
-    }
-    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// `left` as a `grpc-timeout` value, in the finest unit that fits 8 digits (rounded
-/// down: an upstream must not be told it has longer than the client gave).
-pub(crate) fn format_timeout(left: std::time::Duration) -> HeaderValue {
-    let limit = 10u128.pow(TIMEOUT_DIGITS as u32);
-    let units: [(u128, char); 6] = [
-        (left.as_nanos(), 'n'),
-        (left.as_micros(), 'u'),
-        (left.as_millis(), 'm'),
-        (u128::from(left.as_secs()), 'S'),
-        (u128::from(left.as_secs() / 60), 'M'),
-        (u128::from(left.as_secs() / 3600), 'H'),
-    ];
-    let (n, unit) = units
-        .into_iter()
-        .find(|(n, _)| *n < limit)
-        .unwrap_or((limit - 1, 'H'));
-    HeaderValue::from_str(&format!("{n}{unit}")).unwrap_or(HeaderValue::from_static("0n"))
-}
-
 /// True when a request is a gRPC call.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -441,7 +399,7 @@ impl Router {
                 .grpc_call_within(method, req, None, request_id, peer, started)
                 .await;
         };
-        let timeout = parse_timeout(timeout).ok_or_else(|| {
+        let timeout = switchyard_proto::parse_timeout(timeout).ok_or_else(|| {
             RouterError::BadInput(format!(
                 "grpc-timeout `{}` is not a timeout (up to 8 digits, then H, M, S, m, u or n)",
                 String::from_utf8_lossy(timeout.as_bytes())
@@ -549,67 +507,6 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse_as_the_spec_writes_them() {
-        use std::time::Duration;
-        let parse = |s: &str| parse_timeout(&HeaderValue::from_str(s).unwrap());
-        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
-        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
-        for bad in [
-            "",
-            "m",
-            "100",
-            "100x",
-            "123456789m",
-            "-1S",
-            "1.5S",
-            " 1S",
-            "1s",
-        ] {
-            assert_eq!(parse(bad), None, "{bad:?}");
-        }
-    }
-
-    /// What an upstream is told: at most 8 digits, never longer than what is left, and
-    /// as fine a unit as fits (within one unit of the truth).
-    #[test]
-    fn what_is_left_is_written_in_the_finest_unit_that_fits() {
-        use std::time::Duration;
-        for left in [
-            Duration::ZERO,
-            Duration::from_nanos(1),
-            Duration::from_micros(1_500),
-            Duration::from_millis(250),
-            Duration::from_secs(99),
-            Duration::from_secs(100),
-            Duration::from_secs(86_400 * 30),
-            Duration::from_secs(u64::MAX / 4),
-        ] {
-            let v = format_timeout(left);
-            let text = v.to_str().unwrap();
-            assert!(text.len() <= 9, "{text}");
-            let back = parse_timeout(&v).unwrap_or_else(|| panic!("{text} does not parse"));
-            assert!(back <= left, "{text} is more than {left:?}");
-            let unit = match text.as_bytes()[text.len() - 1] {
-                b'n' => Duration::from_nanos(1),
-                b'u' => Duration::from_micros(1),
-                b'm' => Duration::from_millis(1),
-                b'S' => Duration::from_secs(1),
-                b'M' => Duration::from_secs(60),
-                _ => Duration::from_secs(3600),
-            };
-            let fits = left < Duration::from_secs(99_999_999 * 3600);
-            assert!(!fits || left - back < unit, "{text} for {left:?}");
-        }
-        // 250 ms is 250,000,000 ns: nine digits, so microseconds.
-        assert_eq!(format_timeout(Duration::from_millis(250)), "250000u");
-        assert_eq!(format_timeout(Duration::from_secs(100)), "100000m");
-    }
 
     #[test]
     fn the_upstream_name_replaces_the_clients_by_a_later_field() {
