@@ -137,7 +137,8 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 /// The most digits `grpc-timeout` may have (gRPC over HTTP/2, "TimeoutValue").
 const TIMEOUT_DIGITS: usize = 8;
 
-/// A `grpc-timeout` value (a call's deadline, from when it is received): up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+/// A `grpc-timeout` value (a call's deadline, from when it is received): up to 8 digits
+/// and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn parse_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
     use std::time::Duration;
     let (digits, unit) = value.as_bytes().split_last().map(|(u, d)| (d, *u))?;
@@ -158,7 +159,7 @@ pub fn parse_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
 }
 
 /// `left` as a `grpc-timeout` value, in the finest unit that fits 8 digits (rounded
-/// down: an upstream must not be told it has longer than the client gave).
+/// down: an upstream must not be told it has longer than it has).
 pub fn format_timeout(left: std::time::Duration) -> http::HeaderValue {
     let limit = 10u128.pow(TIMEOUT_DIGITS as u32);
     let units: [(u128, char); 6] = [

@@ -703,8 +703,8 @@ pub(crate) fn fields(
         if bit.has(Present::CONTENT_LENGTH) {
             // Kept out of the map: the length is the body's (its size hint), which each
             // writer frames by (ours, and hyper's h2, which adds the field from the
-            // hint), and where the body carries none (an answer to HEAD, a 304) the
-            // framing puts the field back ([`Length::restore`]).
+            // hint), and where the body does not carry it (an answer to HEAD, a 204 or
+            // 304) the framing puts the field back ([`Length::restore`]).
             facts.length.add(raw);
             continue;
         }
