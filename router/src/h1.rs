@@ -741,8 +741,6 @@ pub(crate) struct Facts {
 #[derive(Debug, Default)]
 pub(crate) struct Length {
     value: Option<u64>,
-    /// Values seen (a field may hold a list).
-    values: usize,
     /// What is wrong, at the first value that is.
     bad: Option<String>,
 }
@@ -753,7 +751,6 @@ impl Length {
             return;
         }
         for n in field.split(|&b| b == b',') {
-            self.values += 1;
             let n = n.trim_ascii();
             let parsed = if n.is_empty() {
                 None
